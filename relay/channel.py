@@ -1,0 +1,95 @@
+"""The one small interface every upstream channel implements, and the shared outcome type.
+
+A channel delivers one message and says which recipients the upstream took.
+It raises `TransientDelivery` or `PermanentDelivery` (relay.errors) when it took
+none; foreign exceptions (httpx, aiosmtplib, OSError) are translated inside the
+channel and never escape it. A channel tries once: there is no silent fallback to
+another channel, so the choice stays predictable.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from relay import replies
+from relay.errors import PermanentDelivery, TransientDelivery
+from relay.replies import Reply
+
+log = logging.getLogger("relay.channel")
+
+
+@dataclass(frozen=True, slots=True)
+class Outbound:
+    """One message as every channel receives it."""
+
+    sender: str
+    recipients: tuple[str, ...]
+    content: bytes  # RFC 5322, CRLF line endings, Message-ID and Date present
+    message_id: str
+    idempotency_key: str
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """What the upstream took. `refused` maps a recipient to the upstream's reason."""
+
+    accepted: tuple[str, ...]
+    refused: Mapping[str, Reply] = field(default_factory=dict)
+    upstream_id: str = ""
+
+
+class Channel(Protocol):
+    name: str
+
+    async def deliver(self, message: Outbound) -> Delivery: ...
+
+    async def aclose(self) -> None: ...
+
+
+def all_refused(
+    channel: str, refused: Mapping[str, Reply]
+) -> PermanentDelivery | TransientDelivery:
+    """The error for an upstream that took no recipient: the first refusal decides."""
+    first = next(iter(refused.values()), replies.UPSTREAM_REFUSED)
+    if first.code < 500:
+        return TransientDelivery(channel, first)
+    return PermanentDelivery(channel, first)
+
+
+class OutboxChannel:
+    """Development only (`RELAY_DEV_OUTBOX`): each message becomes an .eml file.
+
+    Lets a new user see a first message arrive with no upstream account. The
+    envelope is written as X-Relay-* lines in front, as a sink would record it.
+    """
+
+    name = "outbox"
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    async def deliver(self, message: Outbound) -> Delivery:
+        name = f"{secrets.token_hex(8)}.eml"
+        envelope = (
+            f"X-Relay-Envelope-From: <{message.sender}>\r\n"
+            + "".join(f"X-Relay-Envelope-To: <{r}>\r\n" for r in message.recipients)
+        ).encode()
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            tmp = self.directory / f".{name}.tmp"
+            tmp.write_bytes(envelope + message.content)
+            os.replace(tmp, self.directory / name)
+        except OSError as exc:
+            raise TransientDelivery(
+                self.name, replies.LOCAL_ERROR.but(f"outbox: cannot write ({exc.strerror})")
+            ) from exc
+        return Delivery(accepted=message.recipients, upstream_id=name)
+
+    async def aclose(self) -> None:
+        return None

@@ -1,0 +1,388 @@
+"""The `relay` command: a thin mapping from arguments onto the settings, the store and the server.
+
+Every listing and creating command takes `--json`. Errors print one line
+(`relay: ...`) and exit 1; a bad setting exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from relay import certs
+from relay.config import Settings, load_settings
+from relay.errors import ConfigError, RelayError
+from relay.message import normalize_address, parse_address
+from relay.store import Store
+
+DEMO_ACCOUNT = "demo"
+DEMO_DOMAIN = "demo.test"
+DEV_LISTEN = "127.0.0.1:2465"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    try:
+        handler: Callable[[argparse.Namespace], int | None] = args.handler
+        return handler(args) or 0
+    except ConfigError as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        return 2
+    except RelayError as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        return 1
+
+
+# --- output --------------------------------------------------------------------
+
+
+def _emit(args: argparse.Namespace, value: Any, text: Callable[[Any], str]) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(value, indent=2, sort_keys=True, default=str))
+    else:
+        print(text(value))
+
+
+def _when(ts: int | None) -> str:
+    return "-" if ts is None else datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    if not rows:
+        return "(none)"
+    cells = [[str(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _store() -> Store:
+    store = Store(load_settings().database)
+    store.migrate()
+    return store
+
+
+def _address(value: str) -> str:
+    if parse_address(value) is None:
+        raise RelayError(f"not a usable email address: {value!r}")
+    return normalize_address(value)
+
+
+# --- commands ------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from relay import server
+
+    settings = load_settings()
+    if args.workers:
+        settings = _replace(settings, workers=args.workers)
+    _logging(settings)
+    server.run(settings)
+
+
+def cmd_dev(args: argparse.Namespace) -> None:
+    """`make run`: a development relay that works with no external account."""
+    from relay import server
+
+    env = dict(os.environ)
+    env.setdefault("RELAY_LISTEN", DEV_LISTEN)
+    env.setdefault("RELAY_HOSTNAME", "localhost")
+    probe = load_settings(env)
+    if not (
+        probe.cloudflare or probe.resend.token or probe.resend.domain_tokens or probe.smtp_config
+    ):
+        env.setdefault("RELAY_DEV_OUTBOX", "data/outbox")
+    settings = load_settings(env)
+    if not settings.tls_cert.exists() or not settings.tls_key.exists():
+        certs.generate(settings.tls_cert.parent, "localhost")
+        print(f"generated a self-signed certificate: {settings.tls_cert}")
+    store = Store(settings.database)
+    store.migrate()
+    token = None
+    if not store.list_accounts():
+        store.create_account(DEMO_ACCOUNT)
+        store.add_domain(DEMO_ACCOUNT, DEMO_DOMAIN)
+        token = store.create_token(DEMO_ACCOUNT, name="make run demo")["token"]
+    store.close()
+    _logging(settings)
+    host, port = settings.listen
+    print(f"\nrelay (development) on smtps://{host}:{port}")
+    if settings.dev_outbox:
+        print(f"no upstream configured: messages are written to {settings.dev_outbox}/*.eml")
+    if token:
+        print(f"demo account {DEMO_ACCOUNT!r}, sender domain {DEMO_DOMAIN}, token (shown once):")
+        print(f"  {token}\n\ntry it:")
+        print(
+            "  printf 'From: hello@demo.test\\r\\nTo: you@example.com\\r\\nSubject: Hi\\r\\n\\r\\n"
+            "It works.\\r\\n' | \\\n"
+            f"  curl --ssl-reqd --cacert {settings.tls_cert} --url smtps://localhost:{port} \\\n"
+            f"    --user 'api_token:{token}' --mail-from hello@{DEMO_DOMAIN} \\\n"
+            "    --mail-rcpt you@example.com --upload-file -\n"
+        )
+    else:
+        print(
+            "accounts exist already; make a new token with:"
+            f"  .venv/bin/relay token create {DEMO_ACCOUNT}\n"
+        )
+    sys.stdout.flush()
+    server.run(settings)
+
+
+def cmd_certs_generate(args: argparse.Namespace) -> None:
+    crt, key = certs.generate(Path(args.dir), args.hostname)
+    print(f"wrote {crt} and {key}")
+
+
+def cmd_account_create(args: argparse.Namespace) -> None:
+    _emit(args, _store().create_account(args.name), lambda v: f"created account {v['name']}")
+
+
+def cmd_account_list(args: argparse.Namespace) -> None:
+    rows = _store().list_accounts()
+    _emit(args, rows, lambda v: _table(v, ["id", "name"]))
+
+
+def cmd_domain_add(args: argparse.Namespace) -> None:
+    domain = args.domain.strip().lower()
+    if parse_address(f"x@{domain}") is None:
+        raise RelayError(f"not a usable domain: {args.domain!r}")
+    value = _store().add_domain(args.account, domain)
+    _emit(args, value, lambda v: f"onboarded {v['domain']} on account {v['account']}")
+
+
+def cmd_domain_remove(args: argparse.Namespace) -> None:
+    _store().remove_domain(args.account, args.domain)
+    print(f"removed {args.domain.lower()} from account {args.account}")
+
+
+def cmd_domain_list(args: argparse.Namespace) -> None:
+    rows = _store().list_domains(args.account)
+    _emit(args, rows, lambda v: _table(v, ["account", "domain"]))
+
+
+def cmd_token_create(args: argparse.Namespace) -> None:
+    value = _store().create_token(
+        args.account, name=args.name or "", role=args.role or "", expires_in_days=args.expires_in
+    )
+
+    def text(v: dict[str, Any]) -> str:
+        return (
+            f"token {v['id']} for account {v['account']}"
+            f" (expires {_when(v['expires'])}); shown once, store it now:\n{v['token']}"
+        )
+
+    _emit(args, value, text)
+
+
+def cmd_token_list(args: argparse.Namespace) -> None:
+    rows = _store().list_tokens(args.account)
+    for row in rows:
+        row["status"] = (
+            "revoked"
+            if row["revoked"]
+            else "expired"
+            if row["expires"] and row["expires"] <= datetime.now(UTC).timestamp()
+            else "active"
+        )
+
+    def text(v: list[dict[str, Any]]) -> str:
+        shown = [{**r, "created": _when(r["created"]), "expires": _when(r["expires"])} for r in v]
+        return _table(shown, ["id", "account", "name", "role", "status", "created", "expires"])
+
+    _emit(args, rows, text)
+
+
+def cmd_token_revoke(args: argparse.Namespace) -> None:
+    _store().revoke_token(args.token_id)
+    print(f"revoked {args.token_id}")
+
+
+def _list_commands(kind: str) -> dict[str, Callable[[argparse.Namespace], None]]:
+    def add(args: argparse.Namespace) -> None:
+        address = _address(args.address)
+        getattr(_store(), f"add_{kind}")(address)
+        print(f"added {address}")
+
+    def remove(args: argparse.Namespace) -> None:
+        address = _address(args.address)
+        getattr(_store(), f"remove_{kind}")(address)
+        print(f"removed {address}")
+
+    def listing(args: argparse.Namespace) -> None:
+        rows = getattr(_store(), f"list_{kind}")()
+        _emit(args, rows, lambda v: "\n".join(r["address"] for r in v) or "(none)")
+
+    return {"add": add, "remove": remove, "list": listing}
+
+
+def _sender_text(v: dict[str, Any]) -> str:
+    state = "enabled" if v["enabled"] else "disabled"
+    return f"{v['address']}  balance={v['balance']}  {state}"
+
+
+def cmd_sender_list(args: argparse.Namespace) -> None:
+    rows = _store().list_senders()
+    _emit(args, rows, lambda v: _table(v, ["address", "balance", "enabled"]))
+
+
+def cmd_sender_show(args: argparse.Namespace) -> None:
+    _emit(args, _store().show_sender(_address(args.address)), _sender_text)
+
+
+def cmd_sender_set(args: argparse.Namespace) -> None:
+    value = _store().set_sender(_address(args.address), balance=args.balance, enabled=args.enabled)
+    _emit(args, value, _sender_text)
+
+
+def cmd_sender_topup(args: argparse.Namespace) -> None:
+    _emit(args, _store().topup_sender(_address(args.address), args.amount), _sender_text)
+
+
+def cmd_sender_delete(args: argparse.Namespace) -> None:
+    _store().delete_sender(_address(args.address))
+    print(f"deleted the sender row of {args.address.lower()}")
+
+
+def cmd_limits_set(args: argparse.Namespace) -> None:
+    if args.daily is None and args.monthly is None:
+        raise RelayError("give --daily N and/or --monthly N (-1 unlimited, 0 blocks sending)")
+    value = _store().set_limits(account=args.account, daily=args.daily, monthly=args.monthly)
+    _emit(args, value, lambda v: _limits_text([v]))
+
+
+def cmd_limits_show(args: argparse.Namespace) -> None:
+    _emit(args, _store().show_limits(), _limits_text)
+
+
+def _limits_text(rows: list[dict[str, Any]]) -> str:
+    def limit(n: int) -> str:
+        return "unlimited" if n == -1 else str(n)
+
+    shown = [
+        {
+            "scope": r["scope"],
+            "daily": f"{r['daily_count']}/{limit(r['daily'])}",
+            "monthly": f"{r['monthly_count']}/{limit(r['monthly'])}",
+            "daily resets": r["daily_resets_at"],
+        }
+        for r in rows
+    ]
+    return _table(shown, ["scope", "daily", "monthly", "daily resets"])
+
+
+# --- the parser ----------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="relay", description="SMTPS submission relay")
+    commands = parser.add_subparsers(metavar="COMMAND")
+
+    def command(
+        group: Any,
+        name: str,
+        handler: Callable[[argparse.Namespace], Any],
+        help: str,
+        json: bool = False,
+    ) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = group.add_parser(name, help=help)
+        p.set_defaults(handler=handler)
+        if json:
+            p.add_argument("--json", action="store_true", help="machine-readable output")
+        return p
+
+    def group(name: str, help: str) -> Any:
+        return commands.add_parser(name, help=help).add_subparsers(metavar="ACTION", required=True)
+
+    serve = command(commands, "serve", cmd_serve, "run the relay in the foreground")
+    serve.add_argument("--workers", type=int, help="processes sharing the port (SO_REUSEPORT)")
+    command(commands, "dev", cmd_dev, "development start (make run): demo account, outbox")
+
+    certs_group = group("certs", "TLS certificates")
+    gen = command(certs_group, "generate", cmd_certs_generate, "write a self-signed certificate")
+    gen.add_argument("--hostname", default="localhost")
+    gen.add_argument("--dir", default="certs")
+
+    account = group("account", "accounts")
+    command(account, "create", cmd_account_create, "create an account", True).add_argument("name")
+    command(account, "list", cmd_account_list, "list accounts", True)
+
+    domain = group("domain", "sender domains onboarded on an account")
+    for name, handler in (("add", cmd_domain_add), ("remove", cmd_domain_remove)):
+        p = command(domain, name, handler, f"{name} a domain", True)
+        p.add_argument("account")
+        p.add_argument("domain")
+    command(domain, "list", cmd_domain_list, "list domains", True).add_argument(
+        "account", nargs="?"
+    )
+
+    token = group("token", "API tokens (the SMTP password)")
+    create = command(token, "create", cmd_token_create, "issue a token (shown once)", True)
+    create.add_argument("account")
+    create.add_argument("--name", help="a label")
+    create.add_argument("--expires-in", type=float, metavar="DAYS")
+    create.add_argument("--role", help="a role; see NO_LIMIT_SEND_ROLE")
+    command(token, "list", cmd_token_list, "list tokens (never secrets)", True).add_argument(
+        "account", nargs="?"
+    )
+    command(token, "revoke", cmd_token_revoke, "revoke a token").add_argument("token_id")
+
+    for kind, title, help in (
+        ("verified", "verified", "verified recipient addresses (free Cloudflare channel)"),
+        ("nolimit", "nolimit", "senders that send without balance"),
+    ):
+        g = group(title, help)
+        actions = _list_commands(kind)
+        command(g, "add", actions["add"], "add an address").add_argument("address")
+        command(g, "remove", actions["remove"], "remove an address").add_argument("address")
+        command(g, "list", actions["list"], "list addresses", True)
+
+    sender = group("sender", "send balances per sender address")
+    command(sender, "list", cmd_sender_list, "list sender rows", True)
+    command(sender, "show", cmd_sender_show, "show one sender", True).add_argument("address")
+    sset = command(sender, "set", cmd_sender_set, "create or edit a sender row", True)
+    sset.add_argument("address")
+    sset.add_argument("--balance", type=int)
+    state = sset.add_mutually_exclusive_group()
+    state.add_argument("--enabled", dest="enabled", action="store_true", default=None)
+    state.add_argument("--disabled", dest="enabled", action="store_false")
+    topup = command(sender, "topup", cmd_sender_topup, "add to a balance", True)
+    topup.add_argument("address")
+    topup.add_argument("amount", type=int)
+    command(sender, "delete", cmd_sender_delete, "delete a sender row").add_argument("address")
+
+    limits = group("limits", "daily and monthly send limits (UTC windows)")
+    lset = command(limits, "set", cmd_limits_set, "set limits (-1 unlimited, 0 blocks)", True)
+    lset.add_argument("--daily", type=int)
+    lset.add_argument("--monthly", type=int)
+    lset.add_argument("--account", help="limit one account instead of the whole relay")
+    command(limits, "show", cmd_limits_show, "limits and current counts", True)
+    return parser
+
+
+def _replace(settings: Settings, **changes: Any) -> Settings:
+    from dataclasses import replace
+
+    return replace(settings, **changes)
+
+
+def _logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # aiosmtpd logs every command line at INFO; keep its chatter (and AUTH lines) out.
+    logging.getLogger("mail.log").setLevel(logging.WARNING)

@@ -1,0 +1,290 @@
+"""The one settings object, built once from the environment and an optional TOML file.
+
+Nothing else in the relay reads `os.environ`. `RELAY_CONFIG` names a TOML file
+whose top-level keys are the same names as the environment variables; the
+environment wins over the file. Any bad setting raises `ConfigError` with one
+line that names it.
+
+    >>> settings = load_settings({"RELAY_LISTEN": "127.0.0.1:2465"})
+    >>> settings.listen
+    ('127.0.0.1', 2465)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from relay.errors import ConfigError
+
+# RFC 5321 section 4.5.3.1.8 asks for at least 100 recipients; the endpoint we
+# reproduce documents 50 per session (cloudflare-email-service-smtp.txt, Limits).
+MAX_RECIPIENTS = 50
+# The documented SIZE: 5 MiB, advertised in EHLO.
+MAX_MESSAGE_SIZE = 5 * 1024 * 1024
+# The documented AUTH and DATA command timeouts; RFC 5321 section 4.5.3.2.7 also
+# asks a server to wait at least 5 minutes for the next command.
+AUTH_TIMEOUT = 30.0
+DATA_TIMEOUT = 300.0
+COMMAND_TIMEOUT = 300.0
+# Failed AUTH attempts a session may make. smtplib tries PLAIN then LOGIN after
+# one 535, so one wrong password is two failures.
+MAX_AUTH_FAILURES = 3
+
+
+class Secret(str):
+    """A string that never prints itself (settings are logged on start)."""
+
+    def __repr__(self) -> str:
+        return "Secret('***')" if self else "Secret('')"
+
+
+@dataclass(frozen=True)
+class SmtpUpstream:
+    """One `SMTP_CONFIG` entry, in the worker-mailer format users already have."""
+
+    host: str
+    port: int
+    secure: bool = False  # implicit TLS from the first byte (port 465)
+    start_tls: bool = True  # upgrade when the upstream offers STARTTLS
+    auth_types: tuple[str, ...] = ("plain", "login")
+    username: str | None = None
+    password: Secret | None = None
+    verify_tls: bool = True
+    ca: str | None = None  # a PEM file path or PEM text
+
+
+@dataclass(frozen=True)
+class ResendConfig:
+    token: Secret | None = None
+    domain_tokens: Mapping[str, Secret] = field(default_factory=dict)
+    api_url: str = "https://api.resend.com"
+
+    def token_for(self, domain: str) -> Secret | None:
+        """`RESEND_TOKEN_<DOMAIN>` (upper-cased, dots to `_`) wins over `RESEND_TOKEN`."""
+        return self.domain_tokens.get(resend_domain_key(domain)) or self.token
+
+
+@dataclass(frozen=True)
+class CloudflareConfig:
+    account_id: str
+    api_token: Secret
+    api_url: str = "https://api.cloudflare.com/client/v4"
+
+
+@dataclass(frozen=True)
+class Settings:
+    hostname: str = "localhost"
+    listen: tuple[str, int] = ("0.0.0.0", 465)  # noqa: S104 - a server listens on all addresses
+    tls_cert: Path = Path("certs/relay.crt")
+    tls_key: Path = Path("certs/relay.key")
+    database: Path = Path("data/relay.db")
+    dev_outbox: Path | None = None
+    smtp_config: Mapping[str, SmtpUpstream] = field(default_factory=dict)
+    resend: ResendConfig = field(default_factory=ResendConfig)
+    cloudflare: CloudflareConfig | None = None
+    default_send_balance: int = 0
+    no_limit_roles: frozenset[str] = frozenset()
+    workers: int = 1
+    max_connections: int = 10_000
+    # Every upstream call is bounded well inside the client's 300 s DATA budget.
+    upstream_timeout: float = 30.0
+    # How long a stopping server lets sessions in flight finish.
+    drain_timeout: float = 30.0
+    log_level: str = "INFO"
+
+    def has_any_channel(self, domain: str) -> bool:
+        return bool(
+            self.cloudflare
+            or self.resend.token_for(domain)
+            or domain in self.smtp_config
+            or self.dev_outbox
+        )
+
+
+KNOWN = frozenset(
+    {
+        "RELAY_CONFIG",
+        "RELAY_HOSTNAME",
+        "RELAY_LISTEN",
+        "RELAY_TLS_CERT",
+        "RELAY_TLS_KEY",
+        "RELAY_DATABASE",
+        "RELAY_DEV_OUTBOX",
+        "RELAY_WORKERS",
+        "RELAY_MAX_CONNECTIONS",
+        "RELAY_UPSTREAM_TIMEOUT",
+        "RELAY_DRAIN_TIMEOUT",
+        "RELAY_LOG_LEVEL",
+        "SMTP_CONFIG",
+        "RESEND_TOKEN",
+        "RESEND_API_URL",
+        "CLOUDFLARE_ACCOUNT_ID",
+        "CLOUDFLARE_API_TOKEN",
+        "CLOUDFLARE_API_URL",
+        "DEFAULT_SEND_BALANCE",
+        "NO_LIMIT_SEND_ROLE",
+    }
+)
+RESEND_DOMAIN_PREFIX = "RESEND_TOKEN_"
+
+
+def is_known_setting(name: str) -> bool:
+    return name in KNOWN or (name.startswith(RESEND_DOMAIN_PREFIX) and len(name) > 13)
+
+
+def resend_domain_key(domain: str) -> str:
+    return domain.upper().replace(".", "_")
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Build the settings from the environment (default `os.environ`) and `RELAY_CONFIG`."""
+    env = dict(os.environ if environ is None else environ)
+    raw: dict[str, Any] = {}
+    if env.get("RELAY_CONFIG"):
+        raw.update(_read_toml(Path(env["RELAY_CONFIG"])))
+    raw.update({k: v for k, v in env.items() if is_known_setting(k)})
+
+    def text(name: str, default: str | None = None) -> str | None:
+        value = raw.get(name, default)
+        if value is None or value == "":
+            return default
+        return str(value)
+
+    return Settings(
+        hostname=text("RELAY_HOSTNAME") or socket.getfqdn(),
+        listen=_host_port(text("RELAY_LISTEN", "0.0.0.0:465") or ""),
+        tls_cert=Path(text("RELAY_TLS_CERT", "certs/relay.crt") or ""),
+        tls_key=Path(text("RELAY_TLS_KEY", "certs/relay.key") or ""),
+        database=Path(text("RELAY_DATABASE", "data/relay.db") or ""),
+        dev_outbox=Path(p) if (p := text("RELAY_DEV_OUTBOX")) else None,
+        smtp_config=_smtp_config(raw.get("SMTP_CONFIG")),
+        resend=ResendConfig(
+            token=Secret(t) if (t := text("RESEND_TOKEN")) else None,
+            domain_tokens={
+                k[len(RESEND_DOMAIN_PREFIX) :].upper(): Secret(str(v))
+                for k, v in raw.items()
+                if k.startswith(RESEND_DOMAIN_PREFIX) and v
+            },
+            api_url=(text("RESEND_API_URL") or "https://api.resend.com").rstrip("/"),
+        ),
+        cloudflare=_cloudflare(text),
+        default_send_balance=_integer(raw, "DEFAULT_SEND_BALANCE", 0, minimum=0),
+        no_limit_roles=frozenset(
+            r.strip() for r in (text("NO_LIMIT_SEND_ROLE") or "").split(",") if r.strip()
+        ),
+        workers=_integer(raw, "RELAY_WORKERS", 1, minimum=1),
+        max_connections=_integer(raw, "RELAY_MAX_CONNECTIONS", 10_000, minimum=1),
+        upstream_timeout=_number(raw, "RELAY_UPSTREAM_TIMEOUT", 30.0, maximum=DATA_TIMEOUT / 2),
+        drain_timeout=_number(raw, "RELAY_DRAIN_TIMEOUT", 30.0, maximum=3600),
+        log_level=(text("RELAY_LOG_LEVEL") or "INFO").upper(),
+    )
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"RELAY_CONFIG: cannot read {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"RELAY_CONFIG: {path} is not valid TOML: {exc}") from exc
+
+
+def _host_port(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"RELAY_LISTEN: expected host:port, got {value!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104
+
+
+def _integer(raw: Mapping[str, Any], name: str, default: int, *, minimum: int) -> int:
+    value = raw.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: expected a whole number, got {value!r}") from None
+    if number < minimum:
+        raise ConfigError(f"{name}: must be at least {minimum}, got {number}")
+    return number
+
+
+def _number(raw: Mapping[str, Any], name: str, default: float, *, maximum: float) -> float:
+    value = raw.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: expected a number of seconds, got {value!r}") from None
+    if not 0 < number <= maximum:
+        raise ConfigError(f"{name}: must be between 0 and {maximum:g} seconds, got {value}")
+    return number
+
+
+def _cloudflare(text: Any) -> CloudflareConfig | None:
+    account, token = text("CLOUDFLARE_ACCOUNT_ID"), text("CLOUDFLARE_API_TOKEN")
+    if not account and not token:
+        return None
+    if not account or not token:
+        missing = "CLOUDFLARE_ACCOUNT_ID" if not account else "CLOUDFLARE_API_TOKEN"
+        raise ConfigError(f"{missing}: Cloudflare needs both the account id and the API token")
+    url = text("CLOUDFLARE_API_URL") or "https://api.cloudflare.com/client/v4"
+    return CloudflareConfig(account, Secret(token), url.rstrip("/"))
+
+
+def _smtp_config(value: Any) -> dict[str, SmtpUpstream]:
+    if value is None or value == "":
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(
+                f"SMTP_CONFIG: not valid JSON ({exc.msg} at char {exc.pos})"
+            ) from None
+    if not isinstance(value, dict):
+        raise ConfigError("SMTP_CONFIG: expected a JSON object keyed by sender domain")
+    return {str(domain).lower(): _smtp_entry(str(domain), entry) for domain, entry in value.items()}
+
+
+def _smtp_entry(domain: str, entry: Any) -> SmtpUpstream:
+    where = f"SMTP_CONFIG[{domain!r}]"
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: expected an object with host and port")
+    host, port = entry.get("host"), entry.get("port", 465 if entry.get("secure") else 587)
+    if not isinstance(host, str) or not host:
+        raise ConfigError(f"{where}.host: required")
+    if not isinstance(port, int) or not 0 < port < 65536:
+        raise ConfigError(f"{where}.port: expected a port number, got {port!r}")
+    auth = entry.get("authType", ["plain", "login"])
+    if isinstance(auth, str):
+        auth = [auth]
+    if not isinstance(auth, list) or not all(isinstance(a, str) for a in auth):
+        raise ConfigError(f'{where}.authType: expected a list such as ["plain", "login"]')
+    creds = entry.get("credentials") or {}
+    if not isinstance(creds, dict):
+        raise ConfigError(f"{where}.credentials: expected {{username, password}}")
+    tls = entry.get("tls") or {}
+    if not isinstance(tls, dict):
+        raise ConfigError(f"{where}.tls: expected {{rejectUnauthorized, ca}}")
+    password = creds.get("password")
+    return SmtpUpstream(
+        host=host,
+        port=port,
+        secure=bool(entry.get("secure", False)),
+        start_tls=bool(entry.get("startTls", True)),
+        auth_types=tuple(a.lower() for a in auth),
+        username=creds.get("username") or None,
+        password=Secret(password) if password else None,
+        verify_tls=bool(tls.get("rejectUnauthorized", True)),
+        ca=tls.get("ca") or None,
+    )

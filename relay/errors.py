@@ -1,0 +1,65 @@
+"""One exception tree for the relay.
+
+    RelayError                  every error knows the SMTP reply it becomes
+    ├── ConfigError             a bad setting; stops the start with one line
+    ├── StoreError              the database failed; the relay defers (451 4.3.0)
+    └── DeliveryError           a channel's outcome, translated at its boundary
+        ├── TransientDelivery   4xx: the client should retry
+        └── PermanentDelivery   5xx: the upstream refused for good
+
+aiosmtplib, httpx and sqlite3 exceptions are translated where they are raised
+(`raise ... from exc`) and never escape their module.
+"""
+
+from __future__ import annotations
+
+from relay import replies
+from relay.replies import Reply
+
+
+class RelayError(Exception):
+    reply: Reply = replies.LOCAL_ERROR
+
+    def __init__(self, message: str, reply: Reply | None = None) -> None:
+        super().__init__(message)
+        if reply is not None:
+            self.reply = reply
+
+
+class ConfigError(RelayError):
+    """A setting is missing or malformed. The message names the setting."""
+
+
+class StoreError(RelayError):
+    """The database could not answer. Never send unmetered: defer instead."""
+
+    reply = replies.LOCAL_ERROR
+
+
+class DeliveryError(RelayError):
+    """An upstream channel did not take the message."""
+
+    def __init__(self, channel: str, reply: Reply) -> None:
+        super().__init__(f"{channel}: {reply}", reply)
+        self.channel = channel
+
+
+class TransientDelivery(DeliveryError):
+    """The outcome is temporary or unknown: the client must retry (4xx).
+
+    Never a 5xx when the message may have gone out: a client that sees a 5xx does
+    not retry, one that sees a 4xx does, and the upstream idempotency key makes
+    that retry safe where the upstream offers one.
+    """
+
+    def __init__(self, channel: str, reply: Reply) -> None:
+        assert 400 <= reply.code < 500, reply
+        super().__init__(channel, reply)
+
+
+class PermanentDelivery(DeliveryError):
+    """The upstream refused the message for good (5xx)."""
+
+    def __init__(self, channel: str, reply: Reply) -> None:
+        assert reply.code >= 500, reply
+        super().__init__(channel, reply)

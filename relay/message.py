@@ -1,0 +1,129 @@
+"""Pure message handling: addresses, line endings, and the submission fix-ups.
+
+No I/O here. The session hands the bytes aiosmtpd collected to `prepare`, which
+returns the exact bytes every channel forwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+from email.utils import format_datetime, getaddresses
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# A dot-atom domain (RFC 5321 section 4.1.2) or an address literal; labels of
+# letters, digits and hyphens. Internationalised names arrive as A-labels.
+_DOMAIN = re.compile(r"(?=.{1,253}\Z)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9-]+")
+_LINE_ENDINGS = re.compile(rb"\r\n|\r|\n")
+_HEADER_END = b"\r\n\r\n"
+
+
+def parse_address(address: str) -> tuple[str, str] | None:
+    """Split an envelope address into (local part, lower-cased domain), or None if unusable.
+
+    Refuses control characters (aiosmtpd would take `"b\\rDATA"@y` as `b\\rDATA@y`,
+    a header-injection vector), non-ASCII (no SMTPUTF8 here) and a bad domain.
+    """
+    if not address or _CONTROL.search(address) or not address.isascii():
+        return None
+    local, at, domain = address.rpartition("@")
+    # RFC 5321 section 4.5.3.1: 64-octet local part, 254-octet path.
+    if not at or not local or len(local) > 64 or len(address) > 254:
+        return None
+    if not _DOMAIN.fullmatch(domain):
+        return None
+    return local, domain.lower()
+
+
+def normalize_address(address: str) -> str:
+    """The key an address is metered and listed under.
+
+    Lower-cased whole: Foo@x and foo@x reach the same mailbox at every real
+    provider, so they must not get two default balances.
+    """
+    return address.strip().lower()
+
+
+def domain_of(address: str) -> str:
+    return address.rpartition("@")[2].lower()
+
+
+def to_crlf(content: bytes) -> bytes:
+    """Every line ending CRLF (RFC 5322 section 2.3). Bare CR or LF are rewritten.
+
+    aiosmtpd only ends DATA on CRLF.CRLF (so a bare LF cannot smuggle a second
+    message), but bare CR and LF still reach us inside lines.
+    """
+    crlf = content.count(b"\r\n")
+    if crlf == content.count(b"\n") == content.count(b"\r"):
+        return content
+    return _LINE_ENDINGS.sub(b"\r\n", content)
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A message ready to forward, with what the policy needs to know about it."""
+
+    content: bytes
+    message_id: str
+    header_senders: tuple[str, ...]  # addresses in From: and Sender:
+    from_count: int
+    idempotency_key: str  # stable across a client's retry of the same message
+
+
+def prepare(
+    content: bytes,
+    *,
+    sender: str,
+    recipients: tuple[str, ...],
+    hostname: str,
+    now: datetime | None = None,
+) -> Prepared:
+    """Normalize line endings and add `Message-ID` and `Date` when missing.
+
+    RFC 6409 section 8.2 and 8.3: a submission server may add the Date and
+    Message-ID a client left out.
+    """
+    content = to_crlf(content)
+    end = content.find(_HEADER_END)
+    head = content[: end + 2] if end >= 0 else content
+    headers = BytesHeaderParser(policy=compat32).parsebytes(head)
+
+    digest = hashlib.sha256()
+    digest.update(sender.encode() + b"\0" + b"\0".join(r.encode() for r in recipients) + b"\0")
+    digest.update(content)
+
+    added = []
+    message_id = _clean_header(headers.get("Message-ID"))
+    if not message_id:
+        message_id = f"<{secrets.token_urlsafe(24)}@{hostname}>"
+        added.append(b"Message-ID: " + message_id.encode() + b"\r\n")
+        # The client gave no identity of its own: this send is unique, mix in ours.
+        digest.update(message_id.encode())
+    if not headers.get("Date"):
+        date = format_datetime(now or datetime.now(UTC))
+        added.append(b"Date: " + date.encode() + b"\r\n")
+    if added:
+        content = b"".join(added) + content
+
+    senders: list[str] = []
+    from_values = headers.get_all("From") or []
+    for value in [*from_values, *(headers.get_all("Sender") or [])]:
+        senders.extend(addr for _, addr in getaddresses([str(value)]) if addr)
+    return Prepared(
+        content=content,
+        message_id=message_id,
+        header_senders=tuple(senders),
+        from_count=len(from_values),
+        idempotency_key=digest.hexdigest(),
+    )
+
+
+def _clean_header(value: object) -> str:
+    text = " ".join(str(value).split()) if value is not None else ""
+    return text if text and not _CONTROL.search(text) else ""

@@ -1,0 +1,152 @@
+"""Every reply this server sends, named after what it means.
+
+A reply is a value: code, enhanced status code (RFC 3463) and text. The README's
+reply table is generated from the same names and reads the same.
+
+RFC 2034 section 3: every reply carries an enhanced code except the greeting, the
+HELO/EHLO replies and the 334 AUTH continuations. aiosmtpd sends some built-in
+replies without one; `normalize` rewrites them in one place.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    code: int
+    enhanced: str
+    text: str
+
+    def __post_init__(self) -> None:
+        assert 200 <= self.code <= 599, self.code
+        assert _ENHANCED.fullmatch(self.enhanced), self.enhanced
+        assert str(self.code)[0] == self.enhanced[0], (self.code, self.enhanced)
+        assert "\r" not in self.text and "\n" not in self.text
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.enhanced} {self.text}"
+
+    @property
+    def is_permanent(self) -> bool:
+        return self.code >= 500
+
+    def but(self, text: str) -> Reply:
+        """The same code and enhanced code with another (clean, one-line) text."""
+        return Reply(self.code, self.enhanced, one_line(text))
+
+
+_ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f]+")
+MAX_REASON = 200
+
+
+def one_line(text: str, limit: int = MAX_REASON) -> str:
+    """Collapse text (often from an upstream) into one printable ASCII line."""
+    text = _UNSAFE.sub(" ", text).strip()
+    text = text.encode("ascii", "replace").decode("ascii")
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# 354 is an intermediate reply: RFC 2034 gives it no enhanced code.
+START_DATA = "354 Start mail input; end with <CR><LF>.<CR><LF>"
+
+# --- session ---------------------------------------------------------------
+CLOSING = Reply(221, "2.0.0", "Service closing transmission channel")
+OK = Reply(250, "2.0.0", "Ok")
+SENDER_OK = Reply(250, "2.1.0", "Ok")
+RECIPIENT_OK = Reply(250, "2.1.5", "Ok")
+TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
+TIMEOUT = Reply(421, "4.4.2", "Timeout, closing connection")
+SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
+TOO_MANY_AUTH_FAILURES = Reply(421, "4.7.0", "Too many failed authentication attempts")
+
+# --- AUTH (RFC 4954) -------------------------------------------------------
+AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
+AUTH_FAILED = Reply(535, "5.7.8", "Authentication failed")
+AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
+AUTH_ALREADY = Reply(503, "5.5.1", "Already authenticated")
+AUTH_BAD_BASE64 = Reply(501, "5.5.2", "Cannot decode base64")
+AUTH_ABORTED = Reply(501, "5.7.0", "Authentication aborted")
+AUTH_UNKNOWN_MECHANISM = Reply(504, "5.5.4", "Unrecognized authentication type")
+AUTH_NEEDS_EHLO = Reply(503, "5.5.1", "Send EHLO first")
+
+# --- syntax and sequence (RFC 5321 section 4.2.4) --------------------------
+UNKNOWN_COMMAND = Reply(500, "5.5.2", "Command not recognized")
+LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long")
+BAD_SYNTAX = Reply(501, "5.5.4", "Syntax error in parameters or arguments")
+NOT_IMPLEMENTED = Reply(502, "5.5.1", "Command not implemented")
+BAD_SEQUENCE = Reply(503, "5.5.1", "Bad sequence of commands")
+NEED_MAIL = Reply(503, "5.5.1", "Bad sequence of commands: MAIL first")
+NEED_RCPT = Reply(503, "5.5.1", "Bad sequence of commands: RCPT first")
+NESTED_MAIL = Reply(503, "5.5.1", "Bad sequence of commands: MAIL already given")
+NEED_HELO = Reply(503, "5.5.1", "Bad sequence of commands: send EHLO or HELO first")
+PARAMETER_UNKNOWN = Reply(555, "5.5.4", "Parameter not recognized")
+BAD_SENDER_ADDRESS = Reply(553, "5.1.7", "Bad sender address syntax")
+BAD_RECIPIENT_ADDRESS = Reply(553, "5.1.3", "Bad recipient address syntax")
+CANNOT_VRFY = Reply(252, "2.1.5", "Cannot VRFY user, but will accept message and attempt delivery")
+
+# --- policy ----------------------------------------------------------------
+SENDER_DENIED = Reply(550, "5.7.1", "Sender denied")
+BALANCE_DENIED = Reply(550, "5.7.1", "Send balance exhausted")
+TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
+MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message too big")
+SEND_LIMIT_REACHED = Reply(451, "4.7.1", "Send limit reached")
+BAD_MESSAGE = Reply(554, "5.6.0", "Message rejected")
+
+# --- delivery --------------------------------------------------------------
+DELIVERED = Reply(250, "2.0.0", "Ok")
+NO_CHANNEL = Reply(451, "4.3.0", "No upstream channel for this sender domain")
+LOCAL_ERROR = Reply(451, "4.3.0", "Local error, message deferred; try again later")
+UPSTREAM_THROTTLED = Reply(451, "4.7.0", "Upstream rate limit, try again later")
+UPSTREAM_UNAVAILABLE = Reply(451, "4.3.0", "Upstream unavailable, message deferred")
+UPSTREAM_REFUSED = Reply(554, "5.0.0", "Upstream refused the message")
+
+
+def delivered(message_id: str) -> Reply:
+    return DELIVERED.but(f"Ok {message_id}")
+
+
+# aiosmtpd's built-in replies that carry no enhanced code, mapped to ours. The
+# keys are the reply prefixes aiosmtpd 1.4.6 sends (aiosmtpd/smtp.py).
+_BUILTIN: tuple[tuple[str, Reply], ...] = (
+    ("250 OK", OK),
+    ("221 Bye", CLOSING),
+    ("500 Command line too long", LINE_TOO_LONG),
+    ("500 Line too long", LINE_TOO_LONG),
+    ("500 Error: bad syntax", BAD_SYNTAX.but("Syntax error")),
+    ("500 Error: strict ASCII mode", BAD_SYNTAX.but("Non-ASCII command arguments")),
+    ("500 Error: command", UNKNOWN_COMMAND),
+    ("501 ", BAD_SYNTAX),
+    ("502 ", NOT_IMPLEMENTED),
+    ("503 Error: need MAIL", NEED_MAIL),
+    ("503 Error: need RCPT", NEED_RCPT),
+    ("503 Error: nested MAIL", NESTED_MAIL),
+    ("503 Error: send", NEED_HELO),
+    ("503 Already authenticated", AUTH_ALREADY),
+    ("552 ", MESSAGE_TOO_BIG),
+    ("553 ", BAD_RECIPIENT_ADDRESS),
+    ("555 ", PARAMETER_UNKNOWN),
+    ("252 ", CANNOT_VRFY),
+)
+_HAS_ENHANCED = re.compile(r"\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
+_CLASS_DEFAULT = {"2": "2.0.0", "4": "4.0.0", "5": "5.0.0"}
+
+
+def normalize(line: str) -> str:
+    """Give an aiosmtpd built-in reply its enhanced code (RFC 2034).
+
+    Our own replies pass unchanged; 220 and 334 carry none by definition.
+    """
+    if line[:3] in ("220", "334") or _HAS_ENHANCED.match(line):
+        return line
+    if line[:3] == "354":
+        return START_DATA
+    for prefix, reply in _BUILTIN:
+        if line.startswith(prefix):
+            return str(reply)
+    code, text = line[:3], line[4:]
+    return f"{code} {_CLASS_DEFAULT.get(code[:1], '5.0.0')} {one_line(text)}"

@@ -1,0 +1,379 @@
+"""The Resend channel: the MIME message translated into one `POST /emails`.
+
+Resend takes no raw MIME, so `translate` (pure, no I/O) turns the message the
+client submitted into Resend's JSON fields. Only envelope recipients may receive
+the message: an address that appears in To or Cc but was never given in RCPT TO
+is left out, and an envelope recipient absent from To/Cc goes in `bcc`, as an
+SMTP server would have delivered it.
+
+`ResendChannel` sends that JSON over one shared keep-alive client and turns
+every HTTP outcome into a `Delivery` or a `DeliveryError` carrying a clean
+reply. Every request carries an `Idempotency-Key` derived from the message, so
+a client's retry after a lost reply returns the first send's id instead of
+sending twice (Resend keeps keys for 24 hours).
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import mimetypes
+import re
+from collections.abc import Iterator
+from email.headerregistry import Address
+from email.message import EmailMessage, Message, MIMEPart
+from email.parser import BytesParser
+from email.policy import default as default_policy
+from typing import Any
+
+import httpx
+
+from relay import replies
+from relay.channel import Delivery, Outbound
+from relay.config import ResendConfig
+from relay.errors import DeliveryError, PermanentDelivery, TransientDelivery
+from relay.message import domain_of
+from relay.replies import Reply, one_line
+
+log = logging.getLogger("relay.resend")
+
+NAME = "resend"
+# Resend accepts an Idempotency-Key of 1 to 256 characters (docs, "Idempotency keys").
+MAX_IDEMPOTENCY_KEY = 256
+IDEMPOTENCY_PREFIX = "relay-"
+
+# The headers Resend lets a sender set that carry meaning to the receiver. An
+# allow-list rather than a deny-list: Resend writes From/To/Cc/Subject/Date and
+# the MIME structure itself, and trace or signature headers (Received,
+# DKIM-Signature, Return-Path) copied from the client would be false.
+PASSED_HEADERS = frozenset(
+    {
+        "message-id",
+        "in-reply-to",
+        "references",
+        "list-unsubscribe",
+        "list-unsubscribe-post",
+    }
+)
+
+# RFC 3463: X.6.0 other media error, X.1.3 bad destination address syntax,
+# X.1.7 bad sender address syntax, X.7.1 delivery not authorized.
+CONTENT_REFUSED = Reply(554, "5.6.0", "resend: message refused")
+RECIPIENT_REFUSED = Reply(550, "5.1.3", "resend: invalid recipient")
+SENDER_REFUSED = Reply(550, "5.1.7", "resend: invalid sender")
+NOT_AUTHORIZED = Reply(550, "5.7.1", "resend: sender not authorized")
+# The relay's own token was refused: a configuration fault, not the client's.
+CREDENTIALS_REJECTED = replies.UPSTREAM_UNAVAILABLE.but(
+    f"{NAME}: upstream rejected relay credentials"
+)
+
+# An attached message is re-serialized from its parse: CRLF as RFC 5322 asks,
+# and its header lines left as the client folded them.
+_ATTACHED_MESSAGE = default_policy.clone(linesep="\r\n", refold_source="none")
+_RECIPIENT_FIELD = re.compile(r"\b(to|cc|bcc|recipients?)\b", re.IGNORECASE)
+_CREDENTIAL_ERRORS = frozenset({"invalid_api_key", "missing_api_key", "restricted_api_key"})
+_QUOTA_WORDS = {
+    "rate_limit_exceeded": "rate limited",
+    "daily_quota_exceeded": "daily quota exceeded",
+    "monthly_quota_exceeded": "monthly quota exceeded",
+}
+
+
+# --- translation (pure) ------------------------------------------------------
+
+
+def translate(message: Outbound) -> dict[str, Any]:
+    """Resend's `POST /emails` body for one message.
+
+    >>> body = translate(Outbound("a@x.org", ("b@y.org",), b"From: a@x.org\\r\\n"
+    ...     b"To: b@y.org\\r\\nSubject: hi\\r\\n\\r\\nhello\\r\\n", "<1@x.org>", "k"))
+    >>> body["to"], body["subject"], body["text"]
+    (['b@y.org'], 'hi', 'hello\\n')
+    """
+    parsed = BytesParser(policy=default_policy).parsebytes(message.content)
+    assert isinstance(parsed, EmailMessage)
+
+    envelope: dict[str, str] = {}
+    for rcpt in message.recipients:
+        envelope.setdefault(rcpt.lower(), rcpt)
+    to = _envelope_addresses(parsed, "To", envelope)
+    cc = _envelope_addresses(parsed, "Cc", envelope)
+    shown = {a.addr_spec.lower() for a in (*to, *cc)}
+    bcc = [rcpt for key, rcpt in envelope.items() if key not in shown]
+    if not to and not cc:
+        # Resend refuses a send without `to`. The header recipients were none of
+        # the envelope's (a Bcc-only send, or "undisclosed-recipients:;"), so the
+        # envelope recipients are the only addresses left to name there.
+        to_field, bcc = bcc, []
+    else:
+        to_field = [str(a) for a in to]
+
+    body: dict[str, Any] = {
+        "from": _from_field(parsed, message.sender),
+        "to": to_field,
+        "subject": _header_text(parsed, "Subject"),
+    }
+    if cc:
+        body["cc"] = [str(a) for a in cc]
+    if bcc:
+        body["bcc"] = bcc
+    reply_to = [str(a) for a in _addresses(parsed, "Reply-To")]
+    if reply_to:
+        body["reply_to"] = reply_to
+
+    text_part = parsed.get_body(preferencelist=("plain",))
+    html_part = parsed.get_body(preferencelist=("html",))
+    if text_part is not None:
+        body["text"] = _text_of(text_part)
+    if html_part is not None:
+        body["html"] = _text_of(html_part)
+    bodies = [p for p in (text_part, html_part) if p is not None]
+    others = [(p, related) for p, related in _leaves(parsed) if not any(p is b for b in bodies)]
+    attachments = [
+        _attachment(part, index, related) for index, (part, related) in enumerate(others, start=1)
+    ]
+    if attachments:
+        body["attachments"] = attachments
+
+    headers = _passed_headers(parsed)
+    headers.setdefault("Message-ID", message.message_id)
+    body["headers"] = headers
+    return body
+
+
+def _addresses(parsed: MIMEPart, name: str) -> list[Address]:
+    found: list[Address] = []
+    for value in parsed.get_all(name) or ():
+        found.extend(
+            a for a in getattr(value, "addresses", ()) if a.addr_spec and "@" in a.addr_spec
+        )
+    return found
+
+
+def _envelope_addresses(parsed: MIMEPart, name: str, envelope: dict[str, str]) -> list[Address]:
+    """The header's addresses that are also envelope recipients, each once."""
+    kept: dict[str, Address] = {}
+    for address in _addresses(parsed, name):
+        key = address.addr_spec.lower()
+        if key in envelope:
+            kept.setdefault(key, address)
+    return list(kept.values())
+
+
+def _from_field(parsed: MIMEPart, sender: str) -> str:
+    # Resend takes one sender; "Name <addr>" keeps the display name the client chose.
+    found = _addresses(parsed, "From")
+    return str(found[0]) if found else sender
+
+
+def _header_text(parsed: MIMEPart, name: str) -> str:
+    value = parsed.get(name)
+    return " ".join(str(value).split()) if value is not None else ""
+
+
+def _passed_headers(parsed: MIMEPart) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for name, value in parsed.items():
+        key = name.lower()
+        if key in PASSED_HEADERS or key.startswith("x-"):
+            # A JSON object holds one value per name; the first is the one a
+            # reader of the original message would have seen on top.
+            if not any(existing.lower() == key for existing in headers):
+                headers[name] = " ".join(str(value).split())
+    return headers
+
+
+def _leaves(part: MIMEPart, related: bool = False) -> Iterator[tuple[MIMEPart, bool]]:
+    """Every non-multipart part, in order, and whether a multipart/related holds it.
+
+    An attached message stays whole.
+    """
+    if part.get_content_maintype() == "multipart":
+        inner = related or part.get_content_subtype() == "related"
+        for sub in part.iter_parts():
+            yield from _leaves(sub, inner)
+    else:
+        yield part, related
+
+
+def _text_of(part: MIMEPart) -> str:
+    try:
+        text = part.get_content()
+    except LookupError:
+        # A charset Python does not know: keep the text, lose what cannot decode.
+        payload = part.get_payload(decode=True)
+        text = payload.decode("utf-8", "replace") if isinstance(payload, bytes) else ""
+    # Resend builds its own MIME; JSON text reads plainer with bare newlines.
+    return text.replace("\r\n", "\n") if isinstance(text, str) else ""
+
+
+def _attachment(part: MIMEPart, index: int, related: bool) -> dict[str, str]:
+    content_type = part.get_content_type()
+    if part.get_content_maintype() == "message":
+        inner = part.get_payload(0)
+        data = inner.as_bytes(policy=_ATTACHED_MESSAGE) if isinstance(inner, Message) else b""
+    else:
+        payload = part.get_payload(decode=True)
+        data = payload if isinstance(payload, bytes) else b""
+    filename = part.get_filename() or _fallback_filename(content_type, index)
+    attachment = {
+        "content": base64.b64encode(data).decode("ascii"),
+        "filename": filename,
+        "content_type": content_type,
+    }
+    content_id = _header_text(part, "Content-ID").strip("<>")
+    # RFC 2387: a multipart/related body refers to its parts by Content-ID, and
+    # some clients mark those parts "attachment" anyway. Elsewhere a Content-ID
+    # on an attachment (Apple Mail adds one to every part) must not hide it inline.
+    if content_id and (related or part.get_content_disposition() != "attachment"):
+        attachment["content_id"] = content_id
+    return attachment
+
+
+def _fallback_filename(content_type: str, index: int) -> str:
+    # Resend names every attachment; a part without a name gets a stable one.
+    if content_type == "message/rfc822":
+        return f"message-{index}.eml"
+    extension = mimetypes.guess_extension(content_type) or ".bin"
+    return f"part-{index}{extension}"
+
+
+# --- outcomes (pure) ---------------------------------------------------------
+
+
+def outcome(status: int, body: object, retry_after: str | None) -> Reply:
+    """The reply a non-2xx Resend answer becomes.
+
+    Anything whose outcome is unknown (5xx, an unexpected status or body) is a
+    4xx: a client that sees 5xx does not retry, and the idempotency key makes
+    the retry of a message that did go out harmless.
+    """
+    error = body if isinstance(body, dict) else {}
+    name = str(error.get("name") or "")
+    detail = str(error.get("message") or "").replace("`", "")
+    reason = one_line(f"{NAME}: {detail or name.replace('_', ' ') or f'HTTP {status}'}")
+
+    if status == 429:
+        words = _QUOTA_WORDS.get(name, "rate limited")
+        wait = _seconds(retry_after)
+        suffix = f"; retry after {wait} s" if wait is not None else ""
+        return replies.UPSTREAM_THROTTLED.but(f"{NAME}: {words}{suffix}")
+    if status == 401 or (status == 403 and name in _CREDENTIAL_ERRORS):
+        return CREDENTIALS_REJECTED
+    if not error:
+        return replies.UPSTREAM_UNAVAILABLE.but(f"{NAME}: unexpected reply (HTTP {status})")
+    if status == 403 and name == "validation_error":
+        return NOT_AUTHORIZED.but(reason)
+    if status in (400, 422):
+        if name == "invalid_from_address":
+            return SENDER_REFUSED.but(reason)
+        if name in ("validation_error", "invalid_parameter") and _RECIPIENT_FIELD.search(detail):
+            return RECIPIENT_REFUSED.but(reason)
+        return CONTENT_REFUSED.but(reason)
+    if status == 409:
+        # Another request with this key is in flight, or was made with another
+        # body: the message may have gone out, so the client must retry later.
+        return replies.UPSTREAM_UNAVAILABLE.but(f"{NAME}: idempotent request conflict")
+    return replies.UPSTREAM_UNAVAILABLE.but(f"{NAME}: upstream error (HTTP {status})")
+
+
+def _seconds(retry_after: str | None) -> int | None:
+    # RFC 9110 section 10.2.3 also allows an HTTP date; only seconds are worth
+    # repeating to an SMTP client.
+    if retry_after and retry_after.strip().isdigit():
+        return int(retry_after.strip())
+    return None
+
+
+# --- the channel ---------------------------------------------------------------
+
+
+class ResendChannel:
+    name = NAME
+
+    def __init__(self, config: ResendConfig, *, timeout: float) -> None:
+        self.config = config
+        self.url = f"{config.api_url.rstrip('/')}/emails"
+        # One client for every message: its pool keeps the TLS connection alive.
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout), headers={"User-Agent": "relay"}
+        )
+
+    async def deliver(self, message: Outbound) -> Delivery:
+        domain = domain_of(message.sender)
+        token = self.config.token_for(domain)
+        if not token:
+            log.error("resend: no token configured for sender domain %s", domain)
+            raise TransientDelivery(
+                NAME, replies.UPSTREAM_UNAVAILABLE.but(f"{NAME}: no API token for {domain}")
+            )
+        try:
+            body = translate(message)
+        except Exception as exc:
+            # The email package can fail on hostile or broken MIME. Nothing was
+            # sent, and the same bytes would fail the same way on every retry.
+            log.warning("resend: cannot translate %s: %r", message.message_id, exc)
+            raise PermanentDelivery(
+                NAME, CONTENT_REFUSED.but(f"{NAME}: message could not be translated")
+            ) from exc
+        key = (IDEMPOTENCY_PREFIX + message.idempotency_key)[:MAX_IDEMPOTENCY_KEY]
+        try:
+            response = await self._client.post(
+                self.url,
+                json=body,
+                headers={"Authorization": f"Bearer {token}", "Idempotency-Key": key},
+            )
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            raise TransientDelivery(
+                NAME, replies.UPSTREAM_UNAVAILABLE.but(f"{NAME}: {_describe(exc)}")
+            ) from exc
+        return self._delivery(message, domain, response)
+
+    def _delivery(self, message: Outbound, domain: str, response: httpx.Response) -> Delivery:
+        try:
+            answer: object = response.json()
+        except ValueError:
+            answer = None
+        if response.is_success:
+            upstream_id = answer.get("id") if isinstance(answer, dict) else None
+            if isinstance(upstream_id, str) and upstream_id:
+                return Delivery(accepted=message.recipients, upstream_id=one_line(upstream_id, 120))
+            # A 2xx means Resend may well have sent it; only a 4xx lets the
+            # client retry, and the idempotency key keeps that retry harmless.
+            raise TransientDelivery(
+                NAME,
+                replies.UPSTREAM_UNAVAILABLE.but(
+                    f"{NAME}: unexpected reply (HTTP {response.status_code})"
+                ),
+            )
+        reply = outcome(response.status_code, answer, response.headers.get("retry-after"))
+        if reply == CREDENTIALS_REJECTED:
+            log.error(
+                "resend rejected the configured token for sender domain %s (HTTP %d)",
+                domain,
+                response.status_code,
+            )
+        else:
+            log.warning(
+                "resend refused %s: HTTP %d, %s", message.message_id, response.status_code, reply
+            )
+        raise _error(reply)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+def _error(reply: Reply) -> DeliveryError:
+    if reply.is_permanent:
+        return PermanentDelivery(NAME, reply)
+    return TransientDelivery(NAME, reply)
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, httpx.TimeoutException):
+        return "upstream timed out"
+    if isinstance(exc, httpx.ConnectError):
+        return "upstream unreachable (connection failed)"
+    if isinstance(exc, httpx.InvalidURL | httpx.UnsupportedProtocol):
+        return "RESEND_API_URL is not a usable URL"
+    return f"upstream connection failed ({type(exc).__name__})"

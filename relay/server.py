@@ -1,0 +1,268 @@
+"""The server's lifecycle: start, serve, drain on shutdown; one or several worker processes.
+
+    relay = Relay(settings)
+    await relay.start()          # migrate, settle stale charges, bind, listen
+    await relay.serve_until(stop_event)
+    await relay.stop()           # stop accepting, let transactions finish, close
+
+Background work (each forward, the stale-charge sweep) is tracked and awaited on
+stop; the channels' HTTP and SMTP clients are closed last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import signal
+import socket
+import ssl
+import sys
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from typing import Any, TypeVar
+
+from relay.channel import Channel, OutboxChannel
+from relay.config import Settings
+from relay.errors import ConfigError, RelayError
+from relay.policy import Channel as ChannelName
+from relay.session import Submission, SubmissionProtocol
+from relay.smtp_upstream import SmtpChannel
+from relay.store import AsyncStore, Store
+
+log = logging.getLogger("relay.server")
+T = TypeVar("T")
+# How often each process looks for charges a dead process left pending.
+SWEEP_INTERVAL = 60.0
+
+
+def build_channels(settings: Settings) -> dict[ChannelName, Channel]:
+    channels: dict[ChannelName, Channel] = {}
+    if settings.cloudflare:
+        from relay.cloudflare import CloudflareChannel
+
+        channels[ChannelName.CLOUDFLARE] = CloudflareChannel(
+            settings.cloudflare, timeout=settings.upstream_timeout
+        )
+    if settings.resend.token or settings.resend.domain_tokens:
+        from relay.resend import ResendChannel
+
+        channels[ChannelName.RESEND] = ResendChannel(
+            settings.resend, timeout=settings.upstream_timeout
+        )
+    if settings.smtp_config:
+        channels[ChannelName.SMTP] = SmtpChannel(
+            settings.smtp_config,
+            timeout=settings.upstream_timeout,
+            local_hostname=settings.hostname,
+        )
+    if settings.dev_outbox:
+        channels[ChannelName.OUTBOX] = OutboxChannel(settings.dev_outbox)
+    return channels
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext:
+    for name, path in (("RELAY_TLS_CERT", settings.tls_cert), ("RELAY_TLS_KEY", settings.tls_key)):
+        if not path.is_file():
+            raise ConfigError(
+                f"{name}: {path} does not exist (create one with `relay certs generate`)"
+            )
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(settings.tls_cert, settings.tls_key)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(
+            f"RELAY_TLS_CERT: cannot load {settings.tls_cert} with {settings.tls_key}: {exc}"
+        ) from exc
+    return ctx
+
+
+def bind(settings: Settings, *, reuse_port: bool = False) -> socket.socket:
+    host, port = settings.listen
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        # One listening socket per worker; the kernel spreads connections.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except PermissionError:
+        sock.close()
+        raise ConfigError(
+            f"RELAY_LISTEN: port {port} needs privileges (run with CAP_NET_BIND_SERVICE,"
+            " or choose a port above 1023)"
+        ) from None
+    except OSError as exc:
+        sock.close()
+        why = "already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+        raise ConfigError(f"RELAY_LISTEN: cannot listen on {host}:{port}: {why}") from None
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+class Relay:
+    def __init__(
+        self, settings: Settings, *, channels: Mapping[ChannelName, Channel] | None = None
+    ) -> None:
+        self.settings = settings
+        self.store = AsyncStore(Store(settings.database))
+        self.channels = dict(channels) if channels is not None else build_channels(settings)
+        self.handler = Submission(self)
+        self.sessions: set[SubmissionProtocol] = set()
+        # The whole time one message may spend with its upstream.
+        self.forward_budget = settings.upstream_timeout * 2
+        # A pending charge older than this belongs to a process that died.
+        self.stale_after = self.forward_budget * 2 + 60
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._port = 0
+
+    def spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful when `RELAY_LISTEN` asked for port 0)."""
+        return self._port
+
+    async def start(self, sock: socket.socket | None = None) -> None:
+        ctx = tls_context(self.settings)
+        await self.store.run(self.store.sync.migrate)
+        await self._sweep()
+        sock = sock or bind(self.settings)
+        self._port = sock.getsockname()[1]
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(_quiet_handshake_failures)
+        self._server = await loop.create_server(
+            lambda: SubmissionProtocol(self), sock=sock, ssl=ctx, ssl_handshake_timeout=30
+        )
+        self._sweeper = loop.create_task(self._sweep_forever())
+        log.info("relay listening on %s:%d (implicit TLS)", self.settings.listen[0], self.port)
+
+    async def _sweep(self) -> None:
+        try:
+            settled = await self.store.run(self.store.sync.settle_stale, self.stale_after)
+        except RelayError:
+            log.exception("stale charge sweep failed")
+            return
+        for row in settled:
+            log.warning(
+                "refunded a charge left pending by a stopped process: sender=%s recipients=%d",
+                row["sender"],
+                row["count"],
+            )
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            await self._sweep()
+
+    async def stop(self) -> None:
+        """Stop accepting, let transactions in flight finish, then close everything."""
+        if self._server is not None:
+            self._server.close()
+        for session in list(self.sessions):
+            if not session.in_transaction():
+                session.close_for_shutdown()
+        deadline = self.settings.drain_timeout
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(deadline):
+                while self.sessions or self._tasks:  # noqa: ASYNC110 - two sets, no event
+                    await asyncio.sleep(0.05)
+        for session in list(self.sessions):
+            session.close_for_shutdown()
+        tasks = [*self._tasks, *([self._sweeper] if self._sweeper else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*(c.aclose() for c in self.channels.values()), return_exceptions=True)
+        await self.store.aclose()
+
+    async def serve_until(self, stop: asyncio.Event) -> None:
+        await stop.wait()
+
+
+def _quiet_handshake_failures(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """A client speaking plaintext or bad TLS is its own problem: one debug line."""
+    exc = context.get("exception")
+    if isinstance(exc, ssl.SSLError | ConnectionError | TimeoutError):
+        log.debug("connection dropped: %s", exc)
+        return
+    loop.default_exception_handler(context)
+
+
+async def serve(
+    settings: Settings,
+    *,
+    sock: socket.socket | None = None,
+    ready: Callable[[Relay], Awaitable[None] | None] | None = None,
+) -> None:
+    """Run one relay process until SIGTERM or SIGINT, then drain."""
+    relay = Relay(settings)
+    await relay.start(sock)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        result = ready(relay)
+        if result is not None:
+            await result
+    await relay.serve_until(stop)
+    log.info("stopping: draining sessions (up to %gs)", settings.drain_timeout)
+    await relay.stop()
+
+
+def run(settings: Settings, ready: Callable[[Relay], Any] | None = None) -> None:
+    """The foreground server: one process, or `workers` processes sharing the port."""
+    if settings.workers == 1:
+        _run_loop(serve(settings, ready=ready))
+        return
+    # Bind and migrate once in the parent so a bad setting stops the start here.
+    Store(settings.database).migrate()
+    bind(settings, reuse_port=True).close()
+    children = []
+    for _ in range(settings.workers):
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                _run_loop(serve(settings, sock=bind(settings, reuse_port=True), ready=ready))
+            except BaseException:
+                log.exception("worker failed")
+                code = 1
+            finally:
+                os._exit(code)
+        children.append(pid)
+
+    def forward(signum: int, _frame: Any) -> None:
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    status = 0
+    for child in children:
+        _, code = os.waitpid(child, 0)
+        status = status or os.waitstatus_to_exitcode(code)
+    if status:
+        sys.exit(status)
+
+
+def _run_loop(main: Coroutine[Any, Any, None]) -> None:
+    try:
+        import uvloop
+    except ImportError:  # not on Linux: stdlib asyncio works, with larger TLS buffers
+        asyncio.run(main)
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main)

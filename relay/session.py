@@ -1,0 +1,493 @@
+"""One client connection: aiosmtpd's protocol, narrowed to the documented endpoint.
+
+`SubmissionProtocol` keeps aiosmtpd's parsing and changes only what the endpoint
+needs (../shared/reference/aiosmtpd-notes.md explains each trap):
+- AUTH is ours: the token lookup is async (aiosmtpd's authenticator is called
+  without await), failures answer 535 5.7.8 instead of hanging, a second AUTH is
+  503 5.5.1, the exchange has its own 30 s, and repeated failures end the session.
+- every reply goes through `replies.normalize`, so aiosmtpd's built-in replies
+  carry enhanced codes too; EHLO advertises exactly the documented extensions;
+- a timeout answers 421 4.4.2 before closing instead of dropping silently.
+
+The MAIL, RCPT and DATA hooks gather inputs, ask the pure core (`relay.policy`)
+and the store, await the channel, and turn the result into a reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import hmac
+import logging
+from base64 import b64decode, b64encode
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, cast
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from relay import config, policy, replies
+from relay.channel import Delivery, Outbound
+from relay.errors import DeliveryError, StoreError
+from relay.message import domain_of, normalize_address, parse_address, prepare
+from relay.replies import Reply
+from relay.store import MailCheck, Principal, Refused
+
+if TYPE_CHECKING:
+    from relay.server import Relay
+
+log = logging.getLogger("relay.session")
+
+API_TOKEN_USER = b"api_token"  # the documented literal username
+MECHANISMS = ("PLAIN", "LOGIN")
+
+
+class RelaySession(Session):
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self.principal: Principal | None = None
+        self.auth_failures = 0
+        self.transaction: Transaction | None = None
+
+    # aiosmtpd's setter logs a deprecation warning on every AUTH; we never use it.
+    @property
+    def login_data(self) -> Any:
+        return None
+
+    @login_data.setter
+    def login_data(self, value: Any) -> None:
+        pass
+
+
+@dataclass
+class Transaction:
+    """What one mail transaction (MAIL to end of DATA) has learned so far."""
+
+    check: MailCheck
+    verified: set[str] = field(default_factory=set)
+
+
+class SubmissionProtocol(SMTP):
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+        super().__init__(
+            relay.handler,
+            data_size_limit=config.MAX_MESSAGE_SIZE,
+            enable_SMTPUTF8=False,
+            decode_data=False,
+            hostname=relay.settings.hostname,
+            ident="ESMTP Service ready",  # no software version in the greeting
+            timeout=config.COMMAND_TIMEOUT,
+            # Every listener is implicit TLS, so session.ssl stays None and the
+            # default would hide AUTH (aiosmtpd issues #274, #281).
+            auth_require_tls=False,
+            loop=asyncio.get_running_loop(),
+        )
+        # Set after __init__: passing auth_required=True with auth_require_tls=False
+        # warns on every connection, a warning that does not apply to implicit TLS.
+        self._auth_required = True
+
+    def _create_session(self) -> RelaySession:
+        return RelaySession(self.loop)
+
+    # --- connection lifecycle --------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.relay.sessions.add(self)
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self.relay.sessions.discard(self)
+        super().connection_lost(error)
+
+    async def _handle_client(self) -> None:
+        if len(self.relay.sessions) > self.relay.settings.max_connections:
+            await self.push(str(replies.TOO_MANY_CONNECTIONS))
+            self._close()
+            return
+        await super()._handle_client()
+
+    def _timeout_cb(self) -> None:
+        self._write_now(replies.TIMEOUT)
+        super()._timeout_cb()
+
+    def close_for_shutdown(self) -> None:
+        """End the session with 421; the server calls it on idle sessions first."""
+        self._write_now(replies.SHUTTING_DOWN)
+        self._close()
+
+    # Methods, not properties: aiosmtpd's __init__ runs inspect.getmembers(self),
+    # which evaluates every property before the session exists.
+    def in_transaction(self) -> bool:
+        return bool(self.envelope is not None and self.envelope.mail_from)
+
+    def relay_session(self) -> RelaySession:
+        session = self.session
+        assert isinstance(session, RelaySession)
+        return session
+
+    def _write_now(self, reply: Reply) -> None:
+        """Write outside the command loop (timer callbacks), before a close."""
+        transport = cast(asyncio.WriteTransport | None, self.transport)
+        if transport is not None and not transport.is_closing():
+            transport.write(f"{reply}\r\n".encode())
+
+    def _close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    # --- replies -------------------------------------------------------------
+
+    async def push(self, status: str | bytes) -> None:
+        line = status.decode("ascii", "replace") if isinstance(status, bytes) else status
+        await super().push(replies.normalize(line))
+
+    async def _push_raw(self, line: str) -> None:
+        await super().push(line)
+
+    async def reply(self, reply: Reply) -> None:
+        await super().push(str(reply))
+
+    # --- greeting and capabilities ---------------------------------------------
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        if not hostname:
+            await self.push(str(replies.BAD_SYNTAX.but("Syntax: EHLO hostname")))
+            return
+        self._set_rset_state()
+        self.relay_session().extended_smtp = True
+        self.relay_session().host_name = hostname
+        # RFC 2034 section 3: the EHLO reply carries no enhanced codes.
+        lines = [
+            f"{self.hostname} greets {hostname}",
+            "AUTH " + " ".join(MECHANISMS),
+            f"SIZE {config.MAX_MESSAGE_SIZE}",
+            "8BITMIME",
+            "ENHANCEDSTATUSCODES",
+        ]
+        for line in lines[:-1]:
+            await self._push_raw(f"250-{line}")
+        await self._push_raw(f"250 {lines[-1]}")
+
+    async def smtp_HELO(self, hostname: str) -> None:
+        if not hostname:
+            await self.push(str(replies.BAD_SYNTAX.but("Syntax: HELO hostname")))
+            return
+        self._set_rset_state()
+        self.relay_session().extended_smtp = False
+        self.relay_session().host_name = hostname
+        await self._push_raw(f"250 {self.hostname}")
+
+    # --- AUTH (RFC 4954) -------------------------------------------------------
+
+    async def smtp_AUTH(self, arg: str | None) -> None:
+        session = self.relay_session()
+        if not session.host_name:
+            await self.reply(replies.AUTH_NEEDS_EHLO)
+            return
+        if session.authenticated:
+            await self.reply(replies.AUTH_ALREADY)
+            return
+        args = (arg or "").split()
+        if not args or len(args) > 2:
+            await self.reply(replies.BAD_SYNTAX.but("Syntax: AUTH mechanism [initial-response]"))
+            return
+        mechanism = args[0].upper()
+        if mechanism not in MECHANISMS:
+            await self.reply(replies.AUTH_UNKNOWN_MECHANISM)
+            return
+        self._reset_timeout(config.AUTH_TIMEOUT)
+        try:
+            outcome = await self._check_credentials(mechanism, args[1] if len(args) > 1 else None)
+        finally:
+            self._reset_timeout()
+        if isinstance(outcome, Principal):
+            session.authenticated = True
+            session.principal = outcome
+            await self.reply(replies.AUTH_OK)
+            return
+        await self.reply(outcome)
+        session.auth_failures += 1
+        if session.auth_failures >= config.MAX_AUTH_FAILURES:
+            await self.reply(replies.TOO_MANY_AUTH_FAILURES)
+            self._close()
+
+    # Not `_authenticate` nor `auth_*`: aiosmtpd gives both names a meaning.
+    async def _check_credentials(self, mechanism: str, initial: str | None) -> Principal | Reply:
+        if mechanism == "PLAIN":
+            blob = await self._sasl_response(initial, b"")
+            if isinstance(blob, Reply):
+                return blob
+            parts = blob.split(b"\0")
+            if len(parts) != 3:
+                return replies.AUTH_BAD_BASE64.but("Cannot split AUTH PLAIN response")
+            _authzid, user, token = parts
+        else:
+            user_blob = await self._sasl_response(initial, b"Username:")
+            if isinstance(user_blob, Reply):
+                return user_blob
+            token_blob = await self._sasl_response(None, b"Password:")
+            if isinstance(token_blob, Reply):
+                return token_blob
+            user, token = user_blob, token_blob
+        # Compare the username in constant time too, and look the token up even
+        # when the username is wrong, so neither answer is faster than the other.
+        user_ok = hmac.compare_digest(user, API_TOKEN_USER)
+        try:
+            principal = await self.relay.store.run(
+                self.relay.store.sync.authenticate, token.decode("utf-8", "surrogateescape")
+            )
+        except StoreError:
+            log.exception("token lookup failed")
+            return replies.LOCAL_ERROR
+        if principal is None or not user_ok:
+            log.info("%s AUTH failed", _peer(self.relay_session()))
+            return replies.AUTH_FAILED
+        log.info(
+            "%s AUTH ok token=%s account=%s",
+            _peer(self.relay_session()),
+            principal.token_id,
+            principal.account,
+        )
+        return principal
+
+    async def _sasl_response(self, initial: str | None, challenge: bytes) -> bytes | Reply:
+        """Decode an initial response, or send a 334 challenge and decode the answer."""
+        if initial is not None:
+            text = initial.encode()
+        else:
+            await self._push_raw("334 " + b64encode(challenge).decode())
+            text = (await self._reader.readline()).strip()
+        if text == b"*":
+            return replies.AUTH_ABORTED
+        if text == b"=":  # RFC 4954 section 4: an empty initial response
+            return b""
+        try:
+            return b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            return replies.AUTH_BAD_BASE64
+
+    # --- DATA --------------------------------------------------------------------
+
+    async def smtp_DATA(self, arg: str | None) -> None:
+        # The documented 300 s for the upload, whatever the command timer said.
+        if self.envelope is not None and self.envelope.rcpt_tos and not arg:
+            self._reset_timeout(config.DATA_TIMEOUT)
+        await super().smtp_DATA(arg)
+        self._reset_timeout()
+
+
+class Submission:
+    """The aiosmtpd handler: MAIL, RCPT and DATA for an authenticated session."""
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+        self.settings = relay.settings
+
+    async def handle_MAIL(
+        self,
+        server: SubmissionProtocol,
+        session: RelaySession,
+        envelope: Envelope,
+        address: str,
+        options: Sequence[str],
+    ) -> str:
+        principal = session.principal
+        assert principal is not None  # auth_required=True: aiosmtpd answered 530 already
+        parsed = parse_address(address)
+        if parsed is None:
+            return str(replies.BAD_SENDER_ADDRESS)
+        domain = parsed[1]
+        sender = normalize_address(address)
+        unlimited = principal.role in self.settings.no_limit_roles
+        try:
+            check = await self.relay.store.run(
+                self.relay.store.sync.check_mail,
+                sender,
+                domain,
+                principal.account_id,
+                self.settings.default_send_balance,
+                unlimited,
+            )
+        except StoreError:
+            log.exception("MAIL check failed")
+            return str(replies.LOCAL_ERROR)
+        if check.domain_owner != principal.account_id:
+            return str(policy.sender_domain_denied(domain))
+        if not self.settings.has_any_channel(domain):
+            return str(policy.no_channel(domain))
+        refusal = policy.sender_refusal(check.sender, self.settings.cloudflare is not None)
+        if refusal is not None:
+            return str(refusal)
+        if check.hit is not None:
+            return str(policy.limit_reached(check.hit))
+        envelope.mail_from = sender
+        envelope.mail_options.extend(options)
+        session.transaction = Transaction(check)
+        return str(replies.SENDER_OK)
+
+    async def handle_RCPT(
+        self,
+        server: SubmissionProtocol,
+        session: RelaySession,
+        envelope: Envelope,
+        address: str,
+        options: Sequence[str],
+    ) -> str:
+        if parse_address(address) is None:
+            return str(replies.BAD_RECIPIENT_ADDRESS)
+        rcpt = normalize_address(address)
+        if len(envelope.rcpt_tos) >= config.MAX_RECIPIENTS:
+            return str(replies.TOO_MANY_RECIPIENTS)
+        tx = session.transaction
+        assert tx is not None  # aiosmtpd answered 503 to RCPT before MAIL
+        if rcpt in envelope.rcpt_tos:
+            return str(replies.RECIPIENT_OK)  # a duplicate costs nothing more
+        if self.settings.cloudflare is not None:
+            try:
+                found = await self.relay.store.run(self.relay.store.sync.verified_among, (rcpt,))
+            except StoreError:
+                return str(replies.LOCAL_ERROR)
+            tx.verified |= found
+        rcpts = [*envelope.rcpt_tos, rcpt]
+        assert envelope.mail_from is not None
+        domain = domain_of(envelope.mail_from)
+        route = policy.choose_route(self.settings, domain, rcpts, tx.verified)
+        if route is None:
+            return str(policy.no_channel(domain))
+        sender = tx.check.sender
+        needed = policy.cost(route, len(rcpts), sender.unlimited)
+        if needed > sender.balance:
+            if sender.balance <= 0:
+                return str(policy.balance_exhausted(sender.address))
+            return str(policy.balance_short(sender.address, sender.balance, needed))
+        if tx.check.headroom is not None and len(rcpts) > tx.check.headroom:
+            return str(
+                replies.SEND_LIMIT_REACHED.but(
+                    f"Send limit leaves room for {tx.check.headroom} more recipients now"
+                )
+            )
+        envelope.rcpt_tos.append(rcpt)
+        return str(replies.RECIPIENT_OK)
+
+    async def handle_DATA(
+        self, server: SubmissionProtocol, session: RelaySession, envelope: Envelope
+    ) -> str:
+        reply = await self._submit(server, session, envelope)
+        return str(reply)
+
+    async def _submit(
+        self, server: SubmissionProtocol, session: RelaySession, envelope: Envelope
+    ) -> Reply:
+        principal = session.principal
+        tx = session.transaction
+        assert tx is not None
+        assert (
+            principal is not None and envelope.mail_from and envelope.original_content is not None
+        )
+        sender, rcpts = envelope.mail_from, tuple(envelope.rcpt_tos)
+        domain = domain_of(sender)
+        prepared = prepare(
+            envelope.original_content,
+            sender=sender,
+            recipients=rcpts,
+            hostname=self.settings.hostname,
+        )
+        envelope.original_content = envelope.content = None  # do not hold two copies
+        if prepared.from_count != 1:
+            return replies.BAD_MESSAGE.but("Message must have exactly one From header (RFC 5322)")
+        denied = await self._header_senders_denied(principal, domain, prepared.header_senders)
+        if denied is not None:
+            return denied
+        route = policy.choose_route(self.settings, domain, rcpts, tx.verified)
+        if route is None:
+            return policy.no_channel(domain)
+        unit = 1 if route.charges and not tx.check.sender.unlimited else 0
+        try:
+            reservation = await self.relay.store.run(
+                self.relay.store.sync.reserve,
+                sender,
+                account_id=principal.account_id,
+                recipients=len(rcpts),
+                unit=unit,
+                default_balance=self.settings.default_send_balance,
+            )
+        except Refused as refused:
+            if refused.hit is not None:
+                return policy.limit_reached(refused.hit)
+            return policy.balance_short(sender, refused.balance or 0, len(rcpts))
+        except StoreError:
+            log.exception("reserve failed; refusing to send unmetered")
+            return replies.LOCAL_ERROR
+        outbound = Outbound(
+            sender, rcpts, prepared.content, prepared.message_id, prepared.idempotency_key
+        )
+        # The command timer must not fire (and cancel) while the upstream works.
+        server._reset_timeout(self.relay.forward_budget + 10)
+        # Shielded: a client that disconnects mid-forward does not cancel the
+        # upstream call half-way, and the charge is always settled.
+        task = self.relay.spawn(self._forward(route, outbound, reservation.id))
+        return await asyncio.shield(task)
+
+    async def _header_senders_denied(
+        self, principal: Principal, domain: str, addresses: tuple[str, ...]
+    ) -> Reply | None:
+        """A token may send only as its own account's domains, in the headers too."""
+        others = {domain_of(a) for a in addresses} - {domain}
+        if not others:
+            return None
+        for address in addresses:
+            if parse_address(address) is None:
+                return policy.header_sender_denied(address.encode("ascii", "replace").decode())
+        try:
+            owned = await self.relay.store.run(
+                self.relay.store.sync.owned_domains, principal.account_id, tuple(others)
+            )
+        except StoreError:
+            return replies.LOCAL_ERROR
+        for address in addresses:
+            if domain_of(address) not in owned | {domain}:
+                return policy.header_sender_denied(address)
+        return None
+
+    async def _forward(self, route: policy.Route, outbound: Outbound, reservation: int) -> Reply:
+        channel = self.relay.channels[route.channel]
+        delivery = Delivery(accepted=())
+        try:
+            async with asyncio.timeout(self.relay.forward_budget):
+                delivery = await channel.deliver(outbound)
+            reply = replies.delivered(outbound.message_id)
+        except DeliveryError as exc:
+            reply = exc.reply
+        except TimeoutError:
+            reply = replies.UPSTREAM_UNAVAILABLE.but(f"{channel.name}: upstream timed out")
+        except Exception:
+            log.exception("channel %s failed unexpectedly", channel.name)
+            reply = replies.LOCAL_ERROR
+        try:
+            refund = await self.relay.store.run(
+                self.relay.store.sync.settle, reservation, len(delivery.accepted)
+            )
+        except StoreError:
+            # The pending row stays; the stale sweep refunds it in full later.
+            log.exception("settling reservation %s failed", reservation)
+            refund = -1
+        log.info(
+            "message %s from=%s rcpts=%d channel=%s rule=%d reply=%r upstream_id=%s"
+            " refused=%s refunded=%d",
+            outbound.message_id,
+            outbound.sender,
+            len(outbound.recipients),
+            channel.name,
+            route.rule,
+            f"{reply.code} {reply.enhanced}",
+            delivery.upstream_id or "-",
+            ",".join(f"{r}:{v.code}" for r, v in delivery.refused.items()) or "-",
+            refund,
+        )
+        return reply
+
+
+def _peer(session: Session) -> str:
+    peer = session.peer
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)

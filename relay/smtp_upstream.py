@@ -1,0 +1,236 @@
+"""The upstream SMTP channel (`SMTP_CONFIG`), with authenticated connections reused.
+
+A TLS handshake and AUTH per message would cost the upstream and us more than
+the message itself, so each upstream keeps a few idle, authenticated
+connections. A reused connection the upstream has meanwhile closed is noticed at
+MAIL, before anything of the message was accepted, and replaced once by a fresh
+one: that is recovery, not a retry of a send.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import ssl
+import time
+from collections import deque
+from collections.abc import Mapping
+from pathlib import Path
+
+import aiosmtplib
+
+from relay import replies
+from relay.channel import Delivery, Outbound, all_refused
+from relay.config import SmtpUpstream
+from relay.errors import DeliveryError, PermanentDelivery, TransientDelivery
+from relay.message import domain_of
+from relay.replies import Reply, one_line
+
+log = logging.getLogger("relay.smtp")
+
+NAME = "smtp"
+# Idle connections kept per upstream, and how long one may idle: most servers
+# drop an idle client after 60 s or more (RFC 5321 section 4.5.3.2.7 asks 5 min).
+MAX_IDLE = 16
+IDLE_SECONDS = 30.0
+_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\s+")
+_AUTH = {"plain": "auth_plain", "login": "auth_login", "cram-md5": "auth_crammd5"}
+
+
+def upstream_reply(code: int, message: str) -> Reply:
+    """An upstream SMTP refusal as our reply: its code, a clean one-line reason.
+
+    4xx never stays a bare 4xx of the upstream's choosing: throttling (an
+    enhanced 4.7.x) becomes 451 4.7.0, anything else 451 4.3.0, so clients see
+    only the documented deferrals.
+    """
+    text = one_line(message)
+    match = _ENHANCED.match(text)
+    enhanced = match.group(0).strip() if match else ""
+    reason = text[match.end() :] if match else text
+    if 400 <= code < 500:
+        base = (
+            replies.UPSTREAM_THROTTLED
+            if enhanced.startswith("4.7")
+            else replies.UPSTREAM_UNAVAILABLE
+        )
+        return base.but(
+            f"{NAME}: upstream deferred ({code} {enhanced} {reason})".replace("  ", " ")
+        )
+    if 500 <= code < 600:
+        if not enhanced or enhanced[0] != "5":
+            enhanced = "5.0.0"
+        return Reply(code, enhanced, one_line(f"{NAME}: {reason}"))
+    return replies.UPSTREAM_UNAVAILABLE.but(f"{NAME}: unexpected upstream reply {code}")
+
+
+class _Conn:
+    __slots__ = ("client", "idle_since")
+
+    def __init__(self, client: aiosmtplib.SMTP) -> None:
+        self.client = client
+        self.idle_since = time.monotonic()
+
+
+class SmtpChannel:
+    name = NAME
+
+    def __init__(
+        self, upstreams: Mapping[str, SmtpUpstream], *, timeout: float, local_hostname: str
+    ) -> None:
+        self.upstreams = upstreams
+        self.timeout = timeout
+        self.local_hostname = local_hostname
+        self._idle: dict[str, deque[_Conn]] = {}
+        self._tls: dict[str, ssl.SSLContext] = {}
+
+    async def deliver(self, message: Outbound) -> Delivery:
+        domain = domain_of(message.sender)
+        upstream = self.upstreams[domain]
+        conn, reused = self._take_idle(domain), True
+        if conn is None:
+            conn, reused = await self._connect(domain, upstream), False
+        try:
+            try:
+                await conn.client.mail(message.sender)
+            except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPResponseException) as exc:
+                # A pooled connection the upstream closed (or 421s) while idle.
+                stale = isinstance(exc, aiosmtplib.SMTPServerDisconnected) or exc.code == 421
+                if not (reused and stale):
+                    raise
+                conn.client.close()
+                conn = await self._connect(domain, upstream)
+                await conn.client.mail(message.sender)
+            delivery = await self._transaction(conn.client, message)
+        except DeliveryError:
+            self._release(domain, conn)
+            raise
+        except aiosmtplib.SMTPResponseException as exc:
+            self._release(domain, conn)
+            raise _error(upstream_reply(exc.code, exc.message)) from exc
+        except (aiosmtplib.SMTPException, OSError, ssl.SSLError) as exc:
+            conn.client.close()
+            raise TransientDelivery(
+                NAME, replies.UPSTREAM_UNAVAILABLE.but(f"{NAME}: {_describe(exc)}")
+            ) from exc
+        self._release(domain, conn)
+        return delivery
+
+    async def _transaction(self, client: aiosmtplib.SMTP, message: Outbound) -> Delivery:
+        accepted: list[str] = []
+        refused: dict[str, Reply] = {}
+        for rcpt in message.recipients:
+            try:
+                await client.rcpt(rcpt)
+                accepted.append(rcpt)
+            except aiosmtplib.SMTPRecipientRefused as exc:
+                refused[rcpt] = upstream_reply(exc.code, exc.message)
+        if not accepted:
+            await client.rset()
+            raise all_refused(NAME, refused)
+        response = await client.data(message.content)
+        return Delivery(tuple(accepted), refused, upstream_id=one_line(response.message, 120))
+
+    def _take_idle(self, domain: str) -> _Conn | None:
+        idle = self._idle.get(domain)
+        now = time.monotonic()
+        while idle:
+            conn = idle.pop()
+            if conn.client.is_connected and now - conn.idle_since < IDLE_SECONDS:
+                return conn
+            conn.client.close()
+        return None
+
+    def _release(self, domain: str, conn: _Conn) -> None:
+        idle = self._idle.setdefault(domain, deque())
+        if not conn.client.is_connected or len(idle) >= MAX_IDLE:
+            conn.client.close()
+            return
+        conn.idle_since = time.monotonic()
+        idle.append(conn)
+
+    async def _connect(self, domain: str, upstream: SmtpUpstream) -> _Conn:
+        client = aiosmtplib.SMTP(
+            hostname=upstream.host,
+            port=upstream.port,
+            use_tls=upstream.secure,
+            start_tls=None if upstream.start_tls else False,
+            tls_context=self._tls_context(domain, upstream),
+            local_hostname=self.local_hostname,
+            timeout=self.timeout,
+        )
+        try:
+            await client.connect()
+            if upstream.username and upstream.password:
+                await self._login(client, upstream)
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            client.close()
+            # The relay's own credentials: a configuration fault, not the client's.
+            log.error("smtp upstream %s rejected the configured credentials", upstream.host)
+            raise TransientDelivery(
+                NAME,
+                replies.UPSTREAM_UNAVAILABLE.but(f"{NAME}: upstream rejected relay credentials"),
+            ) from exc
+        except (aiosmtplib.SMTPException, OSError, ssl.SSLError) as exc:
+            client.close()
+            raise TransientDelivery(
+                NAME, replies.UPSTREAM_UNAVAILABLE.but(f"{NAME}: {_describe(exc)}")
+            ) from exc
+        return _Conn(client)
+
+    @staticmethod
+    async def _login(client: aiosmtplib.SMTP, upstream: SmtpUpstream) -> None:
+        assert upstream.username and upstream.password
+        offered = set(client.server_auth_methods)
+        for kind in upstream.auth_types:
+            method = _AUTH.get(kind)
+            if method and kind in offered:
+                await getattr(client, method)(upstream.username, str(upstream.password))
+                return
+        await client.login(upstream.username, str(upstream.password))
+
+    def _tls_context(self, domain: str, upstream: SmtpUpstream) -> ssl.SSLContext:
+        if domain not in self._tls:
+            if not upstream.verify_tls:
+                ctx = ssl.create_default_context()
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+            elif upstream.ca and "-----BEGIN" in upstream.ca:
+                ctx = ssl.create_default_context(cadata=upstream.ca)
+            elif upstream.ca:
+                ctx = ssl.create_default_context(cafile=str(Path(upstream.ca)))
+            else:
+                ctx = ssl.create_default_context()
+            self._tls[domain] = ctx
+        return self._tls[domain]
+
+    async def aclose(self) -> None:
+        conns = [c for idle in self._idle.values() for c in idle]
+        self._idle.clear()
+
+        async def quit_one(conn: _Conn) -> None:
+            try:
+                await asyncio.wait_for(conn.client.quit(), 2)
+            except (aiosmtplib.SMTPException, OSError, TimeoutError):
+                conn.client.close()
+
+        await asyncio.gather(*(quit_one(c) for c in conns))
+
+
+def _error(reply: Reply) -> DeliveryError:
+    if reply.code >= 500:
+        return PermanentDelivery(NAME, reply)
+    return TransientDelivery(NAME, reply)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, aiosmtplib.SMTPTimeoutError | TimeoutError):
+        return "upstream timed out"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS with upstream failed ({exc.reason or 'handshake'})"
+    if isinstance(exc, aiosmtplib.SMTPServerDisconnected):
+        return "upstream closed the connection"
+    if isinstance(exc, ConnectionRefusedError):
+        return "upstream refused the connection"
+    return f"upstream unreachable ({type(exc).__name__})"

@@ -1,0 +1,265 @@
+"""Shared fixtures: the real relay over real TLS on an ephemeral port, and real upstreams.
+
+`relay_factory(**env)` starts a `Relay` on its own event loop thread (uvloop, as in
+production) with settings built from `env` only, never from this process's
+environment. `sink_factory(...)` starts an aiosmtpd server that records what
+reached it: plain, STARTTLS, or implicit TLS, with or without AUTH.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import smtplib
+import ssl
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvloop
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
+
+from relay import certs
+from relay.config import load_settings
+from relay.server import Relay
+from relay.store import Store
+from support import DOMAIN
+
+
+
+@pytest.fixture(scope="session")
+def cert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("certs")
+    certs.generate(directory, "localhost")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def client_tls(cert_dir: Path) -> ssl.SSLContext:
+    """What a client that trusts the relay's self-signed certificate uses."""
+    return ssl.create_default_context(cafile=str(cert_dir / "relay.crt"))
+
+
+# --- upstream sinks --------------------------------------------------------------
+
+
+@dataclass
+class Received:
+    mail_from: str
+    rcpt_tos: list[str]
+    content: bytes
+
+
+class Recorder:
+    """An aiosmtpd handler that records each message, or answers as scripted."""
+
+    def __init__(self) -> None:
+        self.messages: list[Received] = []
+        self.rcpt_replies: dict[str, str] = {}  # recipient -> reply line
+        self.mail_reply: str | None = None
+        self.data_reply: str | None = None
+        self.connections = 0
+        self.auth_logins: list[bytes] = []
+
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, options: Any) -> str:
+        if address in self.rcpt_replies:
+            return self.rcpt_replies[address]
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str, options: Any) -> str:
+        if self.mail_reply:
+            return self.mail_reply
+        envelope.mail_from = address
+        return "250 2.1.0 OK"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if self.data_reply:
+            return self.data_reply
+        self.messages.append(Received(envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content))
+        return f"250 2.0.0 Ok: queued as up{len(self.messages)}"
+
+
+class LoopThread:
+    """An event loop on its own thread, for servers the tests run beside the relay."""
+
+    def __init__(self) -> None:
+        self.loop = uvloop.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def call(self, coro: Any, timeout: float = 30) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+@dataclass
+class Sink:
+    recorder: Recorder
+    server: asyncio.AbstractServer
+    port: int
+    mode: str
+    username: str | None = None
+    password: str | None = None
+    ca_file: str | None = None
+
+    @property
+    def messages(self) -> list[Received]:
+        return self.recorder.messages
+
+    def smtp_config(self, domain: str = DOMAIN, **extra: Any) -> str:
+        entry: dict[str, Any] = {
+            "host": "127.0.0.1",
+            "port": self.port,
+            "secure": self.mode == "tls",
+            "startTls": self.mode == "starttls",
+        }
+        if self.username:
+            entry["authType"] = ["plain", "login"]
+            entry["credentials"] = {"username": self.username, "password": self.password}
+        if self.ca_file:
+            entry["tls"] = {"ca": self.ca_file}
+        entry.update(extra)
+        return json.dumps({domain: entry})
+
+
+@pytest.fixture
+def sink_factory(cert_dir: Path) -> Iterator[Callable[..., Sink]]:
+    """Real aiosmtpd upstreams on ephemeral ports: plain, STARTTLS or implicit TLS."""
+    loops = LoopThread()
+    started: list[asyncio.AbstractServer] = []
+
+    def start(mode: str = "plain", username: str | None = None, password: str | None = None) -> Sink:
+        recorder = Recorder()
+        kwargs: dict[str, Any] = {"hostname": "sink.test", "loop": loops.loop}
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(cert_dir / "relay.crt", cert_dir / "relay.key")
+        if mode == "starttls":
+            kwargs["tls_context"] = tls
+            kwargs["require_starttls"] = True
+        if username:
+
+            def authenticator(
+                server: Any, session: Any, envelope: Any, mechanism: str, data: Any
+            ) -> AuthResult:
+                assert isinstance(data, LoginPassword)
+                ok = data.login == username.encode() and data.password == (password or "").encode()
+                if ok:
+                    recorder.auth_logins.append(data.login)
+                return AuthResult(success=ok, handled=False)
+
+            kwargs["authenticator"] = authenticator
+            kwargs["auth_required"] = True
+            kwargs["auth_require_tls"] = mode == "starttls"
+
+        def factory() -> SMTP:
+            recorder.connections += 1
+            return SMTP(recorder, **kwargs)
+
+        async def serve() -> asyncio.AbstractServer:
+            return await loops.loop.create_server(
+                factory, "127.0.0.1", 0, ssl=tls if mode == "tls" else None
+            )
+
+        server = loops.call(serve())
+        started.append(server)
+        port = server.sockets[0].getsockname()[1]
+        ca = str(cert_dir / "relay.crt") if mode != "plain" else None
+        return Sink(recorder, server, port, mode, username, password, ca)
+
+    yield start
+    for server in started:
+        server.close()
+    loops.close()
+
+
+# --- the relay ----------------------------------------------------------------------
+
+
+@dataclass
+class RunningRelay:
+    relay: Relay
+    loop: asyncio.AbstractEventLoop
+    thread: threading.Thread
+    store: Store  # a second connection to the same database, for admin steps
+    client_tls: ssl.SSLContext
+    tokens: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def port(self) -> int:
+        return self.relay.port
+
+    def token(self, account: str = "acme", domain: str | None = DOMAIN, **kwargs: Any) -> str:
+        """An account (created when missing) with `domain`, and a fresh token for it."""
+        if account not in {a["name"] for a in self.store.list_accounts()}:
+            self.store.create_account(account)
+        if domain and domain not in {d["domain"] for d in self.store.list_domains()}:
+            self.store.add_domain(account, domain)
+        return str(self.store.create_token(account, **kwargs)["token"])
+
+    def connect(self, timeout: float = 10) -> smtplib.SMTP_SSL:
+        return smtplib.SMTP_SSL("127.0.0.1", self.port, context=self.client_tls, timeout=timeout)
+
+    def login(self, token: str | None = None) -> smtplib.SMTP_SSL:
+        client = self.connect()
+        client.ehlo("client.test")
+        client.login("api_token", token or self.token())
+        return client
+
+    def call(self, coro: Any, timeout: float = 30) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+
+@pytest.fixture
+def relay_factory(
+    cert_dir: Path, client_tls: ssl.SSLContext, tmp_path: Path
+) -> Iterator[Callable[..., RunningRelay]]:
+    running: list[RunningRelay] = []
+
+    def start(**env: str) -> RunningRelay:
+        base = {
+            "RELAY_HOSTNAME": "relay.test",
+            "RELAY_LISTEN": "127.0.0.1:0",
+            "RELAY_TLS_CERT": str(cert_dir / "relay.crt"),
+            "RELAY_TLS_KEY": str(cert_dir / "relay.key"),
+            "RELAY_DATABASE": str(tmp_path / f"relay{len(running)}.db"),
+            "RELAY_UPSTREAM_TIMEOUT": "5",
+            "RELAY_DRAIN_TIMEOUT": "5",
+        }
+        settings = load_settings({**base, **env})
+        loop = uvloop.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, daemon=True)
+        thread.start()
+        relay = Relay(settings)
+        asyncio.run_coroutine_threadsafe(relay.start(), loop).result(10)
+        store = Store(settings.database)
+        handle = RunningRelay(relay, loop, thread, store, client_tls)
+        running.append(handle)
+        return handle
+
+    yield start
+    for handle in running:
+        handle.call(handle.relay.stop())
+        handle.loop.call_soon_threadsafe(handle.loop.stop)
+        handle.thread.join(5)
+        handle.loop.close()
+        handle.store.close()
+
+
+@pytest.fixture
+def sink(sink_factory: Callable[..., Sink]) -> Sink:
+    return sink_factory("plain")
+
+
+@pytest.fixture
+def relay(relay_factory: Callable[..., RunningRelay], sink: Sink) -> RunningRelay:
+    """The relay forwarding example.com to a plain aiosmtpd sink, with a balance to spend."""
+    return relay_factory(SMTP_CONFIG=sink.smtp_config(), DEFAULT_SEND_BALANCE="1000")
+

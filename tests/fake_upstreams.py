@@ -1,0 +1,404 @@
+"""Local HTTP servers that answer as Resend and Cloudflare document, for tests.
+
+Each fake listens on 127.0.0.1, port 0, in a background thread, records every
+request and answers as the real API does (including its error bodies), unless
+a test scripts the next answers:
+
+    with FakeResend() as resend:
+        resend.fail(429, "rate_limit_exceeded", retry_after="30")  # the next answer
+        ...  # point a channel at resend.url
+        assert resend.requests[0].headers["idempotency-key"]
+
+`requests` holds every request as received; `sent` only what the fake
+"sent" (Resend: once per idempotency key; Cloudflare: the accepted ones).
+Scripted answers are used first, in order; then `default` when set; then the
+documented behaviour.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import threading
+import uuid
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from typing import Any, Self
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """One request as the fake received it. Header names are lower-cased."""
+
+    method: str
+    path: str
+    headers: Mapping[str, str]
+    body: bytes
+    json: Any  # None when the body is not JSON
+    peer: tuple[str, int]  # the client's address: equal ports mean a reused connection
+
+
+@dataclass(frozen=True)
+class Scripted:
+    """One answer. A dict or list body is sent as JSON, bytes or str as they are."""
+
+    status: int
+    body: Any = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    # Hold the answer this long (a slow upstream); `stop` releases it early.
+    delay: float = 0.0
+
+
+class FakeUpstream:
+    """The recording, scriptable HTTP server the API fakes share."""
+
+    def __init__(self) -> None:
+        self.requests: list[Recorded] = []
+        self.default: Scripted | None = None
+        self._scripted: deque[Scripted] = deque()
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    # --- lifecycle -----------------------------------------------------------
+
+    def start(self) -> Self:
+        self._server = _Server(("127.0.0.1", 0), _Handler)
+        self._server.fake = self
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name=type(self).__name__, daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        if self._thread is not None:
+            self._thread.join()
+        self._server = self._thread = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None, "start the fake first"
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    # --- scripting -----------------------------------------------------------
+
+    def script(
+        self,
+        status: int,
+        body: Any = None,
+        headers: Mapping[str, str] | None = None,
+        *,
+        delay: float = 0.0,
+    ) -> None:
+        """Queue the next answer; several calls queue several answers."""
+        with self._lock:
+            self._scripted.append(Scripted(status, body, dict(headers or {}), delay))
+
+    def answer(self, request: Recorded) -> Scripted:
+        """The documented behaviour of the API (called under the lock)."""
+        raise NotImplementedError
+
+    def _respond(self, request: Recorded) -> Scripted:
+        with self._lock:
+            self.requests.append(request)
+            if self._scripted:
+                return self._scripted.popleft()
+            if self.default is not None:
+                return self.default
+            return self.answer(request)
+
+
+class _Server(ThreadingHTTPServer):
+    fake: FakeUpstream
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that timed out and hung up is a case under test, not a failure.
+        return None
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as the real APIs offer
+    timeout = 10  # an idle kept-alive connection must not hold a thread for ever
+    server: _Server
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length)
+        try:
+            parsed = json.loads(body) if body else None
+        except ValueError:
+            parsed = None
+        fake = self.server.fake
+        request = Recorded(
+            method=self.command,
+            path=self.path,
+            headers={k.lower(): v for k, v in self.headers.items()},
+            body=body,
+            json=parsed,
+            peer=(str(self.client_address[0]), int(self.client_address[1])),
+        )
+        reply = fake._respond(request)
+        if reply.delay:
+            fake._stopping.wait(reply.delay)
+        if isinstance(reply.body, bytes | str):
+            payload = reply.body.encode() if isinstance(reply.body, str) else reply.body
+            content_type = "text/html; charset=utf-8"
+        else:
+            payload = json.dumps(reply.body).encode()
+            content_type = "application/json"
+        try:
+            self.send_response(reply.status)
+            for name, value in {"Content-Type": content_type, **reply.headers}.items():
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+        except OSError:
+            self.close_connection = True
+
+    do_GET = do_POST
+    do_PUT = do_POST
+    do_DELETE = do_POST
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return None
+
+
+# --- Resend ------------------------------------------------------------------
+
+
+def resend_error(status: int, name: str, message: str | None = None) -> dict[str, Any]:
+    """A Resend error body, with the documented message for `name` by default."""
+    text = RESEND_MESSAGES.get(name, "") if message is None else message
+    return {"statusCode": status, "message": text, "name": name}
+
+
+# Resend's documented error messages (docs, "Errors").
+RESEND_MESSAGES = {
+    "missing_api_key": "Missing API key in the authorization header.",
+    "restricted_api_key": "This API key is restricted to only send emails.",
+    "invalid_api_key": "API key is invalid.",
+    "validation_error": "The example.com domain is not verified. "
+    "Please, add and verify your domain on https://resend.com/domains",
+    "missing_required_field": "Missing `to` field.",
+    "invalid_attachment": "Attachment must have either a `content` or `path`.",
+    "invalid_idempotency_key": "The key must be between 1-256 chars.",
+    "invalid_idempotent_request": "Same idempotency key used with a different request "
+    "payload. Change your idempotency key or payload.",
+    "concurrent_idempotent_requests": "Same idempotency key used while original request "
+    "is still in progress. Try the request again later.",
+    "rate_limit_exceeded": "Too many requests. You can only make 2 requests per second.",
+    "daily_quota_exceeded": "You have reached your daily email sending quota.",
+    "monthly_quota_exceeded": "You have reached your monthly email sending quota.",
+    "not_found": "The requested endpoint does not exist.",
+    "internal_server_error": "An unexpected error occurred.",
+}
+
+
+@dataclass(frozen=True)
+class SentEmail:
+    id: str
+    request: Recorded
+
+    @property
+    def json(self) -> Any:
+        return self.request.json
+
+
+class FakeResend(FakeUpstream):
+    """`POST /emails` as Resend answers it.
+
+    `tokens`: the API keys it accepts (None: any). Honours `Idempotency-Key`:
+    the same key and body return the first id and send nothing; the same key
+    with another body is a 409.
+    """
+
+    def __init__(self, tokens: set[str] | None = None) -> None:
+        super().__init__()
+        self.tokens = tokens
+        self.sent: list[SentEmail] = []
+        self._keys: dict[str, tuple[str, str]] = {}  # key -> (body digest, id)
+
+    def fail(
+        self,
+        status: int,
+        name: str,
+        message: str | None = None,
+        *,
+        retry_after: str | None = None,
+        delay: float = 0.0,
+    ) -> None:
+        """Script the next answer as a Resend error."""
+        headers = {"retry-after": retry_after} if retry_after is not None else {}
+        self.script(status, resend_error(status, name, message), headers, delay=delay)
+
+    def answer(self, request: Recorded) -> Scripted:
+        if request.method != "POST" or request.path != "/emails":
+            return _resend_failure(404, "not_found")
+        auth = request.headers.get("authorization", "")
+        if not auth.startswith("Bearer ") or not auth[7:]:
+            return _resend_failure(401, "missing_api_key")
+        if self.tokens is not None and auth[7:] not in self.tokens:
+            return _resend_failure(403, "invalid_api_key")
+        body = request.json
+        if not isinstance(body, dict):
+            return _resend_failure(400, "validation_error", "Invalid JSON body.")
+        for required in ("from", "to", "subject"):
+            if not body.get(required) and not (required == "subject" and "subject" in body):
+                return _resend_failure(
+                    422, "missing_required_field", f"Missing `{required}` field."
+                )
+        for attachment in body.get("attachments") or []:
+            if (
+                not isinstance(attachment, dict)
+                or not _valid_base64(attachment.get("content"))
+                or not attachment.get("filename")
+            ):
+                return _resend_failure(422, "invalid_attachment")
+
+        key = request.headers.get("idempotency-key")
+        digest = hashlib.sha256(request.body).hexdigest()
+        if key is not None:
+            if not 1 <= len(key) <= 256:
+                return _resend_failure(400, "invalid_idempotency_key")
+            if key in self._keys:
+                first_digest, first_id = self._keys[key]
+                if first_digest != digest:
+                    return _resend_failure(409, "invalid_idempotent_request")
+                return Scripted(200, {"id": first_id})
+        email_id = str(uuid.uuid4())
+        if key is not None:
+            self._keys[key] = (digest, email_id)
+        self.sent.append(SentEmail(email_id, request))
+        return Scripted(200, {"id": email_id})
+
+
+def _resend_failure(status: int, name: str, message: str | None = None) -> Scripted:
+    return Scripted(status, resend_error(status, name, message))
+
+
+def _valid_base64(value: object) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        base64.b64decode(value, validate=True)
+    except binascii.Error:
+        return False
+    return True
+
+
+# --- Cloudflare --------------------------------------------------------------
+
+
+def cloudflare_error(code: int, message: str) -> dict[str, Any]:
+    """Cloudflare's v4 envelope for a failure."""
+    return {
+        "success": False,
+        "errors": [{"code": code, "message": message}],
+        "messages": [],
+        "result": None,
+    }
+
+
+# Cloudflare's documented maximum: 5 MiB per message, 50 recipients.
+CLOUDFLARE_MAX_BYTES = 5 * 1024 * 1024
+CLOUDFLARE_MAX_RECIPIENTS = 50
+
+
+class FakeCloudflare(FakeUpstream):
+    """`POST /accounts/{id}/email/sending/send_raw` as Cloudflare answers it.
+
+    Every recipient is `delivered` unless `bounce` or `queue` named it.
+    """
+
+    def __init__(self, account_id: str = "acct-1", token: str = "cf-token") -> None:
+        super().__init__()
+        self.account_id = account_id
+        self.token = token
+        self.sent: list[Recorded] = []
+        self._bounces: set[str] = set()
+        self._queued: set[str] = set()
+
+    @property
+    def path(self) -> str:
+        return f"/accounts/{self.account_id}/email/sending/send_raw"
+
+    def bounce(self, *addresses: str) -> None:
+        """These recipients come back in `permanent_bounces`."""
+        with self._lock:
+            self._bounces.update(a.lower() for a in addresses)
+
+    def queue(self, *addresses: str) -> None:
+        """These recipients come back in `queued`."""
+        with self._lock:
+            self._queued.update(a.lower() for a in addresses)
+
+    def fail(
+        self,
+        status: int,
+        code: int,
+        message: str,
+        *,
+        retry_after: str | None = None,
+        delay: float = 0.0,
+    ) -> None:
+        """Script the next answer as a Cloudflare error (status 200 included)."""
+        headers = {"retry-after": retry_after} if retry_after is not None else {}
+        self.script(status, cloudflare_error(code, message), headers, delay=delay)
+
+    def answer(self, request: Recorded) -> Scripted:
+        if request.method != "POST" or request.path != self.path:
+            return Scripted(404, cloudflare_error(7003, "Could not route to " + request.path))
+        if request.headers.get("authorization") != f"Bearer {self.token}":
+            return Scripted(401, cloudflare_error(10101, "Unauthorized"))
+        body = request.json
+        recipients = body.get("recipients") if isinstance(body, dict) else None
+        if (
+            not isinstance(body, dict)
+            or not isinstance(body.get("from"), str)
+            or not isinstance(body.get("mime_message"), str)
+            or not isinstance(recipients, list)
+            or not recipients
+            or len(recipients) > CLOUDFLARE_MAX_RECIPIENTS
+        ):
+            return Scripted(400, cloudflare_error(10001, "Invalid request body"))
+        if len(body["mime_message"].encode()) > CLOUDFLARE_MAX_BYTES:
+            return Scripted(400, cloudflare_error(10200, "Message too big"))
+        for address in [body["from"], *recipients]:
+            if not isinstance(address, str) or "@" not in address:
+                return Scripted(400, cloudflare_error(10202, f"Invalid email address: {address}"))
+
+        result: dict[str, list[str]] = {"delivered": [], "permanent_bounces": [], "queued": []}
+        for rcpt in recipients:
+            if rcpt.lower() in self._bounces:
+                result["permanent_bounces"].append(rcpt)
+            elif rcpt.lower() in self._queued:
+                result["queued"].append(rcpt)
+            else:
+                result["delivered"].append(rcpt)
+        if result["delivered"] or result["queued"]:
+            self.sent.append(request)
+        return Scripted(200, {"success": True, "errors": [], "messages": [], "result": result})

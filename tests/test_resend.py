@@ -1,0 +1,656 @@
+"""The Resend channel: the MIME translation as a table, outcomes against a fake Resend."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import socket
+from collections.abc import Iterator
+from email.message import EmailMessage
+from email.policy import SMTP
+from typing import Any
+
+import pytest
+
+from relay.channel import Delivery, Outbound
+from relay.config import ResendConfig, Secret
+from relay.errors import DeliveryError, PermanentDelivery, TransientDelivery
+from relay.resend import ResendChannel, translate
+from tests.fake_upstreams import FakeResend
+
+KEY = "ab" * 32
+ABSENT = object()
+
+
+def outbound(
+    content: str | bytes,
+    recipients: tuple[str, ...] = ("bob@example.org",),
+    *,
+    sender: str = "alice@example.com",
+    key: str = KEY,
+) -> Outbound:
+    data = content.replace("\n", "\r\n").encode() if isinstance(content, str) else content
+    return Outbound(sender, recipients, data, "<m1@example.com>", key)
+
+
+def simple(headers: str, body: str = "hello\n") -> str:
+    return headers.strip("\n") + "\n\n" + body
+
+
+# --- translate: addresses, subject, headers ------------------------------------
+
+ADDRESS_CASES: list[tuple[str, str, tuple[str, ...], dict[str, Any]]] = [
+    (
+        "to only",
+        "From: alice@example.com\nTo: bob@example.org\nSubject: hi",
+        ("bob@example.org",),
+        {"from": "alice@example.com", "to": ["bob@example.org"], "cc": ABSENT, "bcc": ABSENT},
+    ),
+    (
+        "display names kept",
+        'From: "Alice, A." <alice@example.com>\nTo: Bob <bob@example.org>\nSubject: hi',
+        ("bob@example.org",),
+        {"from": '"Alice, A." <alice@example.com>', "to": ["Bob <bob@example.org>"]},
+    ),
+    (
+        "envelope-only recipient goes to bcc",
+        "From: alice@example.com\nTo: bob@example.org\nSubject: hi",
+        ("bob@example.org", "carol@example.org"),
+        {"to": ["bob@example.org"], "bcc": ["carol@example.org"]},
+    ),
+    (
+        "header-only addresses are not sent to",
+        "From: alice@example.com\nTo: bob@example.org, mallory@example.net\n"
+        "Cc: eve@example.net\nSubject: hi",
+        ("bob@example.org",),
+        {"to": ["bob@example.org"], "cc": ABSENT, "bcc": ABSENT},
+    ),
+    (
+        "header and envelope compared case-insensitively",
+        "From: alice@example.com\nTo: Bob@Example.ORG\nSubject: hi",
+        ("bob@example.org",),
+        {"to": ["Bob@Example.ORG"], "bcc": ABSENT},
+    ),
+    (
+        "cc kept for envelope recipients",
+        "From: alice@example.com\nTo: bob@example.org\n"
+        "Cc: Carol <carol@example.org>, dave@example.net\nSubject: hi",
+        ("bob@example.org", "carol@example.org"),
+        {"to": ["bob@example.org"], "cc": ["Carol <carol@example.org>"], "bcc": ABSENT},
+    ),
+    (
+        "only cc among envelope recipients: to may stay empty",
+        "From: alice@example.com\nTo: list@example.net\nCc: bob@example.org\nSubject: hi",
+        ("bob@example.org", "carol@example.org"),
+        {"to": [], "cc": ["bob@example.org"], "bcc": ["carol@example.org"]},
+    ),
+    (
+        "no envelope recipient in the headers: they go in to",
+        "From: alice@example.com\nTo: undisclosed-recipients:;\nSubject: hi",
+        ("bob@example.org", "carol@example.org"),
+        {"to": ["bob@example.org", "carol@example.org"], "bcc": ABSENT},
+    ),
+    (
+        "duplicate envelope recipient sent once",
+        "From: alice@example.com\nTo: bob@example.org\nSubject: hi",
+        ("bob@example.org", "BOB@example.org", "carol@example.org"),
+        {"to": ["bob@example.org"], "bcc": ["carol@example.org"]},
+    ),
+    (
+        "reply_to",
+        "From: alice@example.com\nTo: bob@example.org\nReply-To: Help <help@example.com>\n"
+        "Subject: hi",
+        ("bob@example.org",),
+        {"reply_to": ["Help <help@example.com>"]},
+    ),
+    (
+        "no from header: the envelope sender",
+        "To: bob@example.org\nSubject: hi",
+        ("bob@example.org",),
+        {"from": "alice@example.com"},
+    ),
+    (
+        "subject missing",
+        "From: alice@example.com\nTo: bob@example.org",
+        ("bob@example.org",),
+        {"subject": ""},
+    ),
+    (
+        "encoded, folded subject",
+        "From: alice@example.com\nTo: bob@example.org\nSubject: =?utf-8?q?Caf=C3=A9?=\n au lait",
+        ("bob@example.org",),
+        {"subject": "Café au lait"},
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("headers", "recipients", "expected"),
+    [case[1:] for case in ADDRESS_CASES],
+    ids=[case[0] for case in ADDRESS_CASES],
+)
+def test_translate_addresses(
+    headers: str, recipients: tuple[str, ...], expected: dict[str, Any]
+) -> None:
+    body = translate(outbound(simple(headers), recipients))
+    for key, value in expected.items():
+        if value is ABSENT:
+            assert key not in body, key
+        else:
+            assert body[key] == value, key
+
+
+def test_translate_custom_headers_kept_and_forbidden_dropped() -> None:
+    content = simple(
+        """
+Received: from client.example by relay.example
+Return-Path: <alice@example.com>
+DKIM-Signature: v=1; a=rsa-sha256; d=example.com; b=abc
+From: alice@example.com
+To: bob@example.org
+Cc: carol@example.org
+Bcc: dave@example.org
+Subject: hi
+Date: Mon, 1 Jan 2024 00:00:00 +0000
+Message-ID: <m1@example.com>
+In-Reply-To: <m0@example.com>
+References: <a@example.com>
+ <m0@example.com>
+List-Unsubscribe: <https://example.com/u/1>
+List-Unsubscribe-Post: List-Unsubscribe=One-Click
+X-Campaign: spring
+X-Campaign: ignored second value
+MIME-Version: 1.0
+Content-Type: text/plain; charset=utf-8
+Content-Transfer-Encoding: 7bit
+"""
+    )
+    body = translate(outbound(content))
+    assert body["headers"] == {
+        "Message-ID": "<m1@example.com>",
+        "In-Reply-To": "<m0@example.com>",
+        "References": "<a@example.com> <m0@example.com>",
+        "List-Unsubscribe": "<https://example.com/u/1>",
+        "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
+        "X-Campaign": "spring",
+    }
+
+
+def test_translate_adds_message_id_when_absent() -> None:
+    body = translate(outbound(simple("From: alice@example.com\nTo: bob@example.org")))
+    assert body["headers"] == {"Message-ID": "<m1@example.com>"}
+
+
+def test_translate_plain_text_only() -> None:
+    body = translate(outbound(simple("From: a@example.com\nTo: bob@example.org", "one\ntwo\n")))
+    assert body["text"] == "one\ntwo\n"
+    assert "html" not in body
+    assert "attachments" not in body
+
+
+# --- translate: MIME structure -------------------------------------------------
+
+
+def mime(build: Any) -> bytes:
+    message = EmailMessage()
+    message["From"] = "Alice <alice@example.com>"
+    message["To"] = "bob@example.org"
+    message["Subject"] = "structure"
+    build(message)
+    return message.as_bytes(policy=SMTP)
+
+
+def test_translate_html_and_text_alternative() -> None:
+    def build(m: EmailMessage) -> None:
+        m.set_content("plain\n")
+        m.add_alternative("<p>rich</p>\n", subtype="html")
+
+    body = translate(outbound(mime(build)))
+    assert body["text"] == "plain\n"
+    assert body["html"] == "<p>rich</p>\n"
+    assert "attachments" not in body
+
+
+def test_translate_html_only() -> None:
+    body = translate(outbound(mime(lambda m: m.set_content("<b>hi</b>\n", subtype="html"))))
+    assert body["html"] == "<b>hi</b>\n"
+    assert "text" not in body
+
+
+PDF = b"%PDF-1.4\n\x00\xff binary"
+PNG = b"\x89PNG\r\n\x1a\n\x00\x00data"
+
+
+def test_translate_attachments_survive() -> None:
+    def build(m: EmailMessage) -> None:
+        m.set_content("see attached\n")
+        m.add_attachment(PDF, maintype="application", subtype="pdf", filename="report.pdf")
+        m.add_attachment("a,b\n1,2\n", subtype="csv", filename="naïve data.csv")
+        m.add_attachment(b"\x01\x02", maintype="application", subtype="octet-stream")
+
+    body = translate(outbound(mime(build)))
+    assert body["text"] == "see attached\n"
+    assert body["attachments"] == [
+        {
+            "content": base64.b64encode(PDF).decode(),
+            "filename": "report.pdf",
+            "content_type": "application/pdf",
+        },
+        {
+            "content": base64.b64encode(b"a,b\r\n1,2\r\n").decode(),
+            "filename": "naïve data.csv",
+            "content_type": "text/csv",
+        },
+        {
+            "content": base64.b64encode(b"\x01\x02").decode(),
+            "filename": "part-3.bin",
+            "content_type": "application/octet-stream",
+        },
+    ]
+
+
+def test_translate_inline_image_keeps_content_id() -> None:
+    def build(m: EmailMessage) -> None:
+        m.set_content("plain\n")
+        m.add_alternative('<img src="cid:logo@example.com">\n', subtype="html")
+        html = m.get_payload()[1]
+        html.add_related(PNG, "image", "png", cid="<logo@example.com>", filename="logo.png")
+
+    body = translate(outbound(mime(build)))
+    assert body["html"] == '<img src="cid:logo@example.com">\n'
+    assert body["attachments"] == [
+        {
+            "content": base64.b64encode(PNG).decode(),
+            "filename": "logo.png",
+            "content_type": "image/png",
+            "content_id": "logo@example.com",
+        }
+    ]
+
+
+def test_translate_attached_message_stays_whole() -> None:
+    inner = EmailMessage()
+    inner["Subject"] = "forwarded"
+    inner.set_content("inner body\n")
+
+    def build(m: EmailMessage) -> None:
+        m.set_content("fwd\n")
+        m.add_attachment(inner)
+
+    body = translate(outbound(mime(build)))
+    assert body["text"] == "fwd\n"
+    [attached] = body["attachments"]
+    assert attached["content_type"] == "message/rfc822"
+    assert attached["filename"] == "message-1.eml"
+    data = base64.b64decode(attached["content"])
+    assert b"Subject: forwarded\r\n" in data
+    assert data.endswith(b"inner body\r\n")
+
+
+# --- the channel against a fake Resend ----------------------------------------
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeResend]:
+    with FakeResend() as server:
+        yield server
+
+
+def config_for(url: str, **domain_tokens: str) -> ResendConfig:
+    return ResendConfig(
+        token=Secret("re_global"),
+        domain_tokens={k: Secret(v) for k, v in domain_tokens.items()},
+        api_url=url,
+    )
+
+
+def deliver(
+    config: ResendConfig, *messages: Outbound, timeout: float = 5.0
+) -> list[Delivery | DeliveryError]:
+    """Each message through one channel (one client, as the relay runs it)."""
+
+    async def run() -> list[Delivery | DeliveryError]:
+        channel = ResendChannel(config, timeout=timeout)
+        outcomes: list[Delivery | DeliveryError] = []
+        try:
+            for message in messages:
+                try:
+                    outcomes.append(await channel.deliver(message))
+                except DeliveryError as exc:
+                    outcomes.append(exc)
+        finally:
+            await channel.aclose()
+        return outcomes
+
+    return asyncio.run(run())
+
+
+MESSAGE = simple(
+    'From: "Alice" <alice@example.com>\nTo: bob@example.org\nSubject: hello\n'
+    "Message-ID: <m1@example.com>\nX-Mailer: test"
+)
+
+
+def test_delivered_and_what_reached_resend(fake: FakeResend) -> None:
+    message = outbound(MESSAGE, ("bob@example.org", "carol@example.org"))
+    [result] = deliver(config_for(fake.url), message)
+
+    assert isinstance(result, Delivery)
+    assert result.accepted == ("bob@example.org", "carol@example.org")
+    assert result.refused == {}
+    [sent] = fake.sent
+    assert result.upstream_id == sent.id
+    request = sent.request
+    assert (request.method, request.path) == ("POST", "/emails")
+    assert request.headers["authorization"] == "Bearer re_global"
+    assert request.headers["content-type"] == "application/json"
+    assert request.json == translate(message)
+    assert request.json["from"] == "Alice <alice@example.com>"
+    assert request.json["to"] == ["bob@example.org"]
+    assert request.json["bcc"] == ["carol@example.org"]
+    assert request.json["headers"] == {"Message-ID": "<m1@example.com>", "X-Mailer": "test"}
+
+
+@pytest.mark.parametrize(
+    ("sender", "token"),
+    [
+        ("alice@example.com", "re_domain"),
+        ("alice@EXAMPLE.com", "re_domain"),
+        ("alice@other.example.com", "re_global"),
+        ("alice@example.org", "re_global"),
+    ],
+)
+def test_per_domain_token(fake: FakeResend, sender: str, token: str) -> None:
+    config = config_for(fake.url, EXAMPLE_COM="re_domain")
+    [result] = deliver(config, outbound(MESSAGE, sender=sender))
+    assert isinstance(result, Delivery)
+    assert fake.requests[0].headers["authorization"] == f"Bearer {token}"
+
+
+def test_no_token_for_domain_defers_without_a_request(fake: FakeResend) -> None:
+    config = ResendConfig(domain_tokens={"EXAMPLE_ORG": Secret("re_org")}, api_url=fake.url)
+    [result] = deliver(config, outbound(MESSAGE))
+    assert isinstance(result, TransientDelivery)
+    assert (result.reply.code, result.reply.enhanced) == (451, "4.3.0")
+    assert result.reply.text == "resend: no API token for example.com"
+    assert fake.requests == []
+
+
+def test_idempotency_key_is_stable_across_a_retry(fake: FakeResend) -> None:
+    message = outbound(MESSAGE)
+    first, second = deliver(config_for(fake.url), message, message)
+    [third] = deliver(config_for(fake.url), message)  # a new channel, as after a restart
+
+    assert isinstance(first, Delivery) and isinstance(second, Delivery)
+    assert isinstance(third, Delivery)
+    keys = {r.headers["idempotency-key"] for r in fake.requests}
+    assert keys == {f"relay-{KEY}"}
+    assert first.upstream_id == second.upstream_id == third.upstream_id
+    assert len(fake.requests) == 3
+    assert len(fake.sent) == 1
+
+
+def test_another_message_gets_another_key(fake: FakeResend) -> None:
+    deliver(config_for(fake.url), outbound(MESSAGE), outbound(MESSAGE, key="cd" * 32))
+    assert len({r.headers["idempotency-key"] for r in fake.requests}) == 2
+    assert len(fake.sent) == 2
+
+
+def test_one_connection_kept_alive(fake: FakeResend) -> None:
+    deliver(config_for(fake.url), outbound(MESSAGE), outbound(MESSAGE, key="cd" * 32))
+    assert len({r.peer for r in fake.requests}) == 1
+
+
+VALIDATION = "The example.com domain is not verified. Please, add and verify your domain"
+# (status, name, message, retry-after) -> (error class, code, enhanced, text)
+OUTCOMES: list[tuple[str, int, str, str | None, str | None, type, int, str, str]] = [
+    (
+        "429 with retry-after",
+        429,
+        "rate_limit_exceeded",
+        None,
+        "30",
+        TransientDelivery,
+        451,
+        "4.7.0",
+        "resend: rate limited; retry after 30 s",
+    ),
+    (
+        "429 daily quota",
+        429,
+        "daily_quota_exceeded",
+        None,
+        None,
+        TransientDelivery,
+        451,
+        "4.7.0",
+        "resend: daily quota exceeded",
+    ),
+    (
+        "429 monthly quota, date retry-after",
+        429,
+        "monthly_quota_exceeded",
+        None,
+        "Wed, 21 Oct 2037 07:28:00 GMT",
+        TransientDelivery,
+        451,
+        "4.7.0",
+        "resend: monthly quota exceeded",
+    ),
+    (
+        "401 missing key",
+        401,
+        "missing_api_key",
+        None,
+        None,
+        TransientDelivery,
+        451,
+        "4.3.0",
+        "resend: upstream rejected relay credentials",
+    ),
+    (
+        "401 restricted key",
+        401,
+        "restricted_api_key",
+        None,
+        None,
+        TransientDelivery,
+        451,
+        "4.3.0",
+        "resend: upstream rejected relay credentials",
+    ),
+    (
+        "403 invalid key",
+        403,
+        "invalid_api_key",
+        None,
+        None,
+        TransientDelivery,
+        451,
+        "4.3.0",
+        "resend: upstream rejected relay credentials",
+    ),
+    (
+        "403 unverified domain",
+        403,
+        "validation_error",
+        VALIDATION,
+        None,
+        PermanentDelivery,
+        550,
+        "5.7.1",
+        f"resend: {VALIDATION}",
+    ),
+    (
+        "422 invalid attachment",
+        422,
+        "invalid_attachment",
+        None,
+        None,
+        PermanentDelivery,
+        554,
+        "5.6.0",
+        "resend: Attachment must have either a content or path.",
+    ),
+    (
+        "422 invalid attachment, no message",
+        422,
+        "invalid_attachment",
+        "",
+        None,
+        PermanentDelivery,
+        554,
+        "5.6.0",
+        "resend: invalid attachment",
+    ),
+    (
+        "422 missing field",
+        422,
+        "missing_required_field",
+        "Missing `subject` field.",
+        None,
+        PermanentDelivery,
+        554,
+        "5.6.0",
+        "resend: Missing subject field.",
+    ),
+    (
+        "422 invalid recipient",
+        422,
+        "validation_error",
+        "Invalid `to` field. The email address needs to follow the `email@example.com` format.",
+        None,
+        PermanentDelivery,
+        550,
+        "5.1.3",
+        "resend: Invalid to field. The email address needs to follow the email@example.com format.",
+    ),
+    (
+        "422 invalid from",
+        422,
+        "invalid_from_address",
+        "Invalid `from` field.",
+        None,
+        PermanentDelivery,
+        550,
+        "5.1.7",
+        "resend: Invalid from field.",
+    ),
+    (
+        "400 multi-line message",
+        400,
+        "validation_error",
+        'bad\r\nrequest {"x": 1}',
+        None,
+        PermanentDelivery,
+        554,
+        "5.6.0",
+        'resend: bad request {"x": 1}',
+    ),
+    (
+        "409 concurrent request",
+        409,
+        "concurrent_idempotent_requests",
+        None,
+        None,
+        TransientDelivery,
+        451,
+        "4.3.0",
+        "resend: idempotent request conflict",
+    ),
+    (
+        "500",
+        500,
+        "internal_server_error",
+        None,
+        None,
+        TransientDelivery,
+        451,
+        "4.3.0",
+        "resend: upstream error (HTTP 500)",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("status", "name", "message", "retry_after", "error", "code", "enhanced", "text"),
+    [case[1:] for case in OUTCOMES],
+    ids=[case[0] for case in OUTCOMES],
+)
+def test_error_outcomes(
+    fake: FakeResend,
+    status: int,
+    name: str,
+    message: str | None,
+    retry_after: str | None,
+    error: type,
+    code: int,
+    enhanced: str,
+    text: str,
+) -> None:
+    fake.fail(status, name, message, retry_after=retry_after)
+    [result] = deliver(config_for(fake.url), outbound(MESSAGE))
+    assert type(result) is error
+    assert isinstance(result, DeliveryError)
+    assert (result.reply.code, result.reply.enhanced, result.reply.text) == (code, enhanced, text)
+    assert result.channel == "resend"
+    assert fake.sent == []
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "text"),
+    [
+        (502, "<html><body>Bad gateway</body></html>", "resend: unexpected reply (HTTP 502)"),
+        (403, "<html>Forbidden</html>", "resend: unexpected reply (HTTP 403)"),
+        (422, "not json", "resend: unexpected reply (HTTP 422)"),
+        (200, "<html>ok?</html>", "resend: unexpected reply (HTTP 200)"),
+        (200, {"object": "email"}, "resend: unexpected reply (HTTP 200)"),
+    ],
+)
+def test_unexpected_bodies_defer(fake: FakeResend, status: int, body: Any, text: str) -> None:
+    fake.script(status, body)
+    [result] = deliver(config_for(fake.url), outbound(MESSAGE))
+    assert isinstance(result, TransientDelivery)
+    assert (result.reply.code, result.reply.enhanced, result.reply.text) == (451, "4.3.0", text)
+
+
+def test_the_fakes_own_checks_reach_the_client_cleanly() -> None:
+    with FakeResend(tokens={"re_good"}) as server:
+        [result] = deliver(config_for(server.url), outbound(MESSAGE))
+    assert isinstance(result, TransientDelivery)
+    assert str(result.reply) == "451 4.3.0 resend: upstream rejected relay credentials"
+
+
+def test_rejected_credentials_logged_without_the_token(
+    fake: FakeResend, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake.fail(403, "invalid_api_key")
+    with caplog.at_level(logging.INFO, logger="relay.resend"):
+        deliver(config_for(fake.url), outbound(MESSAGE))
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert errors and "example.com" in errors[0].getMessage()
+    assert "re_global" not in caplog.text
+
+
+def test_connection_refused() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    [result] = deliver(config_for(f"http://127.0.0.1:{port}"), outbound(MESSAGE))
+    assert isinstance(result, TransientDelivery)
+    assert isinstance(result.__cause__, Exception)
+    assert str(result.reply) == "451 4.3.0 resend: upstream unreachable (connection failed)"
+
+
+def test_timeout(fake: FakeResend) -> None:
+    fake.script(200, {"id": "late"}, delay=30)
+    [result] = deliver(config_for(fake.url), outbound(MESSAGE), timeout=0.2)
+    assert isinstance(result, TransientDelivery)
+    assert str(result.reply) == "451 4.3.0 resend: upstream timed out"
+
+
+def test_bad_api_url_defers() -> None:
+    [result] = deliver(config_for("ftp://127.0.0.1"), outbound(MESSAGE))
+    assert isinstance(result, TransientDelivery)
+    assert str(result.reply) == "451 4.3.0 resend: RESEND_API_URL is not a usable URL"
