@@ -16,6 +16,7 @@ sending twice (Resend keeps keys for 24 hours).
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import mimetypes
 import re
@@ -100,13 +101,16 @@ def translate(message: Outbound) -> dict[str, Any]:
     cc = _envelope_addresses(parsed, "Cc", envelope)
     shown = {a.addr_spec.lower() for a in (*to, *cc)}
     bcc = [rcpt for key, rcpt in envelope.items() if key not in shown]
-    if not to and not cc:
-        # Resend refuses a send without `to`. The header recipients were none of
-        # the envelope's (a Bcc-only send, or "undisclosed-recipients:;"), so the
-        # envelope recipients are the only addresses left to name there.
-        to_field, bcc = bcc, []
-    else:
+    # Resend refuses a send without `to`. Cc recipients are shown to everyone
+    # anyway, so they may stand in for an empty To without revealing a Bcc.
+    if not to:
+        to, cc = cc, []
+    if to:
         to_field = [str(a) for a in to]
+    else:
+        # No header names an envelope recipient (a Bcc-only send, or
+        # "undisclosed-recipients:;"): they are the only addresses left to name.
+        to_field, bcc = bcc, []
 
     body: dict[str, Any] = {
         "from": _from_field(parsed, message.sender),
@@ -138,7 +142,8 @@ def translate(message: Outbound) -> dict[str, Any]:
     headers = _passed_headers(parsed)
     headers.setdefault("Message-ID", message.message_id)
     body["headers"] = headers
-    return body
+    mended: dict[str, Any] = _mend(body)
+    return mended
 
 
 def _addresses(parsed: MIMEPart, name: str) -> list[Address]:
@@ -197,14 +202,21 @@ def _leaves(part: MIMEPart, related: bool = False) -> Iterator[tuple[MIMEPart, b
 
 
 def _text_of(part: MIMEPart) -> str:
-    try:
-        text = part.get_content()
-    except LookupError:
-        # A charset Python does not know: keep the text, lose what cannot decode.
-        payload = part.get_payload(decode=True)
-        text = payload.decode("utf-8", "replace") if isinstance(payload, bytes) else ""
+    payload = part.get_payload(decode=True)
+    data = payload if isinstance(payload, bytes) else b""
+    # The declared charset first; then UTF-8, which is what undeclared 8-bit text
+    # (RFC 6152 lets it through) nearly always is; then UTF-8 losing what cannot
+    # decode, for a charset Python does not know or a wrong declaration.
+    for charset in (part.get_content_charset() or "us-ascii", "utf-8"):
+        try:
+            text = data.decode(charset)
+            break
+        except (LookupError, UnicodeDecodeError):
+            continue
+    else:
+        text = data.decode("utf-8", "replace")
     # Resend builds its own MIME; JSON text reads plainer with bare newlines.
-    return text.replace("\r\n", "\n") if isinstance(text, str) else ""
+    return text.replace("\r\n", "\n")
 
 
 def _attachment(part: MIMEPart, index: int, related: bool) -> dict[str, str]:
@@ -228,6 +240,22 @@ def _attachment(part: MIMEPart, index: int, related: bool) -> dict[str, str]:
     if content_id and (related or part.get_content_disposition() != "attachment"):
         attachment["content_id"] = content_id
     return attachment
+
+
+def _mend(value: Any) -> Any:
+    """Every string in valid Unicode, as JSON must be.
+
+    The parser hands 8-bit header bytes back as surrogate escapes (RFC 6532
+    headers reach us without SMTPUTF8); as UTF-8 they become text again, and
+    anything else becomes U+FFFD.
+    """
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    if isinstance(value, dict):
+        return {_mend(k): _mend(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_mend(v) for v in value]
+    return value
 
 
 def _fallback_filename(content_type: str, index: int) -> str:
@@ -308,7 +336,7 @@ class ResendChannel:
                 NAME, replies.UPSTREAM_UNAVAILABLE.but(f"{NAME}: no API token for {domain}")
             )
         try:
-            body = translate(message)
+            body = json.dumps(translate(message), ensure_ascii=False).encode("utf-8")
         except Exception as exc:
             # The email package can fail on hostile or broken MIME. Nothing was
             # sent, and the same bytes would fail the same way on every retry.
@@ -320,8 +348,12 @@ class ResendChannel:
         try:
             response = await self._client.post(
                 self.url,
-                json=body,
-                headers={"Authorization": f"Bearer {token}", "Idempotency-Key": key},
+                content=body,
+                headers={
+                    "Authorization": f"Bearer {token}",
+                    "Content-Type": "application/json",
+                    "Idempotency-Key": key,
+                },
             )
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise TransientDelivery(

@@ -172,19 +172,23 @@ class Relay:
         for session in list(self.sessions):
             if not session.in_transaction():
                 session.close_for_shutdown()
-        deadline = self.settings.drain_timeout
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(deadline):
-                while self.sessions or self._tasks:  # noqa: ASYNC110 - two sets, no event
-                    await asyncio.sleep(0.05)
+        await self._drained(self.settings.drain_timeout)
         for session in list(self.sessions):
-            session.close_for_shutdown()
+            session.close_for_shutdown(abort=True)
+        await self._drained(1.0)
         tasks = [*self._tasks, *([self._sweeper] if self._sweeper else [])]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.gather(*(c.aclose() for c in self.channels.values()), return_exceptions=True)
         await self.store.aclose()
+
+    async def _drained(self, seconds: float) -> None:
+        """Wait until no session and no forward is left, for at most `seconds`."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                while self.sessions or self._tasks:  # noqa: ASYNC110 - two sets, no event
+                    await asyncio.sleep(0.02)
 
     async def serve_until(self, stop: asyncio.Event) -> None:
         await stop.wait()

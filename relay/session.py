@@ -111,10 +111,17 @@ class SubmissionProtocol(SMTP):
         self._write_now(replies.TIMEOUT)
         super()._timeout_cb()
 
-    def close_for_shutdown(self) -> None:
-        """End the session with 421; the server calls it on idle sessions first."""
+    def close_for_shutdown(self, *, abort: bool = False) -> None:
+        """End the session with 421; the server calls it on idle sessions first.
+
+        `abort` drops the connection without waiting for the client's TLS
+        close_notify, for sessions still open when the drain time is over.
+        """
         self._write_now(replies.SHUTTING_DOWN)
-        self._close()
+        if abort and self.transport is not None:
+            cast(asyncio.Transport, self.transport).abort()
+        else:
+            self._close()
 
     # Methods, not properties: aiosmtpd's __init__ runs inspect.getmembers(self),
     # which evaluates every property before the session exists.
@@ -270,6 +277,13 @@ class SubmissionProtocol(SMTP):
     # --- DATA --------------------------------------------------------------------
 
     async def smtp_DATA(self, arg: str | None) -> None:
+        if (
+            self.envelope is not None
+            and not self.envelope.mail_from
+            and self.relay_session().authenticated
+        ):
+            await self.reply(replies.NEED_MAIL)  # aiosmtpd would ask for RCPT
+            return
         # The documented 300 s for the upload, whatever the command timer said.
         if self.envelope is not None and self.envelope.rcpt_tos and not arg:
             self._reset_timeout(config.DATA_TIMEOUT)

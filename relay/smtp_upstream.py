@@ -45,10 +45,11 @@ def upstream_reply(code: int, message: str) -> Reply:
     enhanced 4.7.x) becomes 451 4.7.0, anything else 451 4.3.0, so clients see
     only the documented deferrals.
     """
-    text = one_line(message)
-    match = _ENHANCED.match(text)
+    lines = message.splitlines() or [""]
+    match = _ENHANCED.match(lines[0])
     enhanced = match.group(0).strip() if match else ""
-    reason = text[match.end() :] if match else text
+    # A multi-line reply repeats its enhanced code on every line: keep the words.
+    reason = one_line(" ".join(_ENHANCED.sub("", line, count=1) for line in lines))
     if 400 <= code < 500:
         base = (
             replies.UPSTREAM_THROTTLED
@@ -231,6 +232,6 @@ def _describe(exc: BaseException) -> str:
         return f"TLS with upstream failed ({exc.reason or 'handshake'})"
     if isinstance(exc, aiosmtplib.SMTPServerDisconnected):
         return "upstream closed the connection"
-    if isinstance(exc, ConnectionRefusedError):
+    if isinstance(exc, ConnectionRefusedError) or isinstance(exc.__cause__, ConnectionRefusedError):
         return "upstream refused the connection"
     return f"upstream unreachable ({type(exc).__name__})"

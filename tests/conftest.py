@@ -21,13 +21,12 @@ from typing import Any
 import pytest
 import uvloop
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
+from support import DOMAIN, Raw
 
 from relay import certs
 from relay.config import load_settings
 from relay.server import Relay
 from relay.store import Store
-from support import DOMAIN
-
 
 
 @pytest.fixture(scope="session")
@@ -64,13 +63,17 @@ class Recorder:
         self.connections = 0
         self.auth_logins: list[bytes] = []
 
-    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, options: Any) -> str:
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, options: Any
+    ) -> str:
         if address in self.rcpt_replies:
             return self.rcpt_replies[address]
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 OK"
 
-    async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str, options: Any) -> str:
+    async def handle_MAIL(
+        self, server: Any, session: Any, envelope: Any, address: str, options: Any
+    ) -> str:
         if self.mail_reply:
             return self.mail_reply
         envelope.mail_from = address
@@ -79,7 +82,9 @@ class Recorder:
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         if self.data_reply:
             return self.data_reply
-        self.messages.append(Received(envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content))
+        self.messages.append(
+            Received(envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content)
+        )
         return f"250 2.0.0 Ok: queued as up{len(self.messages)}"
 
 
@@ -135,8 +140,11 @@ def sink_factory(cert_dir: Path) -> Iterator[Callable[..., Sink]]:
     """Real aiosmtpd upstreams on ephemeral ports: plain, STARTTLS or implicit TLS."""
     loops = LoopThread()
     started: list[asyncio.AbstractServer] = []
+    protocols: list[SMTP] = []
 
-    def start(mode: str = "plain", username: str | None = None, password: str | None = None) -> Sink:
+    def start(
+        mode: str = "plain", username: str | None = None, password: str | None = None
+    ) -> Sink:
         recorder = Recorder()
         kwargs: dict[str, Any] = {"hostname": "sink.test", "loop": loops.loop}
         tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -161,7 +169,9 @@ def sink_factory(cert_dir: Path) -> Iterator[Callable[..., Sink]]:
 
         def factory() -> SMTP:
             recorder.connections += 1
-            return SMTP(recorder, **kwargs)
+            protocol = SMTP(recorder, **kwargs)
+            protocols.append(protocol)
+            return protocol
 
         async def serve() -> asyncio.AbstractServer:
             return await loops.loop.create_server(
@@ -175,8 +185,15 @@ def sink_factory(cert_dir: Path) -> Iterator[Callable[..., Sink]]:
         return Sink(recorder, server, port, mode, username, password, ca)
 
     yield start
-    for server in started:
-        server.close()
+
+    def shut() -> None:
+        for server in started:
+            server.close()
+        for protocol in protocols:
+            if protocol.transport is not None:
+                protocol.transport.abort()
+
+    loops.loop.call_soon_threadsafe(shut)
     loops.close()
 
 
@@ -190,7 +207,7 @@ class RunningRelay:
     thread: threading.Thread
     store: Store  # a second connection to the same database, for admin steps
     client_tls: ssl.SSLContext
-    tokens: dict[str, str] = field(default_factory=dict)
+    clients: list[Any] = field(default_factory=list)  # closed at teardown
 
     @property
     def port(self) -> int:
@@ -209,12 +226,18 @@ class RunningRelay:
 
     def login(self, token: str | None = None) -> smtplib.SMTP_SSL:
         client = self.connect()
+        self.clients.append(client)
         client.ehlo("client.test")
         client.login("api_token", token or self.token())
         return client
 
     def call(self, coro: Any, timeout: float = 30) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def raw(self) -> Raw:
+        client = Raw(self.port, self.client_tls)
+        self.clients.append(client)
+        return client
 
 
 @pytest.fixture
@@ -246,6 +269,8 @@ def relay_factory(
 
     yield start
     for handle in running:
+        for client in handle.clients:
+            client.close()
         handle.call(handle.relay.stop())
         handle.loop.call_soon_threadsafe(handle.loop.stop)
         handle.thread.join(5)
@@ -262,4 +287,3 @@ def sink(sink_factory: Callable[..., Sink]) -> Sink:
 def relay(relay_factory: Callable[..., RunningRelay], sink: Sink) -> RunningRelay:
     """The relay forwarding example.com to a plain aiosmtpd sink, with a balance to spend."""
     return relay_factory(SMTP_CONFIG=sink.smtp_config(), DEFAULT_SEND_BALANCE="1000")
-

@@ -2,13 +2,72 @@
 
 from __future__ import annotations
 
+import base64
+import socket
+import ssl
+
 DOMAIN = "example.com"
 SENDER = f"app@{DOMAIN}"
 
 
 def message(
-    sender: str = SENDER, to: str = "rcpt@dest.test", subject: str = "Hi", body: str = "Hello.", extra: str = ""
+    sender: str = SENDER,
+    to: str = "rcpt@dest.test",
+    subject: str = "Hi",
+    body: str = "Hello.",
+    extra: str = "",
 ) -> bytes:
-    return (
-        f"From: {sender}\r\nTo: {to}\r\nSubject: {subject}\r\n{extra}\r\n{body}\r\n"
-    ).encode()
+    return (f"From: {sender}\r\nTo: {to}\r\nSubject: {subject}\r\n{extra}\r\n{body}\r\n").encode()
+
+
+class Raw:
+    """A line-level SMTPS client, for asserting exact replies (smtplib hides some)."""
+
+    def __init__(self, port: int, context: ssl.SSLContext, timeout: float = 10) -> None:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.sock = context.wrap_socket(sock, server_hostname="localhost")
+        self.file = self.sock.makefile("rb")
+        self.greeting = self.read()
+
+    def read(self) -> str:
+        """One whole reply; multi-line replies are joined with newlines."""
+        lines = []
+        while True:
+            line = self.file.readline()
+            if not line:
+                raise ConnectionError("closed: " + "\n".join(lines))
+            text = line.decode().rstrip("\r\n")
+            lines.append(text)
+            if len(text) < 4 or text[3] != "-":
+                return "\n".join(lines)
+
+    def send(self, line: str | bytes) -> None:
+        data = line if isinstance(line, bytes) else line.encode()
+        self.sock.sendall(data + b"\r\n")
+
+    def cmd(self, line: str | bytes) -> str:
+        self.send(line)
+        return self.read()
+
+    def login(self, token: str) -> str:
+        self.cmd("EHLO client.test")
+        return self.cmd("AUTH PLAIN " + plain(token))
+
+    def closed(self) -> bool:
+        """True once the server has closed the connection."""
+        try:
+            return self.file.readline() == b""
+        except (ConnectionError, ssl.SSLError):
+            return True
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+def plain(token: str, user: str = "api_token") -> str:
+    return base64.b64encode(f"\0{user}\0{token}".encode()).decode()
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
