@@ -80,10 +80,10 @@ ADDRESS_CASES: list[tuple[str, str, tuple[str, ...], dict[str, Any]]] = [
         {"to": ["bob@example.org"], "cc": ["Carol <carol@example.org>"], "bcc": ABSENT},
     ),
     (
-        "only cc among envelope recipients: to may stay empty",
+        "only cc names envelope recipients: cc stands in for to, bcc stays hidden",
         "From: alice@example.com\nTo: list@example.net\nCc: bob@example.org\nSubject: hi",
         ("bob@example.org", "carol@example.org"),
-        {"to": [], "cc": ["bob@example.org"], "bcc": ["carol@example.org"]},
+        {"to": ["bob@example.org"], "cc": ABSENT, "bcc": ["carol@example.org"]},
     ),
     (
         "no envelope recipient in the headers: they go in to",
@@ -109,6 +109,12 @@ ADDRESS_CASES: list[tuple[str, str, tuple[str, ...], dict[str, Any]]] = [
         "To: bob@example.org\nSubject: hi",
         ("bob@example.org",),
         {"from": "alice@example.com"},
+    ),
+    (
+        "raw UTF-8 display name (8BITMIME, no SMTPUTF8)",
+        "From: J\u00f6rg <alice@example.com>\nTo: bob@example.org\nSubject: caf\u00e9",
+        ("bob@example.org",),
+        {"from": "J\u00f6rg <alice@example.com>", "subject": "caf\u00e9"},
     ),
     (
         "subject missing",
@@ -189,6 +195,21 @@ def test_translate_plain_text_only() -> None:
     assert "attachments" not in body
 
 
+def test_translate_undeclared_8bit_text_read_as_utf8() -> None:
+    body = translate(outbound(simple("From: a@example.com\nTo: bob@example.org", "na\u00efve\n")))
+    assert body["text"] == "na\u00efve\n"
+
+
+def test_translate_undecodable_bytes_become_replacement_characters() -> None:
+    content = (
+        b"From: J\xf6rg <alice@example.com>\r\nTo: bob@example.org\r\n"
+        b"Content-Type: text/plain; charset=x-unknown\r\n\r\nbody\xe9\r\n"
+    )
+    body = translate(outbound(content))
+    assert body["from"] == "J\ufffdrg <alice@example.com>"
+    assert body["text"] == "body\ufffd\n"
+
+
 # --- translate: MIME structure -------------------------------------------------
 
 
@@ -254,7 +275,7 @@ def test_translate_inline_image_keeps_content_id() -> None:
     def build(m: EmailMessage) -> None:
         m.set_content("plain\n")
         m.add_alternative('<img src="cid:logo@example.com">\n', subtype="html")
-        html = m.get_payload()[1]
+        html = list(m.iter_parts())[1]
         html.add_related(PNG, "image", "png", cid="<logo@example.com>", filename="logo.png")
 
     body = translate(outbound(mime(build)))
@@ -350,6 +371,13 @@ def test_delivered_and_what_reached_resend(fake: FakeResend) -> None:
     assert request.json["to"] == ["bob@example.org"]
     assert request.json["bcc"] == ["carol@example.org"]
     assert request.json["headers"] == {"Message-ID": "<m1@example.com>", "X-Mailer": "test"}
+
+
+def test_8bit_headers_reach_resend_as_valid_json(fake: FakeResend) -> None:
+    message = outbound(b"From: J\xf6rg <alice@example.com>\r\nTo: bob@example.org\r\n\r\nx\r\n")
+    [result] = deliver(config_for(fake.url), message)
+    assert isinstance(result, Delivery)
+    assert fake.sent[0].json["from"] == "J\ufffdrg <alice@example.com>"
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,385 @@
+"""The Cloudflare channel: outcomes as a table, delivery against a fake Cloudflare."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from relay.channel import Delivery, Outbound
+from relay.cloudflare import PERMANENT_BOUNCE, CloudflareChannel, outcome, per_recipient
+from relay.config import CloudflareConfig, Secret
+from relay.errors import DeliveryError, PermanentDelivery, TransientDelivery
+from relay.replies import Reply
+from tests.fake_upstreams import FakeCloudflare, cloudflare_error
+
+CONTENT = (
+    "From: Alice <alice@example.com>\r\nTo: bob@example.org\r\nSubject: caf\u00e9\r\n"
+    "Message-ID: <m1@example.com>\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    "Content-Transfer-Encoding: 8bit\r\n\r\nbonjour \u00e0 tous\r\n"
+).encode()
+
+
+def outbound(
+    recipients: tuple[str, ...] = ("bob@example.org",), content: bytes = CONTENT
+) -> Outbound:
+    return Outbound("alice@example.com", recipients, content, "<m1@example.com>", "ab" * 32)
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeCloudflare]:
+    with FakeCloudflare(account_id="acct-1", token="cf-token") as server:
+        yield server
+
+
+def config_for(url: str, token: str = "cf-token") -> CloudflareConfig:
+    return CloudflareConfig(account_id="acct-1", api_token=Secret(token), api_url=url)
+
+
+def deliver(
+    config: CloudflareConfig, *messages: Outbound, timeout: float = 5.0
+) -> list[Delivery | DeliveryError]:
+    async def run() -> list[Delivery | DeliveryError]:
+        channel = CloudflareChannel(config, timeout=timeout)
+        outcomes: list[Delivery | DeliveryError] = []
+        try:
+            for message in messages:
+                try:
+                    outcomes.append(await channel.deliver(message))
+                except DeliveryError as exc:
+                    outcomes.append(exc)
+        finally:
+            await channel.aclose()
+        return outcomes
+
+    return asyncio.run(run())
+
+
+# --- pure: per-recipient results and error bodies ------------------------------
+
+RECIPIENTS = ("bob@example.org", "Carol@example.org", "dave@example.org")
+PER_RECIPIENT: list[tuple[str, Any, tuple[str, ...], tuple[str, ...]]] = [
+    (
+        "all delivered",
+        {"delivered": list(RECIPIENTS), "queued": [], "permanent_bounces": []},
+        RECIPIENTS,
+        (),
+    ),
+    (
+        "queued counts as taken",
+        {"delivered": ["bob@example.org"], "queued": ["Carol@example.org", "dave@example.org"]},
+        RECIPIENTS,
+        (),
+    ),
+    (
+        "bounce matched case-insensitively",
+        {
+            "delivered": ["bob@example.org", "dave@example.org"],
+            "permanent_bounces": ["carol@EXAMPLE.org"],
+        },
+        ("bob@example.org", "dave@example.org"),
+        ("Carol@example.org",),
+    ),
+    (
+        "all bounced",
+        {"permanent_bounces": list(RECIPIENTS)},
+        (),
+        RECIPIENTS,
+    ),
+    (
+        "result without lists: success means taken",
+        None,
+        RECIPIENTS,
+        (),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("result", "accepted", "refused"),
+    [case[1:] for case in PER_RECIPIENT],
+    ids=[case[0] for case in PER_RECIPIENT],
+)
+def test_per_recipient(result: Any, accepted: tuple[str, ...], refused: tuple[str, ...]) -> None:
+    delivery = per_recipient(outbound(RECIPIENTS), result)
+    assert delivery.accepted == accepted
+    assert dict(delivery.refused) == {r: PERMANENT_BOUNCE for r in refused}
+
+
+# (HTTP status, error code, message, retry-after) -> (code, enhanced, text)
+ERRORS: list[tuple[str, int, int | None, str, str | None, int, str, str]] = [
+    (
+        "429 throttled with retry-after",
+        429,
+        10004,
+        "Too many requests",
+        "60",
+        451,
+        "4.7.0",
+        "cloudflare: rate limited; retry after 60 s",
+    ),
+    ("10004 under 200", 200, 10004, "Throttled", None, 451, "4.7.0", "cloudflare: rate limited"),
+    (
+        "401 unauthorized",
+        401,
+        10101,
+        "Unauthorized",
+        None,
+        451,
+        "4.3.0",
+        "cloudflare: upstream rejected relay credentials",
+    ),
+    (
+        "403 forbidden",
+        403,
+        10102,
+        "Forbidden",
+        None,
+        451,
+        "4.3.0",
+        "cloudflare: upstream rejected relay credentials",
+    ),
+    (
+        "403 sending disabled",
+        403,
+        10203,
+        "Sending is disabled for this account",
+        None,
+        550,
+        "5.7.1",
+        "cloudflare: Sending is disabled for this account",
+    ),
+    (
+        "400 too big",
+        400,
+        10200,
+        "Message too big",
+        None,
+        552,
+        "5.3.4",
+        "cloudflare: Message too big",
+    ),
+    (
+        "400 invalid email",
+        400,
+        10202,
+        "Invalid email address: bob@",
+        None,
+        550,
+        "5.1.3",
+        "cloudflare: Invalid email address: bob@",
+    ),
+    (
+        "400 schema",
+        400,
+        10001,
+        "Invalid request:\n recipients must be a list",
+        None,
+        554,
+        "5.6.0",
+        "cloudflare: Invalid request: recipients must be a list",
+    ),
+    (
+        "200 success false, schema",
+        200,
+        10001,
+        "mime_message is required",
+        None,
+        554,
+        "5.6.0",
+        "cloudflare: mime_message is required",
+    ),
+    (
+        "400 unknown code",
+        400,
+        99999,
+        "Something else",
+        None,
+        554,
+        "5.6.0",
+        "cloudflare: Something else",
+    ),
+    (
+        "500 internal",
+        500,
+        10002,
+        "Internal error",
+        None,
+        451,
+        "4.3.0",
+        "cloudflare: upstream error (HTTP 500)",
+    ),
+    (
+        "503 unavailable",
+        503,
+        10100,
+        "Service unavailable",
+        None,
+        451,
+        "4.3.0",
+        "cloudflare: upstream error (HTTP 503)",
+    ),
+    (
+        "200 success false, unknown code",
+        200,
+        12345,
+        "?",
+        None,
+        451,
+        "4.3.0",
+        "cloudflare: unexpected reply (HTTP 200)",
+    ),
+    (
+        "404 wrong account",
+        404,
+        7003,
+        "Could not route",
+        None,
+        451,
+        "4.3.0",
+        "cloudflare: unexpected reply (HTTP 404)",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("status", "error_code", "message", "retry_after", "code", "enhanced", "text"),
+    [case[1:] for case in ERRORS],
+    ids=[case[0] for case in ERRORS],
+)
+def test_error_outcomes(
+    fake: FakeCloudflare,
+    status: int,
+    error_code: int,
+    message: str,
+    retry_after: str | None,
+    code: int,
+    enhanced: str,
+    text: str,
+) -> None:
+    fake.fail(status, error_code, message, retry_after=retry_after)
+    [result] = deliver(config_for(fake.url), outbound())
+    assert isinstance(result, DeliveryError)
+    assert type(result) is (PermanentDelivery if code >= 500 else TransientDelivery)
+    assert (result.reply.code, result.reply.enhanced, result.reply.text) == (code, enhanced, text)
+    assert result.channel == "cloudflare"
+    assert fake.sent == []
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "expected"),
+    [
+        (502, "<html>Bad gateway</html>", "451 4.3.0 cloudflare: upstream error (HTTP 502)"),
+        (200, "<html>ok?</html>", "451 4.3.0 cloudflare: unexpected reply (HTTP 200)"),
+        (200, {"result": {"delivered": []}}, "451 4.3.0 cloudflare: unexpected reply (HTTP 200)"),
+        (413, "Payload Too Large", "552 5.3.4 cloudflare: message too big"),
+        (
+            403,
+            {"success": False, "errors": []},
+            "451 4.3.0 cloudflare: upstream rejected relay credentials",
+        ),
+    ],
+)
+def test_unexpected_bodies(fake: FakeCloudflare, status: int, body: Any, expected: str) -> None:
+    fake.script(status, body)
+    [result] = deliver(config_for(fake.url), outbound())
+    assert isinstance(result, DeliveryError)
+    assert str(result.reply) == expected
+
+
+def test_outcome_is_pure() -> None:
+    body = cloudflare_error(10202, "Invalid email address")
+    assert outcome(400, body, None) == Reply(550, "5.1.3", "cloudflare: Invalid email address")
+
+
+# --- the channel against a fake Cloudflare -----------------------------------
+
+
+def test_delivered_and_what_reached_cloudflare(fake: FakeCloudflare) -> None:
+    message = outbound(("bob@example.org", "carol@example.org"))
+    [result] = deliver(config_for(fake.url), message)
+
+    assert isinstance(result, Delivery)
+    assert result.accepted == ("bob@example.org", "carol@example.org")
+    assert result.refused == {}
+    [request] = fake.sent
+    assert (request.method, request.path) == ("POST", "/accounts/acct-1/email/sending/send_raw")
+    assert request.headers["authorization"] == "Bearer cf-token"
+    assert request.json == {
+        "from": "alice@example.com",
+        "recipients": ["bob@example.org", "carol@example.org"],
+        "mime_message": CONTENT.decode(),
+    }
+
+
+def test_queued_recipients_are_accepted(fake: FakeCloudflare) -> None:
+    fake.queue("carol@example.org")
+    [result] = deliver(config_for(fake.url), outbound(("bob@example.org", "carol@example.org")))
+    assert isinstance(result, Delivery)
+    assert result.accepted == ("bob@example.org", "carol@example.org")
+
+
+def test_partial_permanent_bounce(fake: FakeCloudflare) -> None:
+    fake.bounce("carol@example.org")
+    message = outbound(("bob@example.org", "carol@example.org", "dave@example.org"))
+    [result] = deliver(config_for(fake.url), message)
+    assert isinstance(result, Delivery)
+    assert result.accepted == ("bob@example.org", "dave@example.org")
+    assert dict(result.refused) == {
+        "carol@example.org": Reply(550, "5.1.1", "cloudflare: permanent bounce")
+    }
+
+
+def test_all_bounced(fake: FakeCloudflare) -> None:
+    fake.bounce("bob@example.org", "carol@example.org")
+    [result] = deliver(config_for(fake.url), outbound(("bob@example.org", "carol@example.org")))
+    assert isinstance(result, PermanentDelivery)
+    assert str(result.reply) == "550 5.1.1 cloudflare: permanent bounce"
+    assert fake.sent == []
+
+
+def test_not_utf8_refused_before_sending(fake: FakeCloudflare) -> None:
+    content = CONTENT.replace("caf\u00e9".encode(), b"caf\xe9")
+    [result] = deliver(config_for(fake.url), outbound(content=content))
+    assert isinstance(result, PermanentDelivery)
+    assert str(result.reply) == (
+        "554 5.6.0 cloudflare: message is not UTF-8 (use a transfer encoding)"
+    )
+    assert fake.requests == []
+
+
+def test_wrong_token_is_a_config_fault_logged_without_the_token(
+    fake: FakeCloudflare, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="relay.cloudflare"):
+        [result] = deliver(config_for(fake.url, token="cf-wrong"), outbound())
+    assert isinstance(result, TransientDelivery)
+    assert str(result.reply) == "451 4.3.0 cloudflare: upstream rejected relay credentials"
+    assert any(r.levelno == logging.ERROR for r in caplog.records)
+    assert "cf-wrong" not in caplog.text
+
+
+def test_one_connection_kept_alive(fake: FakeCloudflare) -> None:
+    deliver(config_for(fake.url), outbound(), outbound())
+    assert len(fake.requests) == 2
+    assert len({r.peer for r in fake.requests}) == 1
+
+
+def test_connection_refused() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    [result] = deliver(config_for(f"http://127.0.0.1:{port}"), outbound())
+    assert isinstance(result, TransientDelivery)
+    assert str(result.reply) == "451 4.3.0 cloudflare: upstream unreachable (connection failed)"
+
+
+def test_timeout(fake: FakeCloudflare) -> None:
+    fake.script(200, {"success": True, "result": {"delivered": ["bob@example.org"]}}, delay=30)
+    [result] = deliver(config_for(fake.url), outbound(), timeout=0.2)
+    assert isinstance(result, TransientDelivery)
+    assert str(result.reply) == "451 4.3.0 cloudflare: upstream timed out"
