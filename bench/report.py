@@ -1,0 +1,289 @@
+"""Figures from raw measurements, the issue's targets, and the short table.
+
+Pure functions over plain values: nothing here does I/O except `write_json`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+KIB = 1024
+MIB = 1024 * KIB
+
+# The issue's targets (issue 5, "What it must reach").
+MIN_CEILING_RATIO = 0.6  # 2 KiB messages, 50 sessions
+MAX_ADDED_P99_MS = 5.0  # at half the measured maximum throughput
+MAX_IDLE_SESSION_BYTES = 64 * KIB  # at 5,000 idle authenticated sessions
+MAX_LARGE_GROWTH = 3.0  # 5 MiB messages: peak RSS growth / bytes in flight
+HEADLINE_SIZE = 2 * KIB
+
+
+def size_label(size: int) -> str:
+    for unit, name in ((MIB, "MiB"), (KIB, "KiB")):
+        if size >= unit:
+            return f"{size / unit:g} {name}"
+    return f"{size} B"
+
+
+def percentile(values: Sequence[float], fraction: float) -> float | None:
+    """Nearest-rank percentile of `values` (sorted or not); None when empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(math.ceil(fraction * len(ordered)), 1)
+    return float(ordered[rank - 1])
+
+
+def latency_ms(latencies_ns: Sequence[int]) -> dict[str, float | None]:
+    ms = [v / 1e6 for v in latencies_ns]
+    return {
+        "p50": percentile(ms, 0.50),
+        "p99": percentile(ms, 0.99),
+        "mean": sum(ms) / len(ms) if ms else None,
+        "max": max(ms) if ms else None,
+        "samples": len(ms),
+    }
+
+
+def per_thousand(seconds: float | None, messages: int) -> float | None:
+    if seconds is None or messages <= 0:
+        return None
+    return seconds / messages * 1000
+
+
+def difference(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def median(values: Sequence[float]) -> float | None:
+    return percentile(values, 0.5)
+
+
+@dataclass(frozen=True)
+class Check:
+    """One target of the issue, judged on this run."""
+
+    name: str
+    target: str
+    value: float | None
+    passed: bool | None  # None: not measured in this run
+    note: str = ""
+
+
+def checks(result: dict[str, Any]) -> list[Check]:
+    out: list[Check] = []
+    head = next(
+        (t for t in result.get("throughput", []) if t["size"] == HEADLINE_SIZE and "ratio" in t),
+        None,
+    )
+    if head is not None:
+        value = head["ratio"]
+        forwarded = head["relay"]["forwarded_all"]
+        out.append(
+            Check(
+                f"2 KiB x {head['sessions']} sessions: relay / ceiling msg/s",
+                f">= {MIN_CEILING_RATIO}, every message forwarded",
+                value,
+                value is not None and value >= MIN_CEILING_RATIO and forwarded is True,
+                "" if forwarded else "not every message was forwarded",
+            )
+        )
+    paced = result.get("latency_at_half_max")
+    if paced is not None and "added_ms" in paced:
+        value = paced["added_ms"]["p99"]
+        out.append(
+            Check(
+                f"added p99 latency at {paced['rate']:.0f} msg/s (half max)",
+                f"< {MAX_ADDED_P99_MS} ms",
+                value,
+                None if value is None else value < MAX_ADDED_P99_MS,
+            )
+        )
+    idle = _measured(result.get("idle_sessions", {}))
+    if idle:
+        largest = idle[-1]
+        value = largest["bytes_per_session"] / KIB
+        out.append(
+            Check(
+                f"RSS per idle authenticated session at {largest['sessions']}",
+                f"< {MAX_IDLE_SESSION_BYTES // KIB} KiB",
+                value,
+                largest["held"] and value < MAX_IDLE_SESSION_BYTES / KIB,
+                "" if largest["held"] else "not every session was held",
+            )
+        )
+    large = _measured(result.get("large_messages", {}))
+    if large is not None:
+        value = large["growth_per_byte_in_flight"]
+        out.append(
+            Check(
+                f"{size_label(large['size'])} peak RSS growth / bytes in flight",
+                f"< {MAX_LARGE_GROWTH}x",
+                value,
+                None if value is None else value < MAX_LARGE_GROWTH,
+            )
+        )
+    forwarded = result.get("forwarding")
+    if forwarded is not None:
+        out.append(
+            Check(
+                "every message the relay accepted reached the sink",
+                "sink count = relay 250s, no failures",
+                forwarded["sink_received"],
+                forwarded["all_forwarded"],
+                f"sent {forwarded['sent']}, 250 {forwarded['accepted']}",
+            )
+        )
+    return out
+
+
+def _measured(by_side: dict[str, Any]) -> Any:
+    """The figures of the server under test: the relay, or a --target."""
+    return by_side.get("relay", by_side.get("target"))
+
+
+def attach_checks(result: dict[str, Any]) -> None:
+    result["targets"] = [asdict(c) for c in checks(result)]
+
+
+def write_json(result: dict[str, Any], path: Path | None) -> str:
+    text = json.dumps(result, indent=2, sort_keys=False)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")
+    return text
+
+
+# --- the table -----------------------------------------------------------------------
+
+
+def _fmt(value: float | None, digits: int = 1, suffix: str = "") -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.{digits}f}{suffix}"
+
+
+def _mib(value: float | None) -> str:
+    return "-" if value is None else f"{value / MIB:,.1f} MiB"
+
+
+def _rows(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(header, widths, strict=True)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return lines
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = [f"bench {result['date']}  {result['machine']['summary']}  target: {result['target']}"]
+    rows = []
+    for entry in result.get("throughput", []):
+        for side in ("ceiling", "relay", "target"):
+            phase = entry.get(side)
+            if phase is None:
+                continue
+            rows.append(
+                [
+                    entry["label"],
+                    f"{entry['sessions']}x{entry['messages_per_session']}",
+                    side,
+                    _fmt(phase["messages_per_s"], 0),
+                    _fmt(phase["latency_ms"]["p50"], 2),
+                    _fmt(phase["latency_ms"]["p99"], 2),
+                    _fmt(phase["server_cpu_s_per_1000"], 2),
+                    _mib(phase["server_peak_rss"]),
+                    _fmt(phase["client_cpu_s_per_1000"], 2),
+                    "-" if phase["forwarded_all"] is None else str(phase["forwarded_all"]).lower(),
+                ]
+            )
+        if entry.get("ratio") is not None:
+            added = entry["added_latency_ms"]
+            rows.append(
+                [
+                    "",
+                    "",
+                    "relay/ceiling",
+                    _fmt(entry["ratio"], 2, "x"),
+                    _fmt(added["p50"], 2, "+"),
+                    _fmt(added["p99"], 2, "+"),
+                    "",
+                    "",
+                    "",
+                    "",
+                ]
+            )
+    if rows:
+        lines.append("")
+        lines += _rows(
+            [
+                "size",
+                "load",
+                "server",
+                "msg/s",
+                "p50 ms",
+                "p99 ms",
+                "cpu s/1k",
+                "peak rss",
+                "client s/1k",
+                "forwarded",
+            ],
+            rows,
+        )
+    paced = result.get("latency_at_half_max")
+    if paced is not None:
+        lines.append("")
+        parts = []
+        for side in ("ceiling", "relay", "target"):
+            if side in paced:
+                lat = paced[side]["latency_ms"]
+                parts.append(f"{side} p50 {_fmt(lat['p50'], 2)} p99 {_fmt(lat['p99'], 2)} ms")
+        if "added_ms" in paced:
+            added = paced["added_ms"]
+            parts.append(f"added p50 {_fmt(added['p50'], 2)} p99 {_fmt(added['p99'], 2)} ms")
+        head = f"latency at {paced['rate']:.0f} msg/s open loop ({paced['label']}): "
+        lines.append(head + "; ".join(parts))
+    for side, entries in result.get("idle_sessions", {}).items():
+        text = ", ".join(
+            f"{e['sessions']}: {_fmt(e['bytes_per_session'] / KIB, 1)} KiB/session" for e in entries
+        )
+        lines.append(f"idle authenticated sessions, {side} RSS growth: {text}")
+    for side, large in result.get("large_messages", {}).items():
+        lines.append(
+            f"{size_label(large['size'])} x {large['sessions']} in flight, {side}: peak RSS +"
+            f"{_mib(large['peak_growth'])} for {_mib(large['bytes_in_flight'])} in flight"
+            f" = {_fmt(large['growth_per_byte_in_flight'], 2)}x"
+        )
+    workers = result.get("workers")
+    if workers:
+        text = ", ".join(
+            f"{w['workers']} worker(s) {_fmt(w['messages_per_s'], 0)} msg/s" for w in workers
+        )
+        lines.append(f"relay workers ({workers[0]['label']}): {text}")
+    if result.get("relay_peak_rss"):
+        lines.append(f"relay peak RSS over the run: {_mib(result['relay_peak_rss'])}")
+    targets = result.get("targets", [])
+    if targets:
+        lines.append("")
+        lines += _rows(
+            ["target", "must be", "measured", "result"],
+            [
+                [
+                    t["name"],
+                    t["target"],
+                    _fmt(t["value"], 2),
+                    {True: "PASS", False: "FAIL", None: "n/a"}[t["passed"]]
+                    + (f" ({t['note']})" if t["note"] else ""),
+                ]
+                for t in targets
+            ],
+        )
+    return "\n".join(lines)

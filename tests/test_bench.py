@@ -1,0 +1,102 @@
+"""The load benchmark at a tiny size, end to end, so it cannot rot.
+
+It runs `python -m bench` as a user would (a subprocess, from the repository
+root) with a few messages, a few idle sessions and one size, and checks the
+shape of the JSON and that every message the relay accepted reached the sink.
+It asserts no speed: timings on a shared machine say nothing about correctness.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SESSIONS = 2
+MESSAGES = 3
+SIZE = 2048
+RUN_TIMEOUT = 120  # seconds; the run takes about 10
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("bench") / "result.json"
+    args = [
+        sys.executable,
+        "-m",
+        "bench",
+        "--sizes",
+        "2k",
+        "--sessions",
+        str(SESSIONS),
+        "--messages",
+        str(MESSAGES),
+        "--rounds",
+        "1",
+        "--idle",
+        "3",
+        "--latency-seconds",
+        "0.5",
+        "--workers",
+        "1,2",
+        "--json-out",
+        str(out),
+    ]
+    done = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "target" in done.stdout  # the human table was printed
+    data: dict[str, Any] = json.loads(out.read_text())
+    return data
+
+
+@pytest.mark.slow
+def test_the_result_has_every_section(result: dict[str, Any]) -> None:
+    for key in (
+        "date",
+        "machine",
+        "plan",
+        "throughput",
+        "latency_at_half_max",
+        "idle_sessions",
+        "workers",
+        "forwarding",
+        "relay_peak_rss",
+        "targets",
+        "wall_seconds",
+    ):
+        assert key in result, key
+    [entry] = result["throughput"]
+    assert entry["size"] == SIZE
+    assert {"ceiling", "relay", "ratio", "added_latency_ms"} <= entry.keys()
+    for side in ("ceiling", "relay"):
+        phase = entry[side]
+        assert {"messages_per_s", "latency_ms", "server_cpu_s_per_1000", "server_peak_rss"} <= (
+            phase.keys()
+        )
+        assert {"p50", "p99"} <= phase["latency_ms"].keys()
+    assert {"ceiling", "relay", "added_ms"} <= result["latency_at_half_max"].keys()
+    assert [w["workers"] for w in result["workers"]] == [1, 2]
+    assert [e["sessions"] for e in result["idle_sessions"]["relay"]] == [3]
+    assert result["idle_sessions"]["relay"][0]["held"] is True
+    names = " ".join(t["name"] for t in result["targets"])
+    assert "relay / ceiling" in names and "idle" in names and "latency" in names
+
+
+@pytest.mark.slow
+def test_every_message_was_sent_and_forwarded(result: dict[str, Any]) -> None:
+    relay = result["throughput"][0]["relay"]
+    assert relay["messages_sent"] == SESSIONS * MESSAGES
+    assert relay["messages_failed"] == 0, relay["errors"]
+    assert relay["sink"]["messages"] == relay["messages_ok"] == SESSIONS * MESSAGES
+    assert relay["forwarded_all"] is True
+    forwarding = result["forwarding"]
+    # Every relay phase counts: warm-ups, the load, the paced run.
+    assert forwarding["sink_received"] == forwarding["accepted"] == forwarding["sent"] > 0
+    assert forwarding["all_forwarded"] is True
+    ceiling = result["throughput"][0]["ceiling"]
+    assert ceiling["messages_ok"] == SESSIONS * MESSAGES
