@@ -35,6 +35,9 @@ log = logging.getLogger("relay.server")
 T = TypeVar("T")
 # How often each process looks for charges a dead process left pending.
 SWEEP_INTERVAL = 60.0
+# The inline store connection never checkpoints (that would sync the disk on
+# the loop), so the store thread copies the write-ahead log back this often.
+CHECKPOINT_INTERVAL = 1.0
 
 
 def build_channels(settings: Settings) -> dict[ChannelName, Channel]:
@@ -135,7 +138,7 @@ class Relay:
 
     async def start(self, sock: socket.socket | None = None) -> None:
         ctx = tls_context(self.settings)
-        await self.store.run(self.store.sync.migrate)
+        await self.store.in_thread(self.store.sync.migrate)
         await self._sweep()
         sock = sock or bind(self.settings)
         self._port = sock.getsockname()[1]
@@ -149,7 +152,7 @@ class Relay:
 
     async def _sweep(self) -> None:
         try:
-            settled = await self.store.run(self.store.sync.settle_stale, self.stale_after)
+            settled = await self.store.in_thread(self.store.sync.settle_stale, self.stale_after)
         except RelayError:
             log.exception("stale charge sweep failed")
             return
@@ -161,9 +164,18 @@ class Relay:
             )
 
     async def _sweep_forever(self) -> None:
+        """Checkpoint the write-ahead log often and sweep stale charges now and then."""
+        ticks = 0
         while True:
-            await asyncio.sleep(SWEEP_INTERVAL)
-            await self._sweep()
+            await asyncio.sleep(CHECKPOINT_INTERVAL)
+            ticks += 1
+            try:
+                await self.store.in_thread(self.store.sync.checkpoint)
+            except RelayError:
+                log.exception("WAL checkpoint failed")
+            if ticks * CHECKPOINT_INTERVAL >= SWEEP_INTERVAL:
+                ticks = 0
+                await self._sweep()
 
     async def stop(self) -> None:
         """Stop accepting, let transactions in flight finish, then close everything."""

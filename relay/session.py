@@ -22,6 +22,8 @@ import logging
 from base64 import b64decode, b64encode
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from email._header_value_parser import get_addr_spec, get_angle_addr
+from email.errors import HeaderParseError
 from typing import TYPE_CHECKING, Any, cast
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -273,6 +275,22 @@ class SubmissionProtocol(SMTP):
             return b64decode(text, validate=True)
         except (binascii.Error, ValueError):
             return replies.AUTH_BAD_BASE64
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """Parse `<address> params` as aiosmtpd does, minus its per-call cost.
+
+        aiosmtpd 1.4.6 defines a typing.Protocol class inside this method on every
+        MAIL and RCPT; the profile of the load benchmark shows it at ~16% of the
+        loop's time. Same parser, same results: (None, None) when unparseable.
+        """
+        if not arg:
+            return "", ""
+        parse = get_angle_addr if arg.lstrip().startswith("<") else get_addr_spec
+        try:
+            address, rest = parse(arg)
+        except HeaderParseError:
+            return None, None
+        return str(address.addr_spec), rest
 
     # --- DATA --------------------------------------------------------------------
 

@@ -35,6 +35,7 @@ NAME = "smtp"
 MAX_IDLE = 16
 IDLE_SECONDS = 30.0
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\s+")
+_DOT_AT_LINE_START = re.compile(rb"(?m)^\.")
 _AUTH = {"plain": "auth_plain", "login": "auth_login", "cram-md5": "auth_crammd5"}
 
 
@@ -130,8 +131,36 @@ class SmtpChannel:
         if not accepted:
             await client.rset()
             raise all_refused(NAME, refused)
-        response = await client.data(message.content)
+        response = await self._data(client, message.content)
         return Delivery(tuple(accepted), refused, upstream_id=one_line(response.message, 120))
+
+    async def _data(self, client: aiosmtplib.SMTP, content: bytes) -> aiosmtplib.SMTPResponse:
+        """DATA without aiosmtplib's two whole-message regex copies.
+
+        `client.data()` rewrites line endings and dot-stuffs with two regex
+        passes over the message, each a full copy (5 MiB messages peaked at 3.3x
+        their size in the benchmark). Our content already has CRLF endings
+        (message.prepare), so only dot-stuffing is left, and most messages
+        have no line starting with a dot: no copy at all then.
+        """
+        start = await client.execute_command(b"DATA")
+        if start.code != 354:
+            raise aiosmtplib.SMTPDataError(start.code, start.message)
+        if content.startswith(b".") or b"\r\n." in content:
+            content = _DOT_AT_LINE_START.sub(b"..", content)
+        protocol = client.protocol
+        if protocol is None:
+            raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+        protocol.write(content)
+        protocol.write(b".\r\n")
+        try:
+            response = await protocol.read_response(timeout=self.timeout)
+        except aiosmtplib.SMTPTimeoutError:
+            client.close()  # a reply we gave up on would pair with the next command
+            raise
+        if response.code != 250:
+            raise aiosmtplib.SMTPDataError(response.code, response.message)
+        return response
 
     def _take_idle(self, domain: str) -> _Conn | None:
         idle = self._idle.get(domain)

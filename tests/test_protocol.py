@@ -411,3 +411,10 @@ def test_connection_cap_answers_421(relay_factory, sink):
     assert third.closed()
     third.close()
     assert first.cmd("NOOP") == "250 2.0.0 Ok" and second.cmd("NOOP") == "250 2.0.0 Ok"
+
+
+def test_lines_starting_with_a_dot_survive_forwarding(relay, sink):
+    body = ".leading dot\r\n..two dots\r\nend"
+    with relay.login() as client:
+        client.sendmail(SENDER, ["a@dest.test"], message(body=body))
+    assert sink.messages[0].content.endswith(b"\r\n\r\n.leading dot\r\n..two dots\r\nend\r\n")
