@@ -252,8 +252,13 @@ def cmd_sender_topup(args: argparse.Namespace) -> None:
 
 
 def cmd_sender_delete(args: argparse.Namespace) -> None:
-    _store().delete_sender(_address(args.address))
-    print(f"deleted the sender row of {args.address.lower()}")
+    address = _address(args.address)
+    _store().delete_sender(address)
+    _emit(
+        args,
+        {"address": address, "deleted": True},
+        lambda v: f"deleted the sender row of {address}",
+    )
 
 
 def cmd_limits_set(args: argparse.Namespace) -> None:
@@ -361,7 +366,9 @@ def _parser() -> argparse.ArgumentParser:
     topup = command(sender, "topup", cmd_sender_topup, "add to a balance", True)
     topup.add_argument("address")
     topup.add_argument("amount", type=int)
-    command(sender, "delete", cmd_sender_delete, "delete a sender row").add_argument("address")
+    command(sender, "delete", cmd_sender_delete, "delete a sender row", True).add_argument(
+        "address"
+    )
 
     limits = group("limits", "daily and monthly send limits (UTC windows)")
     lset = command(limits, "set", cmd_limits_set, "set limits (-1 unlimited, 0 blocks)", True)

@@ -44,6 +44,7 @@ def choose_route(
        since nothing leaves the machine.
     Otherwise None: the caller answers 451 4.3.0 naming the domain.
     """
+    domain = domain.lower()
     rcpts = set(recipients)
     if settings.cloudflare and rcpts and rcpts <= set(verified):
         return Route(Channel.CLOUDFLARE, charges=False, rule=1)
@@ -56,6 +57,18 @@ def choose_route(
     if settings.dev_outbox:
         return Route(Channel.OUTBOX, charges=False, rule=5)
     return None
+
+
+def free_channel_possible(settings: Settings, domain: str) -> bool:
+    """Whether a message from `domain` might go out free of charge.
+
+    Cloudflare's verified-address channel depends on recipients not given yet;
+    the development outbox is free whenever it is the domain's channel.
+    """
+    if settings.cloudflare is not None:
+        return True
+    route = choose_route(settings, domain, (), ())
+    return route is not None and not route.charges
 
 
 def no_channel(domain: str) -> Reply:

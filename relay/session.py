@@ -34,6 +34,7 @@ from relay.errors import DeliveryError, StoreError
 from relay.message import domain_of, normalize_address, parse_address, prepare
 from relay.replies import Reply
 from relay.store import MailCheck, Principal, Refused
+from relay.upload import Upload
 
 if TYPE_CHECKING:
     from relay.server import Relay
@@ -42,6 +43,7 @@ log = logging.getLogger("relay.session")
 
 API_TOKEN_USER = b"api_token"  # the documented literal username
 MECHANISMS = ("PLAIN", "LOGIN")
+READ_CHUNK = 256 * 1024
 
 
 class RelaySession(Session):
@@ -295,18 +297,45 @@ class SubmissionProtocol(SMTP):
     # --- DATA --------------------------------------------------------------------
 
     async def smtp_DATA(self, arg: str | None) -> None:
-        if (
-            self.envelope is not None
-            and not self.envelope.mail_from
-            and self.relay_session().authenticated
-        ):
-            await self.reply(replies.NEED_MAIL)  # aiosmtpd would ask for RCPT
+        """DATA, read in large chunks by `relay.upload.Upload` instead of line by line."""
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
             return
-        # The documented 300 s for the upload, whatever the command timer said.
-        if self.envelope is not None and self.envelope.rcpt_tos and not arg:
-            self._reset_timeout(config.DATA_TIMEOUT)
-        await super().smtp_DATA(arg)
+        envelope = self.envelope
+        assert envelope is not None
+        if not envelope.mail_from:
+            await self.reply(replies.NEED_MAIL)
+            return
+        if not envelope.rcpt_tos:
+            await self.reply(replies.NEED_RCPT)
+            return
+        if arg:
+            await self.reply(replies.BAD_SYNTAX.but("Syntax: DATA"))
+            return
+        await self._push_raw(replies.START_DATA)
+        # The documented 300 s for the whole upload.
+        self._reset_timeout(config.DATA_TIMEOUT)
+        upload = Upload(config.MAX_MESSAGE_SIZE)
+        while not upload.feed(await self._reader.read(READ_CHUNK) or _closed()):
+            pass
+        if upload.leftover:
+            # Commands pipelined after the end of data go back to the command loop.
+            cast(Any, self._reader)._buffer[0:0] = upload.leftover
         self._reset_timeout()
+        if upload.too_big:
+            self._set_post_data_state()
+            await self.reply(replies.MESSAGE_TOO_BIG)
+            return
+        envelope.content = envelope.original_content = upload.message()
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()
+        self._reset_timeout()
+        await self.push(status)
+
+
+def _closed() -> bytes:
+    # EOF mid-upload: aiosmtpd's eof_received cancels this task first; if a read
+    # still returns nothing, the connection is gone.
+    raise ConnectionResetError("connection closed during DATA")
 
 
 class Submission:
@@ -348,7 +377,9 @@ class Submission:
             return str(policy.sender_domain_denied(domain))
         if not self.settings.has_any_channel(domain):
             return str(policy.no_channel(domain))
-        refusal = policy.sender_refusal(check.sender, self.settings.cloudflare is not None)
+        refusal = policy.sender_refusal(
+            check.sender, policy.free_channel_possible(self.settings, domain)
+        )
         if refusal is not None:
             return str(refusal)
         if check.hit is not None:
