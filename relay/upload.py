@@ -13,6 +13,9 @@ CRLF, so an upload of just ".\\r\\n" is an empty message.
 from __future__ import annotations
 
 END = b"\r\n.\r\n"
+# The last three bytes of END are not message: the CRLF before the dot ends the
+# last line. The limit counts message bytes only (dot-stuffing included).
+_DOT_CRLF = 3
 
 
 class Upload:
@@ -35,7 +38,7 @@ class Upload:
         end = self._buf.find(END, self._scan)
         if end < 0:
             self.received += len(chunk)
-            if self.received > self.limit:
+            if self.received - _DOT_CRLF > self.limit:
                 self.too_big = True
             if self.too_big:
                 # Keep only what could be the start of the end marker.
@@ -44,7 +47,7 @@ class Upload:
             return False
         self.leftover = bytes(self._buf[end + len(END) :])
         self.received += len(chunk) - len(self.leftover)
-        if self.received > self.limit:
+        if self.received - _DOT_CRLF > self.limit:
             self.too_big = True
         del self._buf[end + 2 :]  # keep the CRLF that ends the last line
         return True
