@@ -25,12 +25,14 @@ log = logging.getLogger("relay.cloudflare")
 NAME = "cloudflare"
 
 # RFC 3463 codes for what Cloudflare documents (API reference, send_raw errors).
-PERMANENT_BOUNCE = Reply(550, "5.1.1", "cloudflare: permanent bounce")
-NOT_UTF8 = Reply(554, "5.6.0", "cloudflare: message is not UTF-8 (use a transfer encoding)")
-CONTENT_REFUSED = Reply(554, "5.6.0", "cloudflare: message refused")
-SENDING_DISABLED = Reply(550, "5.7.1", "cloudflare: sending disabled")
-TOO_BIG = Reply(552, "5.3.4", "cloudflare: message too big")
-INVALID_ADDRESS = Reply(550, "5.1.3", "cloudflare: invalid email address")
+PERMANENT_BOUNCE = replies.UPSTREAM_BOUNCE.but("cloudflare: permanent bounce")
+NOT_UTF8 = replies.UPSTREAM_CONTENT_REFUSED.but(
+    "cloudflare: message is not UTF-8 (use a transfer encoding)"
+)
+CONTENT_REFUSED = replies.UPSTREAM_CONTENT_REFUSED.but("cloudflare: message refused")
+SENDING_DISABLED = replies.UPSTREAM_NOT_AUTHORIZED.but("cloudflare: sending disabled")
+TOO_BIG = replies.UPSTREAM_TOO_BIG.but("cloudflare: message too big")
+INVALID_ADDRESS = replies.UPSTREAM_BAD_RECIPIENT.but("cloudflare: invalid email address")
 # The relay's own token was refused: a configuration fault, not the client's.
 CREDENTIALS_REJECTED = replies.UPSTREAM_UNAVAILABLE.but(
     f"{NAME}: upstream rejected relay credentials"

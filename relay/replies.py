@@ -104,6 +104,14 @@ LOCAL_ERROR = Reply(451, "4.3.0", "Local error, message deferred; try again late
 UPSTREAM_THROTTLED = Reply(451, "4.7.0", "Upstream rate limit, try again later")
 UPSTREAM_UNAVAILABLE = Reply(451, "4.3.0", "Upstream unavailable, message deferred")
 UPSTREAM_REFUSED = Reply(554, "5.0.0", "Upstream refused the message")
+# What the HTTP upstreams refuse for good, as RFC 3463 names it; each channel
+# words the text (`but`), the code and enhanced code stay these.
+UPSTREAM_CONTENT_REFUSED = Reply(554, "5.6.0", "Upstream refused the content")  # X.6.0 media
+UPSTREAM_BAD_RECIPIENT = Reply(550, "5.1.3", "Upstream refused a recipient address")  # X.1.3
+UPSTREAM_BAD_SENDER = Reply(550, "5.1.7", "Upstream refused the sender address")  # X.1.7
+UPSTREAM_BOUNCE = Reply(550, "5.1.1", "Upstream reports a permanent bounce")  # X.1.1
+UPSTREAM_NOT_AUTHORIZED = Reply(550, "5.7.1", "Upstream does not let this sender send")  # X.7.1
+UPSTREAM_TOO_BIG = Reply(552, "5.3.4", "Upstream refused the size")  # X.3.4
 
 
 def delivered(message_id: str) -> Reply:

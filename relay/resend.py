@@ -59,10 +59,10 @@ PASSED_HEADERS = frozenset(
 
 # RFC 3463: X.6.0 other media error, X.1.3 bad destination address syntax,
 # X.1.7 bad sender address syntax, X.7.1 delivery not authorized.
-CONTENT_REFUSED = Reply(554, "5.6.0", "resend: message refused")
-RECIPIENT_REFUSED = Reply(550, "5.1.3", "resend: invalid recipient")
-SENDER_REFUSED = Reply(550, "5.1.7", "resend: invalid sender")
-NOT_AUTHORIZED = Reply(550, "5.7.1", "resend: sender not authorized")
+CONTENT_REFUSED = replies.UPSTREAM_CONTENT_REFUSED.but("resend: message refused")
+RECIPIENT_REFUSED = replies.UPSTREAM_BAD_RECIPIENT.but("resend: invalid recipient")
+SENDER_REFUSED = replies.UPSTREAM_BAD_SENDER.but("resend: invalid sender")
+NOT_AUTHORIZED = replies.UPSTREAM_NOT_AUTHORIZED.but("resend: sender not authorized")
 # The relay's own token was refused: a configuration fault, not the client's.
 CREDENTIALS_REJECTED = replies.UPSTREAM_UNAVAILABLE.but(
     f"{NAME}: upstream rejected relay credentials"
