@@ -68,6 +68,10 @@ class Transaction:
     """What one mail transaction (MAIL to end of DATA) has learned so far."""
 
     check: MailCheck
+    # Recipients as metered and matched (lower-cased); the envelope keeps them
+    # as the client wrote them, since a local part is case-sensitive (RFC 5321
+    # section 2.4) and is forwarded unchanged.
+    rcpt_keys: list[str] = field(default_factory=list)
     verified: set[str] = field(default_factory=set)
 
 
@@ -384,7 +388,7 @@ class Submission:
             return str(refusal)
         if check.hit is not None:
             return str(policy.limit_reached(check.hit))
-        envelope.mail_from = sender
+        envelope.mail_from = address
         envelope.mail_options.extend(options)
         session.transaction = Transaction(check)
         return str(replies.SENDER_OK)
@@ -404,7 +408,7 @@ class Submission:
             return str(replies.TOO_MANY_RECIPIENTS)
         tx = session.transaction
         assert tx is not None  # aiosmtpd answered 503 to RCPT before MAIL
-        if rcpt in envelope.rcpt_tos:
+        if rcpt in tx.rcpt_keys:
             return str(replies.RECIPIENT_OK)  # a duplicate costs nothing more
         if self.settings.cloudflare is not None:
             try:
@@ -412,7 +416,7 @@ class Submission:
             except StoreError:
                 return str(replies.LOCAL_ERROR)
             tx.verified |= found
-        rcpts = [*envelope.rcpt_tos, rcpt]
+        rcpts = [*tx.rcpt_keys, rcpt]
         assert envelope.mail_from is not None
         domain = domain_of(envelope.mail_from)
         route = policy.choose_route(self.settings, domain, rcpts, tx.verified)
@@ -430,7 +434,8 @@ class Submission:
                     f"Send limit leaves room for {tx.check.headroom} more recipients now"
                 )
             )
-        envelope.rcpt_tos.append(rcpt)
+        envelope.rcpt_tos.append(address)
+        tx.rcpt_keys.append(rcpt)
         return str(replies.RECIPIENT_OK)
 
     async def handle_DATA(
@@ -449,6 +454,7 @@ class Submission:
             principal is not None and envelope.mail_from and envelope.original_content is not None
         )
         sender, rcpts = envelope.mail_from, tuple(envelope.rcpt_tos)
+        sender_key = tx.check.sender.address
         domain = domain_of(sender)
         prepared = prepare(
             envelope.original_content,
@@ -462,14 +468,14 @@ class Submission:
         denied = await self._header_senders_denied(principal, domain, prepared.header_senders)
         if denied is not None:
             return denied
-        route = policy.choose_route(self.settings, domain, rcpts, tx.verified)
+        route = policy.choose_route(self.settings, domain, tx.rcpt_keys, tx.verified)
         if route is None:
             return policy.no_channel(domain)
         unit = 1 if route.charges and not tx.check.sender.unlimited else 0
         try:
             reservation = await self.relay.store.run(
                 self.relay.store.sync.reserve,
-                sender,
+                sender_key,
                 account_id=principal.account_id,
                 recipients=len(rcpts),
                 unit=unit,
@@ -478,7 +484,7 @@ class Submission:
         except Refused as refused:
             if refused.hit is not None:
                 return policy.limit_reached(refused.hit)
-            return policy.balance_short(sender, refused.balance or 0, len(rcpts))
+            return policy.balance_short(sender_key, refused.balance or 0, len(rcpts))
         except StoreError:
             log.exception("reserve failed; refusing to send unmetered")
             return replies.LOCAL_ERROR

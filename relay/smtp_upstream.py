@@ -123,13 +123,19 @@ class SmtpChannel:
         accepted: list[str] = []
         refused: dict[str, Reply] = {}
         for rcpt in message.recipients:
+            if not client.is_connected:
+                # A 421 closed the connection (aiosmtplib closes on it): the rest
+                # share that deferral rather than a vaguer "connection closed".
+                refused[rcpt] = next(reversed(refused.values()))
+                continue
             try:
                 await client.rcpt(rcpt)
                 accepted.append(rcpt)
             except aiosmtplib.SMTPRecipientRefused as exc:
                 refused[rcpt] = upstream_reply(exc.code, exc.message)
         if not accepted:
-            await client.rset()
+            if client.is_connected:
+                await client.rset()
             raise all_refused(NAME, refused)
         response = await self._data(client, message.content)
         return Delivery(tuple(accepted), refused, upstream_id=one_line(response.message, 120))
@@ -257,8 +263,11 @@ def _error(reply: Reply) -> DeliveryError:
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, aiosmtplib.SMTPTimeoutError | TimeoutError):
         return "upstream timed out"
-    if isinstance(exc, ssl.SSLError):
-        return f"TLS with upstream failed ({exc.reason or 'handshake'})"
+    cause = exc.__cause__
+    if isinstance(exc, ssl.SSLError) or isinstance(cause, ssl.SSLError):
+        tls_error = exc if isinstance(exc, ssl.SSLError) else cause
+        assert isinstance(tls_error, ssl.SSLError)
+        return f"TLS with upstream failed ({tls_error.reason or 'handshake'})"
     if isinstance(exc, aiosmtplib.SMTPServerDisconnected):
         return "upstream closed the connection"
     if isinstance(exc, ConnectionRefusedError) or isinstance(exc.__cause__, ConnectionRefusedError):

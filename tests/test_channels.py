@@ -1,0 +1,799 @@
+"""Upstream channels end to end: a real client, the real relay, real local upstreams.
+
+The upstreams are an aiosmtpd sink (plain, STARTTLS, implicit TLS, with AUTH) and
+local HTTP servers that answer as Resend and Cloudflare document. Each test
+checks which upstream a message reached, what it received, and the exact reply
+the client saw (issue 3, "Outcomes, in the client's session").
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from email.message import EmailMessage
+from typing import Any
+
+import pytest
+from support import DOMAIN, SENDER, message
+
+from tests.fake_upstreams import FakeCloudflare, FakeResend
+
+# aiosmtpd warns when a server requires AUTH without STARTTLS, which is also what
+# it says of an implicit-TLS server (it cannot tell); under `filterwarnings =
+# error` that warning would kill the sink's connection before its greeting.
+sink_auth_without_starttls = pytest.mark.filterwarnings(
+    "ignore:Requiring AUTH while not requiring TLS:UserWarning"
+)
+
+RCPT = "rcpt@dest.test"
+OTHER = "other@dest.test"
+MESSAGE_ID = "<m1@example.com>"
+DELIVERED = f"250 2.0.0 Ok {MESSAGE_ID}"
+
+
+# --- fixtures and helpers ------------------------------------------------------
+
+
+@pytest.fixture
+def resend() -> Iterator[FakeResend]:
+    with FakeResend() as fake:
+        yield fake
+
+
+@pytest.fixture
+def cloudflare() -> Iterator[FakeCloudflare]:
+    with FakeCloudflare() as fake:
+        yield fake
+
+
+def cloudflare_env(fake: FakeCloudflare) -> dict[str, str]:
+    return {
+        "CLOUDFLARE_ACCOUNT_ID": fake.account_id,
+        "CLOUDFLARE_API_TOKEN": fake.token,
+        "CLOUDFLARE_API_URL": fake.url,
+    }
+
+
+def resend_env(fake: FakeResend, token: str = "re_global") -> dict[str, str]:
+    return {"RESEND_TOKEN": token, "RESEND_API_URL": fake.url}
+
+
+def mail(message_id: str = MESSAGE_ID, to: str = RCPT, extra: str = "", **kwargs: Any) -> bytes:
+    return message(to=to, extra=f"Message-ID: {message_id}\r\n{extra}", **kwargs)
+
+
+def send(
+    relay: Any,
+    content: bytes | None = None,
+    recipients: tuple[str, ...] = (RCPT,),
+    sender: str = SENDER,
+    token: str | None = None,
+) -> str:
+    """One transaction in a fresh client session; the exact reply to the end of DATA."""
+    raw = relay.raw()
+    assert raw.login(token or relay.token()).startswith("235 ")
+    assert raw.cmd(f"MAIL FROM:<{sender}>").startswith("250 "), sender
+    for rcpt in recipients:
+        assert raw.cmd(f"RCPT TO:<{rcpt}>").startswith("250 "), rcpt
+    assert raw.cmd("DATA").startswith("354 ")
+    body = content if content is not None else mail(to=", ".join(recipients))
+    stuffed = b"".join(
+        b"." + line if line.startswith(b".") else line for line in body.splitlines(keepends=True)
+    )
+    raw.sock.sendall(stuffed + b".\r\n")
+    return raw.read()
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def smtp_to(port: int, domain: str = DOMAIN) -> str:
+    return f'{{"{domain}": {{"host": "127.0.0.1", "port": {port}, "startTls": false}}}}'
+
+
+def balance(relay: Any, address: str = SENDER) -> int:
+    return int(relay.store.show_sender(address)["balance"])
+
+
+def forward_log(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The per-message lines `_forward` logs (AUTH lines left out)."""
+    lines = (r.getMessage() for r in caplog.records if r.name == "relay.session")
+    return [line for line in lines if line.startswith("message ")]
+
+
+@pytest.fixture
+def session_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    caplog.set_level(logging.INFO, logger="relay.session")
+    return caplog
+
+
+def wrap_hook(sink: Any, name: str, before: Callable[[Any], Any]) -> None:
+    """Run `before(server)` ahead of the recorder's `handle_<name>` hook.
+
+    aiosmtpd collects the hooks when a connection starts, so this must run
+    before the relay first connects.
+    """
+    original = getattr(sink.recorder, f"handle_{name}")
+
+    async def hook(server: Any, *args: Any) -> Any:
+        early = before(server)
+        if early is not None:
+            return early
+        return await original(server, *args)
+
+    setattr(sink.recorder, f"handle_{name}", hook)
+
+
+def on_sink_loop(server: Any, fn: Callable[[], None]) -> None:
+    """Run `fn` on the sink's event loop and wait until it has run."""
+    done = threading.Event()
+
+    def run() -> None:
+        fn()
+        done.set()
+
+    server.loop.call_soon_threadsafe(run)
+    assert done.wait(5)
+
+
+# --- selection: each rule reaches its upstream -----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("channels", "verified", "expected", "charged"),
+    [
+        pytest.param(("cloudflare", "resend", "smtp"), True, "cloudflare", 0, id="1-verified-free"),
+        pytest.param(("cloudflare", "resend", "smtp"), False, "resend", 1, id="2-resend-first"),
+        pytest.param(("resend", "smtp"), False, "resend", 1, id="2-resend-over-smtp"),
+        pytest.param(("cloudflare", "smtp"), False, "smtp", 1, id="3-smtp-over-cloudflare"),
+        pytest.param(("smtp",), False, "smtp", 1, id="3-smtp-only"),
+        pytest.param(("cloudflare", "other-smtp"), False, "cloudflare", 1, id="4-cloudflare"),
+    ],
+)
+def test_each_rule_reaches_its_upstream(
+    relay_factory, sink, resend, cloudflare, session_log, channels, verified, expected, charged
+):
+    env = {"DEFAULT_SEND_BALANCE": "1000"}
+    if "cloudflare" in channels:
+        env |= cloudflare_env(cloudflare)
+    if "resend" in channels:
+        env |= resend_env(resend)
+    if "smtp" in channels:
+        env["SMTP_CONFIG"] = sink.smtp_config()
+    if "other-smtp" in channels:
+        env["SMTP_CONFIG"] = sink.smtp_config("other.test")
+    relay = relay_factory(**env)
+    if verified:
+        relay.store.add_verified(RCPT)
+
+    assert send(relay) == DELIVERED
+
+    reached = {
+        "cloudflare": len(cloudflare.requests),
+        "resend": len(resend.requests),
+        "smtp": len(sink.messages),
+    }
+    assert reached == {name: int(name == expected) for name in reached}
+    assert balance(relay) == 1000 - charged
+    rule = {"cloudflare": 1 if verified else 4, "resend": 2, "smtp": 3}[expected]
+    [line] = forward_log(session_log)
+    assert f"channel={expected} rule={rule} reply='250 2.0.0'" in line
+
+
+@pytest.mark.parametrize(
+    ("sender", "token"),
+    [
+        pytest.param(SENDER, "re_example", id="per-domain-token-wins"),
+        pytest.param("app@other.test", "re_global", id="other-domain-global-token"),
+    ],
+)
+def test_resend_token_per_sender_domain_in_authorization(relay_factory, resend, sender, token):
+    relay = relay_factory(
+        **resend_env(resend), RESEND_TOKEN_EXAMPLE_COM="re_example", DEFAULT_SEND_BALANCE="10"
+    )
+    login = relay.token()
+    relay.token("acme", "other.test")
+
+    reply = send(relay, mail(sender=sender), sender=sender, token=login)
+
+    assert reply == DELIVERED
+    [request] = resend.requests
+    assert request.headers["authorization"] == f"Bearer {token}"
+
+
+def test_verified_recipients_go_free_through_cloudflare_unchanged(relay_factory, cloudflare):
+    relay = relay_factory(**cloudflare_env(cloudflare), DEFAULT_SEND_BALANCE="1")
+    relay.store.add_verified(RCPT)
+    relay.store.add_verified(OTHER)
+    content = mail(to=f"{RCPT}, {OTHER}")
+
+    assert send(relay, content, (RCPT, OTHER)) == DELIVERED
+    assert send(relay, content.replace(b"m1@", b"m2@"), (RCPT, OTHER)) == (
+        "250 2.0.0 Ok <m2@example.com>"
+    )
+
+    [first, _] = cloudflare.sent
+    assert first.json["from"] == SENDER
+    assert first.json["recipients"] == [RCPT, OTHER]
+    assert first.json["mime_message"].endswith(content.decode())
+    # A balance of 1 covers neither message on a charging channel: these were free.
+    assert balance(relay) == 1
+
+
+def test_no_channel_for_the_sender_domain_is_451_at_mail(relay_factory, sink):
+    relay = relay_factory(SMTP_CONFIG=sink.smtp_config("other.test"), DEFAULT_SEND_BALANCE="10")
+    raw = relay.raw()
+    raw.login(relay.token())
+
+    reply = raw.cmd(f"MAIL FROM:<{SENDER}>")
+
+    assert reply == "451 4.3.0 No upstream channel configured for sender domain example.com"
+    assert sink.recorder.connections == 0
+
+
+# --- upstream SMTP: transports, AUTH, certificates, the pool ------------------------
+
+
+@sink_auth_without_starttls
+@pytest.mark.parametrize("mode", ["plain", "starttls", "tls"])
+def test_smtp_upstream_with_auth(relay_factory, sink_factory, mode):
+    upstream = sink_factory(mode, username="relay-user", password="s3cret")
+    relay = relay_factory(SMTP_CONFIG=upstream.smtp_config(), DEFAULT_SEND_BALANCE="10")
+
+    assert send(relay) == DELIVERED
+
+    [received] = upstream.messages
+    assert (received.mail_from, received.rcpt_tos) == (SENDER, [RCPT])
+    assert b"Message-ID: <m1@example.com>" in received.content
+    assert upstream.recorder.auth_logins == [b"relay-user"]
+
+
+@sink_auth_without_starttls
+def test_smtp_upstream_rejecting_relay_credentials_is_451(relay_factory, sink_factory):
+    upstream = sink_factory("tls", username="relay-user", password="s3cret")
+    config = upstream.smtp_config(credentials={"username": "relay-user", "password": "wrong"})
+    relay = relay_factory(SMTP_CONFIG=config, DEFAULT_SEND_BALANCE="10")
+
+    assert send(relay) == "451 4.3.0 smtp: upstream rejected relay credentials"
+    assert upstream.messages == []
+    assert balance(relay) == 10
+
+
+@sink_auth_without_starttls
+@pytest.mark.parametrize("mode", ["starttls", "tls"])
+def test_smtp_upstream_certificate_is_verified_by_default(relay_factory, sink_factory, mode):
+    upstream = sink_factory(mode, username="relay-user", password="s3cret")
+    # No `tls.ca`: the sink's self-signed certificate is not in the system store.
+    relay = relay_factory(SMTP_CONFIG=upstream.smtp_config(tls={}), DEFAULT_SEND_BALANCE="10")
+
+    assert send(relay).startswith("451 4.3.0 smtp: ")
+    assert upstream.messages == []
+    assert upstream.recorder.auth_logins == []
+    assert balance(relay) == 10
+
+
+@sink_auth_without_starttls
+@pytest.mark.parametrize(
+    "mode",
+    [
+        "starttls",
+        # aiosmtplib wraps the TLS failure of an implicit-TLS connect in an
+        # SMTPConnectError; the reply must still name the TLS failure.
+        "tls",
+    ],
+)
+def test_smtp_upstream_certificate_failure_is_named(relay_factory, sink_factory, mode):
+    upstream = sink_factory(mode, username="relay-user", password="s3cret")
+    relay = relay_factory(SMTP_CONFIG=upstream.smtp_config(tls={}), DEFAULT_SEND_BALANCE="10")
+
+    assert send(relay) == "451 4.3.0 smtp: TLS with upstream failed (CERTIFICATE_VERIFY_FAILED)"
+
+
+@sink_auth_without_starttls
+@pytest.mark.parametrize("mode", ["plain", "starttls", "tls"])
+def test_smtp_connection_reused_across_messages(relay_factory, sink_factory, mode):
+    upstream = sink_factory(mode, username="relay-user", password="s3cret")
+    relay = relay_factory(SMTP_CONFIG=upstream.smtp_config(), DEFAULT_SEND_BALANCE="10")
+
+    assert send(relay, mail("<m1@example.com>")) == "250 2.0.0 Ok <m1@example.com>"
+    assert send(relay, mail("<m2@example.com>")) == "250 2.0.0 Ok <m2@example.com>"
+
+    assert len(upstream.messages) == 2
+    assert upstream.recorder.connections == 1
+    assert upstream.recorder.auth_logins == [b"relay-user"]
+
+
+@pytest.mark.parametrize(
+    ("refusal", "reply"),
+    [
+        ({"mail_reply": "553 5.7.1 Sender not allowed"}, "553 5.7.1 smtp: Sender not allowed"),
+        ({"rcpt_replies": {OTHER: "550 5.1.1 No such user"}}, "550 5.1.1 smtp: No such user"),
+        ({"data_reply": "554 5.7.1 Rejected as spam"}, "554 5.7.1 smtp: Rejected as spam"),
+    ],
+    ids=["mail", "rcpt", "data"],
+)
+def test_smtp_pooled_connection_survives_a_refused_message(relay_factory, sink, refusal, reply):
+    relay = relay_factory(SMTP_CONFIG=sink.smtp_config(), DEFAULT_SEND_BALANCE="10")
+    for name, value in refusal.items():
+        setattr(sink.recorder, name, value)
+    assert send(relay, mail("<m1@example.com>", to=OTHER), (OTHER,)) == reply
+
+    sink.recorder.mail_reply = sink.recorder.data_reply = None
+    assert send(relay, mail("<m2@example.com>")) == "250 2.0.0 Ok <m2@example.com>"
+
+    [received] = sink.messages
+    assert received.rcpt_tos == [RCPT]
+    assert sink.recorder.connections == 1
+    assert balance(relay) == 9
+
+
+@sink_auth_without_starttls
+@pytest.mark.parametrize("mode", ["plain", "tls"])
+@pytest.mark.parametrize("how", ["aborted-while-idle", "closed-at-mail", "421-at-mail"])
+def test_smtp_recovers_from_a_pooled_connection_the_upstream_closed(
+    relay_factory, sink_factory, mode, how
+):
+    upstream = sink_factory(mode, username="relay-user", password="s3cret")
+    seen: list[Any] = []
+    armed = threading.Event()
+
+    def at_data(server: Any) -> None:
+        seen.append(server)
+
+    def at_mail(server: Any) -> str | None:
+        if not armed.is_set():
+            return None
+        armed.clear()
+        if how == "closed-at-mail":
+            server.transport.abort()  # no reply at all: the peer just went away
+        return "421 4.4.2 sink.test closing idle connection"
+
+    wrap_hook(upstream, "DATA", at_data)
+    wrap_hook(upstream, "MAIL", at_mail)
+    relay = relay_factory(SMTP_CONFIG=upstream.smtp_config(), DEFAULT_SEND_BALANCE="10")
+
+    assert send(relay, mail("<m1@example.com>")) == "250 2.0.0 Ok <m1@example.com>"
+    if how == "aborted-while-idle":
+        [server] = seen  # the one connection, idle in the relay's pool now
+        on_sink_loop(server, server.transport.abort)
+    else:
+        armed.set()
+    assert send(relay, mail("<m2@example.com>")) == "250 2.0.0 Ok <m2@example.com>"
+
+    ids = [m.content.split(b"Message-ID: ")[1].split(b"\r\n")[0] for m in upstream.messages]
+    assert ids == [b"<m1@example.com>", b"<m2@example.com>"]
+    assert upstream.recorder.connections == 2
+    assert upstream.recorder.auth_logins == [b"relay-user", b"relay-user"]
+    assert balance(relay) == 8
+
+
+# --- Resend: the translation as it reaches Resend ----------------------------------
+
+
+def test_resend_bcc_for_envelope_only_recipients(relay_factory, resend):
+    relay = relay_factory(**resend_env(resend), DEFAULT_SEND_BALANCE="10")
+
+    assert send(relay, mail(to=RCPT), (RCPT, OTHER)) == DELIVERED
+
+    [sent] = resend.sent
+    assert sent.json["to"] == [RCPT]
+    assert sent.json["bcc"] == [OTHER]
+    assert "cc" not in sent.json
+
+
+def test_resend_header_only_addresses_are_not_sent_to(relay_factory, resend):
+    relay = relay_factory(**resend_env(resend), DEFAULT_SEND_BALANCE="10")
+    content = mail(to=f"{RCPT}, listed@dest.test", extra="Cc: copied@dest.test\r\n")
+
+    assert send(relay, content, (RCPT,)) == DELIVERED
+
+    [sent] = resend.sent
+    assert sent.json["to"] == [RCPT]
+    assert "cc" not in sent.json
+    assert "bcc" not in sent.json
+    assert b"listed@dest.test" not in sent.request.body
+    assert b"copied@dest.test" not in sent.request.body
+
+
+PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
+PDF = b"%PDF-1.4\n" + bytes(range(255, -1, -1)) * 8
+
+
+def test_resend_attachments_and_inline_image_survive(relay_factory, resend):
+    relay = relay_factory(**resend_env(resend), DEFAULT_SEND_BALANCE="10")
+    msg = EmailMessage()
+    msg["From"] = SENDER
+    msg["To"] = RCPT
+    msg["Subject"] = "Report"
+    msg["Message-ID"] = MESSAGE_ID
+    msg.set_content("See the report.\n")
+    msg.add_alternative('<p>See the report.</p><img src="cid:logo@example.com">\n', subtype="html")
+    html = msg.get_body(preferencelist=("html",))
+    assert html is not None
+    html.add_related(
+        PNG, "image", "png", cid="<logo@example.com>", filename="logo.png", disposition="inline"
+    )
+    msg.add_attachment(PDF, "application", "pdf", filename="report.pdf")
+
+    with relay.login() as client:
+        assert client.send_message(msg) == {}
+
+    [sent] = resend.sent
+    body = sent.json
+    assert body["subject"] == "Report"
+    assert body["text"] == "See the report.\n"
+    assert body["html"] == '<p>See the report.</p><img src="cid:logo@example.com">\n'
+    by_name = {a["filename"]: a for a in body["attachments"]}
+    assert set(by_name) == {"logo.png", "report.pdf"}
+    logo, report = by_name["logo.png"], by_name["report.pdf"]
+    assert base64.b64decode(logo["content"]) == PNG
+    assert logo["content_type"] == "image/png"
+    assert logo["content_id"] == "logo@example.com"
+    assert base64.b64decode(report["content"]) == PDF
+    assert report["content_type"] == "application/pdf"
+    assert "content_id" not in report
+
+
+def test_resend_idempotency_key_stable_across_a_client_retry(relay_factory, resend):
+    relay = relay_factory(**resend_env(resend), DEFAULT_SEND_BALANCE="10")
+    content = mail("<retry@example.com>")
+
+    first = send(relay, content)
+    second = send(relay, content)  # the client lost the first reply and sends again
+
+    assert first == second == "250 2.0.0 Ok <retry@example.com>"
+    keys = [r.headers["idempotency-key"] for r in resend.requests]
+    assert len(keys) == 2
+    assert keys[0] == keys[1]
+    assert len(resend.sent) == 1
+
+
+def test_resend_another_message_another_idempotency_key(relay_factory, resend):
+    relay = relay_factory(**resend_env(resend), DEFAULT_SEND_BALANCE="10")
+
+    assert send(relay, mail("<a@example.com>")) == "250 2.0.0 Ok <a@example.com>"
+    assert send(relay, mail("<b@example.com>")) == "250 2.0.0 Ok <b@example.com>"
+
+    keys = {r.headers["idempotency-key"] for r in resend.requests}
+    assert len(keys) == 2
+    assert len(resend.sent) == 2
+
+
+# --- outcomes in the client's session, per channel ------------------------------------
+
+
+def _ok(fake: Any) -> None:
+    return None
+
+
+RESEND_OUTCOMES = [
+    pytest.param(_ok, DELIVERED, 9, id="delivered"),
+    pytest.param(
+        lambda f: f.fail(422, "invalid_attachment"),
+        "554 5.6.0 resend: Attachment must have either a content or path.",
+        10,
+        id="422-content-refused",
+    ),
+    pytest.param(
+        lambda f: f.fail(422, "validation_error", "Invalid `to` field."),
+        "550 5.1.3 resend: Invalid to field.",
+        10,
+        id="422-recipient-refused",
+    ),
+    pytest.param(
+        lambda f: f.fail(403, "validation_error"),
+        "550 5.7.1 resend: The example.com domain is not verified. Please, add and verify "
+        "your domain on https://resend.com/domains",
+        10,
+        id="403-domain-not-verified",
+    ),
+    pytest.param(
+        lambda f: f.fail(429, "rate_limit_exceeded", retry_after="30"),
+        "451 4.7.0 resend: rate limited; retry after 30 s",
+        10,
+        id="429-throttled",
+    ),
+    pytest.param(
+        lambda f: f.fail(429, "daily_quota_exceeded"),
+        "451 4.7.0 resend: daily quota exceeded",
+        10,
+        id="429-quota",
+    ),
+    pytest.param(
+        lambda f: f.fail(500, "internal_server_error"),
+        "451 4.3.0 resend: upstream error (HTTP 500)",
+        10,
+        id="500-down",
+    ),
+    pytest.param(
+        lambda f: f.script(502, "<html>Bad gateway</html>"),
+        "451 4.3.0 resend: unexpected reply (HTTP 502)",
+        10,
+        id="502-html",
+    ),
+    pytest.param(
+        lambda f: f.fail(403, "invalid_api_key"),
+        "451 4.3.0 resend: upstream rejected relay credentials",
+        10,
+        id="403-credentials",
+    ),
+    pytest.param(
+        lambda f: f.fail(401, "missing_api_key"),
+        "451 4.3.0 resend: upstream rejected relay credentials",
+        10,
+        id="401-credentials",
+    ),
+]
+
+
+@pytest.mark.parametrize(("script", "reply", "left"), RESEND_OUTCOMES)
+def test_resend_outcomes(relay_factory, resend, script, reply, left):
+    relay = relay_factory(**resend_env(resend), DEFAULT_SEND_BALANCE="10")
+    script(resend)
+
+    assert send(relay) == reply
+    assert len(resend.requests) == 1
+    assert balance(relay) == left
+
+
+CLOUDFLARE_OUTCOMES = [
+    pytest.param(_ok, DELIVERED, 9, id="delivered"),
+    pytest.param(
+        lambda f: f.queue(RCPT),
+        DELIVERED,
+        9,
+        id="queued",
+    ),
+    pytest.param(
+        lambda f: f.bounce(RCPT),
+        "550 5.1.1 cloudflare: permanent bounce",
+        10,
+        id="all-bounced",
+    ),
+    pytest.param(
+        lambda f: f.fail(400, 10001, "Invalid request body"),
+        "554 5.6.0 cloudflare: Invalid request body",
+        10,
+        id="400-content-refused",
+    ),
+    pytest.param(
+        lambda f: f.fail(200, 10203, "Sending disabled for this zone"),
+        "550 5.7.1 cloudflare: Sending disabled for this zone",
+        10,
+        id="200-success-false",
+    ),
+    pytest.param(
+        lambda f: f.fail(429, 10004, "Too many requests", retry_after="7"),
+        "451 4.7.0 cloudflare: rate limited; retry after 7 s",
+        10,
+        id="429-throttled",
+    ),
+    pytest.param(
+        lambda f: f.fail(500, 10002, "Internal error"),
+        "451 4.3.0 cloudflare: upstream error (HTTP 500)",
+        10,
+        id="500-down",
+    ),
+    pytest.param(
+        lambda f: f.fail(401, 10101, "Unauthorized"),
+        "451 4.3.0 cloudflare: upstream rejected relay credentials",
+        10,
+        id="401-credentials",
+    ),
+]
+
+
+@pytest.mark.parametrize(("script", "reply", "left"), CLOUDFLARE_OUTCOMES)
+def test_cloudflare_outcomes(relay_factory, cloudflare, script, reply, left):
+    relay = relay_factory(**cloudflare_env(cloudflare), DEFAULT_SEND_BALANCE="10")
+    script(cloudflare)
+
+    assert send(relay) == reply
+    assert len(cloudflare.requests) == 1
+    assert balance(relay) == left
+
+
+SMTP_OUTCOMES = [
+    pytest.param({}, DELIVERED, 9, id="delivered"),
+    pytest.param(
+        {"data_reply": "554 5.7.1 Message content rejected as spam"},
+        "554 5.7.1 smtp: Message content rejected as spam",
+        10,
+        id="554-at-data",
+    ),
+    pytest.param(
+        {"rcpt_replies": {RCPT: "550 5.1.1 No such user"}},
+        "550 5.1.1 smtp: No such user",
+        10,
+        id="550-only-recipient",
+    ),
+    pytest.param(
+        {"mail_reply": "451 4.7.1 Too many messages, slow down"},
+        "451 4.7.0 smtp: upstream deferred (451 4.7.1 Too many messages, slow down)",
+        10,
+        id="451-throttled",
+    ),
+    pytest.param(
+        {"mail_reply": "421 4.3.2 Service not available"},
+        "451 4.3.0 smtp: upstream deferred (421 4.3.2 Service not available)",
+        10,
+        id="421-at-mail",
+    ),
+    pytest.param(
+        {"rcpt_replies": {RCPT: "452 4.5.3 Too many recipients"}},
+        "451 4.3.0 smtp: upstream deferred (452 4.5.3 Too many recipients)",
+        10,
+        id="452-at-rcpt",
+    ),
+    pytest.param(
+        {"data_reply": "451 4.3.0 Queue full"},
+        "451 4.3.0 smtp: upstream deferred (451 4.3.0 Queue full)",
+        10,
+        id="451-at-data",
+    ),
+    pytest.param(
+        {"data_reply": "421 4.3.2 Shutting down"},
+        "451 4.3.0 smtp: upstream deferred (421 4.3.2 Shutting down)",
+        10,
+        id="421-at-data",
+    ),
+    pytest.param(
+        {"rcpt_replies": {RCPT: "421 4.7.0 Too many connections, try again in 60 s"}},
+        "451 4.7.0 smtp: upstream deferred (421 4.7.0 Too many connections, try again in 60 s)",
+        10,
+        # aiosmtplib closes the connection on a 421: no RSET may hide its reason.
+        id="421-at-rcpt",
+    ),
+]
+
+
+@pytest.mark.parametrize(("script", "reply", "left"), SMTP_OUTCOMES)
+def test_smtp_outcomes(relay_factory, sink, script, reply, left):
+    for name, value in script.items():
+        setattr(sink.recorder, name, value)
+    relay = relay_factory(SMTP_CONFIG=sink.smtp_config(), DEFAULT_SEND_BALANCE="10")
+
+    assert send(relay) == reply
+    assert len(sink.messages) == int(reply.startswith("250"))
+    assert balance(relay) == left
+
+
+def test_smtp_421_at_rcpt_defers_and_delivers_nothing(relay_factory, sink):
+    sink.recorder.rcpt_replies[RCPT] = "421 4.7.0 Too many connections, try again in 60 s"
+    relay = relay_factory(SMTP_CONFIG=sink.smtp_config(), DEFAULT_SEND_BALANCE="10")
+
+    assert send(relay).startswith("451 4.")
+    assert sink.messages == []
+    assert balance(relay) == 10
+
+
+@pytest.mark.parametrize(
+    ("channel", "reply"),
+    [
+        ("resend", "451 4.3.0 resend: upstream unreachable (connection failed)"),
+        ("cloudflare", "451 4.3.0 cloudflare: upstream unreachable (connection failed)"),
+        ("smtp", "451 4.3.0 smtp: upstream refused the connection"),
+    ],
+)
+def test_upstream_down_is_451(relay_factory, channel, reply):
+    url = f"http://127.0.0.1:{closed_port()}"
+    env = {
+        "resend": {"RESEND_TOKEN": "re_global", "RESEND_API_URL": url},
+        "cloudflare": {
+            "CLOUDFLARE_ACCOUNT_ID": "acct-1",
+            "CLOUDFLARE_API_TOKEN": "cf-token",
+            "CLOUDFLARE_API_URL": url,
+        },
+        "smtp": {"SMTP_CONFIG": smtp_to(closed_port())},
+    }[channel]
+    relay = relay_factory(**env, DEFAULT_SEND_BALANCE="10")
+
+    assert send(relay) == reply
+    assert balance(relay) == 10
+
+
+@pytest.fixture
+def silent_smtp() -> Iterator[int]:
+    """A listener that accepts and never greets: an upstream that hangs."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        yield int(listener.getsockname()[1])
+
+
+@pytest.mark.parametrize("channel", ["resend", "cloudflare", "smtp"])
+def test_upstream_timeout_is_451(relay_factory, resend, cloudflare, silent_smtp, channel):
+    # The fakes hold the answer far longer than the timeout; stopping them releases it.
+    resend.script(200, {"id": "late"}, delay=30)
+    cloudflare.script(200, {"success": True, "result": {"delivered": [RCPT]}}, delay=30)
+    env = {
+        "resend": resend_env(resend),
+        "cloudflare": cloudflare_env(cloudflare),
+        "smtp": {"SMTP_CONFIG": smtp_to(silent_smtp)},
+    }[channel]
+    relay = relay_factory(**env, RELAY_UPSTREAM_TIMEOUT="0.5", DEFAULT_SEND_BALANCE="10")
+
+    assert send(relay) == f"451 4.3.0 {channel}: upstream timed out"
+    assert balance(relay) == 10
+
+
+# --- partial delivery: success for the delivered, the refused logged and not charged ---
+
+
+def test_cloudflare_partial_bounce(relay_factory, cloudflare, session_log):
+    relay = relay_factory(**cloudflare_env(cloudflare), DEFAULT_SEND_BALANCE="10")
+    cloudflare.bounce(OTHER)
+
+    assert send(relay, recipients=(RCPT, OTHER)) == DELIVERED
+
+    assert len(cloudflare.sent) == 1
+    assert balance(relay) == 9
+    [line] = forward_log(session_log)
+    assert "channel=cloudflare rule=4 reply='250 2.0.0'" in line
+    assert f"refused={OTHER}:550" in line
+
+
+def test_smtp_partial_refusal(relay_factory, sink, session_log):
+    sink.recorder.rcpt_replies[OTHER] = "550 5.1.1 No such user"
+    relay = relay_factory(SMTP_CONFIG=sink.smtp_config(), DEFAULT_SEND_BALANCE="10")
+
+    assert send(relay, recipients=(RCPT, OTHER)) == DELIVERED
+
+    [received] = sink.messages
+    assert received.rcpt_tos == [RCPT]
+    assert balance(relay) == 9
+    [line] = forward_log(session_log)
+    assert "channel=smtp rule=3 reply='250 2.0.0'" in line
+    assert f"refused={OTHER}:550" in line
+    assert "upstream_id=2.0.0 Ok: queued as up1 " in line
+
+
+def test_channel_outcome_and_upstream_id_logged(relay_factory, resend, session_log):
+    relay = relay_factory(**resend_env(resend), DEFAULT_SEND_BALANCE="10")
+
+    assert send(relay) == DELIVERED
+
+    [sent] = resend.sent
+    [line] = forward_log(session_log)
+    assert line.startswith(f"message {MESSAGE_ID} from={SENDER} rcpts=1 channel=resend rule=2")
+    assert f"reply='250 2.0.0' upstream_id={sent.id} refused=- refunded=0" in line
+
+
+# --- no fallback: the chosen channel tries once -------------------------------------
+
+
+def test_failed_resend_does_not_fall_back_to_smtp(relay_factory, resend, sink):
+    relay = relay_factory(
+        **resend_env(resend), SMTP_CONFIG=sink.smtp_config(), DEFAULT_SEND_BALANCE="10"
+    )
+    resend.fail(500, "internal_server_error")
+
+    assert send(relay) == "451 4.3.0 resend: upstream error (HTTP 500)"
+
+    assert len(resend.requests) == 1
+    assert sink.messages == []
+    assert sink.recorder.connections == 0
+    assert balance(relay) == 10
+
+
+def test_failed_free_cloudflare_does_not_fall_back(relay_factory, cloudflare, resend, sink):
+    relay = relay_factory(
+        **cloudflare_env(cloudflare),
+        **resend_env(resend),
+        SMTP_CONFIG=sink.smtp_config(),
+        DEFAULT_SEND_BALANCE="10",
+    )
+    relay.store.add_verified(RCPT)
+    cloudflare.fail(503, 10100, "Service unavailable")
+
+    assert send(relay) == "451 4.3.0 cloudflare: upstream error (HTTP 503)"
+
+    assert len(cloudflare.requests) == 1
+    assert resend.requests == []
+    assert sink.recorder.connections == 0
