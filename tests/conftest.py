@@ -89,6 +89,14 @@ class Recorder:
         return f"250 2.0.0 Ok: queued as up{len(self.messages)}"
 
 
+async def _cancel_the_rest() -> None:
+    """Cancel and await what is left on a loop, so closing it leaves no task pending."""
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
 class LoopThread:
     """An event loop on its own thread, for servers the tests run beside the relay."""
 
@@ -101,6 +109,7 @@ class LoopThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def close(self) -> None:
+        self.call(_cancel_the_rest())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
         self.loop.close()
@@ -190,14 +199,14 @@ def sink_factory(cert_dir: Path) -> Iterator[Callable[..., Sink]]:
 
     yield start
 
-    def shut() -> None:
+    async def shut() -> None:
         for server in started:
             server.close()
         for protocol in protocols:
             if protocol.transport is not None:
                 protocol.transport.abort()
 
-    loops.loop.call_soon_threadsafe(shut)
+    loops.call(shut())
     loops.close()
 
 
@@ -276,6 +285,7 @@ def relay_factory(
         for client in handle.clients:
             client.close()
         handle.call(handle.relay.stop())
+        handle.call(_cancel_the_rest())
         handle.loop.call_soon_threadsafe(handle.loop.stop)
         handle.thread.join(5)
         handle.loop.close()
