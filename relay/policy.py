@@ -111,12 +111,23 @@ def sender_refusal(state: SenderState, free_channel_possible: bool) -> Reply | N
     if state.unlimited:
         return None
     if not state.enabled:
-        return replies.BALANCE_DENIED.but(
-            f"Sending is disabled for {state.address}; ask the relay admin to enable it"
-        )
+        return sender_disabled(state.address)
     if state.balance <= 0 and not free_channel_possible:
         return balance_exhausted(state.address)
     return None
+
+
+def sender_disabled(address: str) -> Reply:
+    return replies.BALANCE_DENIED.but(
+        f"Sending is disabled for {address}; ask the relay admin to enable it"
+    )
+
+
+def recipients_over_limit(allowed: int) -> Reply:
+    """RCPT past what the tightest send-limit window lets this message carry."""
+    return replies.SEND_LIMIT_REACHED.but(
+        f"Send limit allows {allowed} recipients per message now; send the rest later"
+    )
 
 
 def balance_exhausted(address: str) -> Reply:

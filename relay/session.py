@@ -429,11 +429,7 @@ class Submission:
                 return str(policy.balance_exhausted(sender.address))
             return str(policy.balance_short(sender.address, sender.balance, needed))
         if tx.check.headroom is not None and len(rcpts) > tx.check.headroom:
-            return str(
-                replies.SEND_LIMIT_REACHED.but(
-                    f"Send limit leaves room for {tx.check.headroom} more recipients now"
-                )
-            )
+            return str(policy.recipients_over_limit(tx.check.headroom))
         envelope.rcpt_tos.append(address)
         tx.rcpt_keys.append(rcpt)
         return str(replies.RECIPIENT_OK)
@@ -484,6 +480,8 @@ class Submission:
         except Refused as refused:
             if refused.hit is not None:
                 return policy.limit_reached(refused.hit)
+            if refused.disabled:
+                return policy.sender_disabled(sender_key)
             return policy.balance_short(sender_key, refused.balance or 0, len(rcpts))
         except StoreError:
             log.exception("reserve failed; refusing to send unmetered")

@@ -137,9 +137,17 @@ class StoreBusy(StoreError):
 class Refused(RelayError):
     """`reserve` refused: the balance or a send-limit window cannot cover the message."""
 
-    def __init__(self, message: str, *, balance: int | None = None, hit: LimitHit | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        balance: int | None = None,
+        disabled: bool = False,
+        hit: LimitHit | None = None,
+    ) -> None:
         super().__init__(message)
         self.balance = balance
+        self.disabled = disabled
         self.hit = hit
 
 
@@ -562,7 +570,8 @@ class Store:
                     ).fetchone()
                     raise Refused(
                         f"balance of {sender} cannot cover {charge}",
-                        balance=row["balance"] if row and row["enabled"] else 0,
+                        balance=row["balance"] if row else 0,
+                        disabled=bool(row and not row["enabled"]),
                     )
             for scope, label in zip(scopes, ("relay", "account"), strict=True):
                 limits = db.execute(

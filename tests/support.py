@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import socket
 import ssl
+from datetime import datetime, timedelta
 
 DOMAIN = "example.com"
 SENDER = f"app@{DOMAIN}"
@@ -71,3 +72,40 @@ def plain(token: str, user: str = "api_token") -> str:
 
 def b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
+
+
+# --- balances and send limits -------------------------------------------------------
+
+
+class FrozenClock:
+    """A clock for `Store(path, clock=...)` that moves only when a test moves it."""
+
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, **delta: float) -> None:
+        self.now += timedelta(**delta)
+
+
+def attempt(raw: Raw, sender: str = SENDER, rcpts: tuple[str, ...] = ("a@dest.test",)) -> str:
+    """One whole transaction; the reply that ended it.
+
+    That is the first refusal (of MAIL, of any RCPT, of DATA; the transaction is
+    then reset so the session can go on) or the reply to the end of DATA.
+    """
+    reply = raw.cmd(f"MAIL FROM:<{sender}>")
+    if not reply.startswith("250"):
+        return reply
+    for rcpt in rcpts:
+        reply = raw.cmd(f"RCPT TO:<{rcpt}>")
+        if not reply.startswith("250"):
+            raw.cmd("RSET")
+            return reply
+    reply = raw.cmd("DATA")
+    if not reply.startswith("354"):
+        return reply
+    raw.send(message(sender=sender, to=", ".join(rcpts)) + b".")
+    return raw.read()
