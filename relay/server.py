@@ -152,7 +152,8 @@ class Relay:
 
     async def _sweep(self) -> None:
         try:
-            settled = await self.store.in_thread(self.store.sync.settle_stale, self.stale_after)
+            stale_after = self.stale_after
+            settled = await self.store.upkeep(lambda s: s.settle_stale(stale_after))
         except RelayError:
             log.exception("stale charge sweep failed")
             return
@@ -170,7 +171,7 @@ class Relay:
             await asyncio.sleep(CHECKPOINT_INTERVAL)
             ticks += 1
             try:
-                await self.store.in_thread(self.store.sync.checkpoint)
+                await self.store.upkeep(Store.checkpoint)
             except RelayError:
                 log.exception("WAL checkpoint failed")
             if ticks * CHECKPOINT_INTERVAL >= SWEEP_INTERVAL:

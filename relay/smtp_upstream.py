@@ -32,7 +32,7 @@ log = logging.getLogger("relay.smtp")
 NAME = "smtp"
 # Idle connections kept per upstream, and how long one may idle: most servers
 # drop an idle client after 60 s or more (RFC 5321 section 4.5.3.2.7 asks 5 min).
-MAX_IDLE = 16
+MAX_IDLE = 32
 IDLE_SECONDS = 30.0
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\s+")
 _DOT_AT_LINE_START = re.compile(rb"(?m)^\.")

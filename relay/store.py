@@ -744,6 +744,10 @@ class AsyncStore:
         self._inline = Store(store.path, clock=store.clock, busy_timeout_ms=0, autocheckpoint=False)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-store")
         self._queued = 0
+        # Checkpoints sync the disk and the stale sweep scans: on a thread and
+        # connection of their own, so no session call ever queues behind them.
+        self._upkeep = Store(store.path, clock=store.clock)
+        self._upkeep_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-upkeep")
 
     async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run `fn`, a method of `self.sync`, inline when possible, else on the thread."""
@@ -765,7 +769,17 @@ class AsyncStore:
         finally:
             self._queued -= 1
 
+    async def upkeep(self, fn: Callable[[Store], T]) -> T:
+        """Run maintenance (`fn(store)`) on the upkeep thread's own connection."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._upkeep_thread, fn, self._upkeep)
+        except sqlite3.Error as exc:
+            raise StoreError(f"database failed: {exc}") from exc
+
     async def aclose(self) -> None:
         await self.in_thread(self.sync.close)
+        await self.upkeep(Store.close)
         self._thread.shutdown(wait=True)
+        self._upkeep_thread.shutdown(wait=True)
         self._inline.close()
