@@ -526,20 +526,13 @@ class Store:
     ) -> tuple[int | None, LimitHit | None]:
         """The tightest window's remaining room, and the first exhausted window if any."""
         tightest: int | None = None
-        for scope, label in ((RELAY_SCOPE, "relay"), (str(account_id), "account")):
-            limits = db.execute(
-                "SELECT daily, monthly FROM limits WHERE scope = ?", (scope,)
-            ).fetchone()
-            if limits is None:
+        for label, window, limit, used in _windows(db, account_id, now):
+            if limit == UNLIMITED:
                 continue
-            for window, limit in ((Window.DAY, limits["daily"]), (Window.MONTH, limits["monthly"])):
-                if limit == UNLIMITED:
-                    continue
-                used = _count(db, scope, period_key(window, now))
-                room = max(limit - used, 0)
-                if room == 0:
-                    return 0, LimitHit(label, window, limit, window_reset(window, now))
-                tightest = room if tightest is None else min(tightest, room)
+            room = max(limit - used, 0)
+            if room == 0:
+                return 0, LimitHit(label, window, limit, window_reset(window, now))
+            tightest = room if tightest is None else min(tightest, room)
         return tightest, None
 
     def reserve(
@@ -573,21 +566,15 @@ class Store:
                         balance=row["balance"] if row else 0,
                         disabled=bool(row and not row["enabled"]),
                     )
-            for scope, label in zip(scopes, ("relay", "account"), strict=True):
-                limits = db.execute(
-                    "SELECT daily, monthly FROM limits WHERE scope = ?", (scope,)
-                ).fetchone()
-                for window, period in ((Window.DAY, day), (Window.MONTH, month)):
-                    limit = limits[window.value] if limits is not None else UNLIMITED
-                    used = _count(db, scope, period)
-                    if limit != UNLIMITED and used + recipients > limit:
-                        hit = LimitHit(label, window, limit, window_reset(window, now))
-                        raise Refused(f"{label} {window.value} limit {limit} reached", hit=hit)
-                    db.execute(
-                        "INSERT INTO counters (scope, period, count) VALUES (?, ?, ?)"
-                        " ON CONFLICT (scope, period) DO UPDATE SET count = count + excluded.count",
-                        (scope, period, recipients),
-                    )
+            for label, window, limit, used in _windows(db, account_id, now):
+                if limit != UNLIMITED and used + recipients > limit:
+                    hit = LimitHit(label, window, limit, window_reset(window, now))
+                    raise Refused(f"{label} {window.value} limit {limit} reached", hit=hit)
+            db.executemany(
+                "INSERT INTO counters (scope, period, count) VALUES (?, ?, ?)"
+                " ON CONFLICT (scope, period) DO UPDATE SET count = count + excluded.count",
+                [(scope, period, recipients) for scope in scopes for period in (day, month)],
+            )
             cur = db.execute(
                 "INSERT INTO pending (sender, unit, count, scopes, day, month, created)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -692,6 +679,28 @@ def _ensure_sender(db: sqlite3.Connection, address: str, balance: int, ts: int) 
         " ON CONFLICT (address) DO NOTHING",
         (address, balance, ts, ts),
     )
+
+
+_WINDOWS_SQL = """
+    SELECT s.scope, COALESCE(l.daily, -1) AS daily, COALESCE(l.monthly, -1) AS monthly,
+        COALESCE((SELECT count FROM counters WHERE scope = s.scope AND period = ?), 0) AS d,
+        COALESCE((SELECT count FROM counters WHERE scope = s.scope AND period = ?), 0) AS m
+    FROM (SELECT ? AS scope UNION ALL SELECT ?) AS s LEFT JOIN limits AS l ON l.scope = s.scope
+"""
+
+
+def _windows(
+    db: sqlite3.Connection, account_id: int, now: datetime
+) -> list[tuple[str, Window, int, int]]:
+    """(label, window, limit, used) for the relay's and the account's day and month, one query."""
+    day, month = period_key(Window.DAY, now), period_key(Window.MONTH, now)
+    rows = db.execute(_WINDOWS_SQL, (day, month, RELAY_SCOPE, str(account_id))).fetchall()
+    out = []
+    for row in rows:
+        label = "relay" if row["scope"] == RELAY_SCOPE else "account"
+        out.append((label, Window.DAY, int(row["daily"]), int(row["d"])))
+        out.append((label, Window.MONTH, int(row["monthly"]), int(row["m"])))
+    return out
 
 
 def _count(db: sqlite3.Connection, scope: str, period: str) -> int:
