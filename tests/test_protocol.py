@@ -6,6 +6,7 @@ table documents; the upstream is a real aiosmtpd server.
 
 from __future__ import annotations
 
+import logging
 import socket
 import ssl
 import time
@@ -418,3 +419,34 @@ def test_lines_starting_with_a_dot_survive_forwarding(relay, sink):
     with relay.login() as client:
         client.sendmail(SENDER, ["a@dest.test"], message(body=body))
     assert sink.messages[0].content.endswith(b"\r\n\r\n.leading dot\r\n..two dots\r\nend\r\n")
+
+
+def test_data_upload_times_out_with_421(relay_factory, sink, monkeypatch):
+    relay = relay_factory(SMTP_CONFIG=sink.smtp_config(), DEFAULT_SEND_BALANCE="5")
+    monkeypatch.setattr(config, "DATA_TIMEOUT", 0.5)  # read when DATA starts
+    raw = relay.raw()
+    raw.login(relay.token())
+    raw.cmd(f"MAIL FROM:<{SENDER}>")
+    raw.cmd("RCPT TO:<a@dest.test>")
+    assert raw.cmd("DATA").startswith("354 ")
+    raw.send(b"Subject: never finished")
+    assert raw.read() == "421 4.4.2 Timeout, closing connection"
+    assert raw.closed()
+    assert sink.messages == []
+    assert relay.store.show_sender(SENDER)["balance"] == 5
+
+
+def test_no_secret_reaches_the_logs(relay, caplog):
+    caplog.set_level(logging.DEBUG)
+    token = relay.token()
+    raw = relay.raw()
+    raw.cmd("EHLO client.test")
+    assert raw.cmd("AUTH PLAIN " + plain(token)).startswith("235 ")
+    second = relay.raw()
+    second.cmd("EHLO client.test")
+    second.cmd("AUTH LOGIN " + b64("api_token"))
+    assert second.cmd(b64(token)).startswith("235 ")
+    third = relay.raw()
+    third.login("rlt_wrong_" + token[10:])
+    for secret in (token, plain(token), b64(token), token[10:]):
+        assert secret not in caplog.text
