@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Protocol
 
 from relay import replies
-from relay.errors import PermanentDelivery, TransientDelivery
+from relay.errors import DeliveryError, TransientDelivery, delivery_error
 from relay.replies import Reply
 
 log = logging.getLogger("relay.channel")
@@ -52,14 +52,9 @@ class Channel(Protocol):
     async def aclose(self) -> None: ...
 
 
-def all_refused(
-    channel: str, refused: Mapping[str, Reply]
-) -> PermanentDelivery | TransientDelivery:
+def all_refused(channel: str, refused: Mapping[str, Reply]) -> DeliveryError:
     """The error for an upstream that took no recipient: the first refusal decides."""
-    first = next(iter(refused.values()), replies.UPSTREAM_REFUSED)
-    if first.code < 500:
-        return TransientDelivery(channel, first)
-    return PermanentDelivery(channel, first)
+    return delivery_error(channel, next(iter(refused.values()), replies.UPSTREAM_REFUSED))
 
 
 class OutboxChannel:

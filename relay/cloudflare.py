@@ -14,10 +14,10 @@ from urllib.parse import quote
 
 import httpx
 
-from relay import replies
+from relay import httpapi, replies
 from relay.channel import Delivery, Outbound, all_refused
 from relay.config import CloudflareConfig
-from relay.errors import DeliveryError, PermanentDelivery, TransientDelivery
+from relay.errors import PermanentDelivery, TransientDelivery, delivery_error
 from relay.replies import Reply, one_line
 
 log = logging.getLogger("relay.cloudflare")
@@ -65,7 +65,7 @@ def outcome(status: int, body: object, retry_after: str | None) -> Reply:
     """
     code, detail = _first_error(body)
     if status == 429 or code == THROTTLED:
-        wait = _seconds(retry_after)
+        wait = httpapi.retry_after_seconds(retry_after)
         suffix = f"; retry after {wait} s" if wait is not None else ""
         return replies.UPSTREAM_THROTTLED.but(f"{NAME}: rate limited{suffix}")
     if code in (UNAUTHORIZED, FORBIDDEN):
@@ -118,14 +118,6 @@ def per_recipient(message: Outbound, result: object) -> Delivery:
     return Delivery(accepted=accepted, refused=refused)
 
 
-def _seconds(retry_after: str | None) -> int | None:
-    # RFC 9110 section 10.2.3 also allows an HTTP date; only seconds are worth
-    # repeating to an SMTP client.
-    if retry_after and retry_after.strip().isdigit():
-        return int(retry_after.strip())
-    return None
-
-
 class CloudflareChannel:
     name = NAME
 
@@ -134,9 +126,7 @@ class CloudflareChannel:
         account = quote(config.account_id, safe="")
         self.url = f"{config.api_url.rstrip('/')}/accounts/{account}/email/sending/send_raw"
         # One client for every message: its pool keeps the TLS connection alive.
-        self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout), headers={"User-Agent": "relay"}
-        )
+        self._client = httpapi.client(timeout)
 
     async def deliver(self, message: Outbound) -> Delivery:
         try:
@@ -158,7 +148,10 @@ class CloudflareChannel:
             )
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise TransientDelivery(
-                NAME, replies.UPSTREAM_UNAVAILABLE.but(f"{NAME}: {_describe(exc)}")
+                NAME,
+                replies.UPSTREAM_UNAVAILABLE.but(
+                    f"{NAME}: {httpapi.describe(exc, 'CLOUDFLARE_API_URL')}"
+                ),
             ) from exc
         return self._delivery(message, response)
 
@@ -193,23 +186,7 @@ class CloudflareChannel:
                 response.status_code,
                 reply,
             )
-        raise _error(reply)
+        raise delivery_error(NAME, reply)
 
     async def aclose(self) -> None:
         await self._client.aclose()
-
-
-def _error(reply: Reply) -> DeliveryError:
-    if reply.is_permanent:
-        return PermanentDelivery(NAME, reply)
-    return TransientDelivery(NAME, reply)
-
-
-def _describe(exc: Exception) -> str:
-    if isinstance(exc, httpx.TimeoutException):
-        return "upstream timed out"
-    if isinstance(exc, httpx.ConnectError):
-        return "upstream unreachable (connection failed)"
-    if isinstance(exc, httpx.InvalidURL | httpx.UnsupportedProtocol):
-        return "CLOUDFLARE_API_URL is not a usable URL"
-    return f"upstream connection failed ({type(exc).__name__})"

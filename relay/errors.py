@@ -63,3 +63,10 @@ class PermanentDelivery(DeliveryError):
     def __init__(self, channel: str, reply: Reply) -> None:
         assert reply.code >= 500, reply
         super().__init__(channel, reply)
+
+
+def delivery_error(channel: str, reply: Reply) -> DeliveryError:
+    """The error a channel raises for an upstream outcome: its class follows the reply."""
+    if reply.is_permanent:
+        return PermanentDelivery(channel, reply)
+    return TransientDelivery(channel, reply)

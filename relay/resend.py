@@ -29,10 +29,10 @@ from typing import Any
 
 import httpx
 
-from relay import replies
+from relay import httpapi, replies
 from relay.channel import Delivery, Outbound
 from relay.config import ResendConfig
-from relay.errors import DeliveryError, PermanentDelivery, TransientDelivery
+from relay.errors import PermanentDelivery, TransientDelivery, delivery_error
 from relay.message import domain_of
 from relay.replies import Reply, one_line
 
@@ -283,7 +283,7 @@ def outcome(status: int, body: object, retry_after: str | None) -> Reply:
 
     if status == 429:
         words = _QUOTA_WORDS.get(name, "rate limited")
-        wait = _seconds(retry_after)
+        wait = httpapi.retry_after_seconds(retry_after)
         suffix = f"; retry after {wait} s" if wait is not None else ""
         return replies.UPSTREAM_THROTTLED.but(f"{NAME}: {words}{suffix}")
     if status == 401 or (status == 403 and name in _CREDENTIAL_ERRORS):
@@ -305,14 +305,6 @@ def outcome(status: int, body: object, retry_after: str | None) -> Reply:
     return replies.UPSTREAM_UNAVAILABLE.but(f"{NAME}: upstream error (HTTP {status})")
 
 
-def _seconds(retry_after: str | None) -> int | None:
-    # RFC 9110 section 10.2.3 also allows an HTTP date; only seconds are worth
-    # repeating to an SMTP client.
-    if retry_after and retry_after.strip().isdigit():
-        return int(retry_after.strip())
-    return None
-
-
 # --- the channel ---------------------------------------------------------------
 
 
@@ -323,9 +315,7 @@ class ResendChannel:
         self.config = config
         self.url = f"{config.api_url.rstrip('/')}/emails"
         # One client for every message: its pool keeps the TLS connection alive.
-        self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout), headers={"User-Agent": "relay"}
-        )
+        self._client = httpapi.client(timeout)
 
     async def deliver(self, message: Outbound) -> Delivery:
         domain = domain_of(message.sender)
@@ -357,7 +347,10 @@ class ResendChannel:
             )
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise TransientDelivery(
-                NAME, replies.UPSTREAM_UNAVAILABLE.but(f"{NAME}: {_describe(exc)}")
+                NAME,
+                replies.UPSTREAM_UNAVAILABLE.but(
+                    f"{NAME}: {httpapi.describe(exc, 'RESEND_API_URL')}"
+                ),
             ) from exc
         return self._delivery(message, domain, response)
 
@@ -389,23 +382,7 @@ class ResendChannel:
             log.warning(
                 "resend refused %s: HTTP %d, %s", message.message_id, response.status_code, reply
             )
-        raise _error(reply)
+        raise delivery_error(NAME, reply)
 
     async def aclose(self) -> None:
         await self._client.aclose()
-
-
-def _error(reply: Reply) -> DeliveryError:
-    if reply.is_permanent:
-        return PermanentDelivery(NAME, reply)
-    return TransientDelivery(NAME, reply)
-
-
-def _describe(exc: Exception) -> str:
-    if isinstance(exc, httpx.TimeoutException):
-        return "upstream timed out"
-    if isinstance(exc, httpx.ConnectError):
-        return "upstream unreachable (connection failed)"
-    if isinstance(exc, httpx.InvalidURL | httpx.UnsupportedProtocol):
-        return "RESEND_API_URL is not a usable URL"
-    return f"upstream connection failed ({type(exc).__name__})"

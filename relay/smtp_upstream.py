@@ -23,7 +23,7 @@ import aiosmtplib
 from relay import replies
 from relay.channel import Delivery, Outbound, all_refused
 from relay.config import SmtpUpstream
-from relay.errors import DeliveryError, PermanentDelivery, TransientDelivery
+from relay.errors import DeliveryError, TransientDelivery, delivery_error
 from relay.message import domain_of
 from relay.replies import Reply, one_line
 
@@ -110,7 +110,7 @@ class SmtpChannel:
             raise
         except aiosmtplib.SMTPResponseException as exc:
             self._release(domain, conn)
-            raise _error(upstream_reply(exc.code, exc.message)) from exc
+            raise delivery_error(NAME, upstream_reply(exc.code, exc.message)) from exc
         except (aiosmtplib.SMTPException, OSError, ssl.SSLError) as exc:
             conn.client.close()
             raise TransientDelivery(
@@ -252,12 +252,6 @@ class SmtpChannel:
                 conn.client.close()
 
         await asyncio.gather(*(quit_one(c) for c in conns))
-
-
-def _error(reply: Reply) -> DeliveryError:
-    if reply.code >= 500:
-        return PermanentDelivery(NAME, reply)
-    return TransientDelivery(NAME, reply)
 
 
 def _describe(exc: BaseException) -> str:
