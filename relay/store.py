@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar, cast
+from typing import Any, ParamSpec, TypeVar
 
 from relay.errors import RelayError, StoreError
 from relay.policy import UNLIMITED, LimitHit, SenderState, Window, period_key, window_reset
@@ -761,7 +761,7 @@ class AsyncStore:
     async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run `fn`, a method of `self.sync`, inline when possible, else on the thread."""
         if self._queued == 0:
-            inline = cast(Callable[P, T], getattr(self._inline, fn.__name__))
+            inline: Callable[P, T] = getattr(self._inline, fn.__name__)
             try:
                 return inline(*args, **kwargs)
             except StoreBusy:
