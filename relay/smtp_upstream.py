@@ -116,6 +116,11 @@ class SmtpChannel:
             raise TransientDelivery(
                 NAME, replies.UPSTREAM_UNAVAILABLE.but(f"{NAME}: {_describe(exc)}")
             ) from exc
+        except BaseException:
+            # Cancelled mid-command (the forward's time ran out, or shutdown):
+            # the connection is out of step with the upstream, never reuse it.
+            conn.client.close()
+            raise
         self._release(domain, conn)
         return delivery
 
