@@ -124,6 +124,7 @@ class Relay:
         self._sweeper: asyncio.Task[None] | None = None
         self._server: asyncio.AbstractServer | None = None
         self._port = 0
+        self._stopped = False
 
     def spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         task = asyncio.get_running_loop().create_task(coro)
@@ -180,6 +181,9 @@ class Relay:
 
     async def stop(self) -> None:
         """Stop accepting, let transactions in flight finish, then close everything."""
+        if self._stopped:
+            return
+        self._stopped = True
         if self._server is not None:
             self._server.close()
         for session in list(self.sessions):

@@ -1,0 +1,119 @@
+"""Start, serve, drain: a stopping relay finishes what it accepted; workers share the port."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from support import SENDER, message
+
+from relay.store import Store
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def slow_data(sink, seconds: float) -> threading.Event:
+    """Make the sink take `seconds` over DATA; the event is set when DATA arrives."""
+    arrived = threading.Event()
+    original = sink.recorder.handle_DATA
+
+    async def handle_DATA(server, session, envelope):
+        arrived.set()
+        await asyncio.sleep(seconds)
+        return await original(server, session, envelope)
+
+    sink.recorder.handle_DATA = handle_DATA
+    return arrived
+
+
+def test_stop_lets_a_forward_in_flight_finish_and_refuses_new_sessions(relay, sink):
+    token = relay.token()
+    arrived = slow_data(sink, 0.5)
+    replies: list[tuple[int, bytes]] = []
+
+    def send() -> None:
+        with relay.connect() as client:
+            client.login("api_token", token)
+            client.mail(SENDER)
+            client.rcpt("a@dest.test")
+            replies.append(client.data(message()))
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    assert arrived.wait(10)
+    idle = relay.raw()
+    relay.call(relay.relay.stop())
+    sender.join(10)
+    assert replies and replies[0][0] == 250 and replies[0][1].startswith(b"2.0.0 Ok <")
+    assert len(sink.messages) == 1
+    assert idle.read() == "421 4.3.2 Service shutting down, try again later"
+    try:
+        relay.raw()
+        refused = False
+    except (ConnectionError, OSError):
+        refused = True
+    assert refused
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_with_two_workers_forwards_and_stops_on_sigterm(tmp_path, cert_dir, sink, client_tls):
+    database = tmp_path / "relay.db"
+    store = Store(database)
+    store.migrate()
+    store.create_account("acme")
+    store.add_domain("acme", "example.com")
+    token = store.create_token("acme")["token"]
+    store.add_nolimit(SENDER)
+    store.close()
+    port = free_port()
+    env = {
+        "PATH": os.environ["PATH"],
+        "PYTHONPATH": str(ROOT),
+        "RELAY_LISTEN": f"127.0.0.1:{port}",
+        "RELAY_TLS_CERT": str(cert_dir / "relay.crt"),
+        "RELAY_TLS_KEY": str(cert_dir / "relay.key"),
+        "RELAY_DATABASE": str(database),
+        "RELAY_HOSTNAME": "relay.test",
+        "SMTP_CONFIG": sink.smtp_config(),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "relay", "serve", "--workers", "2"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "the relay did not start"
+                time.sleep(0.05)
+        for i in range(6):
+            with smtplib.SMTP_SSL("127.0.0.1", port, context=client_tls, timeout=10) as client:
+                client.login("api_token", token)
+                client.sendmail(SENDER, [f"r{i}@dest.test"], message())
+        assert len(sink.messages) == 6
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        assert len(children) == 2
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr
+    assert stderr.count("stopping: draining sessions") == 2
