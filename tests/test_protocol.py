@@ -7,6 +7,7 @@ table documents; the upstream is a real aiosmtpd server.
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import ssl
 import time
@@ -450,3 +451,35 @@ def test_no_secret_reaches_the_logs(relay, caplog):
     third.login("rlt_wrong_" + token[10:])
     for secret in (token, plain(token), b64(token), token[10:]):
         assert secret not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"HELP",
+        b"HELP MAIL",
+        b"VRFY someone@dest.test",
+        b"VRFY",
+        b"EXPN list",
+        b"RSET now",
+        b"QUIT now",
+        b"",
+        b"\xc3\xa9HLO x",
+        b"NOOP " + b"x" * 600,
+        b"MAIL FROM:<app@example.com> BODY=9BIT",
+        b"MAIL FROM:<app@example.com> SMTPUTF8",
+        b"RCPT TO:<a@dest.test> NOTIFY=NEVER",
+        b"STARTTLS",
+        b"AUTH",
+        b"DATA now",
+    ],
+)
+def test_every_reply_carries_an_enhanced_code(relay, line):
+    raw = relay.raw()
+    raw.login(relay.token())
+    if line.startswith(b"RCPT") or line == b"DATA now":
+        raw.cmd(f"MAIL FROM:<{SENDER}>")
+        raw.cmd("RCPT TO:<first@dest.test>")
+    reply = raw.cmd(line)
+    for text in reply.split("\n"):
+        assert re.fullmatch(r"[245]\d\d[ -][245]\.\d{1,3}\.\d{1,3}( .*)?", text), reply
