@@ -114,6 +114,23 @@ UPSTREAM_NOT_AUTHORIZED = Reply(550, "5.7.1", "Upstream does not let this sender
 UPSTREAM_TOO_BIG = Reply(552, "5.3.4", "Upstream refused the size")  # X.3.4
 
 
+def ehlo(hostname: str, client: str, mechanisms: tuple[str, ...], size: int) -> list[str]:
+    """The EHLO reply: exactly the documented extensions (RFC 2034 section 3: no
+    enhanced codes on it)."""
+    lines = [
+        f"{hostname} greets {client}",
+        "AUTH " + " ".join(mechanisms),
+        f"SIZE {size}",
+        "8BITMIME",
+        "ENHANCEDSTATUSCODES",
+    ]
+    return [f"250-{line}" for line in lines[:-1]] + [f"250 {lines[-1]}"]
+
+
+def helo(hostname: str) -> str:
+    return f"250 {hostname}"
+
+
 def delivered(message_id: str) -> Reply:
     return DELIVERED.but(f"Ok {message_id}")
 

@@ -166,32 +166,25 @@ class SubmissionProtocol(SMTP):
     # --- greeting and capabilities ---------------------------------------------
 
     async def smtp_EHLO(self, hostname: str) -> None:
-        if not hostname:
-            await self.push(str(replies.BAD_SYNTAX.but("Syntax: EHLO hostname")))
-            return
-        self._set_rset_state()
-        self.relay_session().extended_smtp = True
-        self.relay_session().host_name = hostname
-        # RFC 2034 section 3: the EHLO reply carries no enhanced codes.
-        lines = [
-            f"{self.hostname} greets {hostname}",
-            "AUTH " + " ".join(MECHANISMS),
-            f"SIZE {config.MAX_MESSAGE_SIZE}",
-            "8BITMIME",
-            "ENHANCEDSTATUSCODES",
-        ]
-        for line in lines[:-1]:
-            await self._push_raw(f"250-{line}")
-        await self._push_raw(f"250 {lines[-1]}")
+        await self._greet("EHLO", hostname)
 
     async def smtp_HELO(self, hostname: str) -> None:
+        await self._greet("HELO", hostname)
+
+    async def _greet(self, verb: str, hostname: str) -> None:
         if not hostname:
-            await self.push(str(replies.BAD_SYNTAX.but("Syntax: HELO hostname")))
+            await self.reply(replies.BAD_SYNTAX.but(f"Syntax: {verb} hostname"))
             return
         self._set_rset_state()
-        self.relay_session().extended_smtp = False
-        self.relay_session().host_name = hostname
-        await self._push_raw(f"250 {self.hostname}")
+        session = self.relay_session()
+        session.extended_smtp = verb == "EHLO"
+        session.host_name = hostname
+        if verb == "EHLO":
+            lines = replies.ehlo(self.hostname, hostname, MECHANISMS, config.MAX_MESSAGE_SIZE)
+        else:
+            lines = [replies.helo(self.hostname)]
+        for line in lines:
+            await self._push_raw(line)
 
     # --- AUTH (RFC 4954) -------------------------------------------------------
 
