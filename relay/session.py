@@ -33,7 +33,7 @@ from relay.channel import Delivery, Outbound
 from relay.errors import DeliveryError, StoreError
 from relay.message import domain_of, normalize_address, parse_address, prepare
 from relay.replies import Reply
-from relay.store import MailCheck, Principal, Refused
+from relay.store import MailCheck, Principal, Refused, Reservation
 from relay.upload import Upload
 
 if TYPE_CHECKING:
@@ -461,6 +461,9 @@ class Submission:
         if route is None:
             return policy.no_channel(domain)
         unit = 1 if route.charges and not tx.check.sender.unlimited else 0
+        # Only an upstream that honours an idempotency key sends a retry once.
+        idempotent = route.channel is policy.Channel.RESEND
+        idempotency_key = prepared.idempotency_key if idempotent else None
         try:
             reservation = await self.relay.store.run(
                 self.relay.store.sync.reserve,
@@ -469,6 +472,7 @@ class Submission:
                 recipients=len(rcpts),
                 unit=unit,
                 default_balance=self.settings.default_send_balance,
+                idempotency_key=idempotency_key,
             )
         except Refused as refused:
             if refused.hit is not None:
@@ -486,7 +490,7 @@ class Submission:
         server._reset_timeout(self.relay.forward_budget + 10)
         # Shielded: a client that disconnects mid-forward does not cancel the
         # upstream call half-way, and the charge is always settled.
-        task = self.relay.spawn(self._forward(route, outbound, reservation.id))
+        task = self.relay.spawn(self._forward(route, outbound, reservation, idempotency_key))
         return await asyncio.shield(task)
 
     async def _header_senders_denied(
@@ -510,7 +514,13 @@ class Submission:
                 return policy.header_sender_denied(address)
         return None
 
-    async def _forward(self, route: policy.Route, outbound: Outbound, reservation: int) -> Reply:
+    async def _forward(
+        self,
+        route: policy.Route,
+        outbound: Outbound,
+        reservation: Reservation,
+        idempotency_key: str | None,
+    ) -> Reply:
         channel = self.relay.channels[route.channel]
         delivery = Delivery(accepted=())
         try:
@@ -526,15 +536,18 @@ class Submission:
             reply = replies.LOCAL_ERROR
         try:
             refund = await self.relay.store.run(
-                self.relay.store.sync.settle, reservation, len(delivery.accepted)
+                self.relay.store.sync.settle,
+                reservation.id,
+                len(delivery.accepted),
+                idempotency_key,
             )
         except StoreError:
             # The pending row stays; the stale sweep refunds it in full later.
-            log.exception("settling reservation %s failed", reservation)
+            log.exception("settling reservation %s failed", reservation.id)
             refund = -1
         log.info(
             "message %s from=%s rcpts=%d channel=%s rule=%d reply=%r upstream_id=%s"
-            " refused=%s refunded=%d",
+            " refused=%s refunded=%d%s",
             outbound.message_id,
             outbound.sender,
             len(outbound.recipients),
@@ -544,6 +557,7 @@ class Submission:
             delivery.upstream_id or "-",
             ",".join(f"{r}:{v.code}" for r, v in delivery.refused.items()) or "-",
             refund,
+            " replay=not-charged" if reservation.replay else "",
         )
         return reply
 

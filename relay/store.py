@@ -95,7 +95,14 @@ MIGRATIONS: tuple[str, ...] = (
         created INTEGER NOT NULL
     );
     """,
+    # 4: messages an idempotent upstream (Resend) took, by idempotency key, so a
+    #    client's retry after a lost reply is not charged a second time
+    """
+    CREATE TABLE delivered_keys (key TEXT PRIMARY KEY, created INTEGER NOT NULL);
+    """,
 )
+# Resend keeps an idempotency key for 24 hours; a retry within them sends nothing.
+IDEMPOTENCY_WINDOW = 24 * 3600
 
 
 def hash_token(token: str) -> str:
@@ -128,6 +135,7 @@ class MailCheck:
 class Reservation:
     id: int
     charged: int
+    replay: bool = False  # the upstream already took this message: nothing charged
 
 
 class StoreBusy(StoreError):
@@ -536,7 +544,14 @@ class Store:
         return tightest, None
 
     def reserve(
-        self, sender: str, *, account_id: int, recipients: int, unit: int, default_balance: int
+        self,
+        sender: str,
+        *,
+        account_id: int,
+        recipients: int,
+        unit: int,
+        default_balance: int,
+        idempotency_key: str | None = None,
     ) -> Reservation:
         """Atomically charge `unit` per recipient and count the send-limit windows.
 
@@ -550,6 +565,8 @@ class Store:
         scopes = (RELAY_SCOPE, str(account_id))
         charge = unit * recipients
         with self._write() as db:
+            if idempotency_key and _delivered_recently(db, idempotency_key, ts):
+                return Reservation(0, 0, replay=True)
             if unit:
                 _ensure_sender(db, sender, default_balance, ts)
                 cur = db.execute(
@@ -583,10 +600,23 @@ class Store:
         assert cur.lastrowid is not None
         return Reservation(cur.lastrowid, charge)
 
-    def settle(self, reservation_id: int, delivered: int) -> int:
-        """Keep the charge for `delivered` recipients, refund the rest. Returns the refund."""
+    def settle(
+        self, reservation_id: int, delivered: int, idempotency_key: str | None = None
+    ) -> int:
+        """Keep the charge for `delivered` recipients, refund the rest. Returns the refund.
+
+        With an `idempotency_key`, a delivered message is remembered for the
+        upstream's idempotency window, so `reserve` does not charge a retry.
+        """
+        now = self._now()
         with self._write() as db:
-            return _settle(db, reservation_id, delivered, self._now())
+            if idempotency_key and delivered:
+                db.execute(
+                    "INSERT INTO delivered_keys (key, created) VALUES (?, ?)"
+                    " ON CONFLICT (key) DO UPDATE SET created = excluded.created",
+                    (idempotency_key, now),
+                )
+            return _settle(db, reservation_id, delivered, now)
 
     def settle_stale(self, older_than: float) -> list[dict[str, Any]]:
         """Refund in full every reservation left pending longer than `older_than` seconds.
@@ -595,11 +625,14 @@ class Store:
         forward. The client got no 250 for it, so it will retry and be charged
         again: refunding avoids charging it twice.
         """
-        cutoff = self._now() - older_than
+        now = self._now()
         with self._write() as db:
-            rows = db.execute("SELECT * FROM pending WHERE created <= ?", (cutoff,)).fetchall()
+            rows = db.execute(
+                "SELECT * FROM pending WHERE created <= ?", (now - older_than,)
+            ).fetchall()
             for row in rows:
-                _settle(db, row["id"], 0, self._now())
+                _settle(db, row["id"], 0, now)
+            db.execute("DELETE FROM delivered_keys WHERE created <= ?", (now - IDEMPOTENCY_WINDOW,))
         return [dict(r) for r in rows]
 
     def pending_count(self) -> int:
@@ -645,6 +678,14 @@ class Store:
                 }
             )
         return out
+
+
+def _delivered_recently(db: sqlite3.Connection, key: str, now: int) -> bool:
+    row = db.execute(
+        "SELECT 1 FROM delivered_keys WHERE key = ? AND created > ?",
+        (key, now - IDEMPOTENCY_WINDOW),
+    ).fetchone()
+    return row is not None
 
 
 def _owner(db: sqlite3.Connection, domain: str) -> sqlite3.Row | None:

@@ -618,3 +618,24 @@ def test_cli_limits_commands(tmp_path):
     ):
         done = run_cli(db, "limits", "set", *bad, check=False)
         assert (done.returncode, done.stderr) == (1, why)
+
+
+def test_a_retry_is_not_charged_within_the_idempotency_window_only(tmp_path):
+    now = [datetime(2026, 11, 21, 12, 0, tzinfo=UTC)]
+    store = Store(tmp_path / "keys.db", clock=lambda: now[0])
+    store.migrate()
+    store.create_account("acme")
+    store.set_sender(SENDER, balance=5)
+    first = store.reserve(SENDER, account_id=1, recipients=1, unit=1, default_balance=0,
+                          idempotency_key="k1")  # fmt: skip
+    store.settle(first.id, 1, "k1")
+    retry = store.reserve(SENDER, account_id=1, recipients=1, unit=1, default_balance=0,
+                          idempotency_key="k1")  # fmt: skip
+    assert (retry.replay, retry.charged) == (True, 0)
+    assert store.show_sender(SENDER)["balance"] == 4
+    now[0] += timedelta(hours=24, seconds=1)
+    late = store.reserve(SENDER, account_id=1, recipients=1, unit=1, default_balance=0,
+                         idempotency_key="k1")  # fmt: skip
+    assert (late.replay, late.charged) == (False, 1)
+    assert store.show_sender(SENDER)["balance"] == 3
+    store.close()

@@ -452,6 +452,8 @@ def test_resend_idempotency_key_stable_across_a_client_retry(relay_factory, rese
     assert len(keys) == 2
     assert keys[0] == keys[1]
     assert len(resend.sent) == 1
+    # Resend sent it once, so the retry is not charged: 10 - 1 recipient.
+    assert relay.store.show_sender(SENDER)["balance"] == 9
 
 
 def test_resend_another_message_another_idempotency_key(relay_factory, resend):
@@ -463,6 +465,7 @@ def test_resend_another_message_another_idempotency_key(relay_factory, resend):
     keys = {r.headers["idempotency-key"] for r in resend.requests}
     assert len(keys) == 2
     assert len(resend.sent) == 2
+    assert relay.store.show_sender(SENDER)["balance"] == 8
 
 
 # --- outcomes in the client's session, per channel ------------------------------------
