@@ -27,7 +27,8 @@ from relay.channel import Channel, OutboxChannel
 from relay.config import Settings
 from relay.errors import ConfigError, RelayError
 from relay.policy import Channel as ChannelName
-from relay.session import Submission, SubmissionProtocol
+from relay.protocol import SubmissionProtocol
+from relay.session import Submission
 from relay.smtp_upstream import SmtpChannel
 from relay.store import AsyncStore, Store
 

@@ -1,0 +1,72 @@
+"""The database schema, as the ordered migrations that build it.
+
+`Store.migrate` applies those not applied yet at every start and records the
+count in `PRAGMA user_version`. Append only: a released migration never changes.
+"""
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: accounts, domains and tokens (the relay core)
+    """
+    CREATE TABLE accounts (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        created INTEGER NOT NULL
+    );
+    CREATE TABLE domains (
+        domain TEXT PRIMARY KEY,            -- one account per domain, ever
+        account_id INTEGER NOT NULL REFERENCES accounts(id) ON DELETE CASCADE,
+        created INTEGER NOT NULL
+    );
+    CREATE TABLE tokens (
+        id TEXT PRIMARY KEY,
+        account_id INTEGER NOT NULL REFERENCES accounts(id) ON DELETE CASCADE,
+        hash TEXT NOT NULL UNIQUE,          -- sha256 of the token, never the token
+        name TEXT NOT NULL DEFAULT '',
+        role TEXT NOT NULL DEFAULT '',
+        created INTEGER NOT NULL,
+        expires INTEGER,
+        revoked INTEGER
+    );
+    """,
+    # 2: verified addresses (the free Cloudflare channel)
+    """
+    CREATE TABLE verified (address TEXT PRIMARY KEY, created INTEGER NOT NULL);
+    """,
+    # 3: balances, the no-limit list, send limits and pending charges
+    """
+    CREATE TABLE senders (
+        address TEXT PRIMARY KEY,
+        balance INTEGER NOT NULL CHECK (balance >= 0),
+        enabled INTEGER NOT NULL DEFAULT 1,
+        created INTEGER NOT NULL,
+        updated INTEGER NOT NULL
+    );
+    CREATE TABLE nolimit (address TEXT PRIMARY KEY, created INTEGER NOT NULL);
+    CREATE TABLE limits (
+        scope TEXT PRIMARY KEY,             -- '*' for the relay, else an account id
+        daily INTEGER NOT NULL DEFAULT -1,
+        monthly INTEGER NOT NULL DEFAULT -1
+    );
+    CREATE TABLE counters (
+        scope TEXT NOT NULL,
+        period TEXT NOT NULL,               -- 'd:2026-11-21' or 'm:2026-11' (UTC)
+        count INTEGER NOT NULL CHECK (count >= 0),
+        PRIMARY KEY (scope, period)
+    );
+    CREATE TABLE pending (
+        id INTEGER PRIMARY KEY,
+        sender TEXT NOT NULL,
+        unit INTEGER NOT NULL,              -- balance units per recipient: 0 or 1
+        count INTEGER NOT NULL,             -- recipients reserved
+        scopes TEXT NOT NULL,               -- comma list of limit scopes counted
+        day TEXT NOT NULL,
+        month TEXT NOT NULL,
+        created INTEGER NOT NULL
+    );
+    """,
+    # 4: messages an idempotent upstream (Resend) took, by idempotency key, so a
+    #    client's retry after a lost reply is not charged a second time
+    """
+    CREATE TABLE delivered_keys (key TEXT PRIMARY KEY, created INTEGER NOT NULL);
+    """,
+)
