@@ -15,6 +15,7 @@ sending twice (Resend keeps keys for 24 hours).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -30,9 +31,9 @@ from typing import Any
 import httpx
 
 from relay import httpapi, replies
-from relay.channel import Delivery, Outbound
+from relay.channel import Delivery, Outbound, all_refused
 from relay.config import ResendConfig
-from relay.errors import PermanentDelivery, TransientDelivery, delivery_error
+from relay.errors import DeliveryError, PermanentDelivery, TransientDelivery, delivery_error
 from relay.message import domain_of
 from relay.replies import Reply, one_line
 
@@ -91,6 +92,11 @@ def translate(message: Outbound) -> dict[str, Any]:
     >>> body["to"], body["subject"], body["text"]
     (['b@y.org'], 'hi', 'hello\\n')
     """
+    return _translate(message)[0]
+
+
+def _translate(message: Outbound) -> tuple[dict[str, Any], bool]:
+    """The body, and whether no header names any envelope recipient (a Bcc-only send)."""
     parsed = BytesParser(policy=default_policy).parsebytes(message.content)
     assert isinstance(parsed, EmailMessage)
 
@@ -105,11 +111,13 @@ def translate(message: Outbound) -> dict[str, Any]:
     # anyway, so they may stand in for an empty To without revealing a Bcc.
     if not to:
         to, cc = cc, []
+    hidden = not to
     if to:
         to_field = [str(a) for a in to]
     else:
         # No header names an envelope recipient (a Bcc-only send, or
         # "undisclosed-recipients:;"): they are the only addresses left to name.
+        # `deliver` sends such a message once per recipient, so none sees another.
         to_field, bcc = bcc, []
 
     body: dict[str, Any] = {
@@ -143,7 +151,7 @@ def translate(message: Outbound) -> dict[str, Any]:
     headers.setdefault("Message-ID", message.message_id)
     body["headers"] = headers
     mended: dict[str, Any] = _mend(body)
-    return mended
+    return mended, hidden
 
 
 def _addresses(parsed: MIMEPart, name: str) -> list[Address]:
@@ -326,7 +334,7 @@ class ResendChannel:
                 NAME, replies.UPSTREAM_UNAVAILABLE.but(f"{NAME}: no API token for {domain}")
             )
         try:
-            body = json.dumps(translate(message), ensure_ascii=False).encode("utf-8")
+            body, hidden = _translate(message)
         except Exception as exc:
             # The email package can fail on hostile or broken MIME. Nothing was
             # sent, and the same bytes would fail the same way on every retry.
@@ -334,11 +342,40 @@ class ResendChannel:
             raise PermanentDelivery(
                 NAME, CONTENT_REFUSED.but(f"{NAME}: message could not be translated")
             ) from exc
-        key = (IDEMPOTENCY_PREFIX + message.idempotency_key)[:MAX_IDEMPOTENCY_KEY]
+        key = (IDEMPOTENCY_PREFIX + message.idempotency_key)[: MAX_IDEMPOTENCY_KEY - 4]
+        if not hidden or len(body["to"]) == 1:
+            upstream_id = await self._post(message, domain, token, body, key)
+            return Delivery(accepted=message.recipients, upstream_id=upstream_id)
+        # Bcc only: Resend wants a `to`, and a `to` is shown to every recipient.
+        # One request per recipient keeps them from seeing each other.
+        results = await asyncio.gather(
+            *(
+                self._post(message, domain, token, {**body, "to": [rcpt]}, f"{key}-{i}")
+                for i, rcpt in enumerate(body["to"])
+            ),
+            return_exceptions=True,
+        )
+        accepted, refused, ids = [], {}, []
+        for rcpt, result in zip(body["to"], results, strict=True):
+            if isinstance(result, DeliveryError):
+                refused[rcpt] = result.reply
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                accepted.append(rcpt)
+                ids.append(result)
+        if not accepted:
+            raise all_refused(NAME, refused)
+        return Delivery(tuple(accepted), refused, upstream_id=one_line(",".join(ids), 120))
+
+    async def _post(
+        self, message: Outbound, domain: str, token: str, body: dict[str, Any], key: str
+    ) -> str:
+        """One `POST /emails`; the upstream id, or a DeliveryError."""
         try:
             response = await self._client.post(
                 self.url,
-                content=body,
+                content=json.dumps(body, ensure_ascii=False).encode("utf-8"),
                 headers={
                     "Authorization": f"Bearer {token}",
                     "Content-Type": "application/json",
@@ -346,15 +383,10 @@ class ResendChannel:
                 },
             )
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            why = httpapi.describe(exc, "RESEND_API_URL")
             raise TransientDelivery(
-                NAME,
-                replies.UPSTREAM_UNAVAILABLE.but(
-                    f"{NAME}: {httpapi.describe(exc, 'RESEND_API_URL')}"
-                ),
+                NAME, replies.UPSTREAM_UNAVAILABLE.but(f"{NAME}: {why}")
             ) from exc
-        return self._delivery(message, domain, response)
-
-    def _delivery(self, message: Outbound, domain: str, response: httpx.Response) -> Delivery:
         try:
             answer: object = response.json()
         except ValueError:
@@ -362,7 +394,7 @@ class ResendChannel:
         if response.is_success:
             upstream_id = answer.get("id") if isinstance(answer, dict) else None
             if isinstance(upstream_id, str) and upstream_id:
-                return Delivery(accepted=message.recipients, upstream_id=one_line(upstream_id, 120))
+                return one_line(upstream_id, 120)
             # A 2xx means Resend may well have sent it; only a 4xx lets the
             # client retry, and the idempotency key keeps that retry harmless.
             raise TransientDelivery(

@@ -387,6 +387,30 @@ def test_resend_bcc_for_envelope_only_recipients(relay_factory, resend):
     assert "cc" not in sent.json
 
 
+def test_resend_bcc_only_send_goes_once_per_recipient(relay_factory, resend):
+    relay = relay_factory(**resend_env(resend), DEFAULT_SEND_BALANCE="10")
+    content = mail(to="undisclosed-recipients:;")
+
+    assert send(relay, content, (RCPT, OTHER)) == DELIVERED
+
+    # Resend shows `to` to everyone: each Bcc recipient gets a request of its own.
+    assert sorted(s.json["to"][0] for s in resend.sent) == sorted([RCPT, OTHER])
+    assert all(len(s.json["to"]) == 1 and "bcc" not in s.json for s in resend.sent)
+    keys = {r.headers["idempotency-key"] for r in resend.requests}
+    assert len(keys) == 2
+    assert relay.store.show_sender(SENDER)["balance"] == 8
+
+
+def test_resend_bcc_only_partial_refusal_charges_the_delivered_one(relay_factory, resend):
+    relay = relay_factory(**resend_env(resend), DEFAULT_SEND_BALANCE="10")
+    resend.fail(422, "validation_error", "Invalid `to` field.")
+
+    assert send(relay, mail(to="undisclosed-recipients:;"), (RCPT, OTHER)) == DELIVERED
+
+    assert len(resend.sent) == 1
+    assert relay.store.show_sender(SENDER)["balance"] == 9
+
+
 def test_resend_header_only_addresses_are_not_sent_to(relay_factory, resend):
     relay = relay_factory(**resend_env(resend), DEFAULT_SEND_BALANCE="10")
     content = mail(to=f"{RCPT}, listed@dest.test", extra="Cc: copied@dest.test\r\n")
