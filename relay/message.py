@@ -11,7 +11,9 @@ import re
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from email.headerregistry import HeaderRegistry
 from email.utils import format_datetime, getaddresses
+from typing import Any
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # A dot-atom domain (RFC 5321 section 4.1.2) or an address literal; labels of
@@ -69,7 +71,9 @@ class Prepared:
 
     content: bytes
     message_id: str
-    header_senders: tuple[str, ...]  # addresses in From: and Sender:
+    # Addresses in From: and Sender:, or None when a field is not a clean
+    # address list that every parser reads the same way.
+    header_senders: tuple[str, ...] | None
     from_count: int
     idempotency_key: str  # stable across a client's retry of the same message
 
@@ -108,20 +112,55 @@ def prepare(
     if added:
         content = b"".join(added) + content
 
-    senders: list[str] = []
+    senders: list[str] | None = []
     from_values = fields.get(b"from", [])
     for value in [*from_values, *fields.get(b"sender", [])]:
-        senders.extend(addr for _, addr in getaddresses([value]) if addr)
+        found = mailbox_addresses(value)
+        if found is None or senders is None:
+            senders = None
+            continue
+        senders.extend(found)
     return Prepared(
         content=content,
         message_id=message_id,
-        header_senders=tuple(senders),
+        header_senders=None if senders is None else tuple(senders),
         from_count=len(from_values),
         idempotency_key=digest.hexdigest(),
     )
 
 
 _FIELDS = frozenset({b"from", b"sender", b"message-id", b"date"})
+_ATOM_ADDR = r"([^\s<>()\[\]\\,;:@\"]+@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)"
+_BARE = re.compile(r"\s*" + _ATOM_ADDR + r"\s*")
+_NAMED = re.compile(r'\s*(?:[^<>()\[\]\\,;:@"]*|"[^"\\]*")\s*<' + _ATOM_ADDR + r">\s*")
+_REGISTRY = HeaderRegistry()
+
+
+def mailbox_addresses(value: str) -> list[str] | None:
+    """The addresses of a From: or Sender: field, or None unless they are unambiguous.
+
+    The sender check and the channels must see the same addresses: a field
+    that two parsers read differently (`x@victim.test y@own.test`, stray
+    specials, comments nested thousands deep) could pass the check as one
+    address and reach an upstream as another. The common forms match a strict
+    pattern; anything else must parse without defects, identically, with both
+    the email package's header registry (what the Resend translation uses) and
+    `getaddresses`.
+    """
+    if simple := _BARE.fullmatch(value) or _NAMED.fullmatch(value):
+        return [simple.group(1)]
+    try:
+        # The registry makes an AddressHeader for "from" (typeshed cannot say so).
+        header: Any = _REGISTRY("from", value)
+        strict = [a.addr_spec for a in header.addresses]
+        loose = [addr for _, addr in getaddresses([value])]
+    except (RecursionError, ValueError, IndexError, TypeError, AttributeError):
+        return None
+    if header.defects or not strict or strict != loose:
+        return None
+    if any(parse_address(address) is None for address in strict):
+        return None
+    return strict
 
 
 def header_fields(head: bytes) -> dict[bytes, list[str]]:
@@ -130,21 +169,24 @@ def header_fields(head: bytes) -> dict[bytes, list[str]]:
     A scan of the header block instead of the email package's parser, which
     cost more than the rest of preparing a small message together.
     """
-    fields: dict[bytes, list[str]] = {}
-    current: list[str] | None = None
+    pieces: dict[bytes, list[list[bytes]]] = {}
+    current: list[bytes] | None = None
     for line in head.split(b"\r\n"):
         if line[:1] in (b" ", b"\t"):
             if current is not None:
-                current[-1] += " " + line.strip().decode("utf-8", "replace")
+                current.append(line.strip())  # joined once below: linear however folded
             continue
         name, colon, value = line.partition(b":")
         key = name.strip().lower()
         if colon and key in _FIELDS:
-            current = fields.setdefault(key, [])
-            current.append(value.strip().decode("utf-8", "replace"))
+            current = [value.strip()]
+            pieces.setdefault(key, []).append(current)
         else:
             current = None
-    return fields
+    return {
+        key: [b" ".join(p).decode("utf-8", "replace") for p in values]
+        for key, values in pieces.items()
+    }
 
 
 def _clean_header(values: list[str] | None) -> str:

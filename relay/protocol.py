@@ -46,6 +46,8 @@ READ_CHUNK = 256 * 1024
 class SubmissionProtocol(SMTP):
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
+        self._command = ""  # set while aiosmtpd's smtp_MAIL runs
+        self._lost = False
         super().__init__(
             relay.handler,
             data_size_limit=config.MAX_MESSAGE_SIZE,
@@ -73,6 +75,7 @@ class SubmissionProtocol(SMTP):
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
+        self._lost = True
         self.relay.sessions.discard(self)
         super().connection_lost(error)
 
@@ -84,8 +87,16 @@ class SubmissionProtocol(SMTP):
         await super()._handle_client()
 
     def _timeout_cb(self) -> None:
+        if self.transport is None:
+            return  # closed already: a timer restarted after the client left
         self._write_now(replies.TIMEOUT)
         super()._timeout_cb()
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        # A handler cancelled by connection_lost must not start a new timer:
+        # it would keep this protocol alive, and fire on a closed transport.
+        if not self._lost:
+            super()._reset_timeout(duration)
 
     def close_for_shutdown(self, *, abort: bool = False) -> None:
         """End the session with 421; the server calls it on idle sessions first.
@@ -103,6 +114,9 @@ class SubmissionProtocol(SMTP):
     # which evaluates every property before the session exists.
     def in_transaction(self) -> bool:
         return bool(self.envelope is not None and self.envelope.mail_from)
+
+    def closing(self) -> bool:
+        return self.transport is None or self.transport.is_closing()
 
     def relay_session(self) -> RelaySession:
         session = self.session
@@ -123,13 +137,27 @@ class SubmissionProtocol(SMTP):
 
     async def push(self, status: str | bytes) -> None:
         line = status.decode("ascii", "replace") if isinstance(status, bytes) else status
-        await super().push(replies.normalize(line))
+        if line.startswith("553 5.1.3 Error: malformed address"):
+            # aiosmtpd says 5.1.3 (a recipient's code) for MAIL too.
+            mail = self._command == "MAIL"
+            line = str(replies.BAD_SENDER_ADDRESS if mail else replies.BAD_RECIPIENT_ADDRESS)
+        line = replies.normalize(line)
+        await super().push(line)
+        if line.startswith("421"):
+            self._close()  # RFC 5321 section 3.8: 421 closes the channel
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        self._command = "MAIL"
+        try:
+            await super().smtp_MAIL(arg)
+        finally:
+            self._command = ""
 
     async def _push_raw(self, line: str) -> None:
         await super().push(line)
 
     async def reply(self, reply: Reply) -> None:
-        await super().push(str(reply))
+        await self.push(str(reply))
 
     # --- greeting and capabilities ---------------------------------------------
 
@@ -291,8 +319,10 @@ class SubmissionProtocol(SMTP):
             await self.reply(replies.MESSAGE_TOO_BIG)
             return
         envelope.content = envelope.original_content = upload.message()
-        status = await self._call_handler_hook("DATA")
-        self._set_post_data_state()
+        try:
+            status = await self._call_handler_hook("DATA")
+        finally:
+            self._set_post_data_state()  # whatever happened, the next MAIL starts afresh
         self._reset_timeout()
         await self.push(status)
 

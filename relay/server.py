@@ -126,6 +126,7 @@ class Relay:
         self._server: asyncio.AbstractServer | None = None
         self._port = 0
         self._stopped = False
+        self.stopping = False  # new transactions get 421 4.3.2 once set
 
     def spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         task = asyncio.get_running_loop().create_task(coro)
@@ -184,7 +185,7 @@ class Relay:
         """Stop accepting, let transactions in flight finish, then close everything."""
         if self._stopped:
             return
-        self._stopped = True
+        self._stopped = self.stopping = True
         if self._server is not None:
             self._server.close()
         for session in list(self.sessions):
@@ -205,7 +206,9 @@ class Relay:
         """Wait until no session and no forward is left, for at most `seconds`."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
-                while self.sessions or self._tasks:  # noqa: ASYNC110 - two sets, no event
+                # A session already closing only waits for the client's TLS
+                # close_notify: nothing of ours is left in it.
+                while self._tasks or any(not s.closing() for s in self.sessions):  # noqa: ASYNC110
                     await asyncio.sleep(0.02)
 
     async def serve_until(self, stop: asyncio.Event) -> None:

@@ -61,6 +61,11 @@ class Transaction:
 class Submission:
     """The aiosmtpd handler: MAIL, RCPT and DATA for an authenticated session."""
 
+    async def handle_exception(self, error: Exception) -> str:
+        # aiosmtpd's default puts the exception's text in a 500 reply.
+        log.error("session error", exc_info=error)
+        return str(replies.LOCAL_ERROR)
+
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
         self.settings = relay.settings
@@ -73,6 +78,8 @@ class Submission:
         address: str,
         options: Sequence[str],
     ) -> str:
+        if self.relay.stopping:
+            return str(replies.SHUTTING_DOWN)
         principal = session.principal
         assert principal is not None  # auth_required=True: aiosmtpd answered 530 already
         parsed = parse_address(address)
@@ -177,6 +184,10 @@ class Submission:
         envelope.original_content = envelope.content = None  # do not hold two copies
         if prepared.from_count != 1:
             return replies.BAD_MESSAGE.but("Message must have exactly one From header (RFC 5322)")
+        if prepared.header_senders is None:
+            return replies.BAD_MESSAGE.but(
+                "From or Sender header is not a clean address list (RFC 5322 section 3.4)"
+            )
         denied = await self._header_senders_denied(principal, domain, prepared.header_senders)
         if denied is not None:
             return denied

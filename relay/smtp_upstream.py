@@ -98,7 +98,7 @@ class SmtpChannel:
                 await conn.client.mail(message.sender)
             except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPResponseException) as exc:
                 # A pooled connection the upstream closed (or 421s) while idle.
-                stale = isinstance(exc, aiosmtplib.SMTPServerDisconnected) or exc.code == 421
+                stale = isinstance(exc, aiosmtplib.SMTPServerDisconnected) or exc.code in (421, 503)
                 if not (reused and stale):
                     raise
                 conn.client.close()
@@ -109,6 +109,10 @@ class SmtpChannel:
             self._release(domain, conn)
             raise
         except aiosmtplib.SMTPResponseException as exc:
+            # Refused at MAIL, at the DATA command or after the data: end the
+            # transaction before the connection goes back to the pool, or the
+            # next message's MAIL would meet "nested MAIL" (503).
+            await self._reset(conn)
             self._release(domain, conn)
             raise delivery_error(NAME, upstream_reply(exc.code, exc.message)) from exc
         except (aiosmtplib.SMTPException, OSError, ssl.SSLError) as exc:
@@ -138,10 +142,13 @@ class SmtpChannel:
                 accepted.append(rcpt)
             except aiosmtplib.SMTPRecipientRefused as exc:
                 refused[rcpt] = upstream_reply(exc.code, exc.message)
-        if not accepted:
+        deferred = {r: reply for r, reply in refused.items() if reply.code < 500}
+        if not accepted or deferred:
+            # With no queue of our own, a recipient deferred (4xx) must not be
+            # dropped behind a 250: defer the whole message, nothing was sent yet.
             if client.is_connected:
                 await client.rset()
-            raise all_refused(NAME, refused)
+            raise all_refused(NAME, deferred or refused)
         response = await self._data(client, message.content)
         return Delivery(tuple(accepted), refused, upstream_id=one_line(response.message, 120))
 
@@ -172,6 +179,14 @@ class SmtpChannel:
         if response.code != 250:
             raise aiosmtplib.SMTPDataError(response.code, response.message)
         return response
+
+    async def _reset(self, conn: _Conn) -> None:
+        if not conn.client.is_connected:
+            return
+        try:
+            await conn.client.rset()
+        except (aiosmtplib.SMTPException, OSError):
+            conn.client.close()
 
     def _take_idle(self, domain: str) -> _Conn | None:
         idle = self._idle.get(domain)

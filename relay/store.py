@@ -36,8 +36,9 @@ from relay.schema import MIGRATIONS
 TOKEN_PREFIX = "rlt_"  # noqa: S105 - lets secret scanners spot a leaked token
 RELAY_SCOPE = "*"
 
-# Resend keeps an idempotency key for 24 hours; a retry within them sends nothing.
-IDEMPOTENCY_WINDOW = 24 * 3600
+# Resend keeps an idempotency key for 24 hours from its first request; a retry
+# within them sends nothing. Ours is shorter, so it never outlasts theirs.
+IDEMPOTENCY_WINDOW = 23 * 3600
 
 
 def hash_token(token: str) -> str:
@@ -546,9 +547,10 @@ class Store:
         now = self._now()
         with self._write() as db:
             if idempotency_key and delivered:
+                # DO NOTHING: the window runs from the first delivery, as Resend's does.
                 db.execute(
                     "INSERT INTO delivered_keys (key, created) VALUES (?, ?)"
-                    " ON CONFLICT (key) DO UPDATE SET created = excluded.created",
+                    " ON CONFLICT (key) DO NOTHING",
                     (idempotency_key, now),
                 )
             return _settle(db, reservation_id, delivered, now)

@@ -633,7 +633,11 @@ def test_a_retry_is_not_charged_within_the_idempotency_window_only(tmp_path):
                           idempotency_key="k1")  # fmt: skip
     assert (retry.replay, retry.charged) == (True, 0)
     assert store.show_sender(SENDER)["balance"] == 4
-    now[0] += timedelta(hours=24, seconds=1)
+    # A replay does not extend the window: it runs from the first delivery.
+    now[0] += timedelta(hours=22)
+    store.settle(store.reserve(SENDER, account_id=1, recipients=1, unit=1, default_balance=0,
+                               idempotency_key="k1").id, 1, "k1")  # fmt: skip
+    now[0] += timedelta(hours=1, seconds=1)
     late = store.reserve(SENDER, account_id=1, recipients=1, unit=1, default_balance=0,
                          idempotency_key="k1")  # fmt: skip
     assert (late.replay, late.charged) == (False, 1)

@@ -824,3 +824,59 @@ def test_failed_free_cloudflare_does_not_fall_back(relay_factory, cloudflare, re
     assert len(cloudflare.requests) == 1
     assert resend.requests == []
     assert sink.recorder.connections == 0
+
+
+# --- hostile or ambiguous sender headers (found in review) -----------------------------
+
+
+@pytest.mark.parametrize(
+    "from_value",
+    [
+        "x@victim.test y@example.com",  # getaddresses reads y@, Resend's parser x@
+        "x@victim.test\\x@:",
+        "(" * 5000 + "a@example.com",  # nested comments: RecursionError in the parsers
+    ],
+)
+def test_ambiguous_from_header_is_refused_and_nothing_is_sent(relay_factory, resend, from_value):
+    relay = relay_factory(**resend_env(resend), DEFAULT_SEND_BALANCE="10")
+    relay.token("victim", "victim.test")
+    raw = relay.raw()
+    raw.login(relay.token())
+    raw.cmd(f"MAIL FROM:<{SENDER}>")
+    raw.cmd(f"RCPT TO:<{RCPT}>")
+    raw.cmd("DATA")
+    raw.send(f"From: {from_value}\r\nTo: {RCPT}\r\nSubject: s\r\n\r\nbody\r\n.".encode())
+    assert raw.read() == (
+        "554 5.6.0 From or Sender header is not a clean address list (RFC 5322 section 3.4)"
+    )
+    assert resend.requests == []
+    assert relay.store.show_sender(SENDER)["balance"] == 10
+    # The session goes on with a fresh transaction.
+    assert raw.cmd(f"MAIL FROM:<{SENDER}>") == "250 2.1.0 Ok"
+
+
+def test_pooled_connection_survives_a_refused_data_command(relay_factory, sink):
+    relay = relay_factory(SMTP_CONFIG=sink.smtp_config(), DEFAULT_SEND_BALANCE="10")
+    original = sink.recorder.handle_DATA
+    calls = []
+
+    async def refuse_first(server, session, envelope):
+        calls.append(1)
+        if len(calls) == 1:
+            return "451 4.3.0 try again"
+        return await original(server, session, envelope)
+
+    sink.recorder.handle_DATA = refuse_first
+    assert send(relay, mail("<one@example.com>")).startswith("451 4.3.0 smtp: upstream deferred")
+    assert send(relay, mail("<two@example.com>")) == "250 2.0.0 Ok <two@example.com>"
+    assert sink.recorder.connections == 1
+    assert len(sink.messages) == 1
+
+
+def test_a_deferred_recipient_defers_the_whole_message(relay_factory, sink):
+    relay = relay_factory(SMTP_CONFIG=sink.smtp_config(), DEFAULT_SEND_BALANCE="10")
+    sink.recorder.rcpt_replies[OTHER] = "452 4.2.2 mailbox full"
+    reply = send(relay, mail(), (RCPT, OTHER))
+    assert reply == "451 4.3.0 smtp: upstream deferred (452 4.2.2 mailbox full)"
+    assert sink.messages == []
+    assert relay.store.show_sender(SENDER)["balance"] == 10

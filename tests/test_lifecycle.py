@@ -117,3 +117,21 @@ def test_serve_with_two_workers_forwards_and_stops_on_sigterm(tmp_path, cert_dir
         _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 0, stderr
     assert stderr.count("stopping: draining sessions") == 2
+
+
+def test_a_stopping_relay_takes_no_new_transaction(relay, sink):
+    token = relay.token()
+    arrived = slow_data(sink, 0.5)
+    raw = relay.raw()
+    raw.login(token)
+    raw.cmd(f"MAIL FROM:<{SENDER}>")
+    raw.cmd("RCPT TO:<a@dest.test>")
+    raw.cmd("DATA")
+    raw.send(message() + b".")
+    assert arrived.wait(10)
+    stopping = asyncio.run_coroutine_threadsafe(relay.relay.stop(), relay.loop)
+    assert raw.read().startswith("250 2.0.0 Ok <")
+    assert raw.cmd(f"MAIL FROM:<{SENDER}>") == "421 4.3.2 Service shutting down, try again later"
+    assert raw.closed()
+    stopping.result(10)
+    assert len(sink.messages) == 1

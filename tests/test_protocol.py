@@ -486,3 +486,26 @@ def test_every_reply_carries_an_enhanced_code(relay, line):
     reply = raw.cmd(line)
     for text in reply.split("\n"):
         assert re.fullmatch(r"[245]\d\d[ -][245]\.\d{1,3}\.\d{1,3}( .*)?", text), reply
+
+
+def test_malformed_sender_address_gets_the_sender_code(relay):
+    raw = relay.raw()
+    raw.login(relay.token())
+    assert raw.cmd("MAIL FROM:<@>") == "553 5.1.7 Bad sender address syntax"
+    raw.cmd(f"MAIL FROM:<{SENDER}>")
+    assert raw.cmd("RCPT TO:<@>") == "553 5.1.3 Bad recipient address syntax"
+
+
+def test_leaving_during_auth_leaves_no_timer_behind(relay_factory, sink, monkeypatch, caplog):
+    monkeypatch.setattr(config, "COMMAND_TIMEOUT", 0.3)
+    relay = relay_factory(SMTP_CONFIG=sink.smtp_config())
+    raw = relay.raw()
+    raw.cmd("EHLO client.test")
+    assert raw.cmd("AUTH LOGIN") == "334 " + b64("Username:")
+    raw.close()
+    deadline = time.monotonic() + 5
+    while relay.relay.sessions and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.6)  # past COMMAND_TIMEOUT: a stray timer would have fired by now
+    assert not relay.relay.sessions
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
