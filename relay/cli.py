@@ -87,7 +87,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from relay import server
 
     settings = load_settings()
-    if args.workers:
+    if args.workers is not None:
+        if args.workers < 1:
+            raise ConfigError(f"--workers: must be at least 1, got {args.workers}")
         settings = _replace(settings, workers=args.workers)
     _logging(settings)
     server.run(settings)
@@ -165,7 +167,8 @@ def cmd_domain_add(args: argparse.Namespace) -> None:
 
 def cmd_domain_remove(args: argparse.Namespace) -> None:
     _store().remove_domain(args.account, args.domain)
-    print(f"removed {args.domain.lower()} from account {args.account}")
+    value = {"account": args.account, "domain": args.domain.strip().lower(), "removed": True}
+    _emit(args, value, lambda v: f"removed {v['domain']} from account {v['account']}")
 
 
 def cmd_domain_list(args: argparse.Namespace) -> None:
@@ -174,6 +177,8 @@ def cmd_domain_list(args: argparse.Namespace) -> None:
 
 
 def cmd_token_create(args: argparse.Namespace) -> None:
+    if args.expires_in is not None and args.expires_in <= 0:
+        raise RelayError("--expires-in: a number of days above 0 (leave it out: no expiry)")
     value = _store().create_token(
         args.account, name=args.name or "", role=args.role or "", expires_in_days=args.expires_in
     )
@@ -282,10 +287,11 @@ def _limits_text(rows: list[dict[str, Any]]) -> str:
             "daily": f"{r['daily_count']}/{limit(r['daily'])}",
             "monthly": f"{r['monthly_count']}/{limit(r['monthly'])}",
             "daily resets": r["daily_resets_at"],
+            "monthly resets": r["monthly_resets_at"],
         }
         for r in rows
     ]
-    return _table(shown, ["scope", "daily", "monthly", "daily resets"])
+    return _table(shown, ["scope", "daily", "monthly", "daily resets", "monthly resets"])
 
 
 # --- the parser ----------------------------------------------------------------

@@ -133,6 +133,7 @@ KNOWN = frozenset(
     }
 )
 RESEND_DOMAIN_PREFIX = "RESEND_TOKEN_"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def is_known_setting(name: str) -> bool:
@@ -149,13 +150,26 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     raw: dict[str, Any] = {}
     if env.get("RELAY_CONFIG"):
         raw.update(_read_toml(Path(env["RELAY_CONFIG"])))
-    raw.update({k: v for k, v in env.items() if is_known_setting(k)})
+    # An empty variable (compose passes `${X:-}`) does not override the file.
+    raw.update({k: v for k, v in env.items() if is_known_setting(k) and v != ""})
 
     def text(name: str, default: str | None = None) -> str | None:
         value = raw.get(name, default)
         if value is None or value == "":
             return default
+        if isinstance(value, bool) or not isinstance(value, str | int):
+            # TOML `false` must not become the path "False".
+            raise ConfigError(f"{name}: expected a string, got {type(value).__name__}")
         return str(value)
+
+    roles = raw.get("NO_LIMIT_SEND_ROLE") or ""
+    if isinstance(roles, list) and all(isinstance(r, str) for r in roles):
+        roles = ",".join(roles)  # TOML may give a list
+    elif not isinstance(roles, str):
+        raise ConfigError("NO_LIMIT_SEND_ROLE: expected a comma list of roles")
+    level = (text("RELAY_LOG_LEVEL") or "INFO").upper()
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"RELAY_LOG_LEVEL: expected one of {', '.join(LOG_LEVELS)}, got {level}")
 
     return Settings(
         hostname=text("RELAY_HOSTNAME") or socket.getfqdn(),
@@ -176,14 +190,13 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         ),
         cloudflare=_cloudflare(text),
         default_send_balance=_integer(raw, "DEFAULT_SEND_BALANCE", 0, minimum=0),
-        no_limit_roles=frozenset(
-            r.strip() for r in (text("NO_LIMIT_SEND_ROLE") or "").split(",") if r.strip()
-        ),
+        no_limit_roles=frozenset(r.strip() for r in roles.split(",") if r.strip()),
         workers=_integer(raw, "RELAY_WORKERS", 1, minimum=1),
         max_connections=_integer(raw, "RELAY_MAX_CONNECTIONS", 10_000, minimum=1),
-        upstream_timeout=_number(raw, "RELAY_UPSTREAM_TIMEOUT", 30.0, maximum=DATA_TIMEOUT / 2),
+        # A forward gets twice this: at most half the client's DATA budget.
+        upstream_timeout=_number(raw, "RELAY_UPSTREAM_TIMEOUT", 30.0, maximum=DATA_TIMEOUT / 4),
         drain_timeout=_number(raw, "RELAY_DRAIN_TIMEOUT", 30.0, maximum=3600),
-        log_level=(text("RELAY_LOG_LEVEL") or "INFO").upper(),
+        log_level=level,
     )
 
 
@@ -209,6 +222,8 @@ def _integer(raw: Mapping[str, Any], name: str, default: int, *, minimum: int) -
     if value is None or value == "":
         return default
     try:
+        if isinstance(value, bool | float):
+            raise TypeError  # TOML 2.9 must not become 2, nor true 1
         number = int(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{name}: expected a whole number, got {value!r}") from None
@@ -222,6 +237,8 @@ def _number(raw: Mapping[str, Any], name: str, default: float, *, maximum: float
     if value is None or value == "":
         return default
     try:
+        if isinstance(value, bool):
+            raise TypeError
         number = float(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{name}: expected a number of seconds, got {value!r}") from None
@@ -263,7 +280,7 @@ def _smtp_entry(domain: str, entry: Any) -> SmtpUpstream:
     host, port = entry.get("host"), entry.get("port", 465 if entry.get("secure") else 587)
     if not isinstance(host, str) or not host:
         raise ConfigError(f"{where}.host: required")
-    if not isinstance(port, int) or not 0 < port < 65536:
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
         raise ConfigError(f"{where}.port: expected a port number, got {port!r}")
     auth = entry.get("authType", ["plain", "login"])
     if isinstance(auth, str):
@@ -276,15 +293,27 @@ def _smtp_entry(domain: str, entry: Any) -> SmtpUpstream:
     tls = entry.get("tls") or {}
     if not isinstance(tls, dict):
         raise ConfigError(f"{where}.tls: expected {{rejectUnauthorized, ca}}")
-    password = creds.get("password")
+    password, username, ca = creds.get("password"), creds.get("username"), tls.get("ca")
+    for name, value in (("credentials.username", username), ("credentials.password", password),
+                        ("tls.ca", ca)):  # fmt: skip
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"{where}.{name}: expected a string")
     return SmtpUpstream(
         host=host,
         port=port,
-        secure=bool(entry.get("secure", False)),
-        start_tls=bool(entry.get("startTls", True)),
+        secure=_flag(entry, "secure", False, where),
+        start_tls=_flag(entry, "startTls", True, where),
         auth_types=tuple(a.lower() for a in auth),
-        username=creds.get("username") or None,
+        username=username or None,
         password=Secret(password) if password else None,
-        verify_tls=bool(tls.get("rejectUnauthorized", True)),
-        ca=tls.get("ca") or None,
+        verify_tls=_flag(tls, "rejectUnauthorized", True, f"{where}.tls"),
+        ca=ca or None,
     )
+
+
+def _flag(entry: Mapping[str, Any], key: str, default: bool, where: str) -> bool:
+    # JSON "false" (a string) is true to bool(): take only real booleans.
+    value = entry.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}.{key}: expected true or false, got {value!r}")
+    return value

@@ -73,6 +73,10 @@ AUTH_BAD_BASE64 = Reply(501, "5.5.2", "Cannot decode base64")
 AUTH_ABORTED = Reply(501, "5.7.0", "Authentication aborted")
 AUTH_UNKNOWN_MECHANISM = Reply(504, "5.5.4", "Unrecognized authentication type")
 AUTH_NEEDS_EHLO = Reply(503, "5.5.1", "Send EHLO first")
+# RFC 4954 section 6: 530 asks the client to authenticate (again).
+TOKEN_NO_LONGER_VALID = Reply(
+    530, "5.7.0", "Authentication required: the token was revoked or expired"
+)
 
 # --- syntax and sequence (RFC 5321 section 4.2.4) --------------------------
 UNKNOWN_COMMAND = Reply(500, "5.5.2", "Command not recognized")

@@ -72,7 +72,9 @@ CREDENTIALS_REJECTED = replies.UPSTREAM_UNAVAILABLE.but(
 # An attached message is re-serialized from its parse: CRLF as RFC 5322 asks,
 # and its header lines left as the client folded them.
 _ATTACHED_MESSAGE = default_policy.clone(linesep="\r\n", refold_source="none")
-_RECIPIENT_FIELD = re.compile(r"\b(to|cc|bcc|recipients?)\b", re.IGNORECASE)
+# Resend names the field in backticks ("Invalid `to` field"); plain English "to"
+# ("needs to follow") must not make a sender or attachment error a recipient one.
+_RECIPIENT_FIELD = re.compile(r"`(to|cc|bcc)`", re.IGNORECASE)
 _CREDENTIAL_ERRORS = frozenset({"invalid_api_key", "missing_api_key", "restricted_api_key"})
 _QUOTA_WORDS = {
     "rate_limit_exceeded": "rate limited",
@@ -286,7 +288,8 @@ def outcome(status: int, body: object, retry_after: str | None) -> Reply:
     """
     error = body if isinstance(body, dict) else {}
     name = str(error.get("name") or "")
-    detail = str(error.get("message") or "").replace("`", "")
+    message = str(error.get("message") or "")
+    detail = message.replace("`", "")
     reason = one_line(f"{NAME}: {detail or name.replace('_', ' ') or f'HTTP {status}'}")
 
     if status == 429:
@@ -303,7 +306,7 @@ def outcome(status: int, body: object, retry_after: str | None) -> Reply:
     if status in (400, 422):
         if name == "invalid_from_address":
             return SENDER_REFUSED.but(reason)
-        if name in ("validation_error", "invalid_parameter") and _RECIPIENT_FIELD.search(detail):
+        if name in ("validation_error", "invalid_parameter") and _RECIPIENT_FIELD.search(message):
             return RECIPIENT_REFUSED.but(reason)
         return CONTENT_REFUSED.but(reason)
     if status == 409:
@@ -364,6 +367,12 @@ class ResendChannel:
             else:
                 accepted.append(rcpt)
                 ids.append(result)
+        deferred = {r: reply for r, reply in refused.items() if reply.code < 500}
+        if deferred:
+            # A copy deferred must not hide behind a 250: the client retries the
+            # message, and the per-recipient keys keep the copies that went out
+            # from going out twice.
+            raise all_refused(NAME, deferred)
         if not accepted:
             raise all_refused(NAME, refused)
         return Delivery(tuple(accepted), refused, upstream_id=one_line(",".join(ids), 120))

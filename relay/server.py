@@ -30,6 +30,7 @@ from relay.policy import Channel as ChannelName
 from relay.protocol import SubmissionProtocol
 from relay.session import Submission
 from relay.smtp_upstream import SmtpChannel
+from relay.smtp_upstream import tls_context as smtp_tls_context
 from relay.store import AsyncStore, Store
 
 log = logging.getLogger("relay.server")
@@ -251,7 +252,10 @@ def run(settings: Settings, ready: Callable[[Relay], Any] | None = None) -> None
     if settings.workers == 1:
         _run_loop(serve(settings, ready=ready))
         return
-    # Bind and migrate once in the parent so a bad setting stops the start here.
+    # Check, bind and migrate once in the parent so a bad setting stops the start here.
+    tls_context(settings)
+    for domain, upstream in settings.smtp_config.items():
+        smtp_tls_context(domain, upstream)
     Store(settings.database).migrate()
     bind(settings, reuse_port=True).close()
     children = []

@@ -96,10 +96,15 @@ class Submission:
                 principal.account_id,
                 self.settings.default_send_balance,
                 unlimited,
+                principal.token_id,
             )
         except StoreError:
             log.exception("MAIL check failed")
             return str(replies.LOCAL_ERROR)
+        if not check.token_valid:
+            session.authenticated = False
+            session.principal = None
+            return str(replies.TOKEN_NO_LONGER_VALID)
         if check.domain_owner != principal.account_id:
             return str(policy.sender_domain_denied(domain))
         if not self.settings.has_any_channel(domain):
@@ -207,10 +212,13 @@ class Submission:
                 unit=unit,
                 default_balance=self.settings.default_send_balance,
                 idempotency_key=idempotency_key,
+                domain=domain,
             )
         except Refused as refused:
             if refused.hit is not None:
                 return policy.limit_reached(refused.hit)
+            if refused.domain_lost:
+                return policy.sender_domain_denied(domain)
             if refused.disabled:
                 return policy.sender_disabled(sender_key)
             return policy.balance_short(sender_key, refused.balance or 0, len(rcpts))

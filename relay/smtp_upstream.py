@@ -23,7 +23,7 @@ import aiosmtplib
 from relay import replies
 from relay.channel import Delivery, Outbound, all_refused
 from relay.config import SmtpUpstream
-from relay.errors import DeliveryError, TransientDelivery, delivery_error
+from relay.errors import ConfigError, DeliveryError, TransientDelivery, delivery_error
 from relay.message import domain_of
 from relay.replies import Reply, one_line
 
@@ -35,6 +35,7 @@ NAME = "smtp"
 MAX_IDLE = 32
 IDLE_SECONDS = 30.0
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\s+")
+_UPSTREAM_AUTH_CODES = frozenset({530, 535, 538})
 _DOT_AT_LINE_START = re.compile(rb"(?m)^\.")
 _AUTH = {"plain": "auth_plain", "login": "auth_login", "cram-md5": "auth_crammd5"}
 
@@ -51,6 +52,12 @@ def upstream_reply(code: int, message: str) -> Reply:
     enhanced = match.group(0).strip() if match else ""
     # A multi-line reply repeats its enhanced code on every line: keep the words.
     reason = one_line(" ".join(_ENHANCED.sub("", line, count=1) for line in lines))
+    if code in _UPSTREAM_AUTH_CODES:
+        # The upstream wants AUTH the relay was not configured for, or refused
+        # it: the relay's configuration fault, never the client's (RFC 4954).
+        return replies.UPSTREAM_UNAVAILABLE.but(
+            f"{NAME}: upstream requires authentication the relay does not have ({code})"
+        )
     if 400 <= code < 500:
         base = (
             replies.UPSTREAM_THROTTLED
@@ -85,7 +92,9 @@ class SmtpChannel:
         self.timeout = timeout
         self.local_hostname = local_hostname
         self._idle: dict[str, deque[_Conn]] = {}
-        self._tls: dict[str, ssl.SSLContext] = {}
+        # Built now, so a missing or bad `tls.ca` stops the start (ConfigError)
+        # instead of failing every message later.
+        self._tls = {domain: tls_context(domain, u) for domain, u in upstreams.items()}
 
     async def deliver(self, message: Outbound) -> Delivery:
         domain = domain_of(message.sender)
@@ -212,7 +221,7 @@ class SmtpChannel:
             port=upstream.port,
             use_tls=upstream.secure,
             start_tls=None if upstream.start_tls else False,
-            tls_context=self._tls_context(domain, upstream),
+            tls_context=self._tls[domain],
             local_hostname=self.local_hostname,
             timeout=self.timeout,
         )
@@ -246,21 +255,6 @@ class SmtpChannel:
                 return
         await client.login(upstream.username, str(upstream.password))
 
-    def _tls_context(self, domain: str, upstream: SmtpUpstream) -> ssl.SSLContext:
-        if domain not in self._tls:
-            if not upstream.verify_tls:
-                ctx = ssl.create_default_context()
-                ctx.check_hostname = False
-                ctx.verify_mode = ssl.CERT_NONE
-            elif upstream.ca and "-----BEGIN" in upstream.ca:
-                ctx = ssl.create_default_context(cadata=upstream.ca)
-            elif upstream.ca:
-                ctx = ssl.create_default_context(cafile=str(Path(upstream.ca)))
-            else:
-                ctx = ssl.create_default_context()
-            self._tls[domain] = ctx
-        return self._tls[domain]
-
     async def aclose(self) -> None:
         conns = [c for idle in self._idle.values() for c in idle]
         self._idle.clear()
@@ -272,6 +266,24 @@ class SmtpChannel:
                 conn.client.close()
 
         await asyncio.gather(*(quit_one(c) for c in conns))
+
+
+def tls_context(domain: str, upstream: SmtpUpstream) -> ssl.SSLContext:
+    """The context for one upstream: verified by default, or against its own CA."""
+    try:
+        if not upstream.verify_tls:
+            ctx = ssl.create_default_context()
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        elif upstream.ca and "-----BEGIN" in upstream.ca:
+            ctx = ssl.create_default_context(cadata=upstream.ca)
+        elif upstream.ca:
+            ctx = ssl.create_default_context(cafile=str(Path(upstream.ca)))
+        else:
+            ctx = ssl.create_default_context()
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        raise ConfigError(f"SMTP_CONFIG[{domain!r}].tls.ca: cannot load ({exc})") from None
+    return ctx
 
 
 def _describe(exc: BaseException) -> str:

@@ -62,6 +62,7 @@ class MailCheck:
     """Everything MAIL FROM needs to know, read in one round trip."""
 
     domain_owner: int | None
+    token_valid: bool  # revoked or expired since AUTH: the session must AUTH again
     sender: SenderState
     headroom: int | None  # recipients the tightest send-limit window still allows
     hit: LimitHit | None  # the exhausted window, if any
@@ -88,10 +89,12 @@ class Refused(RelayError):
         balance: int | None = None,
         disabled: bool = False,
         hit: LimitHit | None = None,
+        domain_lost: bool = False,
     ) -> None:
         super().__init__(message)
         self.balance = balance
         self.disabled = disabled
+        self.domain_lost = domain_lost
         self.hit = hit
 
 
@@ -412,7 +415,9 @@ class Store:
         with self._write() as db:
             row = db.execute("SELECT balance FROM senders WHERE address = ?", (address,)).fetchone()
             if row is None:
-                raise RelayError(f"no sender row for {address}; create it with `relay sender set`")
+                # A top-up for a sender who never sent creates the row with it.
+                _ensure_sender(db, address, 0, now)
+                row = {"balance": 0}
             if row["balance"] + amount < 0:
                 raise RelayError(f"a top-up of {amount} would make the balance negative")
             db.execute(
@@ -430,7 +435,13 @@ class Store:
     # --- the runtime path --------------------------------------------------------
 
     def check_mail(
-        self, address: str, domain: str, account_id: int, default_balance: int, unlimited: bool
+        self,
+        address: str,
+        domain: str,
+        account_id: int,
+        default_balance: int,
+        unlimited: bool,
+        token_id: str = "",
     ) -> MailCheck:
         """MAIL FROM: the domain's owner, the sender's row (created if missing), the windows.
 
@@ -441,6 +452,7 @@ class Store:
         db = self.db
         try:
             owner = _owner(db, domain)
+            token_valid = self._token_valid(db, token_id)
             unlimited = unlimited or self._is_nolimit(db, address)
             row = _sender_row(db, address)
             room, hit = self._headroom(db, account_id, now)
@@ -457,7 +469,14 @@ class Store:
             enabled=bool(row["enabled"]) if row else True,
             unlimited=unlimited,
         )
-        return MailCheck(owner[0] if owner else None, state, room, hit)
+        return MailCheck(owner[0] if owner else None, token_valid, state, room, hit)
+
+    def _token_valid(self, db: sqlite3.Connection, token_id: str) -> bool:
+        """A token revoked or expired after AUTH stops its open sessions too."""
+        row = db.execute("SELECT revoked, expires FROM tokens WHERE id = ?", (token_id,)).fetchone()
+        if row is None or row["revoked"] is not None:
+            return False
+        return row["expires"] is None or row["expires"] > self._now()
 
     @staticmethod
     def _is_nolimit(db: sqlite3.Connection, address: str) -> bool:
@@ -488,6 +507,7 @@ class Store:
         unit: int,
         default_balance: int,
         idempotency_key: str | None = None,
+        domain: str | None = None,
     ) -> Reservation:
         """Atomically charge `unit` per recipient and count the send-limit windows.
 
@@ -501,6 +521,10 @@ class Store:
         scopes = (RELAY_SCOPE, str(account_id))
         charge = unit * recipients
         with self._write() as db:
+            if domain is not None:
+                owner = _owner(db, domain)
+                if owner is None or owner[0] != account_id:
+                    raise Refused(f"domain {domain} left the account", domain_lost=True)
             if idempotency_key and _delivered_recently(db, idempotency_key, ts):
                 return Reservation(0, 0, replay=True)
             if unit:

@@ -497,8 +497,10 @@ def test_admin_edits_are_checked(tmp_path):
         store.set_sender(SENDER, balance=-1)
     with pytest.raises(RelayError, match="negative"):
         store.topup_sender(SENDER, -3)
-    with pytest.raises(RelayError, match="no sender row"):
-        store.topup_sender("nobody@example.com", 1)
+    with pytest.raises(RelayError, match="negative"):
+        store.topup_sender("nobody@example.com", -1)
+    # A top-up for a sender with no row yet creates it with that balance.
+    assert store.topup_sender("new@example.com", 7)["balance"] == 7
     with pytest.raises(RelayError, match="no sender row"):
         store.delete_sender("nobody@example.com")
     assert store.topup_sender(SENDER, -2)["balance"] == 0

@@ -9,6 +9,7 @@ the client saw (issue 3, "Outcomes, in the client's session").
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import socket
 import threading
@@ -879,4 +880,26 @@ def test_a_deferred_recipient_defers_the_whole_message(relay_factory, sink):
     reply = send(relay, mail(), (RCPT, OTHER))
     assert reply == "451 4.3.0 smtp: upstream deferred (452 4.2.2 mailbox full)"
     assert sink.messages == []
+    assert relay.store.show_sender(SENDER)["balance"] == 10
+
+
+def test_resend_bcc_only_copy_deferred_defers_the_message(relay_factory, resend):
+    relay = relay_factory(**resend_env(resend), DEFAULT_SEND_BALANCE="10")
+    resend.fail(429, "rate_limit_exceeded", retry_after="7")
+
+    reply = send(relay, mail(to="undisclosed-recipients:;"), (RCPT, OTHER))
+
+    assert reply.startswith("451 4.7.0 resend: ") and "retry after 7 s" in reply
+    assert relay.store.show_sender(SENDER)["balance"] == 10
+
+
+def test_upstream_asking_for_auth_the_relay_lacks_is_451(relay_factory, sink_factory):
+    sink = sink_factory("plain", username="relay-user", password="s3cret")
+    config = json.loads(sink.smtp_config())
+    del config[DOMAIN]["credentials"]
+    relay = relay_factory(SMTP_CONFIG=json.dumps(config), DEFAULT_SEND_BALANCE="10")
+    reply = send(relay, mail())
+    assert reply.startswith(
+        "451 4.3.0 smtp: upstream requires authentication the relay does not have"
+    )
     assert relay.store.show_sender(SENDER)["balance"] == 10

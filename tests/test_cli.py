@@ -208,6 +208,8 @@ def test_docker_compose_uses_only_settings_the_relay_knows():
     indent = len(lines[start + 1]) - len(lines[start + 1].lstrip())
     names = []
     for line in lines[start + 1 :]:
+        if line.strip().startswith("#"):
+            continue  # a YAML comment
         if not line.strip() or len(line) - len(line.lstrip()) < indent:
             break
         names.append(line.strip().split(":", 1)[0])
@@ -356,3 +358,54 @@ def test_dev_start_creates_a_demo_and_delivers_to_the_outbox(tmp_path):
         if proc.stdout is not None:
             proc.stdout.close()
     assert proc.returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("toml", "line"),
+    [
+        ("RELAY_DEV_OUTBOX = false\n", "RELAY_DEV_OUTBOX: expected a string, got bool"),
+        ("DEFAULT_SEND_BALANCE = 2.9\n", "DEFAULT_SEND_BALANCE: expected a whole number"),
+        ('RELAY_LOG_LEVEL = "VERBOSE"\n', "RELAY_LOG_LEVEL: expected one of DEBUG"),
+        (
+            '[SMTP_CONFIG."a.test"]\nhost = "h"\nport = 25\nsecure = "false"\n',
+            "SMTP_CONFIG['a.test'].secure: expected true or false",
+        ),
+        (
+            '[SMTP_CONFIG."a.test"]\nhost = "h"\nport = true\n',
+            "SMTP_CONFIG['a.test'].port: expected a port number",
+        ),
+    ],
+)
+def test_toml_values_of_the_wrong_type_are_refused(tmp_path, toml, line):
+    config = tmp_path / "relay.toml"
+    config.write_text(toml)
+    with pytest.raises(ConfigError) as refused:
+        load_settings({"RELAY_CONFIG": str(config)})
+    assert str(refused.value).startswith(line)
+
+
+def test_empty_environment_values_do_not_override_the_file(tmp_path):
+    config = tmp_path / "relay.toml"
+    config.write_text('RESEND_TOKEN = "re_file"\nNO_LIMIT_SEND_ROLE = ["admin", "ops"]\n')
+    settings = load_settings({"RELAY_CONFIG": str(config), "RESEND_TOKEN": ""})
+    assert settings.resend.token == "re_file"
+    assert settings.no_limit_roles == frozenset({"admin", "ops"})
+
+
+def test_a_missing_upstream_ca_stops_the_start(db_env, cert_dir, tmp_path):
+    smtp = json.dumps({"a.test": {"host": "h", "port": 465, "secure": True,
+                                  "tls": {"ca": str(tmp_path / "missing.pem")}}})  # fmt: skip
+    env = {
+        **db_env,
+        "RELAY_LISTEN": "127.0.0.1:0",
+        "RELAY_TLS_CERT": str(cert_dir / "relay.crt"),
+        "RELAY_TLS_KEY": str(cert_dir / "relay.key"),
+        "SMTP_CONFIG": smtp,
+    }
+    result = relay_cli("serve", env=env)
+    assert result.returncode == 2
+    assert result.stderr.startswith("relay: SMTP_CONFIG['a.test'].tls.ca: cannot load")
+    assert "Traceback" not in result.stderr
+    workers = relay_cli("serve", "--workers", "0", env=env)
+    assert workers.returncode == 2
+    assert workers.stderr.strip() == "relay: --workers: must be at least 1, got 0"

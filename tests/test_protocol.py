@@ -509,3 +509,31 @@ def test_leaving_during_auth_leaves_no_timer_behind(relay_factory, sink, monkeyp
     time.sleep(0.6)  # past COMMAND_TIMEOUT: a stray timer would have fired by now
     assert not relay.relay.sessions
     assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+def test_a_token_revoked_mid_session_stops_that_session(relay):
+    token = relay.token()
+    token_id = relay.store.list_tokens("acme")[-1]["id"]
+    raw = relay.raw()
+    raw.login(token)
+    assert raw.cmd(f"MAIL FROM:<{SENDER}>") == "250 2.1.0 Ok"
+    raw.cmd("RSET")
+    relay.store.revoke_token(token_id)
+    assert raw.cmd(f"MAIL FROM:<{SENDER}>") == (
+        "530 5.7.0 Authentication required: the token was revoked or expired"
+    )
+    assert raw.cmd(f"MAIL FROM:<{SENDER}>") == "530 5.7.0 Authentication required"
+    assert raw.cmd("AUTH PLAIN " + plain(relay.token())) == "235 2.7.0 Authentication successful"
+    assert raw.cmd(f"MAIL FROM:<{SENDER}>") == "250 2.1.0 Ok"
+
+
+def test_a_domain_removed_before_data_is_not_sent_from(relay, sink):
+    raw = relay.raw()
+    raw.login(relay.token())
+    raw.cmd(f"MAIL FROM:<{SENDER}>")
+    raw.cmd("RCPT TO:<a@dest.test>")
+    relay.store.remove_domain("acme", DOMAIN)
+    raw.cmd("DATA")
+    raw.send(message() + b".")
+    assert raw.read().startswith("550 5.7.1 Sender denied: domain example.com is not onboarded")
+    assert sink.messages == []
