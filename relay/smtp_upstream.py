@@ -104,7 +104,7 @@ class SmtpChannel:
             conn, reused = await self._connect(domain, upstream), False
         try:
             try:
-                await conn.client.mail(message.sender)
+                await self._mail(conn.client, message)
             except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPResponseException) as exc:
                 # A pooled connection the upstream closed (or 421s) while idle.
                 stale = isinstance(exc, aiosmtplib.SMTPServerDisconnected) or exc.code in (421, 503)
@@ -112,7 +112,7 @@ class SmtpChannel:
                     raise
                 conn.client.close()
                 conn = await self._connect(domain, upstream)
-                await conn.client.mail(message.sender)
+                await self._mail(conn.client, message)
             delivery = await self._transaction(conn.client, message)
         except DeliveryError:
             self._release(domain, conn)
@@ -136,6 +136,13 @@ class SmtpChannel:
             raise
         self._release(domain, conn)
         return delivery
+
+    @staticmethod
+    async def _mail(client: aiosmtplib.SMTP, message: Outbound) -> None:
+        # RFC 6152: 8-bit content is declared where the upstream takes it; we
+        # advertise 8BITMIME to our clients, so such content does arrive.
+        eight_bit = not message.content.isascii() and client.supports_extension("8bitmime")
+        await client.mail(message.sender, options=["BODY=8BITMIME"] if eight_bit else None)
 
     async def _transaction(self, client: aiosmtplib.SMTP, message: Outbound) -> Delivery:
         accepted: list[str] = []

@@ -60,6 +60,7 @@ class Recorder:
         self.messages: list[Received] = []
         self.rcpt_replies: dict[str, str] = {}  # recipient -> reply line
         self.mail_reply: str | None = None
+        self.mail_options: list[list[str]] = []
         self.data_reply: str | None = None
         self.connections = 0
         self.auth_logins: list[bytes] = []
@@ -77,6 +78,7 @@ class Recorder:
     ) -> str:
         if self.mail_reply:
             return self.mail_reply
+        self.mail_options.append(list(options))
         envelope.mail_from = address
         return "250 2.1.0 OK"
 

@@ -903,3 +903,12 @@ def test_upstream_asking_for_auth_the_relay_lacks_is_451(relay_factory, sink_fac
         "451 4.3.0 smtp: upstream requires authentication the relay does not have"
     )
     assert relay.store.show_sender(SENDER)["balance"] == 10
+
+
+def test_eight_bit_content_is_declared_to_the_upstream(relay_factory, sink):
+    relay = relay_factory(SMTP_CONFIG=sink.smtp_config(), DEFAULT_SEND_BALANCE="10")
+    assert send(relay, mail("<plain@example.com>")) == "250 2.0.0 Ok <plain@example.com>"
+    eight_bit = mail("<utf8@example.com>", body="Grüße")  # UTF-8 in the body
+    assert send(relay, eight_bit) == "250 2.0.0 Ok <utf8@example.com>"
+    assert sink.recorder.mail_options == [[], ["BODY=8BITMIME"]]
+    assert "Grüße".encode() in sink.messages[1].content
