@@ -137,7 +137,7 @@ class SubmissionProtocol(SMTP):
 
     async def push(self, status: str | bytes) -> None:
         line = status.decode("ascii", "replace") if isinstance(status, bytes) else status
-        if line.startswith("553 5.1.3 Error: malformed address"):
+        if line.startswith(replies.AIOSMTPD_MALFORMED_ADDRESS):
             # aiosmtpd says 5.1.3 (a recipient's code) for MAIL too.
             mail = self._command == "MAIL"
             line = str(replies.BAD_SENDER_ADDRESS if mail else replies.BAD_RECIPIENT_ADDRESS)

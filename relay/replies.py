@@ -161,6 +161,9 @@ _BUILTIN: tuple[tuple[str, Reply], ...] = (
     ("555 ", PARAMETER_UNKNOWN),
     ("252 ", CANNOT_VRFY),
 )
+# aiosmtpd's reply to an unparseable MAIL or RCPT address: a recipient's code
+# for both; the protocol picks ours by command.
+AIOSMTPD_MALFORMED_ADDRESS = "553 5.1.3 Error: malformed address"
 _HAS_ENHANCED = re.compile(r"\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
 _CLASS_DEFAULT = {"2": "2.0.0", "4": "4.0.0", "5": "5.0.0"}
 
