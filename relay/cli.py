@@ -103,9 +103,7 @@ def cmd_dev(args: argparse.Namespace) -> None:
     env.setdefault("RELAY_LISTEN", DEV_LISTEN)
     env.setdefault("RELAY_HOSTNAME", "localhost")
     probe = load_settings(env)
-    if not (
-        probe.cloudflare or probe.resend.token or probe.resend.domain_tokens or probe.smtp_config
-    ):
+    if not (probe.cloudflare or probe.resend.configured or probe.smtp_config):
         env.setdefault("RELAY_DEV_OUTBOX", "data/outbox")
     settings = load_settings(env)
     if not settings.tls_cert.exists() or not settings.tls_key.exists():

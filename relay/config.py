@@ -66,6 +66,10 @@ class ResendConfig:
     domain_tokens: Mapping[str, Secret] = field(default_factory=dict)
     api_url: str = "https://api.resend.com"
 
+    @property
+    def configured(self) -> bool:
+        return bool(self.token or self.domain_tokens)
+
     def token_for(self, domain: str) -> Secret | None:
         """`RESEND_TOKEN_<DOMAIN>` (upper-cased, dots to `_`) wins over `RESEND_TOKEN`."""
         return self.domain_tokens.get(resend_domain_key(domain)) or self.token
@@ -98,14 +102,6 @@ class Settings:
     # How long a stopping server lets sessions in flight finish.
     drain_timeout: float = 30.0
     log_level: str = "INFO"
-
-    def has_any_channel(self, domain: str) -> bool:
-        return bool(
-            self.cloudflare
-            or self.resend.token_for(domain)
-            or domain in self.smtp_config
-            or self.dev_outbox
-        )
 
 
 KNOWN = frozenset(

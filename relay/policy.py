@@ -59,16 +59,13 @@ def choose_route(
     return None
 
 
-def free_channel_possible(settings: Settings, domain: str) -> bool:
-    """Whether a message from `domain` might go out free of charge.
+def free_channel_possible(settings: Settings, route: Route) -> bool:
+    """Whether a message whose route before any RCPT is `route` might go out free.
 
     Cloudflare's verified-address channel depends on recipients not given yet;
     the development outbox is free whenever it is the domain's channel.
     """
-    if settings.cloudflare is not None:
-        return True
-    route = choose_route(settings, domain, (), ())
-    return route is not None and not route.charges
+    return settings.cloudflare is not None or not route.charges
 
 
 def no_channel(domain: str) -> Reply:

@@ -50,7 +50,7 @@ def build_channels(settings: Settings) -> dict[ChannelName, Channel]:
         channels[ChannelName.CLOUDFLARE] = CloudflareChannel(
             settings.cloudflare, timeout=settings.upstream_timeout
         )
-    if settings.resend.token or settings.resend.domain_tokens:
+    if settings.resend.configured:
         from relay.resend import ResendChannel
 
         channels[ChannelName.RESEND] = ResendChannel(

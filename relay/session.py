@@ -61,14 +61,14 @@ class Transaction:
 class Submission:
     """The aiosmtpd handler: MAIL, RCPT and DATA for an authenticated session."""
 
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+        self.settings = relay.settings
+
     async def handle_exception(self, error: Exception) -> str:
         # aiosmtpd's default puts the exception's text in a 500 reply.
         log.error("session error", exc_info=error)
         return str(replies.LOCAL_ERROR)
-
-    def __init__(self, relay: Relay) -> None:
-        self.relay = relay
-        self.settings = relay.settings
 
     async def handle_MAIL(
         self,
@@ -107,10 +107,12 @@ class Submission:
             return str(replies.TOKEN_NO_LONGER_VALID)
         if check.domain_owner != principal.account_id:
             return str(policy.sender_domain_denied(domain))
-        if not self.settings.has_any_channel(domain):
+        # The route before any recipient: None means no channel serves the domain.
+        route = policy.choose_route(self.settings, domain, (), ())
+        if route is None:
             return str(policy.no_channel(domain))
         refusal = policy.sender_refusal(
-            check.sender, policy.free_channel_possible(self.settings, domain)
+            check.sender, policy.free_channel_possible(self.settings, route)
         )
         if refusal is not None:
             return str(refusal)
@@ -277,11 +279,16 @@ class Submission:
             log.exception("channel %s failed unexpectedly", channel.name)
             reply = replies.LOCAL_ERROR
         try:
-            refund = await self.relay.store.run(
-                self.relay.store.sync.settle,
-                reservation.id,
-                len(delivery.accepted),
-                idempotency_key,
+            # A replay reserved nothing and its key is recorded already.
+            refund = (
+                0
+                if reservation.replay
+                else await self.relay.store.run(
+                    self.relay.store.sync.settle,
+                    reservation.id,
+                    len(delivery.accepted),
+                    idempotency_key,
+                )
             )
         except StoreError:
             # The pending row stays; the stale sweep refunds it in full later.
