@@ -46,6 +46,9 @@ class Delivery:
 
 class Channel(Protocol):
     name: str
+    # Whether the upstream honours an idempotency key, so a client's retry of
+    # a message it already took is neither sent nor charged twice.
+    idempotent: bool
 
     async def deliver(self, message: Outbound) -> Delivery: ...
 
@@ -65,6 +68,7 @@ class OutboxChannel:
     """
 
     name = "outbox"
+    idempotent = False
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory

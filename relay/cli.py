@@ -7,6 +7,7 @@ Every listing and creating command takes `--json`. Errors print one line
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -90,7 +91,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.workers is not None:
         if args.workers < 1:
             raise ConfigError(f"--workers: must be at least 1, got {args.workers}")
-        settings = _replace(settings, workers=args.workers)
+        settings = dataclasses.replace(settings, workers=args.workers)
     _logging(settings)
     server.run(settings)
 
@@ -381,12 +382,6 @@ def _parser() -> argparse.ArgumentParser:
     lset.add_argument("--account", help="limit one account instead of the whole relay")
     command(limits, "show", cmd_limits_show, "limits and current counts", True)
     return parser
-
-
-def _replace(settings: Settings, **changes: Any) -> Settings:
-    from dataclasses import replace
-
-    return replace(settings, **changes)
 
 
 def _logging(settings: Settings) -> None:

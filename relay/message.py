@@ -40,6 +40,50 @@ def parse_address(address: str) -> tuple[str, str] | None:
     return local, domain.lower()
 
 
+# RFC 5321 section 4.1.2: a local part is a Dot-string or a Quoted-string. The
+# dots are not checked for placement (`a.@x`, `a..b@x` exist in the wild, and
+# the upstream decides); the domain is checked by `parse_address`.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]"
+_QUOTED = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"'
+_MAILBOX = rf"((?:{_ATEXT}+|{_QUOTED})@[!-;=?A-~]+)"  # printable ASCII but <, > and @
+_PATH = re.compile(r"<(?:@[^:<>\s]+:)?" + _MAILBOX + ">")  # a source route is ignored
+_BARE_PATH = re.compile(_MAILBOX)
+_DOT_STRING = re.compile(rf"{_ATEXT}+")
+
+
+def parse_path(arg: str) -> tuple[str | None, str | None]:
+    """Split a MAIL or RCPT argument into (address, parameters) (RFC 5321 section 4.1.2).
+
+    `<local@domain> PARAMS`, the null path `<>`, and a bare `local@domain` (which
+    clients still send) are taken; anything else, comments and control
+    characters included, is (None, None). A quoted local part that needs no
+    quotes loses them, so `"john"@x` and `john@x` are one address.
+
+        >>> parse_path("<a@b.test> SIZE=10")
+        ('a@b.test', 'SIZE=10')
+        >>> parse_path('<"jo hn"@b.test>')
+        ('"jo hn"@b.test', '')
+        >>> parse_path("<a(comment)@b.test>")
+        (None, None)
+    """
+    arg = arg.strip()
+    if not arg:
+        return "", ""
+    if arg.startswith("<>"):
+        return "<>", arg[2:].strip()
+    match = (_PATH if arg.startswith("<") else _BARE_PATH).match(arg)
+    if match is None:
+        return None, None
+    rest = arg[match.end() :]
+    if rest and not arg.startswith("<") and not rest[0].isspace():
+        return None, None  # `a@b.test>`: a closing bracket with no opening one
+    address = match.group(1)
+    local, _, domain = address.rpartition("@")
+    if local.startswith('"') and _DOT_STRING.fullmatch(unquoted := local[1:-1]):
+        address = f"{unquoted}@{domain}"
+    return address, rest.strip()
+
+
 def normalize_address(address: str) -> str:
     """The key an address is metered and listed under.
 

@@ -1,19 +1,22 @@
 """The pure core: every decision the session makes, as plain functions over values.
 
 Which channel serves a message, whether a sender may send, what a message costs,
-and when a send-limit window resets. No I/O, no clock reads: callers pass `now`.
+and when a send-limit window resets; and the three decisions of a transaction:
+`decide_mail`, `decide_rcpt` and `plan_message` (end of DATA). The session
+gathers their inputs (from the client and the store), calls them, and does what
+they say. No I/O, no clock reads: callers pass `now`.
 """
 
 from __future__ import annotations
 
 import calendar
 import enum
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from relay import replies
-from relay.config import Settings
+from relay.config import Limits, Settings
 from relay.replies import Reply
 
 
@@ -139,9 +142,14 @@ def balance_short(address: str, balance: int, needed: int) -> Reply:
     )
 
 
+def unit_cost(route: Route, unlimited: bool) -> int:
+    """Balance units one delivered recipient costs: 1 on a charging channel, else 0."""
+    return 1 if route.charges and not unlimited else 0
+
+
 def cost(route: Route, recipients: int, unlimited: bool) -> int:
     """Balance units a message costs: one per recipient on a charging channel."""
-    return recipients if route.charges and not unlimited else 0
+    return recipients * unit_cost(route, unlimited)
 
 
 # --- send limits -------------------------------------------------------------
@@ -173,7 +181,7 @@ def window_reset(window: Window, now: datetime) -> datetime:
 
 @dataclass(frozen=True, slots=True)
 class LimitHit:
-    scope: str  # "relay" or "account NAME"
+    scope: str  # "relay" or "account" (the store's wording for the reply)
     window: Window
     limit: int
     reset_at: datetime
@@ -190,3 +198,141 @@ def limit_reached(hit: LimitHit) -> Reply:
 def headroom(limit: int, used: int) -> int | None:
     """Recipients still allowed in a window; None when unlimited."""
     return None if limit == UNLIMITED else max(limit - used, 0)
+
+
+# --- the transaction's decisions ---------------------------------------------------
+
+
+def decide_mail(
+    settings: Settings,
+    *,
+    account_id: int,
+    domain: str,
+    domain_owner: int | None,
+    token_valid: bool,
+    sender: SenderState,
+    hit: LimitHit | None,
+) -> Reply:
+    """MAIL FROM: `SENDER_OK` to open the transaction, or the refusal.
+
+    `TOKEN_NO_LONGER_VALID` also means the session must authenticate again.
+    """
+    if not token_valid:
+        return replies.TOKEN_NO_LONGER_VALID
+    if domain_owner != account_id:
+        return sender_domain_denied(domain)
+    # The route before any recipient: None means no channel serves the domain.
+    route = choose_route(settings, domain, (), ())
+    if route is None:
+        return no_channel(domain)
+    refusal = sender_refusal(sender, free_channel_possible(settings, route))
+    if refusal is not None:
+        return refusal
+    if hit is not None:
+        return limit_reached(hit)
+    return replies.SENDER_OK
+
+
+def rcpt_before_lookup(limits: Limits, recipients: Collection[str], rcpt: str) -> Reply | None:
+    """RCPT's answer when it needs no store lookup: over the count, or a duplicate."""
+    if len(recipients) >= limits.max_recipients:
+        return replies.TOO_MANY_RECIPIENTS
+    if rcpt in recipients:
+        return replies.RECIPIENT_OK  # a duplicate costs nothing more
+    return None
+
+
+def decide_rcpt(
+    settings: Settings,
+    *,
+    domain: str,
+    recipients: Collection[str],
+    rcpt: str,
+    verified: Collection[str],
+    sender: SenderState,
+    headroom: int | None,
+) -> Reply:
+    """RCPT TO after `rcpt_before_lookup`: `RECIPIENT_OK` adds `rcpt`, else the refusal.
+
+    The message with this recipient must still have a channel, be covered by
+    the sender's balance, and fit the tightest send-limit window.
+    """
+    rcpts = [*recipients, rcpt]
+    route = choose_route(settings, domain, rcpts, verified)
+    if route is None:
+        return no_channel(domain)
+    needed = cost(route, len(rcpts), sender.unlimited)
+    if needed > sender.balance:
+        if sender.balance <= 0:
+            return balance_exhausted(sender.address)
+        return balance_short(sender.address, sender.balance, needed)
+    if headroom is not None and len(rcpts) > headroom:
+        return recipients_over_limit(headroom)
+    return replies.RECIPIENT_OK
+
+
+def header_refusal(from_count: int, header_senders: tuple[str, ...] | None) -> Reply | None:
+    """The header section's sender fields must be unambiguous (RFC 5322 section 3.6)."""
+    if from_count != 1:
+        return replies.ONE_FROM_REQUIRED
+    if header_senders is None:
+        return replies.UNCLEAN_SENDER_HEADER
+    return None
+
+
+def foreign_header_domains(domain: str, header_senders: Iterable[str]) -> frozenset[str]:
+    """Domains in From:/Sender: other than the envelope sender's: the store must own them."""
+    return frozenset(a.rpartition("@")[2].lower() for a in header_senders) - {domain}
+
+
+def header_sender_refusal(
+    domain: str, header_senders: Iterable[str], owned: Collection[str]
+) -> Reply | None:
+    """A token sends only as its own account's domains, in the headers too."""
+    for address in header_senders:
+        if address.rpartition("@")[2].lower() not in {*owned, domain}:
+            return header_sender_denied(address)
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class MessagePlan:
+    """What the end of DATA does with a message that passed every check."""
+
+    route: Route
+    unit: int  # balance units per delivered recipient
+
+
+def plan_message(
+    settings: Settings,
+    *,
+    domain: str,
+    recipients: Collection[str],
+    verified: Collection[str],
+    unlimited: bool,
+) -> MessagePlan | Reply:
+    """The channel and the price of a message at the end of DATA, or why it cannot go."""
+    route = choose_route(settings, domain, recipients, verified)
+    if route is None:
+        return no_channel(domain)
+    return MessagePlan(route, unit_cost(route, unlimited))
+
+
+def reservation_refusal(
+    *,
+    sender: str,
+    domain: str,
+    recipients: int,
+    balance: int | None,
+    disabled: bool,
+    hit: LimitHit | None,
+    domain_lost: bool,
+) -> Reply:
+    """The reply for a charge the store refused (state changed since MAIL or RCPT)."""
+    if hit is not None:
+        return limit_reached(hit)
+    if domain_lost:
+        return sender_domain_denied(domain)
+    if disabled:
+        return sender_disabled(sender)
+    return balance_short(sender, balance or 0, recipients)

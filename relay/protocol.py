@@ -1,7 +1,8 @@
 """One client connection: aiosmtpd's protocol, narrowed to the documented endpoint.
 
 `SubmissionProtocol` keeps aiosmtpd's parsing and changes only what the endpoint
-needs (../shared/reference/aiosmtpd-notes.md explains each trap):
+needs; aiosmtpd's private names are reached only through
+`relay.aiosmtpd_compat.SMTPBase`:
 - AUTH is ours: the token lookup is async (aiosmtpd's authenticator is called
   without await), failures answer 535 5.7.8 instead of hanging, a second AUTH is
   503 5.5.1, the exchange has its own 30 s, and repeated failures end the session.
@@ -20,21 +21,20 @@ import binascii
 import hmac
 import logging
 from base64 import b64decode, b64encode
-from email._header_value_parser import get_addr_spec, get_angle_addr
-from email.errors import HeaderParseError
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import MutableSet
+from typing import cast
 
-from aiosmtpd.smtp import SMTP, Session
+from aiosmtpd.smtp import Session
 
 from relay import replies
+from relay.aiosmtpd_compat import SMTPBase
+from relay.config import Settings
 from relay.errors import StoreError
+from relay.message import parse_path
 from relay.replies import Reply
-from relay.session import RelaySession
-from relay.store import Principal
+from relay.session import RelayEnvelope, RelaySession, Submission
+from relay.store import AsyncStore, Principal
 from relay.upload import Upload
-
-if TYPE_CHECKING:
-    from relay.server import Relay
 
 log = logging.getLogger("relay.protocol")
 
@@ -43,18 +43,30 @@ MECHANISMS = ("PLAIN", "LOGIN")
 READ_CHUNK = 256 * 1024
 
 
-class SubmissionProtocol(SMTP):
-    def __init__(self, relay: Relay) -> None:
-        self.relay = relay
-        self.limits = relay.settings.limits
+class SubmissionProtocol(SMTPBase):
+    """One connection. Given what it uses: the settings, the handler, the store
+    (for AUTH) and the set of open sessions it joins while connected."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        handler: Submission,
+        store: AsyncStore,
+        sessions: MutableSet[SubmissionProtocol],
+    ) -> None:
+        self.settings = settings
+        self.limits = settings.limits
+        self.store = store
+        self.sessions = sessions
         self._command = ""  # set while aiosmtpd's smtp_MAIL runs
         self._lost = False
+        self._admitted = False
         super().__init__(
-            relay.handler,
+            handler,
             data_size_limit=self.limits.max_message_size,
             enable_SMTPUTF8=False,
             decode_data=False,
-            hostname=relay.settings.hostname,
+            hostname=settings.hostname,
             ident="ESMTP Service ready",  # no software version in the greeting
             timeout=self.limits.command_timeout,
             # Every listener is implicit TLS, so session.ssl stays None and the
@@ -64,40 +76,45 @@ class SubmissionProtocol(SMTP):
         )
         # Set after __init__: passing auth_required=True with auth_require_tls=False
         # warns on every connection, a warning that does not apply to implicit TLS.
-        self._auth_required = True
+        self.require_auth()
 
-    def _create_session(self) -> RelaySession:
+    def make_session(self) -> RelaySession:
         return RelaySession(self.loop)
+
+    def make_envelope(self) -> RelayEnvelope:
+        return RelayEnvelope()
+
+    def parse_path(self, arg: str) -> tuple[str | None, str | None]:
+        return parse_path(arg)
 
     # --- connection lifecycle --------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.relay.sessions.add(self)
+        if len(self.sessions) >= self.settings.max_connections:
+            # Refused before aiosmtpd starts the session: no greeting, no timer.
+            cast(asyncio.WriteTransport, transport).write(
+                f"{replies.TOO_MANY_CONNECTIONS}\r\n".encode()
+            )
+            transport.close()
+            return
+        self._admitted = True
+        self.sessions.add(self)
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
         self._lost = True
-        self.relay.sessions.discard(self)
+        if not self._admitted:
+            return
+        self.sessions.discard(self)
         super().connection_lost(error)
 
-    async def _handle_client(self) -> None:
-        if len(self.relay.sessions) > self.relay.settings.max_connections:
-            await self.push(str(replies.TOO_MANY_CONNECTIONS))
-            self._close()
-            return
-        await super()._handle_client()
-
-    def _timeout_cb(self) -> None:
-        if self.transport is None:
-            return  # closed already: a timer restarted after the client left
+    def on_timeout(self) -> None:
         self._write_now(replies.TIMEOUT)
-        super()._timeout_cb()
 
-    def _reset_timeout(self, duration: float | None = None) -> None:
+    def timer_allowed(self) -> bool:
         # A handler cancelled by connection_lost must not start a new timer:
         # it would keep this protocol alive, and fire on a closed transport.
-        if not self._lost:
-            super()._reset_timeout(duration)
+        return not self._lost
 
     def close_for_shutdown(self, *, abort: bool = False) -> None:
         """End the session with 421; the server calls it on idle sessions first.
@@ -172,7 +189,7 @@ class SubmissionProtocol(SMTP):
         if not hostname:
             await self.reply(replies.BAD_SYNTAX.but(f"Syntax: {verb} hostname"))
             return
-        self._set_rset_state()
+        self.reset_transaction()
         session = self.relay_session()
         session.extended_smtp = verb == "EHLO"
         session.host_name = hostname
@@ -201,11 +218,11 @@ class SubmissionProtocol(SMTP):
         if mechanism not in MECHANISMS:
             await self.reply(replies.AUTH_UNKNOWN_MECHANISM)
             return
-        self._reset_timeout(self.limits.auth_timeout)
+        self.reset_timer(self.limits.auth_timeout)
         try:
             outcome = await self._check_credentials(mechanism, args[1] if len(args) > 1 else None)
         finally:
-            self._reset_timeout()
+            self.reset_timer()
         if isinstance(outcome, Principal):
             session.authenticated = True
             session.principal = outcome
@@ -239,8 +256,8 @@ class SubmissionProtocol(SMTP):
         # when the username is wrong, so neither answer is faster than the other.
         user_ok = hmac.compare_digest(user, API_TOKEN_USER)
         try:
-            principal = await self.relay.store.run(
-                self.relay.store.sync.authenticate, token.decode("utf-8", "surrogateescape")
+            principal = await self.store.run(
+                self.store.sync.authenticate, token.decode("utf-8", "surrogateescape")
             )
         except StoreError:
             log.exception("token lookup failed")
@@ -262,7 +279,7 @@ class SubmissionProtocol(SMTP):
             text = initial.encode()
         else:
             await self._push_raw("334 " + b64encode(challenge).decode())
-            text = (await self._reader.readline()).strip()
+            text = (await self.readline()).strip()
         if text == b"*":
             return replies.AUTH_ABORTED
         if text == b"=":  # RFC 4954 section 4: an empty initial response
@@ -272,22 +289,6 @@ class SubmissionProtocol(SMTP):
         except (binascii.Error, ValueError):
             return replies.AUTH_BAD_BASE64
 
-    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        """Parse `<address> params` as aiosmtpd does, minus its per-call cost.
-
-        aiosmtpd 1.4.6 defines a typing.Protocol class inside this method on every
-        MAIL and RCPT; the profile of the load benchmark shows it at ~16% of the
-        loop's time. Same parser, same results: (None, None) when unparseable.
-        """
-        if not arg:
-            return "", ""
-        parse = get_angle_addr if arg.lstrip().startswith("<") else get_addr_spec
-        try:
-            address, rest = parse(arg)
-        except HeaderParseError:
-            return None, None
-        return str(address.addr_spec), rest
-
     # --- DATA --------------------------------------------------------------------
 
     async def smtp_DATA(self, arg: str | None) -> None:
@@ -295,11 +296,11 @@ class SubmissionProtocol(SMTP):
         if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
             return
         envelope = self.envelope
-        assert envelope is not None
-        if not envelope.mail_from:
+        assert isinstance(envelope, RelayEnvelope)
+        if envelope.transaction is None:
             await self.reply(replies.NEED_MAIL)
             return
-        if not envelope.rcpt_tos:
+        if not envelope.transaction.recipients:
             await self.reply(replies.NEED_RCPT)
             return
         if arg:
@@ -307,24 +308,25 @@ class SubmissionProtocol(SMTP):
             return
         await self._push_raw(replies.START_DATA)
         # The documented 300 s for the whole upload.
-        self._reset_timeout(self.limits.data_timeout)
+        self.reset_timer(self.limits.data_timeout)
         upload = Upload(self.limits.max_message_size)
-        while not upload.feed(await self._reader.read(READ_CHUNK) or _closed()):
+        while not upload.feed(await self.read(READ_CHUNK) or _closed()):
             pass
         if upload.leftover:
             # Commands pipelined after the end of data go back to the command loop.
-            cast(Any, self._reader)._buffer[0:0] = upload.leftover
-        self._reset_timeout()
+            self.unread(upload.leftover)
+        self.reset_timer()
         if upload.too_big:
-            self._set_post_data_state()
+            self.end_transaction()
             await self.reply(replies.MESSAGE_TOO_BIG)
             return
-        envelope.content = envelope.original_content = upload.message()
+        envelope.content = upload.message()
+        handler = cast(Submission, self.event_handler)
         try:
-            status = await self._call_handler_hook("DATA")
+            status = await handler.handle_DATA(self, self.relay_session(), envelope)
         finally:
-            self._set_post_data_state()  # whatever happened, the next MAIL starts afresh
-        self._reset_timeout()
+            self.end_transaction()  # whatever happened, the next MAIL starts afresh
+        self.reset_timer()
         await self.push(status)
 
 

@@ -83,7 +83,6 @@ UNKNOWN_COMMAND = Reply(500, "5.5.2", "Command not recognized")
 LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long")
 BAD_SYNTAX = Reply(501, "5.5.4", "Syntax error in parameters or arguments")
 NOT_IMPLEMENTED = Reply(502, "5.5.1", "Command not implemented")
-BAD_SEQUENCE = Reply(503, "5.5.1", "Bad sequence of commands")
 NEED_MAIL = Reply(503, "5.5.1", "Bad sequence of commands: MAIL first")
 NEED_RCPT = Reply(503, "5.5.1", "Bad sequence of commands: RCPT first")
 NESTED_MAIL = Reply(503, "5.5.1", "Bad sequence of commands: MAIL already given")
@@ -91,6 +90,8 @@ NEED_HELO = Reply(503, "5.5.1", "Bad sequence of commands: send EHLO or HELO fir
 PARAMETER_UNKNOWN = Reply(555, "5.5.4", "Parameter not recognized")
 BAD_SENDER_ADDRESS = Reply(553, "5.1.7", "Bad sender address syntax")
 BAD_RECIPIENT_ADDRESS = Reply(553, "5.1.3", "Bad recipient address syntax")
+# Postfix answers STARTTLS on its implicit-TLS port the same way.
+TLS_ALREADY_ACTIVE = Reply(554, "5.5.1", "TLS already active")
 CANNOT_VRFY = Reply(252, "2.1.5", "Cannot VRFY user, but will accept message and attempt delivery")
 
 # --- policy ----------------------------------------------------------------
@@ -100,6 +101,11 @@ TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message too big")
 SEND_LIMIT_REACHED = Reply(451, "4.7.1", "Send limit reached")
 BAD_MESSAGE = Reply(554, "5.6.0", "Message rejected")
+# RFC 5322 section 3.6: exactly one From; and sender fields every parser reads alike.
+ONE_FROM_REQUIRED = BAD_MESSAGE.but("Message must have exactly one From header (RFC 5322)")
+UNCLEAN_SENDER_HEADER = BAD_MESSAGE.but(
+    "From or Sender header is not a clean address list (RFC 5322 section 3.4)"
+)
 
 # --- delivery --------------------------------------------------------------
 DELIVERED = Reply(250, "2.0.0", "Ok")
@@ -160,6 +166,7 @@ _BUILTIN: tuple[tuple[str, Reply], ...] = (
     ("553 ", BAD_RECIPIENT_ADDRESS),
     ("555 ", PARAMETER_UNKNOWN),
     ("252 ", CANNOT_VRFY),
+    ("454 TLS not available", TLS_ALREADY_ACTIVE),
 )
 # aiosmtpd's reply to an unparseable MAIL or RCPT address: a recipient's code
 # for both; the protocol picks ours by command.

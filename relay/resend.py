@@ -321,6 +321,7 @@ def outcome(status: int, body: object, retry_after: str | None) -> Reply:
 
 class ResendChannel:
     name = NAME
+    idempotent = True  # an Idempotency-Key makes a retry send nothing twice
 
     def __init__(self, config: ResendConfig, *, timeout: float) -> None:
         self.config = config

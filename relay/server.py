@@ -2,7 +2,7 @@
 
     relay = Relay(settings)
     await relay.start()          # migrate, settle stale charges, bind, listen
-    await relay.serve_until(stop_event)
+    await stop_event.wait()
     await relay.stop()           # stop accepting, let transactions finish, close
 
 Background work (each forward, the stale-charge sweep) is tracked and awaited on
@@ -116,14 +116,13 @@ class Relay:
         self.settings = settings
         self.store = AsyncStore(Store(settings.database))
         self.channels = dict(channels) if channels is not None else build_channels(settings)
-        self.handler = Submission(self)
+        self.handler = Submission(settings, self.store, self.channels, self.spawn)
         self.sessions: set[SubmissionProtocol] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self._server: asyncio.AbstractServer | None = None
         self._port = 0
         self._stopped = False
-        self.stopping = False  # new transactions get 421 4.3.2 once set
 
     def spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         task = asyncio.get_running_loop().create_task(coro)
@@ -145,7 +144,10 @@ class Relay:
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(_quiet_handshake_failures)
         self._server = await loop.create_server(
-            lambda: SubmissionProtocol(self), sock=sock, ssl=ctx, ssl_handshake_timeout=30
+            lambda: SubmissionProtocol(self.settings, self.handler, self.store, self.sessions),
+            sock=sock,
+            ssl=ctx,
+            ssl_handshake_timeout=30,
         )
         self._sweeper = loop.create_task(self._sweep_forever())
         log.info("relay listening on %s:%d (implicit TLS)", self.settings.listen[0], self.port)
@@ -182,7 +184,7 @@ class Relay:
         """Stop accepting, let transactions in flight finish, then close everything."""
         if self._stopped:
             return
-        self._stopped = self.stopping = True
+        self._stopped = self.handler.stopping = True
         if self._server is not None:
             self._server.close()
         for session in list(self.sessions):
@@ -207,9 +209,6 @@ class Relay:
                 # close_notify: nothing of ours is left in it.
                 while self._tasks or any(not s.closing() for s in self.sessions):  # noqa: ASYNC110
                     await asyncio.sleep(0.02)
-
-    async def serve_until(self, stop: asyncio.Event) -> None:
-        await stop.wait()
 
 
 def _quiet_handshake_failures(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
@@ -238,7 +237,7 @@ async def serve(
         result = ready(relay)
         if result is not None:
             await result
-    await relay.serve_until(stop)
+    await stop.wait()
     log.info("stopping: draining sessions (up to %gs)", settings.drain_timeout)
     await relay.stop()
 

@@ -9,22 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from aiosmtpd.smtp import Envelope, Session
 
 from relay import policy, replies
-from relay.channel import Delivery, Outbound
+from relay.channel import Channel, Delivery, Outbound
+from relay.config import Settings
 from relay.errors import DeliveryError, StoreError
 from relay.message import domain_of, normalize_address, parse_address, prepare
 from relay.replies import Reply
-from relay.store import MailCheck, Principal, Refused, Reservation
+from relay.store import AsyncStore, MailCheck, Principal, Refused, Reservation
 
 if TYPE_CHECKING:
     from relay.protocol import SubmissionProtocol
-    from relay.server import Relay
 
 log = logging.getLogger("relay.session")
 
@@ -34,7 +34,6 @@ class RelaySession(Session):
         super().__init__(loop)
         self.principal: Principal | None = None
         self.auth_failures = 0
-        self.transaction: Transaction | None = None
 
     # aiosmtpd's setter logs a deprecation warning on every AUTH; we never use it.
     @property
@@ -45,25 +44,63 @@ class RelaySession(Session):
     def login_data(self, value: Any) -> None:
         pass
 
+    def deauthenticate(self) -> None:
+        self.authenticated = False
+        self.principal = None
+
 
 @dataclass
 class Transaction:
-    """What one mail transaction (MAIL to end of DATA) has learned so far."""
+    """What one mail transaction (MAIL to end of DATA) has learned so far.
 
+    The one state of a transaction: aiosmtpd's envelope only carries it (and
+    `mail_from`, which aiosmtpd's command sequencing reads), so RSET, a new
+    EHLO and the end of DATA drop it with the envelope.
+    """
+
+    sender: str  # as the client wrote it
     check: MailCheck
-    # Recipients as metered and matched (lower-cased); the envelope keeps them
-    # as the client wrote them, since a local part is case-sensitive (RFC 5321
-    # section 2.4) and is forwarded unchanged.
-    rcpt_keys: list[str] = field(default_factory=list)
+    # Recipients as written, forwarded unchanged since a local part is
+    # case-sensitive (RFC 5321 section 2.4), and as metered and matched.
+    recipients: list[str] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)
     verified: set[str] = field(default_factory=set)
+
+    @property
+    def domain(self) -> str:
+        return domain_of(self.sender)
+
+    def add(self, address: str, key: str) -> None:
+        if key not in self.keys:
+            self.recipients.append(address)
+            self.keys.append(key)
+
+
+class RelayEnvelope(Envelope):
+    def __init__(self) -> None:
+        super().__init__()
+        self.transaction: Transaction | None = None
 
 
 class Submission:
-    """The aiosmtpd handler: MAIL, RCPT and DATA for an authenticated session."""
+    """The aiosmtpd handler: MAIL, RCPT and DATA for an authenticated session.
 
-    def __init__(self, relay: Relay) -> None:
-        self.relay = relay
-        self.settings = relay.settings
+    Given what it uses: the settings, the store, the channels, and `spawn`, which
+    runs a forward as a task the server tracks and awaits on stop.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: AsyncStore,
+        channels: Mapping[policy.Channel, Channel],
+        spawn: Callable[[Coroutine[Any, Any, Reply]], asyncio.Task[Reply]],
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.channels = channels
+        self.spawn = spawn
+        self.stopping = False  # new transactions get 421 4.3.2 once set
 
     async def handle_exception(self, error: Exception) -> str:
         # aiosmtpd's default puts the exception's text in a 500 reply.
@@ -74,189 +111,184 @@ class Submission:
         self,
         server: SubmissionProtocol,
         session: RelaySession,
-        envelope: Envelope,
+        envelope: RelayEnvelope,
         address: str,
         options: Sequence[str],
     ) -> str:
-        if self.relay.stopping:
+        if self.stopping:
             return str(replies.SHUTTING_DOWN)
         principal = session.principal
-        assert principal is not None  # auth_required=True: aiosmtpd answered 530 already
+        assert principal is not None  # auth is required: aiosmtpd answered 530 already
         parsed = parse_address(address)
         if parsed is None:
             return str(replies.BAD_SENDER_ADDRESS)
         domain = parsed[1]
-        sender = normalize_address(address)
-        unlimited = principal.role in self.settings.no_limit_roles
         try:
-            check = await self.relay.store.run(
-                self.relay.store.sync.check_mail,
-                sender,
+            check = await self.store.run(
+                self.store.sync.check_mail,
+                normalize_address(address),
                 domain,
                 principal.account_id,
                 self.settings.default_send_balance,
-                unlimited,
+                principal.role in self.settings.no_limit_roles,
                 principal.token_id,
             )
         except StoreError:
             log.exception("MAIL check failed")
             return str(replies.LOCAL_ERROR)
-        if not check.token_valid:
-            session.authenticated = False
-            session.principal = None
-            return str(replies.TOKEN_NO_LONGER_VALID)
-        if check.domain_owner != principal.account_id:
-            return str(policy.sender_domain_denied(domain))
-        # The route before any recipient: None means no channel serves the domain.
-        route = policy.choose_route(self.settings, domain, (), ())
-        if route is None:
-            return str(policy.no_channel(domain))
-        refusal = policy.sender_refusal(
-            check.sender, policy.free_channel_possible(self.settings, route)
+        reply = policy.decide_mail(
+            self.settings,
+            account_id=principal.account_id,
+            domain=domain,
+            domain_owner=check.domain_owner,
+            token_valid=check.token_valid,
+            sender=check.sender,
+            hit=check.hit,
         )
-        if refusal is not None:
-            return str(refusal)
-        if check.hit is not None:
-            return str(policy.limit_reached(check.hit))
-        envelope.mail_from = address
-        envelope.mail_options.extend(options)
-        session.transaction = Transaction(check)
-        return str(replies.SENDER_OK)
+        if reply == replies.TOKEN_NO_LONGER_VALID:
+            session.deauthenticate()
+        if reply == replies.SENDER_OK:
+            envelope.mail_from = address
+            envelope.mail_options.extend(options)
+            envelope.transaction = Transaction(address, check)
+        return str(reply)
 
     async def handle_RCPT(
         self,
         server: SubmissionProtocol,
         session: RelaySession,
-        envelope: Envelope,
+        envelope: RelayEnvelope,
         address: str,
         options: Sequence[str],
     ) -> str:
         if parse_address(address) is None:
             return str(replies.BAD_RECIPIENT_ADDRESS)
-        rcpt = normalize_address(address)
-        if len(envelope.rcpt_tos) >= self.settings.limits.max_recipients:
-            return str(replies.TOO_MANY_RECIPIENTS)
-        tx = session.transaction
+        tx = envelope.transaction
         assert tx is not None  # aiosmtpd answered 503 to RCPT before MAIL
-        if rcpt in tx.rcpt_keys:
-            return str(replies.RECIPIENT_OK)  # a duplicate costs nothing more
+        rcpt = normalize_address(address)
+        early = policy.rcpt_before_lookup(self.settings.limits, tx.keys, rcpt)
+        if early is not None:
+            return str(early)
         if self.settings.cloudflare is not None:
             try:
-                found = await self.relay.store.run(self.relay.store.sync.verified_among, (rcpt,))
+                tx.verified |= await self.store.run(self.store.sync.verified_among, (rcpt,))
             except StoreError:
                 return str(replies.LOCAL_ERROR)
-            tx.verified |= found
-        rcpts = [*tx.rcpt_keys, rcpt]
-        assert envelope.mail_from is not None
-        domain = domain_of(envelope.mail_from)
-        route = policy.choose_route(self.settings, domain, rcpts, tx.verified)
-        if route is None:
-            return str(policy.no_channel(domain))
-        sender = tx.check.sender
-        needed = policy.cost(route, len(rcpts), sender.unlimited)
-        if needed > sender.balance:
-            if sender.balance <= 0:
-                return str(policy.balance_exhausted(sender.address))
-            return str(policy.balance_short(sender.address, sender.balance, needed))
-        if tx.check.headroom is not None and len(rcpts) > tx.check.headroom:
-            return str(policy.recipients_over_limit(tx.check.headroom))
-        envelope.rcpt_tos.append(address)
-        tx.rcpt_keys.append(rcpt)
-        return str(replies.RECIPIENT_OK)
-
-    async def handle_DATA(
-        self, server: SubmissionProtocol, session: RelaySession, envelope: Envelope
-    ) -> str:
-        reply = await self._submit(server, session, envelope)
+        reply = policy.decide_rcpt(
+            self.settings,
+            domain=tx.domain,
+            recipients=tx.keys,
+            rcpt=rcpt,
+            verified=tx.verified,
+            sender=tx.check.sender,
+            headroom=tx.check.headroom,
+        )
+        if reply == replies.RECIPIENT_OK:
+            tx.add(address, rcpt)
         return str(reply)
 
+    async def handle_DATA(
+        self, server: SubmissionProtocol, session: RelaySession, envelope: RelayEnvelope
+    ) -> str:
+        return str(await self._submit(server, session, envelope))
+
     async def _submit(
-        self, server: SubmissionProtocol, session: RelaySession, envelope: Envelope
+        self, server: SubmissionProtocol, session: RelaySession, envelope: RelayEnvelope
     ) -> Reply:
-        principal = session.principal
-        tx = session.transaction
-        assert tx is not None
-        assert (
-            principal is not None and envelope.mail_from and envelope.original_content is not None
-        )
-        sender, rcpts = envelope.mail_from, tuple(envelope.rcpt_tos)
-        sender_key = tx.check.sender.address
-        domain = domain_of(sender)
+        """The end of DATA: check the headers, plan, charge, forward."""
+        tx, principal, content = envelope.transaction, session.principal, envelope.content
+        assert tx is not None and principal is not None and isinstance(content, bytes)
+        envelope.original_content = envelope.content = None  # do not hold two copies
         prepared = prepare(
-            envelope.original_content,
-            sender=sender,
-            recipients=rcpts,
+            content,
+            sender=tx.sender,
+            recipients=tuple(tx.recipients),
             hostname=self.settings.hostname,
         )
-        envelope.original_content = envelope.content = None  # do not hold two copies
-        if prepared.from_count != 1:
-            return replies.BAD_MESSAGE.but("Message must have exactly one From header (RFC 5322)")
-        if prepared.header_senders is None:
-            return replies.BAD_MESSAGE.but(
-                "From or Sender header is not a clean address list (RFC 5322 section 3.4)"
-            )
-        denied = await self._header_senders_denied(principal, domain, prepared.header_senders)
-        if denied is not None:
-            return denied
-        route = policy.choose_route(self.settings, domain, tx.rcpt_keys, tx.verified)
-        if route is None:
-            return policy.no_channel(domain)
-        unit = 1 if route.charges and not tx.check.sender.unlimited else 0
+        refusal = policy.header_refusal(
+            prepared.from_count, prepared.header_senders
+        ) or await self._header_senders_refusal(principal, tx.domain, prepared.header_senders)
+        if refusal is not None:
+            return refusal
+        plan = policy.plan_message(
+            self.settings,
+            domain=tx.domain,
+            recipients=tx.keys,
+            verified=tx.verified,
+            unlimited=tx.check.sender.unlimited,
+        )
+        if isinstance(plan, Reply):
+            return plan
+        channel = self.channels[plan.route.channel]
         # Only an upstream that honours an idempotency key sends a retry once.
-        idempotent = route.channel is policy.Channel.RESEND
-        idempotency_key = prepared.idempotency_key if idempotent else None
-        try:
-            reservation = await self.relay.store.run(
-                self.relay.store.sync.reserve,
-                sender_key,
-                account_id=principal.account_id,
-                recipients=len(rcpts),
-                unit=unit,
-                default_balance=self.settings.default_send_balance,
-                idempotency_key=idempotency_key,
-                domain=domain,
-            )
-        except Refused as refused:
-            if refused.hit is not None:
-                return policy.limit_reached(refused.hit)
-            if refused.domain_lost:
-                return policy.sender_domain_denied(domain)
-            if refused.disabled:
-                return policy.sender_disabled(sender_key)
-            return policy.balance_short(sender_key, refused.balance or 0, len(rcpts))
-        except StoreError:
-            log.exception("reserve failed; refusing to send unmetered")
-            return replies.LOCAL_ERROR
+        idempotency_key = prepared.idempotency_key if channel.idempotent else None
+        reservation = await self._reserve(principal, tx, plan, idempotency_key)
+        if isinstance(reservation, Reply):
+            return reservation
         outbound = Outbound(
-            sender, rcpts, prepared.content, prepared.message_id, prepared.idempotency_key
+            tx.sender,
+            tuple(tx.recipients),
+            prepared.content,
+            prepared.message_id,
+            prepared.idempotency_key,
         )
         # The command timer must not fire (and cancel) while the upstream works.
-        server._reset_timeout(self.settings.forward_budget + 10)
+        server.reset_timer(self.settings.forward_budget + 10)
         # Shielded: a client that disconnects mid-forward does not cancel the
         # upstream call half-way, and the charge is always settled.
-        task = self.relay.spawn(self._forward(route, outbound, reservation, idempotency_key))
+        task = self.spawn(self._forward(plan.route, outbound, reservation, idempotency_key))
         return await asyncio.shield(task)
 
-    async def _header_senders_denied(
-        self, principal: Principal, domain: str, addresses: tuple[str, ...]
+    async def _header_senders_refusal(
+        self, principal: Principal, domain: str, addresses: tuple[str, ...] | None
     ) -> Reply | None:
-        """A token may send only as its own account's domains, in the headers too."""
-        others = {domain_of(a) for a in addresses} - {domain}
+        others = policy.foreign_header_domains(domain, addresses or ())
         if not others:
             return None
+        assert addresses is not None
         for address in addresses:
             if parse_address(address) is None:
                 return policy.header_sender_denied(address.encode("ascii", "replace").decode())
         try:
-            owned = await self.relay.store.run(
-                self.relay.store.sync.owned_domains, principal.account_id, tuple(others)
+            owned = await self.store.run(
+                self.store.sync.owned_domains, principal.account_id, tuple(others)
             )
         except StoreError:
             return replies.LOCAL_ERROR
-        for address in addresses:
-            if domain_of(address) not in owned | {domain}:
-                return policy.header_sender_denied(address)
-        return None
+        return policy.header_sender_refusal(domain, addresses, owned)
+
+    async def _reserve(
+        self,
+        principal: Principal,
+        tx: Transaction,
+        plan: policy.MessagePlan,
+        idempotency_key: str | None,
+    ) -> Reservation | Reply:
+        """Charge the balance and count the send limits, atomically (the store's guarantee)."""
+        try:
+            return await self.store.run(
+                self.store.sync.reserve,
+                tx.check.sender.address,
+                account_id=principal.account_id,
+                recipients=len(tx.recipients),
+                unit=plan.unit,
+                default_balance=self.settings.default_send_balance,
+                idempotency_key=idempotency_key,
+                domain=tx.domain,
+            )
+        except Refused as refused:
+            return policy.reservation_refusal(
+                sender=tx.check.sender.address,
+                domain=tx.domain,
+                recipients=len(tx.recipients),
+                balance=refused.balance,
+                disabled=refused.disabled,
+                hit=refused.hit,
+                domain_lost=refused.domain_lost,
+            )
+        except StoreError:
+            log.exception("reserve failed; refusing to send unmetered")
+            return replies.LOCAL_ERROR
 
     async def _forward(
         self,
@@ -265,7 +297,7 @@ class Submission:
         reservation: Reservation,
         idempotency_key: str | None,
     ) -> Reply:
-        channel = self.relay.channels[route.channel]
+        channel = self.channels[route.channel]
         delivery = Delivery(accepted=())
         try:
             async with asyncio.timeout(self.settings.forward_budget):
@@ -283,8 +315,8 @@ class Submission:
             refund = (
                 0
                 if reservation.replay
-                else await self.relay.store.run(
-                    self.relay.store.sync.settle,
+                else await self.store.run(
+                    self.store.sync.settle,
                     reservation.id,
                     len(delivery.accepted),
                     idempotency_key,

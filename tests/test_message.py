@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from relay.message import header_fields, parse_address, prepare, to_crlf
+from relay.message import header_fields, parse_address, parse_path, prepare, to_crlf
 
 
 @pytest.mark.parametrize(
@@ -106,3 +106,41 @@ def test_sender_header_addresses_are_collected():
     prepared = prepare(raw, sender="a@x.test", recipients=("r@y.test",), hostname="h")
     assert prepared.header_senders == ("boss@x.test", "b@x.test", "s@y.test")
     assert prepared.from_count == 1
+
+
+@pytest.mark.parametrize(
+    ("arg", "parsed"),
+    [
+        ("<a@b.test>", ("a@b.test", "")),
+        ("<a@b.test> SIZE=10 BODY=8BITMIME", ("a@b.test", "SIZE=10 BODY=8BITMIME")),
+        ("<a@b.test>SIZE=10", ("a@b.test", "SIZE=10")),
+        ("  <a@b.test>  ", ("a@b.test", "")),
+        ("<>", ("<>", "")),
+        ("<> SIZE=1", ("<>", "SIZE=1")),
+        ("", ("", "")),
+        ("a@b.test", ("a@b.test", "")),  # bare: clients still send it
+        ("a@b.test SIZE=1", ("a@b.test", "SIZE=1")),
+        ("<@r1.test,@r2.test:a@b.test>", ("a@b.test", "")),  # source route ignored
+        ('<"john"@b.test>', ("john@b.test", "")),  # needless quotes dropped
+        ('<"jo hn"@b.test>', ('"jo hn"@b.test', "")),
+        ('<"a\\"b"@b.test>', ('"a\\"b"@b.test', "")),
+        ("<Mixed.Case+tag@B.Test>", ("Mixed.Case+tag@B.Test", "")),  # as written
+        ("<a@[192.0.2.1]>", ("a@[192.0.2.1]", "")),  # parse_address refuses it later
+        ("<a(comment)@b.test>", (None, None)),
+        ("<a b@b.test>", (None, None)),
+        ("< a@b.test >", (None, None)),
+        ("<a@b.test", (None, None)),
+        ("a@b.test>", (None, None)),
+        ("<a@b@c.test>", (None, None)),
+        ("<b.test>", (None, None)),
+        ("<a@>", (None, None)),
+        ("<@b.test>", (None, None)),
+        ('<"a\rb"@b.test>', (None, None)),
+        ("<a\x00@b.test>", (None, None)),
+        ("<a@b\x00.test>", (None, None)),
+        ("<a@b<c.test>", (None, None)),
+        ("<ä@b.test>", (None, None)),
+    ],
+)
+def test_parse_path(arg, parsed):
+    assert parse_path(arg) == parsed

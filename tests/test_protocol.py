@@ -545,3 +545,11 @@ def test_documented_limits_are_the_defaults():
     assert limits.auth_timeout == 30.0
     assert limits.data_timeout == 300.0
     assert limits.command_timeout == 300.0
+
+
+def test_starttls_on_the_implicit_tls_port_says_tls_is_active(relay):
+    raw = relay.raw()
+    raw.cmd("EHLO client.test")
+    assert raw.cmd("STARTTLS") == "554 5.5.1 TLS already active"
+    assert raw.cmd("EXPN staff") == "502 5.5.1 Command not implemented"
+    assert raw.cmd("NOOP") == "250 2.0.0 Ok"  # the session goes on

@@ -1,0 +1,82 @@
+"""The aiosmtpd seam: the import-time check refuses an aiosmtpd it does not know."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+
+import aiosmtpd
+import aiosmtpd.smtp
+import pytest
+
+from relay import aiosmtpd_compat
+from relay.aiosmtpd_compat import IncompatibleAiosmtpd, check
+
+
+def fake_module(drop: str | None = None, unset: str | None = None) -> types.ModuleType:
+    """A stand-in for aiosmtpd.smtp whose SMTP lacks one method or one attribute."""
+    members = {
+        name: getattr(aiosmtpd.smtp.SMTP, name)
+        for name in (*aiosmtpd_compat.METHODS, *(s for _, s in aiosmtpd_compat.ATTRIBUTES))
+        if name != drop
+    }
+    if unset is not None:
+        setter = dict(aiosmtpd_compat.ATTRIBUTES)[unset]
+        members[setter] = lambda self: None  # no longer assigns the attribute
+    module = types.ModuleType("aiosmtpd.smtp")
+    module.SMTP = type("SMTP", (), members)  # type: ignore[attr-defined]
+    return module
+
+
+def test_the_installed_aiosmtpd_passes():
+    check(aiosmtpd.smtp, aiosmtpd.__version__)
+    check(fake_module(), aiosmtpd_compat.TESTED_VERSIONS[0])
+
+
+def test_an_untested_version_is_refused_in_one_line():
+    with pytest.raises(IncompatibleAiosmtpd) as info:
+        check(aiosmtpd.smtp, "1.4.7")
+    assert str(info.value) == (
+        "aiosmtpd 1.4.7 is installed; the relay is tested with 1.4.6"
+        " (pip install 'aiosmtpd==1.4.6')"
+    )
+
+
+@pytest.mark.parametrize("name", aiosmtpd_compat.METHODS)
+def test_a_missing_method_is_named(name):
+    with pytest.raises(IncompatibleAiosmtpd) as info:
+        check(fake_module(drop=name), "1.4.6")
+    assert str(info.value) == f"aiosmtpd 1.4.6: SMTP.{name} is missing"
+
+
+@pytest.mark.parametrize(("name", "setter"), aiosmtpd_compat.ATTRIBUTES)
+def test_an_attribute_no_longer_set_is_named(name, setter):
+    with pytest.raises(IncompatibleAiosmtpd) as info:
+        check(fake_module(unset=name), "1.4.6")
+    assert str(info.value) == f"aiosmtpd 1.4.6: SMTP.{setter} no longer sets {name}"
+
+
+def test_relay_serve_refuses_to_start_with_one_line(tmp_path):
+    # The check runs when the server is imported; pretend a newer aiosmtpd.
+    script = (
+        "import sys, aiosmtpd; aiosmtpd.__version__ = '1.4.7'\n"
+        "from relay.cli import main\n"
+        "sys.exit(main(['serve']))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env={
+            "PATH": "/usr/bin:/bin",
+            "PYTHONPATH": str(aiosmtpd_compat.__file__).rsplit("/relay/", 1)[0],
+        },
+    )
+    assert done.returncode == 2
+    assert done.stderr == (
+        "relay: aiosmtpd 1.4.7 is installed; the relay is tested with 1.4.6"
+        " (pip install 'aiosmtpd==1.4.6')\n"
+    )
