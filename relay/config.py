@@ -23,19 +23,33 @@ from typing import Any
 
 from relay.errors import ConfigError
 
-# RFC 5321 section 4.5.3.1.8 asks for at least 100 recipients; the endpoint we
-# reproduce documents 50 per session (cloudflare-email-service-smtp.txt, Limits).
-MAX_RECIPIENTS = 50
-# The documented SIZE: 5 MiB, advertised in EHLO.
-MAX_MESSAGE_SIZE = 5 * 1024 * 1024
-# The documented AUTH and DATA command timeouts; RFC 5321 section 4.5.3.2.7 also
-# asks a server to wait at least 5 minutes for the next command.
-AUTH_TIMEOUT = 30.0
-DATA_TIMEOUT = 300.0
-COMMAND_TIMEOUT = 300.0
-# Failed AUTH attempts a session may make. smtplib tries PLAIN then LOGIN after
-# one 535, so one wrong password is two failures.
-MAX_AUTH_FAILURES = 3
+
+@dataclass(frozen=True)
+class Limits:
+    """What one client may use of the relay: sizes, counts and timeouts.
+
+    The defaults are the documented endpoint's; tests build shorter ones
+    instead of patching a module:
+
+        >>> Limits().max_recipients, Limits().max_message_size
+        (50, 5242880)
+        >>> Limits(data_timeout=1.0).data_timeout
+        1.0
+    """
+
+    # RFC 5321 section 4.5.3.1.8 asks for at least 100 recipients; the endpoint we
+    # reproduce documents 50 per session (cloudflare-email-service-smtp.txt, Limits).
+    max_recipients: int = 50
+    # The documented SIZE: 5 MiB, advertised in EHLO.
+    max_message_size: int = 5 * 1024 * 1024
+    # The documented AUTH and DATA command timeouts; RFC 5321 section 4.5.3.2.7
+    # also asks a server to wait at least 5 minutes for the next command.
+    auth_timeout: float = 30.0
+    data_timeout: float = 300.0
+    command_timeout: float = 300.0
+    # Failed AUTH attempts a session may make. smtplib tries PLAIN then LOGIN
+    # after one 535, so one wrong password is two failures.
+    max_auth_failures: int = 3
 
 
 class Secret(str):
@@ -102,6 +116,17 @@ class Settings:
     # How long a stopping server lets sessions in flight finish.
     drain_timeout: float = 30.0
     log_level: str = "INFO"
+    limits: Limits = field(default_factory=Limits)
+
+    @property
+    def forward_budget(self) -> float:
+        """The whole time one message may spend with its upstream (retries included)."""
+        return self.upstream_timeout * 2
+
+    @property
+    def stale_after(self) -> float:
+        """A pending charge older than this belongs to a process that died."""
+        return self.forward_budget * 2 + 60
 
 
 KNOWN = frozenset(
@@ -133,7 +158,9 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def is_known_setting(name: str) -> bool:
-    return name in KNOWN or (name.startswith(RESEND_DOMAIN_PREFIX) and len(name) > 13)
+    return name in KNOWN or (
+        name.startswith(RESEND_DOMAIN_PREFIX) and len(name) > len(RESEND_DOMAIN_PREFIX)
+    )
 
 
 def resend_domain_key(domain: str) -> str:
@@ -190,7 +217,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         workers=_integer(raw, "RELAY_WORKERS", 1, minimum=1),
         max_connections=_integer(raw, "RELAY_MAX_CONNECTIONS", 10_000, minimum=1),
         # A forward gets twice this: at most half the client's DATA budget.
-        upstream_timeout=_number(raw, "RELAY_UPSTREAM_TIMEOUT", 30.0, maximum=DATA_TIMEOUT / 4),
+        upstream_timeout=_number(
+            raw, "RELAY_UPSTREAM_TIMEOUT", 30.0, maximum=Limits.data_timeout / 4
+        ),
         drain_timeout=_number(raw, "RELAY_DRAIN_TIMEOUT", 30.0, maximum=3600),
         log_level=level,
     )

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from aiosmtpd.smtp import SMTP, Session
 
-from relay import config, replies
+from relay import replies
 from relay.errors import StoreError
 from relay.replies import Reply
 from relay.session import RelaySession
@@ -46,16 +46,17 @@ READ_CHUNK = 256 * 1024
 class SubmissionProtocol(SMTP):
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
+        self.limits = relay.settings.limits
         self._command = ""  # set while aiosmtpd's smtp_MAIL runs
         self._lost = False
         super().__init__(
             relay.handler,
-            data_size_limit=config.MAX_MESSAGE_SIZE,
+            data_size_limit=self.limits.max_message_size,
             enable_SMTPUTF8=False,
             decode_data=False,
             hostname=relay.settings.hostname,
             ident="ESMTP Service ready",  # no software version in the greeting
-            timeout=config.COMMAND_TIMEOUT,
+            timeout=self.limits.command_timeout,
             # Every listener is implicit TLS, so session.ssl stays None and the
             # default would hide AUTH (aiosmtpd issues #274, #281).
             auth_require_tls=False,
@@ -176,7 +177,7 @@ class SubmissionProtocol(SMTP):
         session.extended_smtp = verb == "EHLO"
         session.host_name = hostname
         if verb == "EHLO":
-            lines = replies.ehlo(self.hostname, hostname, MECHANISMS, config.MAX_MESSAGE_SIZE)
+            lines = replies.ehlo(self.hostname, hostname, MECHANISMS, self.limits.max_message_size)
         else:
             lines = [replies.helo(self.hostname)]
         for line in lines:
@@ -200,7 +201,7 @@ class SubmissionProtocol(SMTP):
         if mechanism not in MECHANISMS:
             await self.reply(replies.AUTH_UNKNOWN_MECHANISM)
             return
-        self._reset_timeout(config.AUTH_TIMEOUT)
+        self._reset_timeout(self.limits.auth_timeout)
         try:
             outcome = await self._check_credentials(mechanism, args[1] if len(args) > 1 else None)
         finally:
@@ -212,7 +213,7 @@ class SubmissionProtocol(SMTP):
             return
         await self.reply(outcome)
         session.auth_failures += 1
-        if session.auth_failures >= config.MAX_AUTH_FAILURES:
+        if session.auth_failures >= self.limits.max_auth_failures:
             await self.reply(replies.TOO_MANY_AUTH_FAILURES)
             self._close()
 
@@ -306,8 +307,8 @@ class SubmissionProtocol(SMTP):
             return
         await self._push_raw(replies.START_DATA)
         # The documented 300 s for the whole upload.
-        self._reset_timeout(config.DATA_TIMEOUT)
-        upload = Upload(config.MAX_MESSAGE_SIZE)
+        self._reset_timeout(self.limits.data_timeout)
+        upload = Upload(self.limits.max_message_size)
         while not upload.feed(await self._reader.read(READ_CHUNK) or _closed()):
             pass
         if upload.leftover:

@@ -118,10 +118,6 @@ class Relay:
         self.channels = dict(channels) if channels is not None else build_channels(settings)
         self.handler = Submission(self)
         self.sessions: set[SubmissionProtocol] = set()
-        # The whole time one message may spend with its upstream.
-        self.forward_budget = settings.upstream_timeout * 2
-        # A pending charge older than this belongs to a process that died.
-        self.stale_after = self.forward_budget * 2 + 60
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self._server: asyncio.AbstractServer | None = None
@@ -156,7 +152,7 @@ class Relay:
 
     async def _sweep(self) -> None:
         try:
-            stale_after = self.stale_after
+            stale_after = self.settings.stale_after
             settled = await self.store.upkeep(lambda s: s.settle_stale(stale_after))
         except RelayError:
             log.exception("stale charge sweep failed")

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiosmtpd.smtp import Envelope, Session
 
-from relay import config, policy, replies
+from relay import policy, replies
 from relay.channel import Delivery, Outbound
 from relay.errors import DeliveryError, StoreError
 from relay.message import domain_of, normalize_address, parse_address, prepare
@@ -134,7 +134,7 @@ class Submission:
         if parse_address(address) is None:
             return str(replies.BAD_RECIPIENT_ADDRESS)
         rcpt = normalize_address(address)
-        if len(envelope.rcpt_tos) >= config.MAX_RECIPIENTS:
+        if len(envelope.rcpt_tos) >= self.settings.limits.max_recipients:
             return str(replies.TOO_MANY_RECIPIENTS)
         tx = session.transaction
         assert tx is not None  # aiosmtpd answered 503 to RCPT before MAIL
@@ -231,7 +231,7 @@ class Submission:
             sender, rcpts, prepared.content, prepared.message_id, prepared.idempotency_key
         )
         # The command timer must not fire (and cancel) while the upstream works.
-        server._reset_timeout(self.relay.forward_budget + 10)
+        server._reset_timeout(self.settings.forward_budget + 10)
         # Shielded: a client that disconnects mid-forward does not cancel the
         # upstream call half-way, and the charge is always settled.
         task = self.relay.spawn(self._forward(route, outbound, reservation, idempotency_key))
@@ -268,7 +268,7 @@ class Submission:
         channel = self.relay.channels[route.channel]
         delivery = Delivery(accepted=())
         try:
-            async with asyncio.timeout(self.relay.forward_budget):
+            async with asyncio.timeout(self.settings.forward_budget):
                 delivery = await channel.deliver(outbound)
             reply = replies.delivered(outbound.message_id)
         except DeliveryError as exc:

@@ -1,6 +1,6 @@
 """Shared fixtures: the real relay over real TLS on an ephemeral port, and real upstreams.
 
-`relay_factory(**env)` starts a `Relay` on its own event loop thread (uvloop, as in
+`relay_factory(limits=None, **env)` starts a `Relay` on its own event loop thread (uvloop, as in
 production) with settings built from `env` only, never from this process's
 environment. `sink_factory(...)` starts an aiosmtpd server that records what
 reached it: plain, STARTTLS, or implicit TLS, with or without AUTH.
@@ -9,6 +9,7 @@ reached it: plain, STARTTLS, or implicit TLS, with or without AUTH.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import smtplib
 import ssl
@@ -25,7 +26,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 from support import DOMAIN, Raw
 
 from relay import certs
-from relay.config import load_settings
+from relay.config import Limits, load_settings
 from relay.server import Relay
 from relay.store import Store
 
@@ -261,7 +262,7 @@ def relay_factory(
 ) -> Iterator[Callable[..., RunningRelay]]:
     running: list[RunningRelay] = []
 
-    def start(**env: str) -> RunningRelay:
+    def start(limits: Limits | None = None, **env: str) -> RunningRelay:
         base = {
             "RELAY_HOSTNAME": "relay.test",
             "RELAY_LISTEN": "127.0.0.1:0",
@@ -272,6 +273,8 @@ def relay_factory(
             "RELAY_DRAIN_TIMEOUT": "5",
         }
         settings = load_settings({**base, **env})
+        if limits is not None:
+            settings = dataclasses.replace(settings, limits=limits)
         loop = uvloop.new_event_loop()
         thread = threading.Thread(target=loop.run_forever, daemon=True)
         thread.start()

@@ -15,7 +15,7 @@ import time
 import pytest
 from support import DOMAIN, SENDER, Raw, b64, message, plain
 
-from relay import config
+from relay.config import Limits
 
 
 def test_greeting_names_the_host_and_no_software_version(relay):
@@ -130,9 +130,8 @@ def test_repeated_auth_failures_end_the_session(relay):
     assert raw.closed()
 
 
-def test_auth_exchange_times_out_with_421(relay_factory, sink, monkeypatch):
-    monkeypatch.setattr(config, "AUTH_TIMEOUT", 0.5)
-    relay = relay_factory(SMTP_CONFIG=sink.smtp_config())
+def test_auth_exchange_times_out_with_421(relay_factory, sink):
+    relay = relay_factory(Limits(auth_timeout=0.5), SMTP_CONFIG=sink.smtp_config())
     raw = relay.raw()
     raw.cmd("EHLO client.test")
     assert raw.cmd("AUTH LOGIN") == "334 " + b64("Username:")
@@ -140,9 +139,8 @@ def test_auth_exchange_times_out_with_421(relay_factory, sink, monkeypatch):
     assert raw.closed()
 
 
-def test_idle_session_times_out_with_421(relay_factory, sink, monkeypatch):
-    monkeypatch.setattr(config, "COMMAND_TIMEOUT", 0.5)
-    relay = relay_factory(SMTP_CONFIG=sink.smtp_config())
+def test_idle_session_times_out_with_421(relay_factory, sink):
+    relay = relay_factory(Limits(command_timeout=0.5), SMTP_CONFIG=sink.smtp_config())
     raw = relay.raw()
     assert raw.read() == "421 4.4.2 Timeout, closing connection"
 
@@ -257,7 +255,7 @@ def test_fifty_recipients_then_452_and_the_session_goes_on(relay, sink):
 def test_declared_size_over_limit_is_552(relay):
     raw = relay.raw()
     raw.login(relay.token())
-    too_big = config.MAX_MESSAGE_SIZE + 1
+    too_big = Limits().max_message_size + 1
     assert raw.cmd(f"MAIL FROM:<{SENDER}> SIZE={too_big}") == "552 5.3.4 Message too big"
     assert raw.cmd(f"MAIL FROM:<{SENDER}> SIZE={too_big - 1}") == "250 2.1.0 Ok"
 
@@ -269,7 +267,7 @@ def test_data_over_limit_is_552_and_nothing_is_forwarded(relay, sink):
     raw.cmd("RCPT TO:<a@dest.test>")
     assert raw.cmd("DATA") == "354 Start mail input; end with <CR><LF>.<CR><LF>"
     line = b"x" * 998 + b"\r\n"
-    raw.sock.sendall(message() + line * (config.MAX_MESSAGE_SIZE // len(line) + 1) + b".\r\n")
+    raw.sock.sendall(message() + line * (Limits().max_message_size // len(line) + 1) + b".\r\n")
     assert raw.read() == "552 5.3.4 Message too big"
     assert sink.messages == []
     assert raw.cmd("NOOP") == "250 2.0.0 Ok"
@@ -425,9 +423,10 @@ def test_lines_starting_with_a_dot_survive_forwarding(relay, sink):
     assert sink.messages[0].content.endswith(b"\r\n\r\n.leading dot\r\n..two dots\r\nend\r\n")
 
 
-def test_data_upload_times_out_with_421(relay_factory, sink, monkeypatch):
-    relay = relay_factory(SMTP_CONFIG=sink.smtp_config(), DEFAULT_SEND_BALANCE="5")
-    monkeypatch.setattr(config, "DATA_TIMEOUT", 0.5)  # read when DATA starts
+def test_data_upload_times_out_with_421(relay_factory, sink):
+    relay = relay_factory(
+        Limits(data_timeout=0.5), SMTP_CONFIG=sink.smtp_config(), DEFAULT_SEND_BALANCE="5"
+    )
     raw = relay.raw()
     raw.login(relay.token())
     raw.cmd(f"MAIL FROM:<{SENDER}>")
@@ -496,9 +495,8 @@ def test_malformed_sender_address_gets_the_sender_code(relay):
     assert raw.cmd("RCPT TO:<@>") == "553 5.1.3 Bad recipient address syntax"
 
 
-def test_leaving_during_auth_leaves_no_timer_behind(relay_factory, sink, monkeypatch, caplog):
-    monkeypatch.setattr(config, "COMMAND_TIMEOUT", 0.3)
-    relay = relay_factory(SMTP_CONFIG=sink.smtp_config())
+def test_leaving_during_auth_leaves_no_timer_behind(relay_factory, sink, caplog):
+    relay = relay_factory(Limits(command_timeout=0.3), SMTP_CONFIG=sink.smtp_config())
     raw = relay.raw()
     raw.cmd("EHLO client.test")
     assert raw.cmd("AUTH LOGIN") == "334 " + b64("Username:")
@@ -537,3 +535,13 @@ def test_a_domain_removed_before_data_is_not_sent_from(relay, sink):
     raw.send(message() + b".")
     assert raw.read().startswith("550 5.7.1 Sender denied: domain example.com is not onboarded")
     assert sink.messages == []
+
+
+def test_documented_limits_are_the_defaults():
+    # cloudflare-email-service-smtp.txt: 50 recipients, 5 MiB, AUTH 30 s, DATA 300 s.
+    limits = Limits()
+    assert limits.max_recipients == 50
+    assert limits.max_message_size == 5 * 1024 * 1024
+    assert limits.auth_timeout == 30.0
+    assert limits.data_timeout == 300.0
+    assert limits.command_timeout == 300.0
