@@ -5,7 +5,10 @@ from __future__ import annotations
 import base64
 import socket
 import ssl
+import threading
+from collections.abc import Callable
 from datetime import datetime, timedelta
+from typing import IO
 
 DOMAIN = "example.com"
 SENDER = f"app@{DOMAIN}"
@@ -109,3 +112,44 @@ def attempt(raw: Raw, sender: str = SENDER, rcpts: tuple[str, ...] = ("a@dest.te
         return reply
     raw.send(message(sender=sender, to=", ".join(rcpts)) + b".")
     return raw.read()
+
+
+# --- subprocesses ---------------------------------------------------------------------
+
+
+class Lines:
+    """A subprocess's text output, read on a thread so that no wait is unbounded.
+
+    `readline()` on a pipe blocks until the child writes or exits; a deadline
+    loop around it can hang forever. The reader thread collects every line;
+    `wait_for` waits on a condition with a timeout instead.
+    """
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self._ended = False
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            with self._changed:
+                self.lines.append(line)
+                self._changed.notify_all()
+        with self._changed:
+            self._ended = True
+            self._changed.notify_all()
+
+    def wait_for(self, done: Callable[[list[str]], bool], timeout: float = 30) -> bool:
+        """True once `done(lines)` holds; False at the timeout or when the output ends first."""
+        with self._changed:
+            return self._changed.wait_for(lambda: done(self.lines) or self._ended, timeout) and (
+                done(self.lines)
+            )
+
+    def text(self, timeout: float = 30) -> str:
+        """All the output, once the stream has ended (the process exited)."""
+        self._thread.join(timeout)
+        with self._changed:
+            return "".join(self.lines)

@@ -12,12 +12,11 @@ import socket
 import ssl
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import aiosmtplib
 import pytest
-from support import SENDER, message
+from support import SENDER, Lines, message
 
 from relay.config import Secret, is_known_setting, load_settings
 from relay.errors import ConfigError
@@ -328,20 +327,14 @@ def test_dev_start_creates_a_demo_and_delivers_to_the_outbox(tmp_path):
         stderr=subprocess.STDOUT,
         text=True,
     )
+    assert proc.stdout is not None
+    output = Lines(proc.stdout)
     try:
-        output = []
-        deadline = time.monotonic() + 30
-        token = None
-        while time.monotonic() < deadline and proc.stdout is not None:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            output.append(line)
-            if match := re.search(r"--user 'api_token:(rlt_[^']+)'", line):
-                token = match.group(1)
-            if "relay listening on" in line:
-                break
-        assert token, "".join(output)
+        listening = output.wait_for(lambda lines: any("relay listening on" in x for x in lines))
+        assert listening, "".join(output.lines)
+        tokens = re.findall(r"--user 'api_token:(rlt_[^']+)'", "".join(output.lines))
+        assert tokens, "".join(output.lines)
+        token = tokens[0]
         assert (tmp_path / "certs" / "relay.crt").exists()
         ctx = ssl.create_default_context(cafile=str(tmp_path / "certs" / "relay.crt"))
         with smtplib.SMTP_SSL("localhost", port, context=ctx, timeout=10) as client:
@@ -355,9 +348,9 @@ def test_dev_start_creates_a_demo_and_delivers_to_the_outbox(tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
-        if proc.stdout is not None:
-            proc.stdout.close()
-    assert proc.returncode == 0
+        output.text()  # the reader has seen the end: the pipe can close
+        proc.stdout.close()
+    assert proc.returncode == 0, output.text()
 
 
 @pytest.mark.parametrize(

@@ -13,30 +13,41 @@ import threading
 import time
 from pathlib import Path
 
-from support import SENDER, message
+from support import SENDER, Lines, message
 
 from relay.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def slow_data(sink, seconds: float) -> threading.Event:
-    """Make the sink take `seconds` over DATA; the event is set when DATA arrives."""
-    arrived = threading.Event()
-    original = sink.recorder.handle_DATA
+class HeldData:
+    """The sink holds DATA until the test releases it: a forward in flight, as long as needed."""
 
-    async def handle_DATA(server, session, envelope):
-        arrived.set()
-        await asyncio.sleep(seconds)
-        return await original(server, session, envelope)
+    def __init__(self, sink) -> None:
+        self.arrived = threading.Event()
+        self.release = threading.Event()
+        original = sink.recorder.handle_DATA
 
-    sink.recorder.handle_DATA = handle_DATA
-    return arrived
+        async def handle_DATA(server, session, envelope):
+            self.arrived.set()
+            await asyncio.get_running_loop().run_in_executor(None, self.release.wait, 10)
+            return await original(server, session, envelope)
+
+        sink.recorder.handle_DATA = handle_DATA
+
+
+def wait_until(condition, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def test_stop_lets_a_forward_in_flight_finish_and_refuses_new_sessions(relay, sink):
     token = relay.token()
-    arrived = slow_data(sink, 0.5)
+    held = HeldData(sink)
     replies: list[tuple[int, bytes]] = []
 
     def send() -> None:
@@ -48,13 +59,17 @@ def test_stop_lets_a_forward_in_flight_finish_and_refuses_new_sessions(relay, si
 
     sender = threading.Thread(target=send)
     sender.start()
-    assert arrived.wait(10)
+    assert held.arrived.wait(10)
     idle = relay.raw()
-    relay.call(relay.relay.stop())
+    stopping = asyncio.run_coroutine_threadsafe(relay.relay.stop(), relay.loop)
+    # The idle session is told at once; the forward is still held at the sink.
+    assert idle.read() == "421 4.3.2 Service shutting down, try again later"
+    assert not stopping.done() and replies == []
+    held.release.set()
     sender.join(10)
+    stopping.result(10)
     assert replies and replies[0][0] == 250 and replies[0][1].startswith(b"2.0.0 Ok <")
     assert len(sink.messages) == 1
-    assert idle.read() == "421 4.3.2 Service shutting down, try again later"
     try:
         relay.raw()
         refused = False
@@ -96,15 +111,14 @@ def test_serve_with_two_workers_forwards_and_stops_on_sigterm(tmp_path, cert_dir
         stderr=subprocess.PIPE,
         text=True,
     )
+    assert proc.stderr is not None
+    log = Lines(proc.stderr)
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, "the relay did not start"
-                time.sleep(0.05)
+        # Each worker logs this once it listens, just before it takes SIGTERM:
+        # signalled earlier, a worker would die of the default action.
+        assert log.wait_for(lambda lines: "".join(lines).count("relay listening on") == 2), "".join(
+            log.lines
+        )
         for i in range(6):
             with smtplib.SMTP_SSL("127.0.0.1", port, context=client_tls, timeout=10) as client:
                 client.login("api_token", token)
@@ -114,22 +128,26 @@ def test_serve_with_two_workers_forwards_and_stops_on_sigterm(tmp_path, cert_dir
         assert len(children) == 2
     finally:
         proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=30)
+        proc.wait(30)
+    stderr = log.text()
+    proc.stderr.close()
     assert proc.returncode == 0, stderr
     assert stderr.count("stopping: draining sessions") == 2
 
 
 def test_a_stopping_relay_takes_no_new_transaction(relay, sink):
     token = relay.token()
-    arrived = slow_data(sink, 0.5)
+    held = HeldData(sink)
     raw = relay.raw()
     raw.login(token)
     raw.cmd(f"MAIL FROM:<{SENDER}>")
     raw.cmd("RCPT TO:<a@dest.test>")
     raw.cmd("DATA")
     raw.send(message() + b".")
-    assert arrived.wait(10)
+    assert held.arrived.wait(10)
     stopping = asyncio.run_coroutine_threadsafe(relay.relay.stop(), relay.loop)
+    assert wait_until(lambda: relay.relay.stopping)
+    held.release.set()
     assert raw.read().startswith("250 2.0.0 Ok <")
     assert raw.cmd(f"MAIL FROM:<{SENDER}>") == "421 4.3.2 Service shutting down, try again later"
     assert raw.closed()

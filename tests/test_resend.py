@@ -366,11 +366,15 @@ def test_delivered_and_what_reached_resend(fake: FakeResend) -> None:
     assert (request.method, request.path) == ("POST", "/emails")
     assert request.headers["authorization"] == "Bearer re_global"
     assert request.headers["content-type"] == "application/json"
-    assert request.json == translate(message)
-    assert request.json["from"] == "Alice <alice@example.com>"
-    assert request.json["to"] == ["bob@example.org"]
-    assert request.json["bcc"] == ["carol@example.org"]
-    assert request.json["headers"] == {"Message-ID": "<m1@example.com>", "X-Mailer": "test"}
+    # Written out, not computed by `translate`: the code under test is no oracle.
+    assert request.json == {
+        "from": "Alice <alice@example.com>",
+        "to": ["bob@example.org"],
+        "bcc": ["carol@example.org"],
+        "subject": "hello",
+        "text": "hello\n",
+        "headers": {"Message-ID": "<m1@example.com>", "X-Mailer": "test"},
+    }
 
 
 def test_8bit_headers_reach_resend_as_valid_json(fake: FakeResend) -> None:
