@@ -46,6 +46,9 @@ class Delivery:
 
 class Channel(Protocol):
     name: str
+    # True only where the upstream honours an idempotency key: a client's retry
+    # after a lost reply then goes out once, and is charged once.
+    idempotent: bool
 
     async def deliver(self, message: Outbound) -> Delivery: ...
 
@@ -65,6 +68,7 @@ class OutboxChannel:
     """
 
     name = "outbox"
+    idempotent = False
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory

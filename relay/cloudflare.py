@@ -120,6 +120,7 @@ def per_recipient(message: Outbound, result: object) -> Delivery:
 
 class CloudflareChannel:
     name = NAME
+    idempotent = False  # no idempotency key is sent: a retry may send again
 
     def __init__(self, config: CloudflareConfig, *, timeout: float) -> None:
         self.config = config

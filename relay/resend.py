@@ -321,6 +321,7 @@ def outcome(status: int, body: object, retry_after: str | None) -> Reply:
 
 class ResendChannel:
     name = NAME
+    idempotent = True  # every request carries an Idempotency-Key
 
     def __init__(self, config: ResendConfig, *, timeout: float) -> None:
         self.config = config

@@ -84,6 +84,7 @@ class _Conn:
 
 class SmtpChannel:
     name = NAME
+    idempotent = False
 
     def __init__(
         self, upstreams: Mapping[str, SmtpUpstream], *, timeout: float, local_hostname: str
