@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -58,6 +58,30 @@ class Channel(Protocol):
 def all_refused(channel: str, refused: Mapping[str, Reply]) -> DeliveryError:
     """The error for an upstream that took no recipient: the first refusal decides."""
     return delivery_error(channel, next(iter(refused.values()), replies.UPSTREAM_REFUSED))
+
+
+def partial_delivery(
+    channel: str,
+    accepted: Sequence[str],
+    refused: Mapping[str, Reply],
+    upstream_id: str = "",
+) -> Delivery:
+    """The message's outcome from the upstream's answer for each recipient.
+
+    - a recipient deferred (4xx): the whole message is deferred, the first
+      deferral decides. The relay keeps no queue, so a deferral must not hide
+      behind a 250; the client retries the message.
+    - no recipient accepted: the first refusal decides.
+    - otherwise: delivered to those accepted, the refused ones named.
+
+    Raises the `DeliveryError` in the first two cases.
+    """
+    deferred = {rcpt: reply for rcpt, reply in refused.items() if not reply.is_permanent}
+    if deferred:
+        raise all_refused(channel, deferred)
+    if not accepted:
+        raise all_refused(channel, refused)
+    return Delivery(tuple(accepted), refused, upstream_id)
 
 
 class OutboxChannel:
