@@ -109,9 +109,8 @@ class OutboxChannel:
             tmp.write_bytes(envelope + message.content)
             os.replace(tmp, self.directory / name)
         except OSError as exc:
-            raise TransientDelivery(
-                self.name, replies.LOCAL_ERROR.but(f"outbox: cannot write ({exc.strerror})")
-            ) from exc
+            why = f"cannot write ({exc.strerror})"
+            raise TransientDelivery(self.name, replies.local_error(self.name, why)) from exc
         return Delivery(accepted=message.recipients, upstream_id=name)
 
     async def aclose(self) -> None:
