@@ -144,9 +144,9 @@ class CloudflareChannel:
         return self._delivery(message, answer)
 
     def _delivery(self, message: Outbound, answer: httpapi.Answer) -> Delivery:
-        result = answer.body
-        if answer.is_success and isinstance(result, dict) and result.get("success") is True:
-            delivery = per_recipient(message, result.get("result"))
+        body = answer.body
+        if answer.is_success and isinstance(body, dict) and body.get("success") is True:
+            delivery = per_recipient(message, body.get("result"))
             if delivery.refused:
                 log.warning(
                     "cloudflare bounced %d of %d recipients of %s",
