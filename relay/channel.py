@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -46,8 +46,8 @@ class Delivery:
 
 class Channel(Protocol):
     name: str
-    # Whether the upstream honours an idempotency key, so a client's retry of
-    # a message it already took is neither sent nor charged twice.
+    # True only where the upstream honours an idempotency key: a client's retry
+    # after a lost reply then goes out once, and is charged once.
     idempotent: bool
 
     async def deliver(self, message: Outbound) -> Delivery: ...
@@ -58,6 +58,30 @@ class Channel(Protocol):
 def all_refused(channel: str, refused: Mapping[str, Reply]) -> DeliveryError:
     """The error for an upstream that took no recipient: the first refusal decides."""
     return delivery_error(channel, next(iter(refused.values()), replies.UPSTREAM_REFUSED))
+
+
+def partial_delivery(
+    channel: str,
+    accepted: Sequence[str],
+    refused: Mapping[str, Reply],
+    upstream_id: str = "",
+) -> Delivery:
+    """The message's outcome from the upstream's answer for each recipient.
+
+    - a recipient deferred (4xx): the whole message is deferred, the first
+      deferral decides. The relay keeps no queue, so a deferral must not hide
+      behind a 250; the client retries the message.
+    - no recipient accepted: the first refusal decides.
+    - otherwise: delivered to those accepted, the refused ones named.
+
+    Raises the `DeliveryError` in the first two cases.
+    """
+    deferred = {rcpt: reply for rcpt, reply in refused.items() if not reply.is_permanent}
+    if deferred:
+        raise all_refused(channel, deferred)
+    if not accepted:
+        raise all_refused(channel, refused)
+    return Delivery(tuple(accepted), refused, upstream_id)
 
 
 class OutboxChannel:
@@ -85,9 +109,8 @@ class OutboxChannel:
             tmp.write_bytes(envelope + message.content)
             os.replace(tmp, self.directory / name)
         except OSError as exc:
-            raise TransientDelivery(
-                self.name, replies.LOCAL_ERROR.but(f"outbox: cannot write ({exc.strerror})")
-            ) from exc
+            why = f"cannot write ({exc.strerror})"
+            raise TransientDelivery(self.name, replies.local_error(self.name, why)) from exc
         return Delivery(accepted=message.recipients, upstream_id=name)
 
     async def aclose(self) -> None:

@@ -12,31 +12,22 @@ import logging
 from collections.abc import Mapping
 from urllib.parse import quote
 
-import httpx
-
 from relay import httpapi, replies
-from relay.channel import Delivery, Outbound, all_refused
+from relay.channel import Delivery, Outbound, partial_delivery
 from relay.config import CloudflareConfig
-from relay.errors import PermanentDelivery, TransientDelivery, delivery_error
-from relay.replies import Reply, one_line
+from relay.errors import PermanentDelivery
+from relay.replies import Refusal, Reply, one_line
 
 log = logging.getLogger("relay.cloudflare")
 
 NAME = "cloudflare"
 
-# RFC 3463 codes for what Cloudflare documents (API reference, send_raw errors).
-PERMANENT_BOUNCE = replies.UPSTREAM_BOUNCE.but("cloudflare: permanent bounce")
-NOT_UTF8 = replies.UPSTREAM_CONTENT_REFUSED.but(
-    "cloudflare: message is not UTF-8 (use a transfer encoding)"
+# What Cloudflare documents (API reference, send_raw errors), as RFC 3463 codes.
+PERMANENT_BOUNCE = replies.upstream_refused(NAME, Refusal.BOUNCE, "permanent bounce")
+NOT_UTF8 = replies.upstream_refused(
+    NAME, Refusal.CONTENT, "message is not UTF-8 (use a transfer encoding)"
 )
-CONTENT_REFUSED = replies.UPSTREAM_CONTENT_REFUSED.but("cloudflare: message refused")
-SENDING_DISABLED = replies.UPSTREAM_NOT_AUTHORIZED.but("cloudflare: sending disabled")
-TOO_BIG = replies.UPSTREAM_TOO_BIG.but("cloudflare: message too big")
-INVALID_ADDRESS = replies.UPSTREAM_BAD_RECIPIENT.but("cloudflare: invalid email address")
-# The relay's own token was refused: a configuration fault, not the client's.
-CREDENTIALS_REJECTED = replies.UPSTREAM_UNAVAILABLE.but(
-    f"{NAME}: upstream rejected relay credentials"
-)
+TOO_BIG = replies.upstream_refused(NAME, Refusal.TOO_BIG, "message too big")
 
 SCHEMA_ERROR = 10001
 INTERNAL_ERROR = 10002
@@ -48,12 +39,13 @@ TOO_BIG_ERROR = 10200
 INVALID_EMAIL = 10202
 SENDING_DISABLED_ERROR = 10203
 
-# Codes whose meaning does not depend on the HTTP status they come with.
-_BY_CODE: Mapping[int, Reply] = {
-    SENDING_DISABLED_ERROR: SENDING_DISABLED,
-    TOO_BIG_ERROR: TOO_BIG,
-    INVALID_EMAIL: INVALID_ADDRESS,
-    SCHEMA_ERROR: CONTENT_REFUSED,
+# Codes whose meaning does not depend on the HTTP status they come with, and
+# the words for them when Cloudflare gives none.
+_BY_CODE: Mapping[int, tuple[Refusal, str]] = {
+    SENDING_DISABLED_ERROR: (Refusal.NOT_AUTHORIZED, "sending disabled"),
+    TOO_BIG_ERROR: (Refusal.TOO_BIG, "message too big"),
+    INVALID_EMAIL: (Refusal.RECIPIENT, "invalid email address"),
+    SCHEMA_ERROR: (Refusal.CONTENT, "message refused"),
 }
 
 
@@ -66,24 +58,24 @@ def outcome(status: int, body: object, retry_after: str | None) -> Reply:
     code, detail = _first_error(body)
     if status == 429 or code == THROTTLED:
         wait = httpapi.retry_after_seconds(retry_after)
-        suffix = f"; retry after {wait} s" if wait is not None else ""
-        return replies.UPSTREAM_THROTTLED.but(f"{NAME}: rate limited{suffix}")
+        return replies.upstream_throttled(NAME, retry_after=wait)
     if code in (UNAUTHORIZED, FORBIDDEN):
-        return CREDENTIALS_REJECTED
-    base = _BY_CODE.get(code) if code is not None else None
-    if base is not None:
-        return base.but(f"{NAME}: {detail}") if detail else base
+        return replies.upstream_credentials_rejected(NAME)
+    known = _BY_CODE.get(code) if code is not None else None
+    if known is not None:
+        refusal, words = known
+        return replies.upstream_refused(NAME, refusal, detail or words)
     # After the codes: a 403 may also carry 10203 (sending disabled), which is not
     # about the token.
     if status in (401, 403):
-        return CREDENTIALS_REJECTED
+        return replies.upstream_credentials_rejected(NAME)
     if status == 413:
         return TOO_BIG
     if status == 400:
-        return CONTENT_REFUSED.but(f"{NAME}: {detail}") if detail else CONTENT_REFUSED
+        return replies.upstream_refused(NAME, Refusal.CONTENT, detail or "message refused")
     if status >= 500 or code in (INTERNAL_ERROR, SERVICE_UNAVAILABLE):
-        return replies.UPSTREAM_UNAVAILABLE.but(f"{NAME}: upstream error (HTTP {status})")
-    return replies.UPSTREAM_UNAVAILABLE.but(f"{NAME}: unexpected reply (HTTP {status})")
+        return httpapi.upstream_error(NAME, status)
+    return httpapi.unexpected_reply(NAME, status)
 
 
 def _first_error(body: object) -> tuple[int | None, str]:
@@ -120,7 +112,7 @@ def per_recipient(message: Outbound, result: object) -> Delivery:
 
 class CloudflareChannel:
     name = NAME
-    idempotent = False
+    idempotent = False  # no idempotency key is sent: a retry may send again
 
     def __init__(self, config: CloudflareConfig, *, timeout: float) -> None:
         self.config = config
@@ -141,28 +133,20 @@ class CloudflareChannel:
             "recipients": list(message.recipients),
             "mime_message": mime,
         }
-        try:
-            response = await self._client.post(
-                self.url,
-                json=body,
-                headers={"Authorization": f"Bearer {self.config.api_token}"},
-            )
-        except (httpx.HTTPError, httpx.InvalidURL) as exc:
-            raise TransientDelivery(
-                NAME,
-                replies.UPSTREAM_UNAVAILABLE.but(
-                    f"{NAME}: {httpapi.describe(exc, 'CLOUDFLARE_API_URL')}"
-                ),
-            ) from exc
-        return self._delivery(message, response)
+        answer = await httpapi.post(
+            self._client,
+            self.url,
+            channel=NAME,
+            url_setting="CLOUDFLARE_API_URL",
+            headers={"Authorization": f"Bearer {self.config.api_token}"},
+            json=body,
+        )
+        return self._delivery(message, answer)
 
-    def _delivery(self, message: Outbound, response: httpx.Response) -> Delivery:
-        try:
-            answer: object = response.json()
-        except ValueError:
-            answer = None
-        if response.is_success and isinstance(answer, dict) and answer.get("success") is True:
-            delivery = per_recipient(message, answer.get("result"))
+    def _delivery(self, message: Outbound, answer: httpapi.Answer) -> Delivery:
+        body = answer.body
+        if answer.is_success and isinstance(body, dict) and body.get("success") is True:
+            delivery = per_recipient(message, body.get("result"))
             if delivery.refused:
                 log.warning(
                     "cloudflare bounced %d of %d recipients of %s",
@@ -170,24 +154,16 @@ class CloudflareChannel:
                     len(message.recipients),
                     message.message_id,
                 )
-            if not delivery.accepted:
-                raise all_refused(NAME, delivery.refused)
-            return delivery
-        reply = outcome(response.status_code, answer, response.headers.get("retry-after"))
-        if reply == CREDENTIALS_REJECTED:
-            log.error(
-                "cloudflare rejected the configured API token for account %s (HTTP %d)",
-                self.config.account_id,
-                response.status_code,
-            )
-        else:
-            log.warning(
-                "cloudflare refused %s: HTTP %d, %s",
-                message.message_id,
-                response.status_code,
-                reply,
-            )
-        raise delivery_error(NAME, reply)
+            return partial_delivery(NAME, delivery.accepted, delivery.refused)
+        reply = outcome(answer.status, answer.body, answer.retry_after)
+        raise httpapi.refusal(
+            log,
+            NAME,
+            answer,
+            reply,
+            message_id=message.message_id,
+            credential=f"API token for account {self.config.account_id}",
+        )
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -1,13 +1,65 @@
-"""What the HTTP channels (Resend, Cloudflare) share: the client, retry-after, failures."""
+"""What the HTTP channels (Resend, Cloudflare) share: the client, one POST, its failures.
+
+`post` is the boundary: httpx exceptions become `TransientDelivery` there and
+the answer comes back as a plain `Answer`, so each channel's `outcome` stays a
+pure function of status, body and Retry-After. `refusal` logs and raises what
+that outcome decided, with one rule for both channels: a rejected relay
+credential is the operator's fault (an error in the log), anything else is the
+message's (a warning).
+"""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+
 import httpx
+
+from relay import replies
+from relay.errors import DeliveryError, TransientDelivery, delivery_error
+from relay.replies import Reply
 
 
 def client(timeout: float) -> httpx.AsyncClient:
     """One client per upstream, kept alive across messages, every call bounded."""
     return httpx.AsyncClient(timeout=httpx.Timeout(timeout), headers={"User-Agent": "relay"})
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """An upstream's HTTP answer: the status, the JSON body (None if not JSON), Retry-After."""
+
+    status: int
+    body: object
+    retry_after: str | None = None
+
+    @property
+    def is_success(self) -> bool:
+        return 200 <= self.status < 300
+
+
+async def post(
+    http: httpx.AsyncClient,
+    url: str,
+    *,
+    channel: str,
+    url_setting: str,
+    headers: Mapping[str, str],
+    content: bytes | None = None,
+    json: object = None,
+) -> Answer:
+    """One POST; its answer, or a `TransientDelivery` when no answer came."""
+    try:
+        response = await http.post(url, content=content, json=json, headers=headers)
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
+        why = describe(exc, url_setting)
+        raise TransientDelivery(channel, replies.upstream_unavailable(channel, why)) from exc
+    try:
+        body: object = response.json()
+    except ValueError:
+        body = None
+    return Answer(response.status_code, body, response.headers.get("retry-after"))
 
 
 def retry_after_seconds(header: str | None) -> int | None:
@@ -16,6 +68,33 @@ def retry_after_seconds(header: str | None) -> int | None:
     if header and header.strip().isdigit():
         return int(header.strip())
     return None
+
+
+def unexpected_reply(channel: str, status: int) -> Reply:
+    """A status or body the upstream does not document: the outcome is unknown."""
+    return replies.upstream_unavailable(channel, f"unexpected reply (HTTP {status})")
+
+
+def upstream_error(channel: str, status: int) -> Reply:
+    """The upstream failed (5xx): the message may or may not have gone out."""
+    return replies.upstream_unavailable(channel, f"upstream error (HTTP {status})")
+
+
+def refusal(
+    log: logging.Logger,
+    channel: str,
+    answer: Answer,
+    reply: Reply,
+    *,
+    message_id: str,
+    credential: str,
+) -> DeliveryError:
+    """The error for a refused request, logged; `credential` names the relay's, never its value."""
+    if reply == replies.upstream_credentials_rejected(channel):
+        log.error("%s rejected the configured %s (HTTP %d)", channel, credential, answer.status)
+    else:
+        log.warning("%s refused %s: HTTP %d, %s", channel, message_id, answer.status, reply)
+    return delivery_error(channel, reply)
 
 
 def describe(exc: Exception, url_setting: str) -> str:

@@ -187,7 +187,7 @@ class SubmissionProtocol(SMTPBase):
 
     async def _greet(self, verb: str, hostname: str) -> None:
         if not hostname:
-            await self.reply(replies.BAD_SYNTAX.but(f"Syntax: {verb} hostname"))
+            await self.reply(replies.EHLO_SYNTAX if verb == "EHLO" else replies.HELO_SYNTAX)
             return
         self.reset_transaction()
         session = self.relay_session()
@@ -212,7 +212,7 @@ class SubmissionProtocol(SMTPBase):
             return
         args = (arg or "").split()
         if not args or len(args) > 2:
-            await self.reply(replies.BAD_SYNTAX.but("Syntax: AUTH mechanism [initial-response]"))
+            await self.reply(replies.AUTH_SYNTAX)
             return
         mechanism = args[0].upper()
         if mechanism not in MECHANISMS:
@@ -242,7 +242,7 @@ class SubmissionProtocol(SMTPBase):
                 return blob
             parts = blob.split(b"\0")
             if len(parts) != 3:
-                return replies.AUTH_BAD_BASE64.but("Cannot split AUTH PLAIN response")
+                return replies.AUTH_PLAIN_UNSPLITTABLE
             _authzid, user, token = parts
         else:
             user_blob = await self._sasl_response(initial, b"Username:")
@@ -304,7 +304,7 @@ class SubmissionProtocol(SMTPBase):
             await self.reply(replies.NEED_RCPT)
             return
         if arg:
-            await self.reply(replies.BAD_SYNTAX.but("Syntax: DATA"))
+            await self.reply(replies.DATA_SYNTAX)
             return
         await self._push_raw(replies.START_DATA)
         # The documented 300 s for the whole upload.

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from enum import Enum
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +71,7 @@ AUTH_FAILED = Reply(535, "5.7.8", "Authentication failed")
 AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
 AUTH_ALREADY = Reply(503, "5.5.1", "Already authenticated")
 AUTH_BAD_BASE64 = Reply(501, "5.5.2", "Cannot decode base64")
+AUTH_PLAIN_UNSPLITTABLE = AUTH_BAD_BASE64.but("Cannot split AUTH PLAIN response")
 AUTH_ABORTED = Reply(501, "5.7.0", "Authentication aborted")
 AUTH_UNKNOWN_MECHANISM = Reply(504, "5.5.4", "Unrecognized authentication type")
 AUTH_NEEDS_EHLO = Reply(503, "5.5.1", "Send EHLO first")
@@ -82,6 +84,10 @@ TOKEN_NO_LONGER_VALID = Reply(
 UNKNOWN_COMMAND = Reply(500, "5.5.2", "Command not recognized")
 LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long")
 BAD_SYNTAX = Reply(501, "5.5.4", "Syntax error in parameters or arguments")
+EHLO_SYNTAX = BAD_SYNTAX.but("Syntax: EHLO hostname")
+HELO_SYNTAX = BAD_SYNTAX.but("Syntax: HELO hostname")
+AUTH_SYNTAX = BAD_SYNTAX.but("Syntax: AUTH mechanism [initial-response]")
+DATA_SYNTAX = BAD_SYNTAX.but("Syntax: DATA")
 NOT_IMPLEMENTED = Reply(502, "5.5.1", "Command not implemented")
 NEED_MAIL = Reply(503, "5.5.1", "Bad sequence of commands: MAIL first")
 NEED_RCPT = Reply(503, "5.5.1", "Bad sequence of commands: RCPT first")
@@ -115,7 +121,7 @@ UPSTREAM_THROTTLED = Reply(451, "4.7.0", "Upstream rate limit, try again later")
 UPSTREAM_UNAVAILABLE = Reply(451, "4.3.0", "Upstream unavailable, message deferred")
 UPSTREAM_REFUSED = Reply(554, "5.0.0", "Upstream refused the message")
 # What the HTTP upstreams refuse for good, as RFC 3463 names it; each channel
-# words the text (`but`), the code and enhanced code stay these.
+# words the text through `upstream_refused` below; the codes stay these.
 UPSTREAM_CONTENT_REFUSED = Reply(554, "5.6.0", "Upstream refused the content")  # X.6.0 media
 UPSTREAM_BAD_RECIPIENT = Reply(550, "5.1.3", "Upstream refused a recipient address")  # X.1.3
 UPSTREAM_BAD_SENDER = Reply(550, "5.1.7", "Upstream refused the sender address")  # X.1.7
@@ -189,3 +195,71 @@ def normalize(line: str) -> str:
             return str(reply)
     code, text = line[:3], line[4:]
     return f"{code} {_CLASS_DEFAULT.get(code[:1], '5.0.0')} {one_line(text)}"
+
+
+# --- upstream outcomes -------------------------------------------------------
+# Every reply a channel makes of what its upstream answered is built here, one
+# function per outcome. The text names the channel first, so a client (and the
+# log) can tell which upstream spoke.
+
+
+class Refusal(Enum):
+    """Why an upstream refused a message for good, as RFC 3463 classes it."""
+
+    CONTENT = UPSTREAM_CONTENT_REFUSED  # X.6.0 other or undefined media error
+    RECIPIENT = UPSTREAM_BAD_RECIPIENT  # X.1.3 bad destination mailbox address syntax
+    SENDER = UPSTREAM_BAD_SENDER  # X.1.7 bad sender's mailbox address syntax
+    BOUNCE = UPSTREAM_BOUNCE  # X.1.1 bad destination mailbox address
+    NOT_AUTHORIZED = UPSTREAM_NOT_AUTHORIZED  # X.7.1 delivery not authorized
+    TOO_BIG = UPSTREAM_TOO_BIG  # X.3.4 message too big for system
+
+
+def _upstream(base: Reply, channel: str, text: str) -> Reply:
+    return Reply(base.code, base.enhanced, one_line(f"{channel}: {text}"))
+
+
+def upstream_unavailable(channel: str, why: str) -> Reply:
+    """451 4.3.0: the upstream could not be reached or its outcome is unknown.
+
+    A 4xx whenever the message may have gone out: a client that sees 5xx does
+    not retry.
+    """
+    return _upstream(UPSTREAM_UNAVAILABLE, channel, why)
+
+
+def upstream_credentials_rejected(channel: str) -> Reply:
+    """451 4.3.0: the upstream refused the relay's own credentials.
+
+    A fault of the relay's configuration, not of the client or its message.
+    """
+    return upstream_unavailable(channel, "upstream rejected relay credentials")
+
+
+def upstream_throttled(
+    channel: str, why: str = "rate limited", retry_after: int | None = None
+) -> Reply:
+    """451 4.7.0: the upstream asks to slow down; its wait, in seconds, if it named one."""
+    suffix = f"; retry after {retry_after} s" if retry_after is not None else ""
+    return _upstream(UPSTREAM_THROTTLED, channel, why + suffix)
+
+
+def upstream_refused(channel: str, refusal: Refusal, detail: str) -> Reply:
+    """5xx: the upstream refused for good; the code says why, the detail in its words."""
+    return _upstream(refusal.value, channel, detail)
+
+
+def upstream_refused_as(channel: str, code: int, enhanced: str, reason: str) -> Reply:
+    """5xx: an SMTP upstream's permanent refusal, under its own code.
+
+    An enhanced code missing or not of the 5 class (RFC 3463 section 2: it
+    must agree with the reply code) becomes 5.0.0.
+    """
+    assert 500 <= code < 600, code
+    if not enhanced or enhanced[0] != "5":
+        enhanced = "5.0.0"
+    return Reply(code, enhanced, one_line(f"{channel}: {reason}"))
+
+
+def local_error(channel: str, why: str) -> Reply:
+    """451 4.3.0: the channel failed on this host, not upstream; the client retries."""
+    return _upstream(LOCAL_ERROR, channel, why)

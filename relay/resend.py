@@ -28,14 +28,12 @@ from email.parser import BytesParser
 from email.policy import default as default_policy
 from typing import Any
 
-import httpx
-
 from relay import httpapi, replies
-from relay.channel import Delivery, Outbound, all_refused
+from relay.channel import Delivery, Outbound, partial_delivery
 from relay.config import ResendConfig
-from relay.errors import DeliveryError, PermanentDelivery, TransientDelivery, delivery_error
+from relay.errors import DeliveryError, PermanentDelivery, TransientDelivery
 from relay.message import domain_of
-from relay.replies import Reply, one_line
+from relay.replies import Refusal, Reply, one_line
 
 log = logging.getLogger("relay.resend")
 
@@ -56,17 +54,6 @@ PASSED_HEADERS = frozenset(
         "list-unsubscribe",
         "list-unsubscribe-post",
     }
-)
-
-# RFC 3463: X.6.0 other media error, X.1.3 bad destination address syntax,
-# X.1.7 bad sender address syntax, X.7.1 delivery not authorized.
-CONTENT_REFUSED = replies.UPSTREAM_CONTENT_REFUSED.but("resend: message refused")
-RECIPIENT_REFUSED = replies.UPSTREAM_BAD_RECIPIENT.but("resend: invalid recipient")
-SENDER_REFUSED = replies.UPSTREAM_BAD_SENDER.but("resend: invalid sender")
-NOT_AUTHORIZED = replies.UPSTREAM_NOT_AUTHORIZED.but("resend: sender not authorized")
-# The relay's own token was refused: a configuration fault, not the client's.
-CREDENTIALS_REJECTED = replies.UPSTREAM_UNAVAILABLE.but(
-    f"{NAME}: upstream rejected relay credentials"
 )
 
 # An attached message is re-serialized from its parse: CRLF as RFC 5322 asks,
@@ -289,31 +276,34 @@ def outcome(status: int, body: object, retry_after: str | None) -> Reply:
     error = body if isinstance(body, dict) else {}
     name = str(error.get("name") or "")
     message = str(error.get("message") or "")
-    detail = message.replace("`", "")
-    reason = one_line(f"{NAME}: {detail or name.replace('_', ' ') or f'HTTP {status}'}")
+    reason = message.replace("`", "") or name.replace("_", " ") or f"HTTP {status}"
 
     if status == 429:
         words = _QUOTA_WORDS.get(name, "rate limited")
         wait = httpapi.retry_after_seconds(retry_after)
-        suffix = f"; retry after {wait} s" if wait is not None else ""
-        return replies.UPSTREAM_THROTTLED.but(f"{NAME}: {words}{suffix}")
+        return replies.upstream_throttled(NAME, words, retry_after=wait)
     if status == 401 or (status == 403 and name in _CREDENTIAL_ERRORS):
-        return CREDENTIALS_REJECTED
+        return replies.upstream_credentials_rejected(NAME)
     if not error:
-        return replies.UPSTREAM_UNAVAILABLE.but(f"{NAME}: unexpected reply (HTTP {status})")
+        return httpapi.unexpected_reply(NAME, status)
     if status == 403 and name == "validation_error":
-        return NOT_AUTHORIZED.but(reason)
+        return replies.upstream_refused(NAME, Refusal.NOT_AUTHORIZED, reason)
     if status in (400, 422):
-        if name == "invalid_from_address":
-            return SENDER_REFUSED.but(reason)
-        if name in ("validation_error", "invalid_parameter") and _RECIPIENT_FIELD.search(message):
-            return RECIPIENT_REFUSED.but(reason)
-        return CONTENT_REFUSED.but(reason)
+        return replies.upstream_refused(NAME, _refusal(name, message), reason)
     if status == 409:
         # Another request with this key is in flight, or was made with another
         # body: the message may have gone out, so the client must retry later.
-        return replies.UPSTREAM_UNAVAILABLE.but(f"{NAME}: idempotent request conflict")
-    return replies.UPSTREAM_UNAVAILABLE.but(f"{NAME}: upstream error (HTTP {status})")
+        return replies.upstream_unavailable(NAME, "idempotent request conflict")
+    return httpapi.upstream_error(NAME, status)
+
+
+def _refusal(name: str, message: str) -> Refusal:
+    """What a Resend validation error (400, 422) is about."""
+    if name == "invalid_from_address":
+        return Refusal.SENDER
+    if name in ("validation_error", "invalid_parameter") and _RECIPIENT_FIELD.search(message):
+        return Refusal.RECIPIENT
+    return Refusal.CONTENT
 
 
 # --- the channel ---------------------------------------------------------------
@@ -321,7 +311,7 @@ def outcome(status: int, body: object, retry_after: str | None) -> Reply:
 
 class ResendChannel:
     name = NAME
-    idempotent = True  # an Idempotency-Key makes a retry send nothing twice
+    idempotent = True  # every request carries an Idempotency-Key
 
     def __init__(self, config: ResendConfig, *, timeout: float) -> None:
         self.config = config
@@ -335,7 +325,7 @@ class ResendChannel:
         if not token:
             log.error("resend: no token configured for sender domain %s", domain)
             raise TransientDelivery(
-                NAME, replies.UPSTREAM_UNAVAILABLE.but(f"{NAME}: no API token for {domain}")
+                NAME, replies.upstream_unavailable(NAME, f"no API token for {domain}")
             )
         try:
             body, hidden = _translate(message)
@@ -344,7 +334,8 @@ class ResendChannel:
             # sent, and the same bytes would fail the same way on every retry.
             log.warning("resend: cannot translate %s: %r", message.message_id, exc)
             raise PermanentDelivery(
-                NAME, CONTENT_REFUSED.but(f"{NAME}: message could not be translated")
+                NAME,
+                replies.upstream_refused(NAME, Refusal.CONTENT, "message could not be translated"),
             ) from exc
         key = (IDEMPOTENCY_PREFIX + message.idempotency_key)[: MAX_IDEMPOTENCY_KEY - 4]
         if not hidden or len(body["to"]) == 1:
@@ -368,63 +359,42 @@ class ResendChannel:
             else:
                 accepted.append(rcpt)
                 ids.append(result)
-        deferred = {r: reply for r, reply in refused.items() if reply.code < 500}
-        if deferred:
-            # A copy deferred must not hide behind a 250: the client retries the
-            # message, and the per-recipient keys keep the copies that went out
-            # from going out twice.
-            raise all_refused(NAME, deferred)
-        if not accepted:
-            raise all_refused(NAME, refused)
-        return Delivery(tuple(accepted), refused, upstream_id=one_line(",".join(ids), 120))
+        # A copy deferred defers the message: the per-recipient keys keep the
+        # copies that went out from going out twice when the client retries.
+        return partial_delivery(NAME, accepted, refused, one_line(",".join(ids), 120))
 
     async def _post(
         self, message: Outbound, domain: str, token: str, body: dict[str, Any], key: str
     ) -> str:
         """One `POST /emails`; the upstream id, or a DeliveryError."""
-        try:
-            response = await self._client.post(
-                self.url,
-                content=json.dumps(body, ensure_ascii=False).encode("utf-8"),
-                headers={
-                    "Authorization": f"Bearer {token}",
-                    "Content-Type": "application/json",
-                    "Idempotency-Key": key,
-                },
-            )
-        except (httpx.HTTPError, httpx.InvalidURL) as exc:
-            why = httpapi.describe(exc, "RESEND_API_URL")
-            raise TransientDelivery(
-                NAME, replies.UPSTREAM_UNAVAILABLE.but(f"{NAME}: {why}")
-            ) from exc
-        try:
-            answer: object = response.json()
-        except ValueError:
-            answer = None
-        if response.is_success:
-            upstream_id = answer.get("id") if isinstance(answer, dict) else None
+        answer = await httpapi.post(
+            self._client,
+            self.url,
+            channel=NAME,
+            url_setting="RESEND_API_URL",
+            headers={
+                "Authorization": f"Bearer {token}",
+                "Content-Type": "application/json",
+                "Idempotency-Key": key,
+            },
+            content=json.dumps(body, ensure_ascii=False).encode("utf-8"),
+        )
+        if answer.is_success:
+            upstream_id = answer.body.get("id") if isinstance(answer.body, dict) else None
             if isinstance(upstream_id, str) and upstream_id:
                 return one_line(upstream_id, 120)
             # A 2xx means Resend may well have sent it; only a 4xx lets the
             # client retry, and the idempotency key keeps that retry harmless.
-            raise TransientDelivery(
-                NAME,
-                replies.UPSTREAM_UNAVAILABLE.but(
-                    f"{NAME}: unexpected reply (HTTP {response.status_code})"
-                ),
-            )
-        reply = outcome(response.status_code, answer, response.headers.get("retry-after"))
-        if reply == CREDENTIALS_REJECTED:
-            log.error(
-                "resend rejected the configured token for sender domain %s (HTTP %d)",
-                domain,
-                response.status_code,
-            )
-        else:
-            log.warning(
-                "resend refused %s: HTTP %d, %s", message.message_id, response.status_code, reply
-            )
-        raise delivery_error(NAME, reply)
+            raise TransientDelivery(NAME, httpapi.unexpected_reply(NAME, answer.status))
+        reply = outcome(answer.status, answer.body, answer.retry_after)
+        raise httpapi.refusal(
+            log,
+            NAME,
+            answer,
+            reply,
+            message_id=message.message_id,
+            credential=f"token for sender domain {domain}",
+        )
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -131,6 +131,11 @@ class Relay:
         return task
 
     @property
+    def stopping(self) -> bool:
+        """Set by `stop()`: new transactions get 421 4.3.2 from then on."""
+        return self.handler.stopping
+
+    @property
     def port(self) -> int:
         """The bound port (useful when `RELAY_LISTEN` asked for port 0)."""
         return self._port

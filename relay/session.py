@@ -306,7 +306,7 @@ class Submission:
         except DeliveryError as exc:
             reply = exc.reply
         except TimeoutError:
-            reply = replies.UPSTREAM_UNAVAILABLE.but(f"{channel.name}: upstream timed out")
+            reply = replies.upstream_unavailable(channel.name, "upstream timed out")
         except Exception:
             log.exception("channel %s failed unexpectedly", channel.name)
             reply = replies.LOCAL_ERROR

@@ -16,12 +16,13 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import aiosmtplib
 
 from relay import replies
-from relay.channel import Delivery, Outbound, all_refused
+from relay.channel import Delivery, Outbound, partial_delivery
 from relay.config import SmtpUpstream
 from relay.errors import ConfigError, DeliveryError, TransientDelivery, delivery_error
 from relay.message import domain_of
@@ -55,23 +56,16 @@ def upstream_reply(code: int, message: str) -> Reply:
     if code in _UPSTREAM_AUTH_CODES:
         # The upstream wants AUTH the relay was not configured for, or refused
         # it: the relay's configuration fault, never the client's (RFC 4954).
-        return replies.UPSTREAM_UNAVAILABLE.but(
-            f"{NAME}: upstream requires authentication the relay does not have ({code})"
-        )
+        why = f"upstream requires authentication the relay does not have ({code})"
+        return replies.upstream_unavailable(NAME, why)
     if 400 <= code < 500:
-        base = (
-            replies.UPSTREAM_THROTTLED
-            if enhanced.startswith("4.7")
-            else replies.UPSTREAM_UNAVAILABLE
-        )
-        return base.but(
-            f"{NAME}: upstream deferred ({code} {enhanced} {reason})".replace("  ", " ")
-        )
+        why = f"upstream deferred ({code} {enhanced} {reason})".replace("  ", " ")
+        if enhanced.startswith("4.7"):
+            return replies.upstream_throttled(NAME, why)
+        return replies.upstream_unavailable(NAME, why)
     if 500 <= code < 600:
-        if not enhanced or enhanced[0] != "5":
-            enhanced = "5.0.0"
-        return Reply(code, enhanced, one_line(f"{NAME}: {reason}"))
-    return replies.UPSTREAM_UNAVAILABLE.but(f"{NAME}: unexpected upstream reply {code}")
+        return replies.upstream_refused_as(NAME, code, enhanced, reason)
+    return replies.upstream_unavailable(NAME, f"unexpected upstream reply {code}")
 
 
 class _Conn:
@@ -127,9 +121,8 @@ class SmtpChannel:
             raise delivery_error(NAME, upstream_reply(exc.code, exc.message)) from exc
         except (aiosmtplib.SMTPException, OSError, ssl.SSLError) as exc:
             conn.client.close()
-            raise TransientDelivery(
-                NAME, replies.UPSTREAM_UNAVAILABLE.but(f"{NAME}: {_describe(exc)}")
-            ) from exc
+            why = _describe(exc)
+            raise TransientDelivery(NAME, replies.upstream_unavailable(NAME, why)) from exc
         except BaseException:
             # Cancelled mid-command (the forward's time ran out, or shutdown):
             # the connection is out of step with the upstream, never reuse it.
@@ -159,15 +152,16 @@ class SmtpChannel:
                 accepted.append(rcpt)
             except aiosmtplib.SMTPRecipientRefused as exc:
                 refused[rcpt] = upstream_reply(exc.code, exc.message)
-        deferred = {r: reply for r, reply in refused.items() if reply.code < 500}
-        if not accepted or deferred:
-            # With no queue of our own, a recipient deferred (4xx) must not be
-            # dropped behind a 250: defer the whole message, nothing was sent yet.
+        try:
+            delivery = partial_delivery(NAME, accepted, refused)
+        except DeliveryError:
+            # Nothing was sent yet: end the transaction before the connection
+            # goes back to the pool.
             if client.is_connected:
                 await client.rset()
-            raise all_refused(NAME, deferred or refused)
+            raise
         response = await self._data(client, message.content)
-        return Delivery(tuple(accepted), refused, upstream_id=one_line(response.message, 120))
+        return replace(delivery, upstream_id=one_line(response.message, 120))
 
     async def _data(self, client: aiosmtplib.SMTP, content: bytes) -> aiosmtplib.SMTPResponse:
         """DATA without aiosmtplib's two whole-message regex copies.
@@ -241,15 +235,11 @@ class SmtpChannel:
             client.close()
             # The relay's own credentials: a configuration fault, not the client's.
             log.error("smtp upstream %s rejected the configured credentials", upstream.host)
-            raise TransientDelivery(
-                NAME,
-                replies.UPSTREAM_UNAVAILABLE.but(f"{NAME}: upstream rejected relay credentials"),
-            ) from exc
+            raise TransientDelivery(NAME, replies.upstream_credentials_rejected(NAME)) from exc
         except (aiosmtplib.SMTPException, OSError, ssl.SSLError) as exc:
             client.close()
-            raise TransientDelivery(
-                NAME, replies.UPSTREAM_UNAVAILABLE.but(f"{NAME}: {_describe(exc)}")
-            ) from exc
+            why = _describe(exc)
+            raise TransientDelivery(NAME, replies.upstream_unavailable(NAME, why)) from exc
         return _Conn(client)
 
     @staticmethod

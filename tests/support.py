@@ -77,6 +77,16 @@ def b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
 
 
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on: bound by the OS, then released.
+
+    Free to bind for a server a test starts, closed to a client a test points at it.
+    """
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 # --- balances and send limits -------------------------------------------------------
 
 

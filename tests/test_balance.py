@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ from typing import Any
 
 import pytest
 from fake_upstreams import FakeCloudflare
-from support import DOMAIN, SENDER, attempt, message
+from support import DOMAIN, SENDER, attempt, free_port, message
 
 from relay.errors import RelayError
 from relay.policy import Window, window_reset
@@ -66,12 +65,6 @@ def cloudflare_env(fake: FakeCloudflare) -> dict[str, str]:
         "CLOUDFLARE_API_TOKEN": "cf-token",
         "CLOUDFLARE_API_URL": fake.url,
     }
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # --- DEFAULT_SEND_BALANCE: a missing row only ----------------------------------------
@@ -245,7 +238,7 @@ def test_every_recipient_refused_upstream_is_refunded_in_full(metered, sink):
 
 
 def test_upstream_down_is_451_and_refunded(relay_factory):
-    smtp = json.dumps({DOMAIN: {"host": "127.0.0.1", "port": closed_port(), "secure": False}})
+    smtp = json.dumps({DOMAIN: {"host": "127.0.0.1", "port": free_port(), "secure": False}})
     relay = relay_factory(SMTP_CONFIG=smtp, DEFAULT_SEND_BALANCE="3")
     raw = relay.raw()
     raw.login(relay.token())

@@ -18,7 +18,7 @@ from email.message import EmailMessage
 from typing import Any
 
 import pytest
-from support import DOMAIN, SENDER, message
+from support import DOMAIN, SENDER, free_port, message
 
 from tests.fake_upstreams import FakeCloudflare, FakeResend
 
@@ -86,12 +86,6 @@ def send(
     )
     raw.sock.sendall(stuffed + b".\r\n")
     return raw.read()
-
-
-def closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def smtp_to(port: int, domain: str = DOMAIN) -> str:
@@ -710,7 +704,7 @@ def test_smtp_421_at_rcpt_defers_and_delivers_nothing(relay_factory, sink):
     ],
 )
 def test_upstream_down_is_451(relay_factory, channel, reply):
-    url = f"http://127.0.0.1:{closed_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     env = {
         "resend": {"RESEND_TOKEN": "re_global", "RESEND_API_URL": url},
         "cloudflare": {
@@ -718,7 +712,7 @@ def test_upstream_down_is_451(relay_factory, channel, reply):
             "CLOUDFLARE_API_TOKEN": "cf-token",
             "CLOUDFLARE_API_URL": url,
         },
-        "smtp": {"SMTP_CONFIG": smtp_to(closed_port())},
+        "smtp": {"SMTP_CONFIG": smtp_to(free_port())},
     }[channel]
     relay = relay_factory(**env, DEFAULT_SEND_BALANCE="10")
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import aiosmtplib
 import pytest
-from support import SENDER, Lines, message
+from support import SENDER, Lines, free_port, message
 
 from relay.config import Secret, is_known_setting, load_settings
 from relay.errors import ConfigError
@@ -308,12 +308,6 @@ def test_smtplib_login_falls_back_cleanly(relay):
 
 
 # --- make run -----------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_dev_start_creates_a_demo_and_delivers_to_the_outbox(tmp_path):

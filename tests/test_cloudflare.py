@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from support import free_port
 
 from relay.channel import Delivery, Outbound
 from relay.cloudflare import PERMANENT_BOUNCE, CloudflareChannel, outcome, per_recipient
@@ -370,10 +370,7 @@ def test_one_connection_kept_alive(fake: FakeCloudflare) -> None:
 
 
 def test_connection_refused() -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    [result] = deliver(config_for(f"http://127.0.0.1:{port}"), outbound())
+    [result] = deliver(config_for(f"http://127.0.0.1:{free_port()}"), outbound())
     assert isinstance(result, TransientDelivery)
     assert str(result.reply) == "451 4.3.0 cloudflare: upstream unreachable (connection failed)"
 

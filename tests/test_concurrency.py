@@ -19,7 +19,7 @@ from pathlib import Path
 
 import aiosmtplib
 import pytest
-from support import DOMAIN, SENDER, message
+from support import DOMAIN, SENDER, free_port, message
 
 from relay.store import Store
 
@@ -98,12 +98,6 @@ def test_daily_limit_of_30_serves_exactly_30_of_100_sessions(relay_factory, sink
 
 
 # --- two relay processes on one database ----------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_for_tls(port: int, tls: ssl.SSLContext, process: subprocess.Popen[bytes], log: Path):

@@ -6,14 +6,13 @@ import asyncio
 import os
 import signal
 import smtplib
-import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-from support import SENDER, Lines, message
+from support import SENDER, Lines, free_port, message
 
 from relay.store import Store
 
@@ -76,12 +75,6 @@ def test_stop_lets_a_forward_in_flight_finish_and_refuses_new_sessions(relay, si
     except (ConnectionError, OSError):
         refused = True
     assert refused
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_serve_with_two_workers_forwards_and_stops_on_sigterm(tmp_path, cert_dir, sink, client_tls):
