@@ -229,6 +229,7 @@ class Relay:
                 "RELAY_TLS_KEY": str(setup.key),
                 "RELAY_DATABASE": str(setup.database),
                 "RELAY_MAX_CONNECTIONS": str(max_connections),
+                "RELAY_MAX_CONNECTIONS_PER_IP": str(max_connections),  # every client is loopback
                 "RELAY_DRAIN_TIMEOUT": DRAIN,
                 # INFO logs a line per message: the bench would measure logging.
                 "RELAY_LOG_LEVEL": "WARNING",

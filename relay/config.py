@@ -111,6 +111,9 @@ class Settings:
     no_limit_roles: frozenset[str] = frozenset()
     workers: int = 1
     max_connections: int = 10_000
+    # One address's share: a mail client pool opens a handful (Nodemailer's
+    # default pool is 5), so 20 leaves room and stops one host from taking all.
+    max_connections_per_ip: int = 20
     # Every upstream call is bounded well inside the client's 300 s DATA budget.
     upstream_timeout: float = 30.0
     # How long a stopping server lets sessions in flight finish.
@@ -140,6 +143,7 @@ KNOWN = frozenset(
         "RELAY_DEV_OUTBOX",
         "RELAY_WORKERS",
         "RELAY_MAX_CONNECTIONS",
+        "RELAY_MAX_CONNECTIONS_PER_IP",
         "RELAY_UPSTREAM_TIMEOUT",
         "RELAY_DRAIN_TIMEOUT",
         "RELAY_LOG_LEVEL",
@@ -216,6 +220,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         no_limit_roles=frozenset(r.strip() for r in roles.split(",") if r.strip()),
         workers=_integer(raw, "RELAY_WORKERS", 1, minimum=1),
         max_connections=_integer(raw, "RELAY_MAX_CONNECTIONS", 10_000, minimum=1),
+        max_connections_per_ip=_integer(raw, "RELAY_MAX_CONNECTIONS_PER_IP", 20, minimum=1),
         # A forward gets twice this: at most half the client's DATA budget.
         upstream_timeout=_number(
             raw, "RELAY_UPSTREAM_TIMEOUT", 30.0, maximum=Limits.data_timeout / 4

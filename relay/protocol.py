@@ -21,7 +21,7 @@ import binascii
 import hmac
 import logging
 from base64 import b64decode, b64encode
-from collections.abc import MutableSet
+from collections.abc import Callable, MutableSet
 from typing import cast
 
 from aiosmtpd.smtp import Session
@@ -53,8 +53,12 @@ class SubmissionProtocol(SMTPBase):
         handler: Submission,
         store: AsyncStore,
         sessions: MutableSet[SubmissionProtocol],
+        refusal: Reply | None = None,
+        on_close: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
+        self.refusal = refusal  # the admission's 421, sent instead of the greeting
+        self.on_close = on_close
         self.limits = settings.limits
         self.store = store
         self.sessions = sessions
@@ -90,11 +94,9 @@ class SubmissionProtocol(SMTPBase):
     # --- connection lifecycle --------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if len(self.sessions) >= self.settings.max_connections:
+        if self.refusal is not None:
             # Refused before aiosmtpd starts the session: no greeting, no timer.
-            cast(asyncio.WriteTransport, transport).write(
-                f"{replies.TOO_MANY_CONNECTIONS}\r\n".encode()
-            )
+            cast(asyncio.WriteTransport, transport).write(f"{self.refusal}\r\n".encode())
             transport.close()
             return
         self._admitted = True
@@ -103,6 +105,8 @@ class SubmissionProtocol(SMTPBase):
 
     def connection_lost(self, error: Exception | None) -> None:
         self._lost = True
+        if self.on_close is not None:
+            self.on_close()
         if not self._admitted:
             return
         self.sessions.discard(self)

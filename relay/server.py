@@ -23,11 +23,14 @@ import sys
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, TypeVar
 
+from relay.admission import Admission
 from relay.channel import Channel, OutboxChannel
 from relay.config import Settings
 from relay.errors import ConfigError, RelayError
+from relay.listener import Listener
 from relay.policy import Channel as ChannelName
 from relay.protocol import SubmissionProtocol
+from relay.replies import Reply
 from relay.session import Submission
 from relay.smtp_upstream import SmtpChannel
 from relay.smtp_upstream import tls_context as smtp_tls_context
@@ -120,7 +123,8 @@ class Relay:
         self.sessions: set[SubmissionProtocol] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sweeper: asyncio.Task[None] | None = None
-        self._server: asyncio.AbstractServer | None = None
+        self._listener: Listener | None = None
+        self.admission = Admission(settings.max_connections, settings.max_connections_per_ip)
         self._port = 0
         self._stopped = False
 
@@ -148,14 +152,15 @@ class Relay:
         self._port = sock.getsockname()[1]
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(_quiet_handshake_failures)
-        self._server = await loop.create_server(
-            lambda: SubmissionProtocol(self.settings, self.handler, self.store, self.sessions),
-            sock=sock,
-            ssl=ctx,
-            ssl_handshake_timeout=30,
-        )
+        self._listener = Listener(sock, ctx, self.admission, self._protocol)
+        self._listener.start()
         self._sweeper = loop.create_task(self._sweep_forever())
         log.info("relay listening on %s:%d (implicit TLS)", self.settings.listen[0], self.port)
+
+    def _protocol(self, refusal: Reply | None, on_close: Callable[[], None]) -> SubmissionProtocol:
+        return SubmissionProtocol(
+            self.settings, self.handler, self.store, self.sessions, refusal, on_close
+        )
 
     async def _sweep(self) -> None:
         try:
@@ -190,8 +195,8 @@ class Relay:
         if self._stopped:
             return
         self._stopped = self.handler.stopping = True
-        if self._server is not None:
-            self._server.close()
+        if self._listener is not None:
+            await self._listener.close()
         for session in list(self.sessions):
             if not session.in_transaction():
                 session.close_for_shutdown()

@@ -271,6 +271,8 @@ def relay_factory(
             "RELAY_DATABASE": str(tmp_path / f"relay{len(running)}.db"),
             "RELAY_UPSTREAM_TIMEOUT": "5",
             "RELAY_DRAIN_TIMEOUT": "5",
+            # Every test client comes from 127.0.0.1; the per-address cap has its own tests.
+            "RELAY_MAX_CONNECTIONS_PER_IP": "1000",
         }
         settings = load_settings({**base, **env})
         if limits is not None:

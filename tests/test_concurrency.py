@@ -142,6 +142,7 @@ def test_two_processes_on_one_database_serve_exactly_30(sink, cert_dir, client_t
                 "SMTP_CONFIG": sink.smtp_config(),
                 "RELAY_LOG_LEVEL": "WARNING",
                 "RELAY_DRAIN_TIMEOUT": "5",
+                "RELAY_MAX_CONNECTIONS_PER_IP": "1000",  # 100 sessions, all from 127.0.0.1
             }
             logs.append(tmp_path / f"relay{n}.log")
             with logs[-1].open("wb") as log:
