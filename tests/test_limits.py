@@ -298,7 +298,7 @@ def frozen(relay_factory, sink, clock, monkeypatch):
     """The relay, with every store's default clock (the relay's and the admin's) at `clock`.
 
     The relay builds its stores itself, so the test reaches the clock they
-    default to: `datetime.now` as the store module sees it.
+    default to: `datetime.now` as `relay.db` sees it.
     """
 
     class FrozenDatetime(datetime):
@@ -306,7 +306,7 @@ def frozen(relay_factory, sink, clock, monkeypatch):
         def now(cls, tz=None):
             return clock.now if tz is None else clock.now.astimezone(tz)
 
-    monkeypatch.setattr("relay.store.datetime", FrozenDatetime)
+    monkeypatch.setattr("relay.db.datetime", FrozenDatetime)
     return relay_factory(SMTP_CONFIG=sink.smtp_config(), DEFAULT_SEND_BALANCE="100")
 
 
