@@ -137,8 +137,11 @@ class Ledger(Database):
         unlimited: bool,
         token_id: str = "",
     ) -> MailCheck:
-        """MAIL FROM: the domain's owner, the sender's row (created if missing), the windows.
+        """MAIL FROM: the domain's owner, the sender's balance, the windows. Reads only.
 
+        A sender with no row is read as `default_balance`; its row is created by
+        the first `reserve` that charges it, never here, so MAIL FROM alone
+        (a client probing addresses, MAIL + RSET in a loop) writes nothing.
         `DEFAULT_SEND_BALANCE` only ever creates a missing row (ON CONFLICT DO
         NOTHING): an admin-disabled or admin-edited row stays as the admin left it.
         """
@@ -152,14 +155,9 @@ class Ledger(Database):
             room, hit = self._headroom(db, account_id, now)
         except sqlite3.Error as exc:
             raise translate(exc) from exc
-        if row is None and owner is not None and owner[0] == account_id and not unlimited:
-            # Only a first send writes here; every later MAIL is a plain read.
-            with self._write() as db:
-                _ensure_sender(db, address, default_balance, int(now.timestamp()))
-                row = _sender_row(db, address)
         state = SenderState(
             address=address,
-            balance=row["balance"] if row else 0,
+            balance=row["balance"] if row else default_balance,
             enabled=bool(row["enabled"]) if row else True,
             unlimited=unlimited,
         )
