@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from relay import certs
-from relay.config import Settings, load_settings
+from relay.config import Settings, load_settings, max_workers
 from relay.errors import ConfigError, RelayError
 from relay.message import normalize_address, parse_address
 from relay.store import Store
@@ -90,6 +90,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.workers is not None:
         if args.workers < 1:
             raise ConfigError(f"--workers: must be at least 1, got {args.workers}")
+        if args.workers > max_workers():
+            raise ConfigError(f"--workers: must be at most {max_workers()}, got {args.workers}")
         settings = _replace(settings, workers=args.workers)
     _logging(settings)
     server.run(settings)

@@ -75,8 +75,17 @@ def tls_context(settings: Settings) -> ssl.SSLContext:
             )
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+
+    def no_passphrase() -> bytes:
+        # Without a callback OpenSSL would prompt on the terminal for the
+        # pass phrase, and a service has nobody to answer.
+        raise ConfigError(
+            f"RELAY_TLS_KEY: {settings.tls_key} is encrypted; the relay needs an unencrypted key"
+            " (readable by its user only)"
+        )
+
     try:
-        ctx.load_cert_chain(settings.tls_cert, settings.tls_key)
+        ctx.load_cert_chain(settings.tls_cert, settings.tls_key, password=no_passphrase)
     except (ssl.SSLError, OSError) as exc:
         raise ConfigError(
             f"RELAY_TLS_CERT: cannot load {settings.tls_cert} with {settings.tls_key}: {exc}"
