@@ -69,7 +69,12 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 
 def _store() -> Store:
-    store = Store(load_settings().database)
+    """The database an admin command works on: it must exist (`relay db init` creates it).
+
+    Creating one silently would hide a wrong `RELAY_DATABASE`: the command would
+    succeed on an empty database the relay never reads.
+    """
+    store = Store(load_settings().database, create=False)
     store.migrate()
     return store
 
@@ -109,7 +114,7 @@ def cmd_dev(args: argparse.Namespace) -> None:
         env.setdefault("RELAY_DEV_OUTBOX", "data/outbox")
     settings = load_settings(env)
     if not settings.tls_cert.exists() or not settings.tls_key.exists():
-        certs.generate(settings.tls_cert.parent, "localhost")
+        certs.generate(settings.tls_cert.parent, "localhost", force=True)
         print(f"generated a self-signed certificate: {settings.tls_cert}")
     store = Store(settings.database)
     store.migrate()
@@ -144,8 +149,17 @@ def cmd_dev(args: argparse.Namespace) -> None:
 
 
 def cmd_certs_generate(args: argparse.Namespace) -> None:
-    crt, key = certs.generate(Path(args.dir), args.hostname)
+    crt, key = certs.generate(Path(args.dir), args.hostname, force=args.force)
     print(f"wrote {crt} and {key}")
+
+
+def cmd_db_init(args: argparse.Namespace) -> None:
+    path = load_settings().database
+    existed = path.exists()
+    store = Store(path)
+    version = store.migrate()
+    store.close()
+    print(f"{'migrated' if existed else 'created'} {path} (schema version {version})")
 
 
 def cmd_account_create(args: argparse.Namespace) -> None:
@@ -325,6 +339,10 @@ def _parser() -> argparse.ArgumentParser:
     gen = command(certs_group, "generate", cmd_certs_generate, "write a self-signed certificate")
     gen.add_argument("--hostname", default="localhost")
     gen.add_argument("--dir", default="certs")
+    gen.add_argument("--force", action="store_true", help="replace an existing certificate")
+
+    db = group("db", "the database")
+    command(db, "init", cmd_db_init, "create the database, or migrate an existing one")
 
     account = group("account", "accounts")
     command(account, "create", cmd_account_create, "create an account", True).add_argument("name")

@@ -8,6 +8,7 @@ leave the store.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -33,8 +34,10 @@ class Database:
         clock: Callable[[], datetime] | None = None,
         busy_timeout_ms: int = 10_000,
         autocheckpoint: bool = True,
+        create: bool = True,
     ) -> None:
         self.path = Path(path)
+        self.create = create
         self.clock = clock or (lambda: datetime.now(UTC))
         self.busy_timeout_ms = busy_timeout_ms
         self.autocheckpoint = autocheckpoint
@@ -47,8 +50,13 @@ class Database:
         return self._db
 
     def _connect(self) -> sqlite3.Connection:
+        if not self.create and not self.path.exists():
+            raise StoreError(
+                f"RELAY_DATABASE: {self.path} does not exist"
+                " (create it with `relay db init`, or start `relay serve`)"
+            )
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            create_private(self.path)
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             db.row_factory = sqlite3.Row
             db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
@@ -117,6 +125,19 @@ class Database:
 
     def _now(self) -> int:
         return int(self.clock().timestamp())
+
+
+def create_private(path: Path) -> None:
+    """Create the database file, and its directory, readable by the relay's user only.
+
+    Whatever the umask: the modes given only ever lose bits to it. SQLite gives
+    the -wal and -shm files it creates the database file's mode.
+    """
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
 
 
 def translate(exc: sqlite3.Error) -> StoreError:

@@ -523,6 +523,9 @@ def test_admin_edits_are_checked(tmp_path):
 
 
 def run_cli(db: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """`relay ARGS` on `db`, created first as `relay db init` would."""
+    if not db.exists():
+        Store(db).migrate()
     env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(REPO), "RELAY_DATABASE": str(db)}
     done = subprocess.run(
         [sys.executable, "-m", "relay", *args],
