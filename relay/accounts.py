@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlite3
 from typing import Any
 
-from relay.db import Database
+from relay.db import Database, read_only
 from relay.errors import RelayError
 
 
@@ -66,6 +66,7 @@ class Accounts(Database):
             dict(r) for r in self._read(sql + " WHERE a.name = ? ORDER BY d.domain", (account,))
         ]
 
+    @read_only
     def owned_domains(self, account_id: int, domains: tuple[str, ...]) -> frozenset[str]:
         """Which of `domains` are onboarded on the account."""
         if not domains:
@@ -105,6 +106,7 @@ class Accounts(Database):
     def list_verified(self) -> list[dict[str, Any]]:
         return self._list("verified")
 
+    @read_only
     def verified_among(self, addresses: tuple[str, ...]) -> frozenset[str]:
         if not addresses:
             return frozenset()

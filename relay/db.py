@@ -14,10 +14,47 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from relay.errors import StoreError
 from relay.schema import MIGRATIONS
+
+# The write-ahead log is copied back into the database file by `checkpoint`, on
+# the upkeep thread, once a second. A checkpoint that readers or writers keep
+# from finishing (PASSIVE never waits) lets the log grow without bound under
+# load (210 MB in 15 s at 1,150 msg/s), so past WAL_CATCH_UP_BYTES, or past
+# WAL_SIZE_LIMIT once writes stop, it waits for them (TRUNCATE) and empties
+# the file. SQLite also trims the log to WAL_SIZE_LIMIT when it restarts it.
+WAL_SIZE_LIMIT = 4 * 1024 * 1024
+WAL_CATCH_UP_BYTES = 16 * 1024 * 1024
+# How long a catching-up checkpoint waits for readers and writers; new writers
+# wait behind it meanwhile, so it gives up soon and tries again a tick later.
+CATCH_UP_BUSY_MS = 500
+
+# Failures that a full disk, a read-only file or a lock explain: worth one line
+# in the log, not a traceback.
+_EXPECTED = ("readonly", "disk i/o error", "disk is full", "unable to open", "locked")
+
+F = TypeVar("F", bound=Callable[..., Any])
+_READS: set[Callable[..., Any]] = set()
+
+
+def read_only(fn: F) -> F:
+    """Mark a store method that only reads: in WAL mode it never waits for the write lock."""
+    _READS.add(fn)
+    return fn
+
+
+def is_read_only(method: Callable[..., Any]) -> bool:
+    return getattr(method, "__func__", method) in _READS
+
+
+def expected_failure(exc: BaseException) -> bool:
+    """A database failure with a known outside cause (disk, permissions, a lock)."""
+    cause = exc.__cause__ if isinstance(exc, StoreError) else exc
+    return isinstance(cause, sqlite3.OperationalError) and any(
+        word in str(cause).lower() for word in _EXPECTED
+    )
 
 
 class StoreBusy(StoreError):
@@ -42,6 +79,7 @@ class Database:
         self.busy_timeout_ms = busy_timeout_ms
         self.autocheckpoint = autocheckpoint
         self._db: sqlite3.Connection | None = None
+        self._wal_seen = 0  # the log's size at the last checkpoint
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -65,6 +103,7 @@ class Database:
             # loss can drop the last commits.
             db.execute("PRAGMA synchronous = NORMAL")
             db.execute("PRAGMA foreign_keys = ON")
+            db.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
             if not self.autocheckpoint:
                 # A checkpoint writes and syncs the database file: leave it to
                 # `checkpoint()`, called off the event loop.
@@ -119,9 +158,43 @@ class Database:
                 db.execute(f"PRAGMA user_version = {number}")
         return len(MIGRATIONS)
 
-    def checkpoint(self) -> None:
-        """Copy the write-ahead log into the database file (PASSIVE: never waits)."""
+    def check_writable(self) -> None:
+        """Raise `StoreError` unless this connection can write (a read-only file, say).
+
+        Rewrites the schema version in place: a real write that changes nothing.
+        """
+        with self._write() as db:
+            version = int(db.execute("PRAGMA user_version").fetchone()[0])
+            db.execute(f"PRAGMA user_version = {version}")
+
+    def checkpoint(self) -> str:
+        """Copy the write-ahead log into the database file; returns the mode used.
+
+        PASSIVE (never waits) while the log is small; TRUNCATE (waits a moment
+        for readers and writers, then empties the file) once it is past
+        WAL_CATCH_UP_BYTES, or past WAL_SIZE_LIMIT and not growing any more.
+        """
+        size = self.wal_size()
+        grown, self._wal_seen = size > self._wal_seen, size
+        if size > WAL_CATCH_UP_BYTES or (size > WAL_SIZE_LIMIT and not grown):
+            db = self.db
+            try:
+                db.execute(f"PRAGMA busy_timeout = {CATCH_UP_BUSY_MS}")
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            except sqlite3.Error as exc:
+                raise translate(exc) from exc
+            finally:
+                db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
+            self._wal_seen = self.wal_size()
+            return "TRUNCATE"
         self._read("PRAGMA wal_checkpoint(PASSIVE)")
+        return "PASSIVE"
+
+    def wal_size(self) -> int:
+        try:
+            return self.path.with_name(self.path.name + "-wal").stat().st_size
+        except FileNotFoundError:
+            return 0
 
     def _now(self) -> int:
         return int(self.clock().timestamp())

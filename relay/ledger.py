@@ -8,23 +8,30 @@ Guarantees, whatever the number of sessions and relay processes on one database:
 - Every reservation is recorded as a pending row until `settle` refunds what the
   upstream did not take; a crash leaves the row, and `settle_stale` (on start and
   periodically) refunds it, so no refund is lost silently.
+- A pending row names the process that reserved it (`owner`), which refreshes its
+  `heartbeat` while it lives. `settle_stale` refunds only rows whose owner is
+  gone: a live process whose `settle` failed keeps retrying it, and the message
+  the upstream took stays charged.
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from relay.accounts import account_id_of, domain_owner, is_nolimit
-from relay.db import Database, translate
+from relay.db import Database, read_only, translate
 from relay.errors import RelayError
 from relay.idempotency import delivered_recently, forget_expired, remember_delivered
 from relay.policy import UNLIMITED, LimitHit, SenderState, Window, period_key, window_reset
 from relay.tokens import token_still_valid
 
 RELAY_SCOPE = "*"
+# A process whose heartbeat is older than this is dead (it beats every 10 s).
+OWNER_DEAD_AFTER = 60
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +72,8 @@ class Refused(RelayError):
 
 
 class Ledger(Database):
+    owner: str | None = None  # the live process's id, recorded on each reservation
+
     # --- senders' balances -------------------------------------------------------
 
     def list_senders(self) -> list[dict[str, Any]]:
@@ -128,6 +137,7 @@ class Ledger(Database):
 
     # --- the runtime path --------------------------------------------------------
 
+    @read_only
     def check_mail(
         self,
         address: str,
@@ -232,9 +242,9 @@ class Ledger(Database):
                 [(scope, period, recipients) for scope in scopes for period in (day, month)],
             )
             cur = db.execute(
-                "INSERT INTO pending (sender, unit, count, scopes, day, month, created)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (sender, unit, recipients, ",".join(scopes), day, month, ts),
+                "INSERT INTO pending (sender, unit, count, scopes, day, month, created, owner)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (sender, unit, recipients, ",".join(scopes), day, month, ts, self.owner),
             )
         assert cur.lastrowid is not None
         return Reservation(cur.lastrowid, charge)
@@ -254,21 +264,40 @@ class Ledger(Database):
             return _settle(db, reservation_id, delivered, now)
 
     def settle_stale(self, older_than: float) -> list[dict[str, Any]]:
-        """Refund in full every reservation left pending longer than `older_than` seconds.
+        """Refund in full every reservation left pending longer than `older_than` seconds
+        by a process that is gone (no owner, or no heartbeat for OWNER_DEAD_AFTER).
 
         Such a reservation belongs to a process that died between charge and
         forward. The client got no 250 for it, so it will retry and be charged
-        again: refunding avoids charging it twice.
+        again: refunding avoids charging it twice. A live owner's rows stay: it
+        is still settling them.
         """
         now = self._now()
         with self._write() as db:
             rows = db.execute(
-                "SELECT * FROM pending WHERE created <= ?", (now - older_than,)
+                "SELECT * FROM pending WHERE created <= ? AND (owner IS NULL OR NOT EXISTS"
+                " (SELECT 1 FROM processes p WHERE p.id = pending.owner AND p.heartbeat > ?))",
+                (now - older_than, now - OWNER_DEAD_AFTER),
             ).fetchall()
             for row in rows:
                 _settle(db, row["id"], 0, now)
             forget_expired(db, now)
+            db.execute("DELETE FROM processes WHERE heartbeat <= ?", (now - 86400,))
         return [dict(r) for r in rows]
+
+    def heartbeat(self) -> None:
+        """Record that this process (`owner`) lives; also proves the database writable."""
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO processes (id, pid, heartbeat) VALUES (?, ?, ?)"
+                " ON CONFLICT (id) DO UPDATE SET heartbeat = excluded.heartbeat",
+                (self.owner or "", os.getpid(), self._now()),
+            )
+
+    def retire(self) -> None:
+        """This process stops: its reservations left pending are now any sweep's."""
+        with self._write() as db:
+            db.execute("DELETE FROM processes WHERE id = ?", (self.owner or "",))
 
     def pending_count(self) -> int:
         return int(self._read("SELECT count(*) FROM pending")[0][0])

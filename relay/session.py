@@ -283,8 +283,7 @@ class Submission:
             refund = (
                 0
                 if reservation.replay
-                else await self.relay.store.run(
-                    self.relay.store.sync.settle,
+                else await self.relay.store.settle(
                     reservation.id,
                     len(delivery.accepted),
                     idempotency_key,

@@ -18,13 +18,16 @@ process never stalls the loop.
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import secrets
 import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import ParamSpec, TypeVar
 
 from relay.accounts import Accounts
-from relay.db import StoreBusy
+from relay.db import StoreBusy, expected_failure, is_read_only
 from relay.errors import StoreError
 from relay.idempotency import IDEMPOTENCY_WINDOW
 from relay.ledger import RELAY_SCOPE, Ledger, MailCheck, Refused, Reservation
@@ -51,6 +54,10 @@ class Store(Accounts, Tokens, Ledger):
 
 P = ParamSpec("P")
 T = TypeVar("T")
+log = logging.getLogger("relay.store")
+# A settle the store refused is tried again after this, doubling up to the cap.
+SETTLE_RETRY_FIRST = 0.5
+SETTLE_RETRY_MAX = 30.0
 
 
 class AsyncStore:
@@ -63,26 +70,50 @@ class AsyncStore:
     write lock, the inline attempt fails at once and the call goes to the
     store's one thread, which waits for the lock there. Calls keep their order:
     nothing runs inline while the thread has work.
+
+    Reads (methods marked `read_only`: AUTH's token check, MAIL FROM's) never
+    wait for SQLite's write lock in WAL mode, so they run inline even while
+    writes wait on the thread: a lock another process holds stalls sending,
+    never AUTH. The rare read that finds the database busy goes to a read
+    thread of its own, not behind the writes.
+
+    Each process has an owner id (pid and a random instance id) recorded on its
+    reservations; `start()` writes its heartbeat, the upkeep refreshes it.
     """
 
     def __init__(self, store: Store) -> None:
         self.sync = store
+        self.owner = f"{os.getpid()}-{secrets.token_hex(6)}"
         self._inline = Store(store.path, clock=store.clock, busy_timeout_ms=0, autocheckpoint=False)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-store")
         self._queued = 0
+        self._reader = Store(store.path, clock=store.clock, autocheckpoint=False)
+        self._reader_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-reads")
         # Checkpoints sync the disk and the stale sweep scans: on a thread and
         # connection of their own, so no session call ever queues behind them.
         self._upkeep = Store(store.path, clock=store.clock)
         self._upkeep_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-upkeep")
+        for each in (self.sync, self._inline, self._reader, self._upkeep):
+            each.owner = self.owner
+        self._settling: dict[int, asyncio.Task[None]] = {}
+
+    @property
+    def queued(self) -> int:
+        """Calls waiting on (or running on) the store's write thread."""
+        return self._queued
 
     async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        """Run `fn`, a method of `self.sync`, inline when possible, else on the thread."""
-        if self._queued == 0:
+        """Run `fn`, a method of `self.sync`, inline when possible, else on a thread."""
+        if self._queued == 0 or is_read_only(fn):
             inline: Callable[P, T] = getattr(self._inline, fn.__name__)
             try:
                 return inline(*args, **kwargs)
             except StoreBusy:
                 pass
+        if is_read_only(fn):
+            reader: Callable[P, T] = getattr(self._reader, fn.__name__)
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._reader_thread, lambda: reader(*args, **kwargs))
         return await self.in_thread(fn, *args, **kwargs)
 
     async def in_thread(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
@@ -103,9 +134,71 @@ class AsyncStore:
         except sqlite3.Error as exc:
             raise StoreError(f"database failed: {exc}") from exc
 
+    async def settle(
+        self, reservation_id: int, delivered: int, idempotency_key: str | None = None
+    ) -> int:
+        """`Store.settle`, and if the store fails, again in the background until it works.
+
+        Returns the refund, or -1 when the settle is deferred. The upstream may
+        have taken the message: the pending row must not be refunded whole by a
+        sweep while this process lives to settle it (see `Ledger.settle_stale`).
+        """
+        try:
+            return await self.run(self.sync.settle, reservation_id, delivered, idempotency_key)
+        except StoreError as exc:
+            log.warning(
+                "settling reservation %s failed (%s); retrying in the background",
+                reservation_id,
+                exc,
+                exc_info=not expected_failure(exc),
+            )
+        task = asyncio.get_running_loop().create_task(
+            self._settle_later(reservation_id, delivered, idempotency_key)
+        )
+        self._settling[reservation_id] = task
+        task.add_done_callback(lambda _: self._settling.pop(reservation_id, None))
+        return -1
+
+    async def _settle_later(
+        self, reservation_id: int, delivered: int, idempotency_key: str | None
+    ) -> None:
+        delay = SETTLE_RETRY_FIRST
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                refund = await self.run(
+                    self.sync.settle, reservation_id, delivered, idempotency_key
+                )
+            except StoreError:
+                delay = min(delay * 2, SETTLE_RETRY_MAX)
+                continue
+            log.info("settled reservation %s on a retry; refunded %d", reservation_id, refund)
+            return
+
+    @property
+    def settling(self) -> int:
+        """Settles still being retried in the background."""
+        return len(self._settling)
+
     async def aclose(self) -> None:
+        tasks = list(self._settling.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if tasks:
+            log.warning(
+                "%d reservation(s) still unsettled at stop; once this process is gone the"
+                " stale sweep refunds them in full",
+                len(tasks),
+            )
+        try:
+            await self.in_thread(self.sync.retire)
+        except StoreError as exc:
+            log.warning("could not retire this process's heartbeat: %s", exc)
         await self.in_thread(self.sync.close)
         await self.upkeep(Store.close)
-        self._thread.shutdown(wait=True)
-        self._upkeep_thread.shutdown(wait=True)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._reader_thread, self._reader.close)
+        for pool in (self._thread, self._upkeep_thread, self._reader_thread):
+            pool.shutdown(wait=True)
         self._inline.close()

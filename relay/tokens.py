@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from relay.accounts import account_id_of
-from relay.db import Database
+from relay.db import Database, read_only
 from relay.errors import RelayError
 
 TOKEN_PREFIX = "rlt_"  # noqa: S105 - lets secret scanners spot a leaked token
@@ -80,6 +80,7 @@ class Tokens(Database):
         if cur.rowcount == 0:
             raise RelayError(f"no active token with id {token_id!r}")
 
+    @read_only
     def authenticate(self, token: str) -> Principal | None:
         """The principal of a valid token: not unknown, revoked or expired."""
         digest = hash_token(token)
