@@ -4,6 +4,8 @@ limits the start checks against the machine (the listen backlog, file descriptor
 from __future__ import annotations
 
 import os
+import resource
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -134,4 +136,41 @@ def test_an_encrypted_key_is_one_line_and_no_passphrase_prompt(tmp_path, cert_di
     assert one_line(result) == (
         f"relay: RELAY_TLS_KEY: {encrypted} is encrypted; the relay needs an unencrypted key"
         " (readable by its user only)"
+    )
+
+
+def test_listen_backlog_is_the_setting_not_asyncios_100(relay_factory):
+    if shutil.which("ss") is None:
+        pytest.skip("needs ss (iproute2) to read a listening socket's backlog")
+    relay = relay_factory(RELAY_LISTEN_BACKLOG="77")
+    out = subprocess.run(
+        ["ss", "-ltnH", f"sport = :{relay.port}"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    # State, Recv-Q, Send-Q (the backlog of a listening socket), local address, ...
+    assert out[0] == "LISTEN" and out[2] == "77"
+
+
+def test_more_connections_than_file_descriptors_stops_the_start(tmp_path):
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (512, 512))
+
+    full_env = {
+        "PATH": os.environ["PATH"],
+        "PYTHONPATH": str(ROOT),
+        "RELAY_DATABASE": str(tmp_path / "relay.db"),
+        "RELAY_MAX_CONNECTIONS": "1000",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "relay", "serve"],
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        preexec_fn=low_limit,
+    )
+    assert result.returncode == 2
+    assert one_line(result) == (
+        "relay: RELAY_MAX_CONNECTIONS: 1000 sessions need 1256 file descriptors, the limit"
+        " (ulimit -n) is 512: lower RELAY_MAX_CONNECTIONS or raise the limit"
     )
