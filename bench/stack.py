@@ -97,6 +97,7 @@ async def configure(directory: Path) -> Setup:
     relay = (sys.executable, "-m", "relay")
     certs = directory / "certs"
     await _run(*relay, "certs", "generate", "--dir", str(certs), "--hostname", "localhost", env=env)
+    await _run(*relay, "db", "init", env=env)
     await _run(*relay, "account", "create", ACCOUNT, env=env)
     await _run(*relay, "domain", "add", ACCOUNT, DOMAIN, env=env)
     token = json.loads(await _run(*relay, "token", "create", ACCOUNT, "--json", env=env))["token"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import secrets
 from pathlib import Path
 
 from cryptography import x509
@@ -12,11 +13,25 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from relay.errors import RelayError
+
 VALID_DAYS = 825  # the longest validity Apple's TLS clients accept for a server certificate
 
 
-def generate(directory: Path, hostname: str = "localhost") -> tuple[Path, Path]:
-    """Write `relay.crt` and `relay.key` (mode 0600) for `hostname`, localhost and 127.0.0.1."""
+def generate(
+    directory: Path, hostname: str = "localhost", *, force: bool = False
+) -> tuple[Path, Path]:
+    """Write `relay.crt` and `relay.key` (mode 0600) for `hostname`, localhost and 127.0.0.1.
+
+    Refuses to replace an existing certificate or key unless `force`. The key is
+    never readable by others, not even for a moment: it is written to a new file
+    created 0600 and renamed into place.
+    """
+    crt, key_path = directory / "relay.crt", directory / "relay.key"
+    if not force:
+        for path in (crt, key_path):
+            if path.exists():
+                raise RelayError(f"{path} exists already; use --force to replace it")
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
     now = dt.datetime.now(dt.UTC)
@@ -41,15 +56,28 @@ def generate(directory: Path, hostname: str = "localhost") -> tuple[Path, Path]:
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .sign(key, hashes.SHA256())
     )
-    directory.mkdir(parents=True, exist_ok=True)
-    crt, key_path = directory / "relay.crt", directory / "relay.key"
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     key_bytes = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key_bytes)
-    crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write_new(key_path, key_bytes, 0o600)
+    _write_new(crt, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     return crt, key_path
+
+
+def _write_new(path: Path, data: bytes, mode: int) -> None:
+    """Write `data` to a fresh file of `mode` (less the umask), then rename it over `path`.
+
+    A file that exists keeps its mode when rewritten in place; a new one does not.
+    """
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

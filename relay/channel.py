@@ -104,9 +104,12 @@ class OutboxChannel:
             + "".join(f"X-Relay-Envelope-To: <{r}>\r\n" for r in message.recipients)
         ).encode()
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            # Messages are private: the directory and each file for our user only.
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             tmp = self.directory / f".{name}.tmp"
-            tmp.write_bytes(envelope + message.content)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(envelope + message.content)
             os.replace(tmp, self.directory / name)
         except OSError as exc:
             why = f"cannot write ({exc.strerror})"

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from relay import certs
-from relay.config import Settings, load_settings
+from relay.config import Settings, load_settings, max_workers
 from relay.errors import ConfigError, RelayError
 from relay.message import normalize_address, parse_address
 from relay.store import Store
@@ -70,7 +70,12 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 
 def _store() -> Store:
-    store = Store(load_settings().database)
+    """The database an admin command works on: it must exist (`relay db init` creates it).
+
+    Creating one silently would hide a wrong `RELAY_DATABASE`: the command would
+    succeed on an empty database the relay never reads.
+    """
+    store = Store(load_settings().database, create=False)
     store.migrate()
     return store
 
@@ -91,6 +96,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.workers is not None:
         if args.workers < 1:
             raise ConfigError(f"--workers: must be at least 1, got {args.workers}")
+        if args.workers > max_workers():
+            raise ConfigError(f"--workers: must be at most {max_workers()}, got {args.workers}")
         settings = dataclasses.replace(settings, workers=args.workers)
     _logging(settings)
     server.run(settings)
@@ -108,7 +115,7 @@ def cmd_dev(args: argparse.Namespace) -> None:
         env.setdefault("RELAY_DEV_OUTBOX", "data/outbox")
     settings = load_settings(env)
     if not settings.tls_cert.exists() or not settings.tls_key.exists():
-        certs.generate(settings.tls_cert.parent, "localhost")
+        certs.generate(settings.tls_cert.parent, "localhost", force=True)
         print(f"generated a self-signed certificate: {settings.tls_cert}")
     store = Store(settings.database)
     store.migrate()
@@ -143,8 +150,17 @@ def cmd_dev(args: argparse.Namespace) -> None:
 
 
 def cmd_certs_generate(args: argparse.Namespace) -> None:
-    crt, key = certs.generate(Path(args.dir), args.hostname)
+    crt, key = certs.generate(Path(args.dir), args.hostname, force=args.force)
     print(f"wrote {crt} and {key}")
+
+
+def cmd_db_init(args: argparse.Namespace) -> None:
+    path = load_settings().database
+    existed = path.exists()
+    store = Store(path)
+    version = store.migrate()
+    store.close()
+    print(f"{'migrated' if existed else 'created'} {path} (schema version {version})")
 
 
 def cmd_account_create(args: argparse.Namespace) -> None:
@@ -324,6 +340,10 @@ def _parser() -> argparse.ArgumentParser:
     gen = command(certs_group, "generate", cmd_certs_generate, "write a self-signed certificate")
     gen.add_argument("--hostname", default="localhost")
     gen.add_argument("--dir", default="certs")
+    gen.add_argument("--force", action="store_true", help="replace an existing certificate")
+
+    db = group("db", "the database")
+    command(db, "init", cmd_db_init, "create the database, or migrate an existing one")
 
     account = group("account", "accounts")
     command(account, "create", cmd_account_create, "create an account", True).add_argument("name")

@@ -114,6 +114,9 @@ class Settings:
     # One address's share: a mail client pool opens a handful (Nodemailer's
     # default pool is 5), so 20 leaves room and stops one host from taking all.
     max_connections_per_ip: int = 20
+    # Connections the kernel queues before the loop accepts them (asyncio's default
+    # of 100 drops SYNs in a burst of new sessions); the kernel caps it at somaxconn.
+    listen_backlog: int = 1024
     # Every upstream call is bounded well inside the client's 300 s DATA budget.
     upstream_timeout: float = 30.0
     # How long a stopping server lets sessions in flight finish.
@@ -155,8 +158,18 @@ KNOWN = frozenset(
         "CLOUDFLARE_API_URL",
         "DEFAULT_SEND_BALANCE",
         "NO_LIMIT_SEND_ROLE",
+        "RELAY_LISTEN_BACKLOG",
     }
 )
+# SQLite stores integers as signed 64-bit: a balance beyond cannot be charged.
+SQLITE_MAX_INT = 2**63 - 1
+# More worker processes than this only add context switches and memory.
+WORKERS_PER_CPU = 4
+# Below this an upstream cannot even finish a TLS handshake; 0.1 s still lets a
+# test make an upstream time out on purpose.
+MIN_UPSTREAM_TIMEOUT = 0.1
+# The mechanisms relay.smtp_upstream can use to log in to an upstream.
+UPSTREAM_AUTH_TYPES = ("plain", "login", "cram-md5")
 RESEND_DOMAIN_PREFIX = "RESEND_TOKEN_"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -216,14 +229,21 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             api_url=(text("RESEND_API_URL") or "https://api.resend.com").rstrip("/"),
         ),
         cloudflare=_cloudflare(text),
-        default_send_balance=_integer(raw, "DEFAULT_SEND_BALANCE", 0, minimum=0),
+        default_send_balance=_integer(
+            raw, "DEFAULT_SEND_BALANCE", 0, minimum=0, maximum=SQLITE_MAX_INT
+        ),
         no_limit_roles=frozenset(r.strip() for r in roles.split(",") if r.strip()),
-        workers=_integer(raw, "RELAY_WORKERS", 1, minimum=1),
+        workers=_integer(raw, "RELAY_WORKERS", 1, minimum=1, maximum=max_workers()),
         max_connections=_integer(raw, "RELAY_MAX_CONNECTIONS", 10_000, minimum=1),
         max_connections_per_ip=_integer(raw, "RELAY_MAX_CONNECTIONS_PER_IP", 20, minimum=1),
+        listen_backlog=_integer(raw, "RELAY_LISTEN_BACKLOG", 1024, minimum=1, maximum=65535),
         # A forward gets twice this: at most half the client's DATA budget.
         upstream_timeout=_number(
-            raw, "RELAY_UPSTREAM_TIMEOUT", 30.0, maximum=Limits.data_timeout / 4
+            raw,
+            "RELAY_UPSTREAM_TIMEOUT",
+            30.0,
+            minimum=MIN_UPSTREAM_TIMEOUT,
+            maximum=Limits.data_timeout / 4,
         ),
         drain_timeout=_number(raw, "RELAY_DRAIN_TIMEOUT", 30.0, maximum=3600),
         log_level=level,
@@ -247,7 +267,14 @@ def _host_port(value: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104
 
 
-def _integer(raw: Mapping[str, Any], name: str, default: int, *, minimum: int) -> int:
+def max_workers() -> int:
+    """The most worker processes `RELAY_WORKERS` and `--workers` accept."""
+    return WORKERS_PER_CPU * (os.cpu_count() or 1)
+
+
+def _integer(
+    raw: Mapping[str, Any], name: str, default: int, *, minimum: int, maximum: int | None = None
+) -> int:
     value = raw.get(name)
     if value is None or value == "":
         return default
@@ -259,10 +286,14 @@ def _integer(raw: Mapping[str, Any], name: str, default: int, *, minimum: int) -
         raise ConfigError(f"{name}: expected a whole number, got {value!r}") from None
     if number < minimum:
         raise ConfigError(f"{name}: must be at least {minimum}, got {number}")
+    if maximum is not None and number > maximum:
+        raise ConfigError(f"{name}: must be at most {maximum}, got {number}")
     return number
 
 
-def _number(raw: Mapping[str, Any], name: str, default: float, *, maximum: float) -> float:
+def _number(
+    raw: Mapping[str, Any], name: str, default: float, *, maximum: float, minimum: float = 0.0
+) -> float:
     value = raw.get(name)
     if value is None or value == "":
         return default
@@ -272,8 +303,10 @@ def _number(raw: Mapping[str, Any], name: str, default: float, *, maximum: float
         number = float(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{name}: expected a number of seconds, got {value!r}") from None
-    if not 0 < number <= maximum:
-        raise ConfigError(f"{name}: must be between 0 and {maximum:g} seconds, got {value}")
+    if not (0 < number and minimum <= number <= maximum):
+        raise ConfigError(
+            f"{name}: must be between {minimum:g} and {maximum:g} seconds, got {value}"
+        )
     return number
 
 
@@ -300,6 +333,9 @@ def _smtp_config(value: Any) -> dict[str, SmtpUpstream]:
             ) from None
     if not isinstance(value, dict):
         raise ConfigError("SMTP_CONFIG: expected a JSON object keyed by sender domain")
+    for domain in value:
+        if not str(domain).strip():
+            raise ConfigError("SMTP_CONFIG: a sender domain key is empty")
     return {str(domain).lower(): _smtp_entry(str(domain), entry) for domain, entry in value.items()}
 
 
@@ -317,6 +353,12 @@ def _smtp_entry(domain: str, entry: Any) -> SmtpUpstream:
         auth = [auth]
     if not isinstance(auth, list) or not all(isinstance(a, str) for a in auth):
         raise ConfigError(f'{where}.authType: expected a list such as ["plain", "login"]')
+    for kind in auth:
+        if kind.lower() not in UPSTREAM_AUTH_TYPES:
+            raise ConfigError(
+                f"{where}.authType: {kind!r} is not supported"
+                f" (use {', '.join(UPSTREAM_AUTH_TYPES)})"
+            )
     creds = entry.get("credentials") or {}
     if not isinstance(creds, dict):
         raise ConfigError(f"{where}.credentials: expected {{username, password}}")

@@ -69,4 +69,14 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE TABLE delivered_keys (key TEXT PRIMARY KEY, created INTEGER NOT NULL);
     """,
+    # 5: which live relay process owns each pending charge, so a sweep refunds only
+    #    the charges of dead processes (a live one is still settling its own)
+    """
+    CREATE TABLE processes (
+        id TEXT PRIMARY KEY,                -- pid and a random instance id
+        pid INTEGER NOT NULL,
+        heartbeat INTEGER NOT NULL          -- refreshed while the process lives
+    );
+    ALTER TABLE pending ADD COLUMN owner TEXT;  -- a processes id, or NULL: none
+    """,
 )

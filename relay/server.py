@@ -13,20 +13,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
 import logging
 import os
+import resource
 import signal
 import socket
 import ssl
 import sys
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, TypeVar
 
 from relay.admission import Admission
 from relay.channel import Channel, OutboxChannel
 from relay.config import Settings
-from relay.errors import ConfigError, RelayError
+from relay.db import expected_failure
+from relay.errors import ConfigError, RelayError, StoreError
 from relay.listener import Listener
 from relay.policy import Channel as ChannelName
 from relay.protocol import SubmissionProtocol
@@ -41,8 +45,17 @@ T = TypeVar("T")
 # How often each process looks for charges a dead process left pending.
 SWEEP_INTERVAL = 60.0
 # The inline store connection never checkpoints (that would sync the disk on
-# the loop), so the store thread copies the write-ahead log back this often.
+# the loop), so the upkeep thread copies the write-ahead log back this often.
 CHECKPOINT_INTERVAL = 1.0
+# How often a process records that it lives (relay.ledger.OWNER_DEAD_AFTER is 60 s).
+HEARTBEAT_INTERVAL = 10.0
+# A failing database is logged at most this often: a full disk must not flood the log.
+TROUBLE_LOG_INTERVAL = 60.0
+# File descriptors a process needs besides its sessions: the database (four
+# connections, each with its -wal and -shm), pooled upstream SMTP and HTTP
+# connections, the listening socket, the event loop's own.
+FD_HEADROOM = 256
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def build_channels(settings: Settings) -> dict[ChannelName, Channel]:
@@ -78,13 +91,55 @@ def tls_context(settings: Settings) -> ssl.SSLContext:
             )
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+
+    def no_passphrase() -> bytes:
+        # Without a callback OpenSSL would prompt on the terminal for the
+        # pass phrase, and a service has nobody to answer.
+        raise ConfigError(
+            f"RELAY_TLS_KEY: {settings.tls_key} is encrypted; the relay needs an unencrypted key"
+            " (readable by its user only)"
+        )
+
     try:
-        ctx.load_cert_chain(settings.tls_cert, settings.tls_key)
+        ctx.load_cert_chain(settings.tls_cert, settings.tls_key, password=no_passphrase)
     except (ssl.SSLError, OSError) as exc:
         raise ConfigError(
             f"RELAY_TLS_CERT: cannot load {settings.tls_cert} with {settings.tls_key}: {exc}"
         ) from exc
     return ctx
+
+
+def open_database(store: Store) -> None:
+    """Migrate the schema and prove the database writable, or stop the start with one line."""
+    try:
+        store.migrate()
+        store.check_writable()
+    except StoreError as exc:
+        if str(exc).startswith("RELAY_DATABASE:"):
+            raise ConfigError(str(exc)) from None
+        reason = exc.__cause__ or exc
+        raise ConfigError(f"RELAY_DATABASE: cannot write {store.path}: {reason}") from None
+
+
+def check_fd_limit(settings: Settings) -> None:
+    """Refuse a `RELAY_MAX_CONNECTIONS` the file-descriptor limit cannot serve.
+
+    The soft limit is raised towards the hard one first, as far as needed (any
+    process may); past the hard limit only the administrator can help.
+    """
+    need = settings.max_connections + FD_HEADROOM
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft != resource.RLIM_INFINITY and soft < need:
+        raise ConfigError(
+            f"RELAY_MAX_CONNECTIONS: {settings.max_connections} sessions need {need} file"
+            f" descriptors, the limit (ulimit -n) is {soft}: lower RELAY_MAX_CONNECTIONS"
+            " or raise the limit"
+        )
 
 
 def bind(settings: Settings, *, reuse_port: bool = False) -> socket.socket:
@@ -107,7 +162,7 @@ def bind(settings: Settings, *, reuse_port: bool = False) -> socket.socket:
         sock.close()
         why = "already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
         raise ConfigError(f"RELAY_LISTEN: cannot listen on {host}:{port}: {why}") from None
-    sock.listen(1024)
+    sock.listen(settings.listen_backlog)
     sock.setblocking(False)
     return sock
 
@@ -125,6 +180,9 @@ class Relay:
         self._sweeper: asyncio.Task[None] | None = None
         self._listener: Listener | None = None
         self.admission = Admission(settings.max_connections, settings.max_connections_per_ip)
+        self._next_sweep = self._next_heartbeat = 0.0
+        self._database_identity: tuple[int, int] | None = None
+        self._quiet_until: dict[str, float] = {}  # what failed -> when it may be logged again
         self._port = 0
         self._stopped = False
 
@@ -146,7 +204,10 @@ class Relay:
 
     async def start(self, sock: socket.socket | None = None) -> None:
         ctx = tls_context(self.settings)
-        await self.store.in_thread(self.store.sync.migrate)
+        await self.store.in_thread(open_database, self.store.sync)
+        await self.store.upkeep(lambda s: s.heartbeat())
+        self._next_heartbeat = time.monotonic() + HEARTBEAT_INTERVAL
+        self._database_identity = _identity(self.settings.database)
         await self._sweep()
         sock = sock or bind(self.settings)
         self._port = sock.getsockname()[1]
@@ -163,11 +224,12 @@ class Relay:
         )
 
     async def _sweep(self) -> None:
+        self._next_sweep = time.monotonic() + SWEEP_INTERVAL
         try:
             stale_after = self.settings.stale_after
             settled = await self.store.upkeep(lambda s: s.settle_stale(stale_after))
-        except RelayError:
-            log.exception("stale charge sweep failed")
+        except RelayError as exc:
+            self._trouble("stale charge sweep", exc)
             return
         for row in settled:
             log.warning(
@@ -177,18 +239,52 @@ class Relay:
             )
 
     async def _sweep_forever(self) -> None:
-        """Checkpoint the write-ahead log often and sweep stale charges now and then."""
-        ticks = 0
         while True:
             await asyncio.sleep(CHECKPOINT_INTERVAL)
-            ticks += 1
+            await self.upkeep()
+
+    async def upkeep(self) -> None:
+        """One tick of upkeep (every second): check the database file is still the one
+        opened, checkpoint the write-ahead log, refresh this process's heartbeat, and
+        sweep stale charges when a sweep is due. Failures are logged, at most once
+        a minute each."""
+        self._check_database_file()
+        try:
+            await self.store.upkeep(lambda s: s.checkpoint())
+        except RelayError as exc:
+            self._trouble("WAL checkpoint", exc)
+        if time.monotonic() >= self._next_heartbeat:
             try:
-                await self.store.upkeep(Store.checkpoint)
-            except RelayError:
-                log.exception("WAL checkpoint failed")
-            if ticks * CHECKPOINT_INTERVAL >= SWEEP_INTERVAL:
-                ticks = 0
-                await self._sweep()
+                await self.store.upkeep(lambda s: s.heartbeat())
+                self._next_heartbeat = time.monotonic() + HEARTBEAT_INTERVAL
+            except RelayError as exc:
+                self._trouble("heartbeat", exc)
+        if time.monotonic() >= self._next_sweep:
+            await self._sweep()
+
+    def _check_database_file(self) -> None:
+        """A database deleted or replaced under the relay loses every later write."""
+        if self._database_identity is None:
+            return
+        path = self.settings.database
+        if _identity(path) != self._database_identity:
+            self._trouble(
+                "database file check",
+                StoreError(
+                    f"RELAY_DATABASE: {path} was deleted or replaced while the relay runs;"
+                    " what it records now is lost at the next start: restore the file"
+                    " and restart the relay"
+                ),
+            )
+
+    def _trouble(self, what: str, exc: RelayError) -> None:
+        """Log a failure of `what`, once a minute at most; a traceback only when unexpected."""
+        now = time.monotonic()
+        if now < self._quiet_until.get(what, 0.0):
+            return
+        self._quiet_until[what] = now + TROUBLE_LOG_INTERVAL
+        unexpected = exc.__cause__ is not None and not expected_failure(exc)
+        log.error("%s failed: %s (logged at most once a minute)", what, exc, exc_info=unexpected)
 
     async def stop(self) -> None:
         """Stop accepting, let transactions in flight finish, then close everything."""
@@ -221,6 +317,14 @@ class Relay:
                     await asyncio.sleep(0.02)
 
 
+def _identity(path: Any) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def _quiet_handshake_failures(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
     """A client speaking plaintext or bad TLS is its own problem: one debug line."""
     exc = context.get("exception")
@@ -235,25 +339,48 @@ async def serve(
     *,
     sock: socket.socket | None = None,
     ready: Callable[[Relay], Awaitable[None] | None] | None = None,
+    parent: int | None = None,
 ) -> None:
-    """Run one relay process until SIGTERM or SIGINT, then drain."""
-    relay = Relay(settings)
-    await relay.start(sock)
+    """Run one relay process until SIGTERM or SIGINT (or, for a worker, until its
+    `parent` process is gone), then drain."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    relay = Relay(settings)
+    await relay.start(sock)
+    watchdog = loop.create_task(_watch_parent(parent, stop)) if parent else None
     if ready is not None:
         result = ready(relay)
         if result is not None:
             await result
     await stop.wait()
+    if watchdog is not None:
+        watchdog.cancel()
     log.info("stopping: draining sessions (up to %gs)", settings.drain_timeout)
     await relay.stop()
 
 
+async def _watch_parent(parent: int, stop: asyncio.Event) -> None:
+    """Where PR_SET_PDEATHSIG is missing: notice the parent's death within a second."""
+    while os.getppid() == parent:  # noqa: ASYNC110 - no event tells a parent died
+        await asyncio.sleep(1.0)
+    log.warning("the parent process is gone: stopping this worker")
+    stop.set()
+
+
+def _die_with_parent(parent: int) -> None:
+    """A worker gets SIGTERM when its parent dies (Linux), so none outlives a `kill -9`."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # it died before prctl took effect
+        os._exit(1)
+
+
 def run(settings: Settings, ready: Callable[[Relay], Any] | None = None) -> None:
     """The foreground server: one process, or `workers` processes sharing the port."""
+    check_fd_limit(settings)
     if settings.workers == 1:
         _run_loop(serve(settings, ready=ready))
         return
@@ -261,29 +388,44 @@ def run(settings: Settings, ready: Callable[[Relay], Any] | None = None) -> None
     tls_context(settings)
     for domain, upstream in settings.smtp_config.items():
         smtp_tls_context(domain, upstream)
-    Store(settings.database).migrate()
+    store = Store(settings.database)
+    open_database(store)
+    store.close()
     bind(settings, reuse_port=True).close()
-    children = []
+    children: list[int] = []
+    stopping: list[int] = []
+
+    def forward(signum: int, _frame: Any) -> None:
+        stopping.append(signum)
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signum)
+
+    # Installed before the first fork: a SIGTERM during the start reaches every
+    # worker started so far, and no more are started.
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    parent = os.getpid()
     for _ in range(settings.workers):
+        if stopping:
+            break
         pid = os.fork()
         if pid == 0:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            _die_with_parent(parent)
             code = 0
             try:
-                _run_loop(serve(settings, sock=bind(settings, reuse_port=True), ready=ready))
+                sock = bind(settings, reuse_port=True)
+                _run_loop(serve(settings, sock=sock, ready=ready, parent=parent))
             except BaseException:
                 log.exception("worker failed")
                 code = 1
             finally:
                 os._exit(code)
         children.append(pid)
-
-    def forward(signum: int, _frame: Any) -> None:
-        for child in children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child, signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
+    if stopping:  # a signal that came between a fork and its `append`
+        forward(stopping[0], None)
     status = 0
     for child in children:
         _, code = os.waitpid(child, 0)

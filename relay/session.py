@@ -310,22 +310,13 @@ class Submission:
         except Exception:
             log.exception("channel %s failed unexpectedly", channel.name)
             reply = replies.LOCAL_ERROR
-        try:
-            # A replay reserved nothing and its key is recorded already.
-            refund = (
-                0
-                if reservation.replay
-                else await self.store.run(
-                    self.store.sync.settle,
-                    reservation.id,
-                    len(delivery.accepted),
-                    idempotency_key,
-                )
-            )
-        except StoreError:
-            # The pending row stays; the stale sweep refunds it in full later.
-            log.exception("settling reservation %s failed", reservation.id)
-            refund = -1
+        # A replay reserved nothing and its key is recorded already. A settle
+        # the store cannot make now is retried in the background (-1 here).
+        refund = (
+            0
+            if reservation.replay
+            else await self.store.settle(reservation.id, len(delivery.accepted), idempotency_key)
+        )
         log.info(
             "message %s from=%s rcpts=%d channel=%s rule=%d reply=%r upstream_id=%s"
             " refused=%s refunded=%d%s",

@@ -70,23 +70,35 @@ def cloudflare_env(fake: FakeCloudflare) -> dict[str, str]:
 # --- DEFAULT_SEND_BALANCE: a missing row only ----------------------------------------
 
 
-def test_default_balance_creates_a_missing_row_at_mail_from(metered, sink):
+def test_default_balance_creates_a_missing_row_at_the_first_charge(metered, sink):
     raw = metered.raw()
     raw.login(metered.token())
     assert not has_row(metered.store)
     assert raw.cmd(f"MAIL FROM:<{SENDER}>") == "250 2.1.0 Ok"
+    assert raw.cmd("RCPT TO:<a@dest.test>") == "250 2.1.5 Ok"
+    assert not has_row(metered.store)  # MAIL and RCPT read the default, write nothing
+    assert raw.cmd("DATA").startswith("354 ")
+    raw.send(message() + b".")
+    assert delivered(raw.read())
     assert metered.store.show_sender(SENDER) | {"created": 0, "updated": 0} == {
         "address": SENDER,
-        "balance": 3,
+        "balance": 2,
         "enabled": True,
         "created": 0,
         "updated": 0,
     }
-    assert raw.cmd("RCPT TO:<a@dest.test>") == "250 2.1.5 Ok"
-    assert raw.cmd("DATA").startswith("354 ")
-    raw.send(message() + b".")
-    assert delivered(raw.read())
-    assert balance(metered.store) == 2
+    assert len(sink.messages) == 1
+
+
+def test_mail_from_alone_creates_no_sender_row(metered, sink):
+    raw = metered.raw()
+    raw.login(metered.token())
+    for i in range(200):
+        assert raw.cmd(f"MAIL FROM:<probe{i}@{DOMAIN}>") == "250 2.1.0 Ok"
+        assert raw.cmd("RSET") == "250 2.0.0 Ok"
+    assert metered.store.list_senders() == []
+    assert delivered(attempt(raw))
+    assert [r["address"] for r in metered.store.list_senders()] == [SENDER]
     assert len(sink.messages) == 1
 
 
@@ -134,7 +146,7 @@ def test_zero_default_refuses_a_new_sender_at_mail_from(relay_factory, sink):
     raw = relay.raw()
     raw.login(relay.token())
     assert raw.cmd(f"MAIL FROM:<{SENDER}>") == EXHAUSTED
-    assert balance(relay.store) == 0  # the row exists, with the default of 0
+    assert not has_row(relay.store)  # refused on the default of 0, nothing written
     relay.store.topup_sender(SENDER, 1)
     assert delivered(attempt(raw))
     assert raw.cmd(f"MAIL FROM:<{SENDER}>") == EXHAUSTED
@@ -296,7 +308,7 @@ def test_nolimit_role_sends_with_no_row_and_no_charge(relay_factory, sink):
     other = relay.raw()
     other.login(relay.token(role="app"))
     assert other.cmd(f"MAIL FROM:<{SENDER}>") == EXHAUSTED
-    assert balance(relay.store) == 0
+    assert not has_row(relay.store)
     assert len(sink.messages) == 1
 
 
@@ -331,7 +343,7 @@ def test_verified_channel_is_free_but_counted(relay_factory, cloudflare):
     assert len(cloudflare.sent) == 1
     # Matched on the lower-cased key, forwarded as given.
     assert cloudflare.sent[0].json["recipients"] == ["friend@dest.test", "Pal@Dest.test"]
-    assert balance(relay.store) == 0
+    assert not has_row(relay.store)  # free: no charge, no row
     assert relay_counts(relay.store) == (2, 2)
 
 
@@ -348,7 +360,7 @@ def test_unverified_recipient_with_zero_balance_is_550_at_rcpt(relay_factory, cl
     raw.send(message() + b".")
     assert delivered(raw.read())
     assert cloudflare.sent[0].json["recipients"] == ["friend@dest.test"]
-    assert balance(relay.store) == 0
+    assert not has_row(relay.store)
 
 
 def test_disabled_sender_is_refused_even_with_the_free_channel(relay_factory, cloudflare):
@@ -396,7 +408,7 @@ def test_free_dev_outbox_sends_with_zero_balance(relay_factory, tmp_path):
     raw.login(relay.token())
     assert delivered(attempt(raw, rcpts=("a@dest.test", "b@dest.test")))
     assert len(list((tmp_path / "outbox").glob("*.eml"))) == 1
-    assert balance(relay.store) == 0
+    assert not has_row(relay.store)
     assert relay_counts(relay.store) == (2, 2)
 
 
@@ -504,6 +516,9 @@ def test_admin_edits_are_checked(tmp_path):
 
 
 def run_cli(db: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """`relay ARGS` on `db`, created first as `relay db init` would."""
+    if not db.exists():
+        Store(db).migrate()
     env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(REPO), "RELAY_DATABASE": str(db)}
     done = subprocess.run(
         [sys.executable, "-m", "relay", *args],

@@ -41,6 +41,8 @@ def relay_cli(
 
 @pytest.fixture
 def db_env(tmp_path: Path) -> dict[str, str]:
+    """An initialized database, as `relay db init` leaves it."""
+    ok(relay_cli("db", "init", env={"RELAY_DATABASE": str(tmp_path / "relay.db")}))
     return {"RELAY_DATABASE": str(tmp_path / "relay.db")}
 
 

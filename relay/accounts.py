@@ -1,0 +1,142 @@
+"""What the admin onboards: accounts, their sender domains, and the address lists.
+
+A domain belongs to one account only, ever, so no account can send as another's
+domain. The verified list (recipients the free Cloudflare channel may reach) and
+the no-limit list (senders that send without balance) are plain address sets.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+from relay.db import Database, read_only
+from relay.errors import RelayError
+
+
+class Accounts(Database):
+    def create_account(self, name: str) -> dict[str, Any]:
+        with self._write() as db:
+            try:
+                cur = db.execute(
+                    "INSERT INTO accounts (name, created) VALUES (?, ?)", (name, self._now())
+                )
+            except sqlite3.IntegrityError:
+                raise RelayError(f"account {name!r} already exists") from None
+        return {"id": cur.lastrowid, "name": name}
+
+    def list_accounts(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self._read("SELECT id, name, created FROM accounts ORDER BY id")]
+
+    def add_domain(self, account: str, domain: str) -> dict[str, Any]:
+        domain = domain.strip().lower()
+        account_id = account_id_of(self, account)
+        with self._write() as db:
+            row = db.execute(
+                "SELECT account_id FROM domains WHERE domain = ?", (domain,)
+            ).fetchone()
+            if row is not None:
+                # One domain, one account: otherwise two accounts could send as each other.
+                raise RelayError(f"domain {domain} is already onboarded on an account")
+            db.execute(
+                "INSERT INTO domains (domain, account_id, created) VALUES (?, ?, ?)",
+                (domain, account_id, self._now()),
+            )
+        return {"account": account, "domain": domain}
+
+    def remove_domain(self, account: str, domain: str) -> None:
+        account_id = account_id_of(self, account)
+        with self._write() as db:
+            cur = db.execute(
+                "DELETE FROM domains WHERE domain = ? AND account_id = ?",
+                (domain.strip().lower(), account_id),
+            )
+        if cur.rowcount == 0:
+            raise RelayError(f"domain {domain} is not onboarded on account {account!r}")
+
+    def list_domains(self, account: str | None = None) -> list[dict[str, Any]]:
+        sql = (
+            "SELECT a.name AS account, d.domain, d.created FROM domains d"
+            " JOIN accounts a ON a.id = d.account_id"
+        )
+        if account is None:
+            return [dict(r) for r in self._read(sql + " ORDER BY a.name, d.domain")]
+        account_id_of(self, account)
+        return [
+            dict(r) for r in self._read(sql + " WHERE a.name = ? ORDER BY d.domain", (account,))
+        ]
+
+    @read_only
+    def owned_domains(self, account_id: int, domains: tuple[str, ...]) -> frozenset[str]:
+        """Which of `domains` are onboarded on the account."""
+        if not domains:
+            return frozenset()
+        marks = ",".join("?" * len(domains))
+        rows = self._read(
+            f"SELECT domain FROM domains WHERE account_id = ? AND domain IN ({marks})",  # noqa: S608
+            (account_id, *domains),
+        )
+        return frozenset(r["domain"] for r in rows)
+
+    # --- address lists -----------------------------------------------------------
+
+    def _list_add(self, table: str, address: str) -> None:
+        with self._write() as db:
+            db.execute(
+                f"INSERT INTO {table} (address, created) VALUES (?, ?)"  # noqa: S608 - fixed names
+                " ON CONFLICT (address) DO NOTHING",
+                (address, self._now()),
+            )
+
+    def _list_remove(self, table: str, address: str) -> None:
+        with self._write() as db:
+            cur = db.execute(f"DELETE FROM {table} WHERE address = ?", (address,))  # noqa: S608
+        if cur.rowcount == 0:
+            raise RelayError(f"{address} is not on the list")
+
+    def _list(self, table: str) -> list[dict[str, Any]]:
+        return [dict(r) for r in self._read(f"SELECT * FROM {table} ORDER BY address")]  # noqa: S608
+
+    def add_verified(self, address: str) -> None:
+        self._list_add("verified", address)
+
+    def remove_verified(self, address: str) -> None:
+        self._list_remove("verified", address)
+
+    def list_verified(self) -> list[dict[str, Any]]:
+        return self._list("verified")
+
+    @read_only
+    def verified_among(self, addresses: tuple[str, ...]) -> frozenset[str]:
+        if not addresses:
+            return frozenset()
+        marks = ",".join("?" * len(addresses))
+        rows = self._read(f"SELECT address FROM verified WHERE address IN ({marks})", addresses)  # noqa: S608
+        return frozenset(r["address"] for r in rows)
+
+    def add_nolimit(self, address: str) -> None:
+        self._list_add("nolimit", address)
+
+    def remove_nolimit(self, address: str) -> None:
+        self._list_remove("nolimit", address)
+
+    def list_nolimit(self) -> list[dict[str, Any]]:
+        return self._list("nolimit")
+
+
+def account_id_of(database: Database, name: str) -> int:
+    rows = database._read("SELECT id FROM accounts WHERE name = ?", (name,))
+    if not rows:
+        raise RelayError(f"no account named {name!r}")
+    return int(rows[0]["id"])
+
+
+def domain_owner(db: sqlite3.Connection, domain: str) -> sqlite3.Row | None:
+    row: sqlite3.Row | None = db.execute(
+        "SELECT account_id FROM domains WHERE domain = ?", (domain,)
+    ).fetchone()
+    return row
+
+
+def is_nolimit(db: sqlite3.Connection, address: str) -> bool:
+    return db.execute("SELECT 1 FROM nolimit WHERE address = ?", (address,)).fetchone() is not None

@@ -1,0 +1,219 @@
+"""The SQLite connection: opening, write transactions, schema migrations, checkpoints.
+
+Every concept module (accounts, tokens, ledger) builds on `Database`, so they
+share one connection and one way to take SQLite's write lock. sqlite3 errors are
+translated here into `StoreError` (or `StoreBusy` for a held lock) and never
+leave the store.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+from relay.errors import StoreError
+from relay.schema import MIGRATIONS
+
+# The write-ahead log is copied back into the database file by `checkpoint`, on
+# the upkeep thread, once a second. A checkpoint that readers or writers keep
+# from finishing (PASSIVE never waits) lets the log grow without bound under
+# load (210 MB in 15 s at 1,150 msg/s), so past WAL_CATCH_UP_BYTES, or past
+# WAL_SIZE_LIMIT once writes stop, it waits for them (TRUNCATE) and empties
+# the file. SQLite also trims the log to WAL_SIZE_LIMIT when it restarts it.
+WAL_SIZE_LIMIT = 4 * 1024 * 1024
+WAL_CATCH_UP_BYTES = 16 * 1024 * 1024
+# How long a catching-up checkpoint waits for readers and writers; new writers
+# wait behind it meanwhile, so it gives up soon and tries again a tick later.
+CATCH_UP_BUSY_MS = 500
+
+# Failures that a full disk, a read-only file or a lock explain: worth one line
+# in the log, not a traceback.
+_EXPECTED = ("readonly", "disk i/o error", "disk is full", "unable to open", "locked")
+
+F = TypeVar("F", bound=Callable[..., Any])
+_READS: set[Callable[..., Any]] = set()
+
+
+def read_only(fn: F) -> F:
+    """Mark a store method that only reads: in WAL mode it never waits for the write lock."""
+    _READS.add(fn)
+    return fn
+
+
+def is_read_only(method: Callable[..., Any]) -> bool:
+    return getattr(method, "__func__", method) in _READS
+
+
+def expected_failure(exc: BaseException) -> bool:
+    """A database failure with a known outside cause (disk, permissions, a lock)."""
+    cause = exc.__cause__ if isinstance(exc, StoreError) else exc
+    return isinstance(cause, sqlite3.OperationalError) and any(
+        word in str(cause).lower() for word in _EXPECTED
+    )
+
+
+class StoreBusy(StoreError):
+    """Another connection holds SQLite's write lock (only seen without a busy timeout)."""
+
+
+class Database:
+    """One connection to the relay's database, opened on first use."""
+
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        clock: Callable[[], datetime] | None = None,
+        busy_timeout_ms: int = 10_000,
+        autocheckpoint: bool = True,
+        create: bool = True,
+    ) -> None:
+        self.path = Path(path)
+        self.create = create
+        self.clock = clock or (lambda: datetime.now(UTC))
+        self.busy_timeout_ms = busy_timeout_ms
+        self.autocheckpoint = autocheckpoint
+        self._db: sqlite3.Connection | None = None
+        self._wal_seen = 0  # the log's size at the last checkpoint
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        if self._db is None:
+            self._db = self._connect()
+        return self._db
+
+    def _connect(self) -> sqlite3.Connection:
+        if not self.create and not self.path.exists():
+            raise StoreError(
+                f"RELAY_DATABASE: {self.path} does not exist"
+                " (create it with `relay db init`, or start `relay serve`)"
+            )
+        try:
+            create_private(self.path)
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            db.row_factory = sqlite3.Row
+            db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
+            db.execute("PRAGMA journal_mode = WAL")
+            # WAL with synchronous=NORMAL survives a process crash; only a power
+            # loss can drop the last commits.
+            db.execute("PRAGMA synchronous = NORMAL")
+            db.execute("PRAGMA foreign_keys = ON")
+            db.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
+            if not self.autocheckpoint:
+                # A checkpoint writes and syncs the database file: leave it to
+                # `checkpoint()`, called off the event loop.
+                db.execute("PRAGMA wal_autocheckpoint = 0")
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(f"RELAY_DATABASE: cannot open {self.path}: {exc}") from exc
+        return db
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, holding SQLite's write lock across processes."""
+        db = self.db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise translate(exc) from exc
+        try:
+            yield db
+        except BaseException as exc:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise translate(exc) from exc
+            raise
+        else:
+            try:
+                db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise translate(exc) from exc
+
+    def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        try:
+            return self.db.execute(sql, args).fetchall()
+        except sqlite3.Error as exc:
+            raise translate(exc) from exc
+
+    def migrate(self) -> int:
+        """Apply the schema migrations not applied yet; returns the schema version."""
+        with self._write() as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+                for statement in script.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version = {number}")
+        return len(MIGRATIONS)
+
+    def check_writable(self) -> None:
+        """Raise `StoreError` unless this connection can write (a read-only file, say).
+
+        Rewrites the schema version in place: a real write that changes nothing.
+        """
+        with self._write() as db:
+            version = int(db.execute("PRAGMA user_version").fetchone()[0])
+            db.execute(f"PRAGMA user_version = {version}")
+
+    def checkpoint(self) -> str:
+        """Copy the write-ahead log into the database file; returns the mode used.
+
+        PASSIVE (never waits) while the log is small; TRUNCATE (waits a moment
+        for readers and writers, then empties the file) once it is past
+        WAL_CATCH_UP_BYTES, or past WAL_SIZE_LIMIT and not growing any more.
+        """
+        size = self.wal_size()
+        grown, self._wal_seen = size > self._wal_seen, size
+        if size > WAL_CATCH_UP_BYTES or (size > WAL_SIZE_LIMIT and not grown):
+            db = self.db
+            try:
+                db.execute(f"PRAGMA busy_timeout = {CATCH_UP_BUSY_MS}")
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            except sqlite3.Error as exc:
+                raise translate(exc) from exc
+            finally:
+                db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
+            self._wal_seen = self.wal_size()
+            return "TRUNCATE"
+        self._read("PRAGMA wal_checkpoint(PASSIVE)")
+        return "PASSIVE"
+
+    def wal_size(self) -> int:
+        try:
+            return self.path.with_name(self.path.name + "-wal").stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def _now(self) -> int:
+        return int(self.clock().timestamp())
+
+
+def create_private(path: Path) -> None:
+    """Create the database file, and its directory, readable by the relay's user only.
+
+    Whatever the umask: the modes given only ever lose bits to it. SQLite gives
+    the -wal and -shm files it creates the database file's mode.
+    """
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+
+
+def translate(exc: sqlite3.Error) -> StoreError:
+    if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+        return StoreBusy(f"database is locked by another writer: {exc}")
+    return StoreError(f"database failed: {exc}")

@@ -1,0 +1,110 @@
+"""Worker processes never outlive their parent (issue #10, item 17), with real processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from relay.store import Store
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_for(condition: Callable[[], bool], seconds: float = 20) -> None:
+    """Poll `condition` until it holds; fail after `seconds` (a bound, not a sync)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.02)
+
+
+def alive(pid: int) -> bool:
+    """Running, not a zombie nobody reaped yet."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+def accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def start_workers(tmp_path, cert_dir):
+    if not Path("/proc/self/task").exists():
+        pytest.skip("reads the process tree from /proc")
+    database = tmp_path / "relay.db"
+    Store(database).migrate()
+    procs: list[subprocess.Popen[str]] = []
+
+    def start(workers: int = 2) -> tuple[subprocess.Popen[str], int]:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = {
+            "PATH": os.environ["PATH"],
+            "PYTHONPATH": str(ROOT),
+            "RELAY_LISTEN": f"127.0.0.1:{port}",
+            "RELAY_TLS_CERT": str(cert_dir / "relay.crt"),
+            "RELAY_TLS_KEY": str(cert_dir / "relay.key"),
+            "RELAY_DATABASE": str(database),
+            "RELAY_HOSTNAME": "relay.test",
+            "RELAY_WORKERS": str(workers),
+        }
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "relay", "serve"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        procs.append(proc)
+        return proc, port
+
+    yield start
+    for proc in procs:
+        for pid in [proc.pid, *children(proc.pid)]:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+def test_workers_stop_when_the_parent_is_killed(start_workers):
+    parent, port = start_workers(2)
+    wait_for(lambda: accepts(port) and len(children(parent.pid)) == 2)
+    workers = children(parent.pid)
+    parent.kill()  # SIGKILL: the parent runs nothing more
+    parent.wait(10)
+    wait_for(lambda: not any(alive(w) for w in workers))
+    assert not accepts(port)
+
+
+def test_sigterm_during_the_start_leaves_no_process(start_workers):
+    parent, _ = start_workers(4)
+    wait_for(lambda: len(children(parent.pid)) >= 1)  # forking has begun
+    seen = set(children(parent.pid))
+    parent.send_signal(signal.SIGTERM)
+    seen |= set(children(parent.pid))
+    parent.wait(30)
+    wait_for(lambda: not any(alive(w) for w in seen))
