@@ -52,6 +52,23 @@ class Limits:
     max_auth_failures: int = 3
 
 
+@dataclass(frozen=True)
+class Upkeep:
+    """How often each relay process tends its store.
+
+    >>> Upkeep().sweep_interval
+    60.0
+    """
+
+    # How often each process looks for charges a dead process left pending.
+    sweep_interval: float = 60.0
+    # The inline store connection never checkpoints (that would sync the disk on
+    # the loop), so the upkeep thread copies the write-ahead log back this often.
+    checkpoint_interval: float = 1.0
+    # How often a process records that it lives (relay.ledger.OWNER_DEAD_AFTER is 60 s).
+    heartbeat_interval: float = 10.0
+
+
 class Secret(str):
     """A string that never prints itself (settings are logged on start)."""
 
@@ -123,6 +140,7 @@ class Settings:
     drain_timeout: float = 30.0
     log_level: str = "INFO"
     limits: Limits = field(default_factory=Limits)
+    upkeep: Upkeep = field(default_factory=Upkeep)
 
     @property
     def forward_budget(self) -> float:

@@ -42,13 +42,6 @@ from relay.store import AsyncStore, Store
 
 log = logging.getLogger("relay.server")
 T = TypeVar("T")
-# How often each process looks for charges a dead process left pending.
-SWEEP_INTERVAL = 60.0
-# The inline store connection never checkpoints (that would sync the disk on
-# the loop), so the upkeep thread copies the write-ahead log back this often.
-CHECKPOINT_INTERVAL = 1.0
-# How often a process records that it lives (relay.ledger.OWNER_DEAD_AFTER is 60 s).
-HEARTBEAT_INTERVAL = 10.0
 # A failing database is logged at most this often: a full disk must not flood the log.
 TROUBLE_LOG_INTERVAL = 60.0
 # File descriptors a process needs besides its sessions: the database (four
@@ -206,7 +199,7 @@ class Relay:
         ctx = tls_context(self.settings)
         await self.store.in_thread(open_database, self.store.sync)
         await self.store.upkeep(lambda s: s.heartbeat())
-        self._next_heartbeat = time.monotonic() + HEARTBEAT_INTERVAL
+        self._next_heartbeat = time.monotonic() + self.settings.upkeep.heartbeat_interval
         self._database_identity = _identity(self.settings.database)
         await self._sweep()
         sock = sock or bind(self.settings)
@@ -224,7 +217,7 @@ class Relay:
         )
 
     async def _sweep(self) -> None:
-        self._next_sweep = time.monotonic() + SWEEP_INTERVAL
+        self._next_sweep = time.monotonic() + self.settings.upkeep.sweep_interval
         try:
             stale_after = self.settings.stale_after
             settled = await self.store.upkeep(lambda s: s.settle_stale(stale_after))
@@ -240,7 +233,7 @@ class Relay:
 
     async def _sweep_forever(self) -> None:
         while True:
-            await asyncio.sleep(CHECKPOINT_INTERVAL)
+            await asyncio.sleep(self.settings.upkeep.checkpoint_interval)
             await self.upkeep()
 
     async def upkeep(self) -> None:
@@ -256,7 +249,7 @@ class Relay:
         if time.monotonic() >= self._next_heartbeat:
             try:
                 await self.store.upkeep(lambda s: s.heartbeat())
-                self._next_heartbeat = time.monotonic() + HEARTBEAT_INTERVAL
+                self._next_heartbeat = time.monotonic() + self.settings.upkeep.heartbeat_interval
             except RelayError as exc:
                 self._trouble("heartbeat", exc)
         if time.monotonic() >= self._next_sweep:

@@ -26,7 +26,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 from support import DOMAIN, Raw
 
 from relay import certs
-from relay.config import Limits, load_settings
+from relay.config import Limits, Upkeep, load_settings
 from relay.server import Relay
 from relay.store import Store
 
@@ -262,7 +262,9 @@ def relay_factory(
 ) -> Iterator[Callable[..., RunningRelay]]:
     running: list[RunningRelay] = []
 
-    def start(limits: Limits | None = None, **env: str) -> RunningRelay:
+    def start(
+        limits: Limits | None = None, upkeep: Upkeep | None = None, **env: str
+    ) -> RunningRelay:
         base = {
             "RELAY_HOSTNAME": "relay.test",
             "RELAY_LISTEN": "127.0.0.1:0",
@@ -277,6 +279,8 @@ def relay_factory(
         settings = load_settings({**base, **env})
         if limits is not None:
             settings = dataclasses.replace(settings, limits=limits)
+        if upkeep is not None:
+            settings = dataclasses.replace(settings, upkeep=upkeep)
         loop = uvloop.new_event_loop()
         thread = threading.Thread(target=loop.run_forever, daemon=True)
         thread.start()

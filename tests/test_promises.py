@@ -19,8 +19,7 @@ from typing import Any
 import pytest
 from support import DOMAIN, SENDER, Raw, b64, message, plain
 
-from relay import server
-from relay.config import Limits, load_settings, resend_domain_key
+from relay.config import Limits, Upkeep, load_settings, resend_domain_key
 from relay.errors import StoreError
 from relay.store import Refused, Store
 
@@ -253,13 +252,15 @@ def reserve_at(path: Path, account_id: int, when: datetime) -> None:
 
 
 def test_the_sweep_runs_every_minute_and_refunds_after_twice_the_budget_plus_a_minute(
-    relay_factory, sink, monkeypatch
+    relay_factory, sink
 ):
     # The documented cadence; the test runs the same loop faster.
-    assert server.SWEEP_INTERVAL == 60
-    monkeypatch.setattr(server, "SWEEP_INTERVAL", 0.2)
-    monkeypatch.setattr(server, "CHECKPOINT_INTERVAL", 0.05)
-    relay = relay_factory(SMTP_CONFIG=sink.smtp_config(), RELAY_UPSTREAM_TIMEOUT="5")
+    assert Upkeep().sweep_interval == 60
+    relay = relay_factory(
+        upkeep=Upkeep(sweep_interval=0.2, checkpoint_interval=0.05),
+        SMTP_CONFIG=sink.smtp_config(),
+        RELAY_UPSTREAM_TIMEOUT="5",
+    )
     settings = relay.relay.settings
     assert settings.forward_budget == 10
     assert settings.stale_after == 2 * 10 + 60
