@@ -92,7 +92,7 @@ class SMTPBase(SMTP):
 
     Subclasses override `make_session`, `make_envelope`, `parse_path`,
     `timer_allowed` and `on_timeout`, and call `require_auth`, `reset_timer`,
-    `reset_transaction`, `end_transaction`, `readline`, `read` and `unread`.
+    `reset_transaction`, `end_transaction`, `read_line`, `read` and `unread`.
     """
 
     # --- what subclasses override ------------------------------------------------
@@ -131,8 +131,28 @@ class SMTPBase(SMTP):
         """The state after DATA, whatever its outcome: the next MAIL starts afresh."""
         self._set_post_data_state()
 
-    async def readline(self) -> bytes:
-        return await self._reader.readline()
+    async def read_line(self) -> bytes | None:
+        """One line from the client, or None when it was longer than the stream allows.
+
+        An over-long line is read to its end and dropped whole, so no part of it
+        is taken as a command afterwards (asyncio's readline would drop only
+        what it had buffered).
+        """
+        reader = self._reader
+        try:
+            return await reader.readuntil(b"\n")
+        except asyncio.IncompleteReadError as exc:
+            raise ConnectionResetError("connection closed mid-line") from exc
+        except asyncio.LimitOverrunError as overrun:
+            await reader.read(overrun.consumed)
+        while True:
+            try:
+                await reader.readuntil(b"\n")
+                return None
+            except asyncio.IncompleteReadError as exc:
+                raise ConnectionResetError("connection closed mid-line") from exc
+            except asyncio.LimitOverrunError as overrun:
+                await reader.read(overrun.consumed)
 
     async def read(self, size: int) -> bytes:
         return await self._reader.read(size)

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from relay import certs
+from relay import certs, logs
 from relay.config import Settings, load_settings, max_workers
 from relay.errors import ConfigError, RelayError
 from relay.message import normalize_address, parse_address
@@ -405,10 +405,4 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # aiosmtpd logs every command line at INFO; keep its chatter (and AUTH lines) out.
-    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    logs.configure(settings.log_level)

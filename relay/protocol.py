@@ -26,7 +26,7 @@ from typing import cast
 
 from aiosmtpd.smtp import Session
 
-from relay import replies
+from relay import logs, replies
 from relay.aiosmtpd_compat import SMTPBase
 from relay.config import Settings
 from relay.errors import StoreError
@@ -37,6 +37,7 @@ from relay.store import AsyncStore, Principal
 from relay.upload import Upload
 
 log = logging.getLogger("relay.protocol")
+logs.redact_aiosmtpd()
 
 API_TOKEN_USER = b"api_token"  # the documented literal username
 MECHANISMS = ("PLAIN", "LOGIN")
@@ -247,7 +248,15 @@ class SubmissionProtocol(SMTPBase):
             parts = blob.split(b"\0")
             if len(parts) != 3:
                 return replies.AUTH_PLAIN_UNSPLITTABLE
-            _authzid, user, token = parts
+            authzid, user, token = parts
+            # RFC 4616 section 2: an authorization identity other than the
+            # authentication one asks to act as someone else; Cyrus and Dovecot
+            # refuse it too. Empty or `api_token` is the session's own.
+            if authzid and not hmac.compare_digest(authzid, API_TOKEN_USER):
+                log.info(
+                    "%s AUTH failed: authorization identity given", _peer(self.relay_session())
+                )
+                return replies.AUTH_FAILED
         else:
             user_blob = await self._sasl_response(initial, b"Username:")
             if isinstance(user_blob, Reply):
@@ -283,7 +292,10 @@ class SubmissionProtocol(SMTPBase):
             text = initial.encode()
         else:
             await self._push_raw("334 " + b64encode(challenge).decode())
-            text = (await self.readline()).strip()
+            line = await self.read_line()
+            if line is None:
+                return replies.AUTH_LINE_TOO_LONG
+            text = line.strip()
         if text == b"*":
             return replies.AUTH_ABORTED
         if text == b"=":  # RFC 4954 section 4: an empty initial response

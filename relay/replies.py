@@ -72,6 +72,8 @@ AUTH_FAILED = Reply(535, "5.7.8", "Authentication failed")
 AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
 AUTH_ALREADY = Reply(503, "5.5.1", "Already authenticated")
 AUTH_BAD_BASE64 = Reply(501, "5.5.2", "Cannot decode base64")
+# RFC 4954 section 4: the reply to an AUTH line longer than the server accepts.
+AUTH_LINE_TOO_LONG = Reply(500, "5.5.6", "Authentication Exchange line is too long")
 AUTH_PLAIN_UNSPLITTABLE = AUTH_BAD_BASE64.but("Cannot split AUTH PLAIN response")
 AUTH_ABORTED = Reply(501, "5.7.0", "Authentication aborted")
 AUTH_UNKNOWN_MECHANISM = Reply(504, "5.5.4", "Unrecognized authentication type")
@@ -135,7 +137,7 @@ def ehlo(hostname: str, client: str, mechanisms: tuple[str, ...], size: int) -> 
     """The EHLO reply: exactly the documented extensions (RFC 2034 section 3: no
     enhanced codes on it)."""
     lines = [
-        f"{hostname} greets {client}",
+        f"{hostname} greets {one_line(client, 64)}",
         "AUTH " + " ".join(mechanisms),
         f"SIZE {size}",
         "8BITMIME",

@@ -1,0 +1,73 @@
+"""The process log: one format, nothing secret, nothing a terminal would act on.
+
+- `configure` sets the format once for the process (`relay serve`, `relay dev`).
+- `Printable` rewrites control characters (NUL, ESC, CR, ...) in every record as
+  `\\xNN`, so an address or a host name a client chose cannot forge log lines
+  or drive a terminal.
+- `RedactAiosmtpd` keeps client input out of aiosmtpd's own records: it logs
+  each command line at INFO and an unrecognised command at WARNING, which is
+  where a token typed as a command, or AUTH data pipelined after a refusal,
+  would land. Only the command verb is kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # all but tab
+_VERB = re.compile(rb"[A-Za-z]{1,12}")
+# aiosmtpd 1.4.6's records that carry a client's line or command (aiosmtpd/smtp.py).
+_LINE_RECORDS = frozenset({"%r >> %r", "_handle_client readline: %r"})
+_COMMAND_RECORDS = frozenset({"%r unrecognised: %s"})
+NOT_LOGGED = "[not logged]"
+
+
+def _escape(text: str) -> str:
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+class Printable(logging.Filter):
+    """Render the record's message now, with control characters escaped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        escaped = _escape(message)
+        if escaped is not message:
+            record.msg, record.args = escaped, None
+        return True
+
+
+class RedactAiosmtpd(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if not isinstance(args, tuple) or not args:
+            return True
+        if record.msg in _LINE_RECORDS:
+            line = args[-1]
+            verb = _VERB.match(line) if isinstance(line, bytes) else None
+            record.args = (*args[:-1], verb.group().upper().decode() if verb else NOT_LOGGED)
+        elif record.msg in _COMMAND_RECORDS:
+            record.args = (*args[:-1], NOT_LOGGED)
+        return True
+
+
+_REDACT = RedactAiosmtpd()
+
+
+def redact_aiosmtpd() -> None:
+    """Install the aiosmtpd filter (once); the protocol module does this on import."""
+    logger = logging.getLogger("mail.log")
+    if _REDACT not in logger.filters:
+        logger.addFilter(_REDACT)
+
+
+def configure(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(Printable())
+    logging.basicConfig(level=level, handlers=[handler])
+    # aiosmtpd logs every command line at INFO; keep its chatter out.
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    redact_aiosmtpd()
