@@ -32,9 +32,10 @@ bench: $(BIN)/relay
 # function, so all four modules take under a minute on 2 cores; cosmic-ray
 # starts the whole test command per mutant. Its config is [tool.mutmut] in
 # pyproject.toml; a fresh mutants/ each run, so no stale result is counted.
+# PATH: mutmut runs the mypy of its type_check_command by name.
 mutation: $(BIN)/relay
 	rm -rf mutants
-	$(BIN)/mutmut run --max-children 2
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/mutmut run --max-children 2
 	$(BIN)/python tests/mutation.py
 
 clean:
