@@ -3,10 +3,10 @@
 mutmut 3 keeps each source file's results in `mutants/<path>.meta` (JSON, its
 `exit_code_by_key` maps a mutant's name to the test run's exit code) and prints
 one total only. This reads those files and prints, per mutated module, killed /
-total and the score, and each mutant not killed, marked when `tests/MUTATION.md`
-names it as equivalent or harmless. Exits 1 while a survivor is not listed
-there: each one is either killed by a test or explained. A module under
-`TARGET` is named at the end.
+total, the score and how many of the killed mypy refused before any test ran;
+then each mutant neither killed nor explained in `tests/MUTATION.md` (as
+equivalent or harmless), and the modules under `TARGET`. Exits 1 while such an
+unexplained survivor remains: each one gets a test or an entry there.
 
     python tests/mutation.py            # after `mutmut run`, from the repository root
 """
@@ -33,7 +33,7 @@ def main(root: Path = Path()) -> int:
     accepted = set(_MUTANT.findall(notes.read_text())) if notes.exists() else set()
     below = []
     survivors: list[str] = []
-    print(f"{'module':<20} {'killed':>6} / {'total':<5} {'score':>6}  listed  unlisted")
+    print(f"{'module':<20} {'killed':>6} / {'total':<5} {'score':>6}  by mypy  listed  unlisted")
     for module in config["only_mutate"]:
         meta = root / "mutants" / f"{module}.meta"
         if not meta.exists():
@@ -48,9 +48,13 @@ def main(root: Path = Path()) -> int:
         total = len(statuses)
         score = 100.0 * killed / total if total else 100.0
         alive = sorted(name for name, status in statuses.items() if status not in CAUGHT)
+        by_mypy = sum(status == "caught by type check" for status in statuses.values())
         listed = sum(name in accepted for name in alive)
         unlisted = len(alive) - listed
-        print(f"{module:<20} {killed:>6} / {total:<5} {score:>5.1f}%  {listed:>6}  {unlisted:>8}")
+        print(
+            f"{module:<20} {killed:>6} / {total:<5} {score:>5.1f}%  {by_mypy:>7}"
+            f"  {listed:>6}  {unlisted:>8}"
+        )
         if score < TARGET:
             below.append(module)
         survivors += [f"{name} ({statuses[name]})" for name in alive if name not in accepted]
