@@ -1,4 +1,4 @@
-"""The pure policy decisions besides the route (see test_routing): sender refusal,
+"""The pure policy functions besides the route (test_routing): sender refusal,
 cost, send-limit windows, and the exact replies each decision becomes."""
 
 from __future__ import annotations
