@@ -25,6 +25,8 @@ CASES = [
     ("bare LF dot does not end", b"a\n.\nb\r\n.\r\n", b"a\n.\nb\r\n", b""),
     ("bare CR dot does not end", b"a\r.\rb\r\n.\r\n", b"a\r.\rb\r\n", b""),
     ("dot line with text", b"a\r\n.b\r\n.\r\n", b"a\r\nb\r\n", b""),
+    # The first end marker ends the data; one in the pipelined commands is theirs.
+    ("end marker in the leftover", b"a\r\n.\r\nRSET\r\n.\r\n", b"a\r\n", b"RSET\r\n.\r\n"),
 ]
 
 
@@ -34,16 +36,35 @@ CASES = [
 )
 def test_upload_at_every_chunk_boundary(name, stream, message, leftover, chunk):
     upload, rest = collect(stream, chunk)
-    assert not upload.too_big
+    assert upload.too_big is False
     assert upload.message() == message
     assert rest == leftover
 
 
-def test_over_the_limit_is_dropped_but_the_end_is_still_found():
+@pytest.mark.parametrize("chunk", [1, 2, 3, 4, 5, 7, 64, 4096])
+def test_over_the_limit_is_dropped_but_the_end_is_still_found(chunk):
+    # Every split of the end marker across chunks, while the data is dropped.
     body = b"x" * 998 + b"\r\n"
-    upload, rest = collect(body * 3 + b".\r\nNOOP\r\n", 7, limit=2000)
-    assert upload.too_big
+    upload, rest = collect(body * 3 + b".\r\nNOOP\r\n", chunk, limit=2000)
+    assert upload.too_big is True
     assert rest == b"NOOP\r\n"
+
+
+def test_too_big_is_known_before_the_end_arrives():
+    """Set once the bytes so far prove the message is over the limit, not before.
+
+    After n bytes without the end, at least n - 2 are message (only ".\r\n"
+    and nothing more can follow the last line's CRLF), so n = limit + 2 could
+    still be a message of exactly `limit` bytes; n = limit + 4 cannot.
+    """
+    limit = 10
+    upload = Upload(limit)
+    verdicts = []
+    for n in range(1, limit + 8):
+        assert not upload.feed(b"x")
+        verdicts.append((n, upload.too_big))
+    assert all(too_big is False for n, too_big in verdicts if n <= limit + 2)
+    assert all(too_big is True for n, too_big in verdicts if n >= limit + 4)
 
 
 def test_exactly_at_the_limit_is_accepted():
@@ -53,6 +74,15 @@ def test_exactly_at_the_limit_is_accepted():
     assert upload.message() == body
     over, _ = collect(body + b"z\r\n.\r\n", 4, limit=len(body))
     assert over.too_big
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 5, 64])
+def test_commands_pipelined_after_the_end_do_not_count_against_the_limit(chunk):
+    body = b"y" * 8 + b"\r\n"
+    upload, rest = collect(body + b".\r\nMAIL FROM:<a@x.test>\r\n", chunk, limit=len(body))
+    assert upload.too_big is False
+    assert upload.message() == body
+    assert rest == b"MAIL FROM:<a@x.test>\r\n"
 
 
 def test_not_done_without_the_end():
