@@ -6,6 +6,7 @@ returns the exact bytes every channel forwards.
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import re
 import secrets
@@ -109,6 +110,85 @@ def to_crlf(content: bytes) -> bytes:
     return _LINE_ENDINGS.sub(b"\r\n", content)
 
 
+# --- what the relay refuses to forward ----------------------------------------------
+
+# Bounds on what one message may make the relay parse (each parse is linear in
+# these, and a parser that reads a field differently from the next hop is how
+# a sender check is bypassed).
+MAX_HEADER_SECTION = 64 * 1024
+MAX_HEADER_ADDRESSES = 1000  # per address field (From, To, Cc, ...)
+MAX_MIME_PARTS = 100
+MAX_LINE = 998  # octets before CRLF (RFC 5322 section 2.1.1)
+
+# RFC 5322 section 3.6.8: a field name is printable ASCII but the colon.
+_FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+")
+_ADDRESS_FIELDS = frozenset({b"from", b"sender", b"reply-to", b"to", b"cc", b"bcc"})
+_BOUNDARY = re.compile(rb'boundary\s*=\s*(?:"([^"\r\n]{1,200})"|([^\s;"]{1,200}))', re.IGNORECASE)
+
+
+class Defect(enum.Enum):
+    """Why a message cannot be forwarded as it is; `relay.policy` words the reply."""
+
+    NUL = "a NUL octet"
+    NO_HEADER_SECTION = "no header section"
+    HEADER_TOO_BIG = "a header section over 64 KiB"
+    BAD_FIELD = "a malformed header field"
+    TOO_MANY_ADDRESSES = "an address field with over 1000 addresses"
+    LONG_LINE = "a line over 998 octets"
+    TOO_MANY_PARTS = "over 100 MIME parts"
+
+
+def find_defect(content: bytes) -> Defect | None:
+    """The first reason `content` (CRLF line endings) cannot be forwarded, or None.
+
+    - NUL: RFC 6152 section 3 (and RFC 5322) allow none, and a next hop that
+      drops NUL before looking for the end of data would see `CRLF NUL . CRLF`
+      as the end: SMTP smuggling.
+    - The header section must be there and read the same to every parser: each
+      line a field (a printable name, then the colon, no space between) or the
+      folded continuation of one (RFC 5322 sections 2.2 and 3.6.8). A message
+      that starts with an empty line has no header at all.
+    - Bounds on the work a message can cause: header size, addresses per field,
+      MIME parts; and the 998-octet line of RFC 5322 section 2.1.1, which an
+      upstream would refuse after the relay charged for the message.
+    """
+    if b"\0" in content:
+        return Defect.NUL
+    end = content.find(_HEADER_END)
+    head = content[:end] if end >= 0 else content.removesuffix(b"\r\n")
+    if not head or content.startswith(b"\r\n"):
+        return Defect.NO_HEADER_SECTION
+    if len(head) > MAX_HEADER_SECTION:
+        return Defect.HEADER_TOO_BIG
+    current = b""
+    for line in head.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t"):
+            if not current:
+                return Defect.BAD_FIELD  # a continuation of nothing
+            continue
+        name, colon, _ = line.partition(b":")
+        if not colon or not _FIELD_NAME.fullmatch(name):
+            return Defect.BAD_FIELD
+        current = name.lower()
+    fields = header_fields(head, _ADDRESS_FIELDS)
+    if any(v.count("@") > MAX_HEADER_ADDRESSES for vs in fields.values() for v in vs):
+        return Defect.TOO_MANY_ADDRESSES
+    if max(map(len, content.split(b"\r\n"))) > MAX_LINE:
+        return Defect.LONG_LINE
+    if _mime_parts(content) > MAX_MIME_PARTS:
+        return Defect.TOO_MANY_PARTS
+    return None
+
+
+def _mime_parts(content: bytes) -> int:
+    """Body parts of every multipart (RFC 2046 section 5.1.1): delimiters less closings."""
+    parts = 0
+    for quoted, bare in set(_BOUNDARY.findall(content)):
+        delimiter = b"\r\n--" + (quoted or bare)
+        parts += content.count(delimiter) - content.count(delimiter + b"--")
+    return parts
+
+
 @dataclass(frozen=True, slots=True)
 class Prepared:
     """A message ready to forward, with what the policy needs to know about it."""
@@ -120,6 +200,7 @@ class Prepared:
     header_senders: tuple[str, ...] | None
     from_count: int
     idempotency_key: str  # stable across a client's retry of the same message
+    defect: Defect | None = None  # set: nothing else here is meaningful
 
 
 def prepare(
@@ -136,6 +217,9 @@ def prepare(
     Message-ID a client left out.
     """
     content = to_crlf(content)
+    defect = find_defect(content)
+    if defect is not None:
+        return Prepared(content, "", None, 0, "", defect)
     end = content.find(_HEADER_END)
     fields = header_fields(content[:end] if end >= 0 else content)
 
@@ -207,7 +291,7 @@ def mailbox_addresses(value: str) -> list[str] | None:
     return strict
 
 
-def header_fields(head: bytes) -> dict[bytes, list[str]]:
+def header_fields(head: bytes, wanted: frozenset[bytes] = _FIELDS) -> dict[bytes, list[str]]:
     """The header fields prepare() needs, unfolded (RFC 5322 section 2.2.3), by lower-cased name.
 
     A scan of the header block instead of the email package's parser, which
@@ -222,7 +306,7 @@ def header_fields(head: bytes) -> dict[bytes, list[str]]:
             continue
         name, colon, value = line.partition(b":")
         key = name.strip().lower()
-        if colon and key in _FIELDS:
+        if colon and key in wanted:
             current = [value.strip()]
             pieces.setdefault(key, []).append(current)
         else:

@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 
 from relay import replies
 from relay.config import Limits, Settings
+from relay.message import Defect, Prepared
 from relay.replies import Reply
 
 
@@ -269,6 +270,24 @@ def decide_rcpt(
     if headroom is not None and len(rcpts) > headroom:
         return recipients_over_limit(headroom)
     return replies.RECIPIENT_OK
+
+
+_DEFECT_REPLIES = {
+    Defect.NUL: replies.NUL_IN_MESSAGE,
+    Defect.NO_HEADER_SECTION: replies.NO_HEADER_SECTION,
+    Defect.HEADER_TOO_BIG: replies.HEADER_TOO_BIG,
+    Defect.BAD_FIELD: replies.BAD_HEADER_FIELD,
+    Defect.TOO_MANY_ADDRESSES: replies.TOO_MANY_HEADER_ADDRESSES,
+    Defect.LONG_LINE: replies.LONG_LINE,
+    Defect.TOO_MANY_PARTS: replies.TOO_MANY_MIME_PARTS,
+}
+
+
+def message_refusal(prepared: Prepared) -> Reply | None:
+    """A message the relay will not forward as it is: its defect, or its sender headers."""
+    if prepared.defect is not None:
+        return _DEFECT_REPLIES[prepared.defect]
+    return header_refusal(prepared.from_count, prepared.header_senders)
 
 
 def header_refusal(from_count: int, header_senders: tuple[str, ...] | None) -> Reply | None:

@@ -110,6 +110,21 @@ TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message too big")
 SEND_LIMIT_REACHED = Reply(451, "4.7.1", "Send limit reached")
 BAD_MESSAGE = Reply(554, "5.6.0", "Message rejected")
+# What the relay will not forward (relay.message.find_defect says why).
+NUL_IN_MESSAGE = BAD_MESSAGE.but(
+    "Message contains a NUL octet, which 8BITMIME content must not (RFC 6152 section 3)"
+)
+NO_HEADER_SECTION = BAD_MESSAGE.but("Message has no header section (RFC 5322 section 2.1)")
+HEADER_TOO_BIG = MESSAGE_TOO_BIG.but("Header section over 64 KiB")
+BAD_HEADER_FIELD = BAD_MESSAGE.but(
+    "Malformed header field: each line must be a name of printable ASCII, a colon"
+    " and the value, or a folded continuation (RFC 5322 section 2.2)"
+)
+TOO_MANY_HEADER_ADDRESSES = BAD_MESSAGE.but("Over 1000 addresses in one header field")
+LONG_LINE = BAD_MESSAGE.but(
+    "Line over 998 octets (RFC 5322 section 2.1.1); encode the body as quoted-printable or base64"
+)
+TOO_MANY_MIME_PARTS = BAD_MESSAGE.but("Over 100 MIME parts in one message")
 # RFC 5322 section 3.6: exactly one From; and sender fields every parser reads alike.
 ONE_FROM_REQUIRED = BAD_MESSAGE.but("Message must have exactly one From header (RFC 5322)")
 UNCLEAN_SENDER_HEADER = BAD_MESSAGE.but(

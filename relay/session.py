@@ -8,6 +8,7 @@ replies, timeouts, reading DATA) is `relay.protocol`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from relay import policy, replies
 from relay.channel import Channel, Delivery, Outbound
 from relay.config import Settings
 from relay.errors import DeliveryError, StoreError
-from relay.message import domain_of, normalize_address, parse_address, prepare
+from relay.message import Prepared, domain_of, normalize_address, parse_address, prepare
 from relay.replies import Reply
 from relay.store import AsyncStore, MailCheck, Principal, Refused, Reservation
 
@@ -27,6 +28,9 @@ if TYPE_CHECKING:
     from relay.protocol import SubmissionProtocol
 
 log = logging.getLogger("relay.session")
+# Above these, preparing a message can take long enough to delay other sessions.
+PREPARE_INLINE_BYTES = 256 * 1024
+PREPARE_INLINE_HEADER = 8 * 1024
 
 
 class RelaySession(Session):
@@ -199,15 +203,10 @@ class Submission:
         tx, principal, content = envelope.transaction, session.principal, envelope.content
         assert tx is not None and principal is not None and isinstance(content, bytes)
         envelope.original_content = envelope.content = None  # do not hold two copies
-        prepared = prepare(
-            content,
-            sender=tx.sender,
-            recipients=tuple(tx.recipients),
-            hostname=self.settings.hostname,
+        prepared = await self._prepare(content, tx)
+        refusal = policy.message_refusal(prepared) or await self._header_senders_refusal(
+            principal, tx.domain, prepared.header_senders
         )
-        refusal = policy.header_refusal(
-            prepared.from_count, prepared.header_senders
-        ) or await self._header_senders_refusal(principal, tx.domain, prepared.header_senders)
         if refusal is not None:
             return refusal
         plan = policy.plan_message(
@@ -238,6 +237,26 @@ class Submission:
         # upstream call half-way, and the charge is always settled.
         task = self.spawn(self._forward(plan.route, outbound, reservation, idempotency_key))
         return await asyncio.shield(task)
+
+    async def _prepare(self, content: bytes, tx: Transaction) -> Prepared:
+        """`message.prepare`, off the event loop when the message could make it slow.
+
+        Small messages are prepared inline (a thread hop costs more than the
+        work); a large body or header section, where the address parsing and
+        the scans take tens of milliseconds, goes to a thread so no other
+        session waits for it.
+        """
+        call = functools.partial(
+            prepare,
+            content,
+            sender=tx.sender,
+            recipients=tuple(tx.recipients),
+            hostname=self.settings.hostname,
+        )
+        heavy = len(content) > PREPARE_INLINE_BYTES or (
+            content.find(b"\r\n\r\n", 0, PREPARE_INLINE_HEADER) < 0
+        )
+        return await asyncio.to_thread(call) if heavy else call()
 
     async def _header_senders_refusal(
         self, principal: Principal, domain: str, addresses: tuple[str, ...] | None

@@ -109,3 +109,97 @@ def test_aiosmtpd_records_keep_only_the_verb(msg, args, logged):
     rec = record(msg, *args, name="mail.log")
     assert RedactAiosmtpd().filter(rec)
     assert rec.getMessage() == logged
+
+
+# --- messages that parsers could read differently, or that cost too much to parse --------
+
+HEAD = b"From: app@example.com\r\nTo: a@dest.test\r\nSubject: hi\r\n"
+
+
+def mime(parts: int) -> bytes:
+    body = b"".join(b"--b1\r\nContent-Type: text/plain\r\n\r\nx\r\n" for _ in range(parts))
+    return b'Content-Type: multipart/mixed; boundary="b1"\r\n\r\n' + body + b"--b1--\r\n"
+
+
+def dot_stuffed(content: bytes) -> bytes:
+    return content.replace(b"\r\n.", b"\r\n..")
+
+
+@pytest.mark.parametrize(
+    ("content", "reply"),
+    [
+        pytest.param(
+            b"\r\nFrom: app@example.com\r\n\r\nall body\r\n",
+            "554 5.6.0 Message has no header section (RFC 5322 section 2.1)",
+            id="empty-header-section",
+        ),
+        pytest.param(
+            b"From\r\n : ceo@victim.test\r\n" + HEAD + b"\r\nbody\r\n",
+            "554 5.6.0 Malformed header field: each line must be a name of printable ASCII,"
+            " a colon and the value, or a folded continuation (RFC 5322 section 2.2)",
+            id="folded-field-name",
+        ),
+        pytest.param(
+            b"From\x00: ceo@victim.test\r\n" + HEAD + b"\r\nbody\r\n",
+            "554 5.6.0 Message contains a NUL octet, which 8BITMIME content must not"
+            " (RFC 6152 section 3)",
+            id="nul-in-field-name",
+        ),
+        pytest.param(
+            HEAD + b"\r\nline\r\n\x00.\r\nMAIL FROM:<evil@example.com>\r\n",
+            "554 5.6.0 Message contains a NUL octet, which 8BITMIME content must not"
+            " (RFC 6152 section 3)",
+            id="nul-dot-smuggling",
+        ),
+        pytest.param(
+            HEAD + b"\r\n" + b"x" * 999 + b"\r\n",
+            "554 5.6.0 Line over 998 octets (RFC 5322 section 2.1.1); encode the body as"
+            " quoted-printable or base64",
+            id="long-line",
+        ),
+        pytest.param(
+            HEAD + b"Cc: " + b",\r\n ".join([b"c@dest.test"] * 1001) + b"\r\n\r\nbody\r\n",
+            "554 5.6.0 Over 1000 addresses in one header field",
+            id="address-list",
+        ),
+        pytest.param(
+            HEAD + mime(101),
+            "554 5.6.0 Over 100 MIME parts in one message",
+            id="mime-parts",
+        ),
+        pytest.param(
+            HEAD + (b"X-Pad: " + b"p" * 900 + b"\r\n") * 73 + b"\r\nbody\r\n",
+            "552 5.3.4 Header section over 64 KiB",
+            id="big-header",
+        ),
+    ],
+)
+def test_a_message_parsers_could_misread_is_refused_and_nothing_is_sent(
+    relay, sink, content, reply
+):
+    raw = relay.raw()
+    raw.login(relay.token())
+    raw.cmd("MAIL FROM:<app@example.com>")
+    raw.cmd("RCPT TO:<a@dest.test>")
+    assert raw.cmd("DATA").startswith("354 ")
+    raw.sock.sendall(dot_stuffed(content) + b".\r\n")
+    assert raw.read() == reply
+    assert raw.cmd("NOOP") == "250 2.0.0 Ok"  # the session goes on
+    assert sink.messages == []
+    assert relay.store.list_senders() == []  # nothing charged
+
+
+def test_the_largest_message_the_bounds_accept_is_delivered(relay, sink):
+    own = b",\r\n ".join(b"user%d@example.com" % i for i in range(1000))
+    content = (
+        b"From: " + own + b"\r\nTo: a@dest.test\r\nSubject: big\r\n" + mime(100)[:-2] + b"\r\n"
+    )
+    raw = relay.raw()
+    raw.login(relay.token())
+    raw.cmd("MAIL FROM:<app@example.com>")
+    raw.cmd("RCPT TO:<a@dest.test>")
+    assert raw.cmd("DATA").startswith("354 ")
+    raw.sock.sendall(dot_stuffed(content) + b".\r\n")
+    assert raw.read().startswith("250 2.0.0 Ok <")
+    [received] = sink.messages
+    assert received.content.count(b"@example.com") == 1000
