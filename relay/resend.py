@@ -42,19 +42,25 @@ NAME = "resend"
 MAX_IDEMPOTENCY_KEY = 256
 IDEMPOTENCY_PREFIX = "relay-"
 
-# The headers Resend lets a sender set that carry meaning to the receiver. An
-# allow-list rather than a deny-list: Resend writes From/To/Cc/Subject/Date and
-# the MIME structure itself, and trace or signature headers (Received,
-# DKIM-Signature, Return-Path) copied from the client would be false.
-PASSED_HEADERS = frozenset(
-    {
-        "message-id",
-        "in-reply-to",
-        "references",
-        "list-unsubscribe",
-        "list-unsubscribe-post",
-    }
-)
+# Headers the relay does not copy into Resend's `headers` object; every other
+# header passes (Auto-Submitted, List-Id, Precedence, Sender, ...). Resend's API
+# (resend-openapi resend.yaml, SendEmailRequest) takes `headers` as a free
+# object and publishes no refused list, so what is dropped is what would come
+# out twice or false:
+BUILT_FROM_FIELDS = frozenset({"from", "to", "cc", "bcc", "subject", "reply-to"})
+# Resend composes the MIME structure from `text`/`html`/`attachments` and
+# stamps the date it sends at.
+BUILT_BY_RESEND = frozenset(
+    {"mime-version", "content-type", "content-transfer-encoding", "content-disposition",
+     "content-id", "date"}
+)  # fmt: skip
+# Trace and signature fields describe the client's copy (RFC 5321 section 4.4;
+# RFC 6376 section 3.5: a body hash Resend's re-composition breaks).
+TRACE_AND_SIGNATURES = frozenset(
+    {"received", "return-path", "dkim-signature", "authentication-results",
+     "arc-seal", "arc-message-signature", "arc-authentication-results"}
+)  # fmt: skip
+NOT_PASSED = BUILT_FROM_FIELDS | BUILT_BY_RESEND | TRACE_AND_SIGNATURES
 
 # An attached message is re-serialized from its parse: CRLF as RFC 5322 asks,
 # and its header lines left as the client folded them.
@@ -136,9 +142,12 @@ def _translate(message: Outbound) -> tuple[dict[str, Any], bool]:
     if attachments:
         body["attachments"] = attachments
 
-    headers = _passed_headers(parsed)
-    headers.setdefault("Message-ID", message.message_id)
+    headers, dropped = passed_headers(parsed)
+    if not any(name.lower() == "message-id" for name in headers):
+        headers["Message-ID"] = message.message_id
     body["headers"] = headers
+    if dropped:
+        log.debug("resend: %s: headers not passed: %s", message.message_id, ", ".join(dropped))
     mended: dict[str, Any] = _mend(body)
     return mended, hidden
 
@@ -173,16 +182,23 @@ def _header_text(parsed: MIMEPart, name: str) -> str:
     return " ".join(str(value).split()) if value is not None else ""
 
 
-def _passed_headers(parsed: MIMEPart) -> dict[str, str]:
+def passed_headers(parsed: MIMEPart) -> tuple[dict[str, str], list[str]]:
+    """The headers for Resend's `headers` object, and the names of those dropped.
+
+    A JSON object holds one value per name; the first is the one a reader of
+    the original message would have seen on top, a repeat is dropped.
+    """
     headers: dict[str, str] = {}
+    seen: set[str] = set()
+    dropped: list[str] = []
     for name, value in parsed.items():
         key = name.lower()
-        if key in PASSED_HEADERS or key.startswith("x-"):
-            # A JSON object holds one value per name; the first is the one a
-            # reader of the original message would have seen on top.
-            if not any(existing.lower() == key for existing in headers):
-                headers[name] = " ".join(str(value).split())
-    return headers
+        if key in NOT_PASSED or key in seen:
+            dropped.append(name)
+            continue
+        seen.add(key)
+        headers[name] = " ".join(str(value).split())
+    return headers, dropped
 
 
 def _leaves(part: MIMEPart, related: bool = False) -> Iterator[tuple[MIMEPart, bool]]:

@@ -183,6 +183,48 @@ Content-Transfer-Encoding: 7bit
     }
 
 
+def test_headers_resend_does_not_build_reach_it_and_the_dropped_are_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    content = simple(
+        """
+Received: from client.example by relay.example
+DKIM-Signature: v=1; a=rsa-sha256; d=example.com; b=abc
+From: alice@example.com
+Sender: list-bot@example.com
+To: bob@example.org
+Subject: digest
+Date: Mon, 1 Jan 2024 00:00:00 +0000
+Message-ID: <m1@example.com>
+Auto-Submitted: auto-generated
+List-Id: Weekly digest <digest.example.com>
+Precedence: bulk
+Organization: Example Ltd
+Keywords: one, two
+Keywords: three
+MIME-Version: 1.0
+Content-Type: text/plain; charset=utf-8
+"""
+    )
+    with FakeResend() as fake, caplog.at_level(logging.DEBUG, logger="relay.resend"):
+        (result,) = deliver(config_for(fake.url), outbound(content))
+    assert isinstance(result, Delivery)
+    assert fake.sent[0].json["headers"] == {
+        "Sender": "list-bot@example.com",
+        "Message-ID": "<m1@example.com>",
+        "Auto-Submitted": "auto-generated",
+        "List-Id": "Weekly digest <digest.example.com>",
+        "Precedence": "bulk",
+        "Organization": "Example Ltd",
+        "Keywords": "one, two",
+    }
+    logged = [r.getMessage() for r in caplog.records if "not passed" in r.getMessage()]
+    assert logged == [
+        "resend: <m1@example.com>: headers not passed: Received, DKIM-Signature, From, To,"
+        " Subject, Date, Keywords, MIME-Version, Content-Type"
+    ]
+
+
 def test_translate_adds_message_id_when_absent() -> None:
     body = translate(outbound(simple("From: alice@example.com\nTo: bob@example.org")))
     assert body["headers"] == {"Message-ID": "<m1@example.com>"}
