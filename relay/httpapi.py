@@ -88,10 +88,17 @@ def refusal(
     *,
     message_id: str,
     credential: str,
+    config_fault: bool = False,
 ) -> DeliveryError:
-    """The error for a refused request, logged; `credential` names the relay's, never its value."""
+    """The error for a refused request, logged; `credential` names the relay's, never its value.
+
+    `config_fault`: the answer blames the relay's setup (a wrong URL, an account
+    not entitled), an error in the log like a rejected credential.
+    """
     if reply == replies.upstream_credentials_rejected(channel):
         log.error("%s rejected the configured %s (HTTP %d)", channel, credential, answer.status)
+    elif config_fault:
+        log.error("%s: configuration fault: HTTP %d, %s", channel, answer.status, reply.text)
     else:
         log.warning("%s refused %s: HTTP %d, %s", channel, message_id, answer.status, reply)
     return delivery_error(channel, reply)

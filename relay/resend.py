@@ -21,11 +21,13 @@ import json
 import logging
 import mimetypes
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from email.headerregistry import Address
 from email.message import EmailMessage, Message, MIMEPart
 from email.parser import BytesParser
 from email.policy import default as default_policy
+from enum import Enum
 from typing import Any
 
 from relay import httpapi, replies
@@ -68,11 +70,63 @@ _ATTACHED_MESSAGE = default_policy.clone(linesep="\r\n", refold_source="none")
 # Resend names the field in backticks ("Invalid `to` field"); plain English "to"
 # ("needs to follow") must not make a sender or attachment error a recipient one.
 _RECIPIENT_FIELD = re.compile(r"`(to|cc|bcc)`", re.IGNORECASE)
-_CREDENTIAL_ERRORS = frozenset({"invalid_api_key", "missing_api_key", "restricted_api_key"})
-_QUOTA_WORDS = {
-    "rate_limit_exceeded": "rate limited",
-    "daily_quota_exceeded": "daily quota exceeded",
-    "monthly_quota_exceeded": "monthly quota exceeded",
+
+
+class Kind(Enum):
+    """What a Resend error means for the message."""
+
+    REFUSED = "refused"  # 5xx: this message will never be taken
+    CONFIG = "config"  # 451 4.3.0: the relay's setup is wrong; logged as an error
+    THROTTLED = "throttled"  # 451 4.7.0: sent too fast; retried while the budget allows
+    QUOTA = "quota"  # 451 4.7.0: a daily or monthly quota is spent; never waited for
+    DEFERRED = "deferred"  # 451 4.3.0: try again later, the outcome may be unknown
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorRow:
+    kind: Kind
+    refusal: Refusal | None = None  # for REFUSED
+    words: str = ""  # the reply's text when Resend's message says no more
+
+
+# Every error Resend publishes for `POST /emails`, by (HTTP status, name):
+# resend.com/docs/api-reference/errors (errors.md) for statuses and meanings, the
+# name list in resend-node src/interfaces.ts (RESEND_ERROR_CODE_KEY).
+# `monthly_quota_exceeded` has no published status; 429 as its daily twin.
+# No `suspended_api_key` is published (errors.md, resend-node, resend-openapi):
+# a suspended key would arrive as one of the key errors below.
+ERRORS: Mapping[tuple[int, str], ErrorRow] = {
+    # Our key is at most 252 characters (MAX_IDEMPOTENCY_KEY): a refusal is a relay fault.
+    (400, "invalid_idempotency_key"): ErrorRow(Kind.CONFIG, words="idempotency key refused"),
+    (400, "validation_error"): ErrorRow(Kind.REFUSED, Refusal.CONTENT),
+    (401, "missing_api_key"): ErrorRow(Kind.CONFIG, words="credentials"),
+    (401, "restricted_api_key"): ErrorRow(Kind.CONFIG, words="credentials"),
+    (403, "invalid_api_key"): ErrorRow(Kind.CONFIG, words="credentials"),
+    # Unverified sending domain, or the testing address sending to a stranger.
+    (403, "validation_error"): ErrorRow(Kind.REFUSED, Refusal.NOT_AUTHORIZED),
+    (404, "not_found"): ErrorRow(Kind.CONFIG, words="RESEND_API_URL has no /emails"),
+    (405, "method_not_allowed"): ErrorRow(Kind.CONFIG, words="RESEND_API_URL has no /emails"),
+    # The same key with another body: the key is derived from the message, so the
+    # same bytes will meet the same refusal on every retry.
+    (409, "invalid_idempotent_request"): ErrorRow(
+        Kind.REFUSED, Refusal.OTHER, "idempotency key already used for another message"
+    ),
+    (409, "concurrent_idempotent_requests"): ErrorRow(
+        Kind.DEFERRED, words="idempotent request conflict"
+    ),
+    (422, "invalid_attachment"): ErrorRow(Kind.REFUSED, Refusal.CONTENT),
+    (422, "invalid_from_address"): ErrorRow(Kind.REFUSED, Refusal.SENDER),
+    (422, "invalid_parameter"): ErrorRow(Kind.REFUSED, Refusal.CONTENT),
+    (422, "missing_required_field"): ErrorRow(Kind.REFUSED, Refusal.CONTENT),
+    # API-key and domain endpoints' errors: never about a send.
+    (422, "invalid_access"): ErrorRow(Kind.DEFERRED, words="unexpected reply (invalid_access)"),
+    (422, "invalid_region"): ErrorRow(Kind.DEFERRED, words="unexpected reply (invalid_region)"),
+    (429, "rate_limit_exceeded"): ErrorRow(Kind.THROTTLED, words="rate limited"),
+    (429, "daily_quota_exceeded"): ErrorRow(Kind.QUOTA, words="daily quota exceeded"),
+    (429, "monthly_quota_exceeded"): ErrorRow(Kind.QUOTA, words="monthly quota exceeded"),
+    (451, "security_error"): ErrorRow(Kind.REFUSED, Refusal.NOT_AUTHORIZED),
+    (500, "application_error"): ErrorRow(Kind.DEFERRED),
+    (500, "internal_server_error"): ErrorRow(Kind.DEFERRED),
 }
 
 
@@ -282,8 +336,29 @@ def _fallback_filename(content_type: str, index: int) -> str:
 # --- outcomes (pure) ---------------------------------------------------------
 
 
+def error_row(status: int, body: object) -> ErrorRow | None:
+    """The table's row for an answer; by status alone for a name Resend adds later."""
+    error = body if isinstance(body, dict) else {}
+    name = str(error.get("name") or "")
+    row = ERRORS.get((status, name))
+    if row is not None:
+        return row
+    # The status alone is clear for these, even from a proxy's HTML page.
+    if status == 429:
+        return ErrorRow(Kind.THROTTLED, words="rate limited")
+    if status == 401 or (status == 403 and error):
+        return ErrorRow(Kind.CONFIG, words="credentials")
+    if not error:
+        return None
+    if status in (400, 422):
+        return ErrorRow(Kind.REFUSED, Refusal.CONTENT)
+    if status == 409:
+        return ErrorRow(Kind.DEFERRED, words="idempotent request conflict")
+    return None
+
+
 def outcome(status: int, body: object, retry_after: str | None) -> Reply:
-    """The reply a non-2xx Resend answer becomes.
+    """The reply a non-2xx Resend answer becomes, by the `ERRORS` table.
 
     Anything whose outcome is unknown (5xx, an unexpected status or body) is a
     4xx: a client that sees 5xx does not retry, and the idempotency key makes
@@ -292,34 +367,35 @@ def outcome(status: int, body: object, retry_after: str | None) -> Reply:
     error = body if isinstance(body, dict) else {}
     name = str(error.get("name") or "")
     message = str(error.get("message") or "")
-    reason = message.replace("`", "") or name.replace("_", " ") or f"HTTP {status}"
-
-    if status == 429:
-        words = _QUOTA_WORDS.get(name, "rate limited")
-        wait = httpapi.retry_after_seconds(retry_after)
-        return replies.upstream_throttled(NAME, words, retry_after=wait)
-    if status == 401 or (status == 403 and name in _CREDENTIAL_ERRORS):
-        return replies.upstream_credentials_rejected(NAME)
-    if not error:
+    row = error_row(status, body)
+    if row is None:
+        if status >= 500 and error:
+            return httpapi.upstream_error(NAME, status)
         return httpapi.unexpected_reply(NAME, status)
-    if status == 403 and name == "validation_error":
-        return replies.upstream_refused(NAME, Refusal.NOT_AUTHORIZED, reason)
-    if status in (400, 422):
-        return replies.upstream_refused(NAME, _refusal(name, message), reason)
-    if status == 409:
-        # Another request with this key is in flight, or was made with another
-        # body: the message may have gone out, so the client must retry later.
-        return replies.upstream_unavailable(NAME, "idempotent request conflict")
-    return httpapi.upstream_error(NAME, status)
+    wait = httpapi.retry_after_seconds(retry_after)
+    if row.kind is Kind.THROTTLED or row.kind is Kind.QUOTA:
+        return replies.upstream_throttled(NAME, row.words, retry_after=wait)
+    if row.kind is Kind.CONFIG:
+        if row.words == "credentials":
+            return replies.upstream_credentials_rejected(NAME)
+        return replies.upstream_unavailable(NAME, row.words)
+    if row.kind is Kind.DEFERRED:
+        if row.words:
+            return replies.upstream_unavailable(NAME, row.words)
+        return httpapi.upstream_error(NAME, status)
+    assert row.refusal is not None
+    refusal = row.refusal
+    # Resend names the field in backticks ("Invalid `to` field").
+    if refusal is Refusal.CONTENT and _RECIPIENT_FIELD.search(message):
+        refusal = Refusal.RECIPIENT
+    reason = message.replace("`", "") or row.words or name.replace("_", " ")
+    return replies.upstream_refused(NAME, refusal, reason)
 
 
-def _refusal(name: str, message: str) -> Refusal:
-    """What a Resend validation error (400, 422) is about."""
-    if name == "invalid_from_address":
-        return Refusal.SENDER
-    if name in ("validation_error", "invalid_parameter") and _RECIPIENT_FIELD.search(message):
-        return Refusal.RECIPIENT
-    return Refusal.CONTENT
+def is_config_fault(status: int, body: object) -> bool:
+    """Whether the answer blames the relay's own setup (logged as an error)."""
+    row = error_row(status, body)
+    return row is not None and row.kind is Kind.CONFIG
 
 
 # --- the channel ---------------------------------------------------------------
@@ -410,6 +486,7 @@ class ResendChannel:
             reply,
             message_id=message.message_id,
             credential=f"token for sender domain {domain}",
+            config_fault=is_config_fault(answer.status, answer.body),
         )
 
     async def aclose(self) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from support import DOMAIN, SENDER, free_port, message
 
-from tests.fake_upstreams import FakeCloudflare, FakeResend
+from tests.fake_upstreams import RESEND_UNVERIFIED_DOMAIN, FakeCloudflare, FakeResend
 
 # aiosmtpd warns when a server requires AUTH without STARTTLS, which is also what
 # it says of an implicit-TLS server (it cannot tell); under `filterwarnings =
@@ -509,7 +509,7 @@ RESEND_OUTCOMES = [
         id="422-recipient-refused",
     ),
     pytest.param(
-        lambda f: f.fail(403, "validation_error"),
+        lambda f: f.fail(403, "validation_error", RESEND_UNVERIFIED_DOMAIN),
         "550 5.7.1 resend: The example.com domain is not verified. Please, add and verify "
         "your domain on https://resend.com/domains",
         10,

@@ -16,8 +16,8 @@ import pytest
 from relay.channel import Delivery, Outbound
 from relay.config import ResendConfig, Secret
 from relay.errors import DeliveryError, PermanentDelivery, TransientDelivery
-from relay.resend import ResendChannel, translate
-from tests.fake_upstreams import FakeResend
+from relay.resend import ERRORS, ResendChannel, is_config_fault, outcome, translate
+from tests.fake_upstreams import RESEND_ERRORS, FakeResend, resend_error
 
 KEY = "ab" * 32
 ABSENT = object()
@@ -728,3 +728,116 @@ def test_bad_api_url_defers() -> None:
     [result] = deliver(config_for("ftp://127.0.0.1"), outbound(MESSAGE))
     assert isinstance(result, TransientDelivery)
     assert str(result.reply) == "451 4.3.0 resend: RESEND_API_URL is not a usable URL"
+
+
+# Every published (status, name), its documented message, and what the client is
+# answered: (code, enhanced, text, logged as the relay's configuration fault).
+CREDENTIALS = (451, "4.3.0", "resend: upstream rejected relay credentials", True)
+ERROR_TABLE: dict[tuple[int, str], tuple[int, str, str, bool]] = {
+    (400, "invalid_idempotency_key"): (451, "4.3.0", "resend: idempotency key refused", True),
+    (400, "validation_error"): (
+        554,
+        "5.6.0",
+        "resend: We found an error with one or more fields in the request.",
+        False,
+    ),
+    (401, "missing_api_key"): CREDENTIALS,
+    (401, "restricted_api_key"): CREDENTIALS,
+    (403, "invalid_api_key"): CREDENTIALS,
+    (403, "validation_error"): (
+        550,
+        "5.7.1",
+        "resend: We found an error with one or more fields in the request.",
+        False,
+    ),
+    (404, "not_found"): (451, "4.3.0", "resend: RESEND_API_URL has no /emails", True),
+    (405, "method_not_allowed"): (451, "4.3.0", "resend: RESEND_API_URL has no /emails", True),
+    (409, "invalid_idempotent_request"): (
+        554,
+        "5.0.0",
+        "resend: Same idempotency key used with a different request payload.",
+        False,
+    ),
+    (409, "concurrent_idempotent_requests"): (
+        451,
+        "4.3.0",
+        "resend: idempotent request conflict",
+        False,
+    ),
+    (422, "invalid_attachment"): (
+        554,
+        "5.6.0",
+        "resend: Attachment must have either a content or path.",
+        False,
+    ),
+    (422, "invalid_from_address"): (550, "5.1.7", "resend: Invalid from field.", False),
+    (422, "invalid_parameter"): (
+        550,
+        "5.1.3",
+        "resend: The to field must be a valid email address.",
+        False,
+    ),
+    (422, "missing_required_field"): (
+        554,
+        "5.6.0",
+        "resend: The request body is missing one or more required fields.",
+        False,
+    ),
+    (422, "invalid_access"): (451, "4.3.0", "resend: unexpected reply (invalid_access)", False),
+    (422, "invalid_region"): (451, "4.3.0", "resend: unexpected reply (invalid_region)", False),
+    (429, "rate_limit_exceeded"): (451, "4.7.0", "resend: rate limited; retry after 30 s", False),
+    (429, "daily_quota_exceeded"): (
+        451,
+        "4.7.0",
+        "resend: daily quota exceeded; retry after 30 s",
+        False,
+    ),
+    (429, "monthly_quota_exceeded"): (
+        451,
+        "4.7.0",
+        "resend: monthly quota exceeded; retry after 30 s",
+        False,
+    ),
+    (451, "security_error"): (
+        550,
+        "5.7.1",
+        "resend: We may have found a security issue with the request.",
+        False,
+    ),
+    (500, "application_error"): (451, "4.3.0", "resend: upstream error (HTTP 500)", False),
+    (500, "internal_server_error"): (451, "4.3.0", "resend: upstream error (HTTP 500)", False),
+}
+
+
+def test_the_error_table_covers_every_published_error() -> None:
+    assert set(ERROR_TABLE) == set(ERRORS)
+    assert {name for _, name in ERRORS} == set(RESEND_ERRORS)
+    assert all(
+        RESEND_ERRORS[name][0] == status for status, name in ERRORS if name != "validation_error"
+    )
+
+
+@pytest.mark.parametrize(
+    ("status", "name"), list(ERROR_TABLE), ids=[f"{s}-{n}" for s, n in ERROR_TABLE]
+)
+def test_error_table_row(status: int, name: str) -> None:
+    code, enhanced, text, config = ERROR_TABLE[(status, name)]
+    body = resend_error(status, name)
+    reply = outcome(status, body, "30")
+    assert (reply.code, reply.enhanced, reply.text) == (code, enhanced, text)
+    assert is_config_fault(status, body) is config
+
+
+@pytest.mark.parametrize(
+    ("status", "name"),
+    [(404, "not_found"), (403, "invalid_api_key"), (422, "invalid_from_address")],
+)
+def test_config_faults_are_logged_as_errors_and_refusals_as_warnings(
+    fake: FakeResend, caplog: pytest.LogCaptureFixture, status: int, name: str
+) -> None:
+    fake.fail(status, name)
+    with caplog.at_level(logging.WARNING, logger="relay.resend"):
+        [result] = deliver(config_for(fake.url), outbound(MESSAGE))
+    assert isinstance(result, DeliveryError)
+    expected = "ERROR" if ERROR_TABLE[(status, name)][3] else "WARNING"
+    assert [r.levelname for r in caplog.records] == [expected]
