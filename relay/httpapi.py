@@ -13,12 +13,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import Enum
 
 import httpx
 
 from relay import replies
 from relay.errors import DeliveryError, TransientDelivery, delivery_error
-from relay.replies import Reply
+from relay.replies import Refusal, Reply
 
 
 def client(timeout: float) -> httpx.AsyncClient:
@@ -60,6 +61,51 @@ async def post(
     except ValueError:
         body = None
     return Answer(response.status_code, body, response.headers.get("retry-after"))
+
+
+class Kind(Enum):
+    """What an upstream's documented error means for the message."""
+
+    REFUSED = "refused"  # 5xx: this message will never be taken
+    CONFIG = "config"  # 451 4.3.0: the relay's setup is wrong; logged as an error
+    CREDENTIALS = "credentials"  # 451 4.3.0: the relay's credential refused; an error
+    THROTTLED = "throttled"  # 451 4.7.0: sent too fast; retried while the budget allows
+    QUOTA = "quota"  # 451 4.7.0: a daily or monthly quota is spent; never waited for
+    DEFERRED = "deferred"  # 451 4.3.0: try again later, the outcome may be unknown
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorRow:
+    """One row of a channel's error table."""
+
+    kind: Kind
+    refusal: Refusal | None = None  # for REFUSED
+    words: str = ""  # the reply's text when the upstream's says no more
+
+    @property
+    def config_fault(self) -> bool:
+        return self.kind in (Kind.CONFIG, Kind.CREDENTIALS)
+
+
+def row_reply(
+    channel: str, row: ErrorRow, *, status: int, detail: str, retry_after: str | None
+) -> Reply:
+    """The reply a channel's error-table row becomes; `detail` is the upstream's words."""
+    if row.kind is Kind.THROTTLED or row.kind is Kind.QUOTA:
+        wait = retry_after_seconds(retry_after)
+        return replies.upstream_throttled(channel, row.words or "rate limited", retry_after=wait)
+    if row.kind is Kind.CREDENTIALS:
+        return replies.upstream_credentials_rejected(channel)
+    if row.kind is Kind.CONFIG:
+        return replies.upstream_unavailable(channel, row.words)
+    if row.kind is Kind.DEFERRED:
+        return (
+            replies.upstream_unavailable(channel, row.words)
+            if row.words
+            else upstream_error(channel, status)
+        )
+    assert row.refusal is not None
+    return replies.upstream_refused(channel, row.refusal, detail or row.words)
 
 
 def retry_after_seconds(header: str | None) -> int | None:

@@ -22,18 +22,17 @@ import logging
 import mimetypes
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from email.headerregistry import Address
 from email.message import EmailMessage, Message, MIMEPart
 from email.parser import BytesParser
 from email.policy import default as default_policy
-from enum import Enum
 from typing import Any
 
 from relay import httpapi, replies
 from relay.channel import Delivery, Outbound, partial_delivery
 from relay.config import ResendConfig
 from relay.errors import DeliveryError, PermanentDelivery, TransientDelivery
+from relay.httpapi import ErrorRow, Kind
 from relay.message import domain_of
 from relay.replies import Refusal, Reply, one_line
 
@@ -72,23 +71,6 @@ _ATTACHED_MESSAGE = default_policy.clone(linesep="\r\n", refold_source="none")
 _RECIPIENT_FIELD = re.compile(r"`(to|cc|bcc)`", re.IGNORECASE)
 
 
-class Kind(Enum):
-    """What a Resend error means for the message."""
-
-    REFUSED = "refused"  # 5xx: this message will never be taken
-    CONFIG = "config"  # 451 4.3.0: the relay's setup is wrong; logged as an error
-    THROTTLED = "throttled"  # 451 4.7.0: sent too fast; retried while the budget allows
-    QUOTA = "quota"  # 451 4.7.0: a daily or monthly quota is spent; never waited for
-    DEFERRED = "deferred"  # 451 4.3.0: try again later, the outcome may be unknown
-
-
-@dataclass(frozen=True, slots=True)
-class ErrorRow:
-    kind: Kind
-    refusal: Refusal | None = None  # for REFUSED
-    words: str = ""  # the reply's text when Resend's message says no more
-
-
 # Every error Resend publishes for `POST /emails`, by (HTTP status, name):
 # resend.com/docs/api-reference/errors (errors.md) for statuses and meanings, the
 # name list in resend-node src/interfaces.ts (RESEND_ERROR_CODE_KEY).
@@ -99,9 +81,9 @@ ERRORS: Mapping[tuple[int, str], ErrorRow] = {
     # Our key is at most 252 characters (MAX_IDEMPOTENCY_KEY): a refusal is a relay fault.
     (400, "invalid_idempotency_key"): ErrorRow(Kind.CONFIG, words="idempotency key refused"),
     (400, "validation_error"): ErrorRow(Kind.REFUSED, Refusal.CONTENT),
-    (401, "missing_api_key"): ErrorRow(Kind.CONFIG, words="credentials"),
-    (401, "restricted_api_key"): ErrorRow(Kind.CONFIG, words="credentials"),
-    (403, "invalid_api_key"): ErrorRow(Kind.CONFIG, words="credentials"),
+    (401, "missing_api_key"): ErrorRow(Kind.CREDENTIALS),
+    (401, "restricted_api_key"): ErrorRow(Kind.CREDENTIALS),
+    (403, "invalid_api_key"): ErrorRow(Kind.CREDENTIALS),
     # Unverified sending domain, or the testing address sending to a stranger.
     (403, "validation_error"): ErrorRow(Kind.REFUSED, Refusal.NOT_AUTHORIZED),
     (404, "not_found"): ErrorRow(Kind.CONFIG, words="RESEND_API_URL has no /emails"),
@@ -347,7 +329,7 @@ def error_row(status: int, body: object) -> ErrorRow | None:
     if status == 429:
         return ErrorRow(Kind.THROTTLED, words="rate limited")
     if status == 401 or (status == 403 and error):
-        return ErrorRow(Kind.CONFIG, words="credentials")
+        return ErrorRow(Kind.CREDENTIALS)
     if not error:
         return None
     if status in (400, 422):
@@ -372,30 +354,18 @@ def outcome(status: int, body: object, retry_after: str | None) -> Reply:
         if status >= 500 and error:
             return httpapi.upstream_error(NAME, status)
         return httpapi.unexpected_reply(NAME, status)
-    wait = httpapi.retry_after_seconds(retry_after)
-    if row.kind is Kind.THROTTLED or row.kind is Kind.QUOTA:
-        return replies.upstream_throttled(NAME, row.words, retry_after=wait)
-    if row.kind is Kind.CONFIG:
-        if row.words == "credentials":
-            return replies.upstream_credentials_rejected(NAME)
-        return replies.upstream_unavailable(NAME, row.words)
-    if row.kind is Kind.DEFERRED:
-        if row.words:
-            return replies.upstream_unavailable(NAME, row.words)
-        return httpapi.upstream_error(NAME, status)
-    assert row.refusal is not None
     refusal = row.refusal
     # Resend names the field in backticks ("Invalid `to` field").
     if refusal is Refusal.CONTENT and _RECIPIENT_FIELD.search(message):
-        refusal = Refusal.RECIPIENT
-    reason = message.replace("`", "") or row.words or name.replace("_", " ")
-    return replies.upstream_refused(NAME, refusal, reason)
+        row = ErrorRow(Kind.REFUSED, Refusal.RECIPIENT, row.words)
+    detail = message.replace("`", "") or row.words or name.replace("_", " ")
+    return httpapi.row_reply(NAME, row, status=status, detail=detail, retry_after=retry_after)
 
 
 def is_config_fault(status: int, body: object) -> bool:
     """Whether the answer blames the relay's own setup (logged as an error)."""
     row = error_row(status, body)
-    return row is not None and row.kind is Kind.CONFIG
+    return row is not None and row.config_fault
 
 
 # --- the channel ---------------------------------------------------------------

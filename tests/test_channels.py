@@ -579,14 +579,14 @@ CLOUDFLARE_OUTCOMES = [
         id="all-bounced",
     ),
     pytest.param(
-        lambda f: f.fail(400, 10001, "Invalid request body"),
-        "554 5.6.0 cloudflare: Invalid request body",
+        lambda f: f.fail(400, 10202),
+        "554 5.6.0 cloudflare: invalid email content",
         10,
         id="400-content-refused",
     ),
     pytest.param(
-        lambda f: f.fail(200, 10203, "Sending disabled for this zone"),
-        "550 5.7.1 cloudflare: Sending disabled for this zone",
+        lambda f: f.fail(200, 10203),
+        "550 5.7.1 cloudflare: sending disabled for this domain or account",
         10,
         id="200-success-false",
     ),
@@ -814,7 +814,7 @@ def test_failed_free_cloudflare_does_not_fall_back(relay_factory, cloudflare, re
     relay.store.add_verified(RCPT)
     cloudflare.fail(503, 10100, "Service unavailable")
 
-    assert send(relay) == "451 4.3.0 cloudflare: upstream error (HTTP 503)"
+    assert send(relay) == "451 4.3.0 cloudflare: authentication service unavailable"
 
     assert len(cloudflare.requests) == 1
     assert resend.requests == []
