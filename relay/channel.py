@@ -37,11 +37,21 @@ class Outbound:
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
-    """What the upstream took. `refused` maps a recipient to the upstream's reason."""
+    """What the upstream took. `refused` maps a recipient to the upstream's reason.
+
+    `message_id` is set only when the upstream sent the message under a
+    Message-ID of its own: the id recipients see, which the client is told.
+    """
 
     accepted: tuple[str, ...]
     refused: Mapping[str, Reply] = field(default_factory=dict)
     upstream_id: str = ""
+    message_id: str = ""
+
+
+def delivered_reply(message: Outbound, delivery: Delivery) -> Reply:
+    """`250 2.0.0 Ok <id>`, naming the Message-ID the recipients see."""
+    return replies.delivered(delivery.message_id or message.message_id)
 
 
 class Channel(Protocol):
@@ -65,6 +75,7 @@ def partial_delivery(
     accepted: Sequence[str],
     refused: Mapping[str, Reply],
     upstream_id: str = "",
+    message_id: str = "",
 ) -> Delivery:
     """The message's outcome from the upstream's answer for each recipient.
 
@@ -81,7 +92,7 @@ def partial_delivery(
         raise all_refused(channel, deferred)
     if not accepted:
         raise all_refused(channel, refused)
-    return Delivery(tuple(accepted), refused, upstream_id)
+    return Delivery(tuple(accepted), refused, upstream_id, message_id)
 
 
 class OutboxChannel:

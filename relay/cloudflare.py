@@ -137,7 +137,21 @@ def per_recipient(message: Outbound, result: object) -> Delivery:
     bounced = named("permanent_bounces") - named("delivered") - named("queued")
     accepted = tuple(r for r in message.recipients if r.lower() not in bounced)
     refused = {r: PERMANENT_BOUNCE for r in message.recipients if r.lower() in bounced}
-    return Delivery(accepted=accepted, refused=refused)
+    upstream_id = sent_message_id(lists.get("message_id"))
+    # Whether send_raw keeps the client's Message-ID is not documented (the
+    # structured `send` generates its own: email-service/reference/headers.mdx,
+    # "Platform-controlled headers"); `result.message_id` says which it used.
+    replaced = upstream_id if upstream_id and upstream_id != message.message_id else ""
+    return Delivery(accepted, refused, upstream_id, replaced)
+
+
+def sent_message_id(value: object) -> str:
+    """`result.message_id` (cloudflare-typescript EmailSendingSendRawResponse) as
+    a Message-ID in angle brackets, or "" when absent or not one clean line."""
+    if not isinstance(value, str) or not value.strip():
+        return ""
+    text = one_line(value, 200).strip("<> ")
+    return f"<{text}>" if text and " " not in text else ""
 
 
 class CloudflareChannel:
@@ -177,6 +191,8 @@ class CloudflareChannel:
         body = answer.body
         if answer.is_success and isinstance(body, dict) and body.get("success") is True:
             delivery = per_recipient(message, body.get("result"))
+            if delivery.message_id:
+                log.info("cloudflare sent %s as %s", message.message_id, delivery.message_id)
             if delivery.refused:
                 log.warning(
                     "cloudflare bounced %d of %d recipients of %s",
@@ -184,7 +200,13 @@ class CloudflareChannel:
                     len(message.recipients),
                     message.message_id,
                 )
-            return partial_delivery(NAME, delivery.accepted, delivery.refused)
+            return partial_delivery(
+                NAME,
+                delivery.accepted,
+                delivery.refused,
+                delivery.upstream_id,
+                delivery.message_id,
+            )
         reply = outcome(answer.status, answer.body, answer.retry_after)
         raise httpapi.refusal(
             log,

@@ -10,9 +10,15 @@ from typing import Any
 import pytest
 from support import free_port
 
-from relay.channel import Delivery, Outbound
+from relay.channel import Delivery, Outbound, delivered_reply
 from relay.cloudflare import ERRORS as CODES
-from relay.cloudflare import PERMANENT_BOUNCE, CloudflareChannel, outcome, per_recipient
+from relay.cloudflare import (
+    PERMANENT_BOUNCE,
+    CloudflareChannel,
+    outcome,
+    per_recipient,
+    sent_message_id,
+)
 from relay.config import CloudflareConfig, Secret
 from relay.errors import DeliveryError, PermanentDelivery, TransientDelivery
 from relay.replies import Reply
@@ -356,3 +362,40 @@ def test_timeout(fake: FakeCloudflare) -> None:
     [result] = deliver(config_for(fake.url), outbound(), timeout=0.2)
     assert isinstance(result, TransientDelivery)
     assert str(result.reply) == "451 4.3.0 cloudflare: upstream timed out"
+
+
+def test_upstream_id_is_the_message_id_cloudflare_kept(fake: FakeCloudflare) -> None:
+    [result] = deliver(config_for(fake.url), outbound())
+    assert isinstance(result, Delivery)
+    assert result.upstream_id == "<m1@example.com>"
+    assert result.message_id == ""
+    assert str(delivered_reply(outbound(), result)) == "250 2.0.0 Ok <m1@example.com>"
+
+
+def test_a_message_id_cloudflare_replaced_is_the_one_the_client_is_told(
+    fake: FakeCloudflare,
+) -> None:
+    fake.replace_message_id = True
+    [result] = deliver(config_for(fake.url), outbound())
+    assert isinstance(result, Delivery)
+    assert result.upstream_id.endswith("@cloudflare-email.net>")
+    assert result.message_id == result.upstream_id
+    # What reached Cloudflare still carried the client's own.
+    assert "Message-ID: <m1@example.com>" in fake.sent[0].json["mime_message"]
+    assert str(delivered_reply(outbound(), result)) == f"250 2.0.0 Ok {result.upstream_id}"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("<a@b>", "<a@b>"),
+        ("a@b", "<a@b>"),
+        ("", ""),
+        (None, ""),
+        (42, ""),
+        ("two words", ""),
+        ("<a@b>\r\nX: y", ""),
+    ],
+)
+def test_sent_message_id(value: object, expected: str) -> None:
+    assert sent_message_id(value) == expected
