@@ -229,6 +229,9 @@ class SmtpChannel:
         )
         try:
             await client.connect()
+            # aiosmtplib greets only when STARTTLS or AUTH needs it; the
+            # extensions (8BITMIME, PIPELINING) must be known before MAIL.
+            await _greet(client)
             if upstream.username and upstream.password:
                 await self._login(client, upstream)
         except aiosmtplib.SMTPAuthenticationError as exc:
@@ -264,6 +267,19 @@ class SmtpChannel:
                 conn.client.close()
 
         await asyncio.gather(*(quit_one(c) for c in conns))
+
+
+async def _greet(client: aiosmtplib.SMTP) -> None:
+    """EHLO once per connection, HELO if the upstream does not know EHLO (RFC 5321
+    section 4.1.4)."""
+    if not client.is_ehlo_or_helo_needed:
+        return
+    try:
+        await client.ehlo()
+    except aiosmtplib.SMTPHeloError:
+        if not client.is_connected:
+            raise
+        await client.helo()
 
 
 def tls_context(domain: str, upstream: SmtpUpstream) -> ssl.SSLContext:

@@ -906,3 +906,12 @@ def test_eight_bit_content_is_declared_to_the_upstream(relay_factory, sink):
     assert send(relay, eight_bit) == "250 2.0.0 Ok <utf8@example.com>"
     assert sink.recorder.mail_options == [[], ["BODY=8BITMIME"]]
     assert "Grüße".encode() in sink.messages[1].content
+
+
+def test_eight_bit_content_is_declared_on_a_new_connection(relay_factory, sink):
+    relay = relay_factory(SMTP_CONFIG=sink.smtp_config(), DEFAULT_SEND_BALANCE="10")
+    eight_bit = mail("<utf8@example.com>", body="Grüße")
+    assert send(relay, eight_bit) == "250 2.0.0 Ok <utf8@example.com>"
+    assert sink.recorder.connections == 1
+    assert sink.recorder.mail_options == [["BODY=8BITMIME"]]
+    assert "Grüße".encode() in sink.messages[0].content
