@@ -90,6 +90,8 @@ class SmtpChannel:
         # Built now, so a missing or bad `tls.ca` stops the start (ConfigError)
         # instead of failing every message later.
         self._tls = {domain: tls_context(domain, u) for domain, u in upstreams.items()}
+        # Upstreams already logged as refusing cleartext credentials: once each.
+        self._cleartext_logged: set[str] = set()
 
     async def deliver(self, message: Outbound) -> Delivery:
         domain = domain_of(message.sender)
@@ -233,6 +235,7 @@ class SmtpChannel:
             # extensions (8BITMIME, PIPELINING) must be known before MAIL.
             await _greet(client)
             if upstream.username and upstream.password:
+                self._refuse_cleartext_credentials(domain, upstream, client)
                 await self._login(client, upstream)
         except aiosmtplib.SMTPAuthenticationError as exc:
             client.close()
@@ -244,6 +247,30 @@ class SmtpChannel:
             why = _describe(exc)
             raise TransientDelivery(NAME, replies.upstream_unavailable(NAME, why)) from exc
         return _Conn(client)
+
+    def _refuse_cleartext_credentials(
+        self, domain: str, upstream: SmtpUpstream, client: aiosmtplib.SMTP
+    ) -> None:
+        """No AUTH on a connection without TLS, unless the entry allows it.
+
+        RFC 8314 section 3 and RFC 4954 section 4: PLAIN and LOGIN put the
+        password on the wire as it is. An upstream that offers no STARTTLS
+        (or `startTls: false`) would get it in cleartext.
+        """
+        if upstream.allow_plaintext_auth or client.get_transport_info("sslcontext") is not None:
+            return
+        client.close()
+        why = "upstream offers no TLS; credentials not sent in cleartext"
+        if domain not in self._cleartext_logged:
+            self._cleartext_logged.add(domain)
+            log.error(
+                "smtp upstream %s:%d for %s offers no TLS: credentials are not sent; set "
+                'secure, or "tls": {"allowPlaintextAuth": true} to allow it',
+                upstream.host,
+                upstream.port,
+                domain,
+            )
+        raise TransientDelivery(NAME, replies.upstream_unavailable(NAME, why))
 
     @staticmethod
     async def _login(client: aiosmtplib.SMTP, upstream: SmtpUpstream) -> None:

@@ -92,6 +92,13 @@ def smtp_to(port: int, domain: str = DOMAIN) -> str:
     return f'{{"{domain}": {{"host": "127.0.0.1", "port": {port}, "startTls": false}}}}'
 
 
+def with_auth_allowed(upstream: Any) -> str:
+    """The sink's entry; a plaintext sink's credentials allowed without TLS."""
+    if upstream.mode == "plain":
+        return str(upstream.smtp_config(tls={"allowPlaintextAuth": True}))
+    return str(upstream.smtp_config())
+
+
 def balance(relay: Any, address: str = SENDER) -> int:
     return int(relay.store.show_sender(address)["balance"])
 
@@ -239,7 +246,7 @@ def test_no_channel_for_the_sender_domain_is_451_at_mail(relay_factory, sink):
 @pytest.mark.parametrize("mode", ["plain", "starttls", "tls"])
 def test_smtp_upstream_with_auth(relay_factory, sink_factory, mode):
     upstream = sink_factory(mode, username="relay-user", password="s3cret")
-    relay = relay_factory(SMTP_CONFIG=upstream.smtp_config(), DEFAULT_SEND_BALANCE="10")
+    relay = relay_factory(SMTP_CONFIG=with_auth_allowed(upstream), DEFAULT_SEND_BALANCE="10")
 
     assert send(relay) == DELIVERED
 
@@ -294,7 +301,7 @@ def test_smtp_upstream_certificate_failure_is_named(relay_factory, sink_factory,
 @pytest.mark.parametrize("mode", ["plain", "starttls", "tls"])
 def test_smtp_connection_reused_across_messages(relay_factory, sink_factory, mode):
     upstream = sink_factory(mode, username="relay-user", password="s3cret")
-    relay = relay_factory(SMTP_CONFIG=upstream.smtp_config(), DEFAULT_SEND_BALANCE="10")
+    relay = relay_factory(SMTP_CONFIG=with_auth_allowed(upstream), DEFAULT_SEND_BALANCE="10")
 
     assert send(relay, mail("<m1@example.com>")) == "250 2.0.0 Ok <m1@example.com>"
     assert send(relay, mail("<m2@example.com>")) == "250 2.0.0 Ok <m2@example.com>"
@@ -351,7 +358,7 @@ def test_smtp_recovers_from_a_pooled_connection_the_upstream_closed(
 
     wrap_hook(upstream, "DATA", at_data)
     wrap_hook(upstream, "MAIL", at_mail)
-    relay = relay_factory(SMTP_CONFIG=upstream.smtp_config(), DEFAULT_SEND_BALANCE="10")
+    relay = relay_factory(SMTP_CONFIG=with_auth_allowed(upstream), DEFAULT_SEND_BALANCE="10")
 
     assert send(relay, mail("<m1@example.com>")) == "250 2.0.0 Ok <m1@example.com>"
     if how == "aborted-while-idle":
@@ -906,6 +913,35 @@ def test_eight_bit_content_is_declared_to_the_upstream(relay_factory, sink):
     assert send(relay, eight_bit) == "250 2.0.0 Ok <utf8@example.com>"
     assert sink.recorder.mail_options == [[], ["BODY=8BITMIME"]]
     assert "Grüße".encode() in sink.messages[1].content
+
+
+@sink_auth_without_starttls
+@pytest.mark.parametrize("start_tls", [True, False], ids=["none-offered", "startTls-false"])
+def test_credentials_never_travel_in_cleartext(relay_factory, sink_factory, caplog, start_tls):
+    upstream = sink_factory("plain", username="relay-user", password="s3cret")
+    relay = relay_factory(
+        SMTP_CONFIG=upstream.smtp_config(startTls=start_tls), DEFAULT_SEND_BALANCE="10"
+    )
+    with caplog.at_level(logging.ERROR, logger="relay.smtp"):
+        first = send(relay, mail("<m1@example.com>"))
+        second = send(relay, mail("<m2@example.com>"))
+
+    reason = "451 4.3.0 smtp: upstream offers no TLS; credentials not sent in cleartext"
+    assert first == second == reason
+    assert upstream.recorder.auth_logins == []
+    assert upstream.messages == []
+    assert balance(relay) == 10
+    logged = [r for r in caplog.records if "offers no TLS" in r.getMessage()]
+    assert len(logged) == 1  # once per upstream, not per message
+    assert "s3cret" not in caplog.text
+
+
+@sink_auth_without_starttls
+def test_plaintext_auth_when_the_entry_allows_it(relay_factory, sink_factory):
+    upstream = sink_factory("plain", username="relay-user", password="s3cret")
+    relay = relay_factory(SMTP_CONFIG=with_auth_allowed(upstream), DEFAULT_SEND_BALANCE="10")
+    assert send(relay) == DELIVERED
+    assert upstream.recorder.auth_logins == [b"relay-user"]
 
 
 def test_eight_bit_content_is_declared_on_a_new_connection(relay_factory, sink):
