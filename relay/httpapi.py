@@ -34,6 +34,10 @@ class Answer:
     status: int
     body: object
     retry_after: str | None = None
+    # draft-ietf-httpapi-ratelimit-headers-06, as Resend sends them
+    # (resend.com/docs/api-reference/rate-limit): requests left, seconds to reset.
+    ratelimit_remaining: str | None = None
+    ratelimit_reset: str | None = None
 
     @property
     def is_success(self) -> bool:
@@ -60,7 +64,27 @@ async def post(
         body: object = response.json()
     except ValueError:
         body = None
-    return Answer(response.status_code, body, response.headers.get("retry-after"))
+    return Answer(
+        response.status_code,
+        body,
+        response.headers.get("retry-after"),
+        response.headers.get("ratelimit-remaining"),
+        response.headers.get("ratelimit-reset"),
+    )
+
+
+def pause_seconds(answer: Answer) -> int | None:
+    """How long the upstream asks every sender to hold off, if it says.
+
+    Retry-After when given; else, on a 429 or when no request is left in the
+    window, the seconds until the window resets.
+    """
+    wait = retry_after_seconds(answer.retry_after)
+    if wait is not None:
+        return wait
+    if answer.status == 429 or (answer.ratelimit_remaining or "").strip() == "0":
+        return retry_after_seconds(answer.ratelimit_reset)
+    return None
 
 
 class Kind(Enum):

@@ -28,7 +28,7 @@ from email.parser import BytesParser
 from email.policy import default as default_policy
 from typing import Any
 
-from relay import httpapi, replies
+from relay import httpapi, pacing, replies
 from relay.channel import Delivery, Outbound, partial_delivery
 from relay.config import ResendConfig
 from relay.errors import DeliveryError, PermanentDelivery, TransientDelivery
@@ -375,11 +375,31 @@ class ResendChannel:
     name = NAME
     idempotent = True  # every request carries an Idempotency-Key
 
-    def __init__(self, config: ResendConfig, *, timeout: float) -> None:
+    def __init__(
+        self,
+        config: ResendConfig,
+        *,
+        timeout: float,
+        budget: float | None = None,
+        workers: int = 1,
+    ) -> None:
+        """`budget`: the time one message may spend here, waits included (the
+        session's forward budget, twice `timeout` by default); `workers`: the
+        processes sharing `config.rate_limit`, each paces at its share."""
         self.config = config
         self.url = f"{config.api_url.rstrip('/')}/emails"
+        self.timeout = timeout
+        self.budget = budget if budget is not None else timeout * 2
+        self.rate = config.rate_limit / max(1, workers)
         # One client for every message: its pool keeps the TLS connection alive.
         self._client = httpapi.client(timeout)
+        self._buckets: dict[str, pacing.TokenBucket] = {}  # per API key
+
+    def _bucket(self, token: str) -> pacing.TokenBucket:
+        bucket = self._buckets.get(token)
+        if bucket is None:
+            bucket = self._buckets[token] = pacing.TokenBucket(self.rate)
+        return bucket
 
     async def deliver(self, message: Outbound) -> Delivery:
         domain = domain_of(message.sender)
@@ -400,14 +420,15 @@ class ResendChannel:
                 replies.upstream_refused(NAME, Refusal.CONTENT, "message could not be translated"),
             ) from exc
         key = (IDEMPOTENCY_PREFIX + message.idempotency_key)[: MAX_IDEMPOTENCY_KEY - 4]
+        deadline = pacing.Deadline(self.budget, self.timeout)
         if not hidden or len(body["to"]) == 1:
-            upstream_id = await self._post(message, domain, token, body, key)
+            upstream_id = await self._post(message, domain, token, body, key, deadline)
             return Delivery(accepted=message.recipients, upstream_id=upstream_id)
         # Bcc only: Resend wants a `to`, and a `to` is shown to every recipient.
         # One request per recipient keeps them from seeing each other.
         results = await asyncio.gather(
             *(
-                self._post(message, domain, token, {**body, "to": [rcpt]}, f"{key}-{i}")
+                self._post(message, domain, token, {**body, "to": [rcpt]}, f"{key}-{i}", deadline)
                 for i, rcpt in enumerate(body["to"])
             ),
             return_exceptions=True,
@@ -426,38 +447,69 @@ class ResendChannel:
         return partial_delivery(NAME, accepted, refused, one_line(",".join(ids), 120))
 
     async def _post(
-        self, message: Outbound, domain: str, token: str, body: dict[str, Any], key: str
+        self,
+        message: Outbound,
+        domain: str,
+        token: str,
+        body: dict[str, Any],
+        key: str,
+        deadline: pacing.Deadline,
     ) -> str:
-        """One `POST /emails`; the upstream id, or a DeliveryError."""
-        answer = await httpapi.post(
-            self._client,
-            self.url,
-            channel=NAME,
-            url_setting="RESEND_API_URL",
-            headers={
-                "Authorization": f"Bearer {token}",
-                "Content-Type": "application/json",
-                "Idempotency-Key": key,
-            },
-            content=json.dumps(body, ensure_ascii=False).encode("utf-8"),
-        )
-        if answer.is_success:
-            upstream_id = answer.body.get("id") if isinstance(answer.body, dict) else None
-            if isinstance(upstream_id, str) and upstream_id:
-                return one_line(upstream_id, 120)
-            # A 2xx means Resend may well have sent it; only a 4xx lets the
-            # client retry, and the idempotency key keeps that retry harmless.
-            raise TransientDelivery(NAME, httpapi.unexpected_reply(NAME, answer.status))
-        reply = outcome(answer.status, answer.body, answer.retry_after)
-        raise httpapi.refusal(
-            log,
-            NAME,
-            answer,
-            reply,
-            message_id=message.message_id,
-            credential=f"token for sender domain {domain}",
-            config_fault=is_config_fault(answer.status, answer.body),
-        )
+        """One send, paced per API key; the upstream id, or a DeliveryError.
+
+        A 429 for the rate (not a quota) is retried after the wait Resend
+        names while the budget allows: the idempotency key makes the retry
+        safe even if the first request did go through.
+        """
+        bucket = self._bucket(token)
+        content = json.dumps(body, ensure_ascii=False).encode("utf-8")
+        while True:
+            try:
+                await pacing.take_slot(bucket, deadline)
+            except pacing.BudgetExceeded as exc:
+                reply = replies.upstream_throttled(NAME, "rate limited", exc.seconds)
+                log.warning("resend: %s not sent: %s", message.message_id, reply)
+                raise TransientDelivery(NAME, reply) from None
+            answer = await httpapi.post(
+                self._client,
+                self.url,
+                channel=NAME,
+                url_setting="RESEND_API_URL",
+                headers={
+                    "Authorization": f"Bearer {token}",
+                    "Content-Type": "application/json",
+                    "Idempotency-Key": key,
+                },
+                content=content,
+            )
+            pause = httpapi.pause_seconds(answer)
+            if pause:
+                bucket.hold(pause)
+            if answer.is_success:
+                upstream_id = answer.body.get("id") if isinstance(answer.body, dict) else None
+                if isinstance(upstream_id, str) and upstream_id:
+                    return one_line(upstream_id, 120)
+                # A 2xx means Resend may well have sent it; only a 4xx lets the
+                # client retry, and the idempotency key keeps that retry harmless.
+                raise TransientDelivery(NAME, httpapi.unexpected_reply(NAME, answer.status))
+            row = error_row(answer.status, answer.body)
+            retry_after = answer.retry_after
+            if row is not None and row.kind is Kind.THROTTLED:
+                wait = float(pause) if pause is not None else 1 / bucket.rate
+                if deadline.fits(wait):
+                    log.info("resend: %s throttled, retrying in %.1f s", message.message_id, wait)
+                    continue
+                retry_after = str(pacing.BudgetExceeded(wait).seconds)
+            reply = outcome(answer.status, answer.body, retry_after)
+            raise httpapi.refusal(
+                log,
+                NAME,
+                answer,
+                reply,
+                message_id=message.message_id,
+                credential=f"token for sender domain {domain}",
+                config_fault=is_config_fault(answer.status, answer.body),
+            )
 
     async def aclose(self) -> None:
         await self._client.aclose()

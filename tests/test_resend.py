@@ -7,6 +7,7 @@ import base64
 import logging
 import socket
 from collections.abc import Iterator
+from dataclasses import replace
 from email.message import EmailMessage
 from email.policy import SMTP
 from typing import Any
@@ -841,3 +842,75 @@ def test_config_faults_are_logged_as_errors_and_refusals_as_warnings(
     assert isinstance(result, DeliveryError)
     expected = "ERROR" if ERROR_TABLE[(status, name)][3] else "WARNING"
     assert [r.levelname for r in caplog.records] == [expected]
+
+
+# --- pacing against a rate-enforcing fake ---------------------------------------
+
+
+def deliver_together(
+    channel_config: ResendConfig, messages: list[Outbound], *, timeout: float
+) -> list[Delivery | DeliveryError]:
+    """All messages at once through one channel, as concurrent sessions send them."""
+
+    async def run() -> list[Delivery | DeliveryError]:
+        channel = ResendChannel(channel_config, timeout=timeout)
+
+        async def one(message: Outbound) -> Delivery | DeliveryError:
+            try:
+                return await channel.deliver(message)
+            except DeliveryError as exc:
+                return exc
+
+        try:
+            return list(await asyncio.gather(*(one(m) for m in messages)))
+        finally:
+            await channel.aclose()
+
+    return asyncio.run(run())
+
+
+def keyed(count: int) -> list[Outbound]:
+    return [outbound(MESSAGE, key=f"{i:064x}") for i in range(count)]
+
+
+def test_paced_to_the_rate_every_message_is_delivered(fake: FakeResend) -> None:
+    fake.rate = 10
+    config = replace(config_for(fake.url), rate_limit=10)
+    results = deliver_together(config, keyed(20), timeout=5)
+    assert all(isinstance(r, Delivery) for r in results)
+    assert len(fake.sent) == 20
+    assert len({e.request.headers["idempotency-key"] for e in fake.sent}) == 20
+
+
+def test_a_429_is_retried_under_the_same_key_when_the_budget_covers(fake: FakeResend) -> None:
+    fake.fail(429, "rate_limit_exceeded", retry_after="1")
+    [result] = deliver(config_for(fake.url), outbound(MESSAGE), timeout=5)
+    assert isinstance(result, Delivery)
+    assert [r.headers["idempotency-key"] for r in fake.requests] == [f"relay-{KEY}"] * 2
+    assert len(fake.sent) == 1
+
+
+def test_when_the_budget_cannot_cover_the_wait_the_client_is_told_when(
+    fake: FakeResend,
+) -> None:
+    fake.rate = 1  # the team's real limit, below what the relay was told
+    config = replace(config_for(fake.url), rate_limit=100)
+    results = deliver_together(config, keyed(3), timeout=0.5)  # a 1 s budget
+    delivered = [r for r in results if isinstance(r, Delivery)]
+    deferred = [r for r in results if isinstance(r, DeliveryError)]
+    assert len(delivered) == len(fake.sent) == 1
+    assert [str(r.reply) for r in deferred] == [
+        "451 4.7.0 resend: rate limited; retry after 1 s"
+    ] * 2
+    assert fake.throttled == 2
+
+
+def test_each_worker_paces_at_its_share() -> None:
+    config = replace(config_for("http://127.0.0.1:9"), rate_limit=10)
+
+    async def rate() -> float:
+        channel = ResendChannel(config, timeout=1, workers=4)
+        await channel.aclose()
+        return channel.rate
+
+    assert asyncio.run(rate()) == 2.5
