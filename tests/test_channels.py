@@ -944,6 +944,14 @@ def test_plaintext_auth_when_the_entry_allows_it(relay_factory, sink_factory):
     assert upstream.recorder.auth_logins == [b"relay-user"]
 
 
+def test_lines_starting_with_a_dot_reach_the_upstream_unchanged(relay_factory, sink):
+    relay = relay_factory(SMTP_CONFIG=sink.smtp_config(), DEFAULT_SEND_BALANCE="10")
+    body = ".hidden\r\n..two dots\r\n.\r\nend"
+    assert send(relay, mail(body=body)) == DELIVERED
+    [received] = sink.messages
+    assert received.content.endswith(body.encode() + b"\r\n")
+
+
 def test_eight_bit_content_is_declared_on_a_new_connection(relay_factory, sink):
     relay = relay_factory(SMTP_CONFIG=sink.smtp_config(), DEFAULT_SEND_BALANCE="10")
     eight_bit = mail("<utf8@example.com>", body="Grüße")
