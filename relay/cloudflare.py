@@ -8,8 +8,12 @@ recipient (`delivered`, `queued`, `permanent_bounces`) and may say
 
 from __future__ import annotations
 
+import base64
 import logging
+import quopri
 from collections.abc import Mapping
+from email.parser import BytesParser
+from email.policy import compat32
 from urllib.parse import quote
 
 from relay import httpapi, replies
@@ -26,7 +30,7 @@ NAME = "cloudflare"
 PERMANENT_BOUNCE = replies.upstream_refused(NAME, Refusal.BOUNCE, "permanent bounce")
 TOO_BIG = replies.upstream_refused(NAME, Refusal.TOO_BIG, "message too big")
 NOT_UTF8 = replies.upstream_refused(
-    NAME, Refusal.CONTENT, "message is not UTF-8 (use a transfer encoding)"
+    NAME, Refusal.CONTENT, "header is neither ASCII nor UTF-8 (use RFC 2047 encoded words)"
 )
 
 # send_raw's error codes and what each means for the message. Codes, statuses and
@@ -154,6 +158,50 @@ def sent_message_id(value: object) -> str:
     return f"<{text}>" if text and " " not in text else ""
 
 
+_RAW = compat32.clone(linesep="\r\n")
+
+
+def seven_bit_parts(content: bytes) -> bytes | None:
+    """The message with every body part that is not UTF-8 re-encoded for 7-bit
+    transport; None when a header is not UTF-8 either (nothing to re-encode).
+
+    send_raw carries the message in a JSON string: UTF-8 travels, other 8-bit
+    bytes cannot. RFC 6152 section 3 lets a relay convert such a part to
+    quoted-printable (text) or base64 (anything else); the decoded content is
+    unchanged. Parts already UTF-8 (or 7-bit) are left as the client wrote them.
+    """
+    parsed = BytesParser(policy=_RAW).parsebytes(content)
+    for part in parsed.walk():
+        if part.is_multipart():
+            continue
+        encoding = str(part.get("Content-Transfer-Encoding", "7bit")).strip().lower()
+        if encoding in ("quoted-printable", "base64"):
+            continue  # already 7-bit
+        # Under 7bit, 8bit or binary, the decoded payload is the bytes as sent.
+        decoded = part.get_payload(decode=True)
+        body = decoded if isinstance(decoded, bytes) else b""
+        if body.isascii() or _is_utf8(body):
+            continue
+        del part["Content-Transfer-Encoding"]
+        if part.get_content_maintype() == "text":
+            encoded = quopri.encodestring(body).replace(b"\r\n", b"\n")
+            part["Content-Transfer-Encoding"] = "quoted-printable"
+        else:
+            encoded = base64.encodebytes(body)
+            part["Content-Transfer-Encoding"] = "base64"
+        part.set_payload(encoded.decode("ascii"))
+    result = parsed.as_bytes(policy=_RAW)
+    return result if _is_utf8(result) else None
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 class CloudflareChannel:
     name = NAME
     idempotent = False  # no idempotency key is sent: a retry may send again
@@ -166,12 +214,14 @@ class CloudflareChannel:
         self._client = httpapi.client(timeout)
 
     async def deliver(self, message: Outbound) -> Delivery:
-        try:
-            mime = message.content.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            # send_raw carries the message in a JSON string; 8-bit bytes that are
-            # not UTF-8 cannot travel there unchanged.
-            raise PermanentDelivery(NAME, NOT_UTF8) from exc
+        content = message.content
+        if not _is_utf8(content):
+            downgraded = seven_bit_parts(content)
+            if downgraded is None:
+                raise PermanentDelivery(NAME, NOT_UTF8)
+            log.info("cloudflare: %s: 8-bit parts re-encoded for JSON", message.message_id)
+            content = downgraded
+        mime = content.decode("utf-8")
         body = {
             "from": message.sender,
             "recipients": list(message.recipients),

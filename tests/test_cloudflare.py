@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterator
+from email import policy
+from email.parser import BytesParser
 from typing import Any
 
 import pytest
@@ -329,9 +331,43 @@ def test_not_utf8_refused_before_sending(fake: FakeCloudflare) -> None:
     [result] = deliver(config_for(fake.url), outbound(content=content))
     assert isinstance(result, PermanentDelivery)
     assert str(result.reply) == (
-        "554 5.6.0 cloudflare: message is not UTF-8 (use a transfer encoding)"
+        "554 5.6.0 cloudflare: header is neither ASCII nor UTF-8 (use RFC 2047 encoded words)"
     )
     assert fake.requests == []
+
+
+LATIN1 = (
+    b"From: alice@example.com\r\nTo: bob@example.org\r\nSubject: s\r\n"
+    b"Message-ID: <m1@example.com>\r\nMIME-Version: 1.0\r\n"
+    b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n'
+    b"--b\r\nContent-Type: text/plain; charset=iso-8859-1\r\n"
+    b"Content-Transfer-Encoding: 8bit\r\n\r\ncaf\xe9 cr\xe8me\r\n"
+    b"--b\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Transfer-Encoding: 8bit\r\n\r\nd\xc3\xa9j\xc3\xa0 UTF-8\r\n"
+    b"--b\r\nContent-Type: application/octet-stream\r\n"
+    b"Content-Transfer-Encoding: binary\r\n\r\n\x00\xff\xfe\x80 bytes\r\n"
+    b"--b--\r\n"
+)
+
+
+def test_8bit_parts_that_are_not_utf8_are_reencoded_and_sent(fake: FakeCloudflare) -> None:
+    [result] = deliver(config_for(fake.url), outbound(content=LATIN1))
+    assert isinstance(result, Delivery)
+    [request] = fake.sent
+    sent = request.json["mime_message"].encode("utf-8")
+    parts = [p for p in BytesParser(policy=policy.default).parsebytes(sent).walk()][1:]
+    assert [p["Content-Transfer-Encoding"] for p in parts] == [
+        "quoted-printable",
+        "8bit",  # already UTF-8: left as the client wrote it
+        "base64",
+    ]
+    assert [p.get_payload(decode=True) for p in parts] == [
+        # RFC 2046 section 5.1.1: the CRLF before a boundary belongs to the boundary.
+        b"caf\xe9 cr\xe8me",
+        "d\u00e9j\u00e0 UTF-8".encode(),
+        b"\x00\xff\xfe\x80 bytes",
+    ]
+    assert sent.startswith(LATIN1.split(b"\r\n\r\n")[0])  # headers untouched
 
 
 def test_wrong_token_is_a_config_fault_logged_without_the_token(
