@@ -170,6 +170,12 @@ def _translate(message: Outbound) -> tuple[dict[str, Any], bool]:
         body["text"] = _text_of(text_part)
     if html_part is not None:
         body["html"] = _text_of(html_part)
+    if text_part is None:
+        # Without `text`, Resend writes a plain-text version of the HTML; an
+        # empty `text` opts out (resend.com/docs/api-reference/emails/send-email,
+        # `text`). It also stands in for the body Resend requires (resend-node
+        # CreateEmailOptions: html or text) when the client sent attachments only.
+        body["text"] = ""
     bodies = [p for p in (text_part, html_part) if p is not None]
     others = [(p, related) for p, related in _leaves(parsed) if not any(p is b for b in bodies)]
     attachments = [

@@ -279,7 +279,7 @@ def test_translate_html_and_text_alternative() -> None:
 def test_translate_html_only() -> None:
     body = translate(outbound(mime(lambda m: m.set_content("<b>hi</b>\n", subtype="html"))))
     assert body["html"] == "<b>hi</b>\n"
-    assert "text" not in body
+    assert body["text"] == ""  # no plain text made up by Resend
 
 
 PDF = b"%PDF-1.4\n\x00\xff binary"
@@ -914,3 +914,34 @@ def test_each_worker_paces_at_its_share() -> None:
         return channel.rate
 
     assert asyncio.run(rate()) == 2.5
+
+
+# --- the body as the client composed it -----------------------------------------
+
+
+def test_html_only_arrives_html_only(fake: FakeResend) -> None:
+    content = (
+        "From: alice@example.com\nTo: bob@example.org\nSubject: hi\n"
+        "Content-Type: text/html; charset=utf-8\n\n<p>hello</p>\n"
+    )
+    [result] = deliver(config_for(fake.url), outbound(content))
+    assert isinstance(result, Delivery)
+    sent = fake.sent[0].json
+    assert (sent["html"], sent["text"]) == ("<p>hello</p>\n", "")
+
+
+def test_attachments_only_and_no_subject_are_sent_as_composed(fake: FakeResend) -> None:
+    attachment = base64.b64encode(b"%PDF-1.4").decode()
+    content = (
+        "From: alice@example.com\nTo: bob@example.org\nMIME-Version: 1.0\n"
+        'Content-Type: multipart/mixed; boundary="b"\n\n'
+        "--b\nContent-Type: application/pdf\n"
+        'Content-Disposition: attachment; filename="a.pdf"\n'
+        f"Content-Transfer-Encoding: base64\n\n{attachment}\n--b--\n"
+    )
+    [result] = deliver(config_for(fake.url), outbound(content))
+    assert isinstance(result, Delivery)
+    sent = fake.sent[0].json
+    assert (sent["subject"], sent["text"]) == ("", "")
+    assert "html" not in sent
+    assert [(a["filename"], a["content"]) for a in sent["attachments"]] == [("a.pdf", attachment)]
