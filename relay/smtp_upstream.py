@@ -21,7 +21,7 @@ from pathlib import Path
 
 import aiosmtplib
 
-from relay import replies
+from relay import pacing, replies
 from relay.channel import Delivery, Outbound, partial_delivery
 from relay.config import SmtpUpstream
 from relay.errors import ConfigError, DeliveryError, TransientDelivery, delivery_error
@@ -80,11 +80,23 @@ class SmtpChannel:
     idempotent = False
 
     def __init__(
-        self, upstreams: Mapping[str, SmtpUpstream], *, timeout: float, local_hostname: str
+        self,
+        upstreams: Mapping[str, SmtpUpstream],
+        *,
+        timeout: float,
+        local_hostname: str,
+        budget: float | None = None,
     ) -> None:
+        """`budget`: the time one message may spend here, waits included (the
+        session's forward budget, twice `timeout` by default)."""
         self.upstreams = upstreams
         self.timeout = timeout
+        self.budget = budget if budget is not None else timeout * 2
         self.local_hostname = local_hostname
+        # An entry's `rate` (messages per second) paces its upstream.
+        self._buckets = {
+            domain: pacing.TokenBucket(u.rate) for domain, u in upstreams.items() if u.rate
+        }
         self._idle: dict[str, deque[_Conn]] = {}
         # Built now, so a missing or bad `tls.ca` stops the start (ConfigError)
         # instead of failing every message later.
@@ -95,6 +107,14 @@ class SmtpChannel:
     async def deliver(self, message: Outbound) -> Delivery:
         domain = domain_of(message.sender)
         upstream = self.upstreams[domain]
+        deadline = pacing.Deadline(self.budget, self.timeout)
+        try:
+            await pacing.take_slot(self._buckets.get(domain), deadline)
+        except pacing.BudgetExceeded as exc:
+            why = f"upstream rate of {upstream.rate:g}/s"
+            raise TransientDelivery(
+                NAME, replies.upstream_throttled(NAME, why, exc.seconds)
+            ) from None
         conn, reused = self._take_idle(domain), True
         if conn is None:
             conn, reused = await self._connect(domain, upstream), False

@@ -8,6 +8,7 @@ the client saw (issue 3, "Outcomes, in the client's session").
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -20,6 +21,10 @@ from typing import Any
 import pytest
 from support import DOMAIN, SENDER, free_port, message
 
+from relay.channel import Delivery, Outbound
+from relay.config import SmtpUpstream
+from relay.errors import DeliveryError
+from relay.smtp_upstream import SmtpChannel
 from tests.fake_upstreams import RESEND_UNVERIFIED_DOMAIN, FakeCloudflare, FakeResend
 
 # aiosmtpd warns when a server requires AUTH without STARTTLS, which is also what
@@ -959,3 +964,42 @@ def test_eight_bit_content_is_declared_on_a_new_connection(relay_factory, sink):
     assert sink.recorder.connections == 1
     assert sink.recorder.mail_options == [["BODY=8BITMIME"]]
     assert "Grüße".encode() in sink.messages[0].content
+
+
+# --- per-upstream pacing ----------------------------------------------------------
+
+
+def deliver_smtp_together(sink: Any, rate: float, count: int, timeout: float) -> list[Any]:
+    upstream = SmtpUpstream("127.0.0.1", sink.port, start_tls=False, rate=rate)
+
+    async def run() -> list[Any]:
+        channel = SmtpChannel({DOMAIN: upstream}, timeout=timeout, local_hostname="relay.test")
+
+        async def one(i: int) -> Any:
+            content = mail(f"<p{i}@example.com>")
+            try:
+                return await channel.deliver(
+                    Outbound(SENDER, (RCPT,), content, f"<p{i}@example.com>", f"{i:064x}")
+                )
+            except DeliveryError as exc:
+                return exc
+
+        try:
+            return list(await asyncio.gather(*(one(i) for i in range(count))))
+        finally:
+            await channel.aclose()
+
+    return asyncio.run(run())
+
+
+def test_an_upstream_rate_paces_messages_within_the_budget(sink):
+    results = deliver_smtp_together(sink, rate=2, count=3, timeout=5)
+    assert all(isinstance(r, Delivery) for r in results)
+    assert len(sink.messages) == 3
+
+
+def test_an_upstream_rate_beyond_the_budget_is_451_with_the_wait(sink):
+    results = deliver_smtp_together(sink, rate=1, count=2, timeout=0.5)  # a 1 s budget
+    assert [isinstance(r, Delivery) for r in results] == [True, False]
+    assert str(results[1].reply) == "451 4.7.0 smtp: upstream rate of 1/s; retry after 1 s"
+    assert len(sink.messages) == 1
