@@ -11,7 +11,7 @@ budget with the request's own timeout after it; otherwise the caller answers
 `451 4.7.0` naming the wait, and the client retries then. The client's DATA
 reply never waits longer than the budget the session allows.
 
-    >>> clock = iter([0.0, 0.0, 0.0]).__next__
+    >>> clock = lambda: 0.0
     >>> bucket = TokenBucket(rate=2.0, clock=clock)
     >>> bucket.reserve(), bucket.reserve(), bucket.reserve()
     (0.0, 0.0, 0.5)

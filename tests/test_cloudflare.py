@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from support import free_port
 
-from relay.channel import Delivery, Outbound, delivered_reply
+from relay.channel import Delivery, Outbound, delivered_reply, max_forwardable
 from relay.cloudflare import ERRORS as CODES
 from relay.cloudflare import (
     PERMANENT_BOUNCE,
@@ -435,3 +435,34 @@ def test_a_message_id_cloudflare_replaced_is_the_one_the_client_is_told(
 )
 def test_sent_message_id(value: object, expected: str) -> None:
     assert sent_message_id(value) == expected
+
+
+@pytest.mark.parametrize(
+    ("channel", "verified", "declared", "forwardable"),
+    [
+        ("cloudflare", False, 5 * 1024 * 1024 - 1024, True),
+        ("cloudflare", False, 5 * 1024 * 1024 - 1023, False),
+        ("cloudflare", False, 5 * 1024 * 1024, False),  # the relay's own maximum
+        ("cloudflare", True, 5 * 1024 * 1024, True),
+        ("resend", False, 5 * 1024 * 1024, True),
+        ("smtp", False, 5 * 1024 * 1024, True),
+        ("outbox", False, 5 * 1024 * 1024, True),
+    ],
+)
+def test_max_forwardable(channel: str, verified: bool, declared: int, forwardable: bool) -> None:
+    limit = max_forwardable(channel, verified=verified)
+    assert (limit is None or declared <= limit) is forwardable
+
+
+def test_what_max_forwardable_allows_cloudflare_takes(fake: FakeCloudflare) -> None:
+    limit = max_forwardable("cloudflare")
+    assert limit is not None
+    head = b"From: alice@example.com\r\nTo: bob@example.org\r\nSubject: s\r\n\r\n"
+    body = b"x" * (limit - len(head))
+    # What message.prepare may add on top: a long Message-ID and a Date.
+    added = b"Message-ID: <" + b"a" * 64 + b"@" + b"h" * 200 + b">\r\n"
+    added += b"Date: Mon, 01 Jan 2024 00:00:00 +0000\r\n"
+    [result] = deliver(config_for(fake.url), outbound(content=added + head + body))
+    assert isinstance(result, Delivery)
+    [over] = deliver(config_for(fake.url), outbound(content=added + head + body + b"x" * 1024))
+    assert str(getattr(over, "reply", "")) == "552 5.3.4 cloudflare: message too big"
