@@ -8,45 +8,91 @@ recipient (`delivered`, `queued`, `permanent_bounces`) and may say
 
 from __future__ import annotations
 
+import base64
 import logging
+import quopri
 from collections.abc import Mapping
+from email.parser import BytesParser
+from email.policy import compat32
 from urllib.parse import quote
 
 from relay import httpapi, replies
 from relay.channel import Delivery, Outbound, partial_delivery
 from relay.config import CloudflareConfig
 from relay.errors import PermanentDelivery
+from relay.httpapi import ErrorRow, Kind
 from relay.replies import Refusal, Reply, one_line
 
 log = logging.getLogger("relay.cloudflare")
 
 NAME = "cloudflare"
 
-# What Cloudflare documents (API reference, send_raw errors), as RFC 3463 codes.
 PERMANENT_BOUNCE = replies.upstream_refused(NAME, Refusal.BOUNCE, "permanent bounce")
-NOT_UTF8 = replies.upstream_refused(
-    NAME, Refusal.CONTENT, "message is not UTF-8 (use a transfer encoding)"
-)
 TOO_BIG = replies.upstream_refused(NAME, Refusal.TOO_BIG, "message too big")
+NOT_UTF8 = replies.upstream_refused(
+    NAME, Refusal.CONTENT, "header is neither ASCII nor UTF-8 (use RFC 2047 encoded words)"
+)
 
+# send_raw's error codes and what each means for the message. Codes, statuses and
+# meanings: cloudflare-docs src/content/docs/email-service/api/send-emails/rest-api.mdx
+# ("REST API error codes"). 10104 is not published; it falls to its HTTP status.
+# Cloudflare's messages are machine names ("email.sending.error.email.invalid"),
+# so the reply says what each means instead.
+NOT_FOUND = 10000
 SCHEMA_ERROR = 10001
 INTERNAL_ERROR = 10002
+NOT_IMPLEMENTED = 10003
 THROTTLED = 10004
-SERVICE_UNAVAILABLE = 10100
+AUTH_UPSTREAM = 10100
 UNAUTHORIZED = 10101
 FORBIDDEN = 10102
+BAD_TOKEN_TYPE = 10103
+NOT_ENTITLED = 10105
 TOO_BIG_ERROR = 10200
+NO_CONTENT_LENGTH = 10201
 INVALID_EMAIL = 10202
-SENDING_DISABLED_ERROR = 10203
+SENDING_DISABLED = 10203
 
-# Codes whose meaning does not depend on the HTTP status they come with, and
-# the words for them when Cloudflare gives none.
-_BY_CODE: Mapping[int, tuple[Refusal, str]] = {
-    SENDING_DISABLED_ERROR: (Refusal.NOT_AUTHORIZED, "sending disabled"),
-    TOO_BIG_ERROR: (Refusal.TOO_BIG, "message too big"),
-    INVALID_EMAIL: (Refusal.RECIPIENT, "invalid email address"),
-    SCHEMA_ERROR: (Refusal.CONTENT, "message refused"),
+ERRORS: Mapping[int, ErrorRow] = {
+    NOT_FOUND: ErrorRow(Kind.CONFIG, words="CLOUDFLARE_API_URL or account id not found"),
+    # The relay builds the request from addresses it checked: what is left is
+    # the message's (an address Cloudflare reads differently).
+    SCHEMA_ERROR: ErrorRow(Kind.REFUSED, Refusal.CONTENT, "invalid request"),
+    INTERNAL_ERROR: ErrorRow(Kind.DEFERRED),
+    NOT_IMPLEMENTED: ErrorRow(Kind.CONFIG, words="operation not implemented"),
+    THROTTLED: ErrorRow(Kind.THROTTLED, words="rate limited"),
+    AUTH_UPSTREAM: ErrorRow(Kind.DEFERRED, words="authentication service unavailable"),
+    UNAUTHORIZED: ErrorRow(Kind.CREDENTIALS),
+    BAD_TOKEN_TYPE: ErrorRow(Kind.CREDENTIALS),
+    FORBIDDEN: ErrorRow(Kind.CONFIG, words="API token lacks the email sending permission"),
+    NOT_ENTITLED: ErrorRow(Kind.CONFIG, words="account not entitled to Email Sending"),
+    TOO_BIG_ERROR: ErrorRow(Kind.REFUSED, Refusal.TOO_BIG, "message too big"),
+    # httpx always sends a Content-Length: this would be a relay fault.
+    NO_CONTENT_LENGTH: ErrorRow(Kind.CONFIG, words="request without content length"),
+    INVALID_EMAIL: ErrorRow(Kind.REFUSED, Refusal.CONTENT, "invalid email content"),
+    SENDING_DISABLED: ErrorRow(
+        Kind.REFUSED, Refusal.NOT_AUTHORIZED, "sending disabled for this domain or account"
+    ),
 }
+
+
+def error_row(status: int, body: object) -> ErrorRow | None:
+    """The table's row for an answer; by HTTP status for a code not published."""
+    code, _ = _first_error(body)
+    row = ERRORS.get(code) if code is not None else None
+    if row is not None:
+        return row
+    if status == 429:
+        return ERRORS[THROTTLED]
+    if status in (401, 403):
+        return ERRORS[UNAUTHORIZED]
+    if status == 413:
+        return ERRORS[TOO_BIG_ERROR]
+    if status == 400 and code is not None:
+        return ErrorRow(Kind.REFUSED, Refusal.CONTENT, "message refused")
+    if status >= 500:
+        return ErrorRow(Kind.DEFERRED)
+    return None
 
 
 def outcome(status: int, body: object, retry_after: str | None) -> Reply:
@@ -55,27 +101,15 @@ def outcome(status: int, body: object, retry_after: str | None) -> Reply:
     Anything not documented as a refusal is a 4xx: the message may have gone
     out, and a client that sees 5xx does not retry.
     """
-    code, detail = _first_error(body)
-    if status == 429 or code == THROTTLED:
-        wait = httpapi.retry_after_seconds(retry_after)
-        return replies.upstream_throttled(NAME, retry_after=wait)
-    if code in (UNAUTHORIZED, FORBIDDEN):
-        return replies.upstream_credentials_rejected(NAME)
-    known = _BY_CODE.get(code) if code is not None else None
-    if known is not None:
-        refusal, words = known
-        return replies.upstream_refused(NAME, refusal, detail or words)
-    # After the codes: a 403 may also carry 10203 (sending disabled), which is not
-    # about the token.
-    if status in (401, 403):
-        return replies.upstream_credentials_rejected(NAME)
-    if status == 413:
-        return TOO_BIG
-    if status == 400:
-        return replies.upstream_refused(NAME, Refusal.CONTENT, detail or "message refused")
-    if status >= 500 or code in (INTERNAL_ERROR, SERVICE_UNAVAILABLE):
-        return httpapi.upstream_error(NAME, status)
-    return httpapi.unexpected_reply(NAME, status)
+    row = error_row(status, body)
+    if row is None:
+        return httpapi.unexpected_reply(NAME, status)
+    return httpapi.row_reply(NAME, row, status=status, detail="", retry_after=retry_after)
+
+
+def is_config_fault(status: int, body: object) -> bool:
+    row = error_row(status, body)
+    return row is not None and row.config_fault
 
 
 def _first_error(body: object) -> tuple[int | None, str]:
@@ -107,7 +141,65 @@ def per_recipient(message: Outbound, result: object) -> Delivery:
     bounced = named("permanent_bounces") - named("delivered") - named("queued")
     accepted = tuple(r for r in message.recipients if r.lower() not in bounced)
     refused = {r: PERMANENT_BOUNCE for r in message.recipients if r.lower() in bounced}
-    return Delivery(accepted=accepted, refused=refused)
+    upstream_id = sent_message_id(lists.get("message_id"))
+    # Whether send_raw keeps the client's Message-ID is not documented (the
+    # structured `send` generates its own: email-service/reference/headers.mdx,
+    # "Platform-controlled headers"); `result.message_id` says which it used.
+    replaced = upstream_id if upstream_id and upstream_id != message.message_id else ""
+    return Delivery(accepted, refused, upstream_id, replaced)
+
+
+def sent_message_id(value: object) -> str:
+    """`result.message_id` (cloudflare-typescript EmailSendingSendRawResponse) as
+    a Message-ID in angle brackets, or "" when absent or not one clean line."""
+    if not isinstance(value, str) or not value.strip():
+        return ""
+    text = one_line(value, 200).strip("<> ")
+    return f"<{text}>" if text and " " not in text else ""
+
+
+_RAW = compat32.clone(linesep="\r\n")
+
+
+def seven_bit_parts(content: bytes) -> bytes | None:
+    """The message with every body part that is not UTF-8 re-encoded for 7-bit
+    transport; None when a header is not UTF-8 either (nothing to re-encode).
+
+    send_raw carries the message in a JSON string: UTF-8 travels, other 8-bit
+    bytes cannot. RFC 6152 section 3 lets a relay convert such a part to
+    quoted-printable (text) or base64 (anything else); the decoded content is
+    unchanged. Parts already UTF-8 (or 7-bit) are left as the client wrote them.
+    """
+    parsed = BytesParser(policy=_RAW).parsebytes(content)
+    for part in parsed.walk():
+        if part.is_multipart():
+            continue
+        encoding = str(part.get("Content-Transfer-Encoding", "7bit")).strip().lower()
+        if encoding in ("quoted-printable", "base64"):
+            continue  # already 7-bit
+        # Under 7bit, 8bit or binary, the decoded payload is the bytes as sent.
+        decoded = part.get_payload(decode=True)
+        body = decoded if isinstance(decoded, bytes) else b""
+        if body.isascii() or _is_utf8(body):
+            continue
+        del part["Content-Transfer-Encoding"]
+        if part.get_content_maintype() == "text":
+            encoded = quopri.encodestring(body).replace(b"\r\n", b"\n")
+            part["Content-Transfer-Encoding"] = "quoted-printable"
+        else:
+            encoded = base64.encodebytes(body)
+            part["Content-Transfer-Encoding"] = "base64"
+        part.set_payload(encoded.decode("ascii"))
+    result = parsed.as_bytes(policy=_RAW)
+    return result if _is_utf8(result) else None
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 class CloudflareChannel:
@@ -122,12 +214,14 @@ class CloudflareChannel:
         self._client = httpapi.client(timeout)
 
     async def deliver(self, message: Outbound) -> Delivery:
-        try:
-            mime = message.content.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            # send_raw carries the message in a JSON string; 8-bit bytes that are
-            # not UTF-8 cannot travel there unchanged.
-            raise PermanentDelivery(NAME, NOT_UTF8) from exc
+        content = message.content
+        if not _is_utf8(content):
+            downgraded = seven_bit_parts(content)
+            if downgraded is None:
+                raise PermanentDelivery(NAME, NOT_UTF8)
+            log.info("cloudflare: %s: 8-bit parts re-encoded for JSON", message.message_id)
+            content = downgraded
+        mime = content.decode("utf-8")
         body = {
             "from": message.sender,
             "recipients": list(message.recipients),
@@ -147,6 +241,8 @@ class CloudflareChannel:
         body = answer.body
         if answer.is_success and isinstance(body, dict) and body.get("success") is True:
             delivery = per_recipient(message, body.get("result"))
+            if delivery.message_id:
+                log.info("cloudflare sent %s as %s", message.message_id, delivery.message_id)
             if delivery.refused:
                 log.warning(
                     "cloudflare bounced %d of %d recipients of %s",
@@ -154,7 +250,13 @@ class CloudflareChannel:
                     len(message.recipients),
                     message.message_id,
                 )
-            return partial_delivery(NAME, delivery.accepted, delivery.refused)
+            return partial_delivery(
+                NAME,
+                delivery.accepted,
+                delivery.refused,
+                delivery.upstream_id,
+                delivery.message_id,
+            )
         reply = outcome(answer.status, answer.body, answer.retry_after)
         raise httpapi.refusal(
             log,
@@ -163,6 +265,7 @@ class CloudflareChannel:
             reply,
             message_id=message.message_id,
             credential=f"API token for account {self.config.account_id}",
+            config_fault=is_config_fault(answer.status, answer.body),
         )
 
     async def aclose(self) -> None:

@@ -89,6 +89,9 @@ class SmtpUpstream:
     password: Secret | None = None
     verify_tls: bool = True
     ca: str | None = None  # a PEM file path or PEM text
+    # Credentials go only over TLS unless the entry says `tls.allowPlaintextAuth`.
+    allow_plaintext_auth: bool = False
+    rate: float | None = None  # messages per second this upstream takes (None: no pacing)
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,10 @@ class ResendConfig:
     token: Secret | None = None
     domain_tokens: Mapping[str, Secret] = field(default_factory=dict)
     api_url: str = "https://api.resend.com"
+    # Requests per second per API key. Resend's documented default is 5 per
+    # second per team (resend.com/docs/api-reference/rate-limit.md; earlier
+    # versions of that page said 2). Keys of one team share it.
+    rate_limit: float = 5.0
 
     @property
     def configured(self) -> bool:
@@ -171,6 +178,7 @@ KNOWN = frozenset(
         "SMTP_CONFIG",
         "RESEND_TOKEN",
         "RESEND_API_URL",
+        "RESEND_RATE_LIMIT",
         "CLOUDFLARE_ACCOUNT_ID",
         "CLOUDFLARE_API_TOKEN",
         "CLOUDFLARE_API_URL",
@@ -245,6 +253,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
                 if k.startswith(RESEND_DOMAIN_PREFIX) and v
             },
             api_url=(text("RESEND_API_URL") or "https://api.resend.com").rstrip("/"),
+            rate_limit=_rate(raw.get("RESEND_RATE_LIMIT"), "RESEND_RATE_LIMIT") or 5.0,
         ),
         cloudflare=_cloudflare(text),
         default_send_balance=_integer(
@@ -382,7 +391,7 @@ def _smtp_entry(domain: str, entry: Any) -> SmtpUpstream:
         raise ConfigError(f"{where}.credentials: expected {{username, password}}")
     tls = entry.get("tls") or {}
     if not isinstance(tls, dict):
-        raise ConfigError(f"{where}.tls: expected {{rejectUnauthorized, ca}}")
+        raise ConfigError(f"{where}.tls: expected {{rejectUnauthorized, ca, allowPlaintextAuth}}")
     password, username, ca = creds.get("password"), creds.get("username"), tls.get("ca")
     for name, value in (("credentials.username", username), ("credentials.password", password),
                         ("tls.ca", ca)):  # fmt: skip
@@ -398,7 +407,24 @@ def _smtp_entry(domain: str, entry: Any) -> SmtpUpstream:
         password=Secret(password) if password else None,
         verify_tls=_flag(tls, "rejectUnauthorized", True, f"{where}.tls"),
         ca=ca or None,
+        allow_plaintext_auth=_flag(tls, "allowPlaintextAuth", False, f"{where}.tls"),
+        rate=_rate(entry.get("rate"), f"{where}.rate"),
     )
+
+
+def _rate(value: Any, name: str) -> float | None:
+    """A positive number per second, or None when not set."""
+    if value is None or value == "":
+        return None
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: expected a number per second, got {value!r}") from None
+    if not 0 < number <= 10_000:
+        raise ConfigError(f"{name}: must be above 0 and at most 10000 per second, got {value}")
+    return number
 
 
 def _flag(entry: Mapping[str, Any], key: str, default: bool, where: str) -> bool:

@@ -13,12 +13,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import Enum
 
 import httpx
 
 from relay import replies
 from relay.errors import DeliveryError, TransientDelivery, delivery_error
-from relay.replies import Reply
+from relay.replies import Refusal, Reply
 
 
 def client(timeout: float) -> httpx.AsyncClient:
@@ -33,6 +34,10 @@ class Answer:
     status: int
     body: object
     retry_after: str | None = None
+    # draft-ietf-httpapi-ratelimit-headers-06, as Resend sends them
+    # (resend.com/docs/api-reference/rate-limit): requests left, seconds to reset.
+    ratelimit_remaining: str | None = None
+    ratelimit_reset: str | None = None
 
     @property
     def is_success(self) -> bool:
@@ -59,7 +64,72 @@ async def post(
         body: object = response.json()
     except ValueError:
         body = None
-    return Answer(response.status_code, body, response.headers.get("retry-after"))
+    return Answer(
+        response.status_code,
+        body,
+        response.headers.get("retry-after"),
+        response.headers.get("ratelimit-remaining"),
+        response.headers.get("ratelimit-reset"),
+    )
+
+
+def pause_seconds(answer: Answer) -> int | None:
+    """How long the upstream asks every sender to hold off, if it says.
+
+    Retry-After when given; else, on a 429 or when no request is left in the
+    window, the seconds until the window resets.
+    """
+    wait = retry_after_seconds(answer.retry_after)
+    if wait is not None:
+        return wait
+    if answer.status == 429 or (answer.ratelimit_remaining or "").strip() == "0":
+        return retry_after_seconds(answer.ratelimit_reset)
+    return None
+
+
+class Kind(Enum):
+    """What an upstream's documented error means for the message."""
+
+    REFUSED = "refused"  # 5xx: this message will never be taken
+    CONFIG = "config"  # 451 4.3.0: the relay's setup is wrong; logged as an error
+    CREDENTIALS = "credentials"  # 451 4.3.0: the relay's credential refused; an error
+    THROTTLED = "throttled"  # 451 4.7.0: sent too fast; retried while the budget allows
+    QUOTA = "quota"  # 451 4.7.0: a daily or monthly quota is spent; never waited for
+    DEFERRED = "deferred"  # 451 4.3.0: try again later, the outcome may be unknown
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorRow:
+    """One row of a channel's error table."""
+
+    kind: Kind
+    refusal: Refusal | None = None  # for REFUSED
+    words: str = ""  # the reply's text when the upstream's says no more
+
+    @property
+    def config_fault(self) -> bool:
+        return self.kind in (Kind.CONFIG, Kind.CREDENTIALS)
+
+
+def row_reply(
+    channel: str, row: ErrorRow, *, status: int, detail: str, retry_after: str | None
+) -> Reply:
+    """The reply a channel's error-table row becomes; `detail` is the upstream's words."""
+    if row.kind is Kind.THROTTLED or row.kind is Kind.QUOTA:
+        wait = retry_after_seconds(retry_after)
+        return replies.upstream_throttled(channel, row.words or "rate limited", retry_after=wait)
+    if row.kind is Kind.CREDENTIALS:
+        return replies.upstream_credentials_rejected(channel)
+    if row.kind is Kind.CONFIG:
+        return replies.upstream_unavailable(channel, row.words)
+    if row.kind is Kind.DEFERRED:
+        return (
+            replies.upstream_unavailable(channel, row.words)
+            if row.words
+            else upstream_error(channel, status)
+        )
+    assert row.refusal is not None
+    return replies.upstream_refused(channel, row.refusal, detail or row.words)
 
 
 def retry_after_seconds(header: str | None) -> int | None:
@@ -88,10 +158,17 @@ def refusal(
     *,
     message_id: str,
     credential: str,
+    config_fault: bool = False,
 ) -> DeliveryError:
-    """The error for a refused request, logged; `credential` names the relay's, never its value."""
+    """The error for a refused request, logged; `credential` names the relay's, never its value.
+
+    `config_fault`: the answer blames the relay's setup (a wrong URL, an account
+    not entitled), an error in the log like a rejected credential.
+    """
     if reply == replies.upstream_credentials_rejected(channel):
         log.error("%s rejected the configured %s (HTTP %d)", channel, credential, answer.status)
+    elif config_fault:
+        log.error("%s: configuration fault: HTTP %d, %s", channel, answer.status, reply.text)
     else:
         log.warning("%s refused %s: HTTP %d, %s", channel, message_id, answer.status, reply)
     return delivery_error(channel, reply)

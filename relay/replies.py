@@ -230,6 +230,7 @@ class Refusal(Enum):
     BOUNCE = UPSTREAM_BOUNCE  # X.1.1 bad destination mailbox address
     NOT_AUTHORIZED = UPSTREAM_NOT_AUTHORIZED  # X.7.1 delivery not authorized
     TOO_BIG = UPSTREAM_TOO_BIG  # X.3.4 message too big for system
+    OTHER = UPSTREAM_REFUSED  # X.0.0 other undefined status
 
 
 def _upstream(base: Reply, channel: str, text: str) -> Reply:

@@ -21,17 +21,18 @@ import json
 import logging
 import mimetypes
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from email.headerregistry import Address
 from email.message import EmailMessage, Message, MIMEPart
 from email.parser import BytesParser
 from email.policy import default as default_policy
 from typing import Any
 
-from relay import httpapi, replies
+from relay import httpapi, pacing, replies
 from relay.channel import Delivery, Outbound, partial_delivery
 from relay.config import ResendConfig
 from relay.errors import DeliveryError, PermanentDelivery, TransientDelivery
+from relay.httpapi import ErrorRow, Kind
 from relay.message import domain_of
 from relay.replies import Refusal, Reply, one_line
 
@@ -42,19 +43,25 @@ NAME = "resend"
 MAX_IDEMPOTENCY_KEY = 256
 IDEMPOTENCY_PREFIX = "relay-"
 
-# The headers Resend lets a sender set that carry meaning to the receiver. An
-# allow-list rather than a deny-list: Resend writes From/To/Cc/Subject/Date and
-# the MIME structure itself, and trace or signature headers (Received,
-# DKIM-Signature, Return-Path) copied from the client would be false.
-PASSED_HEADERS = frozenset(
-    {
-        "message-id",
-        "in-reply-to",
-        "references",
-        "list-unsubscribe",
-        "list-unsubscribe-post",
-    }
-)
+# Headers the relay does not copy into Resend's `headers` object; every other
+# header passes (Auto-Submitted, List-Id, Precedence, Sender, ...). Resend's API
+# (resend-openapi resend.yaml, SendEmailRequest) takes `headers` as a free
+# object and publishes no refused list, so what is dropped is what would come
+# out twice or false:
+BUILT_FROM_FIELDS = frozenset({"from", "to", "cc", "bcc", "subject", "reply-to"})
+# Resend composes the MIME structure from `text`/`html`/`attachments` and
+# stamps the date it sends at.
+BUILT_BY_RESEND = frozenset(
+    {"mime-version", "content-type", "content-transfer-encoding", "content-disposition",
+     "content-id", "date"}
+)  # fmt: skip
+# Trace and signature fields describe the client's copy (RFC 5321 section 4.4;
+# RFC 6376 section 3.5: a body hash Resend's re-composition breaks).
+TRACE_AND_SIGNATURES = frozenset(
+    {"received", "return-path", "dkim-signature", "authentication-results",
+     "arc-seal", "arc-message-signature", "arc-authentication-results"}
+)  # fmt: skip
+NOT_PASSED = BUILT_FROM_FIELDS | BUILT_BY_RESEND | TRACE_AND_SIGNATURES
 
 # An attached message is re-serialized from its parse: CRLF as RFC 5322 asks,
 # and its header lines left as the client folded them.
@@ -62,11 +69,46 @@ _ATTACHED_MESSAGE = default_policy.clone(linesep="\r\n", refold_source="none")
 # Resend names the field in backticks ("Invalid `to` field"); plain English "to"
 # ("needs to follow") must not make a sender or attachment error a recipient one.
 _RECIPIENT_FIELD = re.compile(r"`(to|cc|bcc)`", re.IGNORECASE)
-_CREDENTIAL_ERRORS = frozenset({"invalid_api_key", "missing_api_key", "restricted_api_key"})
-_QUOTA_WORDS = {
-    "rate_limit_exceeded": "rate limited",
-    "daily_quota_exceeded": "daily quota exceeded",
-    "monthly_quota_exceeded": "monthly quota exceeded",
+
+
+# Every error Resend publishes for `POST /emails`, by (HTTP status, name):
+# resend.com/docs/api-reference/errors (errors.md) for statuses and meanings, the
+# name list in resend-node src/interfaces.ts (RESEND_ERROR_CODE_KEY).
+# `monthly_quota_exceeded` has no published status; 429 as its daily twin.
+# No `suspended_api_key` is published (errors.md, resend-node, resend-openapi):
+# a suspended key would arrive as one of the key errors below.
+ERRORS: Mapping[tuple[int, str], ErrorRow] = {
+    # Our key is at most 252 characters (MAX_IDEMPOTENCY_KEY): a refusal is a relay fault.
+    (400, "invalid_idempotency_key"): ErrorRow(Kind.CONFIG, words="idempotency key refused"),
+    (400, "validation_error"): ErrorRow(Kind.REFUSED, Refusal.CONTENT),
+    (401, "missing_api_key"): ErrorRow(Kind.CREDENTIALS),
+    (401, "restricted_api_key"): ErrorRow(Kind.CREDENTIALS),
+    (403, "invalid_api_key"): ErrorRow(Kind.CREDENTIALS),
+    # Unverified sending domain, or the testing address sending to a stranger.
+    (403, "validation_error"): ErrorRow(Kind.REFUSED, Refusal.NOT_AUTHORIZED),
+    (404, "not_found"): ErrorRow(Kind.CONFIG, words="RESEND_API_URL has no /emails"),
+    (405, "method_not_allowed"): ErrorRow(Kind.CONFIG, words="RESEND_API_URL has no /emails"),
+    # The same key with another body: the key is derived from the message, so the
+    # same bytes will meet the same refusal on every retry.
+    (409, "invalid_idempotent_request"): ErrorRow(
+        Kind.REFUSED, Refusal.OTHER, "idempotency key already used for another message"
+    ),
+    (409, "concurrent_idempotent_requests"): ErrorRow(
+        Kind.DEFERRED, words="idempotent request conflict"
+    ),
+    (422, "invalid_attachment"): ErrorRow(Kind.REFUSED, Refusal.CONTENT),
+    (422, "invalid_from_address"): ErrorRow(Kind.REFUSED, Refusal.SENDER),
+    (422, "invalid_parameter"): ErrorRow(Kind.REFUSED, Refusal.CONTENT),
+    (422, "missing_required_field"): ErrorRow(Kind.REFUSED, Refusal.CONTENT),
+    # API-key and domain endpoints' errors: never about a send.
+    (422, "invalid_access"): ErrorRow(Kind.DEFERRED, words="unexpected reply (invalid_access)"),
+    (422, "invalid_region"): ErrorRow(Kind.DEFERRED, words="unexpected reply (invalid_region)"),
+    (429, "rate_limit_exceeded"): ErrorRow(Kind.THROTTLED, words="rate limited"),
+    (429, "daily_quota_exceeded"): ErrorRow(Kind.QUOTA, words="daily quota exceeded"),
+    (429, "monthly_quota_exceeded"): ErrorRow(Kind.QUOTA, words="monthly quota exceeded"),
+    (451, "security_error"): ErrorRow(Kind.REFUSED, Refusal.NOT_AUTHORIZED),
+    (500, "application_error"): ErrorRow(Kind.DEFERRED),
+    (500, "internal_server_error"): ErrorRow(Kind.DEFERRED),
 }
 
 
@@ -128,6 +170,12 @@ def _translate(message: Outbound) -> tuple[dict[str, Any], bool]:
         body["text"] = _text_of(text_part)
     if html_part is not None:
         body["html"] = _text_of(html_part)
+    if text_part is None:
+        # Without `text`, Resend writes a plain-text version of the HTML; an
+        # empty `text` opts out (resend.com/docs/api-reference/emails/send-email,
+        # `text`). It also stands in for the body Resend requires (resend-node
+        # CreateEmailOptions: html or text) when the client sent attachments only.
+        body["text"] = ""
     bodies = [p for p in (text_part, html_part) if p is not None]
     others = [(p, related) for p, related in _leaves(parsed) if not any(p is b for b in bodies)]
     attachments = [
@@ -136,9 +184,12 @@ def _translate(message: Outbound) -> tuple[dict[str, Any], bool]:
     if attachments:
         body["attachments"] = attachments
 
-    headers = _passed_headers(parsed)
-    headers.setdefault("Message-ID", message.message_id)
+    headers, dropped = passed_headers(parsed)
+    if not any(name.lower() == "message-id" for name in headers):
+        headers["Message-ID"] = message.message_id
     body["headers"] = headers
+    if dropped:
+        log.debug("resend: %s: headers not passed: %s", message.message_id, ", ".join(dropped))
     mended: dict[str, Any] = _mend(body)
     return mended, hidden
 
@@ -173,16 +224,23 @@ def _header_text(parsed: MIMEPart, name: str) -> str:
     return " ".join(str(value).split()) if value is not None else ""
 
 
-def _passed_headers(parsed: MIMEPart) -> dict[str, str]:
+def passed_headers(parsed: MIMEPart) -> tuple[dict[str, str], list[str]]:
+    """The headers for Resend's `headers` object, and the names of those dropped.
+
+    A JSON object holds one value per name; the first is the one a reader of
+    the original message would have seen on top, a repeat is dropped.
+    """
     headers: dict[str, str] = {}
+    seen: set[str] = set()
+    dropped: list[str] = []
     for name, value in parsed.items():
         key = name.lower()
-        if key in PASSED_HEADERS or key.startswith("x-"):
-            # A JSON object holds one value per name; the first is the one a
-            # reader of the original message would have seen on top.
-            if not any(existing.lower() == key for existing in headers):
-                headers[name] = " ".join(str(value).split())
-    return headers
+        if key in NOT_PASSED or key in seen:
+            dropped.append(name)
+            continue
+        seen.add(key)
+        headers[name] = " ".join(str(value).split())
+    return headers, dropped
 
 
 def _leaves(part: MIMEPart, related: bool = False) -> Iterator[tuple[MIMEPart, bool]]:
@@ -266,8 +324,29 @@ def _fallback_filename(content_type: str, index: int) -> str:
 # --- outcomes (pure) ---------------------------------------------------------
 
 
+def error_row(status: int, body: object) -> ErrorRow | None:
+    """The table's row for an answer; by status alone for a name Resend adds later."""
+    error = body if isinstance(body, dict) else {}
+    name = str(error.get("name") or "")
+    row = ERRORS.get((status, name))
+    if row is not None:
+        return row
+    # The status alone is clear for these, even from a proxy's HTML page.
+    if status == 429:
+        return ErrorRow(Kind.THROTTLED, words="rate limited")
+    if status == 401 or (status == 403 and error):
+        return ErrorRow(Kind.CREDENTIALS)
+    if not error:
+        return None
+    if status in (400, 422):
+        return ErrorRow(Kind.REFUSED, Refusal.CONTENT)
+    if status == 409:
+        return ErrorRow(Kind.DEFERRED, words="idempotent request conflict")
+    return None
+
+
 def outcome(status: int, body: object, retry_after: str | None) -> Reply:
-    """The reply a non-2xx Resend answer becomes.
+    """The reply a non-2xx Resend answer becomes, by the `ERRORS` table.
 
     Anything whose outcome is unknown (5xx, an unexpected status or body) is a
     4xx: a client that sees 5xx does not retry, and the idempotency key makes
@@ -276,34 +355,23 @@ def outcome(status: int, body: object, retry_after: str | None) -> Reply:
     error = body if isinstance(body, dict) else {}
     name = str(error.get("name") or "")
     message = str(error.get("message") or "")
-    reason = message.replace("`", "") or name.replace("_", " ") or f"HTTP {status}"
-
-    if status == 429:
-        words = _QUOTA_WORDS.get(name, "rate limited")
-        wait = httpapi.retry_after_seconds(retry_after)
-        return replies.upstream_throttled(NAME, words, retry_after=wait)
-    if status == 401 or (status == 403 and name in _CREDENTIAL_ERRORS):
-        return replies.upstream_credentials_rejected(NAME)
-    if not error:
+    row = error_row(status, body)
+    if row is None:
+        if status >= 500 and error:
+            return httpapi.upstream_error(NAME, status)
         return httpapi.unexpected_reply(NAME, status)
-    if status == 403 and name == "validation_error":
-        return replies.upstream_refused(NAME, Refusal.NOT_AUTHORIZED, reason)
-    if status in (400, 422):
-        return replies.upstream_refused(NAME, _refusal(name, message), reason)
-    if status == 409:
-        # Another request with this key is in flight, or was made with another
-        # body: the message may have gone out, so the client must retry later.
-        return replies.upstream_unavailable(NAME, "idempotent request conflict")
-    return httpapi.upstream_error(NAME, status)
+    refusal = row.refusal
+    # Resend names the field in backticks ("Invalid `to` field").
+    if refusal is Refusal.CONTENT and _RECIPIENT_FIELD.search(message):
+        row = ErrorRow(Kind.REFUSED, Refusal.RECIPIENT, row.words)
+    detail = message.replace("`", "") or row.words or name.replace("_", " ")
+    return httpapi.row_reply(NAME, row, status=status, detail=detail, retry_after=retry_after)
 
 
-def _refusal(name: str, message: str) -> Refusal:
-    """What a Resend validation error (400, 422) is about."""
-    if name == "invalid_from_address":
-        return Refusal.SENDER
-    if name in ("validation_error", "invalid_parameter") and _RECIPIENT_FIELD.search(message):
-        return Refusal.RECIPIENT
-    return Refusal.CONTENT
+def is_config_fault(status: int, body: object) -> bool:
+    """Whether the answer blames the relay's own setup (logged as an error)."""
+    row = error_row(status, body)
+    return row is not None and row.config_fault
 
 
 # --- the channel ---------------------------------------------------------------
@@ -313,11 +381,31 @@ class ResendChannel:
     name = NAME
     idempotent = True  # every request carries an Idempotency-Key
 
-    def __init__(self, config: ResendConfig, *, timeout: float) -> None:
+    def __init__(
+        self,
+        config: ResendConfig,
+        *,
+        timeout: float,
+        budget: float | None = None,
+        workers: int = 1,
+    ) -> None:
+        """`budget`: the time one message may spend here, waits included (the
+        session's forward budget, twice `timeout` by default); `workers`: the
+        processes sharing `config.rate_limit`, each paces at its share."""
         self.config = config
         self.url = f"{config.api_url.rstrip('/')}/emails"
+        self.timeout = timeout
+        self.budget = budget if budget is not None else timeout * 2
+        self.rate = config.rate_limit / max(1, workers)
         # One client for every message: its pool keeps the TLS connection alive.
         self._client = httpapi.client(timeout)
+        self._buckets: dict[str, pacing.TokenBucket] = {}  # per API key
+
+    def _bucket(self, token: str) -> pacing.TokenBucket:
+        bucket = self._buckets.get(token)
+        if bucket is None:
+            bucket = self._buckets[token] = pacing.TokenBucket(self.rate)
+        return bucket
 
     async def deliver(self, message: Outbound) -> Delivery:
         domain = domain_of(message.sender)
@@ -338,14 +426,15 @@ class ResendChannel:
                 replies.upstream_refused(NAME, Refusal.CONTENT, "message could not be translated"),
             ) from exc
         key = (IDEMPOTENCY_PREFIX + message.idempotency_key)[: MAX_IDEMPOTENCY_KEY - 4]
+        deadline = pacing.Deadline(self.budget, self.timeout)
         if not hidden or len(body["to"]) == 1:
-            upstream_id = await self._post(message, domain, token, body, key)
+            upstream_id = await self._post(message, domain, token, body, key, deadline)
             return Delivery(accepted=message.recipients, upstream_id=upstream_id)
         # Bcc only: Resend wants a `to`, and a `to` is shown to every recipient.
         # One request per recipient keeps them from seeing each other.
         results = await asyncio.gather(
             *(
-                self._post(message, domain, token, {**body, "to": [rcpt]}, f"{key}-{i}")
+                self._post(message, domain, token, {**body, "to": [rcpt]}, f"{key}-{i}", deadline)
                 for i, rcpt in enumerate(body["to"])
             ),
             return_exceptions=True,
@@ -364,37 +453,69 @@ class ResendChannel:
         return partial_delivery(NAME, accepted, refused, one_line(",".join(ids), 120))
 
     async def _post(
-        self, message: Outbound, domain: str, token: str, body: dict[str, Any], key: str
+        self,
+        message: Outbound,
+        domain: str,
+        token: str,
+        body: dict[str, Any],
+        key: str,
+        deadline: pacing.Deadline,
     ) -> str:
-        """One `POST /emails`; the upstream id, or a DeliveryError."""
-        answer = await httpapi.post(
-            self._client,
-            self.url,
-            channel=NAME,
-            url_setting="RESEND_API_URL",
-            headers={
-                "Authorization": f"Bearer {token}",
-                "Content-Type": "application/json",
-                "Idempotency-Key": key,
-            },
-            content=json.dumps(body, ensure_ascii=False).encode("utf-8"),
-        )
-        if answer.is_success:
-            upstream_id = answer.body.get("id") if isinstance(answer.body, dict) else None
-            if isinstance(upstream_id, str) and upstream_id:
-                return one_line(upstream_id, 120)
-            # A 2xx means Resend may well have sent it; only a 4xx lets the
-            # client retry, and the idempotency key keeps that retry harmless.
-            raise TransientDelivery(NAME, httpapi.unexpected_reply(NAME, answer.status))
-        reply = outcome(answer.status, answer.body, answer.retry_after)
-        raise httpapi.refusal(
-            log,
-            NAME,
-            answer,
-            reply,
-            message_id=message.message_id,
-            credential=f"token for sender domain {domain}",
-        )
+        """One send, paced per API key; the upstream id, or a DeliveryError.
+
+        A 429 for the rate (not a quota) is retried after the wait Resend
+        names while the budget allows: the idempotency key makes the retry
+        safe even if the first request did go through.
+        """
+        bucket = self._bucket(token)
+        content = json.dumps(body, ensure_ascii=False).encode("utf-8")
+        while True:
+            try:
+                await pacing.take_slot(bucket, deadline)
+            except pacing.BudgetExceeded as exc:
+                reply = replies.upstream_throttled(NAME, "rate limited", exc.seconds)
+                log.warning("resend: %s not sent: %s", message.message_id, reply)
+                raise TransientDelivery(NAME, reply) from None
+            answer = await httpapi.post(
+                self._client,
+                self.url,
+                channel=NAME,
+                url_setting="RESEND_API_URL",
+                headers={
+                    "Authorization": f"Bearer {token}",
+                    "Content-Type": "application/json",
+                    "Idempotency-Key": key,
+                },
+                content=content,
+            )
+            pause = httpapi.pause_seconds(answer)
+            if pause:
+                bucket.hold(pause)
+            if answer.is_success:
+                upstream_id = answer.body.get("id") if isinstance(answer.body, dict) else None
+                if isinstance(upstream_id, str) and upstream_id:
+                    return one_line(upstream_id, 120)
+                # A 2xx means Resend may well have sent it; only a 4xx lets the
+                # client retry, and the idempotency key keeps that retry harmless.
+                raise TransientDelivery(NAME, httpapi.unexpected_reply(NAME, answer.status))
+            row = error_row(answer.status, answer.body)
+            retry_after = answer.retry_after
+            if row is not None and row.kind is Kind.THROTTLED:
+                wait = float(pause) if pause is not None else 1 / bucket.rate
+                if deadline.fits(wait):
+                    log.info("resend: %s throttled, retrying in %.1f s", message.message_id, wait)
+                    continue
+                retry_after = str(pacing.BudgetExceeded(wait).seconds)
+            reply = outcome(answer.status, answer.body, retry_after)
+            raise httpapi.refusal(
+                log,
+                NAME,
+                answer,
+                reply,
+                message_id=message.message_id,
+                credential=f"token for sender domain {domain}",
+                config_fault=is_config_fault(answer.status, answer.body),
+            )
 
     async def aclose(self) -> None:
         await self._client.aclose()

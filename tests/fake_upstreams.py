@@ -12,7 +12,9 @@ a test scripts the next answers:
 `requests` holds every request as received; `sent` only what the fake
 "sent" (Resend: once per idempotency key; Cloudflare: the accepted ones).
 Scripted answers are used first, in order; then `default` when set; then the
-documented behaviour.
+documented behaviour. `rate` (requests per second, both fakes) makes a fake
+enforce a rate limit as the real API does: a request past it gets the
+documented 429 with `retry-after`, and is neither recorded in `sent` nor sent.
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ import base64
 import binascii
 import hashlib
 import json
+import math
+import re
 import threading
+import time
 import uuid
 from collections import deque
 from collections.abc import Mapping
@@ -65,6 +70,11 @@ class FakeUpstream:
         self._stopping = threading.Event()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
+        # Requests per second the fake lets through (None: no limit); see `_admit`.
+        self.rate: float | None = None
+        self.throttled = 0  # requests answered 429 by the rate limit
+        self._window_start = 0.0
+        self._window_count = 0
 
     # --- lifecycle -----------------------------------------------------------
 
@@ -125,6 +135,29 @@ class FakeUpstream:
         """The documented behaviour of the API (called under the lock)."""
         raise NotImplementedError
 
+    def throttle(self, limit: int, reset: int) -> Scripted:
+        """The API's own 429 for a request past the rate limit."""
+        raise NotImplementedError
+
+    def _admit(self) -> Scripted | None:
+        """A fixed one-second window of `rate` requests, as both APIs count.
+
+        Past it, the API's 429 naming the whole seconds left in the window:
+        waiting that long always lands in a fresh window.
+        """
+        if self.rate is None:
+            return None
+        now = time.monotonic()
+        if now - self._window_start >= 1.0:
+            self._window_start, self._window_count = now, 0
+        limit = max(1, int(self.rate))
+        if self._window_count < limit:
+            self._window_count += 1
+            return None
+        self.throttled += 1
+        reset = max(1, math.ceil(1.0 - (now - self._window_start)))
+        return self.throttle(limit, reset)
+
     def _respond(self, request: Recorded) -> Scripted:
         with self._lock:
             self.requests.append(request)
@@ -132,7 +165,7 @@ class FakeUpstream:
                 return self._scripted.popleft()
             if self.default is not None:
                 return self.default
-            return self.answer(request)
+            return self._admit() or self.answer(request)
 
 
 class _Server(ThreadingHTTPServer):
@@ -196,30 +229,55 @@ class _Handler(BaseHTTPRequestHandler):
 
 def resend_error(status: int, name: str, message: str | None = None) -> dict[str, Any]:
     """A Resend error body, with the documented message for `name` by default."""
-    text = RESEND_MESSAGES.get(name, "") if message is None else message
-    return {"statusCode": status, "message": text, "name": name}
+    text = RESEND_ERRORS[name][1] if message is None else message
+    return {"statusCode": status, "name": name, "message": text}
 
 
-# Resend's documented error messages (docs, "Errors").
-RESEND_MESSAGES = {
-    "missing_api_key": "Missing API key in the authorization header.",
-    "restricted_api_key": "This API key is restricted to only send emails.",
-    "invalid_api_key": "API key is invalid.",
-    "validation_error": "The example.com domain is not verified. "
-    "Please, add and verify your domain on https://resend.com/domains",
-    "missing_required_field": "Missing `to` field.",
-    "invalid_attachment": "Attachment must have either a `content` or `path`.",
-    "invalid_idempotency_key": "The key must be between 1-256 chars.",
-    "invalid_idempotent_request": "Same idempotency key used with a different request "
-    "payload. Change your idempotency key or payload.",
-    "concurrent_idempotent_requests": "Same idempotency key used while original request "
-    "is still in progress. Try the request again later.",
-    "rate_limit_exceeded": "Too many requests. You can only make 2 requests per second.",
-    "daily_quota_exceeded": "You have reached your daily email sending quota.",
-    "monthly_quota_exceeded": "You have reached your monthly email sending quota.",
-    "not_found": "The requested endpoint does not exist.",
-    "internal_server_error": "An unexpected error occurred.",
+# Resend's documented errors, name -> (status, message): resend.com/docs/api-reference/errors
+# (errors.md), the name list in resend-node src/interfaces.ts (RESEND_ERROR_CODE_KEY).
+# `monthly_quota_exceeded` is in resend-node's list; its 429 is by analogy with the
+# daily quota. No `suspended_api_key` is published anywhere we found.
+RESEND_ERRORS: dict[str, tuple[int, str]] = {
+    "invalid_idempotency_key": (400, "The key must be between 1-256 chars."),
+    "validation_error": (400, "We found an error with one or more fields in the request."),
+    "missing_api_key": (401, "Missing API key in the authorization header."),
+    "restricted_api_key": (401, "This API key is restricted to only send emails."),
+    "invalid_api_key": (403, "API key is invalid."),
+    "not_found": (404, "The requested endpoint does not exist."),
+    "method_not_allowed": (405, "Method is not allowed for the requested path."),
+    "invalid_idempotent_request": (
+        409,
+        "Same idempotency key used with a different request payload.",
+    ),
+    "concurrent_idempotent_requests": (
+        409,
+        "Same idempotency key used while original request is still in progress.",
+    ),
+    "invalid_attachment": (422, "Attachment must have either a `content` or `path`."),
+    "invalid_from_address": (422, "Invalid `from` field."),
+    "invalid_access": (422, "Access must be 'full_access' | 'sending_access'."),
+    "invalid_parameter": (422, "The `to` field must be a valid email address."),
+    "invalid_region": (422, "Region must be 'us-east-1' | 'eu-west-1' | 'sa-east-1'."),
+    "missing_required_field": (422, "The request body is missing one or more required fields."),
+    "daily_quota_exceeded": (429, "You have reached your daily email sending quota."),
+    "monthly_quota_exceeded": (429, "You have reached your monthly email sending quota."),
+    "rate_limit_exceeded": (
+        429,
+        "Too many requests. Please limit the number of requests per second.",
+    ),
+    "security_error": (451, "We may have found a security issue with the request."),
+    "application_error": (500, "An unexpected error occurred."),
+    "internal_server_error": (500, "An unexpected error occurred."),
 }
+# The other 403 `validation_error`s Resend documents: an unverified sending domain,
+# and the testing address that may only send to its owner.
+RESEND_UNVERIFIED_DOMAIN = (
+    "The example.com domain is not verified. Please, add and verify your domain on "
+    "https://resend.com/domains"
+)
+RESEND_TESTING_ONLY = (
+    "You can only send testing emails to your own email address (you@example.com)."
+)
 
 
 @dataclass(frozen=True)
@@ -259,6 +317,17 @@ class FakeResend(FakeUpstream):
         headers = {"retry-after": retry_after} if retry_after is not None else {}
         self.script(status, resend_error(status, name, message), headers, delay=delay)
 
+    def throttle(self, limit: int, reset: int) -> Scripted:
+        # resend.com/docs/api-reference/rate-limit: draft-06 ratelimit-* headers
+        # on every answer, retry-after on the 429.
+        headers = {
+            "ratelimit-limit": str(limit),
+            "ratelimit-remaining": "0",
+            "ratelimit-reset": str(reset),
+            "retry-after": str(reset),
+        }
+        return Scripted(429, resend_error(429, "rate_limit_exceeded"), headers)
+
     def answer(self, request: Recorded) -> Scripted:
         if request.method != "POST" or request.path != "/emails":
             return _resend_failure(404, "not_found")
@@ -275,6 +344,10 @@ class FakeResend(FakeUpstream):
                 return _resend_failure(
                     422, "missing_required_field", f"Missing `{required}` field."
                 )
+        # resend-node CreateEmailOptions: RequireAtLeastOne of react, html, text
+        # (a template aside). An empty `text` is a present one.
+        if not any(key in body for key in ("html", "text", "template")):
+            return _resend_failure(422, "missing_required_field", "Missing `html` or `text` field.")
         for attachment in body.get("attachments") or []:
             if (
                 not isinstance(attachment, dict)
@@ -297,7 +370,17 @@ class FakeResend(FakeUpstream):
         if key is not None:
             self._keys[key] = (digest, email_id)
         self.sent.append(SentEmail(email_id, request))
-        return Scripted(200, {"id": email_id})
+        return Scripted(200, {"id": email_id}, self._ratelimit_headers())
+
+    def _ratelimit_headers(self) -> dict[str, str]:
+        if self.rate is None:
+            return {}
+        limit = max(1, int(self.rate))
+        return {
+            "ratelimit-limit": str(limit),
+            "ratelimit-remaining": str(max(0, limit - self._window_count)),
+            "ratelimit-reset": "1",
+        }
 
 
 def _resend_failure(status: int, name: str, message: str | None = None) -> Scripted:
@@ -316,18 +399,45 @@ def _valid_base64(value: object) -> bool:
 
 # --- Cloudflare --------------------------------------------------------------
 
+# The send_raw error codes, code -> (HTTP status, message), from cloudflare-docs
+# src/content/docs/email-service/api/send-emails/rest-api.mdx ("REST API error codes").
+CLOUDFLARE_ERRORS: dict[int, tuple[int, str]] = {
+    10000: (404, "email.sending.error.not_found"),
+    10001: (400, "email.sending.error.invalid_request_schema"),
+    10002: (500, "email.sending.error.internal_server"),
+    10003: (500, "email.sending.error.not_implemented"),
+    10004: (429, "email.sending.error.throttled"),
+    10100: (503, "email.sending.error.authentication.upstream"),
+    10101: (401, "email.sending.error.authentication.unauthorized"),
+    10102: (403, "email.sending.error.authentication.forbidden"),
+    10103: (401, "email.sending.error.authentication.bad_token_type"),
+    10105: (403, "email.sending.error.authentication.not_entitled"),
+    10200: (400, "email.sending.error.email.too_big"),
+    10201: (400, "email.sending.error.email.no_content_length"),
+    10202: (400, "email.sending.error.email.invalid"),
+    10203: (403, "email.sending.error.email.sending_disabled"),
+}
 
-def cloudflare_error(code: int, message: str) -> dict[str, Any]:
-    """Cloudflare's v4 envelope for a failure."""
+
+def cloudflare_error(code: int, message: str | None = None) -> dict[str, Any]:
+    """Cloudflare's v4 envelope for a failure, with the documented message by default."""
+    text = CLOUDFLARE_ERRORS[code][1] if message is None else message
     return {
         "success": False,
-        "errors": [{"code": code, "message": message}],
+        "errors": [{"code": code, "message": text}],
         "messages": [],
         "result": None,
     }
 
 
-# Cloudflare's documented maximum: 5 MiB per message, 50 recipients.
+def cloudflare_failure(code: int, headers: Mapping[str, str] | None = None) -> Scripted:
+    """The documented answer for `code`: its HTTP status and envelope."""
+    return Scripted(CLOUDFLARE_ERRORS[code][0], cloudflare_error(code), dict(headers or {}))
+
+
+# Cloudflare's documented maximum (email-service/platform/limits.mdx): 5 MiB per
+# message including attachments, 25 MiB to verified destination addresses only;
+# 50 recipients.
 CLOUDFLARE_MAX_BYTES = 5 * 1024 * 1024
 CLOUDFLARE_MAX_RECIPIENTS = 50
 
@@ -335,7 +445,11 @@ CLOUDFLARE_MAX_RECIPIENTS = 50
 class FakeCloudflare(FakeUpstream):
     """`POST /accounts/{id}/email/sending/send_raw` as Cloudflare answers it.
 
-    Every recipient is `delivered` unless `bounce` or `queue` named it.
+    Every recipient is `delivered` unless `bounce` or `queue` named it. The
+    answer's `result.message_id` is the message's own Message-ID, or a fresh one
+    under Cloudflare's domain when `replace_message_id` (whether send_raw keeps
+    the client's is not documented; tests cover both). A body that is not a
+    parseable RFC 5322 message with a From is 10202 (invalid email content).
     """
 
     def __init__(self, account_id: str = "acct-1", token: str = "cf-token") -> None:
@@ -343,6 +457,7 @@ class FakeCloudflare(FakeUpstream):
         self.account_id = account_id
         self.token = token
         self.sent: list[Recorded] = []
+        self.replace_message_id = False
         self._bounces: set[str] = set()
         self._queued: set[str] = set()
 
@@ -364,7 +479,7 @@ class FakeCloudflare(FakeUpstream):
         self,
         status: int,
         code: int,
-        message: str,
+        message: str | None = None,
         *,
         retry_after: str | None = None,
         delay: float = 0.0,
@@ -373,29 +488,45 @@ class FakeCloudflare(FakeUpstream):
         headers = {"retry-after": retry_after} if retry_after is not None else {}
         self.script(status, cloudflare_error(code, message), headers, delay=delay)
 
+    def throttle(self, limit: int, reset: int) -> Scripted:
+        return cloudflare_failure(10004, {"retry-after": str(reset)})
+
     def answer(self, request: Recorded) -> Scripted:
         if request.method != "POST" or request.path != self.path:
-            return Scripted(404, cloudflare_error(7003, "Could not route to " + request.path))
+            return cloudflare_failure(10000)
         if request.headers.get("authorization") != f"Bearer {self.token}":
-            return Scripted(401, cloudflare_error(10101, "Unauthorized"))
+            return cloudflare_failure(10101)
         body = request.json
         recipients = body.get("recipients") if isinstance(body, dict) else None
         if (
             not isinstance(body, dict)
             or not isinstance(body.get("from"), str)
+            or "@" not in body["from"]
             or not isinstance(body.get("mime_message"), str)
             or not isinstance(recipients, list)
             or not recipients
             or len(recipients) > CLOUDFLARE_MAX_RECIPIENTS
+            or not all(isinstance(a, str) and "@" in a for a in recipients)
         ):
-            return Scripted(400, cloudflare_error(10001, "Invalid request body"))
-        if len(body["mime_message"].encode()) > CLOUDFLARE_MAX_BYTES:
-            return Scripted(400, cloudflare_error(10200, "Message too big"))
-        for address in [body["from"], *recipients]:
-            if not isinstance(address, str) or "@" not in address:
-                return Scripted(400, cloudflare_error(10202, f"Invalid email address: {address}"))
+            return cloudflare_failure(10001)
+        mime = body["mime_message"]
+        if len(mime.encode()) > CLOUDFLARE_MAX_BYTES:
+            return cloudflare_failure(10200)
+        head = mime.split("\r\n\r\n", 1)[0]
+        if "\r\n\r\n" not in mime or not re.search(r"(?im)^from:", head):
+            return cloudflare_failure(10202)
 
-        result: dict[str, list[str]] = {"delivered": [], "permanent_bounces": [], "queued": []}
+        found = re.search(r"(?im)^message-id:[ \t]*(<[^>\r\n]*>)", head)
+        if self.replace_message_id or found is None:
+            message_id = f"<{uuid.uuid4()}@cloudflare-email.net>"
+        else:
+            message_id = found.group(1)
+        result: dict[str, Any] = {
+            "delivered": [],
+            "permanent_bounces": [],
+            "queued": [],
+            "message_id": message_id,
+        }
         for rcpt in recipients:
             if rcpt.lower() in self._bounces:
                 result["permanent_bounces"].append(rcpt)

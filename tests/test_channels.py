@@ -8,6 +8,7 @@ the client saw (issue 3, "Outcomes, in the client's session").
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -20,7 +21,11 @@ from typing import Any
 import pytest
 from support import DOMAIN, SENDER, free_port, message
 
-from tests.fake_upstreams import FakeCloudflare, FakeResend
+from relay.channel import Delivery, Outbound
+from relay.config import SmtpUpstream
+from relay.errors import DeliveryError
+from relay.smtp_upstream import SmtpChannel
+from tests.fake_upstreams import RESEND_UNVERIFIED_DOMAIN, FakeCloudflare, FakeResend
 
 # aiosmtpd warns when a server requires AUTH without STARTTLS, which is also what
 # it says of an implicit-TLS server (it cannot tell); under `filterwarnings =
@@ -90,6 +95,13 @@ def send(
 
 def smtp_to(port: int, domain: str = DOMAIN) -> str:
     return f'{{"{domain}": {{"host": "127.0.0.1", "port": {port}, "startTls": false}}}}'
+
+
+def with_auth_allowed(upstream: Any) -> str:
+    """The sink's entry; a plaintext sink's credentials allowed without TLS."""
+    if upstream.mode == "plain":
+        return str(upstream.smtp_config(tls={"allowPlaintextAuth": True}))
+    return str(upstream.smtp_config())
 
 
 def balance(relay: Any, address: str = SENDER) -> int:
@@ -242,7 +254,7 @@ def test_no_channel_for_the_sender_domain_is_451_at_mail(relay_factory, sink):
 @pytest.mark.parametrize("mode", ["plain", "starttls", "tls"])
 def test_smtp_upstream_with_auth(relay_factory, sink_factory, mode):
     upstream = sink_factory(mode, username="relay-user", password="s3cret")
-    relay = relay_factory(SMTP_CONFIG=upstream.smtp_config(), DEFAULT_SEND_BALANCE="10")
+    relay = relay_factory(SMTP_CONFIG=with_auth_allowed(upstream), DEFAULT_SEND_BALANCE="10")
 
     assert send(relay) == DELIVERED
 
@@ -297,7 +309,7 @@ def test_smtp_upstream_certificate_failure_is_named(relay_factory, sink_factory,
 @pytest.mark.parametrize("mode", ["plain", "starttls", "tls"])
 def test_smtp_connection_reused_across_messages(relay_factory, sink_factory, mode):
     upstream = sink_factory(mode, username="relay-user", password="s3cret")
-    relay = relay_factory(SMTP_CONFIG=upstream.smtp_config(), DEFAULT_SEND_BALANCE="10")
+    relay = relay_factory(SMTP_CONFIG=with_auth_allowed(upstream), DEFAULT_SEND_BALANCE="10")
 
     assert send(relay, mail("<m1@example.com>")) == "250 2.0.0 Ok <m1@example.com>"
     assert send(relay, mail("<m2@example.com>")) == "250 2.0.0 Ok <m2@example.com>"
@@ -354,7 +366,7 @@ def test_smtp_recovers_from_a_pooled_connection_the_upstream_closed(
 
     wrap_hook(upstream, "DATA", at_data)
     wrap_hook(upstream, "MAIL", at_mail)
-    relay = relay_factory(SMTP_CONFIG=upstream.smtp_config(), DEFAULT_SEND_BALANCE="10")
+    relay = relay_factory(SMTP_CONFIG=with_auth_allowed(upstream), DEFAULT_SEND_BALANCE="10")
 
     assert send(relay, mail("<m1@example.com>")) == "250 2.0.0 Ok <m1@example.com>"
     if how == "aborted-while-idle":
@@ -512,7 +524,7 @@ RESEND_OUTCOMES = [
         id="422-recipient-refused",
     ),
     pytest.param(
-        lambda f: f.fail(403, "validation_error"),
+        lambda f: f.fail(403, "validation_error", RESEND_UNVERIFIED_DOMAIN),
         "550 5.7.1 resend: The example.com domain is not verified. Please, add and verify "
         "your domain on https://resend.com/domains",
         10,
@@ -582,14 +594,14 @@ CLOUDFLARE_OUTCOMES = [
         id="all-bounced",
     ),
     pytest.param(
-        lambda f: f.fail(400, 10001, "Invalid request body"),
-        "554 5.6.0 cloudflare: Invalid request body",
+        lambda f: f.fail(400, 10202),
+        "554 5.6.0 cloudflare: invalid email content",
         10,
         id="400-content-refused",
     ),
     pytest.param(
-        lambda f: f.fail(200, 10203, "Sending disabled for this zone"),
-        "550 5.7.1 cloudflare: Sending disabled for this zone",
+        lambda f: f.fail(200, 10203),
+        "550 5.7.1 cloudflare: sending disabled for this domain or account",
         10,
         id="200-success-false",
     ),
@@ -817,7 +829,7 @@ def test_failed_free_cloudflare_does_not_fall_back(relay_factory, cloudflare, re
     relay.store.add_verified(RCPT)
     cloudflare.fail(503, 10100, "Service unavailable")
 
-    assert send(relay) == "451 4.3.0 cloudflare: upstream error (HTTP 503)"
+    assert send(relay) == "451 4.3.0 cloudflare: authentication service unavailable"
 
     assert len(cloudflare.requests) == 1
     assert resend.requests == []
@@ -909,3 +921,88 @@ def test_eight_bit_content_is_declared_to_the_upstream(relay_factory, sink):
     assert send(relay, eight_bit) == "250 2.0.0 Ok <utf8@example.com>"
     assert sink.recorder.mail_options == [[], ["BODY=8BITMIME"]]
     assert "Grüße".encode() in sink.messages[1].content
+
+
+@sink_auth_without_starttls
+@pytest.mark.parametrize("start_tls", [True, False], ids=["none-offered", "startTls-false"])
+def test_credentials_never_travel_in_cleartext(relay_factory, sink_factory, caplog, start_tls):
+    upstream = sink_factory("plain", username="relay-user", password="s3cret")
+    relay = relay_factory(
+        SMTP_CONFIG=upstream.smtp_config(startTls=start_tls), DEFAULT_SEND_BALANCE="10"
+    )
+    with caplog.at_level(logging.ERROR, logger="relay.smtp"):
+        first = send(relay, mail("<m1@example.com>"))
+        second = send(relay, mail("<m2@example.com>"))
+
+    reason = "451 4.3.0 smtp: upstream offers no TLS; credentials not sent in cleartext"
+    assert first == second == reason
+    assert upstream.recorder.auth_logins == []
+    assert upstream.messages == []
+    assert balance(relay) == 10
+    logged = [r for r in caplog.records if "offers no TLS" in r.getMessage()]
+    assert len(logged) == 1  # once per upstream, not per message
+    assert "s3cret" not in caplog.text
+
+
+@sink_auth_without_starttls
+def test_plaintext_auth_when_the_entry_allows_it(relay_factory, sink_factory):
+    upstream = sink_factory("plain", username="relay-user", password="s3cret")
+    relay = relay_factory(SMTP_CONFIG=with_auth_allowed(upstream), DEFAULT_SEND_BALANCE="10")
+    assert send(relay) == DELIVERED
+    assert upstream.recorder.auth_logins == [b"relay-user"]
+
+
+def test_lines_starting_with_a_dot_reach_the_upstream_unchanged(relay_factory, sink):
+    relay = relay_factory(SMTP_CONFIG=sink.smtp_config(), DEFAULT_SEND_BALANCE="10")
+    body = ".hidden\r\n..two dots\r\n.\r\nend"
+    assert send(relay, mail(body=body)) == DELIVERED
+    [received] = sink.messages
+    assert received.content.endswith(body.encode() + b"\r\n")
+
+
+def test_eight_bit_content_is_declared_on_a_new_connection(relay_factory, sink):
+    relay = relay_factory(SMTP_CONFIG=sink.smtp_config(), DEFAULT_SEND_BALANCE="10")
+    eight_bit = mail("<utf8@example.com>", body="Grüße")
+    assert send(relay, eight_bit) == "250 2.0.0 Ok <utf8@example.com>"
+    assert sink.recorder.connections == 1
+    assert sink.recorder.mail_options == [["BODY=8BITMIME"]]
+    assert "Grüße".encode() in sink.messages[0].content
+
+
+# --- per-upstream pacing ----------------------------------------------------------
+
+
+def deliver_smtp_together(sink: Any, rate: float, count: int, timeout: float) -> list[Any]:
+    upstream = SmtpUpstream("127.0.0.1", sink.port, start_tls=False, rate=rate)
+
+    async def run() -> list[Any]:
+        channel = SmtpChannel({DOMAIN: upstream}, timeout=timeout, local_hostname="relay.test")
+
+        async def one(i: int) -> Any:
+            content = mail(f"<p{i}@example.com>")
+            try:
+                return await channel.deliver(
+                    Outbound(SENDER, (RCPT,), content, f"<p{i}@example.com>", f"{i:064x}")
+                )
+            except DeliveryError as exc:
+                return exc
+
+        try:
+            return list(await asyncio.gather(*(one(i) for i in range(count))))
+        finally:
+            await channel.aclose()
+
+    return asyncio.run(run())
+
+
+def test_an_upstream_rate_paces_messages_within_the_budget(sink):
+    results = deliver_smtp_together(sink, rate=2, count=3, timeout=5)
+    assert all(isinstance(r, Delivery) for r in results)
+    assert len(sink.messages) == 3
+
+
+def test_an_upstream_rate_beyond_the_budget_is_451_with_the_wait(sink):
+    results = deliver_smtp_together(sink, rate=1, count=2, timeout=0.5)  # a 1 s budget
+    assert [isinstance(r, Delivery) for r in results] == [True, False]
+    assert str(results[1].reply) == "451 4.7.0 smtp: upstream rate of 1/s; retry after 1 s"
+    assert len(sink.messages) == 1

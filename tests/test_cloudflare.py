@@ -5,17 +5,26 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterator
+from email import policy
+from email.parser import BytesParser
 from typing import Any
 
 import pytest
 from support import free_port
 
-from relay.channel import Delivery, Outbound
-from relay.cloudflare import PERMANENT_BOUNCE, CloudflareChannel, outcome, per_recipient
+from relay.channel import Delivery, Outbound, delivered_reply, max_forwardable
+from relay.cloudflare import ERRORS as CODES
+from relay.cloudflare import (
+    PERMANENT_BOUNCE,
+    CloudflareChannel,
+    outcome,
+    per_recipient,
+    sent_message_id,
+)
 from relay.config import CloudflareConfig, Secret
 from relay.errors import DeliveryError, PermanentDelivery, TransientDelivery
 from relay.replies import Reply
-from tests.fake_upstreams import FakeCloudflare, cloudflare_error
+from tests.fake_upstreams import CLOUDFLARE_ERRORS, FakeCloudflare, cloudflare_error
 
 CONTENT = (
     "From: Alice <alice@example.com>\r\nTo: bob@example.org\r\nSubject: caf\u00e9\r\n"
@@ -110,88 +119,70 @@ def test_per_recipient(result: Any, accepted: tuple[str, ...], refused: tuple[st
     assert dict(delivery.refused) == {r: PERMANENT_BOUNCE for r in refused}
 
 
-# (HTTP status, error code, message, retry-after) -> (code, enhanced, text)
+CREDENTIALS = (451, "4.3.0", "cloudflare: upstream rejected relay credentials", True)
+# Every published code, answered with its documented status and message, and a
+# retry-after of 60: what the client is answered, and whether it is logged as
+# the relay's configuration fault.
+ERROR_TABLE: dict[int, tuple[int, str, str, bool]] = {
+    10000: (451, "4.3.0", "cloudflare: CLOUDFLARE_API_URL or account id not found", True),
+    10001: (554, "5.6.0", "cloudflare: invalid request", False),
+    10002: (451, "4.3.0", "cloudflare: upstream error (HTTP 500)", False),
+    10003: (451, "4.3.0", "cloudflare: operation not implemented", True),
+    10004: (451, "4.7.0", "cloudflare: rate limited; retry after 60 s", False),
+    10100: (451, "4.3.0", "cloudflare: authentication service unavailable", False),
+    10101: CREDENTIALS,
+    10102: (451, "4.3.0", "cloudflare: API token lacks the email sending permission", True),
+    10103: CREDENTIALS,
+    10105: (451, "4.3.0", "cloudflare: account not entitled to Email Sending", True),
+    10200: (552, "5.3.4", "cloudflare: message too big", False),
+    10201: (451, "4.3.0", "cloudflare: request without content length", True),
+    10202: (554, "5.6.0", "cloudflare: invalid email content", False),
+    10203: (550, "5.7.1", "cloudflare: sending disabled for this domain or account", False),
+}
+
+
+def test_the_error_table_covers_every_published_code() -> None:
+    assert set(ERROR_TABLE) == set(CODES) == set(CLOUDFLARE_ERRORS)
+
+
+@pytest.mark.parametrize("error_code", list(ERROR_TABLE))
+def test_error_table_row(
+    fake: FakeCloudflare, caplog: pytest.LogCaptureFixture, error_code: int
+) -> None:
+    code, enhanced, text, config = ERROR_TABLE[error_code]
+    status = CLOUDFLARE_ERRORS[error_code][0]
+    fake.fail(status, error_code, retry_after="60")
+    with caplog.at_level(logging.WARNING, logger="relay.cloudflare"):
+        [result] = deliver(config_for(fake.url), outbound())
+    assert isinstance(result, DeliveryError)
+    assert type(result) is (PermanentDelivery if code >= 500 else TransientDelivery)
+    assert (result.reply.code, result.reply.enhanced, result.reply.text) == (code, enhanced, text)
+    assert [r.levelname for r in caplog.records] == ["ERROR" if config else "WARNING"]
+    assert fake.sent == []
+
+
+# Codes under another status than documented, and codes not published.
 ERRORS: list[tuple[str, int, int | None, str, str | None, int, str, str]] = [
-    (
-        "429 throttled with retry-after",
-        429,
-        10004,
-        "Too many requests",
-        "60",
-        451,
-        "4.7.0",
-        "cloudflare: rate limited; retry after 60 s",
-    ),
     ("10004 under 200", 200, 10004, "Throttled", None, 451, "4.7.0", "cloudflare: rate limited"),
     (
-        "401 unauthorized",
-        401,
-        10101,
-        "Unauthorized",
-        None,
-        451,
-        "4.3.0",
-        "cloudflare: upstream rejected relay credentials",
-    ),
-    (
-        "403 forbidden",
-        403,
-        10102,
-        "Forbidden",
-        None,
-        451,
-        "4.3.0",
-        "cloudflare: upstream rejected relay credentials",
-    ),
-    (
-        "403 sending disabled",
-        403,
+        "10203 under 200",
+        200,
         10203,
-        "Sending is disabled for this account",
+        "Sending disabled",
         None,
         550,
         "5.7.1",
-        "cloudflare: Sending is disabled for this account",
+        "cloudflare: sending disabled for this domain or account",
     ),
     (
-        "400 too big",
-        400,
-        10200,
-        "Message too big",
+        "429 without a code",
+        429,
         None,
-        552,
-        "5.3.4",
-        "cloudflare: Message too big",
-    ),
-    (
-        "400 invalid email",
-        400,
-        10202,
-        "Invalid email address: bob@",
-        None,
-        550,
-        "5.1.3",
-        "cloudflare: Invalid email address: bob@",
-    ),
-    (
-        "400 schema",
-        400,
-        10001,
-        "Invalid request:\n recipients must be a list",
-        None,
-        554,
-        "5.6.0",
-        "cloudflare: Invalid request: recipients must be a list",
-    ),
-    (
-        "200 success false, schema",
-        200,
-        10001,
-        "mime_message is required",
-        None,
-        554,
-        "5.6.0",
-        "cloudflare: mime_message is required",
+        "",
+        "5",
+        451,
+        "4.7.0",
+        "cloudflare: rate limited; retry after 5 s",
     ),
     (
         "400 unknown code",
@@ -201,27 +192,17 @@ ERRORS: list[tuple[str, int, int | None, str, str | None, int, str, str]] = [
         None,
         554,
         "5.6.0",
-        "cloudflare: Something else",
+        "cloudflare: message refused",
     ),
     (
-        "500 internal",
-        500,
-        10002,
-        "Internal error",
+        "403 unpublished 10104",
+        403,
+        10104,
+        "email.sending.error.authentication.something",
         None,
         451,
         "4.3.0",
-        "cloudflare: upstream error (HTTP 500)",
-    ),
-    (
-        "503 unavailable",
-        503,
-        10100,
-        "Service unavailable",
-        None,
-        451,
-        "4.3.0",
-        "cloudflare: upstream error (HTTP 503)",
+        "cloudflare: upstream rejected relay credentials",
     ),
     (
         "200 success false, unknown code",
@@ -234,7 +215,7 @@ ERRORS: list[tuple[str, int, int | None, str, str | None, int, str, str]] = [
         "cloudflare: unexpected reply (HTTP 200)",
     ),
     (
-        "404 wrong account",
+        "404 wrong account, generic v4 code",
         404,
         7003,
         "Could not route",
@@ -254,14 +235,17 @@ ERRORS: list[tuple[str, int, int | None, str, str | None, int, str, str]] = [
 def test_error_outcomes(
     fake: FakeCloudflare,
     status: int,
-    error_code: int,
+    error_code: int | None,
     message: str,
     retry_after: str | None,
     code: int,
     enhanced: str,
     text: str,
 ) -> None:
-    fake.fail(status, error_code, message, retry_after=retry_after)
+    if error_code is None:
+        fake.script(status, {"success": False, "errors": []}, {"retry-after": retry_after or ""})
+    else:
+        fake.fail(status, error_code, message, retry_after=retry_after)
     [result] = deliver(config_for(fake.url), outbound())
     assert isinstance(result, DeliveryError)
     assert type(result) is (PermanentDelivery if code >= 500 else TransientDelivery)
@@ -292,8 +276,8 @@ def test_unexpected_bodies(fake: FakeCloudflare, status: int, body: Any, expecte
 
 
 def test_outcome_is_pure() -> None:
-    body = cloudflare_error(10202, "Invalid email address")
-    assert outcome(400, body, None) == Reply(550, "5.1.3", "cloudflare: Invalid email address")
+    body = cloudflare_error(10202)
+    assert outcome(400, body, None) == Reply(554, "5.6.0", "cloudflare: invalid email content")
 
 
 # --- the channel against a fake Cloudflare -----------------------------------
@@ -347,9 +331,43 @@ def test_not_utf8_refused_before_sending(fake: FakeCloudflare) -> None:
     [result] = deliver(config_for(fake.url), outbound(content=content))
     assert isinstance(result, PermanentDelivery)
     assert str(result.reply) == (
-        "554 5.6.0 cloudflare: message is not UTF-8 (use a transfer encoding)"
+        "554 5.6.0 cloudflare: header is neither ASCII nor UTF-8 (use RFC 2047 encoded words)"
     )
     assert fake.requests == []
+
+
+LATIN1 = (
+    b"From: alice@example.com\r\nTo: bob@example.org\r\nSubject: s\r\n"
+    b"Message-ID: <m1@example.com>\r\nMIME-Version: 1.0\r\n"
+    b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n'
+    b"--b\r\nContent-Type: text/plain; charset=iso-8859-1\r\n"
+    b"Content-Transfer-Encoding: 8bit\r\n\r\ncaf\xe9 cr\xe8me\r\n"
+    b"--b\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Transfer-Encoding: 8bit\r\n\r\nd\xc3\xa9j\xc3\xa0 UTF-8\r\n"
+    b"--b\r\nContent-Type: application/octet-stream\r\n"
+    b"Content-Transfer-Encoding: binary\r\n\r\n\x00\xff\xfe\x80 bytes\r\n"
+    b"--b--\r\n"
+)
+
+
+def test_8bit_parts_that_are_not_utf8_are_reencoded_and_sent(fake: FakeCloudflare) -> None:
+    [result] = deliver(config_for(fake.url), outbound(content=LATIN1))
+    assert isinstance(result, Delivery)
+    [request] = fake.sent
+    sent = request.json["mime_message"].encode("utf-8")
+    parts = [p for p in BytesParser(policy=policy.default).parsebytes(sent).walk()][1:]
+    assert [p["Content-Transfer-Encoding"] for p in parts] == [
+        "quoted-printable",
+        "8bit",  # already UTF-8: left as the client wrote it
+        "base64",
+    ]
+    assert [p.get_payload(decode=True) for p in parts] == [
+        # RFC 2046 section 5.1.1: the CRLF before a boundary belongs to the boundary.
+        b"caf\xe9 cr\xe8me",
+        "d\u00e9j\u00e0 UTF-8".encode(),
+        b"\x00\xff\xfe\x80 bytes",
+    ]
+    assert sent.startswith(LATIN1.split(b"\r\n\r\n")[0])  # headers untouched
 
 
 def test_wrong_token_is_a_config_fault_logged_without_the_token(
@@ -380,3 +398,71 @@ def test_timeout(fake: FakeCloudflare) -> None:
     [result] = deliver(config_for(fake.url), outbound(), timeout=0.2)
     assert isinstance(result, TransientDelivery)
     assert str(result.reply) == "451 4.3.0 cloudflare: upstream timed out"
+
+
+def test_upstream_id_is_the_message_id_cloudflare_kept(fake: FakeCloudflare) -> None:
+    [result] = deliver(config_for(fake.url), outbound())
+    assert isinstance(result, Delivery)
+    assert result.upstream_id == "<m1@example.com>"
+    assert result.message_id == ""
+    assert str(delivered_reply(outbound(), result)) == "250 2.0.0 Ok <m1@example.com>"
+
+
+def test_a_message_id_cloudflare_replaced_is_the_one_the_client_is_told(
+    fake: FakeCloudflare,
+) -> None:
+    fake.replace_message_id = True
+    [result] = deliver(config_for(fake.url), outbound())
+    assert isinstance(result, Delivery)
+    assert result.upstream_id.endswith("@cloudflare-email.net>")
+    assert result.message_id == result.upstream_id
+    # What reached Cloudflare still carried the client's own.
+    assert "Message-ID: <m1@example.com>" in fake.sent[0].json["mime_message"]
+    assert str(delivered_reply(outbound(), result)) == f"250 2.0.0 Ok {result.upstream_id}"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("<a@b>", "<a@b>"),
+        ("a@b", "<a@b>"),
+        ("", ""),
+        (None, ""),
+        (42, ""),
+        ("two words", ""),
+        ("<a@b>\r\nX: y", ""),
+    ],
+)
+def test_sent_message_id(value: object, expected: str) -> None:
+    assert sent_message_id(value) == expected
+
+
+@pytest.mark.parametrize(
+    ("channel", "verified", "declared", "forwardable"),
+    [
+        ("cloudflare", False, 5 * 1024 * 1024 - 1024, True),
+        ("cloudflare", False, 5 * 1024 * 1024 - 1023, False),
+        ("cloudflare", False, 5 * 1024 * 1024, False),  # the relay's own maximum
+        ("cloudflare", True, 5 * 1024 * 1024, True),
+        ("resend", False, 5 * 1024 * 1024, True),
+        ("smtp", False, 5 * 1024 * 1024, True),
+        ("outbox", False, 5 * 1024 * 1024, True),
+    ],
+)
+def test_max_forwardable(channel: str, verified: bool, declared: int, forwardable: bool) -> None:
+    limit = max_forwardable(channel, verified=verified)
+    assert (limit is None or declared <= limit) is forwardable
+
+
+def test_what_max_forwardable_allows_cloudflare_takes(fake: FakeCloudflare) -> None:
+    limit = max_forwardable("cloudflare")
+    assert limit is not None
+    head = b"From: alice@example.com\r\nTo: bob@example.org\r\nSubject: s\r\n\r\n"
+    body = b"x" * (limit - len(head))
+    # What message.prepare may add on top: a long Message-ID and a Date.
+    added = b"Message-ID: <" + b"a" * 64 + b"@" + b"h" * 200 + b">\r\n"
+    added += b"Date: Mon, 01 Jan 2024 00:00:00 +0000\r\n"
+    [result] = deliver(config_for(fake.url), outbound(content=added + head + body))
+    assert isinstance(result, Delivery)
+    [over] = deliver(config_for(fake.url), outbound(content=added + head + body + b"x" * 1024))
+    assert str(getattr(over, "reply", "")) == "552 5.3.4 cloudflare: message too big"

@@ -7,6 +7,7 @@ import base64
 import logging
 import socket
 from collections.abc import Iterator
+from dataclasses import replace
 from email.message import EmailMessage
 from email.policy import SMTP
 from typing import Any
@@ -16,8 +17,8 @@ import pytest
 from relay.channel import Delivery, Outbound
 from relay.config import ResendConfig, Secret
 from relay.errors import DeliveryError, PermanentDelivery, TransientDelivery
-from relay.resend import ResendChannel, translate
-from tests.fake_upstreams import FakeResend
+from relay.resend import ERRORS, ResendChannel, is_config_fault, outcome, translate
+from tests.fake_upstreams import RESEND_ERRORS, FakeResend, resend_error
 
 KEY = "ab" * 32
 ABSENT = object()
@@ -183,6 +184,48 @@ Content-Transfer-Encoding: 7bit
     }
 
 
+def test_headers_resend_does_not_build_reach_it_and_the_dropped_are_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    content = simple(
+        """
+Received: from client.example by relay.example
+DKIM-Signature: v=1; a=rsa-sha256; d=example.com; b=abc
+From: alice@example.com
+Sender: list-bot@example.com
+To: bob@example.org
+Subject: digest
+Date: Mon, 1 Jan 2024 00:00:00 +0000
+Message-ID: <m1@example.com>
+Auto-Submitted: auto-generated
+List-Id: Weekly digest <digest.example.com>
+Precedence: bulk
+Organization: Example Ltd
+Keywords: one, two
+Keywords: three
+MIME-Version: 1.0
+Content-Type: text/plain; charset=utf-8
+"""
+    )
+    with FakeResend() as fake, caplog.at_level(logging.DEBUG, logger="relay.resend"):
+        (result,) = deliver(config_for(fake.url), outbound(content))
+    assert isinstance(result, Delivery)
+    assert fake.sent[0].json["headers"] == {
+        "Sender": "list-bot@example.com",
+        "Message-ID": "<m1@example.com>",
+        "Auto-Submitted": "auto-generated",
+        "List-Id": "Weekly digest <digest.example.com>",
+        "Precedence": "bulk",
+        "Organization": "Example Ltd",
+        "Keywords": "one, two",
+    }
+    logged = [r.getMessage() for r in caplog.records if "not passed" in r.getMessage()]
+    assert logged == [
+        "resend: <m1@example.com>: headers not passed: Received, DKIM-Signature, From, To,"
+        " Subject, Date, Keywords, MIME-Version, Content-Type"
+    ]
+
+
 def test_translate_adds_message_id_when_absent() -> None:
     body = translate(outbound(simple("From: alice@example.com\nTo: bob@example.org")))
     assert body["headers"] == {"Message-ID": "<m1@example.com>"}
@@ -236,7 +279,7 @@ def test_translate_html_and_text_alternative() -> None:
 def test_translate_html_only() -> None:
     body = translate(outbound(mime(lambda m: m.set_content("<b>hi</b>\n", subtype="html"))))
     assert body["html"] == "<b>hi</b>\n"
-    assert "text" not in body
+    assert body["text"] == ""  # no plain text made up by Resend
 
 
 PDF = b"%PDF-1.4\n\x00\xff binary"
@@ -686,3 +729,219 @@ def test_bad_api_url_defers() -> None:
     [result] = deliver(config_for("ftp://127.0.0.1"), outbound(MESSAGE))
     assert isinstance(result, TransientDelivery)
     assert str(result.reply) == "451 4.3.0 resend: RESEND_API_URL is not a usable URL"
+
+
+# Every published (status, name), its documented message, and what the client is
+# answered: (code, enhanced, text, logged as the relay's configuration fault).
+CREDENTIALS = (451, "4.3.0", "resend: upstream rejected relay credentials", True)
+ERROR_TABLE: dict[tuple[int, str], tuple[int, str, str, bool]] = {
+    (400, "invalid_idempotency_key"): (451, "4.3.0", "resend: idempotency key refused", True),
+    (400, "validation_error"): (
+        554,
+        "5.6.0",
+        "resend: We found an error with one or more fields in the request.",
+        False,
+    ),
+    (401, "missing_api_key"): CREDENTIALS,
+    (401, "restricted_api_key"): CREDENTIALS,
+    (403, "invalid_api_key"): CREDENTIALS,
+    (403, "validation_error"): (
+        550,
+        "5.7.1",
+        "resend: We found an error with one or more fields in the request.",
+        False,
+    ),
+    (404, "not_found"): (451, "4.3.0", "resend: RESEND_API_URL has no /emails", True),
+    (405, "method_not_allowed"): (451, "4.3.0", "resend: RESEND_API_URL has no /emails", True),
+    (409, "invalid_idempotent_request"): (
+        554,
+        "5.0.0",
+        "resend: Same idempotency key used with a different request payload.",
+        False,
+    ),
+    (409, "concurrent_idempotent_requests"): (
+        451,
+        "4.3.0",
+        "resend: idempotent request conflict",
+        False,
+    ),
+    (422, "invalid_attachment"): (
+        554,
+        "5.6.0",
+        "resend: Attachment must have either a content or path.",
+        False,
+    ),
+    (422, "invalid_from_address"): (550, "5.1.7", "resend: Invalid from field.", False),
+    (422, "invalid_parameter"): (
+        550,
+        "5.1.3",
+        "resend: The to field must be a valid email address.",
+        False,
+    ),
+    (422, "missing_required_field"): (
+        554,
+        "5.6.0",
+        "resend: The request body is missing one or more required fields.",
+        False,
+    ),
+    (422, "invalid_access"): (451, "4.3.0", "resend: unexpected reply (invalid_access)", False),
+    (422, "invalid_region"): (451, "4.3.0", "resend: unexpected reply (invalid_region)", False),
+    (429, "rate_limit_exceeded"): (451, "4.7.0", "resend: rate limited; retry after 30 s", False),
+    (429, "daily_quota_exceeded"): (
+        451,
+        "4.7.0",
+        "resend: daily quota exceeded; retry after 30 s",
+        False,
+    ),
+    (429, "monthly_quota_exceeded"): (
+        451,
+        "4.7.0",
+        "resend: monthly quota exceeded; retry after 30 s",
+        False,
+    ),
+    (451, "security_error"): (
+        550,
+        "5.7.1",
+        "resend: We may have found a security issue with the request.",
+        False,
+    ),
+    (500, "application_error"): (451, "4.3.0", "resend: upstream error (HTTP 500)", False),
+    (500, "internal_server_error"): (451, "4.3.0", "resend: upstream error (HTTP 500)", False),
+}
+
+
+def test_the_error_table_covers_every_published_error() -> None:
+    assert set(ERROR_TABLE) == set(ERRORS)
+    assert {name for _, name in ERRORS} == set(RESEND_ERRORS)
+    assert all(
+        RESEND_ERRORS[name][0] == status for status, name in ERRORS if name != "validation_error"
+    )
+
+
+@pytest.mark.parametrize(
+    ("status", "name"), list(ERROR_TABLE), ids=[f"{s}-{n}" for s, n in ERROR_TABLE]
+)
+def test_error_table_row(status: int, name: str) -> None:
+    code, enhanced, text, config = ERROR_TABLE[(status, name)]
+    body = resend_error(status, name)
+    reply = outcome(status, body, "30")
+    assert (reply.code, reply.enhanced, reply.text) == (code, enhanced, text)
+    assert is_config_fault(status, body) is config
+
+
+@pytest.mark.parametrize(
+    ("status", "name"),
+    [(404, "not_found"), (403, "invalid_api_key"), (422, "invalid_from_address")],
+)
+def test_config_faults_are_logged_as_errors_and_refusals_as_warnings(
+    fake: FakeResend, caplog: pytest.LogCaptureFixture, status: int, name: str
+) -> None:
+    fake.fail(status, name)
+    with caplog.at_level(logging.WARNING, logger="relay.resend"):
+        [result] = deliver(config_for(fake.url), outbound(MESSAGE))
+    assert isinstance(result, DeliveryError)
+    expected = "ERROR" if ERROR_TABLE[(status, name)][3] else "WARNING"
+    assert [r.levelname for r in caplog.records] == [expected]
+
+
+# --- pacing against a rate-enforcing fake ---------------------------------------
+
+
+def deliver_together(
+    channel_config: ResendConfig, messages: list[Outbound], *, timeout: float
+) -> list[Delivery | DeliveryError]:
+    """All messages at once through one channel, as concurrent sessions send them."""
+
+    async def run() -> list[Delivery | DeliveryError]:
+        channel = ResendChannel(channel_config, timeout=timeout)
+
+        async def one(message: Outbound) -> Delivery | DeliveryError:
+            try:
+                return await channel.deliver(message)
+            except DeliveryError as exc:
+                return exc
+
+        try:
+            return list(await asyncio.gather(*(one(m) for m in messages)))
+        finally:
+            await channel.aclose()
+
+    return asyncio.run(run())
+
+
+def keyed(count: int) -> list[Outbound]:
+    return [outbound(MESSAGE, key=f"{i:064x}") for i in range(count)]
+
+
+def test_paced_to_the_rate_every_message_is_delivered(fake: FakeResend) -> None:
+    fake.rate = 10
+    config = replace(config_for(fake.url), rate_limit=10)
+    results = deliver_together(config, keyed(20), timeout=5)
+    assert all(isinstance(r, Delivery) for r in results)
+    assert len(fake.sent) == 20
+    assert len({e.request.headers["idempotency-key"] for e in fake.sent}) == 20
+
+
+def test_a_429_is_retried_under_the_same_key_when_the_budget_covers(fake: FakeResend) -> None:
+    fake.fail(429, "rate_limit_exceeded", retry_after="1")
+    [result] = deliver(config_for(fake.url), outbound(MESSAGE), timeout=5)
+    assert isinstance(result, Delivery)
+    assert [r.headers["idempotency-key"] for r in fake.requests] == [f"relay-{KEY}"] * 2
+    assert len(fake.sent) == 1
+
+
+def test_when_the_budget_cannot_cover_the_wait_the_client_is_told_when(
+    fake: FakeResend,
+) -> None:
+    fake.rate = 1  # the team's real limit, below what the relay was told
+    config = replace(config_for(fake.url), rate_limit=100)
+    results = deliver_together(config, keyed(3), timeout=0.5)  # a 1 s budget
+    delivered = [r for r in results if isinstance(r, Delivery)]
+    deferred = [r for r in results if isinstance(r, DeliveryError)]
+    assert len(delivered) == len(fake.sent) == 1
+    assert [str(r.reply) for r in deferred] == [
+        "451 4.7.0 resend: rate limited; retry after 1 s"
+    ] * 2
+    assert fake.throttled == 2
+
+
+def test_each_worker_paces_at_its_share() -> None:
+    config = replace(config_for("http://127.0.0.1:9"), rate_limit=10)
+
+    async def rate() -> float:
+        channel = ResendChannel(config, timeout=1, workers=4)
+        await channel.aclose()
+        return channel.rate
+
+    assert asyncio.run(rate()) == 2.5
+
+
+# --- the body as the client composed it -----------------------------------------
+
+
+def test_html_only_arrives_html_only(fake: FakeResend) -> None:
+    content = (
+        "From: alice@example.com\nTo: bob@example.org\nSubject: hi\n"
+        "Content-Type: text/html; charset=utf-8\n\n<p>hello</p>\n"
+    )
+    [result] = deliver(config_for(fake.url), outbound(content))
+    assert isinstance(result, Delivery)
+    sent = fake.sent[0].json
+    assert (sent["html"], sent["text"]) == ("<p>hello</p>\n", "")
+
+
+def test_attachments_only_and_no_subject_are_sent_as_composed(fake: FakeResend) -> None:
+    attachment = base64.b64encode(b"%PDF-1.4").decode()
+    content = (
+        "From: alice@example.com\nTo: bob@example.org\nMIME-Version: 1.0\n"
+        'Content-Type: multipart/mixed; boundary="b"\n\n'
+        "--b\nContent-Type: application/pdf\n"
+        'Content-Disposition: attachment; filename="a.pdf"\n'
+        f"Content-Transfer-Encoding: base64\n\n{attachment}\n--b--\n"
+    )
+    [result] = deliver(config_for(fake.url), outbound(content))
+    assert isinstance(result, Delivery)
+    sent = fake.sent[0].json
+    assert (sent["subject"], sent["text"]) == ("", "")
+    assert "html" not in sent
+    assert [(a["filename"], a["content"]) for a in sent["attachments"]] == [("a.pdf", attachment)]

@@ -1,0 +1,74 @@
+"""Pacing: the token bucket as a pure value, and the forward budget's rule."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from relay.httpapi import Answer, pause_seconds
+from relay.pacing import BudgetExceeded, Deadline, TokenBucket, take_slot
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_burst_of_one_seconds_worth_then_the_rate() -> None:
+    clock = Clock()
+    bucket = TokenBucket(rate=2.0, clock=clock)
+    assert [bucket.reserve() for _ in range(4)] == [0.0, 0.0, 0.5, 1.0]
+    clock.now = 1.0  # two slots refilled, both already promised
+    assert bucket.reserve() == 0.5
+
+
+def test_released_slot_is_handed_out_again() -> None:
+    bucket = TokenBucket(rate=1.0, clock=Clock())
+    assert bucket.reserve() == 0.0
+    assert bucket.reserve() == 1.0
+    bucket.release()
+    assert bucket.reserve() == 1.0
+
+
+def test_a_hold_delays_every_sender() -> None:
+    clock = Clock()
+    bucket = TokenBucket(rate=100.0, clock=clock)
+    bucket.hold(3.0)
+    assert bucket.reserve() == 3.0
+    clock.now = 2.5
+    assert bucket.reserve() == 0.5
+    clock.now = 3.0
+    assert bucket.reserve() == 0.0
+
+
+@pytest.mark.parametrize(
+    ("answer", "pause"),
+    [
+        (Answer(429, None, "7"), 7),
+        (Answer(429, None, None, "0", "3"), 3),
+        (Answer(200, None, None, "0", "1"), 1),  # the window is spent: wait for it
+        (Answer(200, None, None, "4", "1"), None),
+        (Answer(429, None, "Wed, 21 Oct 2026 07:28:00 GMT"), None),
+        (Answer(200, None), None),
+    ],
+)
+def test_pause_from_the_answer(answer: Answer, pause: int | None) -> None:
+    assert pause_seconds(answer) == pause
+
+
+def test_a_wait_beyond_the_budget_is_refused_and_its_slot_returned() -> None:
+    async def run() -> tuple[float, int]:
+        bucket = TokenBucket(rate=1.0, clock=Clock())
+        deadline = Deadline(budget=1.0, request_timeout=0.5)
+        await take_slot(bucket, deadline)  # the burst slot: no wait
+        with pytest.raises(BudgetExceeded) as caught:
+            await take_slot(bucket, deadline)  # 1 s wait + 0.5 s request > 1 s
+        return bucket.reserve(), caught.value.seconds
+
+    wait, seconds = asyncio.run(run())
+    assert seconds == 1
+    assert wait == 1.0  # the refused slot was given back: still the second one
