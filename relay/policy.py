@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from relay import replies
+from relay.channel import max_forwardable
 from relay.config import Limits, Settings
 from relay.message import Defect, Prepared
 from relay.replies import Reply
@@ -335,6 +336,16 @@ def plan_message(
     if route is None:
         return no_channel(domain)
     return MessagePlan(route, unit_cost(route, unlimited))
+
+
+def size_refusal(route: Route, declared: int | None) -> Reply | None:
+    """552 5.3.4 before the upload when SIZE= is more than the route's channel carries."""
+    limit = max_forwardable(route.channel, verified=route.rule == 1)
+    if declared is not None and limit is not None and declared > limit:
+        return replies.MESSAGE_TOO_BIG.but(
+            f"Message too big for the {route.channel} channel: at most {limit} octets"
+        )
+    return None
 
 
 def reservation_refusal(

@@ -322,6 +322,11 @@ class SubmissionProtocol(SMTPBase):
         if arg:
             await self.reply(replies.DATA_SYNTAX)
             return
+        handler = cast(Submission, self.event_handler)
+        refusal = handler.data_refusal(envelope)
+        if refusal is not None:
+            await self.reply(refusal)
+            return
         await self._push_raw(replies.START_DATA)
         # The documented 300 s for the whole upload.
         self.reset_timer(self.limits.data_timeout)
@@ -337,7 +342,6 @@ class SubmissionProtocol(SMTPBase):
             await self.reply(replies.MESSAGE_TOO_BIG)
             return
         envelope.content = upload.message()
-        handler = cast(Submission, self.event_handler)
         try:
             status = await handler.handle_DATA(self, self.relay_session(), envelope)
         finally:

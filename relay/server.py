@@ -63,13 +63,17 @@ def build_channels(settings: Settings) -> dict[ChannelName, Channel]:
         from relay.resend import ResendChannel
 
         channels[ChannelName.RESEND] = ResendChannel(
-            settings.resend, timeout=settings.upstream_timeout
+            settings.resend,
+            timeout=settings.upstream_timeout,
+            budget=settings.forward_budget,
+            workers=settings.workers,
         )
     if settings.smtp_config:
         channels[ChannelName.SMTP] = SmtpChannel(
             settings.smtp_config,
             timeout=settings.upstream_timeout,
             local_hostname=settings.hostname,
+            budget=settings.forward_budget,
         )
     if settings.dev_outbox:
         channels[ChannelName.OUTBOX] = OutboxChannel(settings.dev_outbox)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from aiosmtpd.smtp import Envelope, Session
 
 from relay import policy, replies
-from relay.channel import Channel, Delivery, Outbound
+from relay.channel import Channel, Delivery, Outbound, delivered_reply
 from relay.config import Settings
 from relay.errors import DeliveryError, StoreError
 from relay.message import Prepared, domain_of, normalize_address, parse_address, prepare
@@ -69,6 +69,7 @@ class Transaction:
     recipients: list[str] = field(default_factory=list)
     keys: list[str] = field(default_factory=list)
     verified: set[str] = field(default_factory=set)
+    declared_size: int | None = None  # MAIL FROM's SIZE= (RFC 1870)
 
     @property
     def domain(self) -> str:
@@ -78,6 +79,15 @@ class Transaction:
         if key not in self.keys:
             self.recipients.append(address)
             self.keys.append(key)
+
+
+def declared_size(options: Sequence[str]) -> int | None:
+    """SIZE=n among MAIL FROM's parameters (aiosmtpd checked it against our limit)."""
+    for option in options:
+        name, _, value = option.partition("=")
+        if name.upper() == "SIZE" and value.isdigit():
+            return int(value)
+    return None
 
 
 class RelayEnvelope(Envelope):
@@ -154,7 +164,7 @@ class Submission:
         if reply == replies.SENDER_OK:
             envelope.mail_from = address
             envelope.mail_options.extend(options)
-            envelope.transaction = Transaction(address, check)
+            envelope.transaction = Transaction(address, check, declared_size=declared_size(options))
         return str(reply)
 
     async def handle_RCPT(
@@ -190,6 +200,21 @@ class Submission:
         if reply == replies.RECIPIENT_OK:
             tx.add(address, rcpt)
         return str(reply)
+
+    def data_refusal(self, envelope: RelayEnvelope) -> Reply | None:
+        """Before 354: a SIZE= the chosen channel cannot carry is refused before the upload."""
+        tx = envelope.transaction
+        assert tx is not None
+        plan = policy.plan_message(
+            self.settings,
+            domain=tx.domain,
+            recipients=tx.keys,
+            verified=tx.verified,
+            unlimited=tx.check.sender.unlimited,
+        )
+        if isinstance(plan, Reply):
+            return None  # the end of DATA answers it, with the message in hand
+        return policy.size_refusal(plan.route, tx.declared_size)
 
     async def handle_DATA(
         self, server: SubmissionProtocol, session: RelaySession, envelope: RelayEnvelope
@@ -321,7 +346,7 @@ class Submission:
         try:
             async with asyncio.timeout(self.settings.forward_budget):
                 delivery = await channel.deliver(outbound)
-            reply = replies.delivered(outbound.message_id)
+            reply = delivered_reply(outbound, delivery)
         except DeliveryError as exc:
             reply = exc.reply
         except TimeoutError:

@@ -1006,3 +1006,25 @@ def test_an_upstream_rate_beyond_the_budget_is_451_with_the_wait(sink):
     assert [isinstance(r, Delivery) for r in results] == [True, False]
     assert str(results[1].reply) == "451 4.7.0 smtp: upstream rate of 1/s; retry after 1 s"
     assert len(sink.messages) == 1
+
+
+@pytest.mark.parametrize(
+    ("size", "reply"),
+    [
+        (5_241_856, "354 "),  # what Cloudflare's 5 MiB leaves after the relay's headers
+        (5_241_857, "552 5.3.4 Message too big for the cloudflare channel: at most 5241856 octets"),
+    ],
+)
+def test_a_size_the_channel_cannot_carry_is_refused_before_the_upload(
+    relay_factory, cloudflare, size, reply
+):
+    relay = relay_factory(**cloudflare_env(cloudflare), DEFAULT_SEND_BALANCE="10")
+    raw = relay.raw()
+    raw.login(relay.token())
+    assert raw.cmd(f"MAIL FROM:<{SENDER}> SIZE={size}") == "250 2.1.0 Ok"
+    assert raw.cmd(f"RCPT TO:<{RCPT}>") == "250 2.1.5 Ok"
+    assert raw.cmd("DATA").startswith(reply)
+    if reply == "354 ":
+        raw.sock.sendall(b".\r\n")  # abandon it: an empty message
+        raw.read()
+    assert cloudflare.requests == []

@@ -277,3 +277,24 @@ def test_reservation_refusal(kwargs, reply):
 def test_unit_cost_and_cost(route, unlimited, unit, cost):
     assert policy.unit_cost(route, unlimited) == unit
     assert policy.cost(route, 7, unlimited) == cost
+
+
+@pytest.mark.parametrize(
+    ("route", "declared", "refused"),
+    [
+        (Route(Channel.CLOUDFLARE, charges=True, rule=4), None, False),
+        (Route(Channel.CLOUDFLARE, charges=True, rule=4), 5_241_856, False),
+        (Route(Channel.CLOUDFLARE, charges=True, rule=4), 5_241_857, True),
+        # Verified recipients: Cloudflare takes 25 MiB, more than the relay's 5.
+        (Route(Channel.CLOUDFLARE, charges=False, rule=1), 5_241_857, False),
+        (Route(Channel.SMTP, charges=True, rule=3), 5_242_880, False),
+        (Route(Channel.RESEND, charges=True, rule=2), 5_242_880, False),
+    ],
+)
+def test_size_refusal(route, declared, refused):
+    got = policy.size_refusal(route, declared)
+    assert (got is not None) is refused
+    if refused:
+        assert str(got) == (
+            "552 5.3.4 Message too big for the cloudflare channel: at most 5241856 octets"
+        )
