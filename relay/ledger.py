@@ -26,7 +26,15 @@ from relay.accounts import account_id_of, domain_owner, is_nolimit
 from relay.db import Database, read_only, translate
 from relay.errors import RelayError
 from relay.idempotency import delivered_recently, forget_expired, remember_delivered
-from relay.policy import UNLIMITED, LimitHit, SenderState, Window, period_key, window_reset
+from relay.policy import (
+    UNLIMITED,
+    LimitHit,
+    SenderState,
+    Window,
+    headroom,
+    period_key,
+    window_reset,
+)
 from relay.tokens import token_still_valid
 
 RELAY_SCOPE = "*"
@@ -63,8 +71,10 @@ class Refused(RelayError):
         disabled: bool = False,
         hit: LimitHit | None = None,
         domain_lost: bool = False,
+        token_invalid: bool = False,
     ) -> None:
         super().__init__(message)
+        self.token_invalid = token_invalid
         self.balance = balance
         self.disabled = disabled
         self.domain_lost = domain_lost
@@ -179,9 +189,9 @@ class Ledger(Database):
         """The tightest window's remaining room, and the first exhausted window if any."""
         tightest: int | None = None
         for label, window, limit, used in _windows(db, account_id, now):
-            if limit == UNLIMITED:
+            room = headroom(limit, used)
+            if room is None:
                 continue
-            room = max(limit - used, 0)
             if room == 0:
                 return 0, LimitHit(label, window, limit, window_reset(window, now))
             tightest = room if tightest is None else min(tightest, room)
@@ -197,12 +207,14 @@ class Ledger(Database):
         default_balance: int,
         idempotency_key: str | None = None,
         domain: str | None = None,
+        token_id: str | None = None,
     ) -> Reservation:
         """Atomically charge `unit` per recipient and count the send-limit windows.
 
-        Raises `Refused` (and changes nothing) when the balance or a window cannot
-        cover all recipients. The pending row lets `settle` refund what the
-        upstream did not take, even after a crash.
+        Raises `Refused` (and changes nothing) when the session's token was
+        revoked or expired, the sender's domain left the account, or the balance
+        or a window cannot cover all recipients. The pending row lets `settle`
+        refund what the upstream did not take, even after a crash.
         """
         now = self.clock()
         ts = int(now.timestamp())
@@ -210,6 +222,8 @@ class Ledger(Database):
         scopes = (RELAY_SCOPE, str(account_id))
         charge = unit * recipients
         with self._write() as db:
+            if token_id is not None and not token_still_valid(db, token_id, ts):
+                raise Refused("the session's token was revoked or expired", token_invalid=True)
             if domain is not None:
                 owner = domain_owner(db, domain)
                 if owner is None or owner[0] != account_id:

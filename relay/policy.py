@@ -357,8 +357,11 @@ def reservation_refusal(
     disabled: bool,
     hit: LimitHit | None,
     domain_lost: bool,
+    token_invalid: bool = False,
 ) -> Reply:
     """The reply for a charge the store refused (state changed since MAIL or RCPT)."""
+    if token_invalid:
+        return replies.TOKEN_NO_LONGER_VALID
     if hit is not None:
         return limit_reached(hit)
     if domain_lost:

@@ -248,6 +248,8 @@ class Submission:
         idempotency_key = prepared.idempotency_key if channel.idempotent else None
         reservation = await self._reserve(principal, tx, plan, idempotency_key)
         if isinstance(reservation, Reply):
+            if reservation == replies.TOKEN_NO_LONGER_VALID:
+                session.deauthenticate()
             return reservation
         outbound = Outbound(
             tx.sender,
@@ -319,6 +321,7 @@ class Submission:
                 default_balance=self.settings.default_send_balance,
                 idempotency_key=idempotency_key,
                 domain=tx.domain,
+                token_id=principal.token_id,
             )
         except Refused as refused:
             return policy.reservation_refusal(
@@ -329,6 +332,7 @@ class Submission:
                 disabled=refused.disabled,
                 hit=refused.hit,
                 domain_lost=refused.domain_lost,
+                token_invalid=refused.token_invalid,
             )
         except StoreError:
             log.exception("reserve failed; refusing to send unmetered")

@@ -203,3 +203,23 @@ def test_the_largest_message_the_bounds_accept_is_delivered(relay, sink):
     assert raw.read().startswith("250 2.0.0 Ok <")
     [received] = sink.messages
     assert received.content.count(b"@example.com") == 1000
+
+
+# --- a token revoked mid-transaction ---------------------------------------------------
+
+
+def test_a_token_revoked_during_the_transaction_stops_it_at_the_end_of_data(relay, sink):
+    token = relay.token()
+    token_id = relay.store.list_tokens("acme")[-1]["id"]
+    raw = relay.raw()
+    assert raw.login(token) == "235 2.7.0 Authentication successful"
+    assert raw.cmd("MAIL FROM:<app@example.com>") == "250 2.1.0 Ok"
+    assert raw.cmd("RCPT TO:<a@dest.test>") == "250 2.1.5 Ok"
+    assert raw.cmd("DATA").startswith("354 ")
+    relay.store.revoke_token(token_id)  # while the message is being uploaded
+    raw.sock.sendall(HEAD + b"\r\nbody\r\n.\r\n")
+    assert raw.read() == "530 5.7.0 Authentication required: the token was revoked or expired"
+    assert sink.messages == []
+    assert relay.store.list_senders() == []  # nothing charged
+    # The session must authenticate again.
+    assert raw.cmd("MAIL FROM:<app@example.com>") == "530 5.7.0 Authentication required"
