@@ -138,6 +138,10 @@ class Settings:
     # One address's share: a mail client pool opens a handful (Nodemailer's
     # default pool is 5), so 20 leaves room and stops one host from taking all.
     max_connections_per_ip: int = 20
+    # Failed AUTH from one address within 15 minutes before its connections get
+    # 421 at the greeting (relay.throttle); tokens carry 256 bits, so this only
+    # keeps a guesser from costing the relay work.
+    auth_failure_limit: int = 10
     # Connections the kernel queues before the loop accepts them (asyncio's default
     # of 100 drops SYNs in a burst of new sessions); the kernel caps it at somaxconn.
     listen_backlog: int = 1024
@@ -172,6 +176,7 @@ KNOWN = frozenset(
         "RELAY_WORKERS",
         "RELAY_MAX_CONNECTIONS",
         "RELAY_MAX_CONNECTIONS_PER_IP",
+        "RELAY_AUTH_FAILURE_LIMIT",
         "RELAY_UPSTREAM_TIMEOUT",
         "RELAY_DRAIN_TIMEOUT",
         "RELAY_LOG_LEVEL",
@@ -263,6 +268,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         workers=_integer(raw, "RELAY_WORKERS", 1, minimum=1, maximum=max_workers()),
         max_connections=_integer(raw, "RELAY_MAX_CONNECTIONS", 10_000, minimum=1),
         max_connections_per_ip=_integer(raw, "RELAY_MAX_CONNECTIONS_PER_IP", 20, minimum=1),
+        auth_failure_limit=_integer(raw, "RELAY_AUTH_FAILURE_LIMIT", 10, minimum=1),
         listen_backlog=_integer(raw, "RELAY_LISTEN_BACKLOG", 1024, minimum=1, maximum=65535),
         # A forward gets twice this: at most half the client's DATA budget.
         upstream_timeout=_number(

@@ -16,7 +16,7 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from relay.admission import Admission
 from relay.replies import Reply
@@ -32,6 +32,8 @@ SHUTDOWN_TIMEOUT = 2.0
 ACCEPT_ERROR_LOG_INTERVAL = 60.0
 
 ProtocolFactory = Callable[[Reply | None, Callable[[], None]], asyncio.Protocol]
+# An address's refusal that needs a lookup (the failed-AUTH throttle), or None.
+Screen = Callable[[str], Awaitable[Reply | None]]
 
 
 class Listener:
@@ -41,11 +43,13 @@ class Listener:
         tls: ssl.SSLContext,
         admission: Admission,
         factory: ProtocolFactory,
+        screen: Screen | None = None,
     ) -> None:
         self.sock = sock
         self.tls = tls
         self.admission = admission
         self.factory = factory
+        self.screen = screen
         self._accepting: asyncio.Task[None] | None = None
         self._opening: set[asyncio.Task[None]] = set()
         self._last_error_log = 0.0
@@ -90,6 +94,8 @@ class Listener:
                 self.admission.release(address)
 
         try:
+            if refusal is None and self.screen is not None:
+                refusal = await self.screen(address)
             await asyncio.get_running_loop().connect_accepted_socket(
                 lambda: self.factory(refusal, release),
                 conn,

@@ -233,11 +233,22 @@ class SubmissionProtocol(SMTPBase):
             session.principal = outcome
             await self.reply(replies.AUTH_OK)
             return
+        if outcome == replies.AUTH_FAILED:
+            await self._record_auth_failure()
         await self.reply(outcome)
         session.auth_failures += 1
         if session.auth_failures >= self.limits.max_auth_failures:
             await self.reply(replies.TOO_MANY_AUTH_FAILURES)
             self._close()
+
+    async def _record_auth_failure(self) -> None:
+        """Count the failure against the client's address for every later session."""
+        peer = self.relay_session().peer
+        address = peer[0] if isinstance(peer, tuple) else str(peer)
+        try:
+            await self.store.run(self.store.sync.record_auth_failure, address)
+        except StoreError:
+            log.warning("could not record a failed AUTH from %s", address)
 
     # Not `_authenticate` nor `auth_*`: aiosmtpd gives both names a meaning.
     async def _check_credentials(self, mechanism: str, initial: str | None) -> Principal | Reply:

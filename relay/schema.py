@@ -79,4 +79,9 @@ MIGRATIONS: tuple[str, ...] = (
     );
     ALTER TABLE pending ADD COLUMN owner TEXT;  -- a processes id, or NULL: none
     """,
+    # 6: failed AUTH attempts by client address, for the cross-session throttle
+    """
+    CREATE TABLE auth_failures (address TEXT NOT NULL, created INTEGER NOT NULL);
+    CREATE INDEX auth_failures_by_address ON auth_failures (address, created);
+    """,
 )

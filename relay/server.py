@@ -26,6 +26,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, TypeVar
 
+from relay import replies
 from relay.admission import Admission
 from relay.channel import Channel, OutboxChannel
 from relay.config import Settings
@@ -210,7 +211,7 @@ class Relay:
         self._port = sock.getsockname()[1]
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(_quiet_handshake_failures)
-        self._listener = Listener(sock, ctx, self.admission, self._protocol)
+        self._listener = Listener(sock, ctx, self.admission, self._protocol, self._screen)
         self._listener.start()
         self._sweeper = loop.create_task(self._sweep_forever())
         log.info("relay listening on %s:%d (implicit TLS)", self.settings.listen[0], self.port)
@@ -219,6 +220,18 @@ class Relay:
         return SubmissionProtocol(
             self.settings, self.handler, self.store, self.sessions, refusal, on_close
         )
+
+    async def _screen(self, address: str) -> Reply | None:
+        """Before TLS: an address over the failed-AUTH limit gets 421 at the greeting."""
+        try:
+            failures = await self.store.run(self.store.sync.auth_failures, address)
+        except RelayError as exc:
+            # AUTH itself answers 451 while the store is down: nothing to guess.
+            self._trouble("failed-AUTH lookup", exc)
+            return None
+        if failures >= self.settings.auth_failure_limit:
+            return replies.AUTH_THROTTLED
+        return None
 
     async def _sweep(self) -> None:
         self._next_sweep = time.monotonic() + self.settings.upkeep.sweep_interval
@@ -234,6 +247,10 @@ class Relay:
                 row["sender"],
                 row["count"],
             )
+        try:
+            await self.store.upkeep(lambda s: s.prune_auth_failures())
+        except RelayError as exc:
+            self._trouble("failed-AUTH pruning", exc)
 
     async def _sweep_forever(self) -> None:
         while True:

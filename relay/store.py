@@ -9,6 +9,7 @@ Each concept has its own module, which states its guarantees:
   charge (`reserve`), its `settle`, and the sweep of charges a dead process left
 - `relay.idempotency`: messages an idempotent upstream took, so a retry is not
   charged twice
+- `relay.throttle`: failed AUTH attempts per client address, across processes
 
 `Store` combines them, so admin commands and tests use one object. The runtime
 calls go through `AsyncStore`, so a slow disk or a lock held by another
@@ -31,6 +32,7 @@ from relay.db import StoreBusy, expected_failure, is_read_only
 from relay.errors import StoreError
 from relay.idempotency import IDEMPOTENCY_WINDOW
 from relay.ledger import RELAY_SCOPE, Ledger, MailCheck, Refused, Reservation
+from relay.throttle import Throttle
 from relay.tokens import TOKEN_PREFIX, Principal, Tokens, hash_token
 
 __all__ = [
@@ -48,7 +50,7 @@ __all__ = [
 ]
 
 
-class Store(Accounts, Tokens, Ledger):
+class Store(Accounts, Tokens, Ledger, Throttle):
     """The synchronous store. Admin commands use it directly; the server via `AsyncStore`."""
 
 

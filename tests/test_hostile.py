@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import base64
 import logging
+import socket
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from support import b64, plain
 
 from relay.logs import Printable, RedactAiosmtpd
+from relay.store import Store
 
 
 def b64_bytes(data: bytes) -> str:
@@ -223,3 +226,77 @@ def test_a_token_revoked_during_the_transaction_stops_it_at_the_end_of_data(rela
     assert relay.store.list_senders() == []  # nothing charged
     # The session must authenticate again.
     assert raw.cmd("MAIL FROM:<app@example.com>") == "530 5.7.0 Authentication required"
+
+
+# --- failed AUTH across sessions and processes ---------------------------------------
+
+
+def greeting_from(relay, source: str = "127.0.0.1") -> str:
+    sock = socket.create_connection(
+        ("127.0.0.1", relay.port), timeout=5, source_address=(source, 0)
+    )
+    tls = relay.client_tls.wrap_socket(sock, server_hostname="localhost")
+    try:
+        return tls.makefile("rb").readline().decode().rstrip("\r\n")
+    finally:
+        tls.close()
+
+
+def fail_auth(relay, times: int) -> None:
+    raw = relay.raw()
+    raw.cmd("EHLO client.test")
+    for _ in range(times):
+        assert raw.cmd("AUTH PLAIN " + plain("rlt_guess")) == "535 5.7.8 Authentication failed"
+    raw.close()
+
+
+THROTTLED = "421 4.7.0 Too many failed authentication attempts, try again later"
+
+
+def test_failed_auth_is_counted_across_sessions_per_address(relay_factory, sink):
+    relay = relay_factory(SMTP_CONFIG=sink.smtp_config(), RELAY_AUTH_FAILURE_LIMIT="4")
+    token = relay.token()
+    fail_auth(relay, 2)
+    fail_auth(relay, 1)
+    ok = relay.raw()
+    assert ok.login(token) == "235 2.7.0 Authentication successful"  # a success resets nothing
+    fail_auth(relay, 1)  # the fourth failure
+    assert greeting_from(relay) == THROTTLED
+    # Another address is not affected.
+    assert greeting_from(relay, "127.0.0.2").startswith("220 ")
+    # A session opened before the limit goes on.
+    assert ok.cmd("NOOP") == "250 2.0.0 Ok"
+
+
+def test_failed_auth_counts_across_relays_on_one_database(relay_factory, sink, tmp_path):
+    database = str(tmp_path / "shared.db")
+    first = relay_factory(
+        SMTP_CONFIG=sink.smtp_config(), RELAY_AUTH_FAILURE_LIMIT="3", RELAY_DATABASE=database
+    )
+    second = relay_factory(
+        SMTP_CONFIG=sink.smtp_config(), RELAY_AUTH_FAILURE_LIMIT="3", RELAY_DATABASE=database
+    )
+    fail_auth(first, 2)
+    assert greeting_from(second).startswith("220 ")
+    fail_auth(second, 1)
+    assert greeting_from(first) == THROTTLED
+    assert greeting_from(second) == THROTTLED
+
+
+def test_failures_leave_the_window_after_15_minutes(tmp_path):
+    now = [datetime(2026, 11, 22, 12, 0, tzinfo=UTC)]
+    store = Store(tmp_path / "t.db", clock=lambda: now[0])
+    store.migrate()
+    try:
+        store.record_auth_failure("192.0.2.1")
+        store.record_auth_failure("192.0.2.1")
+        store.record_auth_failure("192.0.2.9")
+        assert store.auth_failures("192.0.2.1") == 2
+        now[0] += timedelta(minutes=14, seconds=59)
+        assert store.auth_failures("192.0.2.1") == 2
+        assert store.prune_auth_failures() == 0
+        now[0] += timedelta(seconds=1)
+        assert store.auth_failures("192.0.2.1") == 0
+        assert store.prune_auth_failures() == 3
+    finally:
+        store.close()
