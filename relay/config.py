@@ -50,6 +50,9 @@ class Limits:
     # Failed AUTH attempts a session may make. smtplib tries PLAIN then LOGIN
     # after one 535, so one wrong password is two failures.
     max_auth_failures: int = 3
+    # Commands that move nothing forward (NOOP, RSET, HELP, VRFY, a repeated
+    # EHLO, refused or unknown ones) between two delivered messages.
+    max_idle_commands: int = 100
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,7 @@ class SubmissionProtocol(SMTPBase):
         self._command = ""  # set while aiosmtpd's smtp_MAIL runs
         self._lost = False
         self._admitted = False
+        self._idle_commands = 0  # commands since the last delivered message
         super().__init__(
             handler,
             data_size_limit=self.limits.max_message_size,
@@ -168,6 +169,37 @@ class SubmissionProtocol(SMTPBase):
         await super().push(line)
         if line.startswith("421"):
             self._close()  # RFC 5321 section 3.8: 421 closes the channel
+        elif line[:1] in ("4", "5"):
+            await self._no_progress()  # a refused or unknown command moves nothing
+
+    async def _no_progress(self) -> None:
+        """Count a command that moved nothing forward; past the limit, 421 and close.
+
+        NOOP, RSET, HELP, VRFY, a repeated EHLO, and every refused or unknown
+        command count; a delivered message starts the count again. Without
+        this, a NOOP every few minutes would hold a session (and its slot)
+        forever, and a MAIL/RSET loop would cost the relay work for nothing.
+        """
+        self._idle_commands += 1
+        if self._idle_commands > self.limits.max_idle_commands:
+            await self._push_raw(str(replies.TOO_MANY_IDLE_COMMANDS))
+            self._close()
+
+    async def smtp_NOOP(self, arg: str | None) -> None:
+        await super().smtp_NOOP(arg)
+        await self._no_progress()
+
+    async def smtp_RSET(self, arg: str | None) -> None:
+        await super().smtp_RSET(arg)
+        await self._no_progress()
+
+    async def smtp_HELP(self, arg: str | None) -> None:
+        await super().smtp_HELP(arg)
+        await self._no_progress()
+
+    async def smtp_VRFY(self, arg: str | None) -> None:
+        await super().smtp_VRFY(arg)
+        await self._no_progress()
 
     async def smtp_MAIL(self, arg: str | None) -> None:
         self._command = "MAIL"
@@ -196,6 +228,10 @@ class SubmissionProtocol(SMTPBase):
             return
         self.reset_transaction()
         session = self.relay_session()
+        if session.host_name:
+            await self._no_progress()  # a greeting again moves nothing
+            if self.closing():
+                return
         session.extended_smtp = verb == "EHLO"
         session.host_name = hostname
         if verb == "EHLO":
@@ -358,6 +394,8 @@ class SubmissionProtocol(SMTPBase):
         finally:
             self.end_transaction()  # whatever happened, the next MAIL starts afresh
         self.reset_timer()
+        if status.startswith("250"):
+            self._idle_commands = 0
         await self.push(status)
 
 

@@ -64,6 +64,7 @@ TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again late
 TOO_MANY_FROM_ADDRESS = Reply(421, "4.7.0", "Too many connections from your address")
 TIMEOUT = Reply(421, "4.4.2", "Timeout, closing connection")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
+TOO_MANY_IDLE_COMMANDS = Reply(421, "4.7.0", "Too many commands without a message, closing")
 TOO_MANY_AUTH_FAILURES = Reply(421, "4.7.0", "Too many failed authentication attempts")
 AUTH_THROTTLED = TOO_MANY_AUTH_FAILURES.but(
     "Too many failed authentication attempts, try again later"

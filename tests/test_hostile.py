@@ -9,7 +9,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from support import b64, plain
+from test_admission import wait_until
 
+from relay.config import Limits
 from relay.logs import Printable, RedactAiosmtpd
 from relay.store import Store
 
@@ -300,3 +302,60 @@ def test_failures_leave_the_window_after_15_minutes(tmp_path):
         assert store.prune_auth_failures() == 3
     finally:
         store.close()
+
+
+# --- sessions that move nothing forward ------------------------------------------------
+
+IDLE = "421 4.7.0 Too many commands without a message, closing"
+
+
+@pytest.mark.parametrize(
+    ("command", "reply"),
+    [
+        ("NOOP", "250 2.0.0 Ok"),
+        ("RSET", "250 2.0.0 Ok"),
+        (
+            "VRFY a@dest.test",
+            "252 2.1.5 Cannot VRFY user, but will accept message and attempt delivery",
+        ),
+        ("EHLO again.test", None),
+        ("XYZZY", "500 5.5.2 Command not recognized"),
+        ("RCPT TO:<a@dest.test>", "503 5.5.1 Bad sequence of commands: MAIL first"),
+    ],
+)
+def test_a_hundred_commands_without_a_message_end_the_session(relay_factory, sink, command, reply):
+    relay = relay_factory(Limits(max_idle_commands=3), SMTP_CONFIG=sink.smtp_config())
+    raw = relay.raw()
+    raw.login(relay.token())
+    for _ in range(3):
+        answer = raw.cmd(command)
+        assert reply is None or answer == reply
+    raw.send(command)
+    if reply is not None:  # the fourth is answered, then the session ends
+        assert raw.read() == reply
+    assert raw.read() == IDLE
+    assert raw.closed()
+
+
+def test_a_delivered_message_starts_the_count_again(relay_factory, sink):
+    relay = relay_factory(
+        Limits(max_idle_commands=3), SMTP_CONFIG=sink.smtp_config(), DEFAULT_SEND_BALANCE="9"
+    )
+    raw = relay.raw()
+    raw.login(relay.token())
+    for _ in range(3):  # a pooling client: RSET before every message
+        for _ in range(3):
+            assert raw.cmd("RSET") == "250 2.0.0 Ok"
+        assert raw.cmd("MAIL FROM:<app@example.com>") == "250 2.1.0 Ok"
+        assert raw.cmd("RCPT TO:<a@dest.test>") == "250 2.1.5 Ok"
+        assert raw.cmd("DATA").startswith("354 ")
+        assert raw.cmd(HEAD + b"\r\nbody\r\n.").startswith("250 2.0.0 Ok <")
+    assert len(sink.messages) == 3
+    assert Limits().max_idle_commands == 100  # the documented default
+
+
+def test_after_quit_the_relay_closes_without_waiting_for_the_client(relay):
+    raw = relay.raw()
+    assert raw.cmd("QUIT") == "221 2.0.0 Service closing transmission channel"
+    # The client never answers the TLS close_notify; asyncio would wait 30 s.
+    wait_until(lambda: not relay.relay.sessions and relay.relay.admission.total == 0, 10)
