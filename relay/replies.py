@@ -64,6 +64,9 @@ TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again late
 TOO_MANY_FROM_ADDRESS = Reply(421, "4.7.0", "Too many connections from your address")
 TIMEOUT = Reply(421, "4.4.2", "Timeout, closing connection")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
+# aiosmtpd closes the session at its fifth unrecognised command with a 502; a
+# reply that closes is a 421 (RFC 5321 section 3.8).
+TOO_MANY_UNKNOWN_COMMANDS = Reply(421, "4.7.0", "Too many unrecognized commands, closing")
 TOO_MANY_IDLE_COMMANDS = Reply(421, "4.7.0", "Too many commands without a message, closing")
 TOO_MANY_AUTH_FAILURES = Reply(421, "4.7.0", "Too many failed authentication attempts")
 AUTH_THROTTLED = TOO_MANY_AUTH_FAILURES.but(
@@ -199,6 +202,7 @@ _BUILTIN: tuple[tuple[str, Reply], ...] = (
 # aiosmtpd's reply to an unparseable MAIL or RCPT address: a recipient's code
 # for both; the protocol picks ours by command.
 AIOSMTPD_MALFORMED_ADDRESS = "553 5.1.3 Error: malformed address"
+AIOSMTPD_TOO_MANY_UNKNOWN = "502 5.5.1 Too many unrecognized commands"
 _HAS_ENHANCED = re.compile(r"\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
 _CLASS_DEFAULT = {"2": "2.0.0", "4": "4.0.0", "5": "5.0.0"}
 
@@ -208,6 +212,8 @@ def normalize(line: str) -> str:
 
     Our own replies pass unchanged; 220 and 334 carry none by definition.
     """
+    if line.startswith(AIOSMTPD_TOO_MANY_UNKNOWN):
+        return str(TOO_MANY_UNKNOWN_COMMANDS)
     if line[:3] in ("220", "334") or _HAS_ENHANCED.match(line):
         return line
     if line[:3] == "354":

@@ -359,3 +359,12 @@ def test_after_quit_the_relay_closes_without_waiting_for_the_client(relay):
     assert raw.cmd("QUIT") == "221 2.0.0 Service closing transmission channel"
     # The client never answers the TLS close_notify; asyncio would wait 30 s.
     wait_until(lambda: not relay.relay.sessions and relay.relay.admission.total == 0, 10)
+
+
+def test_the_fifth_unknown_command_closes_with_421(relay):
+    raw = relay.raw()
+    raw.cmd("EHLO client.test")
+    for _ in range(4):
+        assert raw.cmd("XYZZY") == "500 5.5.2 Command not recognized"
+    assert raw.cmd("XYZZY") == "421 4.7.0 Too many unrecognized commands, closing"
+    assert raw.closed()
