@@ -20,6 +20,7 @@ import asyncio
 import binascii
 import hmac
 import logging
+import tempfile
 from base64 import b64decode, b64encode
 from collections.abc import Callable, MutableSet
 from typing import cast
@@ -42,6 +43,8 @@ logs.redact_aiosmtpd()
 API_TOKEN_USER = b"api_token"  # the documented literal username
 MECHANISMS = ("PLAIN", "LOGIN")
 READ_CHUNK = 256 * 1024
+# An upload larger than this is spooled to a temporary file until it ends.
+SPOOL_BYTES = 256 * 1024
 
 
 class SubmissionProtocol(SMTPBase):
@@ -378,17 +381,23 @@ class SubmissionProtocol(SMTPBase):
         # The documented 300 s for the whole upload.
         self.reset_timer(self.limits.data_timeout)
         upload = Upload(self.limits.max_message_size)
-        while not upload.feed(await self.read(READ_CHUNK) or _closed()):
-            pass
-        if upload.leftover:
-            # Commands pipelined after the end of data go back to the command loop.
-            self.unread(upload.leftover)
-        self.reset_timer()
-        if upload.too_big:
-            self.end_transaction()
-            await self.reply(replies.MESSAGE_TOO_BIG)
-            return
-        envelope.content = upload.message()
+        # Past SPOOL_BYTES the upload goes to a private, already unlinked file:
+        # a client that never ends its DATA holds a chunk of memory, not the
+        # message. Closed (and so freed) whatever ends the upload.
+        with tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES) as spool:
+            while not upload.feed(await self.read(READ_CHUNK) or _closed()):
+                spool.write(upload.take())
+            if upload.leftover:
+                # Commands pipelined after the end of data go back to the command loop.
+                self.unread(upload.leftover)
+            self.reset_timer()
+            if upload.too_big:
+                self.end_transaction()
+                await self.reply(replies.MESSAGE_TOO_BIG)
+                return
+            spool.write(upload.take())
+            spool.seek(0)
+            envelope.content = spool.read()
         try:
             status = await handler.handle_DATA(self, self.relay_session(), envelope)
         finally:

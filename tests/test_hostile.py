@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
 import socket
+import stat
+import tempfile
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -368,3 +371,61 @@ def test_the_fifth_unknown_command_closes_with_421(relay):
         assert raw.cmd("XYZZY") == "500 5.5.2 Command not recognized"
     assert raw.cmd("XYZZY") == "421 4.7.0 Too many unrecognized commands, closing"
     assert raw.closed()
+
+
+# --- an upload that never ends is spooled to disk, and freed on every exit ------------
+
+
+def spool_files() -> dict[str, int]:
+    """This process's open, unlinked temporary files and their sizes."""
+    found = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith(tempfile.gettempdir()) and target.endswith("(deleted)"):
+                found[fd] = os.fstat(int(fd)).st_size
+        except OSError:
+            continue
+    return found
+
+
+def start_endless_upload(relay, size: int):
+    raw = relay.raw()
+    raw.login(relay.token())
+    raw.cmd("MAIL FROM:<app@example.com>")
+    raw.cmd("RCPT TO:<a@dest.test>")
+    assert raw.cmd("DATA").startswith("354 ")
+    raw.sock.sendall(HEAD + b"\r\n" + (b"z" * 76 + b"\r\n") * (size // 78))
+    return raw
+
+
+@pytest.mark.parametrize("ending", ["disconnect", "timeout"])
+def test_a_large_upload_goes_to_a_private_file_freed_however_it_ends(relay_factory, sink, ending):
+    before = set(spool_files())
+    relay = relay_factory(
+        Limits(data_timeout=3.0), SMTP_CONFIG=sink.smtp_config(), DEFAULT_SEND_BALANCE="5"
+    )
+    raw = start_endless_upload(relay, 1024 * 1024)
+    wait_until(lambda: any(n >= 900_000 for f, n in spool_files().items() if f not in before))
+    [fd] = [f for f in spool_files() if f not in before]
+    assert stat.S_IMODE(os.fstat(int(fd)).st_mode) == 0o600
+    if ending == "disconnect":
+        raw.close()
+    else:
+        assert raw.read() == "421 4.4.2 Timeout, closing connection"
+    wait_until(lambda: set(spool_files()) <= before)
+    assert sink.messages == []
+    assert relay.store.list_senders() == []
+
+
+def test_a_small_upload_stays_in_memory_and_a_large_one_arrives_whole(relay, sink):
+    before = set(spool_files())
+    raw = start_endless_upload(relay, 100 * 1024)
+    raw.sock.sendall(b".\r\n")
+    assert raw.read().startswith("250 2.0.0 Ok <")
+    assert set(spool_files()) <= before
+    raw = start_endless_upload(relay, 2 * 1024 * 1024)
+    raw.sock.sendall(b".\r\n")
+    assert raw.read().startswith("250 2.0.0 Ok <")
+    second = sink.messages[1].content
+    assert second.endswith(b"z" * 76 + b"\r\n") and len(second) > 2 * 1024 * 1024 - 200

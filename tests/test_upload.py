@@ -91,3 +91,39 @@ def test_not_done_without_the_end():
     assert not upload.feed(b"\r")
     assert upload.feed(b"\n")
     assert upload.message() == b"a\r\n"
+
+
+STREAMS = [
+    b".leading dot\r\n..two\r\nplain\r\n.\r\n",
+    b"a\r\n.\r\n",
+    b".\r\n",
+    b"x\r\n.\r\nNOOP\r\n",
+    b"line\r\n..\r\n...\r\n\r\n.\r\n",
+    b"bare\n.\nlf\r\n.\r\n",
+    b"\r\n\r\n..\r\n.\r\n",
+]
+
+
+@pytest.mark.parametrize("stream", STREAMS)
+def test_taking_as_it_arrives_gives_the_same_message_at_every_chunk_size(stream):
+    whole = Upload(1000)
+    assert whole.feed(stream)
+    expected, leftover = whole.message(), whole.leftover
+    for size in range(1, len(stream) + 1):
+        upload, taken, fed = Upload(1000), bytearray(), 0
+        while not upload.feed(stream[fed : fed + size]):
+            fed += size
+            taken += upload.take()
+        fed += size
+        taken += upload.take()
+        assert bytes(taken) == expected, size
+        assert upload.leftover + stream[fed:] == leftover, size
+
+
+def test_taking_keeps_memory_to_about_a_chunk():
+    upload = Upload(10 * 1024 * 1024)
+    line = b"y" * 76 + b"\r\n"
+    for _ in range(100):
+        assert not upload.feed(line * 1000)
+        assert len(upload.take()) > 70_000
+        assert len(upload._buf) < 8  # only what may start the end marker is held
