@@ -34,6 +34,7 @@ class Admission:
         self.max_total = max_total
         self.max_per_address = max_per_address
         self.total = 0
+        self.closed = 0  # connections ended since `take_closed`
         self.by_address: dict[str, int] = {}
 
     def admit(self, address: str) -> Reply | None:
@@ -50,8 +51,14 @@ class Admission:
         """Whether a refused connection from `address` is closed before TLS."""
         return self.by_address.get(address, 0) > self.max_per_address * DROP_FACTOR
 
+    def take_closed(self) -> int:
+        """Connections ended since the last call."""
+        closed, self.closed = self.closed, 0
+        return closed
+
     def release(self, address: str) -> None:
         self.total -= 1
+        self.closed += 1
         count = self.by_address[address] - 1
         if count:
             self.by_address[address] = count

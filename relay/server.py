@@ -43,6 +43,9 @@ from relay.store import AsyncStore, Store
 
 log = logging.getLogger("relay.server")
 T = TypeVar("T")
+# After this many connections closed since the last upkeep tick that trimmed,
+# give freed memory back to the system (see `release_freed_memory`).
+TRIM_AFTER_CLOSED = 64
 # A failing database is logged at most this often: a full disk must not flood the log.
 TROUBLE_LOG_INTERVAL = 60.0
 # File descriptors a process needs besides its sessions: the database (four
@@ -263,6 +266,10 @@ class Relay:
         sweep stale charges when a sweep is due. Failures are logged, at most once
         a minute each."""
         self._check_database_file()
+        closed = self.admission.closed
+        if closed >= TRIM_AFTER_CLOSED or (closed and not self.admission.total):
+            self.admission.take_closed()
+            await self.store.in_thread(release_freed_memory)
         try:
             await self.store.upkeep(lambda s: s.checkpoint())
         except RelayError as exc:
@@ -337,6 +344,23 @@ def _identity(path: Any) -> tuple[int, int] | None:
     except OSError:
         return None
     return st.st_dev, st.st_ino
+
+
+def release_freed_memory() -> None:
+    """Return the C heap's free pages to the system (glibc's malloc_trim).
+
+    Each TLS connection allocates its buffers and OpenSSL state in native
+    memory; after a burst they are freed but glibc keeps the pages, and the
+    next burst does not reuse all of them: RSS went 106 -> 222 MB over ten
+    bursts of 2,000 connections, with Python's object counts back at baseline.
+    Trimming after each burst keeps it near the first burst's figure (see the
+    benchmark's burst row). A no-op where the C library is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        return
 
 
 def _quiet_handshake_failures(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:

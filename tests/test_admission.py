@@ -79,3 +79,15 @@ def test_the_relay_wide_cap_counts_handshakes_too(relay_factory, sink):
     stalled.close()
     wait_until(lambda: relay.relay.admission.total == 0)
     assert relay.raw().greeting.startswith("220 ")
+
+
+def test_closed_connections_are_counted_for_the_memory_trim():
+    gate = Admission(max_total=10, max_per_address=10)
+    for address in ("a", "b", "a"):
+        gate.admit(address)
+    gate.release("a")
+    gate.release("b")
+    assert gate.take_closed() == 2
+    assert gate.take_closed() == 0
+    gate.release("a")
+    assert gate.closed == 1 and gate.total == 0
