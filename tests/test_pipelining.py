@@ -436,6 +436,35 @@ def test_a_group_with_a_control_character_is_not_sent():
     assert asyncio.run(run()) == [b"EHLO relay.test\r\n"]
 
 
+@pytest.mark.parametrize(
+    "address",
+    [
+        SENDER,
+        "first.last+tag@sub.example.com",
+        "o'hara!#$%&*/=?^_`{|}~-@example.com",
+        "",
+        "a..b@example.com",
+        ".a@example.com",
+        "a.@example.com",
+        "Name <a@example.com>",
+        "a@[127.0.0.1]",
+        '"quoted local"@example.com',
+        "a@b@c",
+        "ünï@example.com",
+        " a@example.com ",
+    ],
+)
+def test_addresses_are_quoted_as_aiosmtplib_quotes_them(address):
+    def quoted(fn: Callable[[], bytes]) -> bytes | type[Exception]:
+        try:
+            return fn()
+        except (ValueError, UnicodeError) as exc:
+            return type(exc)
+
+    expected = quoted(lambda: aiosmtplib.email.quote_address(address).encode("ascii"))
+    assert quoted(lambda: aiosmtplib_compat.quote(address)) == expected
+
+
 # --- the import-time check ----------------------------------------------------------
 
 
