@@ -21,6 +21,9 @@ MAX_ADDED_P99_MS = 5.0  # at half the measured maximum throughput
 MAX_IDLE_SESSION_BYTES = 64 * KIB  # at 5,000 idle authenticated sessions
 MAX_LARGE_GROWTH = 3.0  # 5 MiB messages: peak RSS growth / bytes in flight
 HEADLINE_SIZE = 2 * KIB
+# Issue 11 item 10b: the relay's CPU per 2 KiB message against the floor, the bare
+# receive (the ceiling) plus the bare forward (aiosmtplib to the same sink).
+MAX_FLOOR_RATIO = 1.15
 
 
 def size_label(size: int) -> str:
@@ -108,6 +111,17 @@ def checks(result: dict[str, Any]) -> list[Check]:
                 None if value is None else value < MAX_ADDED_P99_MS,
             )
         )
+    floor = result.get("floor")
+    if floor is not None:
+        value = floor["ratio"]
+        out.append(
+            Check(
+                f"relay CPU / (receive + forward), {floor['label']}",
+                f"<= {MAX_FLOOR_RATIO}x",
+                value,
+                None if value is None else value <= MAX_FLOOR_RATIO,
+            )
+        )
     idle = _measured(result.get("idle_sessions", {}))
     if idle:
         largest = idle[-1]
@@ -183,6 +197,44 @@ def _rows(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines
 
 
+def _floor_lines(result: dict[str, Any]) -> list[str]:
+    """The relay's CPU against the floor, and pipelining on against off (ms/msg = s/1k)."""
+    lines = []
+    floor = result.get("floor")
+    if floor is not None:
+        text = (
+            f"CPU against the floor ({floor['label']}): receive"
+            f" {_fmt(floor['receive_cpu_s_per_1000'], 3)} + forward"
+            f" {_fmt(floor['forward_cpu_s_per_1000'], 3)} ="
+            f" {_fmt(floor['floor_cpu_s_per_1000'], 3)} ms/msg; relay"
+            f" {_fmt(floor['relay_cpu_s_per_1000'], 3)} ms/msg = {_fmt(floor['ratio'], 2, 'x')}"
+        )
+        if floor.get("ratio_pipelining") is not None:
+            text += (
+                f" (to a PIPELINING sink {_fmt(floor['relay_pipelining_cpu_s_per_1000'], 3)}"
+                f" = {_fmt(floor['ratio_pipelining'], 2, 'x')})"
+            )
+        lines.append(text)
+    pipe = result.get("pipelining")
+    if pipe is not None:
+        parts = [
+            f"{name} {_fmt(pipe[name]['messages_per_s'], 0)} msg/s, p99"
+            f" {_fmt(pipe[name]['added_p99_ms'], 2, '+')} ms, cpu"
+            f" {_fmt(pipe[name]['server_cpu_s_per_1000'], 3)} ms/msg"
+            for name in ("off", "on")
+        ]
+        speedup = _fmt(pipe["speedup"], 2, "x")
+        text = f"pipelining ({pipe['label']}): {'; '.join(parts)}; on/off {speedup}"
+        paced = pipe.get("paced")
+        if paced is not None:
+            text += (
+                f"; at {paced['rate']:.0f} msg/s added p99 off"
+                f" {_fmt(paced['off_added_p99_ms'], 2)}, on {_fmt(paced['on_added_p99_ms'], 2)} ms"
+            )
+        lines.append(text)
+    return lines
+
+
 def table(result: dict[str, Any]) -> str:
     lines = [f"bench {result['date']}  {result['machine']['summary']}  target: {result['target']}"]
     rows = []
@@ -251,6 +303,7 @@ def table(result: dict[str, Any]) -> str:
             parts.append(f"added p50 {_fmt(added['p50'], 2)} p99 {_fmt(added['p99'], 2)} ms")
         head = f"latency at {paced['rate']:.0f} msg/s open loop ({paced['label']}): "
         lines.append(head + "; ".join(parts))
+    lines += _floor_lines(result)
     for side, entries in result.get("idle_sessions", {}).items():
         text = ", ".join(
             f"{e['sessions']}: {_fmt(e['bytes_per_session'] / KIB, 1)} KiB/session" for e in entries

@@ -7,7 +7,12 @@ an earlier block would be reused and hide the growth the next block measures.
 2. large messages (1 MiB and more): throughput and peak RSS growth;
 3. small messages: throughput, then latency in an open loop at half the relay's
    measured 2 KiB maximum, at the same rate for the ceiling;
-4. workers: a relay with 2 (or more) workers under the 2 KiB load.
+4. the floor: a bare aiosmtplib client forwards the 2 KiB load to the same sink
+   (its own process); the relay's CPU per message against the ceiling's plus
+   that client's;
+5. pipelining: the 2 KiB load through a relay whose sink advertises PIPELINING
+   against the one whose sink does not, alternating, then at the paced rate;
+6. workers: a relay with 2 (or more) workers under the 2 KiB load.
 Each block starts with a few warm-up messages, so first-use costs (imports,
 the upstream pool) are not measured. Throughput runs are closed loops, ceiling
 and relay alternating for `rounds` rounds so drift on a shared machine hits
@@ -437,6 +442,103 @@ class Runner:
             }
         self.result["latency_at_half_max"] = paced
 
+    def headline(self) -> dict[str, Any] | None:
+        entries = self.result.get("throughput", [])
+        return next((e for e in entries if e["size"] == HEADLINE_SIZE and "relay" in e), None)
+
+    async def floor(self, sink: stack.ReferenceServer) -> None:
+        """The relay's CPU per message against the bare receive plus the bare forward.
+
+        (a) the ceiling's and (c) the relay's CPU come from the 2 KiB throughput
+        phase; (b) is a bare aiosmtplib client sending the same load to the same
+        sink over pooled connections, measured now.
+        """
+        head = self.headline()
+        if head is None or "ceiling" not in head:
+            return
+        sessions, per = head["sessions"], head["messages_per_session"]
+        figures = await stack.floor_client(sink.port, HEADLINE_SIZE, sessions, per)
+        receive = head["ceiling"]["server_cpu_s_per_1000"]
+        forward = report.per_thousand(float(figures["cpu_s"]), int(figures["messages"]))
+        relay = head["relay"]["server_cpu_s_per_1000"]
+        floor = None if receive is None or forward is None else receive + forward
+        self.result["floor"] = {
+            "label": f"{report.size_label(HEADLINE_SIZE)} x {sessions} sessions",
+            "messages": figures["messages"],
+            "failed": figures["failed"],
+            "receive_cpu_s_per_1000": receive,
+            "forward_cpu_s_per_1000": forward,
+            "floor_cpu_s_per_1000": floor,
+            "relay_cpu_s_per_1000": relay,
+            "ratio": report.ratio(relay, floor),
+        }
+        self.log(
+            f"floor: receive {receive or 0:.3f} + forward {forward or 0:.3f} s/1k;"
+            f" relay {relay or 0:.3f} s/1k"
+        )
+
+    async def pipelining(self, setup: stack.Setup, off: Side) -> None:
+        """2 KiB through a relay whose sink advertises PIPELINING, against `off`, same run."""
+        head = self.headline()
+        if head is None:
+            return
+        sessions, per = head["sessions"], head["messages_per_session"]
+        rounds: dict[str, list[dict[str, Any]]] = {"off": [], "on": []}
+        paced_on: dict[str, Any] | None = None
+        paced = self.result.get("latency_at_half_max")
+        async with (
+            stack.sink(pipelining=True) as sink,
+            stack.Relay.start(
+                setup, sink.port, workers=1, max_connections=self.max_connections
+            ) as relay,
+        ):
+            on = relay_side(setup, relay, sink)
+            await self.closed(on, HEADLINE_SIZE, 2, WARMUP_MESSAGES // 2)
+            for number in range(self.plan.rounds):
+                order = [("off", off), ("on", on)]
+                for name, side in order if number % 2 == 0 else order[::-1]:
+                    record = await self.closed(side, HEADLINE_SIZE, sessions, per)
+                    rounds[name].append(record)
+                    self.log(
+                        f"pipelining {name} round {number + 1}:"
+                        f" {record['messages_per_s'] or 0:.0f} msg/s"
+                    )
+            if paced is not None:
+                paced_on = await self.paced(
+                    on, HEADLINE_SIZE, paced["sessions"], paced["rate"], paced["messages"]
+                )
+        ceiling_p99 = head.get("ceiling", {}).get("latency_ms", {}).get("p99")
+        entry: dict[str, Any] = {
+            "label": f"{report.size_label(HEADLINE_SIZE)} x {sessions} sessions",
+        }
+        for name, records in rounds.items():
+            merged = merge(records)
+            entry[name] = {
+                "messages_per_s": merged["messages_per_s"],
+                "p99_ms": merged["latency_ms"]["p99"],
+                "added_p99_ms": report.difference(merged["latency_ms"]["p99"], ceiling_p99),
+                "server_cpu_s_per_1000": merged["server_cpu_s_per_1000"],
+                "forwarded_all": merged["forwarded_all"],
+            }
+        entry["speedup"] = report.ratio(
+            entry["on"]["messages_per_s"], entry["off"]["messages_per_s"]
+        )
+        if paced is not None and paced_on is not None and "ceiling" in paced:
+            ceiling_paced = paced["ceiling"]["latency_ms"]["p99"]
+            entry["paced"] = {
+                "rate": paced["rate"],
+                "off_added_p99_ms": report.difference(
+                    paced["relay"]["latency_ms"]["p99"], ceiling_paced
+                ),
+                "on_added_p99_ms": report.difference(paced_on["latency_ms"]["p99"], ceiling_paced),
+            }
+        floor = self.result.get("floor")
+        if floor is not None:
+            on_cpu = entry["on"]["server_cpu_s_per_1000"]
+            floor["relay_pipelining_cpu_s_per_1000"] = on_cpu
+            floor["ratio_pipelining"] = report.ratio(on_cpu, floor["floor_cpu_s_per_1000"])
+        self.result["pipelining"] = entry
+
     async def workers(self, setup: stack.Setup, sink: stack.ReferenceServer) -> None:
         counts = sorted(set(self.plan.workers))
         if len(counts) < 2 or not self.max_rate("relay"):
@@ -567,6 +669,9 @@ async def run_relay(plan: Plan) -> dict[str, Any]:
                     await runner.throughput(sides, sizes)
                     if sizes is small or not small:
                         await runner.latency(sides, reference="relay")
+                    if HEADLINE_SIZE in sizes:
+                        await runner.floor(sink)
+                        await runner.pipelining(setup, sides[1])
             await runner.workers(setup, sink)
     return runner.finish(started)
 

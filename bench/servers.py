@@ -2,7 +2,8 @@
 
 - `sink`: the relay's upstream. Plain SMTP, accepts every message and discards it,
   counting messages, bytes and connections so the bench can check that every
-  message the relay accepted was forwarded.
+  message the relay accepted was forwarded. Like aiosmtpd it does not advertise
+  PIPELINING (RFC 2920), unless started with `--pipelining`.
 - `ceiling`: what the relay is measured against. Implicit TLS with AUTH, the same
   certificate and event loop as the relay, accepts and discards: no store, no
   forwarding. Its messages per second bound what any relay on aiosmtpd can reach.
@@ -53,6 +54,22 @@ class Discard:
         return {"messages": self.messages, "bytes": self.bytes, "connections": self.connections}
 
 
+class PipeliningDiscard(Discard):
+    """`Discard`, with PIPELINING in the EHLO reply (aiosmtpd reads commands in
+    order, so it serves pipelined clients; it only does not say so)."""
+
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname  # what aiosmtpd does itself when no hook is set
+        return [*responses[:-1], "250-PIPELINING", responses[-1]]
+
+
 def token_authenticator(token: str) -> Callable[..., AuthResult]:
     expected = token.encode()
 
@@ -72,7 +89,7 @@ def token_authenticator(token: str) -> Callable[..., AuthResult]:
 
 async def serve(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
-    handler = Discard()
+    handler = PipeliningDiscard() if args.pipelining else Discard()
     tls: ssl.SSLContext | None = None
     kwargs: dict[str, Any] = {
         # A fixed name: without it aiosmtpd calls socket.getfqdn() per connection.
@@ -120,6 +137,7 @@ def main() -> None:
     parser.add_argument("--cert")
     parser.add_argument("--key")
     parser.add_argument("--token", default="")
+    parser.add_argument("--pipelining", action="store_true", help="sink: advertise PIPELINING")
     args = parser.parse_args()
     if args.kind == "ceiling" and not (args.cert and args.key and args.token):
         parser.error("ceiling needs --cert, --key and --token")

@@ -39,6 +39,7 @@ STOP_TIMEOUT = 15.0  # SIGTERM to exit; the relay is told to drain for at most D
 DRAIN = "5"  # RELAY_DRAIN_TIMEOUT, seconds: nothing is in flight when the bench stops it
 CONTROL_TIMEOUT = 10.0  # one stats exchange with a reference server
 ADMIN_TIMEOUT = 60.0  # one admin CLI command (it opens and migrates the database)
+FLOOR_TIMEOUT = 180.0  # the floor client's whole run, as long as a load phase may take
 # Settings a caller's environment might carry and which would change the relay
 # under test: it gets only what the bench gives it.
 RELAY_PREFIXES = ("RELAY_", "SMTP_CONFIG", "RESEND_", "CLOUDFLARE_", "DEFAULT_SEND_", "NO_LIMIT_")
@@ -193,8 +194,37 @@ async def reference(kind: str, *args: str) -> AsyncIterator[ReferenceServer]:
         await server.stop()
 
 
-def sink() -> contextlib.AbstractAsyncContextManager[ReferenceServer]:
-    return reference("sink")
+def sink(*, pipelining: bool = False) -> contextlib.AbstractAsyncContextManager[ReferenceServer]:
+    return reference("sink", *(["--pipelining"] if pipelining else []))
+
+
+async def floor_client(
+    sink_port: int, size: int, sessions: int, messages: int, sender: str = SENDER
+) -> dict[str, float | int]:
+    """`python -m bench.floor` against the sink: the bare aiosmtplib forward's CPU."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bench.floor",
+        *("--port", str(sink_port), "--size", str(size), "--sender", sender),
+        *("--sessions", str(sessions), "--messages", str(messages)),
+        cwd=REPO,
+        env=child_env(),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with asyncio.timeout(FLOOR_TIMEOUT):
+            out, err = await process.communicate()
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise BenchError("the floor client did not finish") from None
+    if process.returncode != 0:
+        raise BenchError(f"the floor client failed: {err.decode(errors='replace').strip()}")
+    figures: dict[str, float | int] = json.loads(out)
+    return figures
 
 
 def ceiling(setup: Setup) -> contextlib.AbstractAsyncContextManager[ReferenceServer]:

@@ -15,13 +15,16 @@ import re
 import ssl
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import aiosmtplib
+from aiosmtplib import SMTPResponse, SMTPStatus
 
+from relay import aiosmtplib_compat as compat
 from relay import pacing, replies
+from relay.aiosmtplib_compat import Replies
 from relay.channel import Delivery, Outbound, partial_delivery
 from relay.config import SmtpUpstream
 from relay.errors import ConfigError, DeliveryError, TransientDelivery, delivery_error
@@ -120,7 +123,7 @@ class SmtpChannel:
             conn, reused = await self._connect(domain, upstream), False
         try:
             try:
-                await self._mail(conn.client, message)
+                answers = await self._envelope(conn.client, message)
             except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPResponseException) as exc:
                 # A pooled connection the upstream closed (or 421s) while idle.
                 stale = isinstance(exc, aiosmtplib.SMTPServerDisconnected) or exc.code in (421, 503)
@@ -128,8 +131,8 @@ class SmtpChannel:
                     raise
                 conn.client.close()
                 conn = await self._connect(domain, upstream)
-                await self._mail(conn.client, message)
-            delivery = await self._transaction(conn.client, message)
+                answers = await self._envelope(conn.client, message)
+            delivery = await self._transaction(conn.client, message, answers)
         except DeliveryError:
             self._release(domain, conn)
             raise
@@ -153,26 +156,43 @@ class SmtpChannel:
         return delivery
 
     @staticmethod
-    async def _mail(client: aiosmtplib.SMTP, message: Outbound) -> None:
+    async def _envelope(client: aiosmtplib.SMTP, message: Outbound) -> Replies:
+        """MAIL FROM and every RCPT TO; the RCPT replies, in order.
+
+        Raises only what MAIL met, so `deliver` can tell a stale pooled
+        connection (nothing of the message accepted yet) from a later failure,
+        which `recipient_outcomes` raises. With PIPELINING the commands go in one
+        write (RFC 2920 section 3.1: MAIL and RCPT may appear anywhere in a
+        group) and their replies are read in order.
+        """
         # RFC 6152: 8-bit content is declared where the upstream takes it; we
         # advertise 8BITMIME to our clients, so such content does arrive.
         eight_bit = not message.content.isascii() and client.supports_extension("8bitmime")
-        await client.mail(message.sender, options=["BODY=8BITMIME"] if eight_bit else None)
+        options = ["BODY=8BITMIME"] if eight_bit else []
+        if not client.supports_extension("pipelining"):
+            await client.mail(message.sender, options=options)
+            return await _one_by_one(client, message.recipients)
+        group = await compat.pipeline(
+            client,
+            [
+                compat.mail_command(message.sender, options),
+                *(compat.rcpt_command(rcpt) for rcpt in message.recipients),
+            ],
+        )
+        if not group.replies:
+            assert group.ended is not None
+            raise group.ended
+        mail, *rcpts = group.replies
+        if mail.code != SMTPStatus.completed:
+            # Every RCPT was answered too (a server refuses RCPT without a
+            # transaction), or a 421 closed the connection: in step either way.
+            raise aiosmtplib.SMTPSenderRefused(mail.code, mail.message, message.sender)
+        return Replies(tuple(rcpts), group.ended)
 
-    async def _transaction(self, client: aiosmtplib.SMTP, message: Outbound) -> Delivery:
-        accepted: list[str] = []
-        refused: dict[str, Reply] = {}
-        for rcpt in message.recipients:
-            if not client.is_connected:
-                # A 421 closed the connection (aiosmtplib closes on it): the rest
-                # share that deferral rather than a vaguer "connection closed".
-                refused[rcpt] = next(reversed(refused.values()))
-                continue
-            try:
-                await client.rcpt(rcpt)
-                accepted.append(rcpt)
-            except aiosmtplib.SMTPRecipientRefused as exc:
-                refused[rcpt] = upstream_reply(exc.code, exc.message)
+    async def _transaction(
+        self, client: aiosmtplib.SMTP, message: Outbound, answers: Replies
+    ) -> Delivery:
+        accepted, refused = recipient_outcomes(message.recipients, answers)
         try:
             delivery = partial_delivery(NAME, accepted, refused)
         except DeliveryError:
@@ -302,6 +322,49 @@ async def _greet(client: aiosmtplib.SMTP) -> None:
         if not client.is_connected:
             raise
         await client.helo()
+
+
+async def _one_by_one(client: aiosmtplib.SMTP, recipients: Sequence[str]) -> Replies:
+    """RCPT TO for each recipient, each reply awaited: an upstream without PIPELINING."""
+    replies: list[SMTPResponse] = []
+    for rcpt in recipients:
+        try:
+            replies.append(await client.rcpt(rcpt))
+        except aiosmtplib.SMTPRecipientRefused as exc:
+            replies.append(SMTPResponse(exc.code, exc.message))
+        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError) as exc:
+            return Replies(tuple(replies), exc)
+        if not client.is_connected:
+            break  # a 421 closed it (aiosmtplib closes on it)
+    return Replies(tuple(replies))
+
+
+def recipient_outcomes(
+    recipients: Sequence[str], answers: Replies
+) -> tuple[list[str], dict[str, Reply]]:
+    """Each recipient accepted, or refused with our reply for the upstream's.
+
+    Recipients left unanswered after a 421 (RFC 5321 section 3.8: the upstream
+    closes) share its deferral rather than a vaguer "connection closed"; left
+    unanswered otherwise, the loss that ended the exchange is raised.
+    """
+    accepted: list[str] = []
+    refused: dict[str, Reply] = {}
+    closing: Reply | None = None
+    for index, rcpt in enumerate(recipients):
+        if index < len(answers.replies):
+            reply = answers.replies[index]
+            if reply.code in (SMTPStatus.completed, SMTPStatus.will_forward):
+                accepted.append(rcpt)
+                continue
+            refused[rcpt] = upstream_reply(reply.code, reply.message)
+            if reply.code == SMTPStatus.domain_unavailable:
+                closing = refused[rcpt]
+        elif closing is not None:
+            refused[rcpt] = closing
+        else:
+            raise answers.ended or aiosmtplib.SMTPServerDisconnected("Connection lost")
+    return accepted, refused
 
 
 def tls_context(domain: str, upstream: SmtpUpstream) -> ssl.SSLContext:
