@@ -404,4 +404,4 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _logging(settings: Settings) -> None:
-    logs.configure(settings.log_level)
+    logs.configure(settings.log_level, settings.log_format)
