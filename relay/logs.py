@@ -64,11 +64,6 @@ class RedactAiosmtpd(logging.Filter):
         return True
 
 
-def render(fields: Mapping[str, Any]) -> str:
-    """Fields as `key=value` words, for the human-readable format."""
-    return " ".join(f"{key}={value}" for key, value in fields.items())
-
-
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, pid, and the record's fields."""
 

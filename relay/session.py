@@ -475,22 +475,28 @@ class Submission:
                 reservation.id, len(delivery.accepted), idempotency_key, record
             )
         self._count(record)
-        fields = {
+        fields: dict[str, object] = {
             "message_id": record.message_id,
             "from": outbound.sender,
             "rcpts": len(outbound.recipients),
             "channel": channel.name,
             "rule": route.rule,
-            "outcome": str(record.outcome),
             "reply": f"{reply.code} {reply.enhanced}",
             "upstream_id": delivery.upstream_id or "-",
             "refused": ",".join(f"{r}:{v.code}" for r, v in delivery.refused.items()) or "-",
             "refunded": refund,
+            "outcome": str(record.outcome),
             "duration_ms": round(duration * 1000),
         }
         if reservation.replay:
             fields["replay"] = "not-charged"
-        log.info("message %s", logs.render(fields), extra={logs.FIELDS: fields})
+        log.info(
+            "message %s from=%s rcpts=%d channel=%s rule=%d reply=%r upstream_id=%s"
+            " refused=%s refunded=%d outcome=%s duration_ms=%d%s",
+            *(fields[k] for k in list(fields)[:11]),
+            " replay=not-charged" if reservation.replay else "",
+            extra={logs.FIELDS: fields},
+        )
         return reply
 
 
