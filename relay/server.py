@@ -496,17 +496,23 @@ def _run_workers(
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     parent = os.getpid()
+    # SIGTERM and SIGINT are blocked across each fork: a signal that arrives
+    # before the new worker has reset its handlers waits for it (and then stops
+    # it) instead of running the parent's `forward` in the worker.
+    signals = {signal.SIGTERM, signal.SIGINT}
     for index in range(settings.workers):
         if stopping:
             break
+        signal.pthread_sigmask(signal.SIG_BLOCK, signals)
         pid = os.fork()
         if pid == 0:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
-            _die_with_parent(parent)
-            metrics.use_multiprocess(metrics_dir)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
             code = 0
             try:
+                _die_with_parent(parent)
+                metrics.use_multiprocess(metrics_dir)
                 sock = bind(settings, reuse_port=True)
                 _run_loop(
                     serve(
@@ -524,6 +530,7 @@ def _run_workers(
             finally:
                 os._exit(code)
         children.append(pid)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
         if index == 0 and admin_sock is not None:
             admin_sock.close()  # the first worker has it; the others need not inherit it
     if stopping:  # a signal that came between a fork and its `append`
