@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 import socket
 import ssl
 import sys
@@ -117,6 +118,12 @@ def parser() -> argparse.ArgumentParser:
         "--phase-timeout", type=float, help="seconds one load phase may take (default 180)"
     )
     p.add_argument(
+        "--delivery-log",
+        type=positive,
+        metavar="N",
+        help="only the delivery-log step: fill N records, time `relay log`'s queries",
+    )
+    p.add_argument(
         "--json-out",
         default=str(DEFAULT_JSON),
         help=f"where the JSON goes; '-' for stdout (default {DEFAULT_JSON})",
@@ -168,6 +175,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("--target needs --token")
     if args.token and not args.target:
         p.error("--token goes with --target")
+    if args.delivery_log:
+        from bench import deliveries
+
+        result = deliveries.run(args.delivery_log)
+        print(deliveries.table(result))
+        if args.json_out == "-":
+            print(json.dumps(result, indent=2))
+        return 0
     plan = plan_from(args)
     try:
         if args.target:

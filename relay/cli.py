@@ -18,6 +18,7 @@ from typing import Any
 
 from relay import certs, logs
 from relay.config import Settings, load_settings, max_workers
+from relay.deliveries import DeliveryRecord, Outcome, Query, parse_when
 from relay.errors import ConfigError, RelayError
 from relay.message import normalize_address, parse_address
 from relay.store import Store
@@ -308,6 +309,78 @@ def _limits_text(rows: list[dict[str, Any]]) -> str:
     return _table(shown, ["scope", "daily", "monthly", "daily resets", "monthly resets"])
 
 
+def cmd_log(args: argparse.Namespace) -> None:
+    """The delivery log, newest first: a table, or one JSON object per line."""
+    if args.limit < 1:
+        raise RelayError("--limit: at least 1")
+    now = datetime.now(UTC)
+    query = Query(
+        since=parse_when(args.since, now) if args.since else None,
+        until=parse_when(args.until, now) if args.until else None,
+        sender=args.sender,
+        recipient=args.recipient,
+        account=args.account,
+        outcome=Outcome(args.outcome) if args.outcome else None,
+        message_id=args.message_id,
+        limit=args.limit,
+    )
+    records = _store().find_deliveries(query)
+    if args.json:
+        for record in records:
+            print(json.dumps(record.as_json(), sort_keys=True))
+        return
+    print(_table([_log_row(r) for r in records], LOG_COLUMNS))
+
+
+LOG_COLUMNS = ["time", "message-id", "sender", "rcpts", "channel", "outcome", "reply", "upstream"]
+
+
+def _log_row(record: DeliveryRecord) -> dict[str, Any]:
+    return {
+        "time": _when(record.time),
+        "message-id": record.message_id or "-",
+        "sender": record.sender,
+        "rcpts": len(record.recipients),
+        "channel": record.channel or "-",
+        "outcome": record.outcome,
+        "reply": f"{record.reply.code} {record.reply.enhanced}",
+        "upstream": record.upstream_id or "-",
+    }
+
+
+def cmd_log_show(args: argparse.Namespace) -> None:
+    """Everything recorded for a Message-ID (a retried message has several records)."""
+    records = _store().find_deliveries(Query(message_id=args.message_id, limit=1000))
+    if not records:
+        raise RelayError(f"no delivery record for Message-ID {args.message_id}")
+    if args.json:
+        for record in records:
+            print(json.dumps(record.as_json(), sort_keys=True))
+        return
+    print("\n\n".join(_record_text(r) for r in records))
+
+
+def _record_text(record: DeliveryRecord) -> str:
+    lines = [
+        f"message-id  {record.message_id or '-'}",
+        f"time        {_when(record.time)}",
+        f"account     {record.account} (token {record.token_id})",
+        f"client      {record.client}",
+        f"sender      {record.sender}",
+        f"size        {record.size} octets",
+        f"channel     {record.channel or '-'}"
+        + (f" (rule {record.rule})" if record.rule is not None else ""),
+        f"outcome     {record.outcome}" + (" (replay, not charged)" if record.replay else ""),
+        f"reply       {record.reply}",
+        f"upstream id {record.upstream_id or '-'}",
+        f"charged     {record.charged}",
+        f"forward     {record.duration:.3f} s",
+        "recipients",
+    ]
+    lines += [f"  {r.address}  {r.outcome} {r.code} {r.enhanced}" for r in record.recipients]
+    return "\n".join(lines)
+
+
 # --- the parser ----------------------------------------------------------------
 
 
@@ -334,6 +407,19 @@ def _parser() -> argparse.ArgumentParser:
     serve = command(commands, "serve", cmd_serve, "run the relay in the foreground")
     serve.add_argument("--workers", type=int, help="processes sharing the port (SO_REUSEPORT)")
     command(commands, "dev", cmd_dev, "development start (make run): demo account, outbox")
+
+    log = command(commands, "log", cmd_log, "the delivery log, newest first", True)
+    log.add_argument("--since", metavar="DURATION|TIME", help="e.g. 2h, 1d, 2026-11-22T10:00")
+    log.add_argument("--until", metavar="DURATION|TIME")
+    log.add_argument("--sender", metavar="ADDRESS")
+    log.add_argument("--recipient", metavar="ADDRESS")
+    log.add_argument("--account", metavar="NAME")
+    log.add_argument("--outcome", choices=[str(o) for o in Outcome])
+    log.add_argument("--message-id", metavar="ID")
+    log.add_argument("--limit", type=int, default=50, help="records at most (default 50)")
+    log_actions = log.add_subparsers(metavar="ACTION")
+    show = command(log_actions, "show", cmd_log_show, "everything recorded for a Message-ID", True)
+    show.add_argument("message_id", metavar="MESSAGE-ID")
 
     certs_group = group("certs", "TLS certificates")
     gen = command(certs_group, "generate", cmd_certs_generate, "write a self-signed certificate")
@@ -404,4 +490,4 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _logging(settings: Settings) -> None:
-    logs.configure(settings.log_level)
+    logs.configure(settings.log_level, settings.log_format)

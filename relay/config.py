@@ -153,6 +153,11 @@ class Settings:
     # How long a stopping server lets sessions in flight finish.
     drain_timeout: float = 30.0
     log_level: str = "INFO"
+    log_format: str = "text"  # or "json": one JSON object per line
+    # Delivery-log records older than this are pruned by the upkeep.
+    log_retention_days: int = 30
+    # The operators' HTTP listener (/metrics, /healthz, /readyz); None: off.
+    admin_listen: tuple[str, int] | None = None
     limits: Limits = field(default_factory=Limits)
     upkeep: Upkeep = field(default_factory=Upkeep)
 
@@ -183,6 +188,9 @@ KNOWN = frozenset(
         "RELAY_UPSTREAM_TIMEOUT",
         "RELAY_DRAIN_TIMEOUT",
         "RELAY_LOG_LEVEL",
+        "RELAY_LOG_FORMAT",
+        "RELAY_LOG_RETENTION_DAYS",
+        "RELAY_ADMIN_LISTEN",
         "SMTP_CONFIG",
         "RESEND_TOKEN",
         "RESEND_API_URL",
@@ -206,6 +214,9 @@ MIN_UPSTREAM_TIMEOUT = 0.1
 UPSTREAM_AUTH_TYPES = ("plain", "login", "cram-md5")
 RESEND_DOMAIN_PREFIX = "RESEND_TOKEN_"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("text", "json")
+# Ten years: a longer retention is a typo, and the delivery log would outgrow the disk.
+MAX_LOG_RETENTION_DAYS = 3650
 
 
 def is_known_setting(name: str) -> bool:
@@ -244,6 +255,10 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     level = (text("RELAY_LOG_LEVEL") or "INFO").upper()
     if level not in LOG_LEVELS:
         raise ConfigError(f"RELAY_LOG_LEVEL: expected one of {', '.join(LOG_LEVELS)}, got {level}")
+    log_format = (text("RELAY_LOG_FORMAT") or "text").lower()
+    if log_format not in LOG_FORMATS:
+        raise ConfigError(f"RELAY_LOG_FORMAT: expected text or json, got {log_format}")
+    admin = text("RELAY_ADMIN_LISTEN")
 
     return Settings(
         hostname=text("RELAY_HOSTNAME") or socket.getfqdn(),
@@ -283,6 +298,11 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         ),
         drain_timeout=_number(raw, "RELAY_DRAIN_TIMEOUT", 30.0, maximum=3600),
         log_level=level,
+        log_format=log_format,
+        log_retention_days=_integer(
+            raw, "RELAY_LOG_RETENTION_DAYS", 30, minimum=1, maximum=MAX_LOG_RETENTION_DAYS
+        ),
+        admin_listen=_host_port(admin, "RELAY_ADMIN_LISTEN") if admin else None,
     )
 
 
@@ -296,10 +316,10 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"RELAY_CONFIG: {path} is not valid TOML: {exc}") from exc
 
 
-def _host_port(value: str) -> tuple[str, int]:
+def _host_port(value: str, name: str = "RELAY_LISTEN") -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"RELAY_LISTEN: expected host:port, got {value!r}")
+        raise ConfigError(f"{name}: expected host:port, got {value!r}")
     return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104
 
 

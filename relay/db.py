@@ -147,6 +147,11 @@ class Database:
         except sqlite3.Error as exc:
             raise translate(exc) from exc
 
+    @read_only
+    def ping(self) -> None:
+        """A read that proves the database answers (the admin listener's `/readyz`)."""
+        self._read("SELECT count(*) FROM sqlite_master")
+
     def migrate(self) -> int:
         """Apply the schema migrations not applied yet; returns the schema version."""
         with self._write() as db:

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
 from relay.accounts import account_id_of, domain_owner, is_nolimit
 from relay.db import Database, read_only, translate
+from relay.deliveries import DeliveryRecord, insert
 from relay.errors import RelayError
 from relay.idempotency import delivered_recently, forget_expired, remember_delivered
 from relay.policy import (
@@ -264,18 +265,27 @@ class Ledger(Database):
         return Reservation(cur.lastrowid, charge)
 
     def settle(
-        self, reservation_id: int, delivered: int, idempotency_key: str | None = None
+        self,
+        reservation_id: int,
+        delivered: int,
+        idempotency_key: str | None = None,
+        record: DeliveryRecord | None = None,
     ) -> int:
         """Keep the charge for `delivered` recipients, refund the rest. Returns the refund.
 
         With an `idempotency_key`, a delivered message is remembered for the
         upstream's idempotency window, so `reserve` does not charge a retry.
+        The delivery log's `record` is written in the same transaction, with
+        the units kept.
         """
         now = self._now()
         with self._write() as db:
             if idempotency_key and delivered:
                 remember_delivered(db, idempotency_key, now)
-            return _settle(db, reservation_id, delivered, now)
+            refund, kept = _settle(db, reservation_id, delivered, now)
+            if record is not None:
+                insert(db, replace(record, charged=kept))
+            return refund
 
     def settle_stale(self, older_than: float) -> list[dict[str, Any]]:
         """Refund in full every reservation left pending longer than `older_than` seconds
@@ -408,10 +418,13 @@ def _count(db: sqlite3.Connection, scope: str, period: str) -> int:
     return int(row[0]) if row else 0
 
 
-def _settle(db: sqlite3.Connection, reservation_id: int, delivered: int, ts: int) -> int:
+def _settle(
+    db: sqlite3.Connection, reservation_id: int, delivered: int, ts: int
+) -> tuple[int, int]:
+    """Settle one pending row: (units refunded, units kept)."""
     row = db.execute("SELECT * FROM pending WHERE id = ?", (reservation_id,)).fetchone()
     if row is None:
-        return 0  # settled already (by a sweep that judged it stale)
+        return 0, 0  # settled already (by a sweep that judged it stale)
     undelivered = max(row["count"] - delivered, 0)
     refund = row["unit"] * undelivered
     if refund:
@@ -427,4 +440,4 @@ def _settle(db: sqlite3.Connection, reservation_id: int, delivered: int, ts: int
                     (undelivered, scope, period),
                 )
     db.execute("DELETE FROM pending WHERE id = ?", (reservation_id,))
-    return int(refund)
+    return int(refund), int(row["unit"] * min(delivered, row["count"]))

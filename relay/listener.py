@@ -18,6 +18,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 
+from relay import metrics, replies
 from relay.admission import Admission
 from relay.replies import Reply
 
@@ -76,6 +77,9 @@ class Listener:
                 continue
             address = peer[0] if isinstance(peer, tuple) else str(peer)
             refusal = self.admission.admit(address)
+            if refusal is not None:
+                per_address = refusal == replies.TOO_MANY_FROM_ADDRESS
+                metrics.connection("refused_ip" if per_address else "refused_cap")
             if refusal is not None and self.admission.drop_without_reply(address):
                 self.admission.release(address)
                 conn.close()
@@ -103,10 +107,14 @@ class Listener:
                 ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
                 ssl_shutdown_timeout=SHUTDOWN_TIMEOUT,
             )
+            if refusal is None:
+                metrics.connection("accepted")
         except (OSError, ssl.SSLError, TimeoutError, asyncio.CancelledError) as exc:
             # The handshake failed or timed out (a plaintext client, a port
             # scanner): no protocol saw the connection, so release it here.
             release()
+            if refusal is None and not isinstance(exc, asyncio.CancelledError):
+                metrics.connection("tls_failed")
             with contextlib.suppress(OSError):
                 conn.close()
             if isinstance(exc, asyncio.CancelledError):

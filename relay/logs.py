@@ -1,6 +1,9 @@
 """The process log: one format, nothing secret, nothing a terminal would act on.
 
-- `configure` sets the format once for the process (`relay serve`, `relay dev`).
+- `configure` sets the format once for the process (`relay serve`, `relay dev`):
+  human-readable lines, or with `RELAY_LOG_FORMAT=json` one JSON object per
+  line. A record's structured fields (`extra={FIELDS: {...}}`, as the
+  per-message line has) become keys of that object.
 - `Printable` rewrites control characters (NUL, ESC, CR, ...) in every record as
   `\\xNN`, so an address or a host name a client chose cannot forge log lines
   or drive a terminal.
@@ -12,9 +15,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import re
 import sys
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
 
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # all but tab
 _VERB = re.compile(rb"[A-Za-z]{1,12}")
@@ -22,6 +30,9 @@ _VERB = re.compile(rb"[A-Za-z]{1,12}")
 _LINE_RECORDS = frozenset({"%r >> %r", "_handle_client readline: %r"})
 _COMMAND_RECORDS = frozenset({"%r unrecognised: %s"})
 NOT_LOGGED = "[not logged]"
+FIELDS = "fields"  # the `extra` key of a record's structured fields
+# A record's own keys, which its fields must not overwrite in a JSON line.
+_RESERVED = frozenset({"time", "level", "logger", "message", "pid", "exception"})
 
 
 def _escape(text: str) -> str:
@@ -53,6 +64,25 @@ class RedactAiosmtpd(logging.Filter):
         return True
 
 
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, pid, and the record's fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "pid": os.getpid(),  # which worker, with --workers N
+        }
+        fields = getattr(record, FIELDS, None)
+        if isinstance(fields, Mapping):
+            out.update({k: v for k, v in fields.items() if k not in _RESERVED})
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
 _REDACT = RedactAiosmtpd()
 
 
@@ -63,9 +93,12 @@ def redact_aiosmtpd() -> None:
         logger.addFilter(_REDACT)
 
 
-def configure(level: str) -> None:
+def configure(level: str, fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.addFilter(Printable())
     logging.basicConfig(level=level, handlers=[handler])
     # aiosmtpd logs every command line at INFO; keep its chatter out.

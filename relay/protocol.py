@@ -27,7 +27,7 @@ from typing import cast
 
 from aiosmtpd.smtp import Session
 
-from relay import logs, replies
+from relay import logs, metrics, replies
 from relay.aiosmtpd_compat import SMTPBase
 from relay.config import Settings
 from relay.errors import StoreError
@@ -169,6 +169,7 @@ class SubmissionProtocol(SMTPBase):
             mail = self._command == "MAIL"
             line = str(replies.BAD_SENDER_ADDRESS if mail else replies.BAD_RECIPIENT_ADDRESS)
         line = replies.normalize(line)
+        metrics.reply(line)
         await super().push(line)
         if line.startswith("421"):
             self._close()  # RFC 5321 section 3.8: 421 closes the channel
@@ -267,6 +268,7 @@ class SubmissionProtocol(SMTPBase):
             outcome = await self._check_credentials(mechanism, args[1] if len(args) > 1 else None)
         finally:
             self.reset_timer()
+        metrics.auth("success" if isinstance(outcome, Principal) else "failure")
         if isinstance(outcome, Principal):
             session.authenticated = True
             session.principal = outcome
@@ -277,6 +279,7 @@ class SubmissionProtocol(SMTPBase):
         await self.reply(outcome)
         session.auth_failures += 1
         if session.auth_failures >= self.limits.max_auth_failures:
+            metrics.auth("throttled")
             await self.reply(replies.TOO_MANY_AUTH_FAILURES)
             self._close()
 

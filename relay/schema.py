@@ -79,7 +79,45 @@ MIGRATIONS: tuple[str, ...] = (
     );
     ALTER TABLE pending ADD COLUMN owner TEXT;  -- a processes id, or NULL: none
     """,
-    # 6: failed AUTH attempts by client address, for the cross-session throttle
+    # 6: the delivery log (relay.deliveries): one row per mail transaction that
+    #    reached the end of DATA, its recipients in a side table so a query by
+    #    recipient is an index lookup; rows go after RELAY_LOG_RETENTION_DAYS
+    """
+    CREATE TABLE deliveries (
+        id INTEGER PRIMARY KEY,
+        created INTEGER NOT NULL,           -- unix seconds (UTC)
+        message_id TEXT NOT NULL,
+        account TEXT NOT NULL,              -- the account's name
+        token_id TEXT NOT NULL,             -- the token's id, never the token
+        sender TEXT NOT NULL,               -- the envelope sender, normalized
+        size INTEGER NOT NULL,              -- octets of the message
+        channel TEXT NOT NULL,              -- '' when refused before a channel was chosen
+        rule INTEGER,                       -- the channel table's row
+        outcome TEXT NOT NULL,              -- delivered, partial, refused, deferred
+        reply_code INTEGER NOT NULL,        -- the reply the client got
+        reply_enhanced TEXT NOT NULL,
+        reply_text TEXT NOT NULL,
+        upstream_id TEXT NOT NULL,
+        charged INTEGER NOT NULL,           -- balance units kept
+        duration_ms INTEGER NOT NULL,       -- the forward
+        client TEXT NOT NULL,               -- the client's address
+        replay INTEGER NOT NULL             -- an idempotent retry the upstream took before
+    );
+    CREATE INDEX deliveries_created ON deliveries (created);
+    CREATE INDEX deliveries_message_id ON deliveries (message_id);
+    CREATE INDEX deliveries_sender ON deliveries (sender, id);
+    CREATE INDEX deliveries_account ON deliveries (account, id);
+    CREATE TABLE delivery_recipients (
+        delivery_id INTEGER NOT NULL REFERENCES deliveries (id) ON DELETE CASCADE,
+        recipient TEXT NOT NULL,            -- normalized
+        outcome TEXT NOT NULL,              -- delivered, refused, deferred
+        code INTEGER NOT NULL,              -- the upstream's (or the relay's) reply code
+        enhanced TEXT NOT NULL,
+        PRIMARY KEY (delivery_id, recipient)
+    ) WITHOUT ROWID;
+    CREATE INDEX delivery_recipients_recipient ON delivery_recipients (recipient, delivery_id);
+    """,
+    # 7: failed AUTH attempts by client address, for the cross-session throttle
     """
     CREATE TABLE auth_failures (address TEXT NOT NULL, created INTEGER NOT NULL);
     CREATE INDEX auth_failures_by_address ON auth_failures (address, created);

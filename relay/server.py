@@ -6,7 +6,9 @@
     await relay.stop()           # stop accepting, let transactions finish, close
 
 Background work (each forward, the stale-charge sweep) is tracked and awaited on
-stop; the channels' HTTP and SMTP clients are closed last.
+stop; the channels' HTTP and SMTP clients are closed last. The admin listener
+(`RELAY_ADMIN_LISTEN`, relay.admin) starts with the relay and stops after the
+drain, so `/readyz` answers 503 while the relay drains.
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, TypeVar
 
-from relay import replies
+from relay import admin, metrics, replies
 from relay.admission import Admission
 from relay.channel import Channel, OutboxChannel
 from relay.config import Settings
 from relay.db import expected_failure
+from relay.deliveries import PRUNE_BATCH
 from relay.errors import ConfigError, RelayError, StoreError
 from relay.listener import Listener
 from relay.policy import Channel as ChannelName
@@ -53,6 +56,9 @@ TROUBLE_LOG_INTERVAL = 60.0
 # connections, the listening socket, the event loop's own.
 FD_HEADROOM = 256
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+# Delivery-log records deleted per upkeep tick at most: PRUNE_BATCHES_PER_TICK
+# transactions of PRUNE_BATCH rows, each a few milliseconds of write lock.
+PRUNE_BATCHES_PER_TICK = 10
 
 
 def build_channels(settings: Settings) -> dict[ChannelName, Channel]:
@@ -170,18 +176,25 @@ def bind(settings: Settings, *, reuse_port: bool = False) -> socket.socket:
 
 class Relay:
     def __init__(
-        self, settings: Settings, *, channels: Mapping[ChannelName, Channel] | None = None
+        self,
+        settings: Settings,
+        *,
+        channels: Mapping[ChannelName, Channel] | None = None,
+        serves_admin: bool = True,
     ) -> None:
+        """`serves_admin`: whether this process serves `RELAY_ADMIN_LISTEN` (one worker does)."""
         self.settings = settings
         self.store = AsyncStore(Store(settings.database))
         self.channels = dict(channels) if channels is not None else build_channels(settings)
         self.handler = Submission(settings, self.store, self.channels, self.spawn)
-        self.sessions: set[SubmissionProtocol] = set()
+        self.sessions: set[SubmissionProtocol] = metrics.SessionSet()
+        self.serves_admin = serves_admin
+        self._admin: admin.AdminServer | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self._listener: Listener | None = None
         self.admission = Admission(settings.max_connections, settings.max_connections_per_ip)
-        self._next_sweep = self._next_heartbeat = 0.0
+        self._next_sweep = self._next_heartbeat = self._next_prune = 0.0
         self._database_identity: tuple[int, int] | None = None
         self._quiet_until: dict[str, float] = {}  # what failed -> when it may be logged again
         self._port = 0
@@ -203,14 +216,28 @@ class Relay:
         """The bound port (useful when `RELAY_LISTEN` asked for port 0)."""
         return self._port
 
-    async def start(self, sock: socket.socket | None = None) -> None:
+    @property
+    def admin_port(self) -> int | None:
+        """The admin listener's port, when this process serves it."""
+        return self._admin.port if self._admin is not None else None
+
+    async def start(
+        self, sock: socket.socket | None = None, admin_sock: socket.socket | None = None
+    ) -> None:
         ctx = tls_context(self.settings)
         await self.store.in_thread(open_database, self.store.sync)
         await self.store.upkeep(lambda s: s.heartbeat())
         self._next_heartbeat = time.monotonic() + self.settings.upkeep.heartbeat_interval
         self._database_identity = _identity(self.settings.database)
         await self._sweep()
-        sock = sock or bind(self.settings)
+        if self.serves_admin and self.settings.admin_listen and admin_sock is None:
+            admin_sock = admin.bind(self.settings.admin_listen)
+        try:
+            sock = sock or bind(self.settings)
+        except ConfigError:
+            if admin_sock is not None:
+                admin_sock.close()
+            raise
         self._port = sock.getsockname()[1]
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(_quiet_handshake_failures)
@@ -218,6 +245,27 @@ class Relay:
         self._listener.start()
         self._sweeper = loop.create_task(self._sweep_forever())
         log.info("relay listening on %s:%d (implicit TLS)", self.settings.listen[0], self.port)
+        if admin_sock is not None:
+            self._admin = admin.AdminServer(admin_sock, self.readiness)
+            self._admin.start()
+            host = self.settings.admin_listen[0] if self.settings.admin_listen else "?"
+            log.info(
+                "admin listener on %s:%d (/metrics, /healthz, /readyz)", host, self._admin.port
+            )
+
+    async def readiness(self) -> str | None:
+        """Why this relay should get no new traffic, or None when it should (`/readyz`)."""
+        if self.stopping:
+            return "draining: the relay is stopping"
+        if self._listener is None:
+            return "not listening yet"
+        if _identity(self.settings.database) != self._database_identity:
+            return f"the database file {self.settings.database} was deleted or replaced"
+        try:
+            await self.store.run(self.store.sync.ping)
+        except RelayError as exc:
+            return f"the store does not answer: {exc}"
+        return None
 
     def _protocol(self, refusal: Reply | None, on_close: Callable[[], None]) -> SubmissionProtocol:
         return SubmissionProtocol(
@@ -233,6 +281,7 @@ class Relay:
             self._trouble("failed-AUTH lookup", exc)
             return None
         if failures >= self.settings.auth_failure_limit:
+            metrics.auth("throttled")
             return replies.AUTH_THROTTLED
         return None
 
@@ -282,6 +331,27 @@ class Relay:
                 self._trouble("heartbeat", exc)
         if time.monotonic() >= self._next_sweep:
             await self._sweep()
+        if time.monotonic() >= self._next_prune:
+            await self._prune()
+
+    async def _prune(self) -> None:
+        """Delete delivery-log records past the retention, a few short batches a tick.
+
+        While whole batches go, the next tick prunes again; once the log is
+        within its retention, the next prune is a sweep interval away.
+        """
+        now = int(self.store.sync.clock().timestamp())
+        before = now - self.settings.log_retention_days * 86400
+        deleted = PRUNE_BATCHES_PER_TICK * PRUNE_BATCH
+        try:
+            for _ in range(PRUNE_BATCHES_PER_TICK):
+                deleted = await self.store.upkeep(lambda s: s.prune_deliveries(before, PRUNE_BATCH))
+                if deleted < PRUNE_BATCH:
+                    break
+        except RelayError as exc:
+            self._trouble("delivery log prune", exc)
+        if deleted < PRUNE_BATCH:
+            self._next_prune = time.monotonic() + self.settings.upkeep.sweep_interval
 
     def _check_database_file(self) -> None:
         """A database deleted or replaced under the relay loses every later write."""
@@ -321,6 +391,8 @@ class Relay:
         for session in list(self.sessions):
             session.close_for_shutdown(abort=True)
         await self._drained(1.0)
+        if self._admin is not None:
+            await self._admin.stop()
         tasks = [*self._tasks, *([self._sweeper] if self._sweeper else [])]
         for task in tasks:
             task.cancel()
@@ -378,6 +450,8 @@ async def serve(
     sock: socket.socket | None = None,
     ready: Callable[[Relay], Awaitable[None] | None] | None = None,
     parent: int | None = None,
+    admin_sock: socket.socket | None = None,
+    serves_admin: bool = True,
 ) -> None:
     """Run one relay process until SIGTERM or SIGINT (or, for a worker, until its
     `parent` process is gone), then drain."""
@@ -385,8 +459,8 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    relay = Relay(settings)
-    await relay.start(sock)
+    relay = Relay(settings, serves_admin=serves_admin)
+    await relay.start(sock, admin_sock)
     watchdog = loop.create_task(_watch_parent(parent, stop)) if parent else None
     if ready is not None:
         result = ready(relay)
@@ -430,6 +504,25 @@ def run(settings: Settings, ready: Callable[[Relay], Any] | None = None) -> None
     open_database(store)
     store.close()
     bind(settings, reuse_port=True).close()
+    # The first worker serves the admin listener, on a socket bound here so a
+    # bad RELAY_ADMIN_LISTEN stops the start before any fork. The workers'
+    # metrics meet in a private directory this process removes at exit.
+    admin_sock = admin.bind(settings.admin_listen) if settings.admin_listen else None
+    metrics_dir = metrics.private_directory()
+    try:
+        _run_workers(settings, ready, admin_sock, metrics_dir)
+    finally:
+        if admin_sock is not None:
+            admin_sock.close()
+        metrics.remove_directory(metrics_dir)
+
+
+def _run_workers(
+    settings: Settings,
+    ready: Callable[[Relay], Any] | None,
+    admin_sock: socket.socket | None,
+    metrics_dir: str,
+) -> None:
     children: list[int] = []
     stopping: list[int] = []
 
@@ -444,29 +537,49 @@ def run(settings: Settings, ready: Callable[[Relay], Any] | None = None) -> None
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     parent = os.getpid()
-    for _ in range(settings.workers):
+    # SIGTERM and SIGINT are blocked across each fork: a signal that arrives
+    # before the new worker has reset its handlers waits for it (and then stops
+    # it) instead of running the parent's `forward` in the worker.
+    signals = {signal.SIGTERM, signal.SIGINT}
+    for index in range(settings.workers):
         if stopping:
             break
+        signal.pthread_sigmask(signal.SIG_BLOCK, signals)
         pid = os.fork()
         if pid == 0:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
-            _die_with_parent(parent)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
             code = 0
             try:
+                _die_with_parent(parent)
+                metrics.use_multiprocess(metrics_dir)
                 sock = bind(settings, reuse_port=True)
-                _run_loop(serve(settings, sock=sock, ready=ready, parent=parent))
+                _run_loop(
+                    serve(
+                        settings,
+                        sock=sock,
+                        ready=ready,
+                        parent=parent,
+                        admin_sock=admin_sock if index == 0 else None,
+                        serves_admin=index == 0,
+                    )
+                )
             except BaseException:
                 log.exception("worker failed")
                 code = 1
             finally:
                 os._exit(code)
         children.append(pid)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
+        if index == 0 and admin_sock is not None:
+            admin_sock.close()  # the first worker has it; the others need not inherit it
     if stopping:  # a signal that came between a fork and its `append`
         forward(stopping[0], None)
     status = 0
     for child in children:
         _, code = os.waitpid(child, 0)
+        metrics.worker_gone(metrics_dir, child)
         status = status or os.waitstatus_to_exitcode(code)
     if status:
         sys.exit(status)

@@ -10,15 +10,17 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from aiosmtpd.smtp import Envelope, Session
 
-from relay import policy, replies
+from relay import logs, metrics, policy, replies
 from relay.channel import Channel, Delivery, Outbound, delivered_reply
 from relay.config import Settings
+from relay.deliveries import DeliveryRecord, outcome_of, recipient_outcomes
 from relay.errors import DeliveryError, StoreError
 from relay.message import Prepared, domain_of, normalize_address, parse_address, prepare
 from relay.replies import Reply
@@ -96,6 +98,52 @@ class RelayEnvelope(Envelope):
         self.transaction: Transaction | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    """A message at the end of DATA: who sent it to whom, as its delivery record names them."""
+
+    principal: Principal
+    client: str  # the client's address
+    sender: str  # normalized
+    recipients: tuple[str, ...]  # as written: the keys of a channel's outcome
+    keys: tuple[str, ...]  # normalized, as recorded
+    size: int
+    message_id: str
+
+    def record(
+        self,
+        reply: Reply,
+        when: int,
+        *,
+        route: policy.Route | None = None,
+        channel: str = "",
+        delivery: Delivery | None = None,
+        duration: float = 0.0,
+        replay: bool = False,
+    ) -> DeliveryRecord:
+        """The delivery-log record of this message, answered `reply`."""
+        delivery = delivery or Delivery(accepted=())
+        return DeliveryRecord(
+            time=when,
+            message_id=delivery.message_id or self.message_id,
+            account=self.principal.account,
+            token_id=self.principal.token_id,
+            sender=self.sender,
+            recipients=recipient_outcomes(
+                self.recipients, self.keys, delivery.accepted, delivery.refused, reply
+            ),
+            size=self.size,
+            channel=channel,
+            rule=route.rule if route else None,
+            outcome=outcome_of(reply, len(delivery.refused)),
+            reply=reply,
+            upstream_id=delivery.upstream_id,
+            duration=duration,
+            client=self.client,
+            replay=replay,
+        )
+
+
 class Submission:
     """The aiosmtpd handler: MAIL, RCPT and DATA for an authenticated session.
 
@@ -159,6 +207,7 @@ class Submission:
             sender=check.sender,
             hit=check.hit,
         )
+        metrics.refusal(reply, check.hit)
         if reply == replies.TOKEN_NO_LONGER_VALID:
             session.deauthenticate()
         if reply == replies.SENDER_OK:
@@ -197,6 +246,7 @@ class Submission:
             sender=tx.check.sender,
             headroom=tx.check.headroom,
         )
+        metrics.refusal(reply)
         if reply == replies.RECIPIENT_OK:
             tx.add(address, rcpt)
         return str(reply)
@@ -229,11 +279,20 @@ class Submission:
         assert tx is not None and principal is not None and isinstance(content, bytes)
         envelope.original_content = envelope.content = None  # do not hold two copies
         prepared = await self._prepare(content, tx)
+        submitted = Submitted(
+            principal,
+            _client(session),
+            tx.check.sender.address,
+            tuple(tx.recipients),
+            tuple(tx.keys),
+            len(content),
+            prepared.message_id,
+        )
         refusal = policy.message_refusal(prepared) or await self._header_senders_refusal(
             principal, tx.domain, prepared.header_senders
         )
         if refusal is not None:
-            return refusal
+            return await self._refused(submitted, refusal)
         plan = policy.plan_message(
             self.settings,
             domain=tx.domain,
@@ -242,7 +301,7 @@ class Submission:
             unlimited=tx.check.sender.unlimited,
         )
         if isinstance(plan, Reply):
-            return plan
+            return await self._refused(submitted, plan)
         channel = self.channels[plan.route.channel]
         # Only an upstream that honours an idempotency key sends a retry once.
         idempotency_key = prepared.idempotency_key if channel.idempotent else None
@@ -250,7 +309,7 @@ class Submission:
         if isinstance(reservation, Reply):
             if reservation == replies.TOKEN_NO_LONGER_VALID:
                 session.deauthenticate()
-            return reservation
+            return await self._refused(submitted, reservation, plan.route, channel.name)
         outbound = Outbound(
             tx.sender,
             tuple(tx.recipients),
@@ -262,8 +321,36 @@ class Submission:
         server.reset_timer(self.settings.forward_budget + 10)
         # Shielded: a client that disconnects mid-forward does not cancel the
         # upstream call half-way, and the charge is always settled.
-        task = self.spawn(self._forward(plan.route, outbound, reservation, idempotency_key))
+        task = self.spawn(
+            self._forward(plan.route, outbound, reservation, idempotency_key, submitted)
+        )
         return await asyncio.shield(task)
+
+    async def _refused(
+        self,
+        submitted: Submitted,
+        reply: Reply,
+        route: policy.Route | None = None,
+        channel: str = "",
+    ) -> Reply:
+        """A message answered at the end of DATA before any charge: counted and recorded."""
+        record = submitted.record(reply, self._now(), route=route, channel=channel)
+        self._count(record)
+        try:
+            await self.store.run(self.store.sync.record_delivery, record)
+        except StoreError as exc:
+            log.warning("could not record refused message %s: %s", record.message_id, exc)
+        return reply
+
+    def _now(self) -> int:
+        return int(self.store.sync.clock().timestamp())
+
+    @staticmethod
+    def _count(record: DeliveryRecord) -> None:
+        counts: dict[str, int] = {}
+        for rcpt in record.recipients:
+            counts[rcpt.outcome] = counts.get(rcpt.outcome, 0) + 1
+        metrics.message(record.channel or "none", record.outcome, record.size, counts)
 
     async def _prepare(self, content: bytes, tx: Transaction) -> Prepared:
         """`message.prepare`, off the event loop when the message could make it slow.
@@ -324,7 +411,7 @@ class Submission:
                 token_id=principal.token_id,
             )
         except Refused as refused:
-            return policy.reservation_refusal(
+            reply = policy.reservation_refusal(
                 sender=tx.check.sender.address,
                 domain=tx.domain,
                 recipients=len(tx.recipients),
@@ -334,6 +421,8 @@ class Submission:
                 domain_lost=refused.domain_lost,
                 token_invalid=refused.token_invalid,
             )
+            metrics.refusal(reply, refused.hit)
+            return reply
         except StoreError:
             log.exception("reserve failed; refusing to send unmetered")
             return replies.LOCAL_ERROR
@@ -344,9 +433,12 @@ class Submission:
         outbound: Outbound,
         reservation: Reservation,
         idempotency_key: str | None,
+        submitted: Submitted,
     ) -> Reply:
         channel = self.channels[route.channel]
         delivery = Delivery(accepted=())
+        timed_out = False
+        started = time.perf_counter()
         try:
             async with asyncio.timeout(self.settings.forward_budget):
                 delivery = await channel.deliver(outbound)
@@ -354,29 +446,64 @@ class Submission:
         except DeliveryError as exc:
             reply = exc.reply
         except TimeoutError:
+            timed_out = True
             reply = replies.upstream_unavailable(channel.name, "upstream timed out")
         except Exception:
             log.exception("channel %s failed unexpectedly", channel.name)
             reply = replies.LOCAL_ERROR
-        # A replay reserved nothing and its key is recorded already. A settle
-        # the store cannot make now is retried in the background (-1 here).
-        refund = (
-            0
-            if reservation.replay
-            else await self.store.settle(reservation.id, len(delivery.accepted), idempotency_key)
+        duration = time.perf_counter() - started
+        metrics.forwarded(channel.name, duration)
+        if reply.code >= 400:
+            kind = metrics.upstream_error_kind(reply, timed_out=timed_out)
+            metrics.upstream_error(channel.name, kind)
+        record = submitted.record(
+            reply,
+            self._now(),
+            route=route,
+            channel=channel.name,
+            delivery=delivery,
+            duration=duration,
+            replay=reservation.replay,
         )
+        # The record goes in the settle's transaction. A replay reserved nothing
+        # and its key is recorded already: one write of its own. A settle the
+        # store cannot make now is retried in the background (-1 here).
+        if reservation.replay:
+            refund = 0
+            try:
+                await self.store.run(self.store.sync.record_delivery, record)
+            except StoreError as exc:
+                log.warning("could not record replay %s: %s", record.message_id, exc)
+        else:
+            refund = await self.store.settle(
+                reservation.id, len(delivery.accepted), idempotency_key, record
+            )
+        self._count(record)
+        fields: dict[str, object] = {
+            "message_id": record.message_id,
+            "from": outbound.sender,
+            "rcpts": len(outbound.recipients),
+            "channel": channel.name,
+            "rule": route.rule,
+            "reply": f"{reply.code} {reply.enhanced}",
+            "upstream_id": delivery.upstream_id or "-",
+            "refused": ",".join(f"{r}:{v.code}" for r, v in delivery.refused.items()) or "-",
+            "refunded": refund,
+            "outcome": str(record.outcome),
+            "duration_ms": round(duration * 1000),
+        }
+        if reservation.replay:
+            fields["replay"] = "not-charged"
         log.info(
             "message %s from=%s rcpts=%d channel=%s rule=%d reply=%r upstream_id=%s"
-            " refused=%s refunded=%d%s",
-            outbound.message_id,
-            outbound.sender,
-            len(outbound.recipients),
-            channel.name,
-            route.rule,
-            f"{reply.code} {reply.enhanced}",
-            delivery.upstream_id or "-",
-            ",".join(f"{r}:{v.code}" for r, v in delivery.refused.items()) or "-",
-            refund,
+            " refused=%s refunded=%d outcome=%s duration_ms=%d%s",
+            *(fields[k] for k in list(fields)[:11]),
             " replay=not-charged" if reservation.replay else "",
+            extra={logs.FIELDS: fields},
         )
         return reply
+
+
+def _client(session: Session) -> str:
+    peer = session.peer
+    return str(peer[0]) if isinstance(peer, tuple) else str(peer or "")

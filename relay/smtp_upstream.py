@@ -206,7 +206,7 @@ class SmtpChannel:
         # 5 MiB message peaks near 3x in memory) and keeps the relay off the
         # library's private protocol, which changes between minor versions.
         response = await client.data(message.content)
-        return replace(delivery, upstream_id=one_line(response.message, 120))
+        return replace(delivery, upstream_id=queue_id(response.message))
 
     async def _reset(self, conn: _Conn) -> None:
         if not conn.client.is_connected:
@@ -398,3 +398,22 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, ConnectionRefusedError) or isinstance(exc.__cause__, ConnectionRefusedError):
         return "upstream refused the connection"
     return f"upstream unreachable ({type(exc).__name__})"
+
+
+# How MTAs name the queue id in their 250 to DATA: Postfix and aiosmtpd-based
+# sinks "2.0.0 Ok: queued as 4Bq1x2", Exim "OK id=1rXyZ-000Abc-Qm".
+_QUEUE_ID = re.compile(r"(?:queued as|\bid=)\s*<?([A-Za-z0-9][A-Za-z0-9._@:+-]{0,100})")
+
+
+def queue_id(text: str) -> str:
+    """The upstream's queue id from its reply to DATA, or the reply's text when it names none.
+
+    >>> queue_id("2.0.0 Ok: queued as 4Bq1x2Z")
+    '4Bq1x2Z'
+    >>> queue_id("OK id=1rXyZ-000Abc-Qm")
+    '1rXyZ-000Abc-Qm'
+    >>> queue_id("2.0.0 Accepted")
+    '2.0.0 Accepted'
+    """
+    found = _QUEUE_ID.search(text)
+    return found.group(1) if found else one_line(text, 120)

@@ -10,6 +10,7 @@ Each concept has its own module, which states its guarantees:
 - `relay.idempotency`: messages an idempotent upstream took, so a retry is not
   charged twice
 - `relay.throttle`: failed AUTH attempts per client address, across processes
+- `relay.deliveries`: the delivery log, written with each settle
 
 `Store` combines them, so admin commands and tests use one object. The runtime
 calls go through `AsyncStore`, so a slow disk or a lock held by another
@@ -27,8 +28,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import ParamSpec, TypeVar
 
+from relay import metrics
 from relay.accounts import Accounts
 from relay.db import StoreBusy, expected_failure, is_read_only
+from relay.deliveries import Deliveries, DeliveryRecord
 from relay.errors import StoreError
 from relay.idempotency import IDEMPOTENCY_WINDOW
 from relay.ledger import RELAY_SCOPE, Ledger, MailCheck, Refused, Reservation
@@ -50,7 +53,7 @@ __all__ = [
 ]
 
 
-class Store(Accounts, Tokens, Ledger, Throttle):
+class Store(Accounts, Tokens, Ledger, Deliveries, Throttle):
     """The synchronous store. Admin commands use it directly; the server via `AsyncStore`."""
 
 
@@ -106,6 +109,10 @@ class AsyncStore:
 
     async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run `fn`, a method of `self.sync`, inline when possible, else on a thread."""
+        with metrics.store_timer(fn.__name__):
+            return await self._run(fn, *args, **kwargs)
+
+    async def _run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         if self._queued == 0 or is_read_only(fn):
             inline: Callable[P, T] = getattr(self._inline, fn.__name__)
             try:
@@ -137,16 +144,23 @@ class AsyncStore:
             raise StoreError(f"database failed: {exc}") from exc
 
     async def settle(
-        self, reservation_id: int, delivered: int, idempotency_key: str | None = None
+        self,
+        reservation_id: int,
+        delivered: int,
+        idempotency_key: str | None = None,
+        record: DeliveryRecord | None = None,
     ) -> int:
         """`Store.settle`, and if the store fails, again in the background until it works.
 
         Returns the refund, or -1 when the settle is deferred. The upstream may
         have taken the message: the pending row must not be refunded whole by a
         sweep while this process lives to settle it (see `Ledger.settle_stale`).
+        The delivery-log `record` goes with the settle, retries included.
         """
         try:
-            return await self.run(self.sync.settle, reservation_id, delivered, idempotency_key)
+            return await self.run(
+                self.sync.settle, reservation_id, delivered, idempotency_key, record
+            )
         except StoreError as exc:
             log.warning(
                 "settling reservation %s failed (%s); retrying in the background",
@@ -155,21 +169,25 @@ class AsyncStore:
                 exc_info=not expected_failure(exc),
             )
         task = asyncio.get_running_loop().create_task(
-            self._settle_later(reservation_id, delivered, idempotency_key)
+            self._settle_later(reservation_id, delivered, idempotency_key, record)
         )
         self._settling[reservation_id] = task
         task.add_done_callback(lambda _: self._settling.pop(reservation_id, None))
         return -1
 
     async def _settle_later(
-        self, reservation_id: int, delivered: int, idempotency_key: str | None
+        self,
+        reservation_id: int,
+        delivered: int,
+        idempotency_key: str | None,
+        record: DeliveryRecord | None,
     ) -> None:
         delay = SETTLE_RETRY_FIRST
         while True:
             await asyncio.sleep(delay)
             try:
                 refund = await self.run(
-                    self.sync.settle, reservation_id, delivered, idempotency_key
+                    self.sync.settle, reservation_id, delivered, idempotency_key, record
                 )
             except StoreError:
                 delay = min(delay * 2, SETTLE_RETRY_MAX)

@@ -1,0 +1,290 @@
+"""The delivery log: one record per mail transaction that reached the end of DATA.
+
+Guarantees:
+- A message the relay charged is recorded in the same write transaction that
+  settles its charge (`Ledger.settle` calls `insert`): the record and the kept
+  charge commit together or not at all, and the hot path takes no extra write
+  transaction. A settle retried in the background carries its record along.
+- A message refused at the end of DATA before any charge (a header defect, a
+  header sender on another account's domain, a balance or limit the charge
+  found short), and a replay (an idempotent retry the upstream took already),
+  are recorded by `record_delivery`, one small write of their own.
+- Records older than `RELAY_LOG_RETENTION_DAYS` are deleted by the upkeep in
+  batches (`prune_deliveries`), each its own short transaction.
+- Queries by Message-ID, sender, account and recipient are index lookups; a
+  recipient is found through `delivery_recipients`, one row per recipient.
+
+`find_deliveries(Query)` is the one query the CLI (and the admin API) use.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import sqlite3
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from relay.db import Database, read_only
+from relay.errors import RelayError
+from relay.replies import Reply
+
+# Records a prune deletes per transaction: each holds the write lock for a few
+# milliseconds, so sessions never queue behind a long delete.
+PRUNE_BATCH = 1000
+# The most records one query returns.
+MAX_LIMIT = 100_000
+# Recipients fetched per statement (SQLite's bound-parameter limit is 32,766).
+_CHUNK = 500
+
+
+class Outcome(enum.StrEnum):
+    DELIVERED = "delivered"  # every recipient taken
+    PARTIAL = "partial"  # some recipients taken, the others refused for good
+    REFUSED = "refused"  # a 5xx: no recipient taken, the client must not retry
+    DEFERRED = "deferred"  # a 4xx: no recipient taken, the client retries
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientOutcome:
+    address: str  # normalized, as metered and searched
+    outcome: Outcome  # delivered, refused or deferred
+    code: int  # the upstream's reply code, or the relay's
+    enhanced: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryRecord:
+    """What the relay did with one message, as recorded."""
+
+    time: int  # unix seconds
+    message_id: str
+    account: str
+    token_id: str
+    sender: str
+    recipients: tuple[RecipientOutcome, ...]
+    size: int
+    channel: str  # '' when no channel was chosen
+    rule: int | None
+    outcome: Outcome
+    reply: Reply
+    upstream_id: str = ""
+    charged: int = 0
+    duration: float = 0.0  # seconds the forward took
+    client: str = ""
+    replay: bool = False
+    id: int = 0  # set when read back
+
+    def as_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["time"] = datetime.fromtimestamp(self.time, UTC).isoformat()
+        out["reply"] = {
+            "code": self.reply.code,
+            "enhanced": self.reply.enhanced,
+            "text": self.reply.text,
+        }
+        out["duration"] = round(self.duration, 3)
+        return out
+
+
+def outcome_of(reply: Reply, refused: int) -> Outcome:
+    """The message's outcome from the client's reply and the recipients refused."""
+    if reply.code < 400:
+        return Outcome.PARTIAL if refused else Outcome.DELIVERED
+    return Outcome.REFUSED if reply.is_permanent else Outcome.DEFERRED
+
+
+def recipient_outcomes(
+    recipients: Sequence[str],
+    keys: Sequence[str],
+    accepted: Iterable[str],
+    refused: Mapping[str, Reply],
+    reply: Reply,
+) -> tuple[RecipientOutcome, ...]:
+    """Each recipient's outcome: `recipients` as written (the channel's keys), `keys`
+    normalized (as recorded). A recipient neither accepted nor refused shares the
+    message's reply: a refusal or deferral of the whole message."""
+    taken = set(accepted)
+    out = []
+    for written, key in zip(recipients, keys, strict=True):
+        if written in taken:
+            out.append(RecipientOutcome(key, Outcome.DELIVERED, 250, "2.0.0"))
+            continue
+        why = refused.get(written, reply)
+        if why.code < 400:  # a channel that named neither: the message's 250 covers it
+            kind = Outcome.DELIVERED
+        else:
+            kind = Outcome.REFUSED if why.is_permanent else Outcome.DEFERRED
+        out.append(RecipientOutcome(key, kind, why.code, why.enhanced))
+    return tuple(out)
+
+
+_DURATION = re.compile(r"(\d+)([smhdw])")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_when(text: str, now: datetime) -> int:
+    """A point in time as unix seconds: a duration back from `now` (`90s`, `15m`,
+    `2h`, `1d12h`, `1w`) or an ISO 8601 date or time (UTC unless it says otherwise).
+
+        >>> now = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
+        >>> parse_when("2h", now) == int(datetime(2026, 11, 22, 10, 0, tzinfo=UTC).timestamp())
+        True
+        >>> parse_when("2026-11-21", now) == int(datetime(2026, 11, 21, tzinfo=UTC).timestamp())
+        True
+    """
+    value = text.strip()
+    parts = _DURATION.findall(value)
+    if parts and "".join(n + u for n, u in parts) == value:
+        seconds = sum(int(n) * _UNITS[u] for n, u in parts)
+        return int((now - timedelta(seconds=seconds)).timestamp())
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        raise RelayError(
+            f"not a duration (30m, 2h, 1d) or an ISO 8601 time (2026-11-22T10:00): {text!r}"
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return int(when.timestamp())
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """Which records to return, newest first. Addresses are compared normalized."""
+
+    since: int | None = None  # unix seconds, inclusive
+    until: int | None = None  # unix seconds, exclusive
+    sender: str | None = None
+    recipient: str | None = None
+    account: str | None = None
+    outcome: Outcome | None = None
+    message_id: str | None = None
+    limit: int = 50
+
+    def where(self) -> tuple[str, list[Any]]:
+        clauses: list[str] = []
+        args: list[Any] = []
+        for column, value in (
+            ("message_id", self.message_id),
+            ("sender", self.sender and self.sender.strip().lower()),
+            ("account", self.account),
+            ("outcome", self.outcome and str(self.outcome)),
+        ):
+            if value:
+                clauses.append(f"d.{column} = ?")
+                args.append(value)
+        if self.recipient:
+            clauses.append(
+                "d.id IN (SELECT delivery_id FROM delivery_recipients WHERE recipient = ?)"
+            )
+            args.append(self.recipient.strip().lower())
+        if self.since is not None:
+            clauses.append("d.created >= ?")
+            args.append(self.since)
+        if self.until is not None:
+            clauses.append("d.created < ?")
+            args.append(self.until)
+        return (" WHERE " + " AND ".join(clauses) if clauses else ""), args
+
+
+def insert(db: sqlite3.Connection, record: DeliveryRecord) -> int:
+    """Write `record` inside the caller's write transaction; returns its id."""
+    cur = db.execute(
+        "INSERT INTO deliveries (created, message_id, account, token_id, sender, size, channel,"
+        " rule, outcome, reply_code, reply_enhanced, reply_text, upstream_id, charged,"
+        " duration_ms, client, replay) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            record.time,
+            record.message_id,
+            record.account,
+            record.token_id,
+            record.sender,
+            record.size,
+            record.channel,
+            record.rule,
+            str(record.outcome),
+            record.reply.code,
+            record.reply.enhanced,
+            record.reply.text,
+            record.upstream_id,
+            record.charged,
+            round(record.duration * 1000),
+            record.client,
+            int(record.replay),
+        ),
+    )
+    delivery_id = cur.lastrowid
+    assert delivery_id is not None
+    # A recipient given twice was metered once (RCPT dedupes): one row each.
+    db.executemany(
+        "INSERT OR IGNORE INTO delivery_recipients (delivery_id, recipient, outcome, code,"
+        " enhanced) VALUES (?, ?, ?, ?, ?)",
+        [(delivery_id, r.address, str(r.outcome), r.code, r.enhanced) for r in record.recipients],
+    )
+    return delivery_id
+
+
+class Deliveries(Database):
+    def record_delivery(self, record: DeliveryRecord) -> int:
+        """Record a message no charge is settled for (refused before it, or a replay)."""
+        with self._write() as db:
+            return insert(db, record)
+
+    @read_only
+    def find_deliveries(self, query: Query) -> list[DeliveryRecord]:
+        where, args = query.where()
+        limit = max(1, min(query.limit, MAX_LIMIT))
+        rows = self._read(
+            f"SELECT * FROM deliveries AS d{where} ORDER BY d.id DESC LIMIT ?",  # noqa: S608 - placeholders only
+            (*args, limit),
+        )
+        recipients: dict[int, list[RecipientOutcome]] = {r["id"]: [] for r in rows}
+        ids = list(recipients)
+        for start in range(0, len(ids), _CHUNK):
+            chunk = ids[start : start + _CHUNK]
+            marks = ",".join("?" * len(chunk))
+            sql = f"SELECT * FROM delivery_recipients WHERE delivery_id IN ({marks})"  # noqa: S608 - placeholders only
+            for r in self._read(sql, tuple(chunk)):
+                recipients[r["delivery_id"]].append(
+                    RecipientOutcome(
+                        r["recipient"], Outcome(r["outcome"]), r["code"], r["enhanced"]
+                    )
+                )
+        return [_record(row, recipients[row["id"]]) for row in rows]
+
+    def prune_deliveries(self, before: int, batch: int = PRUNE_BATCH) -> int:
+        """Delete up to `batch` records created before `before` (unix seconds), oldest
+        first, in one short transaction; returns how many went."""
+        with self._write() as db:
+            cur = db.execute(
+                "DELETE FROM deliveries WHERE id IN (SELECT id FROM deliveries"
+                " WHERE created < ? ORDER BY created LIMIT ?)",
+                (before, batch),
+            )
+        return int(cur.rowcount)
+
+
+def _record(row: sqlite3.Row, recipients: list[RecipientOutcome]) -> DeliveryRecord:
+    order = {"delivered": 0, "refused": 1, "deferred": 2}
+    return DeliveryRecord(
+        time=row["created"],
+        message_id=row["message_id"],
+        account=row["account"],
+        token_id=row["token_id"],
+        sender=row["sender"],
+        recipients=tuple(sorted(recipients, key=lambda r: (order[r.outcome], r.address))),
+        size=row["size"],
+        channel=row["channel"],
+        rule=row["rule"],
+        outcome=Outcome(row["outcome"]),
+        reply=Reply(row["reply_code"], row["reply_enhanced"], row["reply_text"]),
+        upstream_id=row["upstream_id"],
+        charged=row["charged"],
+        duration=row["duration_ms"] / 1000,
+        client=row["client"],
+        replay=bool(row["replay"]),
+        id=row["id"],
+    )

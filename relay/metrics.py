@@ -1,0 +1,244 @@
+"""Prometheus metrics: every figure the relay exports, and the calls that move them.
+
+The rest of the relay calls the small functions below (`metrics.auth("success")`,
+`metrics.reply(line)`, ...), never prometheus_client itself. Labels have a
+bounded set of values: a result, a channel name, a reply code, an outcome, a
+store method, a window. No label ever holds an address, a token id or a
+Message-ID; those are in the delivery log.
+
+One process records into its own registry. With `--workers N` each worker calls
+`use_multiprocess(directory)` after the fork: its figures go to files in that
+directory (prometheus_client's multiprocess mode), and `exposition()` in the
+worker that serves the admin listener adds up the files of all of them. The
+parent makes the directory private and removes it at exit (`relay.server.run`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TypeVar
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+    values,
+)
+
+from relay.policy import LimitHit, limit_reached
+from relay.replies import BALANCE_DENIED, Reply
+
+T = TypeVar("T")
+
+CONNECTION_RESULTS = ("accepted", "refused_cap", "refused_ip", "tls_failed")
+AUTH_RESULTS = ("success", "failure", "throttled")
+UPSTREAM_ERROR_KINDS = ("timeout", "refused", "throttled", "unavailable", "credentials")
+# Message sizes up to the documented 5 MiB; forward and store times from the
+# sub-millisecond inline store call to the 60 s forward budget.
+SIZE_BUCKETS = (1024, 4096, 16384, 65536, 262144, 1048576, 2097152, 5242880)
+FORWARD_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+STORE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0, 10.0)
+# The variable prometheus_client's multiprocess mode reads its directory from.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+class Metrics:
+    """The relay's metrics, registered in `registry`."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        # livesum: the open sessions of the workers alive now, added up.
+        self.sessions = Gauge(
+            "relay_sessions", "Open client sessions", registry=registry, multiprocess_mode="livesum"
+        )
+        self.connections = Counter(
+            "relay_connections",
+            "Client connections by result (accepted, refused_cap, refused_ip, tls_failed)",
+            ["result"],
+            registry=registry,
+        )
+        self.auth = Counter("relay_auth", "AUTH attempts by result", ["result"], registry=registry)
+        self.messages = Counter(
+            "relay_messages",
+            "Messages that reached the end of DATA, by channel and outcome",
+            ["channel", "outcome"],
+            registry=registry,
+        )
+        self.recipients = Counter(
+            "relay_recipients",
+            "Recipients of those messages, by channel and outcome",
+            ["channel", "outcome"],
+            registry=registry,
+        )
+        self.message_bytes = Histogram(
+            "relay_message_bytes",
+            "Size of messages that reached the end of DATA",
+            buckets=SIZE_BUCKETS,
+            registry=registry,
+        )
+        self.replies = Counter(
+            "relay_replies", "Final replies sent, by reply code", ["code"], registry=registry
+        )
+        self.forward_seconds = Histogram(
+            "relay_forward_seconds",
+            "Time a forward took with its upstream",
+            ["channel"],
+            buckets=FORWARD_BUCKETS,
+            registry=registry,
+        )
+        self.upstream_errors = Counter(
+            "relay_upstream_errors",
+            "Forwards the upstream did not take, by channel and kind",
+            ["channel", "kind"],
+            registry=registry,
+        )
+        self.store_seconds = Histogram(
+            "relay_store_seconds",
+            "Time of store calls on the session path, by operation",
+            ["op"],
+            buckets=STORE_BUCKETS,
+            registry=registry,
+        )
+        self.balance_refusals = Counter(
+            "relay_balance_refusals",
+            "Transactions refused for an exhausted balance or a disabled sender",
+            registry=registry,
+        )
+        self.limit_hits = Counter(
+            "relay_limit_hits",
+            "Transactions refused by a full send-limit window",
+            ["window"],
+            registry=registry,
+        )
+        # Known label values start at 0, so a rate() sees the first event.
+        for result in CONNECTION_RESULTS:
+            self.connections.labels(result)
+        for result in AUTH_RESULTS:
+            self.auth.labels(result)
+
+
+_active = Metrics(CollectorRegistry())
+_directory: str | None = None
+
+
+def private_directory() -> str:
+    """A new directory for the workers' metric files, readable by this user only."""
+    return tempfile.mkdtemp(prefix="relay-metrics-")
+
+
+def remove_directory(directory: str) -> None:
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def use_multiprocess(directory: str) -> None:
+    """In a worker, after the fork: record into `directory`, shared with the other workers.
+
+    prometheus_client picks its value class, and reads the directory, from the
+    environment; this sets both before any metric is made again.
+    """
+    global _active, _directory
+    os.environ[MULTIPROC_ENV] = directory
+    values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+    _directory = directory
+    _active = Metrics(CollectorRegistry())
+
+
+def worker_gone(directory: str, pid: int) -> None:
+    """A worker exited: its open sessions no longer count (the livesum gauge)."""
+    multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
+
+
+def exposition() -> tuple[bytes, str]:
+    """The text format for `GET /metrics`: this process's figures, or all workers'."""
+    if _directory is None:
+        return generate_latest(_active.registry), CONTENT_TYPE_LATEST
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=_directory)  # type: ignore[no-untyped-call]
+    return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+# --- the calls -------------------------------------------------------------------
+
+
+def connection(result: str) -> None:
+    _active.connections.labels(result).inc()
+
+
+def auth(result: str) -> None:
+    _active.auth.labels(result).inc()
+
+
+def reply(line: str) -> None:
+    """A final reply the server sent, counted by its three-digit code."""
+    code = line[:3]
+    _active.replies.labels(code if code.isdigit() else "other").inc()
+
+
+def message(channel: str, outcome: str, size: int, recipients: dict[str, int]) -> None:
+    _active.messages.labels(channel, outcome).inc()
+    _active.message_bytes.observe(size)
+    for kind, count in recipients.items():
+        _active.recipients.labels(channel, kind).inc(count)
+
+
+def forwarded(channel: str, seconds: float) -> None:
+    _active.forward_seconds.labels(channel).observe(seconds)
+
+
+def upstream_error(channel: str, kind: str) -> None:
+    _active.upstream_errors.labels(channel, kind).inc()
+
+
+def upstream_error_kind(failure: Reply, *, timed_out: bool = False) -> str:
+    """Which kind of upstream failure a channel's reply (or the forward budget) tells of."""
+    if timed_out or failure.text.endswith("upstream timed out"):
+        return "timeout"
+    if failure.text.endswith("upstream rejected relay credentials"):
+        return "credentials"
+    if failure.is_permanent:
+        return "refused"
+    if failure.enhanced.startswith("4.7"):
+        return "throttled"
+    return "unavailable"
+
+
+def refusal(answer: Reply, hit: LimitHit | None = None) -> None:
+    """Count a MAIL, RCPT or end-of-DATA answer that refused for a balance or a limit."""
+    if (answer.code, answer.enhanced) == (BALANCE_DENIED.code, BALANCE_DENIED.enhanced) and (
+        answer.text.startswith(("Send balance", "Sending is disabled"))
+    ):
+        _active.balance_refusals.inc()
+    elif hit is not None and answer == limit_reached(hit):
+        _active.limit_hits.labels(str(hit.window)).inc()
+
+
+@contextmanager
+def store_timer(op: str) -> Iterator[None]:
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        _active.store_seconds.labels(op).observe(time.perf_counter() - started)
+
+
+class SessionSet(set[T]):
+    """The open sessions; `relay_sessions` follows its size."""
+
+    def add(self, item: T) -> None:
+        if item not in self:
+            super().add(item)
+            _active.sessions.inc()
+
+    def discard(self, item: object) -> None:
+        if item in self:
+            super().discard(item)
+            _active.sessions.dec()
