@@ -31,6 +31,9 @@ QUICK = {
     "rounds": 1,
     "idle": (100, 500),
     "latency_seconds": 3.0,
+    "wal_seconds": 5.0,
+    "burst_connections": 200,
+    "stall_noops": 100,
 }
 
 
@@ -118,10 +121,22 @@ def parser() -> argparse.ArgumentParser:
         "--phase-timeout", type=float, help="seconds one load phase may take (default 180)"
     )
     p.add_argument(
+        "--wal-seconds",
+        type=float,
+        help="length of the full-load run that watches the write-ahead log (default 60; 0: skip"
+        " the hardening phases: WAL, connection bursts, stall)",
+    )
+    p.add_argument(
         "--delivery-log",
         type=positive,
         metavar="N",
         help="only the delivery-log step: fill N records, time `relay log`'s queries",
+    )
+    p.add_argument(
+        "--burst-connections", type=positive, help="TLS connections per burst (default 2000)"
+    )
+    p.add_argument(
+        "--stall-noops", type=positive, help="NOOPs timed beside the worst message (default 400)"
     )
     p.add_argument(
         "--json-out",
@@ -152,6 +167,9 @@ def plan_from(args: argparse.Namespace) -> run.Plan:
         "latency_seconds",
         "workers",
         "phase_timeout",
+        "wal_seconds",
+        "burst_connections",
+        "stall_noops",
     ):
         value = getattr(args, name)
         if value is not None:

@@ -239,6 +239,23 @@ class SmtpConnection(asyncio.Protocol):
         _, arrived = await self.expect(250)
         return arrived - sent
 
+    @classmethod
+    async def open(cls, target: Target) -> SmtpConnection:
+        """One authenticated session."""
+        _, conn = await asyncio.get_running_loop().create_connection(
+            cls, target.host, target.port, ssl=target.tls
+        )
+        await conn.login(target)
+        return conn
+
+    async def send_raw(self, sender: str, content: bytes) -> None:
+        """Send `content` (CRLF lines, no line starting with a dot) as one message."""
+        await self.command(f"MAIL FROM:<{sender}>\r\n".encode(), 250)
+        await self.command(f"RCPT TO:<{RECIPIENT}>\r\n".encode(), 250)
+        await self.command(b"DATA\r\n", 354)
+        self._write(content, b".\r\n")
+        await self.expect(250)
+
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()

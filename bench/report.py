@@ -24,6 +24,13 @@ HEADLINE_SIZE = 2 * KIB
 # Issue 11 item 10b: the relay's CPU per 2 KiB message against the floor, the bare
 # receive (the ceiling) plus the bare forward (aiosmtplib to the same sink).
 MAX_FLOOR_RATIO = 1.15
+# Issue 10: the write-ahead log under a 60 s full load and 10 s after it; RSS
+# after ten bursts of 2,000 TLS connections against after the first; a NOOP beside
+# the worst message the bounds accept.
+MAX_WAL_PEAK = 64 * MIB
+MAX_WAL_AFTER = 4 * MIB
+MAX_BURST_GROWTH = 1.10
+MAX_STALL_P99_MS = 50.0
 
 
 def size_label(size: int) -> str:
@@ -146,6 +153,7 @@ def checks(result: dict[str, Any]) -> list[Check]:
                 None if value is None else value < MAX_LARGE_GROWTH,
             )
         )
+    out += _hardening_checks(result.get("hardening", {}))
     forwarded = result.get("forwarding")
     if forwarded is not None:
         out.append(
@@ -158,6 +166,81 @@ def checks(result: dict[str, Any]) -> list[Check]:
             )
         )
     return out
+
+
+def _hardening_checks(hard: dict[str, Any]) -> list[Check]:
+    out = []
+    wal = hard.get("wal")
+    if wal is not None:
+        out.append(
+            Check(
+                f"write-ahead log peak, {wal['seconds']:g} s at full 2 KiB load",
+                f"< {MAX_WAL_PEAK // MIB} MiB",
+                wal["peak_bytes"] / MIB,
+                wal["peak_bytes"] < MAX_WAL_PEAK,
+            )
+        )
+        out.append(
+            Check(
+                f"write-ahead log {wal['after_seconds']:g} s after the load",
+                f"< {MAX_WAL_AFTER // MIB} MiB",
+                wal["after_bytes"] / MIB,
+                wal["after_bytes"] < MAX_WAL_AFTER,
+            )
+        )
+    bursts = hard.get("bursts")
+    if bursts is not None:
+        value = bursts["last_over_first"]
+        out.append(
+            Check(
+                f"RSS after {bursts['bursts']} bursts of {bursts['connections']:,} TLS"
+                " connections / after the first",
+                f"<= {MAX_BURST_GROWTH}x",
+                value,
+                None if value is None else value <= MAX_BURST_GROWTH and not bursts["failed"],
+                f"{bursts['failed']} connections failed" if bursts["failed"] else "",
+            )
+        )
+    stall = hard.get("stall")
+    if stall is not None:
+        value = stall["noop_ms"]["p99"]
+        out.append(
+            Check(
+                "NOOP p99 beside the worst accepted message",
+                f"< {MAX_STALL_P99_MS} ms",
+                value,
+                None if value is None else value < MAX_STALL_P99_MS,
+            )
+        )
+    return out
+
+
+def _hardening_lines(hard: dict[str, Any]) -> list[str]:
+    lines = []
+    wal = hard.get("wal")
+    if wal is not None:
+        lines.append(
+            f"write-ahead log: peak {_mib(wal['peak_bytes'])} over {wal['seconds']:g} s of"
+            f" 2 KiB load ({wal['messages']:,} messages), {_mib(wal['at_stop_bytes'])} at the"
+            f" stop, {_mib(wal['after_bytes'])} {wal['after_seconds']:g} s later"
+        )
+    bursts = hard.get("bursts")
+    if bursts is not None:
+        after = ", ".join(_mib(v) for v in bursts["rss_after"])
+        lines.append(
+            f"RSS after bursts of {bursts['connections']:,} TLS connections (before"
+            f" {_mib(bursts['rss_before'])}): {after}; last/first"
+            f" {_fmt(bursts['last_over_first'], 2, 'x')}"
+        )
+    stall = hard.get("stall")
+    if stall is not None:
+        lat = stall["noop_ms"]
+        lines.append(
+            f"NOOP beside the worst accepted message ({_mib(stall['message_bytes'])}, 1,000"
+            f" From addresses, 100 parts; {stall['messages_sent']} sent): p50"
+            f" {_fmt(lat['p50'], 2)} p99 {_fmt(lat['p99'], 2)} ms"
+        )
+    return lines
 
 
 def _measured(by_side: dict[str, Any]) -> Any:
@@ -323,6 +406,7 @@ def table(result: dict[str, Any]) -> str:
         lines.append(f"relay workers ({workers[0]['label']}): {text}")
     if result.get("relay_peak_rss"):
         lines.append(f"relay peak RSS over the run: {_mib(result['relay_peak_rss'])}")
+    lines += _hardening_lines(result.get("hardening", {}))
     targets = result.get("targets", [])
     if targets:
         lines.append("")

@@ -38,7 +38,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import proc, report, stack
+from bench import hostile, proc, report, stack
 from bench.client import Message, Outcome, Pool, SmtpFailure, Target
 from bench.report import HEADLINE_SIZE, KIB, MIB
 
@@ -67,6 +67,9 @@ class Plan:
     latency_seconds: float = 10.0
     workers: tuple[int, ...] = (1, 2)
     phase_timeout: float = 180.0
+    wal_seconds: float = 60.0  # 0: no hardening phases (bench.hostile)
+    burst_connections: int = 2000
+    stall_noops: int = 400
 
     def sessions_for(self, size: int) -> int:
         return self.large_sessions if size >= LARGE else self.sessions
@@ -539,6 +542,40 @@ class Runner:
             floor["ratio_pipelining"] = report.ratio(on_cpu, floor["floor_cpu_s_per_1000"])
         self.result["pipelining"] = entry
 
+    async def hostile(self, setup: stack.Setup, sink: stack.ReferenceServer) -> None:
+        """The hardening figures (bench.hostile), each on a fresh relay."""
+        figures: dict[str, Any] = {}
+        for name in ("wal", "bursts", "stall"):
+            async with stack.Relay.start(
+                setup, sink.port, workers=1, max_connections=self.max_connections
+            ) as relay:
+                side = relay_side(setup, relay, sink)
+                try:
+                    if name == "wal":
+                        self.log(f"write-ahead log under {self.plan.wal_seconds:g} s of load")
+                        figures[name] = await hostile.wal(
+                            side.target,
+                            setup.database,
+                            seconds=self.plan.wal_seconds,
+                            sessions=self.plan.sessions,
+                        )
+                    elif name == "bursts":
+                        self.log(f"ten bursts of {self.plan.burst_connections:,} TLS connections")
+                        figures[name] = await hostile.bursts(
+                            relay.port,
+                            setup.client_tls(),
+                            relay.pids,
+                            connections=self.plan.burst_connections,
+                        )
+                    else:
+                        self.log("NOOP round trips beside the worst accepted message")
+                        figures[name] = await hostile.stall(
+                            side.target, noops=self.plan.stall_noops
+                        )
+                except (SmtpFailure, OSError, TimeoutError) as exc:
+                    raise stack.BenchError(f"{exc!r}; relay log:\n{relay.tail()}") from exc
+        self.result["hardening"] = figures
+
     async def workers(self, setup: stack.Setup, sink: stack.ReferenceServer) -> None:
         counts = sorted(set(self.plan.workers))
         if len(counts) < 2 or not self.max_rate("relay"):
@@ -673,6 +710,8 @@ async def run_relay(plan: Plan) -> dict[str, Any]:
                         await runner.floor(sink)
                         await runner.pipelining(setup, sides[1])
             await runner.workers(setup, sink)
+            if plan.wal_seconds:
+                await runner.hostile(setup, sink)
     return runner.finish(started)
 
 

@@ -44,6 +44,12 @@ def result(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "0.5",
         "--workers",
         "1,2",
+        "--wal-seconds",
+        "1",
+        "--burst-connections",
+        "20",
+        "--stall-noops",
+        "10",
         "--json-out",
         str(out),
     ]
@@ -100,3 +106,13 @@ def test_every_message_was_sent_and_forwarded(result: dict[str, Any]) -> None:
     assert forwarding["all_forwarded"] is True
     ceiling = result["throughput"][0]["ceiling"]
     assert ceiling["messages_ok"] == SESSIONS * MESSAGES
+
+
+@pytest.mark.slow
+def test_the_hardening_phases_report_their_figures(result: dict[str, Any]) -> None:
+    hard = result["hardening"]
+    assert hard["wal"]["messages"] > 0 and hard["wal"]["peak_bytes"] >= hard["wal"]["after_bytes"]
+    assert len(hard["bursts"]["rss_after"]) == 10 and hard["bursts"]["failed"] == 0
+    assert hard["stall"]["noops"] == 10 and hard["stall"]["messages_sent"] >= 1
+    names = " ".join(t["name"] for t in result["targets"])
+    assert "write-ahead log" in names and "bursts" in names and "NOOP" in names

@@ -1,0 +1,176 @@
+"""The hardening figures: the write-ahead log under load, RSS after bursts, and stalls.
+
+Each phase gets a fresh relay (memory a process freed but kept would hide what
+the next phase measures):
+
+- wal: the 2 KiB load at full speed for `seconds`, the database's `-wal`
+  sampled every 0.1 s: its peak, and its size 10 s after the load stops;
+- bursts: ten bursts of 2,000 TLS connections (greeting, QUIT); the relay's
+  RSS once each burst has closed, the last against the first;
+- stall: one session sends the largest message the relay's bounds accept
+  (1,000 addresses in From, 100 MIME parts, ~4.9 MiB) over and over while
+  another sends NOOP; the NOOP round trips' p99.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import proc, report, stack
+from bench.client import Message, Pool, SmtpConnection, Target
+
+WAL_SAMPLE = 0.1
+WAL_AFTER = 10.0  # seconds after the load to read the log's size
+BURSTS = 10
+BURST_CONNECTIONS = 2000
+BURST_CONCURRENCY = 500
+SETTLE_AFTER_BURST = 4.0  # the relay's TLS close (2 s at most) and an upkeep tick
+STALL_NOOPS = 400
+NOOPS_PER_SESSION = 80
+PHASE_TIMEOUT = 120.0  # one round of the load, or opening its sessions
+
+
+def wal_size(database: Path) -> int:
+    try:
+        return Path(f"{database}-wal").stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+async def wal(target: Target, database: Path, *, seconds: float, sessions: int) -> dict[str, Any]:
+    """The log's peak under the 2 KiB load and its size `WAL_AFTER` s after it stops."""
+    peak = 0
+    done = asyncio.Event()
+
+    async def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, wal_size(database))
+            await asyncio.sleep(WAL_SAMPLE)
+
+    sampler = asyncio.create_task(sample())
+    message = Message.of_size(2 * report.KIB, target.sender)
+    deadline = time.monotonic() + seconds
+    pool = await Pool.open(target, sessions, deadline=PHASE_TIMEOUT)
+    sent = 0
+    try:
+        while time.monotonic() < deadline:
+            outcome = await pool.run_closed(message, 20, deadline=PHASE_TIMEOUT)
+            sent += outcome.ok
+    finally:
+        await pool.close()
+    done.set()
+    await sampler
+    at_stop = wal_size(database)
+    await asyncio.sleep(WAL_AFTER)
+    return {
+        "seconds": seconds,
+        "messages": sent,
+        "peak_bytes": peak,
+        "at_stop_bytes": at_stop,
+        "after_bytes": wal_size(database),
+        "after_seconds": WAL_AFTER,
+    }
+
+
+async def _greet_and_quit(port: int, tls: ssl.SSLContext, limit: asyncio.Semaphore) -> bool:
+    async with limit:
+        try:
+            async with asyncio.timeout(30):
+                reader, writer = await asyncio.open_connection(stack.HOST, port, ssl=tls)
+                try:
+                    await reader.readline()
+                    writer.write(b"QUIT\r\n")
+                    await writer.drain()
+                    await reader.readline()
+                finally:
+                    writer.close()
+                    try:
+                        await writer.wait_closed()
+                    except (OSError, ssl.SSLError):
+                        pass
+            return True
+        except (OSError, ssl.SSLError, TimeoutError):
+            return False
+
+
+async def bursts(
+    port: int, tls: ssl.SSLContext, pids: list[int], *, connections: int = BURST_CONNECTIONS
+) -> dict[str, Any]:
+    """RSS after each of ten bursts of TLS connections, once the burst has closed."""
+    limit = asyncio.Semaphore(BURST_CONCURRENCY)
+    before = proc.usage(pids).rss
+    after: list[int] = []
+    failed = 0
+    for _ in range(BURSTS):
+        results = await asyncio.gather(
+            *(_greet_and_quit(port, tls, limit) for _ in range(connections))
+        )
+        failed += results.count(False)
+        await asyncio.sleep(SETTLE_AFTER_BURST)
+        after.append(proc.usage(pids).rss)
+    return {
+        "bursts": BURSTS,
+        "connections": connections,
+        "rss_before": before,
+        "rss_after": after,
+        "last_over_first": report.ratio(after[-1], after[0]),
+        "failed": failed,
+    }
+
+
+def worst_message(sender: str) -> bytes:
+    """The largest message every bound accepts: 1,000 From addresses, 100 parts, ~4.9 MiB."""
+    addresses = b",\r\n ".join(b"user%d@%s" % (i, stack.DOMAIN.encode()) for i in range(999))
+    head = (
+        b"From: " + sender.encode() + b",\r\n " + addresses + b"\r\n"
+        b"To: sink@bench.test\r\nSubject: worst\r\n"
+        b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n'
+    )
+    line = b"w" * 76 + b"\r\n"
+    part = b"--b\r\nContent-Type: text/plain\r\n\r\n" + line * 620 + b"\r\n"
+    return head + part * 100 + b"--b--\r\n"
+
+
+async def stall(target: Target, *, noops: int = STALL_NOOPS) -> dict[str, Any]:
+    """NOOP round trips of one session while another sends the worst accepted message."""
+    content = worst_message(target.sender)
+    heavy = await SmtpConnection.open(target)
+    stop = asyncio.Event()
+    sent = 0
+
+    async def send() -> None:
+        nonlocal sent
+        while not stop.is_set():
+            await heavy.send_raw(target.sender, content)
+            sent += 1
+
+    sender = asyncio.create_task(send())
+    times: list[int] = []
+    try:
+        while len(times) < noops:
+            # A session may send 100 commands that move nothing forward: a fresh
+            # probe session for every batch.
+            probe = await SmtpConnection.open(target)
+            try:
+                for _ in range(min(NOOPS_PER_SESSION, noops - len(times))):
+                    started = time.perf_counter_ns()
+                    await probe.command(b"NOOP\r\n", 250)
+                    times.append(time.perf_counter_ns() - started)
+                    await asyncio.sleep(0.01)
+            finally:
+                probe.close()
+    finally:
+        stop.set()
+        await sender
+        heavy.close()
+    return {
+        "message_bytes": len(content),
+        "messages_sent": sent,
+        "noops": len(times),
+        "noop_ms": report.latency_ms(times),
+    }
