@@ -480,6 +480,46 @@ class Runner:
             f" relay {relay or 0:.3f} s/1k"
         )
 
+    async def delivery_log(self, setup: stack.Setup, sink: stack.ReferenceServer, on: Side) -> None:
+        """2 KiB through a relay with the delivery log off, against `on` (the default), same run."""
+        head = self.headline()
+        if head is None:
+            return
+        sessions, per = head["sessions"], head["messages_per_session"]
+        rounds: dict[str, list[dict[str, Any]]] = {"off": [], "on": []}
+        async with stack.Relay.start(
+            setup,
+            sink.port,
+            workers=1,
+            max_connections=self.max_connections,
+            extra_env={"RELAY_LOG_RETENTION_DAYS": "0"},
+        ) as relay:
+            off = relay_side(setup, relay, sink)
+            await self.closed(off, HEADLINE_SIZE, 2, WARMUP_MESSAGES // 2)
+            for number in range(self.plan.rounds):
+                order = [("off", off), ("on", on)]
+                for name, side in order if number % 2 == 0 else order[::-1]:
+                    record = await self.closed(side, HEADLINE_SIZE, sessions, per)
+                    rounds[name].append(record)
+                    self.log(
+                        f"delivery log {name} round {number + 1}:"
+                        f" {record['messages_per_s'] or 0:.0f} msg/s"
+                    )
+        entry: dict[str, Any] = {
+            "label": f"{report.size_label(HEADLINE_SIZE)} x {sessions} sessions"
+        }
+        for name, records in rounds.items():
+            merged = merge(records)
+            entry[name] = {
+                "messages_per_s": merged["messages_per_s"],
+                "server_cpu_s_per_1000": merged["server_cpu_s_per_1000"],
+                "forwarded_all": merged["forwarded_all"],
+            }
+        entry["on_over_off"] = report.ratio(
+            entry["on"]["messages_per_s"], entry["off"]["messages_per_s"]
+        )
+        self.result["delivery_log"] = entry
+
     async def pipelining(self, setup: stack.Setup, off: Side) -> None:
         """2 KiB through a relay whose sink advertises PIPELINING, against `off`, same run."""
         head = self.headline()
@@ -709,6 +749,7 @@ async def run_relay(plan: Plan) -> dict[str, Any]:
                     if HEADLINE_SIZE in sizes:
                         await runner.floor(sink)
                         await runner.pipelining(setup, sides[1])
+                        await runner.delivery_log(setup, sink, sides[1])
             await runner.workers(setup, sink)
             if plan.wal_seconds:
                 await runner.hostile(setup, sink)

@@ -248,7 +248,13 @@ class Relay:
     @classmethod
     @contextlib.asynccontextmanager
     async def start(
-        cls, setup: Setup, sink_port: int, *, workers: int, max_connections: int
+        cls,
+        setup: Setup,
+        sink_port: int,
+        *,
+        workers: int,
+        max_connections: int,
+        extra_env: dict[str, str] | None = None,
     ) -> AsyncIterator[Relay]:
         port = free_port()
         upstream = {DOMAIN: {"host": HOST, "port": sink_port, "secure": False, "startTls": False}}
@@ -265,6 +271,7 @@ class Relay:
                 # INFO logs a line per message: the bench would measure logging.
                 "RELAY_LOG_LEVEL": "WARNING",
                 "SMTP_CONFIG": json.dumps(upstream),
+                **(extra_env or {}),
             }
         )
         log = setup.directory / f"relay-{workers}w-{port}.log"

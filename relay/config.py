@@ -300,7 +300,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         log_level=level,
         log_format=log_format,
         log_retention_days=_integer(
-            raw, "RELAY_LOG_RETENTION_DAYS", 30, minimum=1, maximum=MAX_LOG_RETENTION_DAYS
+            raw, "RELAY_LOG_RETENTION_DAYS", 30, minimum=0, maximum=MAX_LOG_RETENTION_DAYS
         ),
         admin_listen=_host_port(admin, "RELAY_ADMIN_LISTEN") if admin else None,
     )

@@ -336,11 +336,16 @@ class Submission:
         """A message answered at the end of DATA before any charge: counted and recorded."""
         record = submitted.record(reply, self._now(), route=route, channel=channel)
         self._count(record)
+        if self.settings.log_retention_days:  # 0: the delivery log is off
+            await self._record(record, "refused message")
+        return reply
+
+    async def _record(self, record: DeliveryRecord, what: str) -> None:
+        """One delivery-log record in a write of its own (nothing to settle with it)."""
         try:
             await self.store.run(self.store.sync.record_delivery, record)
         except StoreError as exc:
-            log.warning("could not record refused message %s: %s", record.message_id, exc)
-        return reply
+            log.warning("could not record %s %s: %s", what, record.message_id, exc)
 
     def _now(self) -> int:
         return int(self.store.sync.clock().timestamp())
@@ -468,15 +473,14 @@ class Submission:
         # The record goes in the settle's transaction. A replay reserved nothing
         # and its key is recorded already: one write of its own. A settle the
         # store cannot make now is retried in the background (-1 here).
+        kept = record if self.settings.log_retention_days else None  # 0: the log is off
         if reservation.replay:
             refund = 0
-            try:
-                await self.store.run(self.store.sync.record_delivery, record)
-            except StoreError as exc:
-                log.warning("could not record replay %s: %s", record.message_id, exc)
+            if kept is not None:
+                await self._record(kept, "replay")
         else:
             refund = await self.store.settle(
-                reservation.id, len(delivery.accepted), idempotency_key, record
+                reservation.id, len(delivery.accepted), idempotency_key, kept
             )
         self._count(record)
         fields: dict[str, object] = {

@@ -533,3 +533,14 @@ def test_two_workers_metrics_are_added_up(tmp_path, cert_dir, sink, client_tls):
     proc.stderr.close()
     assert proc.returncode == 0, stderr
     assert len(Store(database).find_deliveries(Query(limit=1000))) == sent
+
+
+def test_retention_zero_turns_the_log_off(relay_factory, sink):
+    relay = relay_factory(
+        SMTP_CONFIG=sink.smtp_config(), DEFAULT_SEND_BALANCE="5", RELAY_LOG_RETENTION_DAYS="0"
+    )
+    assert send(relay, "<off@example.com>").startswith("250 ")
+    two_froms = message(extra="From: again@example.com\r\nMessage-ID: <bad@example.com>\r\n")
+    assert send(relay, "<bad@example.com>", body=two_froms).startswith("554 ")
+    assert sink.messages and relay.store.find_deliveries(Query()) == []
+    assert relay.store.show_sender(SENDER)["balance"] == 4  # the charge still settles
