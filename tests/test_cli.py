@@ -224,7 +224,7 @@ def test_docker_compose_uses_only_settings_the_relay_knows():
 # --- outside clients --------------------------------------------------------------
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+@pytest.mark.skipif(shutil.which("curl") is None, reason="missing tool: curl is not installed")
 def test_curl_smtps_sends_through_the_relay(relay, sink, cert_dir, tmp_path):
     token = relay.token()
     mail = tmp_path / "mail.txt"
@@ -246,7 +246,7 @@ def test_curl_smtps_sends_through_the_relay(relay, sink, cert_dir, tmp_path):
     assert b"Subject: From curl\r\n" in sink.messages[0].content
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+@pytest.mark.skipif(shutil.which("curl") is None, reason="missing tool: curl is not installed")
 def test_curl_with_a_wrong_token_gets_535(relay, cert_dir, tmp_path):
     mail = tmp_path / "mail.txt"
     mail.write_bytes(message())
@@ -264,7 +264,7 @@ def test_curl_with_a_wrong_token_gets_535(relay, cert_dir, tmp_path):
     assert "< 535 5.7.8 Authentication failed" in result.stderr
 
 
-@pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks is not installed")
+@pytest.mark.skipif(shutil.which("swaks") is None, reason="missing tool: swaks is not installed")
 def test_swaks_sends_through_the_relay(relay, sink):
     result = subprocess.run(
         [
