@@ -228,15 +228,22 @@ def prepare(
     digest.update(content)
 
     added = []
+    replaced: set[bytes] = set()  # fields present but empty: ours replace them
     message_id = _clean_header(fields.get(b"message-id"))
     if not message_id:
         message_id = f"<{secrets.token_urlsafe(24)}@{hostname}>"
         added.append(b"Message-ID: " + message_id.encode() + b"\r\n")
         # The client gave no identity of its own: this send is unique, mix in ours.
         digest.update(message_id.encode())
-    if not fields.get(b"date"):
+        if b"message-id" in fields:
+            replaced.add(b"message-id")
+    if not _clean_header(fields.get(b"date")):
         date = format_datetime(now or datetime.now(UTC))
         added.append(b"Date: " + date.encode() + b"\r\n")
+        if b"date" in fields:
+            replaced.add(b"date")
+    if replaced:
+        content = _without_fields(content, replaced)
     if added:
         content = b"".join(added) + content
 
@@ -315,6 +322,27 @@ def header_fields(head: bytes, wanted: frozenset[bytes] = _FIELDS) -> dict[bytes
         key: [b" ".join(p).decode("utf-8", "replace") for p in values]
         for key, values in pieces.items()
     }
+
+
+def _without_fields(content: bytes, names: set[bytes]) -> bytes:
+    """`content` without the header fields named (lower-cased), folded lines included.
+
+    RFC 5322 section 3.6 allows one Message-ID and one Date: an empty one the
+    relay replaces must go, or the message would carry two.
+    """
+    end = content.find(_HEADER_END)
+    head, rest = (content[:end], content[end:]) if end >= 0 else (content, b"")
+    kept: list[bytes] = []
+    dropping = False
+    for line in head.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t"):
+            if not dropping:
+                kept.append(line)
+            continue
+        dropping = line.partition(b":")[0].strip().lower() in names
+        if not dropping:
+            kept.append(line)
+    return b"\r\n".join(kept) + rest
 
 
 def _clean_header(values: list[str] | None) -> str:

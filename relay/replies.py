@@ -113,7 +113,9 @@ CANNOT_VRFY = Reply(252, "2.1.5", "Cannot VRFY user, but will accept message and
 # --- policy ----------------------------------------------------------------
 SENDER_DENIED = Reply(550, "5.7.1", "Sender denied")
 BALANCE_DENIED = Reply(550, "5.7.1", "Send balance exhausted")
-TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
+TOO_MANY_RECIPIENTS = Reply(
+    452, "4.5.3", "Too many recipients: at most 50 per message; send the rest in a new message"
+)
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message too big")
 SEND_LIMIT_REACHED = Reply(451, "4.7.1", "Send limit reached")
 BAD_MESSAGE = Reply(554, "5.6.0", "Message rejected")

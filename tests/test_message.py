@@ -334,3 +334,28 @@ def test_sender_header_addresses_are_collected():
 )
 def test_parse_path(arg, parsed):
     assert parse_path(arg) == parsed
+
+
+@pytest.mark.parametrize(
+    ("raw", "message_ids"),
+    [
+        # An empty Message-ID or Date is replaced, not kept beside ours (RFC 5322 3.6).
+        (
+            b"Message-ID:\r\nDate: Mon, 1 Jan 2024 00:00:00 +0000\r\nFrom: a@x.test\r\n\r\nb\r\n",
+            1,
+            1,
+        ),
+        (b"Message-ID: <m@x.test>\r\nDate:   \r\nFrom: a@x.test\r\n\r\nb\r\n", 1),
+        (b"Message-ID:\r\n \r\nDate:\r\nFrom: a@x.test\r\n\r\nMessage-ID:\r\n", 2),  # body kept
+        (b"From: a@x.test\r\n\r\nb\r\n", 1),
+    ],
+)
+def test_an_empty_message_id_or_date_is_replaced(raw, message_ids):
+    prepared = prepare(raw, sender="a@x.test", recipients=("r@y.test",), hostname="h.test")
+    head, _, body = prepared.content.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert sum(line.lower().startswith(b"message-id:") for line in lines) == 1
+    assert sum(line.lower().startswith(b"date:") for line in lines) == 1
+    assert prepared.content.count(b"Message-ID:") == message_ids
+    assert all(line.split(b":", 1)[1].strip() for line in lines if b":" in line)
+    assert body == raw.partition(b"\r\n\r\n")[2]
