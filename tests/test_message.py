@@ -343,7 +343,6 @@ def test_parse_path(arg, parsed):
         (
             b"Message-ID:\r\nDate: Mon, 1 Jan 2024 00:00:00 +0000\r\nFrom: a@x.test\r\n\r\nb\r\n",
             1,
-            1,
         ),
         (b"Message-ID: <m@x.test>\r\nDate:   \r\nFrom: a@x.test\r\n\r\nb\r\n", 1),
         (b"Message-ID:\r\n \r\nDate:\r\nFrom: a@x.test\r\n\r\nMessage-ID:\r\n", 2),  # body kept
