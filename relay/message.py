@@ -138,7 +138,13 @@ class Defect(enum.Enum):
     TOO_MANY_PARTS = "over 100 MIME parts"
 
 
-def find_defect(content: bytes) -> Defect | None:
+def _head(content: bytes) -> bytes:
+    """The header section: up to the first empty line, without the CRLF that ends it."""
+    end = content.find(_HEADER_END)
+    return content[:end] if end >= 0 else content.removesuffix(b"\r\n")
+
+
+def find_defect(content: bytes, fields: dict[bytes, list[str]] | None = None) -> Defect | None:
     """The first reason `content` (CRLF line endings) cannot be forwarded, or None.
 
     - NUL: RFC 6152 section 3 (and RFC 5322) allow none, and a next hop that
@@ -154,8 +160,7 @@ def find_defect(content: bytes) -> Defect | None:
     """
     if b"\0" in content:
         return Defect.NUL
-    end = content.find(_HEADER_END)
-    head = content[:end] if end >= 0 else content.removesuffix(b"\r\n")
+    head = _head(content)
     if not head or content.startswith(b"\r\n"):
         return Defect.NO_HEADER_SECTION
     if len(head) > MAX_HEADER_SECTION:
@@ -170,8 +175,13 @@ def find_defect(content: bytes) -> Defect | None:
         if not colon or not _FIELD_NAME.fullmatch(name):
             return Defect.BAD_FIELD
         current = name.lower()
-    fields = header_fields(head, _ADDRESS_FIELDS)
-    if any(v.count("@") > MAX_HEADER_ADDRESSES for vs in fields.values() for v in vs):
+    if fields is None:
+        fields = header_fields(head, _ADDRESS_FIELDS)
+    if any(
+        value.count("@") > MAX_HEADER_ADDRESSES
+        for name in _ADDRESS_FIELDS
+        for value in fields.get(name, ())
+    ):
         return Defect.TOO_MANY_ADDRESSES
     if max(map(len, content.split(b"\r\n"))) > MAX_LINE:
         return Defect.LONG_LINE
@@ -217,11 +227,10 @@ def prepare(
     Message-ID a client left out.
     """
     content = to_crlf(content)
-    defect = find_defect(content)
+    fields = header_fields(_head(content), _WANTED)  # parsed once, for both uses
+    defect = find_defect(content, fields)
     if defect is not None:
         return Prepared(content, "", None, 0, "", defect)
-    end = content.find(_HEADER_END)
-    fields = header_fields(content[:end] if end >= 0 else content)
 
     digest = hashlib.sha256()
     digest.update(sender.encode() + b"\0" + b"\0".join(r.encode() for r in recipients) + b"\0")
@@ -265,6 +274,7 @@ def prepare(
 
 
 _FIELDS = frozenset({b"from", b"sender", b"message-id", b"date"})
+_WANTED = _FIELDS | _ADDRESS_FIELDS
 _ATOM_ADDR = r"([^\s<>()\[\]\\,;:@\"]+@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)"
 _BARE = re.compile(r"\s*" + _ATOM_ADDR + r"\s*")
 _NAMED = re.compile(r'\s*(?:[^<>()\[\]\\,;:@"]*|"[^"\\]*")\s*<' + _ATOM_ADDR + r">\s*")
