@@ -83,3 +83,18 @@ def test_every_row_written_in_full_is_a_reply_the_server_sends():
         if not _PLACEHOLDER.search(line) and "x" not in line[:9] and line not in texts
     ]
     assert unknown == []
+
+
+def test_every_setting_is_in_the_readme_settings_table():
+    from relay.config import KNOWN
+
+    lines = README.read_text().splitlines()
+    start = lines.index("| setting | default | meaning |")
+    table = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        table.append(line.split("|")[1])
+    documented = " ".join(table)
+    missing = sorted(name for name in KNOWN if f"`{name}`" not in documented)
+    assert missing == []
