@@ -480,6 +480,25 @@ class Runner:
             f" relay {relay or 0:.3f} s/1k"
         )
 
+    async def alternate(
+        self,
+        what: str,
+        off: Side,
+        on: Side,
+        sessions: int,
+        per: int,
+        rounds: dict[str, list[dict[str, Any]]],
+    ) -> None:
+        """2 KiB rounds on `off` and `on` in turn (the first one swapped each round)."""
+        for number in range(self.plan.rounds):
+            order = [("off", off), ("on", on)]
+            for name, side in order if number % 2 == 0 else order[::-1]:
+                record = await self.closed(side, HEADLINE_SIZE, sessions, per)
+                rounds[name].append(record)
+                self.log(
+                    f"{what} {name} round {number + 1}: {record['messages_per_s'] or 0:.0f} msg/s"
+                )
+
     async def delivery_log(self, setup: stack.Setup, sink: stack.ReferenceServer, on: Side) -> None:
         """2 KiB through a relay with the delivery log off, against `on` (the default), same run."""
         head = self.headline()
@@ -496,15 +515,7 @@ class Runner:
         ) as relay:
             off = relay_side(setup, relay, sink)
             await self.closed(off, HEADLINE_SIZE, 2, WARMUP_MESSAGES // 2)
-            for number in range(self.plan.rounds):
-                order = [("off", off), ("on", on)]
-                for name, side in order if number % 2 == 0 else order[::-1]:
-                    record = await self.closed(side, HEADLINE_SIZE, sessions, per)
-                    rounds[name].append(record)
-                    self.log(
-                        f"delivery log {name} round {number + 1}:"
-                        f" {record['messages_per_s'] or 0:.0f} msg/s"
-                    )
+            await self.alternate("delivery log", off, on, sessions, per, rounds)
         entry: dict[str, Any] = {
             "label": f"{report.size_label(HEADLINE_SIZE)} x {sessions} sessions"
         }
@@ -537,15 +548,7 @@ class Runner:
         ):
             on = relay_side(setup, relay, sink)
             await self.closed(on, HEADLINE_SIZE, 2, WARMUP_MESSAGES // 2)
-            for number in range(self.plan.rounds):
-                order = [("off", off), ("on", on)]
-                for name, side in order if number % 2 == 0 else order[::-1]:
-                    record = await self.closed(side, HEADLINE_SIZE, sessions, per)
-                    rounds[name].append(record)
-                    self.log(
-                        f"pipelining {name} round {number + 1}:"
-                        f" {record['messages_per_s'] or 0:.0f} msg/s"
-                    )
+            await self.alternate("pipelining", off, on, sessions, per, rounds)
             if paced is not None:
                 paced_on = await self.paced(
                     on, HEADLINE_SIZE, paced["sessions"], paced["rate"], paced["messages"]

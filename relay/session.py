@@ -255,16 +255,19 @@ class Submission:
         """Before 354: a SIZE= the chosen channel cannot carry is refused before the upload."""
         tx = envelope.transaction
         assert tx is not None
-        plan = policy.plan_message(
+        plan = self._plan(tx)
+        if isinstance(plan, Reply):
+            return None  # the end of DATA answers it, with the message in hand
+        return policy.size_refusal(plan.route, tx.declared_size)
+
+    def _plan(self, tx: Transaction) -> policy.MessagePlan | Reply:
+        return policy.plan_message(
             self.settings,
             domain=tx.domain,
             recipients=tx.keys,
             verified=tx.verified,
             unlimited=tx.check.sender.unlimited,
         )
-        if isinstance(plan, Reply):
-            return None  # the end of DATA answers it, with the message in hand
-        return policy.size_refusal(plan.route, tx.declared_size)
 
     async def handle_DATA(
         self, server: SubmissionProtocol, session: RelaySession, envelope: RelayEnvelope
@@ -293,13 +296,7 @@ class Submission:
         )
         if refusal is not None:
             return await self._refused(submitted, refusal)
-        plan = policy.plan_message(
-            self.settings,
-            domain=tx.domain,
-            recipients=tx.keys,
-            verified=tx.verified,
-            unlimited=tx.check.sender.unlimited,
-        )
+        plan = self._plan(tx)
         if isinstance(plan, Reply):
             return await self._refused(submitted, plan)
         channel = self.channels[plan.route.channel]
