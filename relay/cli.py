@@ -18,9 +18,8 @@ from typing import Any
 
 from relay import certs, logs, operations
 from relay.audit import CLI_ACTOR
-from relay.browse import LogPage
 from relay.config import Settings, load_settings, max_workers
-from relay.deliveries import DeliveryRecord, Outcome, parse_when
+from relay.deliveries import DeliveryRecord, Outcome
 from relay.errors import ConfigError, RelayError
 from relay.store import Store
 
@@ -343,14 +342,13 @@ def _limits_text(rows: list[dict[str, Any]]) -> str:
 
 def cmd_log(args: argparse.Namespace) -> None:
     """The delivery log, newest first: a table, or one JSON object per line."""
-    now = datetime.now(UTC)
-    query = LogPage(
-        since=parse_when(args.since, now) if args.since else None,
-        until=parse_when(args.until, now) if args.until else None,
+    query = operations.log_query(
+        since=args.since,
+        until=args.until,
         sender=args.sender,
         recipient=args.recipient,
         account=args.account,
-        outcome=Outcome(args.outcome) if args.outcome else None,
+        outcome=args.outcome,
         message_id=args.message_id,
         limit=args.limit,
     )

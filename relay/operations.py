@@ -22,7 +22,7 @@ from typing import Any
 from relay.audit import MAX_AUDIT_PAGE, Actor
 from relay.browse import MAX_PAGE, LogPage
 from relay.config import SQLITE_MAX_INT
-from relay.deliveries import MAX_LIMIT, DeliveryRecord
+from relay.deliveries import MAX_LIMIT, DeliveryRecord, Outcome, parse_when
 from relay.errors import AdminError, Conflict, Invalid, NotFound, RelayError, StoreError
 from relay.message import normalize_address, parse_address
 from relay.policy import UNLIMITED
@@ -296,6 +296,40 @@ def set_limits(
 
 
 # --- the delivery log ----------------------------------------------------------------
+
+
+def log_query(
+    *,
+    since: str | None = None,
+    until: str | None = None,
+    sender: str | None = None,
+    recipient: str | None = None,
+    account: str | None = None,
+    outcome: str | None = None,
+    message_id: str | None = None,
+    limit: int = 50,
+    cursor: int | None = None,
+) -> LogPage:
+    """The `relay log` filters (and the API's query parameters) as one query."""
+    now = datetime.now(UTC)
+    try:
+        return LogPage(
+            since=parse_when(since, now) if since else None,
+            until=parse_when(until, now) if until else None,
+            sender=sender,
+            recipient=recipient,
+            account=account,
+            outcome=Outcome(outcome) if outcome else None,
+            message_id=message_id,
+            limit=limit,
+            before=cursor,
+        )
+    except ValueError:
+        raise Invalid(
+            f"outcome: one of {', '.join(str(o) for o in Outcome)}", code="bad_outcome"
+        ) from None
+    except RelayError as exc:
+        raise Invalid(str(exc), code="bad_time") from None
 
 
 def find_log(store: Store, query: LogPage) -> tuple[list[DeliveryRecord], str | None]:
