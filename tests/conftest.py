@@ -23,12 +23,26 @@ from typing import Any
 import pytest
 import uvloop
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
-from support import DOMAIN, Raw
+from support import DOMAIN, MISSING_TOOL, Raw
 
 from relay import certs
 from relay.config import Limits, Upkeep, load_settings
 from relay.server import Relay
 from relay.store import Store
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Name, last, each test skipped because an outside tool is missing."""
+    skipped = [
+        (report.nodeid, str(report.longrepr[2]) if isinstance(report.longrepr, tuple) else "")
+        for report in terminalreporter.stats.get("skipped", [])
+    ]
+    missing = [(nodeid, why) for nodeid, why in skipped if MISSING_TOOL in why]
+    if missing:
+        terminalreporter.section("NOT TESTED: outside tools missing", sep="!", red=True)
+        for nodeid, why in missing:
+            reason = why[why.index(MISSING_TOOL) :]
+            terminalreporter.write_line(f"SKIPPED {nodeid or '(module)'}: {reason}", red=True)
 
 
 @pytest.fixture(scope="session")
