@@ -287,7 +287,7 @@ def cmd_admin_token_create(args: argparse.Namespace) -> None:
             f" shown once, store it now:\n{v['token']}"
         )
 
-    _emit(args, {"id": value["id"], "token": value["token"], **value}, text)
+    _emit(args, value, text)
 
 
 def cmd_admin_token_list(args: argparse.Namespace) -> None:

@@ -194,11 +194,15 @@ def list_addresses(store: Store, kind: str) -> list[dict[str, Any]]:
 # --- senders' balances ---------------------------------------------------------------
 
 
-def _balance(value: int, what: str, minimum: int = 0) -> int:
+def _balance(value: int, what: str, minimum: int = 0, below: str = "") -> int:
+    """A whole number from `minimum` to the largest SQLite integer; `below`: the
+    message when it is under `minimum`."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise Invalid(f"{what}: a whole number", code=f"bad_{what}")
-    if not minimum <= value <= SQLITE_MAX_INT:
-        raise Invalid(f"{what}: from {minimum} to {SQLITE_MAX_INT}", code=f"bad_{what}")
+    if value < minimum:
+        raise Invalid(below or f"{what}: at least {minimum}", code=f"bad_{what}")
+    if value > SQLITE_MAX_INT:
+        raise Invalid(f"{what}: at most {SQLITE_MAX_INT}", code=f"bad_{what}")
     return value
 
 
@@ -234,7 +238,7 @@ def set_sender(
     """Create or edit a sender row: its balance, whether it may send."""
     normalized = address(value)
     if balance is not None:
-        _balance(balance, "balance")
+        _balance(balance, "balance", below="a balance cannot be negative")
     if enabled is not None and not isinstance(enabled, bool):
         raise Invalid("enabled: true or false", code="bad_enabled")
     row = store.set_sender(normalized, balance=balance, enabled=enabled)
@@ -286,7 +290,12 @@ def set_limits(
         )
     for what, number in (("daily", daily), ("monthly", monthly)):
         if number is not None:
-            _balance(number, what, minimum=UNLIMITED)
+            _balance(
+                number,
+                what,
+                minimum=UNLIMITED,
+                below="a limit is -1 (unlimited), 0 (blocks sending) or more",
+            )
     if account:
         _account(store, account)
     value = store.set_limits(account=account or None, daily=daily, monthly=monthly)
