@@ -1,4 +1,5 @@
-"""The operators' HTTP listener: `/metrics`, `/healthz`, `/readyz` (`RELAY_ADMIN_LISTEN`).
+"""The operators' HTTP listener (`RELAY_ADMIN_LISTEN`): `/metrics`, `/healthz`, `/readyz`,
+the admin API under `/api/v1` (relay.api) and the web console at `/` (relay/console).
 
 A Starlette application served by uvicorn inside the relay's own event loop:
 `AdminServer.start()` runs uvicorn's `Server.serve()` as a task on a socket the
@@ -9,25 +10,47 @@ WebSockets, static files and an in-process test client are there already, and
 uvicorn is the ASGI server of the same authors with an explicit lifecycle.
 
 The application is given what it uses: a coroutine that says why the relay is
-not ready (None when it is), and the metrics' text. It never sees the `Relay`.
+not ready (None when it is), the API's context (the store and the throttle's
+limit), and what the console shows a new token's user (the SMTP host and port).
+It never sees the `Relay`.
+
+`/metrics`, `/healthz` and `/readyz` take no token: Prometheus and orchestrators
+poll them, and they reveal counts, never an address or a secret. The API takes
+an admin token (relay.api). The console's files are public too: it holds no
+data until its user signs in with an admin token, kept in the tab's
+sessionStorage only, and sent as a bearer token (never a cookie, so no request
+another site makes carries it).
+
+Plain HTTP on a loopback address; on any other address the listener serves
+TLS only (`RELAY_ADMIN_TLS_CERT`/`RELAY_ADMIN_TLS_KEY`, by default the SMTP
+certificate), so an admin token never crosses a network in clear.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import html
+import ipaddress
 import json
 import logging
 import socket
+import ssl
 from collections.abc import Awaitable, Callable, Generator
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
 
 import uvicorn
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from relay import metrics
+from relay import api, metrics
+from relay.apispec import PREFIX
 from relay.errors import ConfigError
 
 log = logging.getLogger("relay.admin")
@@ -38,8 +61,98 @@ READY_TIMEOUT = 2.0
 
 Readiness = Callable[[], Awaitable[str | None]]
 
+# Every answer carries these. The console loads only its own files (no inline
+# script, no other origin), is never framed, and the API's JSON is never sniffed
+# into something a browser would run.
+SECURITY_HEADERS = [
+    (
+        b"content-security-policy",
+        b"default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:;"
+        b" connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none';"
+        b" frame-ancestors 'none'",
+    ),
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"cache-control", b"no-store"),
+]
+CONSOLE_FILES = {
+    "/console/app.js": ("app.js", "text/javascript; charset=utf-8"),
+    "/console/style.css": ("style.css", "text/css; charset=utf-8"),
+}
 
-def application(readiness: Readiness) -> Starlette:
+
+@dataclass(frozen=True)
+class Console:
+    """What the console shows a new token's user: where mail clients connect."""
+
+    smtp_host: str
+    smtp_port: int
+
+
+class SecurityHeaders:
+    """ASGI middleware: SECURITY_HEADERS on every response (replacing any already set)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                names = {name for name, _ in SECURITY_HEADERS}
+                kept = [(k, v) for k, v in message.get("headers", []) if k.lower() not in names]
+                message["headers"] = kept + SECURITY_HEADERS
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
+def _console_routes(console: Console) -> list[Route]:
+    files = resources.files("relay") / "console"
+    page = (
+        (files / "index.html")
+        .read_text("utf-8")
+        .replace("{{smtp_host}}", html.escape(console.smtp_host))
+        .replace("{{smtp_port}}", str(console.smtp_port))
+    )
+
+    async def index(request: Request) -> Response:
+        return Response(page, media_type="text/html; charset=utf-8")
+
+    def static(name: str, media_type: str) -> Route:
+        body = (files / name).read_bytes()
+
+        async def serve(request: Request) -> Response:
+            return Response(body, media_type=media_type)
+
+        return Route(f"/console/{name}", serve)
+
+    return [Route("/", index), *(static(n, t) for n, t in CONSOLE_FILES.values())]
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Unknown paths and methods: JSON under the API, plain text elsewhere."""
+    assert isinstance(exc, HTTPException)
+    if request.url.path.startswith(PREFIX):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
+        return api.error(exc.status_code, code, str(exc.detail), dict(exc.headers or {}))
+    return PlainTextResponse(str(exc.detail), status_code=exc.status_code, headers=exc.headers)
+
+
+async def _crash(request: Request, exc: Exception) -> Response:
+    log.error("admin listener: %s %s failed", request.method, request.url.path, exc_info=exc)
+    return api.error(500, "internal", "the relay failed to answer; see its log")
+
+
+def application(
+    readiness: Readiness,
+    context: api.ApiContext | None = None,
+    console: Console | None = None,
+) -> Starlette:
     async def healthz(request: Request) -> Response:
         return PlainTextResponse("ok\n")
 
@@ -58,13 +171,45 @@ def application(readiness: Readiness) -> Starlette:
         body, content_type = metrics.exposition()
         return Response(body, headers={"Content-Type": content_type})
 
-    return Starlette(
-        routes=[
-            Route("/healthz", healthz),
-            Route("/readyz", readyz),
-            Route("/metrics", metrics_text),
-        ]
+    routes = [
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
+        Route("/metrics", metrics_text),
+    ]
+    if context is not None:
+        routes += api.routes(context)
+    if console is not None:
+        routes += _console_routes(console)
+    app = Starlette(
+        routes=routes, exception_handlers={HTTPException: _http_error, Exception: _crash}
     )
+    app.add_middleware(SecurityHeaders)
+    return app
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def tls_files(host: str, cert: Path, key: Path) -> tuple[Path, Path] | None:
+    """The certificate and key the listener on `host` serves, None on loopback (plain).
+
+    Loaded once here, so a missing or bad file stops the start with one line."""
+    if is_loopback(host):
+        return None
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"RELAY_ADMIN_TLS_CERT/RELAY_ADMIN_TLS_KEY: the admin listener on {host} (not"
+            f" loopback) serves TLS only, and cannot load {cert} and {key}: {exc}"
+        ) from None
+    return cert, key
 
 
 class _Server(uvicorn.Server):
@@ -80,10 +225,20 @@ class _Server(uvicorn.Server):
 
 
 class AdminServer:
-    def __init__(self, sock: socket.socket, readiness: Readiness) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        readiness: Readiness,
+        context: api.ApiContext | None = None,
+        console: Console | None = None,
+        tls: tuple[Path, Path] | None = None,
+    ) -> None:
         self.sock = sock
+        self.tls = tls
         config = uvicorn.Config(
-            application(readiness),
+            application(readiness, context, console),
+            ssl_certfile=tls[0] if tls else None,
+            ssl_keyfile=tls[1] if tls else None,
             lifespan="off",
             log_config=None,  # the relay's logging, as configured
             access_log=False,

@@ -16,11 +16,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from relay import certs, logs
+from relay import certs, logs, operations
+from relay.audit import CLI_ACTOR
 from relay.config import Settings, load_settings, max_workers
-from relay.deliveries import DeliveryRecord, Outcome, Query, parse_when
+from relay.deliveries import DeliveryRecord, Outcome
 from relay.errors import ConfigError, RelayError
-from relay.message import normalize_address, parse_address
 from relay.store import Store
 
 DEMO_ACCOUNT = "demo"
@@ -78,12 +78,6 @@ def _store() -> Store:
     store = Store(load_settings().database, create=False)
     store.migrate()
     return store
-
-
-def _address(value: str) -> str:
-    if parse_address(value) is None:
-        raise RelayError(f"not a usable email address: {value!r}")
-    return normalize_address(value)
 
 
 # --- commands ------------------------------------------------------------------
@@ -164,38 +158,38 @@ def cmd_db_init(args: argparse.Namespace) -> None:
 
 
 def cmd_account_create(args: argparse.Namespace) -> None:
-    _emit(args, _store().create_account(args.name), lambda v: f"created account {v['name']}")
+    value = operations.create_account(_store(), CLI_ACTOR, args.name)
+    _emit(args, value, lambda v: f"created account {v['name']}")
 
 
 def cmd_account_list(args: argparse.Namespace) -> None:
-    rows = _store().list_accounts()
+    rows = operations.list_accounts(_store())
     _emit(args, rows, lambda v: _table(v, ["id", "name"]))
 
 
 def cmd_domain_add(args: argparse.Namespace) -> None:
-    domain = args.domain.strip().lower()
-    if parse_address(f"x@{domain}") is None:
-        raise RelayError(f"not a usable domain: {args.domain!r}")
-    value = _store().add_domain(args.account, domain)
+    value = operations.add_domain(_store(), CLI_ACTOR, args.account, args.domain)
     _emit(args, value, lambda v: f"onboarded {v['domain']} on account {v['account']}")
 
 
 def cmd_domain_remove(args: argparse.Namespace) -> None:
-    _store().remove_domain(args.account, args.domain)
-    value = {"account": args.account, "domain": args.domain.strip().lower(), "removed": True}
+    value = operations.remove_domain(_store(), CLI_ACTOR, args.account, args.domain)
     _emit(args, value, lambda v: f"removed {v['domain']} from account {v['account']}")
 
 
 def cmd_domain_list(args: argparse.Namespace) -> None:
-    rows = _store().list_domains(args.account)
+    rows = operations.list_domains(_store(), args.account)
     _emit(args, rows, lambda v: _table(v, ["account", "domain"]))
 
 
 def cmd_token_create(args: argparse.Namespace) -> None:
-    if args.expires_in is not None and args.expires_in <= 0:
-        raise RelayError("--expires-in: a number of days above 0 (leave it out: no expiry)")
-    value = _store().create_token(
-        args.account, name=args.name or "", role=args.role or "", expires_in_days=args.expires_in
+    value = operations.create_token(
+        _store(),
+        CLI_ACTOR,
+        args.account,
+        name=args.name or "",
+        role=args.role or "",
+        expires_in_days=args.expires_in,
     )
 
     def text(v: dict[str, Any]) -> str:
@@ -208,15 +202,7 @@ def cmd_token_create(args: argparse.Namespace) -> None:
 
 
 def cmd_token_list(args: argparse.Namespace) -> None:
-    rows = _store().list_tokens(args.account)
-    for row in rows:
-        row["status"] = (
-            "revoked"
-            if row["revoked"]
-            else "expired"
-            if row["expires"] and row["expires"] <= datetime.now(UTC).timestamp()
-            else "active"
-        )
+    rows = operations.list_tokens(_store(), args.account)
 
     def text(v: list[dict[str, Any]]) -> str:
         shown = [{**r, "created": _when(r["created"]), "expires": _when(r["expires"])} for r in v]
@@ -226,23 +212,21 @@ def cmd_token_list(args: argparse.Namespace) -> None:
 
 
 def cmd_token_revoke(args: argparse.Namespace) -> None:
-    _store().revoke_token(args.token_id)
+    operations.revoke_token(_store(), CLI_ACTOR, args.token_id)
     print(f"revoked {args.token_id}")
 
 
 def _list_commands(kind: str) -> dict[str, Callable[[argparse.Namespace], None]]:
     def add(args: argparse.Namespace) -> None:
-        address = _address(args.address)
-        getattr(_store(), f"add_{kind}")(address)
-        print(f"added {address}")
+        value = operations.add_to_list(_store(), CLI_ACTOR, kind, args.address)
+        print(f"added {value['address']}")
 
     def remove(args: argparse.Namespace) -> None:
-        address = _address(args.address)
-        getattr(_store(), f"remove_{kind}")(address)
-        print(f"removed {address}")
+        value = operations.remove_from_list(_store(), CLI_ACTOR, kind, args.address)
+        print(f"removed {value['address']}")
 
     def listing(args: argparse.Namespace) -> None:
-        rows = getattr(_store(), f"list_{kind}")()
+        rows = operations.list_addresses(_store(), kind)
         _emit(args, rows, lambda v: "\n".join(r["address"] for r in v) or "(none)")
 
     return {"add": add, "remove": remove, "list": listing}
@@ -254,42 +238,89 @@ def _sender_text(v: dict[str, Any]) -> str:
 
 
 def cmd_sender_list(args: argparse.Namespace) -> None:
-    rows = _store().list_senders()
+    rows, _ = operations.list_senders(_store(), prefix=args.prefix or "")
     _emit(args, rows, lambda v: _table(v, ["address", "balance", "enabled"]))
 
 
 def cmd_sender_show(args: argparse.Namespace) -> None:
-    _emit(args, _store().show_sender(_address(args.address)), _sender_text)
+    _emit(args, operations.show_sender(_store(), args.address), _sender_text)
 
 
 def cmd_sender_set(args: argparse.Namespace) -> None:
-    value = _store().set_sender(_address(args.address), balance=args.balance, enabled=args.enabled)
+    value = operations.set_sender(
+        _store(), CLI_ACTOR, args.address, balance=args.balance, enabled=args.enabled
+    )
     _emit(args, value, _sender_text)
 
 
 def cmd_sender_topup(args: argparse.Namespace) -> None:
-    _emit(args, _store().topup_sender(_address(args.address), args.amount), _sender_text)
+    value = operations.topup_sender(_store(), CLI_ACTOR, args.address, args.amount)
+    _emit(args, value, _sender_text)
 
 
 def cmd_sender_delete(args: argparse.Namespace) -> None:
-    address = _address(args.address)
-    _store().delete_sender(address)
-    _emit(
-        args,
-        {"address": address, "deleted": True},
-        lambda v: f"deleted the sender row of {address}",
-    )
+    value = operations.delete_sender(_store(), CLI_ACTOR, args.address)
+    _emit(args, value, lambda v: f"deleted the sender row of {v['address']}")
 
 
 def cmd_limits_set(args: argparse.Namespace) -> None:
     if args.daily is None and args.monthly is None:
         raise RelayError("give --daily N and/or --monthly N (-1 unlimited, 0 blocks sending)")
-    value = _store().set_limits(account=args.account, daily=args.daily, monthly=args.monthly)
+    value = operations.set_limits(
+        _store(), CLI_ACTOR, account=args.account, daily=args.daily, monthly=args.monthly
+    )
     _emit(args, value, lambda v: _limits_text([v]))
 
 
 def cmd_limits_show(args: argparse.Namespace) -> None:
-    _emit(args, _store().show_limits(), _limits_text)
+    _emit(args, operations.show_limits(_store()), _limits_text)
+
+
+def cmd_admin_token_create(args: argparse.Namespace) -> None:
+    value = operations.create_admin_token(
+        _store(), CLI_ACTOR, name=args.name or "", expires_in_days=args.expires_in
+    )
+
+    def text(v: dict[str, Any]) -> str:
+        return (
+            f"admin token {v['id']} (expires {_when(v['expires'])});"
+            f" shown once, store it now:\n{v['token']}"
+        )
+
+    _emit(args, value, text)
+
+
+def cmd_admin_token_list(args: argparse.Namespace) -> None:
+    rows = operations.list_admin_tokens(_store())
+
+    def text(v: list[dict[str, Any]]) -> str:
+        shown = [{**r, "created": _when(r["created"]), "expires": _when(r["expires"])} for r in v]
+        return _table(shown, ["id", "name", "status", "created", "expires"])
+
+    _emit(args, rows, text)
+
+
+def cmd_admin_token_revoke(args: argparse.Namespace) -> None:
+    operations.revoke_admin_token(_store(), CLI_ACTOR, args.token_id)
+    print(f"revoked {args.token_id}")
+
+
+def cmd_audit(args: argparse.Namespace) -> None:
+    """The audit log, newest first: a table, or one JSON object per line."""
+    rows, _ = operations.audit(_store(), limit=args.limit)
+    if args.json:
+        for row in rows:
+            print(json.dumps(row, sort_keys=True))
+        return
+    shown = [
+        {
+            **r,
+            "time": _when(r["created"]),
+            "detail": json.dumps(r["detail"], sort_keys=True) if r["detail"] else "",
+        }
+        for r in rows
+    ]
+    print(_table(shown, ["time", "actor", "address", "action", "target", "detail"]))
 
 
 def _limits_text(rows: list[dict[str, Any]]) -> str:
@@ -311,20 +342,17 @@ def _limits_text(rows: list[dict[str, Any]]) -> str:
 
 def cmd_log(args: argparse.Namespace) -> None:
     """The delivery log, newest first: a table, or one JSON object per line."""
-    if args.limit < 1:
-        raise RelayError("--limit: at least 1")
-    now = datetime.now(UTC)
-    query = Query(
-        since=parse_when(args.since, now) if args.since else None,
-        until=parse_when(args.until, now) if args.until else None,
+    query = operations.log_query(
+        since=args.since,
+        until=args.until,
         sender=args.sender,
         recipient=args.recipient,
         account=args.account,
-        outcome=Outcome(args.outcome) if args.outcome else None,
+        outcome=args.outcome,
         message_id=args.message_id,
         limit=args.limit,
     )
-    records = _store().find_deliveries(query)
+    records, _ = operations.find_log(_store(), query)
     if args.json:
         for record in records:
             print(json.dumps(record.as_json(), sort_keys=True))
@@ -350,9 +378,7 @@ def _log_row(record: DeliveryRecord) -> dict[str, Any]:
 
 def cmd_log_show(args: argparse.Namespace) -> None:
     """Everything recorded for a Message-ID (a retried message has several records)."""
-    records = _store().find_deliveries(Query(message_id=args.message_id, limit=1000))
-    if not records:
-        raise RelayError(f"no delivery record for Message-ID {args.message_id}")
+    records = operations.show_log(_store(), args.message_id)
     if args.json:
         for record in records:
             print(json.dumps(record.as_json(), sort_keys=True))
@@ -465,7 +491,9 @@ def _parser() -> argparse.ArgumentParser:
         command(g, "list", actions["list"], "list addresses", True)
 
     sender = group("sender", "send balances per sender address")
-    command(sender, "list", cmd_sender_list, "list sender rows", True)
+    command(sender, "list", cmd_sender_list, "list sender rows", True).add_argument(
+        "--prefix", help="only addresses that start with this"
+    )
     command(sender, "show", cmd_sender_show, "show one sender", True).add_argument("address")
     sset = command(sender, "set", cmd_sender_set, "create or edit a sender row", True)
     sset.add_argument("address")
@@ -486,6 +514,20 @@ def _parser() -> argparse.ArgumentParser:
     lset.add_argument("--monthly", type=int)
     lset.add_argument("--account", help="limit one account instead of the whole relay")
     command(limits, "show", cmd_limits_show, "limits and current counts", True)
+
+    admin_token = group("admin-token", "admin API tokens (apart from the sending tokens)")
+    acreate = command(
+        admin_token, "create", cmd_admin_token_create, "issue an admin token (shown once)", True
+    )
+    acreate.add_argument("--name", help="a label")
+    acreate.add_argument("--expires-in", type=float, metavar="DAYS")
+    command(admin_token, "list", cmd_admin_token_list, "list admin tokens (never secrets)", True)
+    command(admin_token, "revoke", cmd_admin_token_revoke, "revoke an admin token").add_argument(
+        "token_id"
+    )
+
+    audit = command(commands, "audit", cmd_audit, "the audit log of changes, newest first", True)
+    audit.add_argument("--limit", type=int, default=100, help="records at most (default 100)")
     return parser
 
 

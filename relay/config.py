@@ -156,8 +156,12 @@ class Settings:
     log_format: str = "text"  # or "json": one JSON object per line
     # Delivery-log records older than this are pruned by the upkeep.
     log_retention_days: int = 30
-    # The operators' HTTP listener (/metrics, /healthz, /readyz); None: off.
+    # The operators' HTTP listener (/metrics, /healthz, /readyz, the admin API and
+    # console); None: off. Off loopback it serves TLS only, with this certificate
+    # (None: the SMTP one).
     admin_listen: tuple[str, int] | None = None
+    admin_tls_cert: Path | None = None
+    admin_tls_key: Path | None = None
     limits: Limits = field(default_factory=Limits)
     upkeep: Upkeep = field(default_factory=Upkeep)
 
@@ -191,6 +195,8 @@ KNOWN = frozenset(
         "RELAY_LOG_FORMAT",
         "RELAY_LOG_RETENTION_DAYS",
         "RELAY_ADMIN_LISTEN",
+        "RELAY_ADMIN_TLS_CERT",
+        "RELAY_ADMIN_TLS_KEY",
         "SMTP_CONFIG",
         "RESEND_TOKEN",
         "RESEND_API_URL",
@@ -303,6 +309,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             raw, "RELAY_LOG_RETENTION_DAYS", 30, minimum=0, maximum=MAX_LOG_RETENTION_DAYS
         ),
         admin_listen=_host_port(admin, "RELAY_ADMIN_LISTEN") if admin else None,
+        admin_tls_cert=Path(p) if (p := text("RELAY_ADMIN_TLS_CERT")) else None,
+        admin_tls_key=Path(p) if (p := text("RELAY_ADMIN_TLS_KEY")) else None,
     )
 
 

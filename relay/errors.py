@@ -3,6 +3,10 @@
     RelayError                  every error knows the SMTP reply it becomes
     ├── ConfigError             a bad setting; stops the start with one line
     ├── StoreError              the database failed; the relay defers (451 4.3.0)
+    ├── AdminError              an admin operation refused (CLI exit 1, admin API 4xx)
+    │   ├── Invalid             bad input (HTTP 422)
+    │   ├── NotFound            no such account, token, sender, ... (HTTP 404)
+    │   └── Conflict            it exists already, or the change breaks a rule (HTTP 409)
     └── DeliveryError           a channel's outcome, translated at its boundary
         ├── TransientDelivery   4xx: the client should retry
         └── PermanentDelivery   5xx: the upstream refused for good
@@ -34,6 +38,36 @@ class StoreError(RelayError):
     """The database could not answer. Never send unmetered: defer instead."""
 
     reply = replies.LOCAL_ERROR
+
+
+class AdminError(RelayError):
+    """An admin operation (relay.operations) refused; the CLI prints it, the API answers it.
+
+    `code` is a stable machine name (`account_exists`), `status` the HTTP status.
+    """
+
+    status = 400
+    code = "bad_request"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
+class Invalid(AdminError):
+    status = 422
+    code = "invalid"
+
+
+class NotFound(AdminError):
+    status = 404
+    code = "not_found"
+
+
+class Conflict(AdminError):
+    status = 409
+    code = "conflict"
 
 
 class DeliveryError(RelayError):

@@ -122,4 +122,26 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TABLE auth_failures (address TEXT NOT NULL, created INTEGER NOT NULL);
     CREATE INDEX auth_failures_by_address ON auth_failures (address, created);
     """,
+    # 8: the admin API (relay.admins, relay.audit): operators' bearer tokens, kept
+    #    apart from sending tokens, and the audit log of every change an operator made
+    """
+    CREATE TABLE admin_tokens (
+        id TEXT PRIMARY KEY,
+        hash TEXT NOT NULL UNIQUE,          -- sha256 of the token, never the token
+        name TEXT NOT NULL DEFAULT '',
+        created INTEGER NOT NULL,
+        expires INTEGER,
+        revoked INTEGER
+    );
+    CREATE TABLE audit (
+        id INTEGER PRIMARY KEY,
+        created INTEGER NOT NULL,           -- unix seconds (UTC)
+        actor TEXT NOT NULL,                -- an admin token's id, or 'cli'
+        address TEXT NOT NULL,              -- the client's address ('local' for the CLI)
+        action TEXT NOT NULL,               -- e.g. 'sender.topup'
+        target TEXT NOT NULL,               -- what it acted on: an account, an address, an id
+        detail TEXT NOT NULL                -- JSON: the change's arguments (never a secret)
+    );
+    CREATE INDEX audit_created ON audit (created);
+    """,
 )

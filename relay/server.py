@@ -26,9 +26,10 @@ import ssl
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 
-from relay import admin, metrics, replies
+from relay import admin, api, metrics, replies
 from relay.admission import Admission
 from relay.channel import Channel, OutboxChannel
 from relay.config import Settings
@@ -233,6 +234,7 @@ class Relay:
         if self.serves_admin and self.settings.admin_listen and admin_sock is None:
             admin_sock = admin.bind(self.settings.admin_listen)
         try:
+            admin_tls = self._admin_tls() if admin_sock is not None else None
             sock = sock or bind(self.settings)
         except ConfigError:
             if admin_sock is not None:
@@ -246,12 +248,38 @@ class Relay:
         self._sweeper = loop.create_task(self._sweep_forever())
         log.info("relay listening on %s:%d (implicit TLS)", self.settings.listen[0], self.port)
         if admin_sock is not None:
-            self._admin = admin.AdminServer(admin_sock, self.readiness)
-            self._admin.start()
-            host = self.settings.admin_listen[0] if self.settings.admin_listen else "?"
-            log.info(
-                "admin listener on %s:%d (/metrics, /healthz, /readyz)", host, self._admin.port
-            )
+            self._start_admin(admin_sock, admin_tls)
+
+    def _admin_tls(self) -> tuple[Path, Path] | None:
+        settings = self.settings
+        return admin.tls_files(
+            self._admin_host,
+            settings.admin_tls_cert or settings.tls_cert,
+            settings.admin_tls_key or settings.tls_key,
+        )
+
+    @property
+    def _admin_host(self) -> str:
+        return self.settings.admin_listen[0] if self.settings.admin_listen else "127.0.0.1"
+
+    def _start_admin(self, sock: socket.socket, tls: tuple[Path, Path] | None) -> None:
+        settings, host = self.settings, self._admin_host
+        self._admin = admin.AdminServer(
+            sock,
+            self.readiness,
+            api.ApiContext(self.store, settings.auth_failure_limit),
+            admin.Console(settings.hostname, self.port),
+            tls,
+        )
+        self._admin.start()
+        scheme = "https" if tls else "http"
+        log.info(
+            "admin listener on %s://%s:%d (%s; /api/v1, console at /, /metrics, /healthz, /readyz)",
+            scheme,
+            host,
+            self._admin.port,
+            "TLS: not a loopback address" if tls else "plain HTTP: loopback only",
+        )
 
     async def readiness(self) -> str | None:
         """Why this relay should get no new traffic, or None when it should (`/readyz`)."""

@@ -11,6 +11,9 @@ Each concept has its own module, which states its guarantees:
   charged twice
 - `relay.throttle`: failed AUTH attempts per client address, across processes
 - `relay.deliveries`: the delivery log, written with each settle
+- `relay.admins`: the admin API's tokens, apart from the sending tokens
+- `relay.audit`: the audit log of operators' changes
+- `relay.browse`: paged reads for the admin API (senders by prefix)
 
 `Store` combines them, so admin commands and tests use one object. The runtime
 calls go through `AsyncStore`, so a slow disk or a lock held by another
@@ -30,6 +33,9 @@ from typing import ParamSpec, TypeVar
 
 from relay import metrics
 from relay.accounts import Accounts
+from relay.admins import AdminTokens
+from relay.audit import Audit
+from relay.browse import Browse
 from relay.db import StoreBusy, expected_failure, is_read_only
 from relay.deliveries import Deliveries, DeliveryRecord
 from relay.errors import StoreError
@@ -53,7 +59,7 @@ __all__ = [
 ]
 
 
-class Store(Accounts, Tokens, Ledger, Deliveries, Throttle):
+class Store(Accounts, Tokens, Ledger, Deliveries, Throttle, AdminTokens, Audit, Browse):
     """The synchronous store. Admin commands use it directly; the server via `AsyncStore`."""
 
 

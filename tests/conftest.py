@@ -23,12 +23,26 @@ from typing import Any
 import pytest
 import uvloop
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
-from support import DOMAIN, Raw
+from support import DOMAIN, MISSING_TOOL, Raw
 
 from relay import certs
 from relay.config import Limits, Upkeep, load_settings
 from relay.server import Relay
 from relay.store import Store
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Name, last, each test skipped because an outside tool is missing."""
+    skipped = [
+        (report.nodeid, str(report.longrepr[2]) if isinstance(report.longrepr, tuple) else "")
+        for report in terminalreporter.stats.get("skipped", [])
+    ]
+    missing = [(nodeid, why) for nodeid, why in skipped if MISSING_TOOL in why]
+    if missing:
+        terminalreporter.section("NOT TESTED: outside tools missing", sep="!", red=True)
+        for nodeid, why in missing:
+            reason = why[why.index(MISSING_TOOL) :]
+            terminalreporter.write_line(f"SKIPPED {nodeid or '(module)'}: {reason}", red=True)
 
 
 @pytest.fixture(scope="session")
@@ -312,26 +326,3 @@ def sink(sink_factory: Callable[..., Sink]) -> Sink:
 def relay(relay_factory: Callable[..., RunningRelay], sink: Sink) -> RunningRelay:
     """The relay forwarding example.com to a plain aiosmtpd sink, with a balance to spend."""
     return relay_factory(SMTP_CONFIG=sink.smtp_config(), DEFAULT_SEND_BALANCE="1000")
-
-
-# --- a CI run must not pass by skipping ----------------------------------------------
-
-MISSING_TOOL = "missing tool:"
-
-
-def pytest_terminal_summary(terminalreporter: Any) -> None:
-    """Name, on the last lines, every test skipped because an outside tool is missing.
-
-    Tests that need curl, swaks, PostgreSQL or a browser skip with a reason that
-    starts with `MISSING_TOOL` where the tool cannot be installed; a green run
-    must still say what it did not run.
-    """
-    missing = []
-    for report in terminalreporter.stats.get("skipped", []):
-        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
-        if MISSING_TOOL in reason:
-            missing.append(f"{report.nodeid}: {reason.split(MISSING_TOOL, 1)[1].strip()}")
-    if missing:
-        terminalreporter.section("tests not run: a tool they need is missing")
-        for line in missing:
-            terminalreporter.line(line)

@@ -10,7 +10,18 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import IO
 
+import pytest
+
 DOMAIN = "example.com"
+# The reason of a test skipped for a missing outside tool; conftest.py lists
+# them at the end of the run, so a CI that lacks one does not pass quietly.
+MISSING_TOOL = "missing tool: "
+
+
+def missing_tool(what: str) -> None:
+    pytest.skip(MISSING_TOOL + what)
+
+
 SENDER = f"app@{DOMAIN}"
 
 

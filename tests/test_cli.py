@@ -16,7 +16,7 @@ from pathlib import Path
 
 import aiosmtplib
 import pytest
-from support import SENDER, Lines, free_port, message
+from support import MISSING_TOOL, SENDER, Lines, free_port, message
 
 from relay.config import Secret, is_known_setting, load_settings
 from relay.errors import ConfigError
@@ -264,7 +264,7 @@ def test_curl_with_a_wrong_token_gets_535(relay, cert_dir, tmp_path):
     assert "< 535 5.7.8 Authentication failed" in result.stderr
 
 
-@pytest.mark.skipif(shutil.which("swaks") is None, reason="missing tool: swaks is not installed")
+@pytest.mark.skipif(shutil.which("swaks") is None, reason=MISSING_TOOL + "swaks")
 def test_swaks_sends_through_the_relay(relay, sink):
     result = subprocess.run(
         [

@@ -1,0 +1,392 @@
+"""What an operator can do, once: the `relay` CLI and the admin API both call these.
+
+Each function takes the synchronous `Store`, checks its input (raising
+`Invalid`), makes the change or the read, translates the store's refusals into
+`NotFound` or `Conflict`, and records every change in the audit log with its
+`Actor`. It returns JSON-ready values whose field names are the CLI's `--json`
+output, which the API returns as they are. So the two front ends cannot drift:
+neither has rules of its own beyond parsing its input.
+
+The API runs these on the store's thread (`AsyncStore.in_thread`), never on
+the event loop.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+from relay.audit import MAX_AUDIT_PAGE, Actor
+from relay.browse import MAX_PAGE, LogPage
+from relay.config import SQLITE_MAX_INT
+from relay.deliveries import MAX_LIMIT, DeliveryRecord, Outcome, parse_when
+from relay.errors import AdminError, Conflict, Invalid, NotFound, RelayError, StoreError
+from relay.message import normalize_address, parse_address
+from relay.policy import UNLIMITED
+from relay.store import Store
+
+# A token's lifetime, at most: beyond, the expiry is a typo (and past SQLite's integers).
+MAX_EXPIRY_DAYS = 36_500
+# Account names and labels are shown in tables and URL paths: short, one line.
+MAX_NAME = 100
+LIST_KINDS = ("verified", "nolimit")
+
+
+@contextmanager
+def _refusal(kind: type[AdminError], code: str) -> Iterator[None]:
+    """Turn the store's plain `RelayError` (a refused change) into `kind` with `code`."""
+    try:
+        yield
+    except (AdminError, StoreError):
+        raise
+    except RelayError as exc:
+        raise kind(str(exc), code=code) from None
+
+
+def address(value: str) -> str:
+    """A usable email address, normalized, or `Invalid`."""
+    if not isinstance(value, str) or parse_address(value) is None:
+        raise Invalid(f"not a usable email address: {value!r}", code="bad_address")
+    return normalize_address(value)
+
+
+def _name(value: str, what: str, *, empty: bool = False) -> str:
+    text = value.strip()
+    if (not text and not empty) or len(text) > MAX_NAME:
+        raise Invalid(f"{what}: 1 to {MAX_NAME} characters", code=f"bad_{what}")
+    if any(not c.isprintable() or c == "/" for c in text):
+        raise Invalid(f"{what}: printable characters, no '/'", code=f"bad_{what}")
+    return text
+
+
+def _account(store: Store, name: str) -> None:
+    if name not in {a["name"] for a in store.list_accounts()}:
+        raise NotFound(f"no account named {name!r}", code="no_such_account")
+
+
+def _expiry(days: float | None) -> float | None:
+    if days is not None and not (math.isfinite(days) and 0 < days <= MAX_EXPIRY_DAYS):
+        raise Invalid(
+            f"expires in: a number of days above 0 and at most {MAX_EXPIRY_DAYS}"
+            " (leave it out: no expiry)",
+            code="bad_expiry",
+        )
+    return days
+
+
+def _status(row: dict[str, Any]) -> str:
+    if row["revoked"]:
+        return "revoked"
+    if row["expires"] and row["expires"] <= datetime.now(UTC).timestamp():
+        return "expired"
+    return "active"
+
+
+# --- accounts and domains ------------------------------------------------------------
+
+
+def create_account(store: Store, actor: Actor, name: str) -> dict[str, Any]:
+    name = _name(name, "name")
+    with _refusal(Conflict, "account_exists"):
+        value = store.create_account(name)
+    store.record_audit(actor, "account.create", name)
+    return value
+
+
+def list_accounts(store: Store) -> list[dict[str, Any]]:
+    return store.list_accounts()
+
+
+def add_domain(store: Store, actor: Actor, account: str, domain: str) -> dict[str, Any]:
+    domain = domain.strip().lower()
+    if parse_address(f"x@{domain}") is None:
+        raise Invalid(f"not a usable domain: {domain!r}", code="bad_domain")
+    _account(store, account)
+    with _refusal(Conflict, "domain_taken"):
+        value = store.add_domain(account, domain)
+    store.record_audit(actor, "domain.add", account, {"domain": domain})
+    return value
+
+
+def remove_domain(store: Store, actor: Actor, account: str, domain: str) -> dict[str, Any]:
+    domain = domain.strip().lower()
+    _account(store, account)
+    with _refusal(NotFound, "no_such_domain"):
+        store.remove_domain(account, domain)
+    store.record_audit(actor, "domain.remove", account, {"domain": domain})
+    return {"account": account, "domain": domain, "removed": True}
+
+
+def list_domains(store: Store, account: str | None = None) -> list[dict[str, Any]]:
+    if account is not None:
+        _account(store, account)
+    return store.list_domains(account)
+
+
+# --- sending tokens ------------------------------------------------------------------
+
+
+def create_token(
+    store: Store,
+    actor: Actor,
+    account: str,
+    *,
+    name: str = "",
+    role: str = "",
+    expires_in_days: float | None = None,
+) -> dict[str, Any]:
+    """A token for `account`; the value holds the token itself, shown this once."""
+    name, role = _name(name, "name", empty=True), _name(role, "role", empty=True)
+    _account(store, account)
+    value = store.create_token(
+        account, name=name, role=role, expires_in_days=_expiry(expires_in_days)
+    )
+    detail = {"id": value["id"], "name": name, "role": role, "expires": value["expires"]}
+    store.record_audit(actor, "token.create", account, detail)
+    return value
+
+
+def list_tokens(store: Store, account: str | None = None) -> list[dict[str, Any]]:
+    """Tokens, never their secrets, each with its `status`: active, revoked or expired."""
+    if account is not None:
+        _account(store, account)
+    return [{**row, "status": _status(row)} for row in store.list_tokens(account)]
+
+
+def revoke_token(store: Store, actor: Actor, token_id: str) -> dict[str, Any]:
+    with _refusal(NotFound, "no_such_token"):
+        store.revoke_token(token_id)
+    store.record_audit(actor, "token.revoke", token_id)
+    return {"id": token_id, "revoked": True}
+
+
+# --- the verified and no-limit lists -------------------------------------------------
+
+_LISTS: dict[str, tuple[Callable[[Store, str], None], Callable[[Store, str], None]]] = {
+    "verified": (Store.add_verified, Store.remove_verified),
+    "nolimit": (Store.add_nolimit, Store.remove_nolimit),
+}
+
+
+def add_to_list(store: Store, actor: Actor, kind: str, value: str) -> dict[str, Any]:
+    """Add an address to the `verified` or `nolimit` list (adding it twice is no error)."""
+    normalized = address(value)
+    _LISTS[kind][0](store, normalized)
+    store.record_audit(actor, f"{kind}.add", normalized)
+    return {"address": normalized, "added": True}
+
+
+def remove_from_list(store: Store, actor: Actor, kind: str, value: str) -> dict[str, Any]:
+    normalized = address(value)
+    with _refusal(NotFound, "not_on_list"):
+        _LISTS[kind][1](store, normalized)
+    store.record_audit(actor, f"{kind}.remove", normalized)
+    return {"address": normalized, "removed": True}
+
+
+def list_addresses(store: Store, kind: str) -> list[dict[str, Any]]:
+    return store.list_verified() if kind == "verified" else store.list_nolimit()
+
+
+# --- senders' balances ---------------------------------------------------------------
+
+
+def _balance(value: int, what: str, minimum: int = 0, below: str = "") -> int:
+    """A whole number from `minimum` to the largest SQLite integer; `below`: the
+    message when it is under `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise Invalid(f"{what}: a whole number", code=f"bad_{what}")
+    if value < minimum:
+        raise Invalid(below or f"{what}: at least {minimum}", code=f"bad_{what}")
+    if value > SQLITE_MAX_INT:
+        raise Invalid(f"{what}: at most {SQLITE_MAX_INT}", code=f"bad_{what}")
+    return value
+
+
+def list_senders(
+    store: Store, *, prefix: str = "", limit: int | None = None, cursor: str | None = None
+) -> tuple[list[dict[str, Any]], str | None]:
+    """Sender rows by address, starting with `prefix`, after `cursor`; and the next cursor.
+
+    `limit=None`: every row (the CLI); else one page of at most `limit` (at most
+    MAX_PAGE), and the cursor for the next page, or None on the last.
+    """
+    prefix = prefix.strip().lower()
+    if limit is None:
+        rows: list[dict[str, Any]] = []
+        while page := store.page_senders(prefix=prefix, limit=MAX_PAGE, after=cursor):
+            rows += page
+            cursor = page[-1]["address"]
+        return rows, None
+    if not 1 <= limit <= MAX_PAGE:
+        raise Invalid(f"limit: from 1 to {MAX_PAGE}", code="bad_limit")
+    rows = store.page_senders(prefix=prefix, limit=limit, after=cursor)
+    return rows, rows[-1]["address"] if len(rows) == limit else None
+
+
+def show_sender(store: Store, value: str) -> dict[str, Any]:
+    with _refusal(NotFound, "no_such_sender"):
+        return store.show_sender(address(value))
+
+
+def set_sender(
+    store: Store, actor: Actor, value: str, *, balance: int | None, enabled: bool | None
+) -> dict[str, Any]:
+    """Create or edit a sender row: its balance, whether it may send."""
+    normalized = address(value)
+    if balance is not None:
+        _balance(balance, "balance", below="a balance cannot be negative")
+    if enabled is not None and not isinstance(enabled, bool):
+        raise Invalid("enabled: true or false", code="bad_enabled")
+    row = store.set_sender(normalized, balance=balance, enabled=enabled)
+    detail = {k: v for k, v in (("balance", balance), ("enabled", enabled)) if v is not None}
+    store.record_audit(actor, "sender.set", normalized, detail)
+    return row
+
+
+def topup_sender(store: Store, actor: Actor, value: str, amount: int) -> dict[str, Any]:
+    """Add `amount` (negative: take away) to a balance; creates the row if missing."""
+    normalized = address(value)
+    _balance(amount, "amount", minimum=-SQLITE_MAX_INT)
+    current = {r["address"]: r["balance"] for r in store.page_senders(prefix=normalized)}
+    if current.get(normalized, 0) + amount > SQLITE_MAX_INT:
+        raise Conflict(f"a top-up of {amount} would pass the largest balance", code="too_large")
+    with _refusal(Conflict, "balance_negative"):
+        row = store.topup_sender(normalized, amount)
+    store.record_audit(actor, "sender.topup", normalized, {"amount": amount})
+    return row
+
+
+def delete_sender(store: Store, actor: Actor, value: str) -> dict[str, Any]:
+    normalized = address(value)
+    with _refusal(NotFound, "no_such_sender"):
+        store.delete_sender(normalized)
+    store.record_audit(actor, "sender.delete", normalized)
+    return {"address": normalized, "deleted": True}
+
+
+# --- send limits ---------------------------------------------------------------------
+
+
+def show_limits(store: Store) -> list[dict[str, Any]]:
+    """Each scope's limits, its counts in the current UTC day and month, and their resets."""
+    return store.show_limits()
+
+
+def set_limits(
+    store: Store,
+    actor: Actor,
+    *,
+    account: str | None = None,
+    daily: int | None = None,
+    monthly: int | None = None,
+) -> dict[str, Any]:
+    if daily is None and monthly is None:
+        raise Invalid(
+            "give daily and/or monthly (-1 unlimited, 0 blocks sending)", code="bad_limits"
+        )
+    for what, number in (("daily", daily), ("monthly", monthly)):
+        if number is not None:
+            _balance(
+                number,
+                what,
+                minimum=UNLIMITED,
+                below="a limit is -1 (unlimited), 0 (blocks sending) or more",
+            )
+    if account:
+        _account(store, account)
+    value = store.set_limits(account=account or None, daily=daily, monthly=monthly)
+    detail = {k: v for k, v in (("daily", daily), ("monthly", monthly)) if v is not None}
+    store.record_audit(actor, "limits.set", account or "relay", detail)
+    return value
+
+
+# --- the delivery log ----------------------------------------------------------------
+
+
+def log_query(
+    *,
+    since: str | None = None,
+    until: str | None = None,
+    sender: str | None = None,
+    recipient: str | None = None,
+    account: str | None = None,
+    outcome: str | None = None,
+    message_id: str | None = None,
+    limit: int = 50,
+    cursor: int | None = None,
+) -> LogPage:
+    """The `relay log` filters (and the API's query parameters) as one query."""
+    now = datetime.now(UTC)
+    try:
+        return LogPage(
+            since=parse_when(since, now) if since else None,
+            until=parse_when(until, now) if until else None,
+            sender=sender,
+            recipient=recipient,
+            account=account,
+            outcome=Outcome(outcome) if outcome else None,
+            message_id=message_id,
+            limit=limit,
+            before=cursor,
+        )
+    except ValueError:
+        raise Invalid(
+            f"outcome: one of {', '.join(str(o) for o in Outcome)}", code="bad_outcome"
+        ) from None
+    except RelayError as exc:
+        raise Invalid(str(exc), code="bad_time") from None
+
+
+def find_log(store: Store, query: LogPage) -> tuple[list[DeliveryRecord], str | None]:
+    """Records newest first, and the cursor of the next page (None on the last)."""
+    if not 1 <= query.limit <= MAX_LIMIT:
+        raise Invalid(f"limit: from 1 to {MAX_LIMIT}", code="bad_limit")
+    records = store.find_deliveries(query)
+    more = len(records) == query.limit and records
+    return records, str(records[-1].id) if more else None
+
+
+def show_log(store: Store, message_id: str) -> list[DeliveryRecord]:
+    """Everything recorded for a Message-ID (a retried message has several records)."""
+    records = store.find_deliveries(LogPage(message_id=message_id, limit=1000))
+    if not records:
+        raise NotFound(f"no delivery record for Message-ID {message_id}", code="no_such_message")
+    return records
+
+
+# --- admin tokens and the audit log --------------------------------------------------
+
+
+def create_admin_token(
+    store: Store, actor: Actor, *, name: str = "", expires_in_days: float | None = None
+) -> dict[str, Any]:
+    value = store.create_admin_token(
+        name=_name(name, "name", empty=True), expires_in_days=_expiry(expires_in_days)
+    )
+    detail = {"name": value["name"], "expires": value["expires"]}
+    store.record_audit(actor, "admin_token.create", value["id"], detail)
+    return value
+
+
+def list_admin_tokens(store: Store) -> list[dict[str, Any]]:
+    return [{**row, "status": _status(row)} for row in store.list_admin_tokens()]
+
+
+def revoke_admin_token(store: Store, actor: Actor, token_id: str) -> dict[str, Any]:
+    store.revoke_admin_token(token_id)
+    store.record_audit(actor, "admin_token.revoke", token_id)
+    return {"id": token_id, "revoked": True}
+
+
+def audit(
+    store: Store, *, limit: int = 100, cursor: int | None = None
+) -> tuple[list[dict[str, Any]], int | None]:
+    """Audit records newest first, and the cursor of the next page (None on the last)."""
+    if not 1 <= limit <= MAX_AUDIT_PAGE:
+        raise Invalid(f"limit: from 1 to {MAX_AUDIT_PAGE}", code="bad_limit")
+    rows = store.list_audit(limit=limit, before=cursor)
+    return rows, rows[-1]["id"] if rows and len(rows) == limit else None

@@ -1,0 +1,146 @@
+"""Issue #13: the web console in a real headless Chromium (Debian's chromium and
+chromium-driver, driven by Selenium), against the real relay."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support import DOMAIN, SENDER, message, missing_tool
+
+from relay.deliveries import DeliveryRecord, Outcome, RecipientOutcome
+from relay.replies import Reply
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+PROBE = '"<img src=x onerror=alert(1)>"@example.com'
+PROBE_ID = "<script>alert(2)</script>"
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    if CHROMIUM is None or CHROMEDRIVER is None:
+        missing_tool("chromium and chromium-driver (apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,900",
+                 "--disable-dev-shm-usage"):  # fmt: skip
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def test_the_console(relay_factory, sink, browser, tmp_path):
+    from selenium.common.exceptions import NoAlertPresentException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    relay = relay_factory(
+        SMTP_CONFIG=sink.smtp_config(), DEFAULT_SEND_BALANCE="10", RELAY_ADMIN_LISTEN="127.0.0.1:0"
+    )
+    store = relay.store
+    admin_token = store.create_admin_token(name="browser")["token"]
+    with relay.login(relay.token()) as client:
+        client.sendmail(
+            SENDER, ["ok@dest.test"], message(extra="Message-ID: <console@example.com>\r\n")
+        )
+    store.set_sender(PROBE, balance=1)
+    store.record_delivery(
+        DeliveryRecord(
+            time=1_800_000_000,
+            message_id=PROBE_ID,
+            account="acme",
+            token_id="tok_x",
+            sender=PROBE,
+            recipients=(RecipientOutcome(PROBE, Outcome.REFUSED, 550, "5.1.1"),),
+            size=1,
+            channel="smtp",
+            rule=3,
+            outcome=Outcome.REFUSED,
+            reply=Reply(550, "5.1.1", "<b>no</b>"),
+        )
+    )
+    wait = WebDriverWait(browser, 15)
+    find = browser.find_element
+
+    def visible(selector: str) -> Any:
+        return wait.until(ec.visibility_of_element_located((By.CSS_SELECTOR, selector)))
+
+    def text_in(selector: str, text: str) -> None:
+        wait.until(ec.text_to_be_present_in_element((By.CSS_SELECTOR, selector), text))
+
+    browser.get(f"http://127.0.0.1:{relay.relay.admin_port}/")
+    visible("#token-input").send_keys(admin_token)
+    find(By.ID, "sign-in").click()
+    visible("#view-tokens")
+    text_in("#account-select", "acme")
+
+    # Tokens: create one, see it once with the client settings, see it listed.
+    find(By.ID, "token-name").send_keys("from the console")
+    find(By.ID, "create-token").click()
+    text_in("#new-token", "rlt_")
+    token = find(By.ID, "new-token").text
+    assert find(By.ID, "client-host").text == "relay.test"
+    assert find(By.ID, "client-port").text == str(relay.port)
+    text_in("#tokens-table", "from the console")
+    assert store.authenticate(token) is not None
+    assert "from the console" in {t["name"] for t in store.list_tokens("acme")}
+
+    # Senders: search, top up.
+    find(By.ID, "nav-senders").click()
+    visible("#view-senders")
+    find(By.ID, "sender-prefix").send_keys("app@")
+    find(By.ID, "sender-search").click()
+    row = f'#senders-table tr[data-address="{SENDER}"]'
+    text_in(f"{row} .balance", "9")  # 10, less the message sent
+    find(By.CSS_SELECTOR, f"{row} input.amount").send_keys("7")
+    find(By.CSS_SELECTOR, f"{row} button.topup").click()
+    text_in(f"{row} .balance", "16")
+    assert store.show_sender(SENDER)["balance"] == 16
+
+    # Limits: counts against the day and the month, with their resets.
+    find(By.ID, "nav-limits").click()
+    text_in("#limits-table", "1 / unlimited")
+
+    # The delivery log: find the message, open it.
+    find(By.ID, "nav-log").click()
+    visible("#view-log")
+    find(By.ID, "log-sender").send_keys(SENDER)
+    find(By.ID, "log-search").click()
+    text_in("#log-table", "<console@example.com>")
+    find(By.CSS_SELECTOR, "#log-table tbody tr").click()
+    text_in("#log-detail", "ok@dest.test")
+    assert "250 2.0.0" in find(By.ID, "log-detail").text
+
+    # The probes show as text: no alert, no element made from them.
+    find(By.ID, "log-sender").clear()
+    find(By.ID, "log-search").click()
+    text_in("#log-table", PROBE_ID)
+    find(By.CSS_SELECTOR, "#log-table tbody tr").click()  # the newest: the probe
+    text_in("#log-detail", "<b>no</b>")
+    find(By.ID, "nav-senders").click()
+    find(By.ID, "sender-prefix").clear()
+    find(By.ID, "sender-search").click()
+    text_in("#senders-table", PROBE)
+    assert PROBE in find(By.ID, "senders-table").text
+    assert browser.find_elements(By.CSS_SELECTOR, "main img, main script, main b") == []
+    with pytest.raises(NoAlertPresentException):
+        browser.switch_to.alert.text  # noqa: B018 - reading it raises when none is open
+    assert browser.get_cookies() == []
+
+    shot = Path(os.environ.get("RELAY_CONSOLE_SCREENSHOT") or tmp_path / "console.png")
+    find(By.ID, "nav-log").click()
+    find(By.ID, "log-search").click()
+    text_in("#log-table", "<console@example.com>")
+    assert browser.save_screenshot(str(shot))
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert DOMAIN in find(By.ID, "log-table").text
