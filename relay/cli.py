@@ -84,7 +84,7 @@ def _store() -> Store:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from relay import server
+    from relay import workers
 
     settings = load_settings()
     if args.workers is not None:
@@ -94,12 +94,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
             raise ConfigError(f"--workers: must be at most {max_workers()}, got {args.workers}")
         settings = dataclasses.replace(settings, workers=args.workers)
     _logging(settings)
-    server.run(settings)
+    workers.run(settings)
 
 
 def cmd_dev(args: argparse.Namespace) -> None:
     """`make run`: a development relay that works with no external account."""
-    from relay import server
+    from relay import workers
 
     env = dict(os.environ)
     env.setdefault("RELAY_LISTEN", DEV_LISTEN)
@@ -140,7 +140,7 @@ def cmd_dev(args: argparse.Namespace) -> None:
             f"  .venv/bin/relay token create {DEMO_ACCOUNT}\n"
         )
     sys.stdout.flush()
-    server.run(settings)
+    workers.run(settings)
 
 
 def cmd_certs_generate(args: argparse.Namespace) -> None:

@@ -10,7 +10,7 @@ One process records into its own registry. With `--workers N` each worker calls
 `use_multiprocess(directory)` after the fork: its figures go to files in that
 directory (prometheus_client's multiprocess mode), and `exposition()` in the
 worker that serves the admin listener adds up the files of all of them. The
-parent makes the directory private and removes it at exit (`relay.server.run`).
+parent makes the directory private and removes it at exit (`relay.workers.run`).
 """
 
 from __future__ import annotations

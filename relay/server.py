@@ -1,4 +1,4 @@
-"""The server's lifecycle: start, serve, drain on shutdown; one or several worker processes.
+"""One relay in its event loop: start, serve, drain on shutdown, upkeep (processes: relay.workers).
 
     relay = Relay(settings)
     await relay.start()          # migrate, settle stale charges, bind, listen
@@ -20,12 +20,10 @@ import errno
 import logging
 import os
 import resource
-import signal
 import socket
 import ssl
-import sys
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -42,7 +40,6 @@ from relay.protocol import SubmissionProtocol
 from relay.replies import Reply
 from relay.session import Submission
 from relay.smtp_upstream import SmtpChannel
-from relay.smtp_upstream import tls_context as smtp_tls_context
 from relay.store import AsyncStore, Store
 
 log = logging.getLogger("relay.server")
@@ -56,7 +53,6 @@ TROUBLE_LOG_INTERVAL = 60.0
 # connections, each with its -wal and -shm), pooled upstream SMTP and HTTP
 # connections, the listening socket, the event loop's own.
 FD_HEADROOM = 256
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
 # Delivery-log records deleted per upkeep tick at most: PRUNE_BATCHES_PER_TICK
 # transactions of PRUNE_BATCH rows, each a few milliseconds of write lock.
 PRUNE_BATCHES_PER_TICK = 10
@@ -470,154 +466,3 @@ def _quiet_handshake_failures(loop: asyncio.AbstractEventLoop, context: dict[str
         log.debug("connection dropped: %s", exc)
         return
     loop.default_exception_handler(context)
-
-
-async def serve(
-    settings: Settings,
-    *,
-    sock: socket.socket | None = None,
-    ready: Callable[[Relay], Awaitable[None] | None] | None = None,
-    parent: int | None = None,
-    admin_sock: socket.socket | None = None,
-    serves_admin: bool = True,
-) -> None:
-    """Run one relay process until SIGTERM or SIGINT (or, for a worker, until its
-    `parent` process is gone), then drain."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    relay = Relay(settings, serves_admin=serves_admin)
-    await relay.start(sock, admin_sock)
-    watchdog = loop.create_task(_watch_parent(parent, stop)) if parent else None
-    if ready is not None:
-        result = ready(relay)
-        if result is not None:
-            await result
-    await stop.wait()
-    if watchdog is not None:
-        watchdog.cancel()
-    log.info("stopping: draining sessions (up to %gs)", settings.drain_timeout)
-    await relay.stop()
-
-
-async def _watch_parent(parent: int, stop: asyncio.Event) -> None:
-    """Where PR_SET_PDEATHSIG is missing: notice the parent's death within a second."""
-    while os.getppid() == parent:  # noqa: ASYNC110 - no event tells a parent died
-        await asyncio.sleep(1.0)
-    log.warning("the parent process is gone: stopping this worker")
-    stop.set()
-
-
-def _die_with_parent(parent: int) -> None:
-    """A worker gets SIGTERM when its parent dies (Linux), so none outlives a `kill -9`."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    if os.getppid() != parent:  # it died before prctl took effect
-        os._exit(1)
-
-
-def run(settings: Settings, ready: Callable[[Relay], Any] | None = None) -> None:
-    """The foreground server: one process, or `workers` processes sharing the port."""
-    check_fd_limit(settings)
-    if settings.workers == 1:
-        _run_loop(serve(settings, ready=ready))
-        return
-    # Check, bind and migrate once in the parent so a bad setting stops the start here.
-    tls_context(settings)
-    for domain, upstream in settings.smtp_config.items():
-        smtp_tls_context(domain, upstream)
-    store = Store(settings.database)
-    open_database(store)
-    store.close()
-    bind(settings, reuse_port=True).close()
-    # The first worker serves the admin listener, on a socket bound here so a
-    # bad RELAY_ADMIN_LISTEN stops the start before any fork. The workers'
-    # metrics meet in a private directory this process removes at exit.
-    admin_sock = admin.bind(settings.admin_listen) if settings.admin_listen else None
-    metrics_dir = metrics.private_directory()
-    try:
-        _run_workers(settings, ready, admin_sock, metrics_dir)
-    finally:
-        if admin_sock is not None:
-            admin_sock.close()
-        metrics.remove_directory(metrics_dir)
-
-
-def _run_workers(
-    settings: Settings,
-    ready: Callable[[Relay], Any] | None,
-    admin_sock: socket.socket | None,
-    metrics_dir: str,
-) -> None:
-    children: list[int] = []
-    stopping: list[int] = []
-
-    def forward(signum: int, _frame: Any) -> None:
-        stopping.append(signum)
-        for child in children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child, signum)
-
-    # Installed before the first fork: a SIGTERM during the start reaches every
-    # worker started so far, and no more are started.
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    parent = os.getpid()
-    # SIGTERM and SIGINT are blocked across each fork: a signal that arrives
-    # before the new worker has reset its handlers waits for it (and then stops
-    # it) instead of running the parent's `forward` in the worker.
-    signals = {signal.SIGTERM, signal.SIGINT}
-    for index in range(settings.workers):
-        if stopping:
-            break
-        signal.pthread_sigmask(signal.SIG_BLOCK, signals)
-        pid = os.fork()
-        if pid == 0:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
-            code = 0
-            try:
-                _die_with_parent(parent)
-                metrics.use_multiprocess(metrics_dir)
-                sock = bind(settings, reuse_port=True)
-                _run_loop(
-                    serve(
-                        settings,
-                        sock=sock,
-                        ready=ready,
-                        parent=parent,
-                        admin_sock=admin_sock if index == 0 else None,
-                        serves_admin=index == 0,
-                    )
-                )
-            except BaseException:
-                log.exception("worker failed")
-                code = 1
-            finally:
-                os._exit(code)
-        children.append(pid)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
-        if index == 0 and admin_sock is not None:
-            admin_sock.close()  # the first worker has it; the others need not inherit it
-    if stopping:  # a signal that came between a fork and its `append`
-        forward(stopping[0], None)
-    status = 0
-    for child in children:
-        _, code = os.waitpid(child, 0)
-        metrics.worker_gone(metrics_dir, child)
-        status = status or os.waitstatus_to_exitcode(code)
-    if status:
-        sys.exit(status)
-
-
-def _run_loop(main: Coroutine[Any, Any, None]) -> None:
-    try:
-        import uvloop
-    except ImportError:  # not on Linux: stdlib asyncio works, with larger TLS buffers
-        asyncio.run(main)
-        return
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(main)
