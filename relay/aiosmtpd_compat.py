@@ -55,6 +55,8 @@ METHODS = (
 ATTRIBUTES = (
     ("_auth_required", "__init__"),
     ("_reader", "_cb_client_connected"),
+    ("_handler_coroutine", "connection_made"),
+    ("_timeout_handle", "_reset_timeout"),
 )
 
 
@@ -92,7 +94,8 @@ class SMTPBase(SMTP):
 
     Subclasses override `make_session`, `make_envelope`, `parse_path`,
     `timer_allowed` and `on_timeout`, and call `require_auth`, `reset_timer`,
-    `reset_transaction`, `end_transaction`, `read_line`, `read` and `unread`.
+    `reset_transaction`, `end_transaction`, `read_line`, `read` and `unread`;
+    tests ask `command_loop_done` and `timer_pending`.
     """
 
     # --- what subclasses override ------------------------------------------------
@@ -156,6 +159,16 @@ class SMTPBase(SMTP):
 
     async def read(self, size: int) -> bytes:
         return await self._reader.read(size)
+
+    def command_loop_done(self) -> bool:
+        """Whether aiosmtpd's command loop for this connection has ended."""
+        loop = self._handler_coroutine
+        return loop is not None and bool(loop.done())
+
+    def timer_pending(self) -> bool:
+        """Whether a command timer is set and not cancelled."""
+        handle = self._timeout_handle
+        return handle is not None and not handle.cancelled()
 
     def unread(self, data: bytes) -> None:
         """Give back bytes read past the end of DATA to the command loop."""

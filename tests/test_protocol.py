@@ -508,8 +508,8 @@ def test_leaving_during_auth_leaves_no_timer_behind(relay_factory, sink, caplog)
 
     async def handler_ended() -> bool:
         # aiosmtpd cancels the command loop on connection_lost; a timer started by
-        # its cleanup would outlive the connection (aiosmtpd names, read only here).
-        return session._handler_coroutine is not None and session._handler_coroutine.done()
+        # its cleanup would outlive the connection.
+        return session.command_loop_done()
 
     deadline = time.monotonic() + 5
     while not relay.call(handler_ended()):
@@ -517,8 +517,7 @@ def test_leaving_during_auth_leaves_no_timer_behind(relay_factory, sink, caplog)
         time.sleep(0.02)
 
     async def live_timer() -> bool:
-        handle = session._timeout_handle
-        return handle is not None and not handle.cancelled()
+        return session.timer_pending()
 
     assert not relay.call(live_timer())
     assert not relay.relay.sessions
