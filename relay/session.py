@@ -480,11 +480,37 @@ class Submission:
                 reservation.id, len(delivery.accepted), idempotency_key, kept
             )
         self._count(record)
+        if log.isEnabledFor(logging.INFO):  # the fields cost a few microseconds
+            self._log_forward(
+                outbound,
+                channel.name,
+                route,
+                reply,
+                delivery,
+                refund,
+                record,
+                duration,
+                reservation.replay,
+            )
+        return reply
+
+    @staticmethod
+    def _log_forward(
+        outbound: Outbound,
+        channel: str,
+        route: policy.Route,
+        reply: Reply,
+        delivery: Delivery,
+        refund: int,
+        record: DeliveryRecord,
+        duration: float,
+        replay: bool,
+    ) -> None:
         fields: dict[str, object] = {
             "message_id": record.message_id,
             "from": outbound.sender,
             "rcpts": len(outbound.recipients),
-            "channel": channel.name,
+            "channel": channel,
             "rule": route.rule,
             "reply": f"{reply.code} {reply.enhanced}",
             "upstream_id": delivery.upstream_id or "-",
@@ -493,16 +519,15 @@ class Submission:
             "outcome": str(record.outcome),
             "duration_ms": round(duration * 1000),
         }
-        if reservation.replay:
+        if replay:
             fields["replay"] = "not-charged"
         log.info(
             "message %s from=%s rcpts=%d channel=%s rule=%d reply=%r upstream_id=%s"
             " refused=%s refunded=%d outcome=%s duration_ms=%d%s",
             *(fields[k] for k in list(fields)[:11]),
-            " replay=not-charged" if reservation.replay else "",
+            " replay=not-charged" if replay else "",
             extra={logs.FIELDS: fields},
         )
-        return reply
 
 
 def _client(session: Session) -> str:
