@@ -21,6 +21,7 @@ from relay.config import Settings, load_settings, max_workers
 from relay.deliveries import DeliveryRecord, Outcome, Query, parse_when
 from relay.errors import ConfigError, RelayError
 from relay.message import normalize_address, parse_address
+from relay.schema import MIGRATIONS
 from relay.store import Store
 
 DEMO_ACCOUNT = "demo"
@@ -155,12 +156,39 @@ def cmd_certs_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_db_init(args: argparse.Namespace) -> None:
-    path = load_settings().database
-    existed = path.exists()
-    store = Store(path)
+    location = load_settings().database
+    existed = not isinstance(location, Path) or location.exists()
+    store = Store(location)
     version = store.migrate()
     store.close()
-    print(f"{'migrated' if existed else 'created'} {path} (schema version {version})")
+    print(f"{'migrated' if existed else 'created'} {location} (schema version {version})")
+
+
+def cmd_db_status(args: argparse.Namespace) -> None:
+    """The schema version the database has, and the one this relay would migrate it to."""
+    location = load_settings().database
+    store = Store(location, create=False)
+    try:
+        version = store.schema_version()
+    finally:
+        store.close()
+    value = {
+        "database": str(location),
+        "backend": "sqlite" if isinstance(location, Path) else "postgresql",
+        "schema_version": version,
+        "latest": len(MIGRATIONS),
+        "pending_migrations": max(len(MIGRATIONS) - version, 0),
+    }
+
+    def text(v: dict[str, Any]) -> str:
+        state = (
+            "up to date"
+            if not v["pending_migrations"]
+            else (f"{v['pending_migrations']} migration(s) to apply: relay db migrate")
+        )
+        return f"{v['database']}: schema version {v['schema_version']} of {v['latest']} ({state})"
+
+    _emit(args, value, text)
 
 
 def cmd_account_create(args: argparse.Namespace) -> None:
@@ -429,6 +457,8 @@ def _parser() -> argparse.ArgumentParser:
 
     db = group("db", "the database")
     command(db, "init", cmd_db_init, "create the database, or migrate an existing one")
+    command(db, "migrate", cmd_db_init, "apply the schema migrations not applied yet")
+    command(db, "status", cmd_db_status, "the database's schema version", True)
 
     account = group("account", "accounts")
     command(account, "create", cmd_account_create, "create an account", True).add_argument("name")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import tomllib
 from collections.abc import Mapping
@@ -80,6 +81,40 @@ class Secret(str):
 
 
 @dataclass(frozen=True)
+class PostgresUrl:
+    """`RELAY_DATABASE=postgresql://user:pass@host:5432/db`: a PostgreSQL store shared by
+    many relays. Printed without its password.
+
+        >>> str(PostgresUrl("postgresql://relay:s3cret@db:5432/relay"))
+        'postgresql://relay:***@db:5432/relay'
+    """
+
+    url: str
+
+    def __str__(self) -> str:
+        return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", self.url)
+
+
+def database_location(text: str) -> Path | PostgresUrl:
+    """`RELAY_DATABASE`: a PostgreSQL URL, a `sqlite:///path` URL or a plain path (SQLite).
+
+    >>> database_location("sqlite:///var/lib/relay/relay.db")
+    PosixPath('/var/lib/relay/relay.db')
+    >>> database_location("data/relay.db")
+    PosixPath('data/relay.db')
+    """
+    if text.startswith(("postgresql://", "postgres://")):
+        return PostgresUrl(text)
+    if text.startswith("sqlite://"):
+        return Path(text[len("sqlite://") :])
+    if "://" in text:
+        raise ConfigError(
+            f"RELAY_DATABASE: expected a path, sqlite:///path or postgresql://..., got {text!r}"
+        )
+    return Path(text)
+
+
+@dataclass(frozen=True)
 class SmtpUpstream:
     """One `SMTP_CONFIG` entry, in the worker-mailer format users already have."""
 
@@ -129,7 +164,7 @@ class Settings:
     listen: tuple[str, int] = ("0.0.0.0", 465)  # noqa: S104 - a server listens on all addresses
     tls_cert: Path = Path("certs/relay.crt")
     tls_key: Path = Path("certs/relay.key")
-    database: Path = Path("data/relay.db")
+    database: Path | PostgresUrl = Path("data/relay.db")
     dev_outbox: Path | None = None
     smtp_config: Mapping[str, SmtpUpstream] = field(default_factory=dict)
     resend: ResendConfig = field(default_factory=ResendConfig)
@@ -265,7 +300,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         listen=_host_port(text("RELAY_LISTEN", "0.0.0.0:465") or ""),
         tls_cert=Path(text("RELAY_TLS_CERT", "certs/relay.crt") or ""),
         tls_key=Path(text("RELAY_TLS_KEY", "certs/relay.key") or ""),
-        database=Path(text("RELAY_DATABASE", "data/relay.db") or ""),
+        database=database_location(text("RELAY_DATABASE", "data/relay.db") or ""),
         dev_outbox=Path(p) if (p := text("RELAY_DEV_OUTBOX")) else None,
         smtp_config=_smtp_config(raw.get("SMTP_CONFIG")),
         resend=ResendConfig(

@@ -125,7 +125,7 @@ def open_database(store: Store) -> None:
         if str(exc).startswith("RELAY_DATABASE:"):
             raise ConfigError(str(exc)) from None
         reason = exc.__cause__ or exc
-        raise ConfigError(f"RELAY_DATABASE: cannot write {store.path}: {reason}") from None
+        raise ConfigError(f"RELAY_DATABASE: cannot write {store.location}: {reason}") from None
 
 
 def check_fd_limit(settings: Settings) -> None:
@@ -411,6 +411,9 @@ class Relay:
 
 
 def _identity(path: Any) -> tuple[int, int] | None:
+    """A SQLite file's device and inode (None for PostgreSQL: no file to watch)."""
+    if not isinstance(path, str | os.PathLike):
+        return None
     try:
         st = os.stat(path)
     except OSError:

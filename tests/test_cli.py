@@ -264,7 +264,9 @@ def test_curl_with_a_wrong_token_gets_535(relay, cert_dir, tmp_path):
     assert "< 535 5.7.8 Authentication failed" in result.stderr
 
 
-@pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks is not installed")
+@pytest.mark.skipif(
+    shutil.which("swaks") is None, reason="missing tool: swaks (apt-get install swaks)"
+)
 def test_swaks_sends_through_the_relay(relay, sink):
     result = subprocess.run(
         [

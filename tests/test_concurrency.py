@@ -23,6 +23,7 @@ from support import DOMAIN, SENDER, free_port, message
 
 from relay.store import Store
 
+pytestmark = pytest.mark.backends
 REPO = Path(__file__).resolve().parent.parent
 SESSIONS = 100
 PLACES = 30
@@ -117,8 +118,10 @@ def wait_for_tls(port: int, tls: ssl.SSLContext, process: subprocess.Popen[bytes
 
 
 @pytest.mark.slow
-def test_two_processes_on_one_database_serve_exactly_30(sink, cert_dir, client_tls, tmp_path):
-    database = tmp_path / "shared.db"
+def test_two_processes_on_one_database_serve_exactly_30(
+    sink, cert_dir, client_tls, tmp_path, database_url
+):
+    database = database_url
     store = Store(database)
     store.migrate()
     store.create_account("acme")
@@ -138,7 +141,7 @@ def test_two_processes_on_one_database_serve_exactly_30(sink, cert_dir, client_t
                 "RELAY_LISTEN": f"127.0.0.1:{port}",
                 "RELAY_TLS_CERT": str(cert_dir / "relay.crt"),
                 "RELAY_TLS_KEY": str(cert_dir / "relay.key"),
-                "RELAY_DATABASE": str(database),
+                "RELAY_DATABASE": database,
                 "SMTP_CONFIG": sink.smtp_config(),
                 "RELAY_LOG_LEVEL": "WARNING",
                 "RELAY_DRAIN_TIMEOUT": "5",
