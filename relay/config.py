@@ -69,8 +69,11 @@ class Upkeep:
     # The inline store connection never checkpoints (that would sync the disk on
     # the loop), so the upkeep thread copies the write-ahead log back this often.
     checkpoint_interval: float = 1.0
-    # How often a process records that it lives (relay.ledger.OWNER_DEAD_AFTER is 60 s).
+    # How often a process records that it lives.
     heartbeat_interval: float = 10.0
+    # A process whose heartbeat is older than this is dead: a sweep may refund its
+    # pending charges. Several heartbeats long, so a slow tick is not a death.
+    owner_dead_after: float = 60.0
 
 
 class Secret(str):
@@ -204,7 +207,7 @@ class Settings:
     @property
     def stale_after(self) -> float:
         """A pending charge older than this belongs to a process that died."""
-        return self.forward_budget * 2 + 60
+        return self.forward_budget * 2 + self.upkeep.owner_dead_after
 
 
 KNOWN = frozenset(
@@ -223,6 +226,9 @@ KNOWN = frozenset(
         "RELAY_UPSTREAM_TIMEOUT",
         "RELAY_DRAIN_TIMEOUT",
         "RELAY_LOG_LEVEL",
+        "RELAY_SWEEP_INTERVAL",
+        "RELAY_HEARTBEAT_INTERVAL",
+        "RELAY_OWNER_DEAD_AFTER",
         "RELAY_LOG_FORMAT",
         "RELAY_LOG_RETENTION_DAYS",
         "RELAY_ADMIN_LISTEN",
@@ -294,6 +300,21 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     if log_format not in LOG_FORMATS:
         raise ConfigError(f"RELAY_LOG_FORMAT: expected text or json, got {log_format}")
     admin = text("RELAY_ADMIN_LISTEN")
+    upkeep = Upkeep(
+        sweep_interval=_number(raw, "RELAY_SWEEP_INTERVAL", Upkeep.sweep_interval, maximum=3600),
+        heartbeat_interval=_number(
+            raw, "RELAY_HEARTBEAT_INTERVAL", Upkeep.heartbeat_interval, maximum=600
+        ),
+        owner_dead_after=_number(
+            raw, "RELAY_OWNER_DEAD_AFTER", Upkeep.owner_dead_after, maximum=86400
+        ),
+    )
+    if upkeep.owner_dead_after < 2 * upkeep.heartbeat_interval:
+        raise ConfigError(
+            "RELAY_OWNER_DEAD_AFTER: must be at least two heartbeats"
+            f" (RELAY_HEARTBEAT_INTERVAL={upkeep.heartbeat_interval:g}), got"
+            f" {upkeep.owner_dead_after:g}: a live relay's charges would be refunded"
+        )
 
     return Settings(
         hostname=text("RELAY_HOSTNAME") or socket.getfqdn(),
@@ -338,6 +359,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             raw, "RELAY_LOG_RETENTION_DAYS", 30, minimum=1, maximum=MAX_LOG_RETENTION_DAYS
         ),
         admin_listen=_host_port(admin, "RELAY_ADMIN_LISTEN") if admin else None,
+        upkeep=upkeep,
     )
 
 

@@ -56,7 +56,8 @@ from relay.policy import (
 from relay.tokens import token_still_valid
 
 RELAY_SCOPE = "*"
-# A process whose heartbeat is older than this is dead (it beats every 10 s).
+# A process whose heartbeat is older than this is dead (it beats every 10 s);
+# the relay passes its RELAY_OWNER_DEAD_AFTER.
 OWNER_DEAD_AFTER = 60
 
 
@@ -307,9 +308,11 @@ class Ledger(Database):
                 insert(db, replace(record, charged=kept))
             return refund
 
-    def settle_stale(self, older_than: float) -> list[dict[str, Any]]:
+    def settle_stale(
+        self, older_than: float, dead_after: float = OWNER_DEAD_AFTER
+    ) -> list[dict[str, Any]]:
         """Refund in full every reservation left pending longer than `older_than` seconds
-        by a process that is gone (no owner, or no heartbeat for OWNER_DEAD_AFTER).
+        by a process that is gone (no owner, or no heartbeat for `dead_after` seconds).
 
         Such a reservation belongs to a process that died between charge and
         forward. The client got no 250 for it, so it will retry and be charged
@@ -325,7 +328,7 @@ class Ledger(Database):
             "SELECT * FROM pending WHERE created <= ? AND (owner IS NULL OR NOT EXISTS"
             " (SELECT 1 FROM processes p WHERE p.id = pending.owner AND p.heartbeat > ?))"
             " ORDER BY id",
-            (now - older_than, now - OWNER_DEAD_AFTER),
+            (now - older_than, now - dead_after),
         )
         settled = []
         for row in rows:

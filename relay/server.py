@@ -289,7 +289,8 @@ class Relay:
         self._next_sweep = time.monotonic() + self.settings.upkeep.sweep_interval
         try:
             stale_after = self.settings.stale_after
-            settled = await self.store.upkeep(lambda s: s.settle_stale(stale_after))
+            dead_after = self.settings.upkeep.owner_dead_after
+            settled = await self.store.upkeep(lambda s: s.settle_stale(stale_after, dead_after))
         except RelayError as exc:
             self._trouble("stale charge sweep", exc)
             return
