@@ -191,6 +191,33 @@ def cmd_db_status(args: argparse.Namespace) -> None:
     _emit(args, value, text)
 
 
+def cmd_db_copy(args: argparse.Namespace) -> None:
+    """Move this SQLite install into an empty PostgreSQL database (`--to`)."""
+    from relay import transfer
+    from relay.config import PostgresUrl, database_location
+
+    source_location = load_settings().database
+    target_location = database_location(args.to)
+    if not isinstance(source_location, Path) or not isinstance(target_location, PostgresUrl):
+        raise RelayError(
+            "relay db copy: RELAY_DATABASE must be the SQLite database to copy, and --to"
+            " a postgresql:// URL"
+        )
+    source, target = Store(source_location, create=False), Store(target_location)
+    try:
+        copied = transfer.copy(source, target)
+    finally:
+        source.close()
+        target.close()
+    value = {"from": str(source_location), "to": str(target_location), "rows": copied}
+
+    def text(v: dict[str, Any]) -> str:
+        counts = ", ".join(f"{name} {n}" for name, n in v["rows"].items())
+        return f"copied {v['from']} into {v['to']}: {counts}"
+
+    _emit(args, value, text)
+
+
 def cmd_account_create(args: argparse.Namespace) -> None:
     _emit(args, _store().create_account(args.name), lambda v: f"created account {v['name']}")
 
@@ -459,6 +486,8 @@ def _parser() -> argparse.ArgumentParser:
     command(db, "init", cmd_db_init, "create the database, or migrate an existing one")
     command(db, "migrate", cmd_db_init, "apply the schema migrations not applied yet")
     command(db, "status", cmd_db_status, "the database's schema version", True)
+    copy = command(db, "copy", cmd_db_copy, "copy into an empty PostgreSQL database", True)
+    copy.add_argument("--to", required=True, metavar="postgresql://...")
 
     account = group("account", "accounts")
     command(account, "create", cmd_account_create, "create an account", True).add_argument("name")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import re
+import select
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
@@ -37,6 +38,11 @@ log = logging.getLogger("relay.store")
 # A session waits at most this long for a connection (the pool's, or a new one
 # while the database is away) before its command is deferred with 451 4.3.0.
 CONNECTION_WAIT = 3.0
+# ... and while the last call found it unavailable: a connection the pool made
+# again in the background is taken at once.
+DOWN_WAIT = 0.1
+# How long the pool keeps reconnecting by itself before it waits for a caller.
+RECONNECT_FOR = 10.0
 # Seconds a TCP connect to the database may take (libpq's connect_timeout).
 CONNECT_TIMEOUT = 3
 # Migrations (and `relay db copy`) hold this advisory lock: relays starting
@@ -116,6 +122,16 @@ class _Fetched:
         return self.rows
 
 
+def still_open(conn: psycopg.Connection[Any]) -> None:
+    """The pool's check before it lends a connection: one the server closed while it
+    was idle (a restart, a failover, an idle timeout) has its socket readable (the
+    server's goodbye, or the end of the stream) and is replaced, so no call fails
+    on it. A poll of the socket: no round trip to the server."""
+    if conn.closed or select.select([conn.fileno()], [], [], 0)[0]:
+        conn.close()  # closed, so the pool replaces it rather than lend it again
+        raise psycopg.OperationalError("the server closed this connection while it was idle")
+
+
 def unavailable(exc: BaseException) -> bool:
     """The database is down, unreachable or restarting: an expected, outside cause."""
     return isinstance(exc, psycopg.OperationalError | psycopg_pool.PoolTimeout)
@@ -137,6 +153,7 @@ class Postgres:
         self.url = url
         self.size = size
         self._pool: psycopg_pool.ConnectionPool[psycopg.Connection[PgRow]] | None = None
+        self._down = False  # the last call found the database unavailable
 
     @property
     def pool(self) -> psycopg_pool.ConnectionPool[psycopg.Connection[PgRow]]:
@@ -152,9 +169,12 @@ class Postgres:
                     "connect_timeout": CONNECT_TIMEOUT,
                     "options": f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
                 },
-                # Reconnects go on in the background while the database is away;
-                # a session meanwhile gets 451 after CONNECTION_WAIT.
-                reconnect_timeout=float("inf"),
+                # Reconnects go on in the background while the database is away
+                # (a session meanwhile gets 451 after CONNECTION_WAIT), backing off
+                # 1, 2, 4 s; then the pool gives up until the next call asks again,
+                # so the wait between attempts never grows past RECONNECT_FOR.
+                reconnect_timeout=RECONNECT_FOR,
+                check=still_open,
                 open=False,
                 name=f"relay-{id(self):x}",
             )
@@ -170,19 +190,32 @@ class Postgres:
     def connection(self) -> Iterator[PgConnection]:
         """A pooled connection in autocommit; a broken one goes back to be replaced."""
         try:
-            with self.pool.connection() as conn:
+            with self.pool.connection(timeout=self._wait()) as conn:
                 yield PgConnection(conn)
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
-            raise translate(exc) from exc
+            raise self._failed(exc) from exc
+        self._down = False
 
     @contextmanager
     def transaction(self) -> Iterator[PgConnection]:
         """One READ COMMITTED transaction; rolled back when the body raises."""
         try:
-            with self.pool.connection() as conn, conn.transaction():
+            with self.pool.connection(timeout=self._wait()) as conn, conn.transaction():
                 yield PgConnection(conn)
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
-            raise translate(exc) from exc
+            raise self._failed(exc) from exc
+        self._down = False
+
+    def _wait(self) -> float:
+        """How long to wait for a connection: briefly while the database is known
+        down (the pool reconnects in the background), so sessions get their 451 at
+        once instead of queueing on the store's thread behind each other's waits."""
+        return DOWN_WAIT if self._down else CONNECTION_WAIT
+
+    def _failed(self, exc: Exception) -> StoreError:
+        if unavailable(exc):
+            self._down = True
+        return translate(exc)
 
     def read(self, sql: str, args: Sequence[Any]) -> list[Any]:
         with self.connection() as conn:

@@ -195,8 +195,9 @@ class Submission:
                 principal.role in self.settings.no_limit_roles,
                 principal.token_id,
             )
-        except StoreError:
-            log.exception("MAIL check failed")
+        except StoreError as exc:
+            if not self.store.logged(exc):
+                log.exception("MAIL check failed")
             return str(replies.LOCAL_ERROR)
         reply = policy.decide_mail(
             self.settings,
@@ -339,7 +340,8 @@ class Submission:
         try:
             await self.store.run(self.store.sync.record_delivery, record)
         except StoreError as exc:
-            log.warning("could not record refused message %s: %s", record.message_id, exc)
+            if not self.store.logged(exc):
+                log.warning("could not record refused message %s: %s", record.message_id, exc)
         return reply
 
     def _now(self) -> int:
@@ -423,8 +425,9 @@ class Submission:
             )
             metrics.refusal(reply, refused.hit)
             return reply
-        except StoreError:
-            log.exception("reserve failed; refusing to send unmetered")
+        except StoreError as exc:
+            if not self.store.logged(exc):
+                log.exception("reserve failed; refusing to send unmetered")
             return replies.LOCAL_ERROR
 
     async def _forward(

@@ -24,6 +24,7 @@ import asyncio
 import logging
 import os
 import secrets
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import ParamSpec, TypeVar
@@ -63,6 +64,9 @@ log = logging.getLogger("relay.store")
 # A settle the store refused is tried again after this, doubling up to the cap.
 SETTLE_RETRY_FIRST = 0.5
 SETTLE_RETRY_MAX = 30.0
+# While the database is unavailable (a full disk, PostgreSQL down or away), the
+# failing calls are logged at most this often; every message still gets 451.
+OUTAGE_LOG_INTERVAL = 60.0
 
 
 class AsyncStore:
@@ -108,6 +112,9 @@ class AsyncStore:
         for each in (self.sync, self._inline, self._reader, self._upkeep):
             each.owner = self.owner
         self._settling: dict[int, asyncio.Task[None]] = {}
+        self._outage_since: float | None = None
+        self._outage_logged_at = 0.0
+        self._outage_logged = False  # this outage's line was written
 
     @property
     def queued(self) -> int:
@@ -117,7 +124,42 @@ class AsyncStore:
     async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run `fn`, a method of `self.sync`, inline when possible, else on a thread."""
         with metrics.store_timer(fn.__name__):
-            return await self._run(fn, *args, **kwargs)
+            try:
+                result = await self._run(fn, *args, **kwargs)
+            except StoreError as exc:
+                if expected_failure(exc):
+                    self._unavailable(exc)
+                raise
+        if self._outage_since is not None:
+            if self._outage_logged:
+                log.warning(
+                    "the database answers again after %.0f s",
+                    time.monotonic() - self._outage_since,
+                )
+            self._outage_since, self._outage_logged = None, False
+        return result
+
+    def _unavailable(self, exc: StoreError) -> None:
+        """Log an outage once a minute, not once per message (callers answer 451),
+        and its end once. The store's connections come back one by one, so an
+        outage can seem to end and begin again within seconds: that is not
+        logged again within the minute."""
+        now = time.monotonic()
+        if self._outage_since is None:
+            self._outage_since = now
+        if self._outage_logged_at and now - self._outage_logged_at < OUTAGE_LOG_INTERVAL:
+            return
+        self._outage_logged_at, self._outage_logged = now, True
+        log.error(
+            "the database is unavailable, sessions get 451 4.3.0: %s"
+            " (logged at most once a minute)",
+            exc,
+        )
+
+    @staticmethod
+    def logged(exc: StoreError) -> bool:
+        """Whether `run` logged this failure already (an outage), so a caller need not."""
+        return expected_failure(exc)
 
     async def _run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         if self._inlines and (self._queued == 0 or is_read_only(fn)):
