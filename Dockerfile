@@ -3,7 +3,7 @@ FROM python:3.12-slim
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY relay ./relay
-RUN pip install --no-cache-dir . && useradd --system --uid 10465 relay \
+RUN pip install --no-cache-dir ".[postgres]" && useradd --system --uid 10465 relay \
     && mkdir -p /data /certs && chown relay /data
 USER relay
 # Port 465 without root: the compose file grants CAP_NET_BIND_SERVICE.

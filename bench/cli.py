@@ -139,6 +139,12 @@ def parser() -> argparse.ArgumentParser:
         "--stall-noops", type=positive, help="NOOPs timed beside the worst message (default 400)"
     )
     p.add_argument(
+        "--postgres",
+        type=lambda text: list(parse_counts(text)),
+        metavar="N,N,...",
+        help="only the PostgreSQL step: N relay processes on one database, beside SQLite",
+    )
+    p.add_argument(
         "--json-out",
         default=str(DEFAULT_JSON),
         help=f"where the JSON goes; '-' for stdout (default {DEFAULT_JSON})",
@@ -193,6 +199,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("--target needs --token")
     if args.token and not args.target:
         p.error("--token goes with --target")
+    if args.postgres:
+        from bench import postgres
+
+        result = postgres.run(args.postgres)
+        print(postgres.table(result))
+        report.write_json(
+            result, None if args.json_out == "-" else Path(args.json_out).with_name("postgres.json")
+        )
+        return 0
     if args.delivery_log:
         from bench import deliveries
 

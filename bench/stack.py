@@ -54,7 +54,7 @@ class Setup:
     directory: Path
     cert: Path
     key: Path
-    database: Path
+    database: Path | str  # a SQLite file, or a postgresql:// URL
     token: str
     sender: str = SENDER
 
@@ -91,9 +91,10 @@ async def _run(*args: str, env: dict[str, str]) -> str:
     return out.decode()
 
 
-async def configure(directory: Path) -> Setup:
-    """A fresh relay configuration in `directory`, made with the relay's own admin CLI."""
-    database = directory / "relay.db"
+async def configure(directory: Path, database: Path | str | None = None) -> Setup:
+    """A fresh relay configuration in `directory`, made with the relay's own admin CLI;
+    its database there, or `database` (an empty PostgreSQL database's URL, say)."""
+    database = database or directory / "relay.db"
     env = child_env({"RELAY_DATABASE": str(database)})
     relay = (sys.executable, "-m", "relay")
     certs = directory / "certs"

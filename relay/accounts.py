@@ -7,10 +7,9 @@ the no-limit list (senders that send without balance) are plain address sets.
 
 from __future__ import annotations
 
-import sqlite3
 from typing import Any
 
-from relay.db import Database, read_only
+from relay.db import Connection, Database, Row, read_only
 from relay.errors import RelayError
 
 
@@ -18,12 +17,13 @@ class Accounts(Database):
     def create_account(self, name: str) -> dict[str, Any]:
         with self._write() as db:
             try:
-                cur = db.execute(
-                    "INSERT INTO accounts (name, created) VALUES (?, ?)", (name, self._now())
-                )
-            except sqlite3.IntegrityError:
+                row = db.execute(
+                    "INSERT INTO accounts (name, created) VALUES (?, ?) RETURNING id",
+                    (name, self._now()),
+                ).fetchone()
+            except self.integrity_errors:
                 raise RelayError(f"account {name!r} already exists") from None
-        return {"id": cur.lastrowid, "name": name}
+        return {"id": row["id"], "name": name}
 
     def list_accounts(self) -> list[dict[str, Any]]:
         return [dict(r) for r in self._read("SELECT id, name, created FROM accounts ORDER BY id")]
@@ -38,10 +38,13 @@ class Accounts(Database):
             if row is not None:
                 # One domain, one account: otherwise two accounts could send as each other.
                 raise RelayError(f"domain {domain} is already onboarded on an account")
-            db.execute(
-                "INSERT INTO domains (domain, account_id, created) VALUES (?, ?, ?)",
-                (domain, account_id, self._now()),
-            )
+            try:
+                db.execute(
+                    "INSERT INTO domains (domain, account_id, created) VALUES (?, ?, ?)",
+                    (domain, account_id, self._now()),
+                )
+            except self.integrity_errors:  # onboarded meanwhile, by another host
+                raise RelayError(f"domain {domain} is already onboarded on an account") from None
         return {"account": account, "domain": domain}
 
     def remove_domain(self, account: str, domain: str) -> None:
@@ -131,12 +134,12 @@ def account_id_of(database: Database, name: str) -> int:
     return int(rows[0]["id"])
 
 
-def domain_owner(db: sqlite3.Connection, domain: str) -> sqlite3.Row | None:
-    row: sqlite3.Row | None = db.execute(
+def domain_owner(db: Connection, domain: str) -> Row | None:
+    row: Row | None = db.execute(
         "SELECT account_id FROM domains WHERE domain = ?", (domain,)
     ).fetchone()
     return row
 
 
-def is_nolimit(db: sqlite3.Connection, address: str) -> bool:
+def is_nolimit(db: Connection, address: str) -> bool:
     return db.execute("SELECT 1 FROM nolimit WHERE address = ?", (address,)).fetchone() is not None

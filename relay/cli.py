@@ -21,6 +21,7 @@ from relay.audit import CLI_ACTOR
 from relay.config import Settings, load_settings, max_workers
 from relay.deliveries import DeliveryRecord, Outcome
 from relay.errors import ConfigError, RelayError
+from relay.schema import MIGRATIONS
 from relay.store import Store
 
 DEMO_ACCOUNT = "demo"
@@ -149,12 +150,66 @@ def cmd_certs_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_db_init(args: argparse.Namespace) -> None:
-    path = load_settings().database
-    existed = path.exists()
-    store = Store(path)
+    location = load_settings().database
+    existed = not isinstance(location, Path) or location.exists()
+    store = Store(location)
     version = store.migrate()
     store.close()
-    print(f"{'migrated' if existed else 'created'} {path} (schema version {version})")
+    print(f"{'migrated' if existed else 'created'} {location} (schema version {version})")
+
+
+def cmd_db_status(args: argparse.Namespace) -> None:
+    """The schema version the database has, and the one this relay would migrate it to."""
+    location = load_settings().database
+    store = Store(location, create=False)
+    try:
+        version = store.schema_version()
+    finally:
+        store.close()
+    value = {
+        "database": str(location),
+        "backend": "sqlite" if isinstance(location, Path) else "postgresql",
+        "schema_version": version,
+        "latest": len(MIGRATIONS),
+        "pending_migrations": max(len(MIGRATIONS) - version, 0),
+    }
+
+    def text(v: dict[str, Any]) -> str:
+        state = (
+            "up to date"
+            if not v["pending_migrations"]
+            else (f"{v['pending_migrations']} migration(s) to apply: relay db migrate")
+        )
+        return f"{v['database']}: schema version {v['schema_version']} of {v['latest']} ({state})"
+
+    _emit(args, value, text)
+
+
+def cmd_db_copy(args: argparse.Namespace) -> None:
+    """Move this SQLite install into an empty PostgreSQL database (`--to`)."""
+    from relay import transfer
+    from relay.config import PostgresUrl, database_location
+
+    source_location = load_settings().database
+    target_location = database_location(args.to)
+    if not isinstance(source_location, Path) or not isinstance(target_location, PostgresUrl):
+        raise RelayError(
+            "relay db copy: RELAY_DATABASE must be the SQLite database to copy, and --to"
+            " a postgresql:// URL"
+        )
+    source, target = Store(source_location, create=False), Store(target_location)
+    try:
+        copied = transfer.copy(source, target)
+    finally:
+        source.close()
+        target.close()
+    value = {"from": str(source_location), "to": str(target_location), "rows": copied}
+
+    def text(v: dict[str, Any]) -> str:
+        counts = ", ".join(f"{name} {n}" for name, n in v["rows"].items())
+        return f"copied {v['from']} into {v['to']}: {counts}"
+
+    _emit(args, value, text)
 
 
 def cmd_account_create(args: argparse.Namespace) -> None:
@@ -455,6 +510,10 @@ def _parser() -> argparse.ArgumentParser:
 
     db = group("db", "the database")
     command(db, "init", cmd_db_init, "create the database, or migrate an existing one")
+    command(db, "migrate", cmd_db_init, "apply the schema migrations not applied yet")
+    command(db, "status", cmd_db_status, "the database's schema version", True)
+    copy = command(db, "copy", cmd_db_copy, "copy into an empty PostgreSQL database", True)
+    copy.add_argument("--to", required=True, metavar="postgresql://...")
 
     account = group("account", "accounts")
     command(account, "create", cmd_account_create, "create an account", True).add_argument("name")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import tomllib
 from collections.abc import Mapping
@@ -68,8 +69,11 @@ class Upkeep:
     # The inline store connection never checkpoints (that would sync the disk on
     # the loop), so the upkeep thread copies the write-ahead log back this often.
     checkpoint_interval: float = 1.0
-    # How often a process records that it lives (relay.ledger.OWNER_DEAD_AFTER is 60 s).
+    # How often a process records that it lives.
     heartbeat_interval: float = 10.0
+    # A process whose heartbeat is older than this is dead: a sweep may refund its
+    # pending charges. Several heartbeats long, so a slow tick is not a death.
+    owner_dead_after: float = 60.0
 
 
 class Secret(str):
@@ -77,6 +81,40 @@ class Secret(str):
 
     def __repr__(self) -> str:
         return "Secret('***')" if self else "Secret('')"
+
+
+@dataclass(frozen=True)
+class PostgresUrl:
+    """`RELAY_DATABASE=postgresql://user:pass@host:5432/db`: a PostgreSQL store shared by
+    many relays. Printed without its password.
+
+        >>> str(PostgresUrl("postgresql://relay:s3cret@db:5432/relay"))
+        'postgresql://relay:***@db:5432/relay'
+    """
+
+    url: str
+
+    def __str__(self) -> str:
+        return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", self.url)
+
+
+def database_location(text: str) -> Path | PostgresUrl:
+    """`RELAY_DATABASE`: a PostgreSQL URL, a `sqlite:///path` URL or a plain path (SQLite).
+
+    >>> database_location("sqlite:///var/lib/relay/relay.db")
+    PosixPath('/var/lib/relay/relay.db')
+    >>> database_location("data/relay.db")
+    PosixPath('data/relay.db')
+    """
+    if text.startswith(("postgresql://", "postgres://")):
+        return PostgresUrl(text)
+    if text.startswith("sqlite://"):
+        return Path(text[len("sqlite://") :])
+    if "://" in text:
+        raise ConfigError(
+            f"RELAY_DATABASE: expected a path, sqlite:///path or postgresql://..., got {text!r}"
+        )
+    return Path(text)
 
 
 @dataclass(frozen=True)
@@ -129,7 +167,7 @@ class Settings:
     listen: tuple[str, int] = ("0.0.0.0", 465)  # noqa: S104 - a server listens on all addresses
     tls_cert: Path = Path("certs/relay.crt")
     tls_key: Path = Path("certs/relay.key")
-    database: Path = Path("data/relay.db")
+    database: Path | PostgresUrl = Path("data/relay.db")
     dev_outbox: Path | None = None
     smtp_config: Mapping[str, SmtpUpstream] = field(default_factory=dict)
     resend: ResendConfig = field(default_factory=ResendConfig)
@@ -173,7 +211,7 @@ class Settings:
     @property
     def stale_after(self) -> float:
         """A pending charge older than this belongs to a process that died."""
-        return self.forward_budget * 2 + 60
+        return self.forward_budget * 2 + self.upkeep.owner_dead_after
 
 
 KNOWN = frozenset(
@@ -192,6 +230,9 @@ KNOWN = frozenset(
         "RELAY_UPSTREAM_TIMEOUT",
         "RELAY_DRAIN_TIMEOUT",
         "RELAY_LOG_LEVEL",
+        "RELAY_SWEEP_INTERVAL",
+        "RELAY_HEARTBEAT_INTERVAL",
+        "RELAY_OWNER_DEAD_AFTER",
         "RELAY_LOG_FORMAT",
         "RELAY_LOG_RETENTION_DAYS",
         "RELAY_ADMIN_LISTEN",
@@ -265,13 +306,28 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     if log_format not in LOG_FORMATS:
         raise ConfigError(f"RELAY_LOG_FORMAT: expected text or json, got {log_format}")
     admin = text("RELAY_ADMIN_LISTEN")
+    upkeep = Upkeep(
+        sweep_interval=_number(raw, "RELAY_SWEEP_INTERVAL", Upkeep.sweep_interval, maximum=3600),
+        heartbeat_interval=_number(
+            raw, "RELAY_HEARTBEAT_INTERVAL", Upkeep.heartbeat_interval, maximum=600
+        ),
+        owner_dead_after=_number(
+            raw, "RELAY_OWNER_DEAD_AFTER", Upkeep.owner_dead_after, maximum=86400
+        ),
+    )
+    if upkeep.owner_dead_after < 2 * upkeep.heartbeat_interval:
+        raise ConfigError(
+            "RELAY_OWNER_DEAD_AFTER: must be at least two heartbeats"
+            f" (RELAY_HEARTBEAT_INTERVAL={upkeep.heartbeat_interval:g}), got"
+            f" {upkeep.owner_dead_after:g}: a live relay's charges would be refunded"
+        )
 
     return Settings(
         hostname=text("RELAY_HOSTNAME") or socket.getfqdn(),
         listen=_host_port(text("RELAY_LISTEN", "0.0.0.0:465") or ""),
         tls_cert=Path(text("RELAY_TLS_CERT", "certs/relay.crt") or ""),
         tls_key=Path(text("RELAY_TLS_KEY", "certs/relay.key") or ""),
-        database=Path(text("RELAY_DATABASE", "data/relay.db") or ""),
+        database=database_location(text("RELAY_DATABASE", "data/relay.db") or ""),
         dev_outbox=Path(p) if (p := text("RELAY_DEV_OUTBOX")) else None,
         smtp_config=_smtp_config(raw.get("SMTP_CONFIG")),
         resend=ResendConfig(
@@ -311,6 +367,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         admin_listen=_host_port(admin, "RELAY_ADMIN_LISTEN") if admin else None,
         admin_tls_cert=Path(p) if (p := text("RELAY_ADMIN_TLS_CERT")) else None,
         admin_tls_key=Path(p) if (p := text("RELAY_ADMIN_TLS_KEY")) else None,
+        upkeep=upkeep,
     )
 
 

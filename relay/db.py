@@ -1,23 +1,37 @@
-"""The SQLite connection: opening, write transactions, schema migrations, checkpoints.
+"""The database connection: opening, write transactions, schema migrations, checkpoints.
 
 Every concept module (accounts, tokens, ledger) builds on `Database`, so they
-share one connection and one way to take SQLite's write lock. sqlite3 errors are
-translated here into `StoreError` (or `StoreBusy` for a held lock) and never
-leave the store.
+share one connection and one way to write. Two backends speak the same SQL
+(`?` placeholders, `INSERT ... ON CONFLICT`, `RETURNING`, `CHECK`):
+
+- SQLite (a path): one connection; a write transaction is `BEGIN IMMEDIATE`,
+  which takes SQLite's one write lock across processes, so writers run one
+  at a time on the host.
+- PostgreSQL (`postgresql://...`, `relay.postgres`): a small connection pool
+  that reconnects by itself; a write transaction is READ COMMITTED, and each
+  guarantee is kept by the statement that needs it (a conditional UPDATE, a
+  conditional upsert, a `DELETE ... RETURNING`), as each module says.
+
+sqlite3 and psycopg errors are translated here into `StoreError` (or
+`StoreBusy` for a held SQLite lock) and never leave the store.
 """
 
 from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+from relay.config import PostgresUrl
 from relay.errors import StoreError
 from relay.schema import MIGRATIONS
+
+if TYPE_CHECKING:
+    from relay.postgres import Postgres
 
 # The write-ahead log is copied back into the database file by `checkpoint`, on
 # the upkeep thread, once a second. A checkpoint that readers or writers keep
@@ -50,11 +64,47 @@ def is_read_only(method: Callable[..., Any]) -> bool:
 
 
 def expected_failure(exc: BaseException) -> bool:
-    """A database failure with a known outside cause (disk, permissions, a lock)."""
+    """A database failure with a known outside cause (disk, permissions, a lock, a
+    database server that is down or unreachable)."""
     cause = exc.__cause__ if isinstance(exc, StoreError) else exc
-    return isinstance(cause, sqlite3.OperationalError) and any(
-        word in str(cause).lower() for word in _EXPECTED
-    )
+    if isinstance(cause, sqlite3.OperationalError):
+        return any(word in str(cause).lower() for word in _EXPECTED)
+    return getattr(cause, "relay_expected", False) or _postgres_unavailable(cause)
+
+
+def _postgres_unavailable(exc: BaseException | None) -> bool:
+    if exc is None or not type(exc).__module__.startswith("psycopg"):
+        return False
+    from relay.postgres import unavailable
+
+    return unavailable(exc)
+
+
+class Cursor(Protocol):
+    """What the concept modules use of a cursor (sqlite3's, or `relay.postgres`'s)."""
+
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+
+class Connection(Protocol):
+    """What the concept modules use of a connection: `?` placeholders, rows by name or index."""
+
+    def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> Cursor: ...
+
+    def executemany(self, sql: str, parameters: Any, /) -> Cursor: ...
+
+
+class Row(Protocol):
+    """A result row: by column name or by position (sqlite3.Row, `relay.postgres.PgRow`)."""
+
+    def __getitem__(self, key: int | str, /) -> Any: ...
+
+    def keys(self) -> Any: ...
 
 
 class StoreBusy(StoreError):
@@ -62,18 +112,32 @@ class StoreBusy(StoreError):
 
 
 class Database:
-    """One connection to the relay's database, opened on first use."""
+    """One connection to the relay's database (or, for PostgreSQL, a pool), opened on first use.
+
+    `location` is a SQLite file's path, or a `PostgresUrl` (a string starting
+    `postgresql://` is taken as one).
+    """
 
     def __init__(
         self,
-        path: Path | str,
+        location: Path | str | PostgresUrl,
         *,
         clock: Callable[[], datetime] | None = None,
         busy_timeout_ms: int = 10_000,
         autocheckpoint: bool = True,
         create: bool = True,
     ) -> None:
-        self.path = Path(path)
+        if isinstance(location, str) and location.startswith(("postgresql://", "postgres://")):
+            location = PostgresUrl(location)
+        self._pg: Postgres | None = None
+        if isinstance(location, PostgresUrl):
+            from relay.postgres import Postgres
+
+            self._pg = Postgres(location)
+            self.location: Path | PostgresUrl = location
+            self.path = Path()  # SQLite only: the database file
+        else:
+            self.path = self.location = Path(location)
         self.create = create
         self.clock = clock or (lambda: datetime.now(UTC))
         self.busy_timeout_ms = busy_timeout_ms
@@ -82,7 +146,31 @@ class Database:
         self._wal_seen = 0  # the log's size at the last checkpoint
 
     @property
-    def db(self) -> sqlite3.Connection:
+    def is_postgres(self) -> bool:
+        return self._pg is not None
+
+    @property
+    def inline_writes(self) -> bool:
+        """Whether a write may run on the event loop: a SQLite write fails at once on a
+        held lock (busy timeout 0), a PostgreSQL one would wait for a row lock."""
+        return self._pg is None
+
+    @property
+    def driver_errors(self) -> tuple[type[Exception], ...]:
+        """The driver's own exceptions, which the store translates (for a last net)."""
+        return (sqlite3.Error,) if self._pg is None else self._pg.errors
+
+    @property
+    def integrity_errors(self) -> tuple[type[Exception], ...]:
+        """A unique or CHECK constraint refused a write."""
+        return (sqlite3.IntegrityError,) if self._pg is None else self._pg.integrity_errors
+
+    @property
+    def db(self) -> Any:
+        """The SQLite connection; for PostgreSQL, a connection that runs each statement
+        on a pooled connection in autocommit (admin steps and tests)."""
+        if self._pg is not None:
+            return self._pg.autocommit()
         if self._db is None:
             self._db = self._connect()
         return self._db
@@ -113,13 +201,21 @@ class Database:
         return db
 
     def close(self) -> None:
+        if self._pg is not None:
+            self._pg.close()
         if self._db is not None:
             self._db.close()
             self._db = None
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction, holding SQLite's write lock across processes."""
+    def _write(self) -> Iterator[Connection]:
+        """One write transaction: SQLite's write lock across processes (`BEGIN
+        IMMEDIATE`), or a PostgreSQL READ COMMITTED transaction on one pooled
+        connection. Rolled back when the body raises."""
+        if self._pg is not None:
+            with self._pg.transaction() as conn:
+                yield conn
+            return
         db = self.db
         try:
             db.execute("BEGIN IMMEDIATE")
@@ -141,19 +237,46 @@ class Database:
                     db.execute("ROLLBACK")
                 raise translate(exc) from exc
 
-    def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+    @contextmanager
+    def _connection(self) -> Iterator[Connection]:
+        """A connection for a few reads in autocommit, each statement its own snapshot."""
+        if self._pg is not None:
+            with self._pg.connection() as conn:
+                yield conn
+            return
         try:
-            return self.db.execute(sql, args).fetchall()
+            yield self.db
         except sqlite3.Error as exc:
             raise translate(exc) from exc
+
+    def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[Row]:
+        if self._pg is not None:
+            return self._pg.read(sql, args)
+        try:
+            rows: list[Row] = self.db.execute(sql, args).fetchall()
+        except sqlite3.Error as exc:
+            raise translate(exc) from exc
+        return rows
 
     @read_only
     def ping(self) -> None:
         """A read that proves the database answers (the admin listener's `/readyz`)."""
-        self._read("SELECT count(*) FROM sqlite_master")
+        self._read("SELECT count(*) FROM sqlite_master" if self._pg is None else "SELECT 1")
+
+    def schema_version(self) -> int:
+        """The migrations applied so far (`relay db status`); 0 for an empty database."""
+        if self._pg is not None:
+            return self._pg.schema_version()
+        return int(self._read("PRAGMA user_version")[0][0])
 
     def migrate(self) -> int:
-        """Apply the schema migrations not applied yet; returns the schema version."""
+        """Apply the schema migrations not applied yet; returns the schema version.
+
+        PostgreSQL: in one transaction under an advisory lock, so relays that
+        start together apply each migration once (`relay.postgres`).
+        """
+        if self._pg is not None:
+            return self._pg.migrate(MIGRATIONS)
         with self._write() as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
@@ -168,6 +291,9 @@ class Database:
 
         Rewrites the schema version in place: a real write that changes nothing.
         """
+        if self._pg is not None:
+            self._pg.check_writable()
+            return
         with self._write() as db:
             version = int(db.execute("PRAGMA user_version").fetchone()[0])
             db.execute(f"PRAGMA user_version = {version}")
@@ -178,7 +304,10 @@ class Database:
         PASSIVE (never waits) while the log is small; TRUNCATE (waits a moment
         for readers and writers, then empties the file) once it is past
         WAL_CATCH_UP_BYTES, or past WAL_SIZE_LIMIT and not growing any more.
+        PostgreSQL checkpoints by itself: "none".
         """
+        if self._pg is not None:
+            return "none"
         size = self.wal_size()
         grown, self._wal_seen = size > self._wal_seen, size
         if size > WAL_CATCH_UP_BYTES or (size > WAL_SIZE_LIMIT and not grown):
@@ -196,6 +325,8 @@ class Database:
         return "PASSIVE"
 
     def wal_size(self) -> int:
+        if self._pg is not None:
+            return 0
         try:
             return self.path.with_name(self.path.name + "-wal").stat().st_size
         except FileNotFoundError:
@@ -203,6 +334,11 @@ class Database:
 
     def _now(self) -> int:
         return int(self.clock().timestamp())
+
+    @property
+    def rowid(self) -> str:
+        """The column naming a row physically, for batched deletes on tables without a key."""
+        return "rowid" if self._pg is None else "ctid"
 
 
 def create_private(path: Path) -> None:

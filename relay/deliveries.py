@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import enum
 import re
-import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from relay.db import Database, read_only
+from relay.db import Connection, Database, Row, read_only
 from relay.errors import RelayError
 from relay.replies import Reply
 
@@ -190,12 +189,13 @@ class Query:
         return (" WHERE " + " AND ".join(clauses) if clauses else ""), args
 
 
-def insert(db: sqlite3.Connection, record: DeliveryRecord) -> int:
+def insert(db: Connection, record: DeliveryRecord) -> int:
     """Write `record` inside the caller's write transaction; returns its id."""
-    cur = db.execute(
+    row = db.execute(
         "INSERT INTO deliveries (created, message_id, account, token_id, sender, size, channel,"
         " rule, outcome, reply_code, reply_enhanced, reply_text, upstream_id, charged,"
-        " duration_ms, client, replay) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " duration_ms, client, replay) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        " RETURNING id",
         (
             record.time,
             record.message_id,
@@ -215,13 +215,12 @@ def insert(db: sqlite3.Connection, record: DeliveryRecord) -> int:
             record.client,
             int(record.replay),
         ),
-    )
-    delivery_id = cur.lastrowid
-    assert delivery_id is not None
+    ).fetchone()
+    delivery_id = int(row["id"])
     # A recipient given twice was metered once (RCPT dedupes): one row each.
     db.executemany(
-        "INSERT OR IGNORE INTO delivery_recipients (delivery_id, recipient, outcome, code,"
-        " enhanced) VALUES (?, ?, ?, ?, ?)",
+        "INSERT INTO delivery_recipients (delivery_id, recipient, outcome, code, enhanced)"
+        " VALUES (?, ?, ?, ?, ?) ON CONFLICT (delivery_id, recipient) DO NOTHING",
         [(delivery_id, r.address, str(r.outcome), r.code, r.enhanced) for r in record.recipients],
     )
     return delivery_id
@@ -267,7 +266,7 @@ class Deliveries(Database):
         return int(cur.rowcount)
 
 
-def _record(row: sqlite3.Row, recipients: list[RecipientOutcome]) -> DeliveryRecord:
+def _record(row: Row, recipients: list[RecipientOutcome]) -> DeliveryRecord:
     order = {"delivered": 0, "refused": 1, "deferred": 2}
     return DeliveryRecord(
         time=row["created"],

@@ -7,14 +7,14 @@ are remembered from the first delivery for a window shorter than the upstream's.
 
 from __future__ import annotations
 
-import sqlite3
+from relay.db import Connection
 
 # Resend keeps an idempotency key for 24 hours from its first request; a retry
 # within them sends nothing. Ours is shorter, so it never outlasts theirs.
 IDEMPOTENCY_WINDOW = 23 * 3600
 
 
-def delivered_recently(db: sqlite3.Connection, key: str, now: int) -> bool:
+def delivered_recently(db: Connection, key: str, now: int) -> bool:
     row = db.execute(
         "SELECT 1 FROM delivered_keys WHERE key = ? AND created > ?",
         (key, now - IDEMPOTENCY_WINDOW),
@@ -22,7 +22,7 @@ def delivered_recently(db: sqlite3.Connection, key: str, now: int) -> bool:
     return row is not None
 
 
-def remember_delivered(db: sqlite3.Connection, key: str, now: int) -> None:
+def remember_delivered(db: Connection, key: str, now: int) -> None:
     # DO NOTHING: the window runs from the first delivery, as Resend's does.
     db.execute(
         "INSERT INTO delivered_keys (key, created) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
@@ -30,5 +30,5 @@ def remember_delivered(db: sqlite3.Connection, key: str, now: int) -> None:
     )
 
 
-def forget_expired(db: sqlite3.Connection, now: int) -> None:
+def forget_expired(db: Connection, now: int) -> None:
     db.execute("DELETE FROM delivered_keys WHERE created <= ?", (now - IDEMPOTENCY_WINDOW,))

@@ -1,29 +1,46 @@
 """The ledger: senders' balances, send-limit windows, and the charge of each message.
 
-Guarantees, whatever the number of sessions and relay processes on one database:
+Guarantees, whatever the number of sessions, relay processes and hosts on one
+database:
 - `reserve` is atomic and conditional: it charges the balance and counts the
-  send-limit windows in one write transaction (`BEGIN IMMEDIATE` takes SQLite's
-  write lock across processes), and a balance never goes below zero (the UPDATE
-  is conditional and the column has a CHECK).
+  send-limit windows in one write transaction, or changes nothing.
+- A balance never goes below zero: the charge is one conditional UPDATE
+  (`... WHERE balance >= charge`), and the column has a CHECK. On SQLite the
+  transaction holds the write lock (`BEGIN IMMEDIATE`); on PostgreSQL (READ
+  COMMITTED) the UPDATE locks the sender's row and re-checks its condition
+  against the latest committed balance, so two hosts cannot both spend the
+  last unit.
+- A send limit is never exceeded: each window's count grows by one conditional
+  upsert (`ON CONFLICT DO UPDATE SET count = counters.count + excluded.count
+  WHERE counters.count + excluded.count <= limit RETURNING`), which on
+  PostgreSQL locks the window's row and re-checks the sum against its latest
+  count; a window the upsert did not return refuses the message and rolls the
+  transaction back. Every transaction locks rows in one order (the sender, the
+  account's windows, then the relay's), so none waits on another in a cycle.
+  The relay-wide windows are the hot rows every message updates: they are
+  locked last, so each transaction holds them for one statement and its
+  commit (README, "Many relays on PostgreSQL", for what that costs).
 - Every reservation is recorded as a pending row until `settle` refunds what the
   upstream did not take; a crash leaves the row, and `settle_stale` (on start and
-  periodically) refunds it, so no refund is lost silently.
+  periodically) refunds it. A settle begins by deleting its pending row
+  (`DELETE ... RETURNING`): of two hosts that settle or sweep the same row, one
+  deletes it and refunds, the other finds nothing, so a refund is made once.
 - A pending row names the process that reserved it (`owner`), which refreshes its
   `heartbeat` while it lives. `settle_stale` refunds only rows whose owner is
   gone: a live process whose `settle` failed keeps retrying it, and the message
-  the upstream took stays charged.
+  the upstream took stays charged. Heartbeats are the relays' clocks: hosts
+  sharing a database keep them in step (NTP), well within OWNER_DEAD_AFTER.
 """
 
 from __future__ import annotations
 
 import os
-import sqlite3
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
 from relay.accounts import account_id_of, domain_owner, is_nolimit
-from relay.db import Database, read_only, translate
+from relay.db import Connection, Database, Row, read_only
 from relay.deliveries import DeliveryRecord, insert
 from relay.errors import RelayError
 from relay.idempotency import delivered_recently, forget_expired, remember_delivered
@@ -39,7 +56,8 @@ from relay.policy import (
 from relay.tokens import token_still_valid
 
 RELAY_SCOPE = "*"
-# A process whose heartbeat is older than this is dead (it beats every 10 s).
+# A process whose heartbeat is older than this is dead (it beats every 10 s);
+# the relay passes its RELAY_OWNER_DEAD_AFTER.
 OWNER_DEAD_AFTER = 60
 
 
@@ -110,7 +128,8 @@ class Ledger(Database):
             db.execute(
                 "INSERT INTO senders (address, balance, enabled, created, updated)"
                 " VALUES (?, ?, ?, ?, ?) ON CONFLICT (address) DO UPDATE SET"
-                " balance = COALESCE(?, balance), enabled = COALESCE(?, enabled), updated = ?",
+                " balance = COALESCE(?, senders.balance), enabled = COALESCE(?, senders.enabled),"
+                " updated = ?",
                 (
                     address,
                     balance or 0,
@@ -127,17 +146,16 @@ class Ledger(Database):
     def topup_sender(self, address: str, amount: int) -> dict[str, Any]:
         now = self._now()
         with self._write() as db:
-            row = db.execute("SELECT balance FROM senders WHERE address = ?", (address,)).fetchone()
-            if row is None:
-                # A top-up for a sender who never sent creates the row with it.
-                _ensure_sender(db, address, 0, now)
-                row = {"balance": 0}
-            if row["balance"] + amount < 0:
-                raise RelayError(f"a top-up of {amount} would make the balance negative")
-            db.execute(
-                "UPDATE senders SET balance = balance + ?, updated = ? WHERE address = ?",
-                (amount, now, address),
+            # A top-up for a sender who never sent creates the row with it.
+            _ensure_sender(db, address, 0, now)
+            # Conditional, as a charge is: a concurrent charge cannot make it negative.
+            cur = db.execute(
+                "UPDATE senders SET balance = balance + ?, updated = ?"
+                " WHERE address = ? AND balance + ? >= 0",
+                (amount, now, address, amount),
             )
+            if cur.rowcount != 1:
+                raise RelayError(f"a top-up of {amount} would make the balance negative")
         return self.show_sender(address)
 
     def delete_sender(self, address: str) -> None:
@@ -167,15 +185,12 @@ class Ledger(Database):
         NOTHING): an admin-disabled or admin-edited row stays as the admin left it.
         """
         now = self.clock()
-        db = self.db
-        try:
+        with self._connection() as db:
             owner = domain_owner(db, domain)
             token_valid = token_still_valid(db, token_id, self._now())
             unlimited = unlimited or is_nolimit(db, address)
             row = _sender_row(db, address)
             room, hit = self._headroom(db, account_id, now)
-        except sqlite3.Error as exc:
-            raise translate(exc) from exc
         state = SenderState(
             address=address,
             balance=row["balance"] if row else default_balance,
@@ -185,7 +200,7 @@ class Ledger(Database):
         return MailCheck(owner[0] if owner else None, token_valid, state, room, hit)
 
     def _headroom(
-        self, db: sqlite3.Connection, account_id: int, now: datetime
+        self, db: Connection, account_id: int, now: datetime
     ) -> tuple[int | None, LimitHit | None]:
         """The tightest window's remaining room, and the first exhausted window if any."""
         tightest: int | None = None
@@ -216,6 +231,10 @@ class Ledger(Database):
         revoked or expired, the sender's domain left the account, or the balance
         or a window cannot cover all recipients. The pending row lets `settle`
         refund what the upstream did not take, even after a crash.
+
+        Order matters on PostgreSQL: the sender's row is locked first, the
+        pending row written, and the windows counted last in one statement,
+        the account's before the relay's (the module docstring says why).
         """
         now = self.clock()
         ts = int(now.timestamp())
@@ -247,22 +266,24 @@ class Ledger(Database):
                         balance=row["balance"] if row else 0,
                         disabled=bool(row and not row["enabled"]),
                     )
-            for label, window, limit, used in _windows(db, account_id, now):
+            windows = _windows(db, account_id, now)
+            for label, window, limit, used in windows:
+                # Exact on SQLite (the write lock is held); on PostgreSQL a count
+                # read here may be stale, and the upsert below decides.
                 if limit != UNLIMITED and used + recipients > limit:
                     hit = LimitHit(label, window, limit, window_reset(window, now))
                     raise Refused(f"{label} {window.value} limit {limit} reached", hit=hit)
-            db.executemany(
-                "INSERT INTO counters (scope, period, count) VALUES (?, ?, ?)"
-                " ON CONFLICT (scope, period) DO UPDATE SET count = count + excluded.count",
-                [(scope, period, recipients) for scope in scopes for period in (day, month)],
-            )
-            cur = db.execute(
+            pending = db.execute(
                 "INSERT INTO pending (sender, unit, count, scopes, day, month, created, owner)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
                 (sender, unit, recipients, ",".join(scopes), day, month, ts, self.owner),
-            )
-        assert cur.lastrowid is not None
-        return Reservation(cur.lastrowid, charge)
+            ).fetchone()
+            full = _count_windows(db, account_id, day, month, recipients, windows)
+            if full is not None:
+                label, window, limit, _ = full
+                hit = LimitHit(label, window, limit, window_reset(window, now))
+                raise Refused(f"{label} {window.value} limit {limit} reached", hit=hit)
+        return Reservation(int(pending["id"]), charge)
 
     def settle(
         self,
@@ -282,32 +303,42 @@ class Ledger(Database):
         with self._write() as db:
             if idempotency_key and delivered:
                 remember_delivered(db, idempotency_key, now)
-            refund, kept = _settle(db, reservation_id, delivered, now)
+            refund, kept = _settle(db, reservation_id, delivered, now) or (0, 0)
             if record is not None:
                 insert(db, replace(record, charged=kept))
             return refund
 
-    def settle_stale(self, older_than: float) -> list[dict[str, Any]]:
+    def settle_stale(
+        self, older_than: float, dead_after: float = OWNER_DEAD_AFTER
+    ) -> list[dict[str, Any]]:
         """Refund in full every reservation left pending longer than `older_than` seconds
-        by a process that is gone (no owner, or no heartbeat for OWNER_DEAD_AFTER).
+        by a process that is gone (no owner, or no heartbeat for `dead_after` seconds).
 
         Such a reservation belongs to a process that died between charge and
         forward. The client got no 250 for it, so it will retry and be charged
         again: refunding avoids charging it twice. A live owner's rows stay: it
         is still settling them.
+
+        Each row is settled in a transaction of its own, as `settle` does it: of
+        two hosts sweeping at once, the one whose `DELETE ... RETURNING` takes
+        the row refunds it, and the other finds it gone.
         """
         now = self._now()
+        rows = self._read(
+            "SELECT * FROM pending WHERE created <= ? AND (owner IS NULL OR NOT EXISTS"
+            " (SELECT 1 FROM processes p WHERE p.id = pending.owner AND p.heartbeat > ?))"
+            " ORDER BY id",
+            (now - older_than, now - dead_after),
+        )
+        settled = []
+        for row in rows:
+            with self._write() as db:
+                if _settle(db, row["id"], 0, now) is not None:
+                    settled.append(dict(row))
         with self._write() as db:
-            rows = db.execute(
-                "SELECT * FROM pending WHERE created <= ? AND (owner IS NULL OR NOT EXISTS"
-                " (SELECT 1 FROM processes p WHERE p.id = pending.owner AND p.heartbeat > ?))",
-                (now - older_than, now - OWNER_DEAD_AFTER),
-            ).fetchall()
-            for row in rows:
-                _settle(db, row["id"], 0, now)
             forget_expired(db, now)
             db.execute("DELETE FROM processes WHERE heartbeat <= ?", (now - 86400,))
-        return [dict(r) for r in rows]
+        return settled
 
     def heartbeat(self) -> None:
         """Record that this process (`owner`) lives; also proves the database writable."""
@@ -339,8 +370,8 @@ class Ledger(Database):
             db.execute(
                 "INSERT INTO limits (scope, daily, monthly)"
                 " VALUES (?, COALESCE(?, -1), COALESCE(?, -1))"
-                " ON CONFLICT (scope) DO UPDATE SET daily = COALESCE(?, daily),"
-                " monthly = COALESCE(?, monthly)",
+                " ON CONFLICT (scope) DO UPDATE SET daily = COALESCE(?, limits.daily),"
+                " monthly = COALESCE(?, limits.monthly)",
                 (scope, daily, monthly, daily, monthly),
             )
         return next(s for s in self.show_limits() if s["scope"] == (account or "relay"))
@@ -352,36 +383,37 @@ class Ledger(Database):
         rows = {r["scope"]: r for r in self._read("SELECT * FROM limits")}
         scopes = [RELAY_SCOPE, *sorted(s for s in rows if s != RELAY_SCOPE)]
         out = []
-        for scope in scopes:
-            row = rows.get(scope)
-            out.append(
-                {
-                    "scope": "relay" if scope == RELAY_SCOPE else names.get(scope, scope),
-                    "daily": row["daily"] if row else UNLIMITED,
-                    "monthly": row["monthly"] if row else UNLIMITED,
-                    "daily_count": _count(self.db, scope, day),
-                    "monthly_count": _count(self.db, scope, month),
-                    "daily_resets_at": window_reset(Window.DAY, now).isoformat(),
-                    "monthly_resets_at": window_reset(Window.MONTH, now).isoformat(),
-                }
-            )
+        with self._connection() as db:
+            for scope in scopes:
+                row = rows.get(scope)
+                out.append(
+                    {
+                        "scope": "relay" if scope == RELAY_SCOPE else names.get(scope, scope),
+                        "daily": row["daily"] if row else UNLIMITED,
+                        "monthly": row["monthly"] if row else UNLIMITED,
+                        "daily_count": _count(db, scope, day),
+                        "monthly_count": _count(db, scope, month),
+                        "daily_resets_at": window_reset(Window.DAY, now).isoformat(),
+                        "monthly_resets_at": window_reset(Window.MONTH, now).isoformat(),
+                    }
+                )
         return out
 
 
-def _sender_row(db: sqlite3.Connection, address: str) -> sqlite3.Row | None:
-    row: sqlite3.Row | None = db.execute(
+def _sender_row(db: Connection, address: str) -> Row | None:
+    row: Row | None = db.execute(
         "SELECT balance, enabled FROM senders WHERE address = ?", (address,)
     ).fetchone()
     return row
 
 
-def _sender(row: sqlite3.Row) -> dict[str, Any]:
+def _sender(row: Row) -> dict[str, Any]:
     out = dict(row)
     out["enabled"] = bool(out["enabled"])
     return out
 
 
-def _ensure_sender(db: sqlite3.Connection, address: str, balance: int, ts: int) -> None:
+def _ensure_sender(db: Connection, address: str, balance: int, ts: int) -> None:
     db.execute(
         "INSERT INTO senders (address, balance, enabled, created, updated) VALUES (?, ?, 1, ?, ?)"
         " ON CONFLICT (address) DO NOTHING",
@@ -397,9 +429,7 @@ _WINDOWS_SQL = """
 """
 
 
-def _windows(
-    db: sqlite3.Connection, account_id: int, now: datetime
-) -> list[tuple[str, Window, int, int]]:
+def _windows(db: Connection, account_id: int, now: datetime) -> list[tuple[str, Window, int, int]]:
     """(label, window, limit, used) for the relay's and the account's day and month, one query."""
     day, month = period_key(Window.DAY, now), period_key(Window.MONTH, now)
     rows = db.execute(_WINDOWS_SQL, (day, month, RELAY_SCOPE, str(account_id))).fetchall()
@@ -411,20 +441,79 @@ def _windows(
     return out
 
 
-def _count(db: sqlite3.Connection, scope: str, period: str) -> int:
+def _count(db: Connection, scope: str, period: str) -> int:
     row = db.execute(
         "SELECT count FROM counters WHERE scope = ? AND period = ?", (scope, period)
     ).fetchone()
     return int(row[0]) if row else 0
 
 
-def _settle(
-    db: sqlite3.Connection, reservation_id: int, delivered: int, ts: int
-) -> tuple[int, int]:
-    """Settle one pending row: (units refunded, units kept)."""
-    row = db.execute("SELECT * FROM pending WHERE id = ?", (reservation_id,)).fetchone()
+# A limit for the upsert's condition when a window has none.
+_NO_LIMIT = 2**62
+
+
+def _count_windows(
+    db: Connection,
+    account_id: int,
+    day: str,
+    month: str,
+    recipients: int,
+    windows: list[tuple[str, Window, int, int]],
+) -> tuple[str, Window, int, int] | None:
+    """Count `recipients` in the four windows, each only if it stays within its limit.
+
+    One statement, the account's rows before the relay's (the lock order). A
+    window whose row the upsert did not return was full: the first such, in
+    `_windows`' order, is returned, and the caller rolls back. A window with no
+    row yet is inserted unconditionally: `reserve` checked `recipients <= limit`.
+    """
+    limits = {(label, window): limit for label, window, limit, _ in windows}
+
+    def limit(label: str, window: Window) -> int:
+        value = limits[(label, window)]
+        return _NO_LIMIT if value == UNLIMITED else value
+
+    account = str(account_id)
+    returned = db.execute(
+        "INSERT INTO counters (scope, period, count) VALUES (?, ?, ?), (?, ?, ?), (?, ?, ?),"
+        " (?, ?, ?) ON CONFLICT (scope, period) DO UPDATE"
+        " SET count = counters.count + excluded.count"
+        " WHERE counters.count + excluded.count <= CASE counters.scope || ' ' || counters.period"
+        " WHEN ? THEN ? WHEN ? THEN ? WHEN ? THEN ? WHEN ? THEN ? END"
+        " RETURNING scope, period",
+        (
+            *(account, day, recipients, account, month, recipients),
+            *(RELAY_SCOPE, day, recipients, RELAY_SCOPE, month, recipients),
+            *(f"{account} {day}", limit("account", Window.DAY)),
+            *(f"{account} {month}", limit("account", Window.MONTH)),
+            *(f"{RELAY_SCOPE} {day}", limit("relay", Window.DAY)),
+            *(f"{RELAY_SCOPE} {month}", limit("relay", Window.MONTH)),
+        ),
+    ).fetchall()
+    counted = {(r["scope"], r["period"]) for r in returned}
+    keys = {
+        ("relay", Window.DAY): (RELAY_SCOPE, day),
+        ("relay", Window.MONTH): (RELAY_SCOPE, month),
+        ("account", Window.DAY): (account, day),
+        ("account", Window.MONTH): (account, month),
+    }
+    for entry in windows:
+        if keys[(entry[0], entry[1])] not in counted:
+            return entry
+    return None
+
+
+def _settle(db: Connection, reservation_id: int, delivered: int, ts: int) -> tuple[int, int] | None:
+    """Settle one pending row: (units refunded, units kept), or None if it was settled.
+
+    The DELETE comes first and takes the row: a second transaction settling the
+    same row (another host's sweep) waits for it, then deletes nothing and
+    refunds nothing. Then the sender's row, then the windows in `reserve`'s
+    lock order (the account's before the relay's).
+    """
+    row = db.execute("DELETE FROM pending WHERE id = ? RETURNING *", (reservation_id,)).fetchone()
     if row is None:
-        return 0, 0  # settled already (by a sweep that judged it stale)
+        return None  # settled already (by a sweep that judged it stale)
     undelivered = max(row["count"] - delivered, 0)
     refund = row["unit"] * undelivered
     if refund:
@@ -433,11 +522,11 @@ def _settle(
             (refund, ts, row["sender"]),
         )
     if undelivered:
-        for scope in row["scopes"].split(","):
+        for scope in sorted(row["scopes"].split(","), key=lambda s: s == RELAY_SCOPE):
             for period in (row["day"], row["month"]):
                 db.execute(
-                    "UPDATE counters SET count = max(count - ?, 0) WHERE scope = ? AND period = ?",
-                    (undelivered, scope, period),
+                    "UPDATE counters SET count = CASE WHEN count > ? THEN count - ? ELSE 0 END"
+                    " WHERE scope = ? AND period = ?",
+                    (undelivered, undelivered, scope, period),
                 )
-    db.execute("DELETE FROM pending WHERE id = ?", (reservation_id,))
     return int(refund), int(row["unit"] * min(delivered, row["count"]))

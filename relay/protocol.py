@@ -289,8 +289,9 @@ class SubmissionProtocol(SMTPBase):
         address = peer[0] if isinstance(peer, tuple) else str(peer)
         try:
             await self.store.run(self.store.sync.record_auth_failure, address)
-        except StoreError:
-            log.warning("could not record a failed AUTH from %s", address)
+        except StoreError as exc:
+            if not self.store.logged(exc):
+                log.warning("could not record a failed AUTH from %s", address)
 
     # Not `_authenticate` nor `auth_*`: aiosmtpd gives both names a meaning.
     async def _check_credentials(self, mechanism: str, initial: str | None) -> Principal | Reply:
@@ -325,8 +326,9 @@ class SubmissionProtocol(SMTPBase):
             principal = await self.store.run(
                 self.store.sync.authenticate, token.decode("utf-8", "surrogateescape")
             )
-        except StoreError:
-            log.exception("token lookup failed")
+        except StoreError as exc:
+            if not self.store.logged(exc):
+                log.exception("token lookup failed")
             return replies.LOCAL_ERROR
         if principal is None or not user_ok:
             log.info("%s AUTH failed", _peer(self.relay_session()))

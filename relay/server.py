@@ -122,7 +122,7 @@ def open_database(store: Store) -> None:
         if str(exc).startswith("RELAY_DATABASE:"):
             raise ConfigError(str(exc)) from None
         reason = exc.__cause__ or exc
-        raise ConfigError(f"RELAY_DATABASE: cannot write {store.path}: {reason}") from None
+        raise ConfigError(f"RELAY_DATABASE: cannot write {store.location}: {reason}") from None
 
 
 def check_fd_limit(settings: Settings) -> None:
@@ -313,7 +313,8 @@ class Relay:
         self._next_sweep = time.monotonic() + self.settings.upkeep.sweep_interval
         try:
             stale_after = self.settings.stale_after
-            settled = await self.store.upkeep(lambda s: s.settle_stale(stale_after))
+            dead_after = self.settings.upkeep.owner_dead_after
+            settled = await self.store.upkeep(lambda s: s.settle_stale(stale_after, dead_after))
         except RelayError as exc:
             self._trouble("stale charge sweep", exc)
             return
@@ -435,6 +436,9 @@ class Relay:
 
 
 def _identity(path: Any) -> tuple[int, int] | None:
+    """A SQLite file's device and inode (None for PostgreSQL: no file to watch)."""
+    if not isinstance(path, str | os.PathLike):
+        return None
     try:
         st = os.stat(path)
     except OSError:

@@ -195,8 +195,9 @@ class Submission:
                 principal.role in self.settings.no_limit_roles,
                 principal.token_id,
             )
-        except StoreError:
-            log.exception("MAIL check failed")
+        except StoreError as exc:
+            if not self.store.logged(exc):
+                log.exception("MAIL check failed")
             return str(replies.LOCAL_ERROR)
         reply = policy.decide_mail(
             self.settings,
@@ -342,7 +343,8 @@ class Submission:
         try:
             await self.store.run(self.store.sync.record_delivery, record)
         except StoreError as exc:
-            log.warning("could not record %s %s: %s", what, record.message_id, exc)
+            if not self.store.logged(exc):
+                log.warning("could not record %s %s: %s", what, record.message_id, exc)
 
     def _now(self) -> int:
         return int(self.store.sync.clock().timestamp())
@@ -425,8 +427,9 @@ class Submission:
             )
             metrics.refusal(reply, refused.hit)
             return reply
-        except StoreError:
-            log.exception("reserve failed; refusing to send unmetered")
+        except StoreError as exc:
+            if not self.store.logged(exc):
+                log.exception("reserve failed; refusing to send unmetered")
             return replies.LOCAL_ERROR
 
     async def _forward(

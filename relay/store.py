@@ -3,6 +3,7 @@
 Each concept has its own module, which states its guarantees:
 
 - `relay.db`: the connection, write transactions, migrations, checkpoints
+  (`relay.postgres`: the same on PostgreSQL, for a store many relays share)
 - `relay.accounts`: accounts, their domains, the verified and no-limit lists
 - `relay.tokens`: API tokens, stored only as SHA-256 hashes
 - `relay.ledger`: balances and send-limit windows; the atomic, never-negative
@@ -26,7 +27,7 @@ import asyncio
 import logging
 import os
 import secrets
-import sqlite3
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import ParamSpec, TypeVar
@@ -69,6 +70,9 @@ log = logging.getLogger("relay.store")
 # A settle the store refused is tried again after this, doubling up to the cap.
 SETTLE_RETRY_FIRST = 0.5
 SETTLE_RETRY_MAX = 30.0
+# While the database is unavailable (a full disk, PostgreSQL down or away), the
+# failing calls are logged at most this often; every message still gets 451.
+OUTAGE_LOG_INTERVAL = 60.0
 
 
 class AsyncStore:
@@ -88,6 +92,11 @@ class AsyncStore:
     never AUTH. The rare read that finds the database busy goes to a read
     thread of its own, not behind the writes.
 
+    On PostgreSQL, every call is a round trip to another host and a write may
+    wait for a row lock another relay holds: nothing runs inline. Reads go to
+    the read thread, writes to the store's thread, each with its own pooled
+    connection, so AUTH and MAIL FROM still never queue behind a charge.
+
     Each process has an owner id (pid and a random instance id) recorded on its
     reservations; `start()` writes its heartbeat, the upkeep refreshes it.
     """
@@ -95,18 +104,23 @@ class AsyncStore:
     def __init__(self, store: Store) -> None:
         self.sync = store
         self.owner = f"{os.getpid()}-{secrets.token_hex(6)}"
-        self._inline = Store(store.path, clock=store.clock, busy_timeout_ms=0, autocheckpoint=False)
+        where = store.location
+        self._inline = Store(where, clock=store.clock, busy_timeout_ms=0, autocheckpoint=False)
+        self._inlines = store.inline_writes  # reads and writes inline, when nothing is queued
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-store")
         self._queued = 0
-        self._reader = Store(store.path, clock=store.clock, autocheckpoint=False)
+        self._reader = Store(where, clock=store.clock, autocheckpoint=False)
         self._reader_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-reads")
         # Checkpoints sync the disk and the stale sweep scans: on a thread and
         # connection of their own, so no session call ever queues behind them.
-        self._upkeep = Store(store.path, clock=store.clock)
+        self._upkeep = Store(where, clock=store.clock)
         self._upkeep_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-upkeep")
         for each in (self.sync, self._inline, self._reader, self._upkeep):
             each.owner = self.owner
         self._settling: dict[int, asyncio.Task[None]] = {}
+        self._outage_since: float | None = None
+        self._outage_logged_at = 0.0
+        self._outage_logged = False  # this outage's line was written
 
     @property
     def queued(self) -> int:
@@ -116,10 +130,45 @@ class AsyncStore:
     async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run `fn`, a method of `self.sync`, inline when possible, else on a thread."""
         with metrics.store_timer(fn.__name__):
-            return await self._run(fn, *args, **kwargs)
+            try:
+                result = await self._run(fn, *args, **kwargs)
+            except StoreError as exc:
+                if expected_failure(exc):
+                    self._unavailable(exc)
+                raise
+        if self._outage_since is not None:
+            if self._outage_logged:
+                log.warning(
+                    "the database answers again after %.0f s",
+                    time.monotonic() - self._outage_since,
+                )
+            self._outage_since, self._outage_logged = None, False
+        return result
+
+    def _unavailable(self, exc: StoreError) -> None:
+        """Log an outage once a minute, not once per message (callers answer 451),
+        and its end once. The store's connections come back one by one, so an
+        outage can seem to end and begin again within seconds: that is not
+        logged again within the minute."""
+        now = time.monotonic()
+        if self._outage_since is None:
+            self._outage_since = now
+        if self._outage_logged_at and now - self._outage_logged_at < OUTAGE_LOG_INTERVAL:
+            return
+        self._outage_logged_at, self._outage_logged = now, True
+        log.error(
+            "the database is unavailable, sessions get 451 4.3.0: %s"
+            " (logged at most once a minute)",
+            exc,
+        )
+
+    @staticmethod
+    def logged(exc: StoreError) -> bool:
+        """Whether `run` logged this failure already (an outage), so a caller need not."""
+        return expected_failure(exc)
 
     async def _run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        if self._queued == 0 or is_read_only(fn):
+        if self._inlines and (self._queued == 0 or is_read_only(fn)):
             inline: Callable[P, T] = getattr(self._inline, fn.__name__)
             try:
                 return inline(*args, **kwargs)
@@ -136,7 +185,7 @@ class AsyncStore:
         self._queued += 1
         try:
             return await loop.run_in_executor(self._thread, lambda: fn(*args, **kwargs))
-        except sqlite3.Error as exc:  # anything the store's own wrapping missed
+        except self.sync.driver_errors as exc:  # anything the store's own wrapping missed
             raise StoreError(f"database failed: {exc}") from exc
         finally:
             self._queued -= 1
@@ -146,7 +195,7 @@ class AsyncStore:
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(self._upkeep_thread, fn, self._upkeep)
-        except sqlite3.Error as exc:
+        except self.sync.driver_errors as exc:
             raise StoreError(f"database failed: {exc}") from exc
 
     async def settle(

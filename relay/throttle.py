@@ -38,9 +38,10 @@ class Throttle(Database):
 
     def prune_auth_failures(self, window: int = AUTH_FAILURE_WINDOW, batch: int = 1000) -> int:
         """Forget failures older than the window, a batch at a time (short write locks)."""
+        rowid = self.rowid  # the table has no key: SQLite's rowid, PostgreSQL's ctid
         with self._write() as db:
             cur = db.execute(
-                "DELETE FROM auth_failures WHERE rowid IN (SELECT rowid FROM auth_failures"
+                f"DELETE FROM auth_failures WHERE {rowid} IN (SELECT {rowid} FROM auth_failures"  # noqa: S608 - fixed names
                 " WHERE created <= ? LIMIT ?)",
                 (self._now() - window, batch),
             )

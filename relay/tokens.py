@@ -9,12 +9,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
 from relay.accounts import account_id_of
-from relay.db import Database, read_only
+from relay.db import Connection, Database, read_only
 from relay.errors import RelayError
 
 TOKEN_PREFIX = "rlt_"  # noqa: S105 - lets secret scanners spot a leaked token
@@ -101,7 +100,7 @@ class Tokens(Database):
         return Principal(row["id"], row["account_id"], row["name"], row["role"])
 
 
-def token_still_valid(db: sqlite3.Connection, token_id: str, now: int) -> bool:
+def token_still_valid(db: Connection, token_id: str, now: int) -> bool:
     """A token revoked or expired after AUTH stops its open sessions too."""
     row = db.execute("SELECT revoked, expires FROM tokens WHERE id = ?", (token_id,)).fetchone()
     if row is None or row["revoked"] is not None:

@@ -4,6 +4,14 @@
 production) with settings built from `env` only, never from this process's
 environment. `sink_factory(...)` starts an aiosmtpd server that records what
 reached it: plain, STARTTLS, or implicit TLS, with or without AUTH.
+
+`database_url` is the test's own empty database, and the one switch between
+backends: SQLite (a file in the test's directory) by default; in a module
+marked `pytestmark = pytest.mark.backends`, each test runs twice, on SQLite
+and on PostgreSQL (a database of its own on a throwaway cluster the session
+starts, `pg_cluster.py`). The relay and store fixtures all take their
+database from it. Where PostgreSQL cannot run, its half skips and the run's
+last lines say so.
 """
 
 from __future__ import annotations
@@ -29,6 +37,78 @@ from relay import certs
 from relay.config import Limits, Upkeep, load_settings
 from relay.server import Relay
 from relay.store import Store
+
+# --- the database: SQLite, or PostgreSQL -------------------------------------------------
+
+BACKENDS = ("sqlite", "postgres")
+TEMPLATE = "relay_template"
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests of a module marked `backends` run once per backend (`database_url`)."""
+    if "database_url" not in metafunc.fixturenames:
+        return
+    if metafunc.definition.get_closest_marker("backends") is None:
+        return
+    if metafunc.definition.get_closest_marker("sqlite_only") is not None:
+        return
+    metafunc.parametrize("database_url", BACKENDS, indirect=True)
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[Any]:
+    """A throwaway PostgreSQL cluster with a migrated template, or why there is none."""
+    from pg_cluster import Cluster, Unavailable
+
+    try:
+        cluster = Cluster()
+        cluster.start()
+    except Unavailable as exc:
+        yield f"{MISSING_TOOL}PostgreSQL ({exc}); its half of the store tests did not run"
+        return
+
+    def migrate(url: str) -> None:
+        store = Store(url)
+        store.migrate()
+        store.close()
+
+    try:
+        cluster.make_template(TEMPLATE, migrate)
+        yield cluster
+    finally:
+        cluster.remove()
+
+
+@pytest.fixture
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """This test's own database: a SQLite path, or a fresh PostgreSQL database's URL."""
+    backend = getattr(request, "param", "sqlite")
+    if backend == "sqlite":
+        return str(tmp_path / "relay.db")
+    cluster = request.getfixturevalue("pg_cluster")
+    if isinstance(cluster, str):
+        pytest.skip(cluster)
+    return str(cluster.new_database(TEMPLATE))
+
+
+@pytest.fixture
+def new_database(
+    database_url: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> Callable[[], str]:
+    """Another empty database of the test's backend (a second relay's, say)."""
+    made = [0]
+
+    def make() -> str:
+        made[0] += 1
+        if database_url.startswith("postgresql://"):
+            return str(request.getfixturevalue("pg_cluster").new_database(TEMPLATE))
+        return str(tmp_path / f"relay{made[0]}.db")
+
+    return make
+
+
+def is_postgres(database_url: str) -> bool:
+    return database_url.startswith("postgresql://")
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
@@ -272,7 +352,10 @@ class RunningRelay:
 
 @pytest.fixture
 def relay_factory(
-    cert_dir: Path, client_tls: ssl.SSLContext, tmp_path: Path
+    cert_dir: Path,
+    client_tls: ssl.SSLContext,
+    database_url: str,
+    new_database: Callable[[], str],
 ) -> Iterator[Callable[..., RunningRelay]]:
     running: list[RunningRelay] = []
 
@@ -284,7 +367,7 @@ def relay_factory(
             "RELAY_LISTEN": "127.0.0.1:0",
             "RELAY_TLS_CERT": str(cert_dir / "relay.crt"),
             "RELAY_TLS_KEY": str(cert_dir / "relay.key"),
-            "RELAY_DATABASE": str(tmp_path / f"relay{len(running)}.db"),
+            "RELAY_DATABASE": new_database() if running else database_url,
             "RELAY_UPSTREAM_TIMEOUT": "5",
             "RELAY_DRAIN_TIMEOUT": "5",
             # Every test client comes from 127.0.0.1; the per-address cap has its own tests.

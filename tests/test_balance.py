@@ -25,6 +25,7 @@ from relay.policy import Window, window_reset
 from relay.store import Refused, Store
 
 REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.backends
 EXHAUSTED = f"550 5.7.1 Send balance exhausted for {SENDER}; ask the relay admin for a top-up"
 DISABLED = f"550 5.7.1 Sending is disabled for {SENDER}; ask the relay admin to enable it"
 
@@ -426,8 +427,10 @@ def seed(store: Store, sender_balance: int) -> int:
     return int(account["id"])
 
 
-def test_pending_charge_of_a_dead_process_is_refunded_at_next_start(relay_factory, sink, tmp_path):
-    path = tmp_path / "crashed.db"
+def test_pending_charge_of_a_dead_process_is_refunded_at_next_start(
+    relay_factory, sink, database_url
+):
+    path = database_url
     earlier = datetime.now(UTC) - timedelta(days=2)  # another day's window
     dead = Store(path, clock=lambda: earlier)
     account_id = seed(dead, 10)
@@ -448,10 +451,10 @@ def test_pending_charge_of_a_dead_process_is_refunded_at_next_start(relay_factor
     seen.close()
 
 
-def test_settle_stale_refunds_only_what_is_old_enough(tmp_path):
+def test_settle_stale_refunds_only_what_is_old_enough(database_url):
     now = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
     clock = lambda: now  # noqa: E731
-    store = Store(tmp_path / "s.db", clock=clock)
+    store = Store(database_url, clock=clock)
     account_id = seed(store, 5)
     first = store.reserve(SENDER, account_id=account_id, recipients=2, unit=1, default_balance=0)
     now += timedelta(seconds=100)
@@ -470,8 +473,8 @@ def test_settle_stale_refunds_only_what_is_old_enough(tmp_path):
 # --- the store's guarantees, without a server ------------------------------------------
 
 
-def test_reserve_never_goes_below_zero_and_changes_nothing_when_refused(tmp_path):
-    store = Store(tmp_path / "s.db")
+def test_reserve_never_goes_below_zero_and_changes_nothing_when_refused(database_url):
+    store = Store(database_url)
     account_id = seed(store, 2)
     with pytest.raises(Refused) as refused:
         store.reserve(SENDER, account_id=account_id, recipients=3, unit=1, default_balance=9)
@@ -488,8 +491,8 @@ def test_reserve_never_goes_below_zero_and_changes_nothing_when_refused(tmp_path
     store.close()
 
 
-def test_reserve_creates_a_deleted_row_with_the_default(tmp_path):
-    store = Store(tmp_path / "s.db")
+def test_reserve_creates_a_deleted_row_with_the_default(database_url):
+    store = Store(database_url)
     account_id = seed(store, 2)
     store.delete_sender(SENDER)
     store.reserve(SENDER, account_id=account_id, recipients=1, unit=1, default_balance=4)
@@ -497,8 +500,8 @@ def test_reserve_creates_a_deleted_row_with_the_default(tmp_path):
     store.close()
 
 
-def test_admin_edits_are_checked(tmp_path):
-    store = Store(tmp_path / "s.db")
+def test_admin_edits_are_checked(database_url):
+    store = Store(database_url)
     seed(store, 2)
     with pytest.raises(RelayError, match="negative"):
         store.set_sender(SENDER, balance=-1)
@@ -517,11 +520,12 @@ def test_admin_edits_are_checked(tmp_path):
 # --- the admin commands -------------------------------------------------------------------
 
 
-def run_cli(db: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """`relay ARGS` on `db`, created first as `relay db init` would."""
-    if not db.exists():
-        Store(db).migrate()
-    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(REPO), "RELAY_DATABASE": str(db)}
+def run_cli(db: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """`relay ARGS` on `db`, created (or migrated) first as `relay db init` would."""
+    store = Store(db)
+    store.migrate()
+    store.close()
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(REPO), "RELAY_DATABASE": db}
     done = subprocess.run(
         [sys.executable, "-m", "relay", *args],
         cwd=REPO,
@@ -535,12 +539,12 @@ def run_cli(db: Path, *args: str, check: bool = True) -> subprocess.CompletedPro
     return done
 
 
-def cli_json(db: Path, *args: str) -> Any:
+def cli_json(db: str, *args: str) -> Any:
     return json.loads(run_cli(db, *args, "--json").stdout)
 
 
-def test_cli_sender_commands(tmp_path):
-    db = tmp_path / "cli.db"
+def test_cli_sender_commands(database_url):
+    db = database_url
     assert cli_json(db, "sender", "list") == []
     shown = cli_json(db, "sender", "set", "App@Example.com", "--balance", "5")
     assert {k: shown[k] for k in ("address", "balance", "enabled")} == {
@@ -574,15 +578,15 @@ def test_cli_sender_commands(tmp_path):
     assert (negative.returncode, negative.stderr) == (1, "relay: a balance cannot be negative\n")
 
 
-def test_cli_sender_delete_takes_json(tmp_path):
-    db = tmp_path / "cli.db"
+def test_cli_sender_delete_takes_json(database_url):
+    db = database_url
     run_cli(db, "sender", "set", SENDER, "--balance", "1")
     assert cli_json(db, "sender", "delete", SENDER) == {"address": SENDER, "deleted": True}
     assert cli_json(db, "sender", "list") == []
 
 
-def test_cli_nolimit_commands(tmp_path):
-    db = tmp_path / "cli.db"
+def test_cli_nolimit_commands(database_url):
+    db = database_url
     assert run_cli(db, "nolimit", "add", "Ops@Example.com").stdout == "added ops@example.com\n"
     run_cli(db, "nolimit", "add", SENDER)
     run_cli(db, "nolimit", "add", SENDER)  # adding twice is harmless
@@ -593,8 +597,8 @@ def test_cli_nolimit_commands(tmp_path):
     assert (again.returncode, again.stderr) == (1, f"relay: {SENDER} is not on the list\n")
 
 
-def test_cli_limits_commands(tmp_path):
-    db = tmp_path / "cli.db"
+def test_cli_limits_commands(database_url):
+    db = database_url
     store = Store(db)
     account_id = seed(store, 10)
     store.reserve(SENDER, account_id=account_id, recipients=2, unit=1, default_balance=0)
@@ -632,9 +636,9 @@ def test_cli_limits_commands(tmp_path):
         assert (done.returncode, done.stderr) == (1, why)
 
 
-def test_a_retry_is_not_charged_within_the_idempotency_window_only(tmp_path):
+def test_a_retry_is_not_charged_within_the_idempotency_window_only(database_url):
     now = [datetime(2026, 11, 21, 12, 0, tzinfo=UTC)]
-    store = Store(tmp_path / "keys.db", clock=lambda: now[0])
+    store = Store(database_url, clock=lambda: now[0])
     store.migrate()
     store.create_account("acme")
     store.set_sender(SENDER, balance=5)

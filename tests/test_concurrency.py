@@ -4,25 +4,32 @@ A hundred sessions at once, one recipient each, race for 30 places: exactly 30
 messages reach the upstream, whether the places are a balance or a daily limit,
 and whether one relay process serves them or two processes share the database.
 The clients are aiosmtplib sessions on one event loop; the relay runs on its own.
+On PostgreSQL the two processes stand for two hosts: a relay killed mid-forward
+is refunded once by the other, and failed AUTHs count across relays.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiosmtplib
 import pytest
-from support import DOMAIN, SENDER, free_port, message
+from support import DOMAIN, SENDER, free_port, message, plain
 
 from relay.store import Store
 
+pytestmark = pytest.mark.backends
 REPO = Path(__file__).resolve().parent.parent
 SESSIONS = 100
 PLACES = 30
@@ -116,63 +123,181 @@ def wait_for_tls(port: int, tls: ssl.SSLContext, process: subprocess.Popen[bytes
         time.sleep(0.05)
 
 
-@pytest.mark.slow
-def test_two_processes_on_one_database_serve_exactly_30(sink, cert_dir, client_tls, tmp_path):
-    database = tmp_path / "shared.db"
-    store = Store(database)
-    store.migrate()
-    store.create_account("acme")
-    store.add_domain("acme", DOMAIN)
-    token = str(store.create_token("acme")["token"])
-    store.set_sender(SENDER, balance=PLACES)
+class RelayProcesses:
+    """`relay serve` subprocesses on one database, each on a port of its own."""
 
-    ports = [free_port(), free_port()]
-    processes: list[subprocess.Popen[bytes]] = []
-    logs: list[Path] = []
-    try:
-        for n, port in enumerate(ports):
-            env = {
-                "PATH": os.environ.get("PATH", ""),
-                "PYTHONPATH": str(REPO),
-                "RELAY_HOSTNAME": "relay.test",
-                "RELAY_LISTEN": f"127.0.0.1:{port}",
-                "RELAY_TLS_CERT": str(cert_dir / "relay.crt"),
-                "RELAY_TLS_KEY": str(cert_dir / "relay.key"),
-                "RELAY_DATABASE": str(database),
-                "SMTP_CONFIG": sink.smtp_config(),
-                "RELAY_LOG_LEVEL": "WARNING",
-                "RELAY_DRAIN_TIMEOUT": "5",
-                "RELAY_MAX_CONNECTIONS_PER_IP": "1000",  # 100 sessions, all from 127.0.0.1
-            }
-            logs.append(tmp_path / f"relay{n}.log")
-            with logs[-1].open("wb") as log:
-                processes.append(
-                    subprocess.Popen(
-                        [sys.executable, "-m", "relay", "serve"],
-                        cwd=REPO,
-                        env=env,
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                    )
-                )
-        for port, process, log in zip(ports, processes, logs, strict=True):
-            wait_for_tls(port, client_tls, process, log)
+    def __init__(self, database: str, cert_dir: Path, log_dir: Path) -> None:
+        self.database, self.cert_dir, self.log_dir = database, cert_dir, log_dir
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self.logs: list[Path] = []
+        self.ports: list[int] = []
 
-        delivered, refused = tally(send_all(ports, client_tls, token))
+    def start(self, tls: ssl.SSLContext, smtp_config: str, **env: str) -> int:
+        """One more relay; returns its index once it answers TLS."""
+        port = free_port()
+        base = {
+            "PATH": os.environ.get("PATH", ""),
+            "PYTHONPATH": str(REPO),
+            "RELAY_HOSTNAME": "relay.test",
+            "RELAY_LISTEN": f"127.0.0.1:{port}",
+            "RELAY_TLS_CERT": str(self.cert_dir / "relay.crt"),
+            "RELAY_TLS_KEY": str(self.cert_dir / "relay.key"),
+            "RELAY_DATABASE": self.database,
+            "SMTP_CONFIG": smtp_config,
+            "RELAY_LOG_LEVEL": "WARNING",
+            "RELAY_DRAIN_TIMEOUT": "5",
+            "RELAY_MAX_CONNECTIONS_PER_IP": "1000",  # 100 sessions, all from 127.0.0.1
+        }
+        log = self.log_dir / f"relay{len(self.processes)}.log"
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "relay", "serve"],
+                cwd=REPO,
+                env={**base, **env},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        self.processes.append(process)
+        self.logs.append(log)
+        self.ports.append(port)
+        wait_for_tls(port, tls, process, log)
+        return len(self.processes) - 1
 
-        assert len(delivered) == PLACES, [p.read_text() for p in logs]
-        assert len(refused) == SESSIONS - PLACES
-        assert all(r.startswith("550 5.7.1 ") for r in refused), set(refused)
-        assert len(sink.messages) == PLACES
-        assert store.show_sender(SENDER)["balance"] == 0
-        assert store.pending_count() == 0
-    finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
+    def output(self) -> list[str]:
+        return [log.read_text() for log in self.logs]
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes:
             try:
                 process.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+@pytest.fixture
+def relays(database_url, cert_dir, tmp_path) -> Iterator[RelayProcesses]:
+    running = RelayProcesses(database_url, cert_dir, tmp_path)
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def seeded(database: str) -> tuple[Store, str]:
+    """The shared database with account acme (example.com); its store and a token."""
+    store = Store(database)
+    store.migrate()
+    store.create_account("acme")
+    store.add_domain("acme", DOMAIN)
+    return store, str(store.create_token("acme")["token"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("places", ["balance", "daily limit"])
+def test_two_processes_on_one_database_serve_exactly_30(
+    sink, client_tls, relays, database_url, places
+):
+    store, token = seeded(database_url)
+    if places == "balance":
+        store.set_sender(SENDER, balance=PLACES)
+    else:
+        store.add_nolimit(SENDER)
+        store.set_limits(account=None, daily=PLACES, monthly=None)
+    try:
+        for _ in range(2):
+            relays.start(client_tls, sink.smtp_config())
+
+        delivered, refused = tally(send_all(relays.ports, client_tls, token))
+
+        assert len(delivered) == PLACES, relays.output()
+        assert len(refused) == SESSIONS - PLACES
+        refusal = "550 5.7.1 " if places == "balance" else "451 4.7.1 Daily send limit of 30 "
+        assert all(r.startswith(refusal) for r in refused), set(refused)
+        assert len(sink.messages) == PLACES
+        assert store.pending_count() == 0
+        if places == "balance":
+            assert store.show_sender(SENDER)["balance"] == 0
+        else:
+            relay_row = next(r for r in store.show_limits() if r["scope"] == "relay")
+            assert (relay_row["daily_count"], relay_row["monthly_count"]) == (PLACES, PLACES)
+    finally:
         store.close()
+
+
+@pytest.mark.slow
+def test_a_relay_killed_mid_forward_is_refunded_once_by_the_other(
+    sink, client_tls, relays, database_url
+):
+    """`kill -9` while the upstream holds DATA: the charge stays pending under a
+    heartbeat that stops; the other relay's sweep refunds it, and only once."""
+    store, token = seeded(database_url)
+    store.set_sender(SENDER, balance=5)
+    hold = threading.Event()
+    entered = threading.Event()
+
+    async def held_data(server, session, envelope):
+        entered.set()
+        await asyncio.get_running_loop().run_in_executor(None, hold.wait, 30)
+        return "451 4.3.0 never answered in time"
+
+    sink.recorder.handle_DATA = held_data
+    try:
+        doomed = relays.start(client_tls, sink.smtp_config(), RELAY_HEARTBEAT_INTERVAL="1")
+        client = threading.Thread(
+            target=lambda: asyncio.run(
+                _send_ignoring_errors(relays.ports[doomed], client_tls, token)
+            ),
+            daemon=True,
+        )
+        client.start()
+        assert entered.wait(30), relays.output()
+        assert store.pending_count() == 1
+        assert store.show_sender(SENDER)["balance"] == 4
+        relays.processes[doomed].send_signal(signal.SIGKILL)
+        relays.processes[doomed].wait(10)
+        hold.set()
+        # The survivor: a short owner timeout and sweep, so the test waits seconds.
+        relays.start(
+            client_tls,
+            sink.smtp_config(),
+            RELAY_UPSTREAM_TIMEOUT="0.5",
+            RELAY_HEARTBEAT_INTERVAL="0.5",
+            RELAY_OWNER_DEAD_AFTER="2",
+            RELAY_SWEEP_INTERVAL="0.2",
+        )
+        deadline = time.monotonic() + 60
+        while store.pending_count():
+            assert time.monotonic() < deadline, relays.output()
+            time.sleep(0.1)
+        # A second sweep (this one, however old it judges the row) finds nothing.
+        assert store.settle_stale(older_than=0, dead_after=0) == []
+        assert store.show_sender(SENDER)["balance"] == 5
+        assert sink.messages == []
+        client.join(30)
+    finally:
+        hold.set()
+        store.close()
+
+
+async def _send_ignoring_errors(port: int, tls: ssl.SSLContext, token: str) -> None:
+    with contextlib.suppress(aiosmtplib.SMTPException, OSError):
+        await send_one(port, tls, token, "a@dest.test")
+
+
+def test_failed_auth_counts_across_relays_on_one_database(
+    relay_factory, sink, database_url, client_tls
+):
+    first = relay_factory(SMTP_CONFIG=sink.smtp_config(), RELAY_AUTH_FAILURE_LIMIT="3")
+    second = relay_factory(
+        SMTP_CONFIG=sink.smtp_config(), RELAY_AUTH_FAILURE_LIMIT="3", RELAY_DATABASE=database_url
+    )
+    for relay in (first, first, second):
+        raw = relay.raw()
+        raw.cmd("EHLO client.test")
+        assert raw.cmd("AUTH PLAIN " + plain("rlt_wrong")).startswith("535 ")
+    for relay in (first, second):
+        assert relay.raw().greeting.startswith("421 4.7.0 ")

@@ -2,7 +2,8 @@
 
 Private files whatever the umask; the write-ahead log bounded; no database made
 silently; a read-only or vanished database; reads that never wait behind a
-blocked write; a settle that survives a failing store.
+blocked write; a settle that survives a failing store. Each test that is not
+about SQLite's own files and locks runs on PostgreSQL too.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from conftest import is_postgres
 from support import SENDER, FrozenClock, attempt, message
 
 from relay.db import WAL_CATCH_UP_BYTES, WAL_SIZE_LIMIT
@@ -28,6 +30,7 @@ from relay.ledger import OWNER_DEAD_AFTER
 from relay.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.backends
 
 
 def wait_for(condition: Callable[[], bool], seconds: float = 15) -> None:
@@ -66,6 +69,7 @@ def umask(request: pytest.FixtureRequest) -> Iterator[int]:
 # --- item 3: private files ------------------------------------------------------------
 
 
+@pytest.mark.sqlite_only
 def test_database_and_outbox_files_are_private_whatever_the_umask(relay_factory, tmp_path, umask):
     data, outbox = tmp_path / "data", tmp_path / "data" / "outbox"
     relay = relay_factory(RELAY_DATABASE=str(data / "relay.db"), RELAY_DEV_OUTBOX=str(outbox))
@@ -140,6 +144,7 @@ def grow_wal(path: Path, rows: int) -> None:
     writer.close()
 
 
+@pytest.mark.sqlite_only
 def test_wal_is_truncated_by_the_upkeep_after_a_burst_of_writes(relay):
     database = relay.relay.settings.database
     wal = Path(f"{database}-wal")
@@ -149,6 +154,7 @@ def test_wal_is_truncated_by_the_upkeep_after_a_burst_of_writes(relay):
     assert wal.stat().st_size <= WAL_SIZE_LIMIT
 
 
+@pytest.mark.sqlite_only
 def test_wal_over_the_limit_is_truncated_once_writes_stop(relay):
     database = relay.relay.settings.database
     wal = Path(f"{database}-wal")
@@ -205,6 +211,7 @@ def test_a_read_only_database_stops_the_start_with_one_line(tmp_path, cert_dir):
     )
 
 
+@pytest.mark.sqlite_only  # PostgreSQL's: test_cluster.py, the database stopped under load
 def test_a_failing_database_is_logged_once_a_minute_without_a_traceback(relay, caplog):
     database = relay.relay.settings.database
     relay.call(relay.relay.store.upkeep(Store.close))  # reopened by the next tick
@@ -220,6 +227,7 @@ def test_a_failing_database_is_logged_once_a_minute_without_a_traceback(relay, c
     assert not failures[0].exc_info  # an expected condition: no traceback
 
 
+@pytest.mark.sqlite_only
 def test_a_database_deleted_under_the_relay_is_detected(relay, caplog):
     database = relay.relay.settings.database
     caplog.set_level(logging.ERROR, logger="relay.server")
@@ -239,27 +247,43 @@ def test_a_database_deleted_under_the_relay_is_detected(relay, caplog):
 # --- item 20: AUTH never waits behind a blocked write ------------------------------------
 
 
-def test_auth_answers_while_another_process_holds_the_write_lock(relay, sink):
+@contextmanager
+def writes_blocked(database: str) -> Iterator[None]:
+    """Another process holds what a charge must write: SQLite's write lock, or on
+    PostgreSQL the tables a charge writes (EXCLUSIVE: reads go on, writes wait)."""
+    if is_postgres(database):
+        import psycopg
+
+        with psycopg.connect(database) as locker:
+            locker.execute("LOCK TABLE pending, counters IN EXCLUSIVE MODE")
+            yield
+            locker.rollback()
+        return
+    locker = sqlite3.connect(database, isolation_level=None)
+    locker.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+
+
+def test_auth_answers_while_another_process_holds_the_write_lock(relay, sink, database_url):
     token = relay.token()
     sending = relay.raw()
     sending.login(token)
     assert sending.cmd(f"MAIL FROM:<{SENDER}>") == "250 2.1.0 Ok"
     assert sending.cmd("RCPT TO:<a@dest.test>") == "250 2.1.5 Ok"
     assert sending.cmd("DATA").startswith("354 ")
-    locker = sqlite3.connect(relay.relay.settings.database, isolation_level=None)
-    locker.execute("BEGIN IMMEDIATE")
-    try:
+    with writes_blocked(database_url):
         sending.send(message() + b".")
         wait_for(lambda: relay.relay.store.queued == 1)  # the charge waits for the lock
         other = relay.raw()
         assert other.login(token) == "235 2.7.0 Authentication successful"
         assert other.cmd(f"MAIL FROM:<{SENDER}>") == "250 2.1.0 Ok"
         assert other.cmd("RCPT TO:<b@dest.test>") == "250 2.1.5 Ok"
-        assert locker.in_transaction and relay.relay.store.queued == 1
+        assert relay.relay.store.queued == 1
         assert sink.messages == []
-    finally:
-        locker.execute("ROLLBACK")
-        locker.close()
     assert sending.read().startswith("250 2.0.0 Ok <")
     assert len(sink.messages) == 1
 
@@ -267,13 +291,31 @@ def test_auth_answers_while_another_process_holds_the_write_lock(relay, sink):
 # --- item 18: a delivered message stays charged when settle fails -------------------------
 
 
-def test_a_failed_settle_is_retried_and_never_refunded_by_a_sweep(relay, sink):
-    relay.store.set_sender(SENDER, balance=5)
-    # Every settle fails (it deletes the pending row) until the trigger goes.
-    relay.store.db.execute(
+def fail_settles(store: Store) -> None:
+    """Every settle fails (it deletes the pending row) until `allow_settles`."""
+    if store.is_postgres:
+        store.db.execute(
+            "CREATE FUNCTION fail_settle() RETURNS trigger LANGUAGE plpgsql"
+            " AS $$ BEGIN RAISE EXCEPTION 'disk I/O error'; END $$"
+        )
+        store.db.execute(
+            "CREATE TRIGGER fail_settle BEFORE DELETE ON pending"
+            " FOR EACH ROW EXECUTE FUNCTION fail_settle()"
+        )
+        return
+    store.db.execute(
         "CREATE TRIGGER fail_settle BEFORE DELETE ON pending"
         " BEGIN SELECT RAISE(ABORT, 'disk I/O error'); END"
     )
+
+
+def allow_settles(store: Store) -> None:
+    store.db.execute("DROP TRIGGER fail_settle" + (" ON pending" if store.is_postgres else ""))
+
+
+def test_a_failed_settle_is_retried_and_never_refunded_by_a_sweep(relay, sink):
+    relay.store.set_sender(SENDER, balance=5)
+    fail_settles(relay.store)
     raw = relay.raw()
     raw.login(relay.token())
     assert attempt(raw).startswith("250 2.0.0 Ok <")
@@ -283,7 +325,7 @@ def test_a_failed_settle_is_retried_and_never_refunded_by_a_sweep(relay, sink):
     # Another process's sweep, however old it judges the row: its owner lives.
     assert relay.store.settle_stale(older_than=0) == []
     relay.call(relay.relay.upkeep())
-    relay.store.db.execute("DROP TRIGGER fail_settle")
+    allow_settles(relay.store)
     wait_for(lambda: relay.relay.store.settling == 0)
     assert relay.store.pending_count() == 0
     assert relay.store.show_sender(SENDER)["balance"] == 4  # charged, not refunded
@@ -291,24 +333,21 @@ def test_a_failed_settle_is_retried_and_never_refunded_by_a_sweep(relay, sink):
 
 def test_stop_ends_a_settle_retry_and_leaves_the_row_to_the_sweep(relay, sink):
     relay.store.set_sender(SENDER, balance=5)
-    relay.store.db.execute(
-        "CREATE TRIGGER fail_settle BEFORE DELETE ON pending"
-        " BEGIN SELECT RAISE(ABORT, 'disk I/O error'); END"
-    )
+    fail_settles(relay.store)
     raw = relay.raw()
     raw.login(relay.token())
     assert attempt(raw).startswith("250 2.0.0 Ok <")
     relay.call(relay.relay.stop())
     assert relay.relay.store.settling == 0
-    relay.store.db.execute("DROP TRIGGER fail_settle")
+    allow_settles(relay.store)
     # The stopped process retired its heartbeat: its row is any sweep's now.
     assert [r["sender"] for r in relay.store.settle_stale(older_than=0)] == [SENDER]
     assert relay.store.show_sender(SENDER)["balance"] == 5
 
 
-def test_the_sweep_refunds_only_rows_of_processes_without_a_heartbeat(tmp_path):
+def test_the_sweep_refunds_only_rows_of_processes_without_a_heartbeat(database_url):
     clock = FrozenClock(datetime(2026, 11, 21, 12, tzinfo=UTC))
-    path = tmp_path / "s.db"
+    path = database_url
     admin = Store(path, clock=clock)
     admin.migrate()
     admin.create_account("acme")

@@ -19,6 +19,8 @@ from relay.errors import RelayError
 from relay.policy import UNLIMITED, LimitHit, Window, period_key, window_reset
 from relay.store import Refused, Store
 
+pytestmark = pytest.mark.backends
+
 
 def utc(*parts: int) -> datetime:
     return datetime(*parts, tzinfo=UTC)
@@ -110,8 +112,8 @@ def clock() -> FrozenClock:
 
 
 @pytest.fixture
-def store(tmp_path, clock) -> Iterator[Store]:
-    store = Store(tmp_path / "limits.db", clock=clock)
+def store(database_url, clock) -> Iterator[Store]:
+    store = Store(database_url, clock=clock)
     store.migrate()
     for name, domain in (("acme", DOMAIN), ("beta", "beta.test")):
         store.create_account(name)
@@ -423,6 +425,7 @@ def test_database_failure_at_end_of_data_is_451_and_nothing_is_sent(frozen, sink
     assert raw.cmd("NOOP") == "250 2.0.0 Ok"
 
 
+@pytest.mark.sqlite_only  # SQLite's write lock; PostgreSQL's writers wait on rows
 def test_database_locked_by_another_writer_is_451_4_3_0(relay_factory, sink, monkeypatch):
     # The relay waits out another writer for its store's busy timeout (10 s) and
     # then defers; the timeout is shortened so that the wait takes 0.2 s here.
