@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from relay.config import PostgresUrl
-from relay.errors import StoreError
+from relay.errors import StoreBusy, StoreError
 from relay.schema import MIGRATIONS
 
 if TYPE_CHECKING:
@@ -105,10 +105,6 @@ class Row(Protocol):
     def __getitem__(self, key: int | str, /) -> Any: ...
 
     def keys(self) -> Any: ...
-
-
-class StoreBusy(StoreError):
-    """Another connection holds SQLite's write lock (only seen without a busy timeout)."""
 
 
 class Database:

@@ -3,6 +3,8 @@
     RelayError                  every error knows the SMTP reply it becomes
     ├── ConfigError             a bad setting; stops the start with one line
     ├── StoreError              the database failed; the relay defers (451 4.3.0)
+    │   └── StoreBusy           another connection holds the write lock
+    ├── Refused                 the store refused a charge: balance, limit, domain, token
     ├── AdminError              an admin operation refused (CLI exit 1, admin API 4xx)
     │   ├── Invalid             bad input (HTTP 422)
     │   ├── NotFound            no such account, token, sender, ... (HTTP 404)
@@ -17,8 +19,13 @@ aiosmtplib, httpx and sqlite3 exceptions are translated where they are raised
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from relay import replies
 from relay.replies import Reply
+
+if TYPE_CHECKING:
+    from relay.policy import LimitHit
 
 
 class RelayError(Exception):
@@ -38,6 +45,33 @@ class StoreError(RelayError):
     """The database could not answer. Never send unmetered: defer instead."""
 
     reply = replies.LOCAL_ERROR
+
+
+class StoreBusy(StoreError):
+    """Another connection holds the database's write lock (only seen without a busy timeout)."""
+
+
+class Refused(RelayError):
+    """`reserve` refused: the balance or a send-limit window cannot cover the message,
+    the sender's domain left the account, or the session's token is no longer valid.
+    `relay.policy.reservation_refusal` words the reply from these fields."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        balance: int | None = None,
+        disabled: bool = False,
+        hit: LimitHit | None = None,
+        domain_lost: bool = False,
+        token_invalid: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.token_invalid = token_invalid
+        self.balance = balance
+        self.disabled = disabled
+        self.domain_lost = domain_lost
+        self.hit = hit
 
 
 class AdminError(RelayError):

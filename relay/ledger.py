@@ -42,7 +42,7 @@ from typing import Any
 from relay.accounts import account_id_of, domain_owner, is_nolimit
 from relay.db import Connection, Database, Row, read_only
 from relay.deliveries import DeliveryRecord, insert
-from relay.errors import RelayError
+from relay.errors import Refused, RelayError
 from relay.idempotency import delivered_recently, forget_expired, remember_delivered
 from relay.policy import (
     UNLIMITED,
@@ -77,27 +77,6 @@ class Reservation:
     id: int
     charged: int
     replay: bool = False  # the upstream already took this message: nothing charged
-
-
-class Refused(RelayError):
-    """`reserve` refused: the balance or a send-limit window cannot cover the message."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        balance: int | None = None,
-        disabled: bool = False,
-        hit: LimitHit | None = None,
-        domain_lost: bool = False,
-        token_invalid: bool = False,
-    ) -> None:
-        super().__init__(message)
-        self.token_invalid = token_invalid
-        self.balance = balance
-        self.disabled = disabled
-        self.domain_lost = domain_lost
-        self.hit = hit
 
 
 class Ledger(Database):

@@ -37,11 +37,11 @@ from relay.accounts import Accounts
 from relay.admins import AdminTokens
 from relay.audit import Audit
 from relay.browse import Browse
-from relay.db import StoreBusy, expected_failure, is_read_only
+from relay.db import expected_failure, is_read_only
 from relay.deliveries import Deliveries, DeliveryRecord
-from relay.errors import StoreError
+from relay.errors import Refused, StoreBusy, StoreError
 from relay.idempotency import IDEMPOTENCY_WINDOW
-from relay.ledger import RELAY_SCOPE, Ledger, MailCheck, Refused, Reservation
+from relay.ledger import RELAY_SCOPE, Ledger, MailCheck, Reservation
 from relay.throttle import Throttle
 from relay.tokens import TOKEN_PREFIX, Principal, Tokens, hash_token
 
