@@ -35,7 +35,7 @@ from types import ModuleType
 import aiosmtplib
 import aiosmtplib.email
 import aiosmtplib.protocol
-from aiosmtplib import SMTPResponse
+from aiosmtplib import SMTPResponse, SMTPStatus
 
 from relay.errors import ConfigError
 
@@ -52,6 +52,7 @@ ATTRIBUTES = (
 )
 METHODS = (
     ("SMTPProtocol", "write"),
+    ("SMTPProtocol", "read_response"),
     ("SMTPProtocol", "connection_lost"),
     ("SMTPProtocol", "pause_writing"),
     ("SMTPProtocol", "resume_writing"),
@@ -70,6 +71,8 @@ _PLAIN_ADDRESS = re.compile(
     r"@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
 )
 SERVICE_CLOSING = 421  # RFC 5321 section 3.8: the server closes after this reply
+# A line that starts with a dot gets another (RFC 5321 section 4.5.2).
+_DOT_AT_LINE_START = re.compile(rb"(?m)^\.")
 
 
 class IncompatibleAiosmtplib(ConfigError):
@@ -278,3 +281,39 @@ class _ReplyReader(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._owner.resume_writing()
+
+
+async def data(client: aiosmtplib.SMTP, content: bytes, timeout: float) -> SMTPResponse:  # noqa: ASYNC109 - per reply, as aiosmtplib bounds each
+    """DATA with `content` (CRLF line endings already), under the client's command lock.
+
+    `client.data()` rewrites line endings and dot-stuffs with two regex passes
+    over the whole message, each a full copy: a 5 MiB message peaked at 3.5x its
+    size in the benchmark, and a 100 KiB one cost 1.3 ms more of CPU. The
+    relay's content has CRLF endings already (`message.prepare`), so only
+    dot-stuffing is left, and most messages have no line that starts with a
+    dot: no copy at all then. This is `SMTPProtocol.execute_data_command` less
+    those passes: the same lock, the same writes, the same replies.
+    """
+    protocol = client.protocol
+    lock = protocol._command_lock if protocol is not None else None
+    if protocol is None or lock is None:
+        raise aiosmtplib.SMTPServerDisconnected("Server not connected")
+    if content.startswith(b".") or b"\r\n." in content:
+        content = _DOT_AT_LINE_START.sub(b"..", content)
+    if not content.endswith(b"\r\n"):
+        content += b"\r\n"
+    try:
+        async with lock:
+            protocol.write(b"DATA\r\n")
+            start = await protocol.read_response(timeout=timeout)
+            if start.code != SMTPStatus.start_input:
+                raise aiosmtplib.SMTPDataError(start.code, start.message)
+            protocol.write(content)
+            protocol.write(b".\r\n")
+            response = await protocol.read_response(timeout=timeout)
+    except aiosmtplib.SMTPTimeoutError:
+        client.close()  # a reply we gave up on would pair with the next command
+        raise
+    if response.code != SMTPStatus.completed:
+        raise aiosmtplib.SMTPDataError(response.code, response.message)
+    return response

@@ -205,11 +205,7 @@ class SmtpChannel:
             if client.is_connected:
                 await client.rset()
             raise
-        # aiosmtplib's public DATA: it dot-stuffs and checks line endings under
-        # its command lock. That costs two transient copies of the message (a
-        # 5 MiB message peaks near 3x in memory) and keeps the relay off the
-        # library's private protocol, which changes between minor versions.
-        response = await client.data(message.content)
+        response = await compat.data(client, message.content, self.timeout)
         return replace(delivery, upstream_id=queue_id(response.message))
 
     async def _reset(self, conn: _Conn) -> None:
