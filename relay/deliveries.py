@@ -11,8 +11,11 @@ Guarantees:
   are recorded by `record_delivery`, one small write of their own.
 - Records older than `RELAY_LOG_RETENTION_DAYS` are deleted by the upkeep in
   batches (`prune_deliveries`), each its own short transaction.
-- Queries by Message-ID, sender, account and recipient are index lookups; a
-  recipient is found through `delivery_recipients`, one row per recipient.
+- Queries by Message-ID, sender and recipient are index lookups; a recipient
+  is found through `delivery_recipients`, one row per recipient. An account is
+  not indexed (each index costs every message a few microseconds, and the log
+  may cost at most 5% of the throughput): its query reads newest first and
+  stops at the page's limit.
 
 `find_deliveries(Query)` is the one query the CLI (and the admin API) use.
 """
@@ -189,8 +192,11 @@ class Query:
         return (" WHERE " + " AND ".join(clauses) if clauses else ""), args
 
 
-def insert(db: Connection, record: DeliveryRecord) -> int:
-    """Write `record` inside the caller's write transaction; returns its id."""
+def insert(db: Connection, record: DeliveryRecord, charged: int | None = None) -> int:
+    """Write `record` inside the caller's write transaction; returns its id.
+
+    `charged`, when given, is the units the settle kept (instead of the record's).
+    """
     row = db.execute(
         "INSERT INTO deliveries (created, message_id, account, token_id, sender, size, channel,"
         " rule, outcome, reply_code, reply_enhanced, reply_text, upstream_id, charged,"
@@ -210,7 +216,7 @@ def insert(db: Connection, record: DeliveryRecord) -> int:
             record.reply.enhanced,
             record.reply.text,
             record.upstream_id,
-            record.charged,
+            record.charged if charged is None else charged,
             round(record.duration * 1000),
             record.client,
             int(record.replay),

@@ -35,7 +35,7 @@ database:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -284,7 +284,7 @@ class Ledger(Database):
                 remember_delivered(db, idempotency_key, now)
             refund, kept = _settle(db, reservation_id, delivered, now) or (0, 0)
             if record is not None:
-                insert(db, replace(record, charged=kept))
+                insert(db, record, kept)
             return refund
 
     def settle_stale(

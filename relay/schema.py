@@ -106,7 +106,6 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX deliveries_created ON deliveries (created);
     CREATE INDEX deliveries_message_id ON deliveries (message_id);
     CREATE INDEX deliveries_sender ON deliveries (sender, id);
-    CREATE INDEX deliveries_account ON deliveries (account, id);
     CREATE TABLE delivery_recipients (
         delivery_id INTEGER NOT NULL REFERENCES deliveries (id) ON DELETE CASCADE,
         recipient TEXT NOT NULL,            -- normalized
