@@ -18,9 +18,6 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from prometheus_client import (
@@ -232,13 +229,9 @@ def refusal(answer: Reply, hit: LimitHit | None = None) -> None:
         _child(_active.limit_hits, str(hit.window)).inc()
 
 
-@contextmanager
-def store_timer(op: str) -> Iterator[None]:
-    started = time.perf_counter()
-    try:
-        yield
-    finally:
-        _child(_active.store_seconds, op).observe(time.perf_counter() - started)
+def store_call(op: str, seconds: float) -> None:
+    """One store call's time (`AsyncStore.run` times each, several a message)."""
+    _child(_active.store_seconds, op).observe(seconds)
 
 
 class SessionSet(set[T]):

@@ -129,13 +129,15 @@ class AsyncStore:
 
     async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run `fn`, a method of `self.sync`, inline when possible, else on a thread."""
-        with metrics.store_timer(fn.__name__):
-            try:
-                result = await self._run(fn, *args, **kwargs)
-            except StoreError as exc:
-                if expected_failure(exc):
-                    self._unavailable(exc)
-                raise
+        started = time.perf_counter()
+        try:
+            result = await self._run(fn, *args, **kwargs)
+        except StoreError as exc:
+            if expected_failure(exc):
+                self._unavailable(exc)
+            raise
+        finally:
+            metrics.store_call(fn.__name__, time.perf_counter() - started)
         if self._outage_since is not None:
             if self._outage_logged:
                 log.warning(
