@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from relay.accounts import account_id_of, domain_owner, is_nolimit
+from relay.accounts import account_id_of, is_nolimit
 from relay.db import Connection, Database, Row, read_only
 from relay.deliveries import DeliveryRecord, insert
 from relay.errors import Refused, RelayError
@@ -53,7 +53,6 @@ from relay.policy import (
     period_key,
     window_reset,
 )
-from relay.tokens import token_still_valid
 
 RELAY_SCOPE = "*"
 # A process whose heartbeat is older than this is dead (it beats every 10 s);
@@ -165,8 +164,7 @@ class Ledger(Database):
         """
         now = self.clock()
         with self._connection() as db:
-            owner = domain_owner(db, domain)
-            token_valid = token_still_valid(db, token_id, self._now())
+            owner, token_valid = _owner_and_token(db, domain, token_id, self._now())
             unlimited = unlimited or is_nolimit(db, address)
             row = _sender_row(db, address)
             room, hit = self._headroom(db, account_id, now)
@@ -176,7 +174,7 @@ class Ledger(Database):
             enabled=bool(row["enabled"]) if row else True,
             unlimited=unlimited,
         )
-        return MailCheck(owner[0] if owner else None, token_valid, state, room, hit)
+        return MailCheck(owner, token_valid, state, room, hit)
 
     def _headroom(
         self, db: Connection, account_id: int, now: datetime
@@ -221,11 +219,11 @@ class Ledger(Database):
         scopes = (RELAY_SCOPE, str(account_id))
         charge = unit * recipients
         with self._write() as db:
-            if token_id is not None and not token_still_valid(db, token_id, ts):
-                raise Refused("the session's token was revoked or expired", token_invalid=True)
-            if domain is not None:
-                owner = domain_owner(db, domain)
-                if owner is None or owner[0] != account_id:
+            if token_id is not None or domain is not None:
+                owner, token_valid = _owner_and_token(db, domain or "", token_id or "", ts)
+                if token_id is not None and not token_valid:
+                    raise Refused("the session's token was revoked or expired", token_invalid=True)
+                if domain is not None and owner != account_id:
                     raise Refused(f"domain {domain} left the account", domain_lost=True)
             if idempotency_key and delivered_recently(db, idempotency_key, ts):
                 return Reservation(0, 0, replay=True)
@@ -406,6 +404,22 @@ _WINDOWS_SQL = """
         COALESCE((SELECT count FROM counters WHERE scope = s.scope AND period = ?), 0) AS m
     FROM (SELECT ? AS scope UNION ALL SELECT ?) AS s LEFT JOIN limits AS l ON l.scope = s.scope
 """
+
+
+def _owner_and_token(
+    db: Connection, domain: str, token_id: str, now: int
+) -> tuple[int | None, bool]:
+    """The account owning `domain`, and whether token `token_id` is still valid
+    (not revoked, not expired): `domain_owner` and `token_still_valid` in one
+    statement, as MAIL and the charge ask both of every message."""
+    row = db.execute(
+        "SELECT (SELECT account_id FROM domains WHERE domain = ?) AS owner,"
+        " (SELECT revoked IS NULL AND (expires IS NULL OR expires > ?) FROM tokens"
+        " WHERE id = ?) AS token_ok",
+        (domain, now, token_id),
+    ).fetchone()
+    owner = row["owner"]
+    return (None if owner is None else int(owner)), bool(row["token_ok"])
 
 
 def _windows(db: Connection, account_id: int, now: datetime) -> list[tuple[str, Window, int, int]]:

@@ -72,6 +72,8 @@ class Transaction:
     keys: list[str] = field(default_factory=list)
     verified: set[str] = field(default_factory=set)
     declared_size: int | None = None  # MAIL FROM's SIZE= (RFC 1870)
+    # The plan made before 354: the recipients cannot change during the upload.
+    plan: policy.MessagePlan | Reply | None = None
 
     @property
     def domain(self) -> str:
@@ -256,7 +258,7 @@ class Submission:
         """Before 354: a SIZE= the chosen channel cannot carry is refused before the upload."""
         tx = envelope.transaction
         assert tx is not None
-        plan = self._plan(tx)
+        plan = tx.plan = self._plan(tx)
         if isinstance(plan, Reply):
             return None  # the end of DATA answers it, with the message in hand
         return policy.size_refusal(plan.route, tx.declared_size)
@@ -297,7 +299,7 @@ class Submission:
         )
         if refusal is not None:
             return await self._refused(submitted, refusal)
-        plan = self._plan(tx)
+        plan = tx.plan or self._plan(tx)
         if isinstance(plan, Reply):
             return await self._refused(submitted, plan)
         channel = self.channels[plan.route.channel]
