@@ -176,7 +176,7 @@ def find_defect(content: bytes, fields: dict[bytes, list[str]] | None = None) ->
             return Defect.BAD_FIELD
         current = name.lower()
     if fields is None:
-        fields = header_fields(head, _ADDRESS_FIELDS)
+        fields = header_fields(head, _ADDRESS_FIELDS | {b"content-type"})
     if any(
         value.count("@") > MAX_HEADER_ADDRESSES
         for name in _ADDRESS_FIELDS
@@ -185,7 +185,10 @@ def find_defect(content: bytes, fields: dict[bytes, list[str]] | None = None) ->
         return Defect.TOO_MANY_ADDRESSES
     if max(map(len, content.split(b"\r\n"))) > MAX_LINE:
         return Defect.LONG_LINE
-    if _mime_parts(content) > MAX_MIME_PARTS:
+    # Parts exist only under a multipart (or an attached message) at the top:
+    # a text message needs no scan of its body for boundaries.
+    kinds = " ".join(fields.get(b"content-type", ())).lower()
+    if ("multipart" in kinds or "message/" in kinds) and _mime_parts(content) > MAX_MIME_PARTS:
         return Defect.TOO_MANY_PARTS
     return None
 
@@ -274,7 +277,7 @@ def prepare(
 
 
 _FIELDS = frozenset({b"from", b"sender", b"message-id", b"date"})
-_WANTED = _FIELDS | _ADDRESS_FIELDS
+_WANTED = _FIELDS | _ADDRESS_FIELDS | {b"content-type"}
 _ATOM_ADDR = r"([^\s<>()\[\]\\,;:@\"]+@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)"
 _BARE = re.compile(r"\s*" + _ATOM_ADDR + r"\s*")
 _NAMED = re.compile(r'\s*(?:[^<>()\[\]\\,;:@"]*|"[^"\\]*")\s*<' + _ATOM_ADDR + r">\s*")

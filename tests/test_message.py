@@ -247,6 +247,10 @@ def parts(n: int) -> bytes:
         (b"To: " + b",\r\n ".join([b"r@y.test"] * 1001) + b"\r\n\r\n", Defect.TOO_MANY_ADDRESSES),
         (OK_HEAD + parts(100), None),
         (OK_HEAD + parts(101), Defect.TOO_MANY_PARTS),
+        # Only a multipart (or an attached message) at the top has parts to count.
+        (OK_HEAD + parts(101).replace(b"multipart/mixed", b"text/plain"), None),
+        (OK_HEAD + b"Content-Type: message/rfc822\r\n\r\n" + parts(101), Defect.TOO_MANY_PARTS),
+        (OK_HEAD + b"\r\n" + parts(101), None),  # no Content-Type: text/plain
     ],
 )
 def test_find_defect(raw, defect):
