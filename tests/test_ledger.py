@@ -546,3 +546,30 @@ def test_show_limits_lists_the_relay_then_accounts_by_id(store, clock):
     assert {(s["daily_resets_at"], s["monthly_resets_at"]) for s in store.show_limits()} == {
         ("2027-01-01T00:00:00+00:00", "2027-01-01T00:00:00+00:00")
     }
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="pending ids are SQLite rowids (no AUTOINCREMENT): the sweep frees an id, the next"
+    " reservation takes it, and a late settle of the swept one settles that one instead",
+)
+def test_a_late_settle_of_a_swept_reservation_touches_no_other(store, clock):
+    """A settle retried after a sweep refunded its row must find nothing (`_settle`: 0, 0).
+
+    The process whose store failed keeps retrying its settle in the background
+    (AsyncStore.settle); if its heartbeat failed for OWNER_DEAD_AFTER too, a sweep
+    refunds the row in full.
+    """
+    store.set_sender(SENDER, balance=10)
+    store.set_sender(OTHER, balance=10)
+    store.owner = "1-stalled"
+    store.heartbeat()
+    swept = reserve(store, recipients=2)
+    clock.advance(seconds=OWNER_DEAD_AFTER)
+    assert [r["id"] for r in store.settle_stale(older_than=0)] == [swept.id]
+    store.owner = "2-live"
+    store.heartbeat()
+    reserve(store, OTHER, recipients=3)
+    assert store.settle(swept.id, 2) == 0  # the late retry: already settled
+    assert (balance(store), balance(store, OTHER)) == (10, 7)
+    assert store.pending_count() == 1
