@@ -10,6 +10,7 @@ import pytest
 
 from relay.message import (
     Defect,
+    Prepared,
     domain_of,
     find_defect,
     header_fields,
@@ -222,6 +223,23 @@ def parts(n: int) -> bytes:
     return b'Content-Type: multipart/mixed; boundary="b1"\r\n\r\n' + body + b"--b1--\r\n"
 
 
+def nested_parts(outer: int, inner: int) -> bytes:
+    """A multipart of `outer` parts, the first of them a multipart of `inner`."""
+    leaf = b"Content-Type: text/plain\r\n\r\npart\r\n"
+    inside = b"".join(b"--b2\r\n" + leaf for _ in range(inner)) + b"--b2--\r\n"
+    first = b'--b1\r\nContent-Type: multipart/alternative; boundary="b2"\r\n\r\n' + inside
+    body = first + b"".join(b"--b1\r\n" + leaf for _ in range(outer - 1)) + b"--b1--\r\n"
+    return b'Content-Type: multipart/mixed; boundary="b1"\r\n\r\n' + body
+
+
+def header_of(size: int) -> bytes:
+    """A header section of `size` octets (without the CRLF that ends it), lines of 998."""
+    line = b"X: " + b"a" * 995 + b"\r\n"
+    full, rest = divmod(size, len(line))
+    assert rest >= 4
+    return line * full + b"X: " + b"a" * (rest - 3)
+
+
 @pytest.mark.parametrize(
     ("raw", "defect"),
     [
@@ -251,6 +269,14 @@ def parts(n: int) -> bytes:
         (OK_HEAD + parts(101).replace(b"multipart/mixed", b"text/plain"), None),
         (OK_HEAD + b"Content-Type: message/rfc822\r\n\r\n" + parts(101), Defect.TOO_MANY_PARTS),
         (OK_HEAD + b"\r\n" + parts(101), None),  # no Content-Type: text/plain
+        # Parts of every multipart count, nested ones included.
+        (OK_HEAD + nested_parts(60, 40), None),
+        (OK_HEAD + nested_parts(60, 41), Defect.TOO_MANY_PARTS),
+        # A bad line after a folded one is still found.
+        (b"X-Folded: a\r\n b\r\nno colon here\r\n\r\n", Defect.BAD_FIELD),
+        # 64 KiB of header section exactly, then one octet more.
+        (header_of(64 * 1024) + b"\r\n\r\nbody\r\n", None),
+        (header_of(64 * 1024 + 1) + b"\r\n\r\nbody\r\n", Defect.HEADER_TOO_BIG),
     ],
 )
 def test_find_defect(raw, defect):
@@ -311,12 +337,14 @@ def test_sender_header_addresses_are_collected():
         ("  <a@b.test>  ", ("a@b.test", "")),
         ("<>", ("<>", "")),
         ("<> SIZE=1", ("<>", "SIZE=1")),
+        ("<>SIZE=1", ("<>", "SIZE=1")),  # what follows the path, as for <a@b.test>SIZE=10
         ("", ("", "")),
         ("a@b.test", ("a@b.test", "")),  # bare: clients still send it
         ("a@b.test SIZE=1", ("a@b.test", "SIZE=1")),
         ("<@r1.test,@r2.test:a@b.test>", ("a@b.test", "")),  # source route ignored
         ('<"john"@b.test>', ("john@b.test", "")),  # needless quotes dropped
         ('<"jo hn"@b.test>', ('"jo hn"@b.test', "")),
+        ('<"ab@c"@b.test>', ('"ab@c"@b.test', "")),  # the domain is after the last "@"
         ('<"a\\"b"@b.test>', ('"a\\"b"@b.test', "")),
         ("<Mixed.Case+tag@B.Test>", ("Mixed.Case+tag@B.Test", "")),  # as written
         ("<a@[192.0.2.1]>", ("a@[192.0.2.1]", "")),  # parse_address refuses it later
@@ -362,3 +390,71 @@ def test_an_empty_message_id_or_date_is_replaced(raw, message_ids):
     assert prepared.content.count(b"Message-ID:") == message_ids
     assert all(line.split(b":", 1)[1].strip() for line in lines if b":" in line)
     assert body == raw.partition(b"\r\n\r\n")[2]
+
+
+DATE_NOW = b"Date: Sat, 21 Nov 2026 12:00:00 +0000\r\n"
+
+
+@pytest.mark.parametrize(
+    ("raw", "kept"),
+    [
+        # A Date with a control character goes whole, folded lines (space or tab)
+        # included; another folded field stays whole.
+        (
+            b"Message-ID: <m@x.test>\r\nDate: Mon,\x01 21 Nov\r\n 2026 12:00:00\r\n\t+0000\r\n"
+            b"Subject: a\r\n b\r\n\tc\r\nFrom: a@x.test\r\n\r\nbody\r\n",
+            b"Message-ID: <m@x.test>\r\nSubject: a\r\n b\r\n\tc\r\nFrom: a@x.test\r\n\r\nbody\r\n",
+        ),
+        # The field name ends at the first colon, not the last.
+        (
+            b"Date: Mon, 21 Nov 2026 12:00:00 +0000\x7f\r\nMessage-ID: <m@x.test>\r\n"
+            b"From: a@x.test\r\n\r\nb\r\n",
+            b"Message-ID: <m@x.test>\r\nFrom: a@x.test\r\n\r\nb\r\n",
+        ),
+        # Only the header section: a field-like line in the body is body.
+        (
+            b"Date:\r\nMessage-ID: <m@x.test>\r\nFrom: a@x.test\r\n\r\n"
+            b"Date: in the body\r\n\r\nend\r\n",
+            b"Message-ID: <m@x.test>\r\nFrom: a@x.test\r\n\r\nDate: in the body\r\n\r\nend\r\n",
+        ),
+        # A message that is all header section.
+        (
+            b"Message-ID: <m@x.test>\r\nFrom: a@x.test\r\nDate: \r\n",
+            b"Message-ID: <m@x.test>\r\nFrom: a@x.test\r\n",
+        ),
+    ],
+)
+def test_an_unclean_date_is_replaced_exactly(raw, kept):
+    prepared = prepare(raw, sender="a@x.test", recipients=("r@y.test",), hostname="h", now=NOW)
+    assert prepared.content == DATE_NOW + kept
+    assert prepared.message_id == "<m@x.test>"
+
+
+def test_an_empty_message_id_is_replaced_exactly():
+    raw = b"From: a@x.test\r\nMessage-ID:\r\n \r\n\t\r\nDate: Sat\r\n\r\nb\r\n"
+    prepared = prepare(raw, sender="a@x.test", recipients=("r@y.test",), hostname="h", now=NOW)
+    assert prepared.content == (
+        b"Message-ID: "
+        + prepared.message_id.encode()
+        + b"\r\nFrom: a@x.test\r\nDate: Sat\r\n\r\nb\r\n"
+    )
+
+
+def test_prepare_checks_every_address_field_for_too_many_addresses():
+    to = b"To: " + b",\r\n ".join([b"r@y.test"] * 1001) + b"\r\n"
+    raw = b"From: a@x.test\r\n" + to + b"\r\nb\r\n"
+    prepared = prepare(raw, sender="a@x.test", recipients=("r@y.test",), hostname="h")
+    assert prepared.defect is Defect.TOO_MANY_ADDRESSES
+
+
+@pytest.mark.parametrize(
+    ("raw", "defect"),
+    [
+        (b"From: a@x.test\r\nMessage-ID: <m@x.test>\r\n\r\nb\x00\r\n", Defect.NUL),
+        (b"\r\nFrom: a@x.test\r\nMessage-ID: <m@x.test>\r\n\r\nb\r\n", Defect.NO_HEADER_SECTION),
+    ],
+)
+def test_a_defective_message_gets_no_message_id_or_key(raw, defect):
+    """Nothing is added to what the relay refuses: its delivery record has no Message-ID."""
+    prepared = prepare(raw, sender="a@x.test", recipients=("r@y.test",), hostname="h")
+    assert prepared == Prepared(raw, "", None, 0, "", defect)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from relay import replies
@@ -57,42 +59,76 @@ def test_partial_delivery_not_delivered(
     assert (caught.value.channel, caught.value.reply) == ("x", reply)
 
 
+# Each reply is built in the test body, not here: mutation testing (README, Tests)
+# runs the mutated functions only after collection.
 UPSTREAM_REPLIES = [
     (
-        replies.upstream_unavailable("resend", "upstream timed out"),
+        replies.upstream_unavailable,
+        ("resend", "upstream timed out"),
+        {},
         "451 4.3.0 resend: upstream timed out",
     ),
     (
-        replies.upstream_credentials_rejected("smtp"),
+        replies.upstream_credentials_rejected,
+        ("smtp",),
+        {},
         "451 4.3.0 smtp: upstream rejected relay credentials",
     ),
-    (replies.upstream_throttled("cloudflare"), "451 4.7.0 cloudflare: rate limited"),
+    (replies.upstream_throttled, ("cloudflare",), {}, "451 4.7.0 cloudflare: rate limited"),
     (
-        replies.upstream_throttled("resend", "daily quota exceeded", retry_after=30),
+        replies.upstream_throttled,
+        ("resend", "daily quota exceeded"),
+        {"retry_after": 30},
         "451 4.7.0 resend: daily quota exceeded; retry after 30 s",
     ),
     (
-        replies.upstream_refused("resend", Refusal.CONTENT, "bad\r\nthing"),
+        replies.upstream_throttled,
+        ("resend",),
+        {"retry_after": 0},
+        "451 4.7.0 resend: rate limited; retry after 0 s",
+    ),
+    (
+        replies.upstream_refused,
+        ("resend", Refusal.CONTENT, "bad\r\nthing"),
+        {},
         "554 5.6.0 resend: bad thing",
     ),
-    (replies.upstream_refused("x", Refusal.RECIPIENT, "r"), "550 5.1.3 x: r"),
-    (replies.upstream_refused("x", Refusal.SENDER, "s"), "550 5.1.7 x: s"),
-    (replies.upstream_refused("x", Refusal.BOUNCE, "b"), "550 5.1.1 x: b"),
-    (replies.upstream_refused("x", Refusal.NOT_AUTHORIZED, "n"), "550 5.7.1 x: n"),
-    (replies.upstream_refused("x", Refusal.TOO_BIG, "t"), "552 5.3.4 x: t"),
+    (replies.upstream_refused, ("x", Refusal.RECIPIENT, "r"), {}, "550 5.1.3 x: r"),
+    (replies.upstream_refused, ("x", Refusal.SENDER, "s"), {}, "550 5.1.7 x: s"),
+    (replies.upstream_refused, ("x", Refusal.BOUNCE, "b"), {}, "550 5.1.1 x: b"),
+    (replies.upstream_refused, ("x", Refusal.NOT_AUTHORIZED, "n"), {}, "550 5.7.1 x: n"),
+    (replies.upstream_refused, ("x", Refusal.TOO_BIG, "t"), {}, "552 5.3.4 x: t"),
+    (replies.upstream_refused, ("x", Refusal.OTHER, "o"), {}, "554 5.0.0 x: o"),
     (
-        replies.upstream_refused_as("smtp", 550, "5.1.1", "no such user"),
+        replies.upstream_refused_as,
+        ("smtp", 550, "5.1.1", "no such user"),
+        {},
         "550 5.1.1 smtp: no such user",
     ),
-    (replies.upstream_refused_as("smtp", 554, "", "no"), "554 5.0.0 smtp: no"),
-    (replies.upstream_refused_as("smtp", 554, "4.7.1", "odd"), "554 5.0.0 smtp: odd"),
+    (replies.upstream_refused_as, ("smtp", 500, "5.5.2", "lowest"), {}, "500 5.5.2 smtp: lowest"),
+    (replies.upstream_refused_as, ("smtp", 599, "5.9.9", "highest"), {}, "599 5.9.9 smtp: highest"),
+    (replies.upstream_refused_as, ("smtp", 554, "", "no"), {}, "554 5.0.0 smtp: no"),
+    (replies.upstream_refused_as, ("smtp", 554, "4.7.1", "odd"), {}, "554 5.0.0 smtp: odd"),
+    (replies.upstream_refused_as, ("smtp", 554, "2.0.0", "odder"), {}, "554 5.0.0 smtp: odder"),
+    (replies.upstream_refused_as, ("smtp", 552, "5.3.4", "a\r\n  b"), {}, "552 5.3.4 smtp: a b"),
     (
-        replies.local_error("outbox", "cannot write (No space)"),
+        replies.local_error,
+        ("outbox", "cannot write (No space)"),
+        {},
         "451 4.3.0 outbox: cannot write (No space)",
     ),
+    (replies.local_error, ("outbox", "disk\nfull"), {}, "451 4.3.0 outbox: disk full"),
 ]
 
 
-@pytest.mark.parametrize(("reply", "text"), UPSTREAM_REPLIES)
-def test_upstream_replies(reply: Reply, text: str) -> None:
-    assert str(reply) == text
+@pytest.mark.parametrize(("build", "args", "kwargs", "text"), UPSTREAM_REPLIES)
+def test_upstream_replies(
+    build: Callable[..., Reply], args: tuple[object, ...], kwargs: dict[str, object], text: str
+) -> None:
+    assert str(build(*args, **kwargs)) == text
+
+
+@pytest.mark.parametrize("code", [499, 600, 250])
+def test_upstream_refused_as_takes_only_5xx_codes(code: int) -> None:
+    with pytest.raises(AssertionError):
+        replies.upstream_refused_as("smtp", code, "5.0.0", "x")

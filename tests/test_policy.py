@@ -19,6 +19,7 @@ RESET = datetime(2026, 11, 23, tzinfo=UTC)
 HIT = LimitHit("relay", Window.DAY, 30, RESET)
 RICH = SenderState("app@example.com", balance=10, enabled=True, unlimited=False)
 BROKE = SenderState("app@example.com", balance=0, enabled=True, unlimited=False)
+ONE_LEFT = SenderState("app@example.com", balance=1, enabled=True, unlimited=False)
 OFF = SenderState("app@example.com", balance=10, enabled=False, unlimited=False)
 FREE = SenderState("app@example.com", balance=0, enabled=False, unlimited=True)
 
@@ -129,6 +130,11 @@ def rcpt(settings=SMTP, before=1, verified=(), sender=RICH, headroom=None, domai
             {"before": 10},
             "550 5.7.1 Send balance of app@example.com (10) does not cover 11 recipients",
         ),
+        # A balance of 1 is short, not exhausted: the reply says how short.
+        (
+            {"sender": ONE_LEFT, "before": 1},
+            "550 5.7.1 Send balance of app@example.com (1) does not cover 2 recipients",
+        ),
         (
             {"sender": BROKE, "before": 0},
             "550 5.7.1 Send balance exhausted for app@example.com;"
@@ -182,6 +188,10 @@ def test_foreign_header_domains():
         "example.com", ["a@example.com", "b@Other.test", "c@third.test"]
     ) == frozenset({"other.test", "third.test"})
     assert policy.foreign_header_domains("example.com", ["a@EXAMPLE.com"]) == frozenset()
+    # A quoted local part may hold an "@": the domain is after the last one.
+    assert policy.foreign_header_domains(
+        "example.com", ['"a@victim.test"@example.com', '"b@example.com"@other.test']
+    ) == frozenset({"other.test"})
 
 
 @pytest.mark.parametrize(
@@ -189,6 +199,14 @@ def test_foreign_header_domains():
     [
         (["a@example.com"], set(), None),
         (["a@example.com", "b@other.test"], {"other.test"}, None),
+        # A quoted local part may hold an "@": the domain is after the last one.
+        (['"b@victim.test"@example.com'], set(), None),
+        (
+            ['"b@example.com"@victim.test'],
+            set(),
+            "550 5.7.1 Sender denied: header address"
+            ' "b@example.com"@victim.test is not on a domain of this token\'s account',
+        ),
         (
             ["a@example.com", "b@victim.test"],
             {"other.test"},

@@ -94,6 +94,19 @@ def test_ehlo_lists_exactly_the_documented_extensions():
     ]
 
 
+@pytest.mark.parametrize(
+    ("client", "greeted"),
+    [
+        ("c" * 64, "c" * 64),
+        # The client's name is cut at 64 characters, the last three a "...".
+        ("c" * 65, "c" * 61 + "..."),
+        ("bad\r\nname", "bad name"),
+    ],
+)
+def test_ehlo_greets_the_client_on_one_short_line(client, greeted):
+    assert ehlo("relay.test", client, ("PLAIN",), 10)[0] == f"250-relay.test greets {greeted}"
+
+
 def test_helo_and_delivered():
     assert replies.helo("relay.test") == "250 relay.test"
     assert str(delivered("<m1@x.test>")) == "250 2.0.0 Ok <m1@x.test>"
@@ -113,6 +126,11 @@ def test_helo_and_delivered():
         ("421 4.7.0 AUTH sent too many times", "421 4.7.0 AUTH sent too many times"),
         ("550 5.1.1", "550 5.1.1"),
         # aiosmtpd 1.4.6's own replies (aiosmtpd/smtp.py), each to ours.
+        # aiosmtpd closes the session at the fifth unknown command: a 421 (RFC 5321 section 3.8).
+        (
+            "502 5.5.1 Too many unrecognized commands",
+            "421 4.7.0 Too many unrecognized commands, closing",
+        ),
         ("250 OK", "250 2.0.0 Ok"),
         ("221 Bye", "221 2.0.0 Service closing transmission channel"),
         ("500 Command line too long", "500 5.5.2 Line too long"),

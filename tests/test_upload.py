@@ -127,3 +127,28 @@ def test_taking_keeps_memory_to_about_a_chunk():
         assert not upload.feed(line * 1000)
         assert len(upload.take()) > 70_000
         assert len(upload._buf) < 8  # only what may start the end marker is held
+
+
+# Chunks fed one after another, and what `take()` gives after each. Held back:
+# the last four bytes (END may start in them) and a CR or CRLF just before them
+# (a "\r\n." cut there would escape the unstuffing); everything else is handed out.
+HELD_BACK = [
+    ([b"ab"], [b""]),
+    ([b"abcde"], [b"a"]),
+    ([b"abcdefgh"], [b"abcd"]),
+    ([b"abcdefgh", b"i"], [b"abcd", b"e"]),
+    ([b"abc\r\ndefg"], [b"abc"]),
+    ([b"abc\rdefg"], [b"abc"]),
+    ([b"abc\r\ndefg", b"h"], [b"abc", b"\r\nd"]),
+    ([b"abcdefgh", b"\r\n..", b"x\r\n"], [b"abcd", b"efgh", b"\r\n"]),
+]
+
+
+@pytest.mark.parametrize(("chunks", "taken"), HELD_BACK)
+def test_take_holds_back_only_what_may_start_the_end(chunks, taken):
+    upload = Upload(1000)
+    got = []
+    for chunk in chunks:
+        assert not upload.feed(chunk)
+        got.append(upload.take())
+    assert got == taken
