@@ -35,7 +35,7 @@ database:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -76,6 +76,10 @@ class Reservation:
     id: int
     charged: int
     replay: bool = False  # the upstream already took this message: nothing charged
+    # When it was made: with the id, what names the pending row. SQLite may
+    # give a swept row's id to the next reservation (rowids without
+    # AUTOINCREMENT); a late settle must not settle that one.
+    created: int | None = field(default=None, compare=False)
 
 
 class Ledger(Database):
@@ -260,7 +264,7 @@ class Ledger(Database):
                 label, window, limit, _ = full
                 hit = LimitHit(label, window, limit, window_reset(window, now))
                 raise Refused(f"{label} {window.value} limit {limit} reached", hit=hit)
-        return Reservation(int(pending["id"]), charge)
+        return Reservation(int(pending["id"]), charge, created=ts)
 
     def settle(
         self,
@@ -268,19 +272,22 @@ class Ledger(Database):
         delivered: int,
         idempotency_key: str | None = None,
         record: DeliveryRecord | None = None,
+        created: int | None = None,
     ) -> int:
         """Keep the charge for `delivered` recipients, refund the rest. Returns the refund.
 
         With an `idempotency_key`, a delivered message is remembered for the
         upstream's idempotency window, so `reserve` does not charge a retry.
         The delivery log's `record` is written in the same transaction, with
-        the units kept.
+        the units kept. `created` (the reservation's) makes sure the row settled
+        is the one reserved: a sweep may have refunded it, and the next
+        reservation may have taken its id, while this settle waited.
         """
         now = self._now()
         with self._write() as db:
             if idempotency_key and delivered:
                 remember_delivered(db, idempotency_key, now)
-            refund, kept = _settle(db, reservation_id, delivered, now) or (0, 0)
+            refund, kept = _settle(db, reservation_id, delivered, now, created) or (0, 0)
             if record is not None:
                 insert(db, record, kept)
             return refund
@@ -310,7 +317,7 @@ class Ledger(Database):
         settled = []
         for row in rows:
             with self._write() as db:
-                if _settle(db, row["id"], 0, now) is not None:
+                if _settle(db, row["id"], 0, now, row["created"]) is not None:
                     settled.append(dict(row))
         with self._write() as db:
             forget_expired(db, now)
@@ -496,7 +503,9 @@ def _count_windows(
     return None
 
 
-def _settle(db: Connection, reservation_id: int, delivered: int, ts: int) -> tuple[int, int] | None:
+def _settle(
+    db: Connection, reservation_id: int, delivered: int, ts: int, created: int | None = None
+) -> tuple[int, int] | None:
     """Settle one pending row: (units refunded, units kept), or None if it was settled.
 
     The DELETE comes first and takes the row: a second transaction settling the
@@ -504,7 +513,15 @@ def _settle(db: Connection, reservation_id: int, delivered: int, ts: int) -> tup
     refunds nothing. Then the sender's row, then the windows in `reserve`'s
     lock order (the account's before the relay's).
     """
-    row = db.execute("DELETE FROM pending WHERE id = ? RETURNING *", (reservation_id,)).fetchone()
+    if created is None:
+        row = db.execute(
+            "DELETE FROM pending WHERE id = ? RETURNING *", (reservation_id,)
+        ).fetchone()
+    else:
+        row = db.execute(
+            "DELETE FROM pending WHERE id = ? AND created = ? RETURNING *",
+            (reservation_id, created),
+        ).fetchone()
     if row is None:
         return None  # settled already (by a sweep that judged it stale)
     undelivered = max(row["count"] - delivered, 0)

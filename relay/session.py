@@ -482,7 +482,7 @@ class Submission:
                 await self._record(kept, "replay")
         else:
             refund = await self.store.settle(
-                reservation.id, len(delivery.accepted), idempotency_key, kept
+                reservation.id, len(delivery.accepted), idempotency_key, kept, reservation.created
             )
         self._count(record)
         if log.isEnabledFor(logging.INFO):  # the fields cost a few microseconds

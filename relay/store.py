@@ -206,6 +206,7 @@ class AsyncStore:
         delivered: int,
         idempotency_key: str | None = None,
         record: DeliveryRecord | None = None,
+        created: int | None = None,
     ) -> int:
         """`Store.settle`, and if the store fails, again in the background until it works.
 
@@ -216,7 +217,7 @@ class AsyncStore:
         """
         try:
             return await self.run(
-                self.sync.settle, reservation_id, delivered, idempotency_key, record
+                self.sync.settle, reservation_id, delivered, idempotency_key, record, created
             )
         except StoreError as exc:
             log.warning(
@@ -226,7 +227,7 @@ class AsyncStore:
                 exc_info=not expected_failure(exc),
             )
         task = asyncio.get_running_loop().create_task(
-            self._settle_later(reservation_id, delivered, idempotency_key, record)
+            self._settle_later(reservation_id, delivered, idempotency_key, record, created)
         )
         self._settling[reservation_id] = task
         task.add_done_callback(lambda _: self._settling.pop(reservation_id, None))
@@ -238,13 +239,14 @@ class AsyncStore:
         delivered: int,
         idempotency_key: str | None,
         record: DeliveryRecord | None,
+        created: int | None = None,
     ) -> None:
         delay = SETTLE_RETRY_FIRST
         while True:
             await asyncio.sleep(delay)
             try:
                 refund = await self.run(
-                    self.sync.settle, reservation_id, delivered, idempotency_key, record
+                    self.sync.settle, reservation_id, delivered, idempotency_key, record, created
                 )
             except StoreError:
                 delay = min(delay * 2, SETTLE_RETRY_MAX)

@@ -548,17 +548,13 @@ def test_show_limits_lists_the_relay_then_accounts_by_id(store, clock):
     }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pending ids are SQLite rowids (no AUTOINCREMENT): the sweep frees an id, the next"
-    " reservation takes it, and a late settle of the swept one settles that one instead",
-)
 def test_a_late_settle_of_a_swept_reservation_touches_no_other(store, clock):
     """A settle retried after a sweep refunded its row must find nothing (`_settle`: 0, 0).
 
     The process whose store failed keeps retrying its settle in the background
     (AsyncStore.settle); if its heartbeat failed for OWNER_DEAD_AFTER too, a sweep
-    refunds the row in full.
+    refunds the row in full. SQLite may give the freed id to the next
+    reservation: the reservation's `created` names the row with its id.
     """
     store.set_sender(SENDER, balance=10)
     store.set_sender(OTHER, balance=10)
@@ -569,7 +565,8 @@ def test_a_late_settle_of_a_swept_reservation_touches_no_other(store, clock):
     assert [r["id"] for r in store.settle_stale(older_than=0)] == [swept.id]
     store.owner = "2-live"
     store.heartbeat()
-    reserve(store, OTHER, recipients=3)
-    assert store.settle(swept.id, 2) == 0  # the late retry: already settled
+    taken = reserve(store, OTHER, recipients=3)
+    assert taken.id == swept.id  # SQLite gave the freed id to the next reservation
+    assert store.settle(swept.id, 2, created=swept.created) == 0  # the late retry: settled
     assert (balance(store), balance(store, OTHER)) == (10, 7)
     assert store.pending_count() == 1
