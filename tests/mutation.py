@@ -8,6 +8,11 @@ then each mutant neither killed nor explained in `tests/MUTATION.md` (as
 equivalent or harmless), and the modules under `TARGET`. Exits 1 while such an
 unexplained survivor remains: each one gets a test or an entry there.
 
+The score is killed / (total - equivalent), the usual mutation score: an
+equivalent mutant (a row of MUTATION.md whose reason starts "Equivalent") is
+the same program, which no test can tell apart. The raw killed / total is
+printed beside it.
+
     python tests/mutation.py            # after `mutmut run`, from the repository root
 """
 
@@ -25,15 +30,26 @@ TARGET = 90.0  # percent of mutants killed, per module (issue 8)
 # A mutant whose test run timed out was caught too: the mutation made the code hang.
 CAUGHT = {"killed", "timeout", "caught by type check"}
 _MUTANT = re.compile(r"relay\.\w+\.x\S*?__mutmut_\d+")
+# A MUTATION.md row: | `name` | line | mutation | why |
+_ROW = re.compile(r"^\|\s*`(relay\.\w+\.x\S*?__mutmut_\d+)`\s*\|[^|]*\|.*\|\s*(\w+)[^|]*\|\s*$")
 
 
 def main(root: Path = Path()) -> int:
     config = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["mutmut"]
     notes = root / "tests" / "MUTATION.md"
-    accepted = set(_MUTANT.findall(notes.read_text())) if notes.exists() else set()
+    text = notes.read_text() if notes.exists() else ""
+    accepted = set(_MUTANT.findall(text))
+    equivalent = {
+        m.group(1)
+        for line in text.splitlines()
+        if (m := _ROW.match(line)) and m.group(2).lower() == "equivalent"
+    }
     below = []
     survivors: list[str] = []
-    print(f"{'module':<20} {'killed':>6} / {'total':<5} {'score':>6}  by mypy  listed  unlisted")
+    print(
+        f"{'module':<20} {'killed':>6} / {'total':<5} {'raw':>6}  {'equiv':>5}  {'score':>6}"
+        "  by mypy  listed  unlisted"
+    )
     for module in config["only_mutate"]:
         meta = root / "mutants" / f"{module}.meta"
         if not meta.exists():
@@ -46,14 +62,16 @@ def main(root: Path = Path()) -> int:
         }
         killed = sum(status in CAUGHT for status in statuses.values())
         total = len(statuses)
-        score = 100.0 * killed / total if total else 100.0
+        raw = 100.0 * killed / total if total else 100.0
+        same = sum(name in equivalent and statuses[name] not in CAUGHT for name in statuses)
+        score = 100.0 * killed / (total - same) if total - same else 100.0
         alive = sorted(name for name, status in statuses.items() if status not in CAUGHT)
         by_mypy = sum(status == "caught by type check" for status in statuses.values())
         listed = sum(name in accepted for name in alive)
         unlisted = len(alive) - listed
         print(
-            f"{module:<20} {killed:>6} / {total:<5} {score:>5.1f}%  {by_mypy:>7}"
-            f"  {listed:>6}  {unlisted:>8}"
+            f"{module:<20} {killed:>6} / {total:<5} {raw:>5.1f}%  {same:>5}  {score:>5.1f}%"
+            f"  {by_mypy:>7}  {listed:>6}  {unlisted:>8}"
         )
         if score < TARGET:
             below.append(module)
