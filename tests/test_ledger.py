@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from support import DOMAIN, SENDER, FrozenClock
 
+from relay import ledger
 from relay.deliveries import DeliveryRecord, Outcome, Query
 from relay.errors import RelayError
 from relay.ledger import OWNER_DEAD_AFTER
@@ -570,3 +571,89 @@ def test_a_late_settle_of_a_swept_reservation_touches_no_other(store, clock):
     assert store.settle(swept.id, 2, created=swept.created) == 0  # the late retry: settled
     assert (balance(store), balance(store, OTHER)) == (10, 7)
     assert store.pending_count() == 1
+
+
+def test_reserve_checks_a_token_given_without_a_domain(store):
+    store.set_sender(SENDER, balance=5)
+    token = store.create_token("acme", expires_in_days=1)
+    store.revoke_token(token["id"])
+    refused = refusal(store, token_id=token["id"])
+    assert (refused.token_invalid, refused.domain_lost) == (True, False)
+    assert (balance(store), store.pending_count()) == (5, 0)
+
+
+def test_a_window_a_stale_read_missed_is_refused_by_the_upsert(store, monkeypatch):
+    """On PostgreSQL the counts `reserve` reads may be stale; the upsert's condition decides.
+
+    `_windows` is made to report every window unused, as a read before another
+    host's commit would: the limit itself must still refuse, with the window hit,
+    and roll the charge and the pending row back.
+    """
+    store.set_sender(SENDER, balance=10)
+    store.set_limits(account="acme", daily=3, monthly=None)
+    reserve(store, recipients=2)
+    fresh = ledger._windows
+
+    def stale(*args: Any) -> list[tuple[str, Window, int, int]]:
+        return [(label, window, limit, 0) for label, window, limit, _ in fresh(*args)]
+
+    monkeypatch.setattr(ledger, "_windows", stale)
+    refused = refusal(store, recipients=2)
+    assert str(refused) == "account daily limit 3 reached"
+    assert refused.hit == LimitHit("account", Window.DAY, 3, datetime(2026, 11, 22, tzinfo=UTC))
+    assert (balance(store), store.pending_count()) == (8, 1)
+    assert counts(store) == {"relay": (2, 2), "acme": (2, 2)}
+
+
+def test_settle_refunds_the_account_windows_before_the_relay_ones(store):
+    """The lock order of `reserve` (module docstring): the account's rows, then the relay's."""
+    store.set_sender(SENDER, balance=10)
+    reservation = reserve(store, recipients=2)
+    statements: list[str] = []
+    store.db.set_trace_callback(statements.append)
+    store.settle(reservation.id, 0)
+    store.db.set_trace_callback(None)
+    refunded = [s.split("WHERE scope = ")[1] for s in statements if "UPDATE counters" in s]
+    assert refunded == [
+        "'1' AND period = 'd:2026-11-21'",
+        "'1' AND period = 'm:2026-11'",
+        "'*' AND period = 'd:2026-11-21'",
+        "'*' AND period = 'm:2026-11'",
+    ]
+
+
+def test_the_sweep_dates_its_refund_now(store, clock):
+    store.set_sender(SENDER, balance=10)
+    reserve(store, recipients=2)
+    clock.advance(seconds=30)
+    assert len(store.settle_stale(older_than=0)) == 1
+    assert (balance(store), store.show_sender(SENDER)["updated"]) == (10, T0 + 30)
+
+
+def test_the_sweep_leaves_a_reservation_that_took_a_swept_id_meanwhile(store, clock, monkeypatch):
+    """Between the sweep's read and its settle, another host may sweep the row and
+    the next reservation take its id (SQLite reuses a freed rowid): the sweep's
+    settle names the row by its id and creation time, and leaves the new one."""
+    store.set_sender(SENDER, balance=10)
+    store.set_sender(OTHER, balance=10)
+    swept = reserve(store, recipients=2)
+    clock.advance(seconds=30)
+    other = Store(store.path, clock=store.clock)
+    other.owner = "2-live"
+    other.heartbeat()
+    read = store._read
+    taken: list[Reservation] = []
+
+    def racing(sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
+        rows = read(sql, args)
+        if sql.startswith("SELECT * FROM pending") and not taken:
+            assert [r["id"] for r in other.settle_stale(older_than=0)] == [swept.id]
+            taken.append(reserve(other, OTHER, recipients=3))
+        return rows
+
+    monkeypatch.setattr(store, "_read", racing)
+    assert store.settle_stale(older_than=0) == []
+    assert taken[0].id == swept.id
+    assert (balance(store), balance(store, OTHER)) == (10, 7)
+    assert store.pending_count() == 1
+    other.close()
