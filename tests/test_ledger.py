@@ -29,14 +29,18 @@ T0 = int(START.timestamp())
 OTHER = f"other@{DOMAIN}"
 
 
+# The ledger's guarantees hold on both backends (tests/conftest.py, database_url).
+pytestmark = pytest.mark.backends
+
+
 @pytest.fixture
 def clock() -> FrozenClock:
     return FrozenClock(START)
 
 
 @pytest.fixture
-def store(tmp_path, clock) -> Iterator[Store]:
-    store = Store(tmp_path / "ledger.db", clock=clock)
+def store(database_url, clock) -> Iterator[Store]:
+    store = Store(database_url, clock=clock)
     store.migrate()
     store.create_account("acme")  # id 1
     store.add_domain("acme", DOMAIN)
@@ -336,6 +340,7 @@ def test_reserve_refuses_what_a_window_cannot_take_and_charges_nothing(store, re
     assert counts(store) == {"relay": (2, 2), "acme": (2, 2)}
 
 
+@pytest.mark.sqlite_only  # SQLite's rowids, its trace callback or its file
 def test_a_retry_the_upstream_took_is_a_replay_charged_nothing(store, clock):
     store.set_sender(SENDER, balance=10)
     first = reserve(store, recipients=2, idempotency_key="k1")
@@ -350,6 +355,7 @@ def test_a_retry_the_upstream_took_is_a_replay_charged_nothing(store, clock):
     assert balance(store) == 7
 
 
+@pytest.mark.sqlite_only  # SQLite's rowids, its trace callback or its file
 def test_a_key_of_a_message_not_delivered_is_not_remembered(store):
     store.set_sender(SENDER, balance=10)
     first = reserve(store, recipients=2, idempotency_key="k1")
@@ -453,6 +459,7 @@ def test_the_sweep_leaves_a_live_owner_its_rows_until_its_heartbeat_is_too_old(s
     assert balance(store) == 10
 
 
+@pytest.mark.sqlite_only  # SQLite's rowids, its trace callback or its file
 def test_a_retired_owner_leaves_its_rows_to_the_sweep_at_once(store):
     store.set_sender(SENDER, balance=10)
     other = Store(store.path, clock=store.clock)
@@ -549,6 +556,7 @@ def test_show_limits_lists_the_relay_then_accounts_by_id(store, clock):
     }
 
 
+@pytest.mark.sqlite_only  # SQLite's rowids, its trace callback or its file
 def test_a_late_settle_of_a_swept_reservation_touches_no_other(store, clock):
     """A settle retried after a sweep refunded its row must find nothing (`_settle`: 0, 0).
 
@@ -605,6 +613,7 @@ def test_a_window_a_stale_read_missed_is_refused_by_the_upsert(store, monkeypatc
     assert counts(store) == {"relay": (2, 2), "acme": (2, 2)}
 
 
+@pytest.mark.sqlite_only  # SQLite's rowids, its trace callback or its file
 def test_settle_refunds_the_account_windows_before_the_relay_ones(store):
     """The lock order of `reserve` (module docstring): the account's rows, then the relay's."""
     store.set_sender(SENDER, balance=10)
@@ -630,6 +639,7 @@ def test_the_sweep_dates_its_refund_now(store, clock):
     assert (balance(store), store.show_sender(SENDER)["updated"]) == (10, T0 + 30)
 
 
+@pytest.mark.sqlite_only  # SQLite's rowids, its trace callback or its file
 def test_the_sweep_leaves_a_reservation_that_took_a_swept_id_meanwhile(store, clock, monkeypatch):
     """Between the sweep's read and its settle, another host may sweep the row and
     the next reservation take its id (SQLite reuses a freed rowid): the sweep's
