@@ -356,7 +356,7 @@ ENDPOINTS: list[Endpoint] = [
     Endpoint(
         "DELETE",
         f"{PREFIX}/tokens/{{id}}",
-        "revoke a sending token (its open sessions stop at their next MAIL)",
+        "revoke a sending token (its open sessions stop at their next MAIL or end of DATA)",
         revoke_token,
         errors={"404": "no active token with that id (`no_such_token`)"},
     ),

@@ -343,7 +343,8 @@ class Relay:
         closed = self.admission.closed
         if closed >= TRIM_AFTER_CLOSED or (closed and not self.admission.total):
             self.admission.take_closed()
-            await self.store.in_thread(release_freed_memory)
+            # On the upkeep thread: the store's write thread must not wait for it.
+            await self.store.upkeep(lambda _: release_freed_memory())
         try:
             await self.store.upkeep(lambda s: s.checkpoint())
         except RelayError as exc:
