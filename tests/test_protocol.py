@@ -568,3 +568,29 @@ def test_starttls_on_the_implicit_tls_port_says_tls_is_active(relay):
     assert raw.cmd("STARTTLS") == "554 5.5.1 TLS already active"
     assert raw.cmd("EXPN staff") == "502 5.5.1 Command not implemented"
     assert raw.cmd("NOOP") == "250 2.0.0 Ok"  # the session goes on
+
+
+@pytest.mark.parametrize(
+    ("command", "reply"),
+    [
+        ("EHLO", "501 5.5.4 Syntax: EHLO hostname"),
+        ("HELO", "501 5.5.4 Syntax: HELO hostname"),
+        ("AUTH PLAIN a b c", "501 5.5.4 Syntax: AUTH mechanism [initial-response]"),
+        ("AUTH PLAIN " + b64("no-separators"), "501 5.5.2 Cannot split AUTH PLAIN response"),
+    ],
+)
+def test_malformed_greetings_and_auth_get_their_exact_replies(relay, command, reply):
+    raw = relay.raw()
+    if not command.startswith(("EHLO", "HELO")):
+        raw.cmd("EHLO client.test")
+    assert raw.cmd(command) == reply
+    assert raw.cmd("NOOP") == "250 2.0.0 Ok"
+
+
+def test_data_with_an_argument_is_a_syntax_error(relay):
+    raw = relay.raw()
+    raw.login(relay.token())
+    raw.cmd(f"MAIL FROM:<{SENDER}>")
+    raw.cmd("RCPT TO:<a@dest.test>")
+    assert raw.cmd("DATA now") == "501 5.5.4 Syntax: DATA"
+    assert raw.cmd("RSET") == "250 2.0.0 Ok"
