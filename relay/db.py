@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from relay.config import PostgresUrl
-from relay.errors import StoreBusy, StoreError
+from relay.errors import BatchBroken, StoreBusy, StoreError
 from relay.schema import MIGRATIONS
 
 if TYPE_CHECKING:
@@ -140,6 +140,7 @@ class Database:
         self.autocheckpoint = autocheckpoint
         self._db: sqlite3.Connection | None = None
         self._wal_seen = 0  # the log's size at the last checkpoint
+        self._batch = False  # inside `batch()`: each `_write` is a savepoint
 
     @property
     def is_postgres(self) -> bool:
@@ -212,6 +213,10 @@ class Database:
             with self._pg.transaction() as conn:
                 yield conn
             return
+        if self._batch:
+            with self._savepoint() as db:
+                yield db
+            return
         db = self.db
         try:
             db.execute("BEGIN IMMEDIATE")
@@ -231,6 +236,66 @@ class Database:
             except sqlite3.Error as exc:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
+                raise translate(exc) from exc
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """One SQLite write transaction around several writes (a group commit).
+
+        Each `_write` inside it is a savepoint: a write that raises is rolled
+        back alone, and the others commit together at the end. A batch costs
+        one commit, and the pages the writes share (a sender's row, the
+        send-limit windows, the delivery log's last pages) go to the
+        write-ahead log once, not once per write. Raises `StoreBusy` at once,
+        having done nothing, when another connection holds the write lock and
+        this one does not wait (busy timeout 0). If SQLite ends the
+        transaction by itself (a full disk or an I/O error can), the writes
+        still to come raise `BatchBroken`, and so does the end of the batch:
+        nothing of it was committed.
+        """
+        assert self._pg is None, "a batch is SQLite's: PostgreSQL commits each write"
+        db = self.db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise translate(exc) from exc
+        self._batch = True
+        try:
+            yield
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        finally:
+            self._batch = False
+        if not db.in_transaction:
+            raise BatchBroken("the database ended the transaction: nothing of it was committed")
+        try:
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise translate(exc) from exc
+
+    @contextmanager
+    def _savepoint(self) -> Iterator[Connection]:
+        db = self.db
+        if not db.in_transaction:
+            raise BatchBroken("the database ended the transaction: nothing of it was committed")
+        db.execute("SAVEPOINT write")
+        try:
+            yield db
+        except BaseException as exc:
+            if db.in_transaction:
+                db.execute("ROLLBACK TO write")
+                db.execute("RELEASE write")
+            if isinstance(exc, sqlite3.Error):
+                raise translate(exc) from exc
+            raise
+        else:
+            try:
+                db.execute("RELEASE write")
+            except sqlite3.Error as exc:
                 raise translate(exc) from exc
 
     @contextmanager

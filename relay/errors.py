@@ -3,7 +3,8 @@
     RelayError                  every error knows the SMTP reply it becomes
     ├── ConfigError             a bad setting; stops the start with one line
     ├── StoreError              the database failed; the relay defers (451 4.3.0)
-    │   └── StoreBusy           another connection holds the write lock
+    │   ├── StoreBusy           another connection holds the write lock
+    │   └── BatchBroken         SQLite ended a group commit's transaction by itself
     ├── Refused                 the store refused a charge: balance, limit, domain, token
     ├── AdminError              an admin operation refused (CLI exit 1, admin API 4xx)
     │   ├── Invalid             bad input (HTTP 422)
@@ -49,6 +50,11 @@ class StoreError(RelayError):
 
 class StoreBusy(StoreError):
     """Another connection holds the database's write lock (only seen without a busy timeout)."""
+
+
+class BatchBroken(StoreError):
+    """SQLite ended a group commit's transaction by itself (a full disk, an I/O
+    error): none of the batch's writes was committed (`Database.batch`)."""
 
 
 class Refused(RelayError):
