@@ -139,7 +139,3 @@ def domain_owner(db: Connection, domain: str) -> Row | None:
         "SELECT account_id FROM domains WHERE domain = ?", (domain,)
     ).fetchone()
     return row
-
-
-def is_nolimit(db: Connection, address: str) -> bool:
-    return db.execute("SELECT 1 FROM nolimit WHERE address = ?", (address,)).fetchone() is not None
