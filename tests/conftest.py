@@ -52,6 +52,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         return
     if metafunc.definition.get_closest_marker("sqlite_only") is not None:
         return
+    if metafunc.definition.get_closest_marker("postgres_only") is not None:
+        metafunc.parametrize("database_url", ["postgres"], indirect=True)
+        return
     metafunc.parametrize("database_url", BACKENDS, indirect=True)
 
 
