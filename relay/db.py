@@ -34,16 +34,22 @@ if TYPE_CHECKING:
     from relay.postgres import Postgres
 
 # The write-ahead log is copied back into the database file by `checkpoint`, on
-# the upkeep thread, once a second. A checkpoint that readers or writers keep
-# from finishing (PASSIVE never waits) lets the log grow without bound under
-# load (210 MB in 15 s at 1,150 msg/s), so past WAL_CATCH_UP_BYTES, or past
-# WAL_SIZE_LIMIT once writes stop, it waits for them (TRUNCATE) and empties
-# the file. SQLite also trims the log to WAL_SIZE_LIMIT when it restarts it.
+# the upkeep thread, once a second, without waiting for anyone (PASSIVE). Under
+# constant writes that never lets the log start over (SQLite restarts it only
+# once every frame is copied and no reader needs it), so it would grow without
+# bound (210 MB in 15 s at 1,150 msg/s). So once it is past WAL_SIZE_LIMIT,
+# `restart_wal` copies the little the PASSIVE left and makes the next write
+# start the log from its beginning (RESTART): the file stops growing at about a
+# second of writes. Once writes stop, it empties the file (TRUNCATE). Both wait
+# for writers; `AsyncStore.checkpoint` holds the process's own writes back on
+# the event loop meanwhile, so none of them waits in SQLite's busy handler,
+# whose sleeps (1, 2, 5, 10, 15, 20, 25 ms...) would stretch a checkpoint of a
+# few milliseconds into a stall of tens.
 WAL_SIZE_LIMIT = 4 * 1024 * 1024
-WAL_CATCH_UP_BYTES = 16 * 1024 * 1024
-# How long a catching-up checkpoint waits for readers and writers; new writers
-# wait behind it meanwhile, so it gives up soon and tries again a tick later.
-CATCH_UP_BUSY_MS = 500
+# How long a restarting checkpoint waits for readers and for another process's
+# writer; this process's writes wait behind it meanwhile, so it gives up soon
+# and tries again a tick later.
+CATCH_UP_BUSY_MS = 100
 
 # Failures that a full disk, a read-only file or a lock explain: worth one line
 # in the log, not a traceback.
@@ -139,7 +145,8 @@ class Database:
         self.busy_timeout_ms = busy_timeout_ms
         self.autocheckpoint = autocheckpoint
         self._db: sqlite3.Connection | None = None
-        self._wal_seen = 0  # the log's size at the last checkpoint
+        self._frames_seen = 0  # the log's frame count at the last checkpoint
+        self._page = 0  # the database's page size, read once
         self._batch = False  # inside `batch()`: each `_write` is a savepoint
 
     @property
@@ -188,7 +195,6 @@ class Database:
             # loss can drop the last commits.
             db.execute("PRAGMA synchronous = NORMAL")
             db.execute("PRAGMA foreign_keys = ON")
-            db.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
             if not self.autocheckpoint:
                 # A checkpoint writes and syncs the database file: leave it to
                 # `checkpoint()`, called off the event loop.
@@ -359,31 +365,50 @@ class Database:
             version = int(db.execute("PRAGMA user_version").fetchone()[0])
             db.execute(f"PRAGMA user_version = {version}")
 
-    def checkpoint(self) -> str:
-        """Copy the write-ahead log into the database file; returns the mode used.
-
-        PASSIVE (never waits) while the log is small; TRUNCATE (waits a moment
-        for readers and writers, then empties the file) once it is past
-        WAL_CATCH_UP_BYTES, or past WAL_SIZE_LIMIT and not growing any more.
-        PostgreSQL checkpoints by itself: "none".
+    def checkpoint(self) -> str | None:
+        """Copy the write-ahead log into the database file as far as it can without
+        waiting for anyone (PASSIVE). Returns what `restart_wal` should do now:
+        "RESTART" when the log is past WAL_SIZE_LIMIT, "TRUNCATE" when writes
+        stopped since the last checkpoint and the file is not empty, else None.
+        PostgreSQL checkpoints by itself: None.
         """
         if self._pg is not None:
-            return "none"
-        size = self.wal_size()
-        grown, self._wal_seen = size > self._wal_seen, size
-        if size > WAL_CATCH_UP_BYTES or (size > WAL_SIZE_LIMIT and not grown):
-            db = self.db
-            try:
-                db.execute(f"PRAGMA busy_timeout = {CATCH_UP_BUSY_MS}")
-                db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-            except sqlite3.Error as exc:
-                raise translate(exc) from exc
-            finally:
-                db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
-            self._wal_seen = self.wal_size()
+            return None
+        frames = int(self._read("PRAGMA wal_checkpoint(PASSIVE)")[0][1])
+        # The log's frame count changes with every write (and starts again at a
+        # restart); the file's size does not shrink when the log starts over.
+        idle, self._frames_seen = frames == self._frames_seen, frames
+        if idle and self.wal_size() > 0:
             return "TRUNCATE"
-        self._read("PRAGMA wal_checkpoint(PASSIVE)")
-        return "PASSIVE"
+        return "RESTART" if frames * self._page_size() > WAL_SIZE_LIMIT else None
+
+    def _page_size(self) -> int:
+        if not self._page:
+            self._page = int(self._read("PRAGMA page_size")[0][0])
+        return self._page
+
+    def restart_wal(self, mode: str) -> None:
+        """Copy what is left of the write-ahead log and start it over: RESTART (the
+        next write starts at the beginning of the file) or TRUNCATE (the file is
+        emptied too).
+
+        Writers wait meanwhile; it waits for readers and for another process's
+        writer up to CATCH_UP_BUSY_MS, then fails (`StoreBusy`) and is tried again
+        at the next checkpoint.
+        """
+        if self._pg is not None:
+            return
+        assert mode in ("RESTART", "TRUNCATE")
+        db = self.db
+        try:
+            db.execute(f"PRAGMA busy_timeout = {CATCH_UP_BUSY_MS}")
+            busy = db.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()[0]
+        except sqlite3.Error as exc:
+            raise translate(exc) from exc
+        finally:
+            db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
+        if busy:
+            raise StoreBusy(f"the write-ahead log could not be started over ({mode}): in use")
 
     def wal_size(self) -> int:
         if self._pg is not None:

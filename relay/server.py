@@ -346,7 +346,7 @@ class Relay:
             # On the upkeep thread: the store's write thread must not wait for it.
             await self.store.upkeep(lambda _: release_freed_memory())
         try:
-            await self.store.upkeep(lambda s: s.checkpoint())
+            await self.store.checkpoint()
         except RelayError as exc:
             self._trouble("WAL checkpoint", exc)
         if time.monotonic() >= self._next_heartbeat:

@@ -25,7 +25,7 @@ import pytest
 from conftest import is_postgres
 from support import SENDER, FrozenClock, attempt, message
 
-from relay.db import WAL_CATCH_UP_BYTES, WAL_SIZE_LIMIT
+from relay.db import WAL_SIZE_LIMIT
 from relay.ledger import OWNER_DEAD_AFTER
 from relay.store import Store
 
@@ -145,25 +145,37 @@ def grow_wal(path: Path, rows: int) -> None:
 
 
 @pytest.mark.sqlite_only
-def test_wal_is_truncated_by_the_upkeep_after_a_burst_of_writes(relay):
+def test_a_wal_past_the_limit_starts_over_and_is_emptied_once_writes_stop(relay):
     database = relay.relay.settings.database
     wal = Path(f"{database}-wal")
     grow_wal(database, 4096)
-    assert wal.stat().st_size > WAL_CATCH_UP_BYTES
+    size = wal.stat().st_size
+    assert size > WAL_SIZE_LIMIT
+    # Past the limit: RESTART. The file keeps its size, and the next writes go
+    # to its beginning instead of its end.
     relay.call(relay.relay.upkeep())
-    assert wal.stat().st_size <= WAL_SIZE_LIMIT
+    raw = relay.raw()
+    raw.login(relay.token())
+    assert attempt(raw).startswith("250 2.0.0 Ok <")
+    assert wal.stat().st_size == size
+    # The next tick sees that message's writes; the one after, none: TRUNCATE.
+    relay.call(relay.relay.upkeep())
+    assert wal.stat().st_size == size
+    relay.call(relay.relay.upkeep())
+    assert wal.stat().st_size == 0
 
 
 @pytest.mark.sqlite_only
-def test_wal_over_the_limit_is_truncated_once_writes_stop(relay):
+def test_a_small_wal_is_emptied_once_writes_stop(relay):
     database = relay.relay.settings.database
     wal = Path(f"{database}-wal")
-    grow_wal(database, 1024)
-    assert WAL_SIZE_LIMIT < wal.stat().st_size < WAL_CATCH_UP_BYTES
-    # The first tick sees the log grow (PASSIVE); the next sees it still: TRUNCATE.
+    grow_wal(database, 256)
+    assert 0 < wal.stat().st_size < WAL_SIZE_LIMIT
+    # The first tick sees the log grow (PASSIVE only); the next sees it still: TRUNCATE.
     relay.call(relay.relay.upkeep())
+    assert 0 < wal.stat().st_size < WAL_SIZE_LIMIT
     relay.call(relay.relay.upkeep())
-    assert wal.stat().st_size <= WAL_SIZE_LIMIT
+    assert wal.stat().st_size == 0
     # Every message still lands.
     raw = relay.raw()
     raw.login(relay.token())
