@@ -192,7 +192,7 @@ class AsyncStore:
             each.owner = self.owner
         self._settling: dict[int, asyncio.Task[None]] = {}
         self._group: list[_Write] = []  # writes for the next group commit
-        self._paused: asyncio.Future[None] | None = None  # set while `checkpoint` restarts the log
+        self._paused: asyncio.Future[None] | None = None  # set while `restart_log` runs
         self._outage_since: float | None = None
         self._outage_logged_at = 0.0
         self._outage_logged = False  # this outage's line was written
@@ -278,7 +278,7 @@ class AsyncStore:
     def _commit_group(self) -> None:
         """Commit the waiting writes: inline when the thread is idle and the lock is
         free, else on the store's thread (after what is queued there, in order).
-        While `checkpoint` starts the log over they wait, and it commits them after."""
+        While `restart_log` runs they wait, and it commits them after."""
         if self._paused is not None:
             return
         group, self._group = self._group[:GROUP_MAX], self._group[GROUP_MAX:]
@@ -329,16 +329,22 @@ class AsyncStore:
         """The upkeep's checkpoint; returns the mode: "PASSIVE", "RESTART",
         "TRUNCATE", or "none" (PostgreSQL).
 
-        PASSIVE on the upkeep thread waits for no one. When the log must start
-        over (`Database.checkpoint` says when), the RESTART or TRUNCATE runs on
-        that thread while this process's group commits wait on the loop: none
-        is midway (each runs whole within one callback), so the checkpoint never
-        waits for this process's writes, and they resume the moment it ends. One
-        that finds the log in use elsewhere is tried again next time.
+        PASSIVE on the upkeep thread waits for no one; when the log must start
+        over (`Database.checkpoint` says when), `restart_log`.
         """
         mode = await self.upkeep(Store.checkpoint)
         if mode is None:
             return "none" if self.sync.is_postgres else "PASSIVE"
+        await self.restart_log(mode)
+        return mode
+
+    async def restart_log(self, mode: str) -> None:
+        """RESTART or TRUNCATE the write-ahead log on the upkeep thread while this
+        process's group commits wait on the loop: none is midway (each runs whole
+        within one callback), so the checkpoint never waits for this process's
+        writes, and they resume the moment it ends. One that finds the log in
+        use elsewhere is tried again at the next checkpoint.
+        """
         loop = asyncio.get_running_loop()
         self._paused = loop.create_future()
         try:
@@ -350,7 +356,6 @@ class AsyncStore:
             self._paused = None
             if self._group:
                 loop.call_soon(self._commit_group)
-        return mode
 
     async def upkeep(self, fn: Callable[[Store], T]) -> T:
         """Run maintenance (`fn(store)`) on the upkeep thread's own connection."""

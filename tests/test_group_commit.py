@@ -215,3 +215,43 @@ def test_a_group_is_at_most_group_max_writes(path):
     assert all(isinstance(r, Reservation) for r in seen["results"])
     assert seen["commits"] == 2
     assert Store(path).show_sender(SENDER)["balance"] == 0
+
+
+def test_writes_wait_on_the_loop_while_the_log_starts_over(path):
+    """A RESTART holds writers back: this process's wait on the loop, never in
+    SQLite's busy handler, and commit the moment it ends."""
+    filler = sqlite3.connect(path, isolation_level=None)
+    filler.execute("PRAGMA wal_autocheckpoint = 0")  # as the relay's inline connection
+    filler.execute("BEGIN IMMEDIATE")
+    filler.executemany(
+        "INSERT INTO delivered_keys (key, created) VALUES (?, 0)",
+        ((f"{i}{'x' * 1000}",) for i in range(8192)),
+    )
+    filler.execute("COMMIT")  # kept open: closing the last connection would checkpoint
+    seen: dict[str, Any] = {}
+
+    async def scenario(aio: AsyncStore) -> None:
+        aio.sync.set_sender(SENDER, balance=5)
+        reader = sqlite3.connect(path, isolation_level=None)
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM senders").fetchone()  # a snapshot in the log
+        statements = traced(aio)
+        assert await aio.upkeep(Store.checkpoint) == "RESTART"  # past the limit
+        restart = asyncio.ensure_future(aio.restart_log("RESTART"))
+        await asyncio.sleep(0)  # it runs to its first wait: the upkeep thread's
+        charged = asyncio.ensure_future(charge(aio, SENDER))
+        for _ in range(GROUP_TURNS + 2):
+            await asyncio.sleep(0)
+        seen["during"] = (charged.done(), [s for s in statements if "BEGIN" in s])
+        reader.execute("COMMIT")  # the RESTART was waiting for this reader
+        reader.close()
+        await restart
+        seen["result"] = await charged
+        seen["commits"] = commits(statements)
+
+    run(path, scenario)
+    filler.close()
+    assert seen["during"] == (False, [])
+    assert isinstance(seen["result"], Reservation)
+    assert seen["commits"] == 1
+    assert Store(path).show_sender(SENDER)["balance"] == 4
