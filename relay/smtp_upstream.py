@@ -261,6 +261,11 @@ class SmtpChannel:
             client.close()
             why = _describe(exc)
             raise TransientDelivery(NAME, replies.upstream_unavailable(NAME, why)) from exc
+        except BaseException:
+            # Cancelled while connecting or greeting (the forward's time ran out,
+            # or shutdown): close it, or the socket is left to the garbage collector.
+            client.close()
+            raise
         return _Conn(client)
 
     def _refuse_cleartext_credentials(

@@ -1028,3 +1028,33 @@ def test_a_size_the_channel_cannot_carry_is_refused_before_the_upload(
         raw.sock.sendall(b".\r\n")  # abandon it: an empty message
         raw.read()
     assert cloudflare.requests == []
+
+
+def test_a_forward_cancelled_while_the_upstream_greets_closes_its_connection():
+    """The forward's time running out during connect or EHLO must not leave the
+    socket open for the garbage collector: the upstream sees the connection end."""
+
+    async def run() -> bytes:
+        ended: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+        async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(b"220 upstream.test ESMTP\r\n")  # then never answers EHLO
+            ended.set_result(await reader.read())  # reads until the end
+            writer.close()
+
+        server = await asyncio.start_server(silent, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        upstream = SmtpUpstream("127.0.0.1", port, start_tls=False)
+        channel = SmtpChannel({DOMAIN: upstream}, timeout=30, local_hostname="relay.test")
+        outbound = Outbound(SENDER, (RCPT,), mail("<c@example.com>"), "<c@example.com>", "0" * 64)
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.2):
+                await channel.deliver(outbound)
+        try:
+            async with asyncio.timeout(5):  # a bound, not a sync: the end comes at once
+                return await ended
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    assert asyncio.run(run()) == b"EHLO relay.test\r\n"  # and then the end
