@@ -499,23 +499,38 @@ class Runner:
                     f"{what} {name} round {number + 1}: {record['messages_per_s'] or 0:.0f} msg/s"
                 )
 
-    async def delivery_log(self, setup: stack.Setup, sink: stack.ReferenceServer, on: Side) -> None:
-        """2 KiB through a relay with the delivery log off, against `on` (the default), same run."""
+    async def delivery_log(self, setup: stack.Setup, sink: stack.ReferenceServer) -> None:
+        """2 KiB through two fresh relays, the delivery log off on one and on (the
+        default) on the other, in alternate rounds of one run.
+
+        Both are new processes with new databases, made and warmed alike: the
+        relay the throughput phase used has served every phase before this one
+        and recorded all their messages, and would weigh that history against
+        the log.
+        """
         head = self.headline()
         if head is None:
             return
         sessions, per = head["sessions"], head["messages_per_session"]
         rounds: dict[str, list[dict[str, Any]]] = {"off": [], "on": []}
-        async with stack.Relay.start(
-            setup,
-            sink.port,
-            workers=1,
-            max_connections=self.max_connections,
-            extra_env={"RELAY_LOG_RETENTION_DAYS": "0"},
-        ) as relay:
-            off = relay_side(setup, relay, sink)
-            await self.closed(off, HEADLINE_SIZE, 2, WARMUP_MESSAGES // 2)
-            await self.alternate("delivery log", off, on, sessions, per, rounds)
+        sides: dict[str, Side] = {}
+        async with contextlib.AsyncExitStack() as stack_:
+            for name, extra in (("off", {"RELAY_LOG_RETENTION_DAYS": "0"}), ("on", {})):
+                directory = setup.directory / f"delivery-log-{name}"
+                directory.mkdir()
+                own = await stack.configure(directory)
+                relay = await stack_.enter_async_context(
+                    stack.Relay.start(
+                        own,
+                        sink.port,
+                        workers=1,
+                        max_connections=self.max_connections,
+                        extra_env=extra,
+                    )
+                )
+                sides[name] = relay_side(own, relay, sink)
+                await self.closed(sides[name], HEADLINE_SIZE, 2, WARMUP_MESSAGES // 2)
+            await self.alternate("delivery log", sides["off"], sides["on"], sessions, per, rounds)
         entry: dict[str, Any] = {
             "label": f"{report.size_label(HEADLINE_SIZE)} x {sessions} sessions"
         }
@@ -752,7 +767,7 @@ async def run_relay(plan: Plan) -> dict[str, Any]:
                     if HEADLINE_SIZE in sizes:
                         await runner.floor(sink)
                         await runner.pipelining(setup, sides[1])
-                        await runner.delivery_log(setup, sink, sides[1])
+                        await runner.delivery_log(setup, sink)
             await runner.workers(setup, sink)
             if plan.wal_seconds:
                 await runner.hostile(setup, sink)

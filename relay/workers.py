@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import gc
 import logging
 import os
 import signal
@@ -31,6 +32,21 @@ from relay.store import Store
 
 log = logging.getLogger("relay.server")
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+# The cyclic garbage collector's thresholds for a serving process (Python's
+# default is 700, 10, 10). Each message allocates a few hundred containers that
+# die young, so the default ran a young collection every couple of messages and
+# a full one, which walks every live object of every session, every few hundred.
+# Measured (2 KiB, 50 sessions, same run): 0.54 ms of CPU a message with the
+# default, 0.52 with these; memory held by cyclic garbage waits a little longer.
+GC_THRESHOLDS = (5000, 20, 20)
+
+
+def tune_gc() -> None:
+    """Before serving: what the start allocated (modules, settings, the TLS
+    context) moves out of the collector's sight for good (`gc.freeze`), and the
+    collections become rarer (GC_THRESHOLDS)."""
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 async def serve(
@@ -175,6 +191,7 @@ def _run_workers(
 
 
 def _run_loop(main: Coroutine[Any, Any, None]) -> None:
+    tune_gc()
     try:
         import uvloop
     except ImportError:  # not on Linux: stdlib asyncio works, with larger TLS buffers
