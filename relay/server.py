@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import ctypes
 import errno
+import gc
 import logging
 import os
 import resource
@@ -47,6 +48,9 @@ T = TypeVar("T")
 # After this many connections closed since the last upkeep tick that trimmed,
 # give freed memory back to the system (see `release_freed_memory`).
 TRIM_AFTER_CLOSED = 64
+# A full collection walks every live object, thousands of sessions' worth: while
+# connections come and go it runs at most this often; once all are closed, at once.
+COLLECT_EVERY = 30.0
 # A failing database is logged at most this often: a full disk must not flood the log.
 TROUBLE_LOG_INTERVAL = 60.0
 # File descriptors a process needs besides its sessions: the database (four
@@ -192,6 +196,7 @@ class Relay:
         self._listener: Listener | None = None
         self.admission = Admission(settings.max_connections, settings.max_connections_per_ip)
         self._next_sweep = self._next_heartbeat = self._next_prune = 0.0
+        self._next_collect = 0.0
         self._database_identity: tuple[int, int] | None = None
         self._quiet_until: dict[str, float] = {}  # what failed -> when it may be logged again
         self._port = 0
@@ -343,8 +348,12 @@ class Relay:
         closed = self.admission.closed
         if closed >= TRIM_AFTER_CLOSED or (closed and not self.admission.total):
             self.admission.take_closed()
+            now = time.monotonic()
+            collect = not self.admission.total or now >= self._next_collect
+            if collect:
+                self._next_collect = now + COLLECT_EVERY
             # On the upkeep thread: the store's write thread must not wait for it.
-            await self.store.upkeep(lambda _: release_freed_memory())
+            await self.store.upkeep(lambda _: release_freed_memory(collect=collect))
         try:
             await self.store.checkpoint()
         except RelayError as exc:
@@ -447,16 +456,23 @@ def _identity(path: Any) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def release_freed_memory() -> None:
-    """Return the C heap's free pages to the system (glibc's malloc_trim).
+def release_freed_memory(*, collect: bool = True) -> None:
+    """Collect the cycles closed sessions left (with `collect`), and return the C heap's free
+    pages to the system (glibc's malloc_trim).
 
-    Each TLS connection allocates its buffers and OpenSSL state in native
-    memory; after a burst they are freed but glibc keeps the pages, and the
-    next burst does not reuse all of them: RSS went 106 -> 222 MB over ten
-    bursts of 2,000 connections, with Python's object counts back at baseline.
-    Trimming after each burst keeps it near the first burst's figure (see the
-    benchmark's burst row). A no-op where the C library is not glibc.
+    A closed session's protocol, transport and TLS objects refer to each other: only the
+    cyclic collector frees them, and a serving process runs it rarely
+    (`relay.workers.GC_THRESHOLDS`), so after a burst of connections it runs here (at
+    most every COLLECT_EVERY seconds while others stay open). Each TLS connection also
+    allocates its buffers and OpenSSL state in native memory; after a burst they are
+    freed but glibc keeps the pages, and the next burst does not reuse all of them: RSS
+    went 106 -> 222 MB over ten bursts of 2,000 connections, with Python's object counts
+    back at baseline. Trimming after each burst keeps it near the first burst's figure
+    (see the benchmark's burst row). The trim is a no-op where the C library is not
+    glibc.
     """
+    if collect:
+        gc.collect()
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.malloc_trim(0)
