@@ -224,10 +224,7 @@ class Database:
                 yield db
             return
         db = self.db
-        try:
-            db.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise translate(exc) from exc
+        _begin(db)
         try:
             yield db
         except BaseException as exc:
@@ -237,12 +234,7 @@ class Database:
                 raise translate(exc) from exc
             raise
         else:
-            try:
-                db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise translate(exc) from exc
+            _commit(db)
 
     @contextmanager
     def batch(self) -> Iterator[None]:
@@ -261,10 +253,7 @@ class Database:
         """
         assert self._pg is None, "a batch is SQLite's: PostgreSQL commits each write"
         db = self.db
-        try:
-            db.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise translate(exc) from exc
+        _begin(db)
         self._batch = True
         try:
             yield
@@ -276,12 +265,7 @@ class Database:
             self._batch = False
         if not db.in_transaction:
             raise BatchBroken("the database ended the transaction: nothing of it was committed")
-        try:
-            db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise translate(exc) from exc
+        _commit(db)
 
     @contextmanager
     def _savepoint(self) -> Iterator[Connection]:
@@ -438,6 +422,23 @@ def create_private(path: Path) -> None:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     except FileExistsError:
         pass
+
+
+def _begin(db: sqlite3.Connection) -> None:
+    """Take SQLite's write lock (`StoreBusy` at once if held and the busy timeout is 0)."""
+    try:
+        db.execute("BEGIN IMMEDIATE")
+    except sqlite3.Error as exc:
+        raise translate(exc) from exc
+
+
+def _commit(db: sqlite3.Connection) -> None:
+    try:
+        db.execute("COMMIT")
+    except sqlite3.Error as exc:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise translate(exc) from exc
 
 
 def translate(exc: sqlite3.Error) -> StoreError:
