@@ -246,8 +246,13 @@ class Ledger(Database):
                 return Reservation(0, 0, replay=True)
             if unit:
                 cur = _charge(db, sender, charge, ts)
-                if cur.rowcount != 1 and _ensure_sender(db, sender, default_balance, ts):
-                    cur = _charge(db, sender, charge, ts)  # a first charge: the row is new
+                if cur.rowcount != 1:
+                    # No row yet (its first charge), or one that cannot pay. The
+                    # charge is tried again after the row is made, whoever made it:
+                    # on PostgreSQL another host's first charge may have made it
+                    # since, and its balance decides, not the miss above.
+                    _ensure_sender(db, sender, default_balance, ts)
+                    cur = _charge(db, sender, charge, ts)
                 if cur.rowcount != 1:
                     row = db.execute(
                         "SELECT balance, enabled FROM senders WHERE address = ?", (sender,)
@@ -405,14 +410,13 @@ def _sender(row: Row) -> dict[str, Any]:
     return out
 
 
-def _ensure_sender(db: Connection, address: str, balance: int, ts: int) -> bool:
-    """Create the sender's row with `balance` unless it exists; whether it was created."""
-    cur = db.execute(
+def _ensure_sender(db: Connection, address: str, balance: int, ts: int) -> None:
+    """Create the sender's row with `balance` unless it exists."""
+    db.execute(
         "INSERT INTO senders (address, balance, enabled, created, updated) VALUES (?, ?, 1, ?, ?)"
         " ON CONFLICT (address) DO NOTHING",
         (address, balance, ts, ts),
     )
-    return cur.rowcount == 1
 
 
 def _charge(db: Connection, address: str, charge: int, ts: int) -> Cursor:

@@ -192,7 +192,7 @@ class AsyncStore:
             each.owner = self.owner
         self._settling: dict[int, asyncio.Task[None]] = {}
         self._group: list[_Write] = []  # writes for the next group commit
-        self._paused: asyncio.Future[None] | None = None  # set while `restart_log` runs
+        self._restarting = False  # while `restart_log` runs, groups wait
         self._outage_since: float | None = None
         self._outage_logged_at = 0.0
         self._outage_logged = False  # this outage's line was written
@@ -279,7 +279,7 @@ class AsyncStore:
         """Commit the waiting writes: inline when the thread is idle and the lock is
         free, else on the store's thread (after what is queued there, in order).
         While `restart_log` runs they wait, and it commits them after."""
-        if self._paused is not None:
+        if self._restarting:
             return
         group, self._group = self._group[:GROUP_MAX], self._group[GROUP_MAX:]
         loop = asyncio.get_running_loop()
@@ -340,22 +340,22 @@ class AsyncStore:
 
     async def restart_log(self, mode: str) -> None:
         """RESTART or TRUNCATE the write-ahead log on the upkeep thread while this
-        process's group commits wait on the loop: none is midway (each runs whole
-        within one callback), so the checkpoint never waits for this process's
-        writes, and they resume the moment it ends. One that finds the log in
-        use elsewhere is tried again at the next checkpoint.
+        process's group commits wait on the loop. An inline group runs whole
+        within one callback, so none is midway and the checkpoint never waits
+        for this process's writes (a group on the store's thread, sent there by
+        another process's lock, it waits for as for that process); they resume
+        the moment it ends. One that finds the log in use elsewhere is tried
+        again at the next checkpoint.
         """
-        loop = asyncio.get_running_loop()
-        self._paused = loop.create_future()
+        self._restarting = True
         try:
             await self.upkeep(lambda store: store.restart_wal(mode))
         except StoreBusy as exc:
             log.debug("%s", exc)
         finally:
-            self._paused.set_result(None)
-            self._paused = None
+            self._restarting = False
             if self._group:
-                loop.call_soon(self._commit_group)
+                asyncio.get_running_loop().call_soon(self._commit_group)
 
     async def upkeep(self, fn: Callable[[Store], T]) -> T:
         """Run maintenance (`fn(store)`) on the upkeep thread's own connection."""

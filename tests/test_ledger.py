@@ -9,6 +9,8 @@ test_balance.py and test_limits.py.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -668,3 +670,40 @@ def test_the_sweep_leaves_a_reservation_that_took_a_swept_id_meanwhile(store, cl
     assert (balance(store), balance(store, OTHER)) == (10, 7)
     assert store.pending_count() == 1
     other.close()
+
+
+@pytest.mark.postgres_only  # on SQLite the write lock makes first charges take turns
+def test_a_first_charge_that_races_another_hosts_is_charged_by_its_balance(store, database_url):
+    """Two hosts charge a sender that has no row yet. The one whose insert of the
+    row loses (the other host made it meanwhile) charges that row, by its balance."""
+    import psycopg
+
+    outcome: list[object] = []
+
+    def charge() -> None:
+        try:
+            outcome.append(reserve(store))
+        except Exception as exc:  # the assertion below names it
+            outcome.append(exc)
+
+    with psycopg.connect(database_url, autocommit=True) as watcher:
+        with psycopg.connect(database_url) as other, other.transaction():
+            # The other host's first charge has made the row, not yet committed.
+            other.execute(
+                "INSERT INTO senders (address, balance, enabled, created, updated)"
+                " VALUES (%s, 5, 1, %s, %s)",
+                (SENDER, T0, T0),
+            )
+            charging = threading.Thread(target=charge)
+            charging.start()
+            # This charge finds no row it can see, and its insert waits on that one.
+            deadline = time.monotonic() + 10
+            while not watcher.execute(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE wait_event_type = 'Lock' AND datname = current_database()"
+            ).fetchone()[0]:
+                assert time.monotonic() < deadline, "the charge never waited on the row"
+                time.sleep(0.01)
+        charging.join(10)
+    assert len(outcome) == 1 and isinstance(outcome[0], Reservation), outcome
+    assert balance(store) == 4
