@@ -514,12 +514,12 @@ class Runner:
         sessions, per = head["sessions"], head["messages_per_session"]
         rounds: dict[str, list[dict[str, Any]]] = {"off": [], "on": []}
         sides: dict[str, Side] = {}
-        async with contextlib.AsyncExitStack() as stack_:
+        async with contextlib.AsyncExitStack() as relays:
             for name, extra in (("off", {"RELAY_LOG_RETENTION_DAYS": "0"}), ("on", {})):
                 directory = setup.directory / f"delivery-log-{name}"
                 directory.mkdir()
                 own = await stack.configure(directory)
-                relay = await stack_.enter_async_context(
+                relay = await relays.enter_async_context(
                     stack.Relay.start(
                         own,
                         sink.port,

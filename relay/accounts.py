@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from relay.db import Connection, Database, Row, read_only
+from relay.db import Database, read_only
 from relay.errors import RelayError
 
 
@@ -132,10 +132,3 @@ def account_id_of(database: Database, name: str) -> int:
     if not rows:
         raise RelayError(f"no account named {name!r}")
     return int(rows[0]["id"])
-
-
-def domain_owner(db: Connection, domain: str) -> Row | None:
-    row: Row | None = db.execute(
-        "SELECT account_id FROM domains WHERE domain = ?", (domain,)
-    ).fetchone()
-    return row

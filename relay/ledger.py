@@ -174,12 +174,7 @@ class Ledger(Database):
             # The domain's owner, the token, the no-limit list and the sender's
             # row in one statement: MAIL FROM asks all four of every message.
             row = db.execute(
-                "SELECT (SELECT account_id FROM domains WHERE domain = ?) AS owner,"
-                " (SELECT revoked IS NULL AND (expires IS NULL OR expires > ?) FROM tokens"
-                " WHERE id = ?) AS token_ok,"
-                " EXISTS (SELECT 1 FROM nolimit WHERE address = ?) AS nolimit,"
-                " (SELECT balance FROM senders WHERE address = ?) AS balance,"
-                " (SELECT enabled FROM senders WHERE address = ?) AS enabled",
+                _MAIL_CHECK_SQL,
                 (domain, int(now.timestamp()), token_id, address, address, address),
             ).fetchone()
             room, hit = self._headroom(db, account_id, now)
@@ -274,16 +269,16 @@ class Ledger(Database):
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
                 (sender, unit, recipients, ",".join(scopes), day, month, ts, self.owner),
             ).fetchone()
-            if not self.is_postgres:
+            if self.is_postgres:
+                full = _count_windows(db, account_id, day, month, recipients, windows)
+                if full is not None:
+                    label, window, limit, _ = full
+                    hit = LimitHit(label, window, limit, window_reset(window, now))
+                    raise Refused(f"{label} {window.value} limit {limit} reached", hit=hit)
+            else:
                 # SQLite: the write lock is held, so the counts checked above are
                 # exact and the windows need no condition of their own.
                 _add_to_windows(db, account_id, day, month, recipients)
-                return Reservation(int(pending["id"]), charge, created=ts)
-            full = _count_windows(db, account_id, day, month, recipients, windows)
-            if full is not None:
-                label, window, limit, _ = full
-                hit = LimitHit(label, window, limit, window_reset(window, now))
-                raise Refused(f"{label} {window.value} limit {limit} reached", hit=hit)
         return Reservation(int(pending["id"]), charge, created=ts)
 
     def settle(
@@ -436,18 +431,30 @@ _WINDOWS_SQL = """
 """
 
 
+# The domain's owner, and whether a token is still valid (not revoked, not
+# expired); parameters: the domain, the time now, the token's id.
+_OWNER_AND_VALIDITY = (
+    "(SELECT account_id FROM domains WHERE domain = ?) AS owner,"
+    " (SELECT revoked IS NULL AND (expires IS NULL OR expires > ?) FROM tokens"
+    " WHERE id = ?) AS token_ok"
+)
+_OWNER_SQL = f"SELECT {_OWNER_AND_VALIDITY}"
+# MAIL FROM's check: with them, the no-limit list and the sender's row.
+_MAIL_CHECK_SQL = (
+    f"SELECT {_OWNER_AND_VALIDITY},"  # noqa: S608 - constants; placeholders only
+    " EXISTS (SELECT 1 FROM nolimit WHERE address = ?) AS nolimit,"
+    " (SELECT balance FROM senders WHERE address = ?) AS balance,"
+    " (SELECT enabled FROM senders WHERE address = ?) AS enabled"
+)
+
+
 def _owner_and_token(
     db: Connection, domain: str, token_id: str, now: int
 ) -> tuple[int | None, bool]:
     """The account owning `domain`, and whether token `token_id` is still valid
-    (not revoked, not expired): `domain_owner` and `token_still_valid` in one
-    statement, as MAIL and the charge ask both of every message."""
-    row = db.execute(
-        "SELECT (SELECT account_id FROM domains WHERE domain = ?) AS owner,"
-        " (SELECT revoked IS NULL AND (expires IS NULL OR expires > ?) FROM tokens"
-        " WHERE id = ?) AS token_ok",
-        (domain, now, token_id),
-    ).fetchone()
+    (not revoked, not expired), in one statement: the charge asks both of every
+    message (MAIL FROM's check reads them with more)."""
+    row = db.execute(_OWNER_SQL, (domain, now, token_id)).fetchone()
     owner = row["owner"]
     return (None if owner is None else int(owner)), bool(row["token_ok"])
 

@@ -456,7 +456,7 @@ def _identity(path: Any) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def release_freed_memory(*, collect: bool = True) -> None:
+def release_freed_memory(*, collect: bool) -> None:
     """Collect the cycles closed sessions left (with `collect`), and return the C heap's free
     pages to the system (glibc's malloc_trim).
 

@@ -141,18 +141,19 @@ def _answer(group: list[_Write], outcomes: list[tuple[bool, Any]] | BaseExceptio
 class AsyncStore:
     """The store for the event loop, which it must never stall noticeably.
 
-    Decide, then act: when nothing is queued on the store's thread, a call first
-    runs inline on a second connection that never waits for a lock (busy
-    timeout 0) and never checkpoints; uncontended, a WAL transaction costs tens
-    of microseconds, less than a hop to a thread. If another process holds the
-    write lock, the inline attempt fails at once and the call goes to the
-    store's one thread, which waits for the lock there. Calls keep their order:
-    nothing runs inline while the thread has work.
+    Decide, then act: on SQLite the calls run inline, on a second connection
+    that never waits for a lock (busy timeout 0) and never checkpoints;
+    uncontended, a WAL transaction costs tens of microseconds, less than a hop
+    to a thread.
 
-    Writes are committed in groups (SQLite): the writes that sessions ask for
-    during a few turns of the event loop (GROUP_TURNS) run in one transaction,
-    each in a savepoint of its own, so a refused charge rolls back alone. Each
-    caller gets its answer once the group has committed. A commit writes every
+    Writes are committed in groups: the writes that sessions ask for during a
+    few turns of the event loop (GROUP_TURNS) run in one transaction, each in a
+    savepoint of its own, so a refused charge rolls back alone. A group runs
+    inline when nothing is queued on the store's thread; if another process
+    holds the write lock, the inline attempt fails at once and the group goes
+    to the store's one thread, which waits for the lock there. Groups keep
+    their order: none runs inline while the thread has work. Each caller gets
+    its answer once the group has committed. A commit writes every
     page it changed to the write-ahead log, and the messages of a group share
     most of their pages (the sender, the send-limit windows, the last pages of
     the pending and delivery-log tables), so the log grows, and the disk is
@@ -246,15 +247,15 @@ class AsyncStore:
 
     async def _run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         read = is_read_only(fn)
-        if self._inlines and not read:
-            return cast(T, await self._grouped(fn.__name__, args, kwargs))
-        if self._inlines and (self._queued == 0 or read):
+        if self._inlines:
+            if not read:
+                return cast(T, await self._grouped(fn.__name__, args, kwargs))
             inline: Callable[P, T] = getattr(self._inline, fn.__name__)
             try:
                 return inline(*args, **kwargs)
             except StoreBusy:
                 pass
-        if is_read_only(fn):
+        if read:
             reader: Callable[P, T] = getattr(self._reader, fn.__name__)
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self._reader_thread, lambda: reader(*args, **kwargs))
@@ -325,18 +326,13 @@ class AsyncStore:
         finally:
             self._queued -= 1
 
-    async def checkpoint(self) -> str:
-        """The upkeep's checkpoint; returns the mode: "PASSIVE", "RESTART",
-        "TRUNCATE", or "none" (PostgreSQL).
-
-        PASSIVE on the upkeep thread waits for no one; when the log must start
-        over (`Database.checkpoint` says when), `restart_log`.
-        """
+    async def checkpoint(self) -> None:
+        """The upkeep's checkpoint: PASSIVE on the upkeep thread, which waits for no
+        one; when the log must start over (`Database.checkpoint` says when),
+        `restart_log`. PostgreSQL checkpoints by itself."""
         mode = await self.upkeep(Store.checkpoint)
-        if mode is None:
-            return "none" if self.sync.is_postgres else "PASSIVE"
-        await self.restart_log(mode)
-        return mode
+        if mode is not None:
+            await self.restart_log(mode)
 
     async def restart_log(self, mode: str) -> None:
         """RESTART or TRUNCATE the write-ahead log on the upkeep thread while this
