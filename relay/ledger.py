@@ -22,7 +22,7 @@ database:
   relay's), so none waits on another in a cycle.
   The relay-wide windows are the hot rows every message updates: they are
   locked last, so each transaction holds them for one statement and its
-  commit (README, "Many relays on PostgreSQL", for what that costs).
+  commit (docs/postgres.md, "The hot rows", for what that costs).
 - Every reservation is recorded as a pending row until `settle` refunds what the
   upstream did not take; a crash leaves the row, and `settle_stale` (on start and
   periodically) refunds it. A settle begins by deleting its pending row

@@ -1,7 +1,7 @@
 """Every reply this server sends, named after what it means.
 
-A reply is a value: code, enhanced status code (RFC 3463) and text. The README's
-reply table is generated from the same names and reads the same.
+A reply is a value: code, enhanced status code (RFC 3463) and text. The reply
+table in docs/replies.md reads the same (tests/test_reply_table.py checks it).
 
 RFC 2034 section 3: every reply carries an enhanced code except the greeting, the
 HELO/EHLO replies and the 334 AUTH continuations. aiosmtpd sends some built-in

@@ -76,7 +76,7 @@ GROUP_MAX = 64
 # takes microseconds, so a lone write waits for nothing; under load each turn
 # serves many sessions, and three turns gather about ten writes (measured: 2 KiB
 # messages, 50 sessions), a commit then costing each a fraction of what one
-# turn's group did (README, Performance).
+# turn's group did (docs/performance.md).
 GROUP_TURNS = 3
 # While the database is unavailable (a full disk, PostgreSQL down or away), the
 # failing calls are logged at most this often; every message still gets 451.

@@ -59,7 +59,7 @@ def test_partial_delivery_not_delivered(
     assert (caught.value.channel, caught.value.reply) == ("x", reply)
 
 
-# Each reply is built in the test body, not here: mutation testing (README, Tests)
+# Each reply is built in the test body, not here: mutation testing (docs/design.md)
 # runs the mutated functions only after collection.
 UPSTREAM_REPLIES = [
     (

@@ -1,7 +1,7 @@
 """The documented endpoint, reply by reply, over real TLS against the real relay.
 
-Each test asserts the exact code and enhanced code (RFC 3463) the README's reply
-table documents; the upstream is a real aiosmtpd server.
+Each test asserts the exact code and enhanced code (RFC 3463) the reply table
+(docs/replies.md) documents; the upstream is a real aiosmtpd server.
 """
 
 from __future__ import annotations

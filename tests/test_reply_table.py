@@ -1,4 +1,4 @@
-"""The README's reply table and relay/replies.py must say the same thing.
+"""The documented reply table (docs/replies.md) and relay/replies.py must say the same thing.
 
 Every (code, enhanced code) a reply in `relay.replies` carries appears in the
 table, every one the table names exists in `relay.replies`, and every row of the
@@ -13,7 +13,9 @@ from pathlib import Path
 from relay import replies
 from relay.replies import Reply
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+REPLY_TABLE = DOCS / "replies.md"
+SETTINGS_TABLE = DOCS / "configuration.md"
 # `421 4.4.2 Timeout, closing connection`: a reply written in a table cell.
 _CELL_REPLY = re.compile(r"`(\d{3})(?: ([245x]\.[\dx]{1,3}\.[\dx]{1,3}))?([^`]*)`")
 # Text that stands for something the reply fills in.
@@ -21,7 +23,7 @@ _PLACEHOLDER = re.compile(r"<[a-z-]+>|\.\.\.|\bN\b")
 
 
 def table_rows() -> list[str]:
-    lines = README.read_text().splitlines()
+    lines = REPLY_TABLE.read_text().splitlines()
     start = lines.index("| reply | when |")
     rows = []
     for line in lines[start + 2 :]:
@@ -85,10 +87,10 @@ def test_every_row_written_in_full_is_a_reply_the_server_sends():
     assert unknown == []
 
 
-def test_every_setting_is_in_the_readme_settings_table():
+def test_every_setting_is_in_the_settings_table():
     from relay.config import KNOWN
 
-    lines = README.read_text().splitlines()
+    lines = SETTINGS_TABLE.read_text().splitlines()
     start = lines.index("| setting | default | meaning |")
     table = []
     for line in lines[start + 2 :]:
