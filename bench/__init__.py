@@ -1,4 +1,4 @@
-"""A load benchmark for the relay (issue 5): `python -m bench`, or `make bench`.
+"""A load benchmark for the relay: `python -m bench`, or `make bench`.
 
 On loopback it starts an upstream sink, the relay forwarding to it, and a bare
 aiosmtpd TLS server with AUTH as the ceiling, then drives both with the same

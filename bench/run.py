@@ -236,7 +236,7 @@ class Runner:
         self.forwarding = Counter[str]()
         self.relay_peak = 0
         self.result: dict[str, Any] = {
-            "bench": "relay load benchmark (issue 5)",
+            "bench": "relay load benchmark",
             "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%SZ"),
             "machine": machine(),
             "target": tls_target,

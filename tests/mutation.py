@@ -26,7 +26,7 @@ from pathlib import Path
 
 from mutmut.stats import status_by_exit_code
 
-TARGET = 90.0  # percent of mutants killed, per module (issue 8)
+TARGET = 90.0  # percent of mutants killed, per module (docs/design.md)
 # A mutant whose test run timed out was caught too: the mutation made the code hang.
 CAUGHT = {"killed", "timeout", "caught by type check"}
 _MUTANT = re.compile(r"relay\.\w+\.x\S*?__mutmut_\d+")

@@ -1,4 +1,4 @@
-"""Issue #13: the admin API on the admin listener, against the real relay over HTTP."""
+"""The admin API on the admin listener, against the real relay over HTTP."""
 
 from __future__ import annotations
 

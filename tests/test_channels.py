@@ -3,7 +3,7 @@
 The upstreams are an aiosmtpd sink (plain, STARTTLS, implicit TLS, with AUTH) and
 local HTTP servers that answer as Resend and Cloudflare document. Each test
 checks which upstream a message reached, what it received, and the exact reply
-the client saw (issue 3, "Outcomes, in the client's session").
+the client saw (docs/channels.md, "Outcomes").
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue #13: the web console in a real headless Chromium (Debian's chromium and
+"""The web console in a real headless Chromium (Debian's chromium and
 chromium-driver, driven by Selenium), against the real relay."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The database and the files the relay writes, under attack and fault (issue #10).
+"""The database and the files the relay writes, under attack and fault.
 
 Private files whatever the umask; the write-ahead log bounded; no database made
 silently; a read-only or vanished database; reads that never wait behind a
@@ -66,7 +66,7 @@ def umask(request: pytest.FixtureRequest) -> Iterator[int]:
         os.umask(old)
 
 
-# --- item 3: private files ------------------------------------------------------------
+# --- private files ------------------------------------------------------------
 
 
 @pytest.mark.sqlite_only
@@ -105,7 +105,7 @@ def test_certs_generate_writes_a_private_key_and_never_overwrites(tmp_path):
     assert [p.name for p in directory.iterdir() if p.name.startswith(".")] == []
 
 
-# --- item 19: no database made silently -------------------------------------------------
+# --- no database made silently -------------------------------------------------
 
 
 def test_admin_commands_never_create_a_missing_database(tmp_path):
@@ -128,7 +128,7 @@ def test_admin_commands_never_create_a_missing_database(tmp_path):
     assert relay_cli("account", "list", env=env).stdout.split()[-1] == "acme"
 
 
-# --- item 1: the write-ahead log stays bounded ------------------------------------------
+# --- the write-ahead log stays bounded ------------------------------------------
 
 
 def grow_wal(path: Path, rows: int) -> None:
@@ -182,7 +182,7 @@ def test_a_small_wal_is_emptied_once_writes_stop(relay):
     assert attempt(raw).startswith("250 2.0.0 Ok <")
 
 
-# --- item 19: a read-only or vanished database -------------------------------------------
+# --- a read-only or vanished database -------------------------------------------
 
 
 @contextmanager
@@ -256,7 +256,7 @@ def test_a_database_deleted_under_the_relay_is_detected(relay, caplog):
     ]
 
 
-# --- item 20: AUTH never waits behind a blocked write ------------------------------------
+# --- AUTH never waits behind a blocked write ------------------------------------
 
 
 @contextmanager
@@ -300,7 +300,7 @@ def test_auth_answers_while_another_process_holds_the_write_lock(relay, sink, da
     assert len(sink.messages) == 1
 
 
-# --- item 18: a delivered message stays charged when settle fails -------------------------
+# --- a delivered message stays charged when settle fails -------------------------
 
 
 def fail_settles(store: Store) -> None:

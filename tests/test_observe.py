@@ -1,4 +1,4 @@
-"""Issue #12: the delivery log, the Prometheus metrics and the health endpoints,
+"""The delivery log, the Prometheus metrics and the health endpoints,
 against the real relay (and, for the workers, `relay serve` as a subprocess)."""
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""Promises the README makes, each with a test that fails when the promise breaks.
+"""Promises the README and docs/ make, each with a test that fails when the promise breaks.
 
-Issue #8: a mutation run found one-line changes to `relay/` that no test caught.
-Each test here was seen to fail with its mutation applied. Where the promise is
+Each test here guards against a one-line change to `relay/` (a mutation) that
+no other test caught, and was seen to fail with its mutation applied. Where the promise is
 about the wire, the test talks to the real relay over real TLS, with a real
 aiosmtpd upstream behind it.
 """

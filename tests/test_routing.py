@@ -2,7 +2,7 @@
 
 Each row is the settings (built from environment variables, as the relay reads
 them), the sender domain, the envelope recipients and the verified list, and the
-route the documented order gives (issue 3, "Selection, per message").
+route the documented order gives (docs/channels.md).
 """
 
 from __future__ import annotations

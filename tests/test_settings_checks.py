@@ -1,4 +1,4 @@
-"""Settings that must stop the start with one clean line (issue #10, item 21), and the
+"""Settings that must stop the start with one clean line, and the
 limits the start checks against the machine (the listen backlog, file descriptors)."""
 
 from __future__ import annotations

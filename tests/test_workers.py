@@ -1,4 +1,4 @@
-"""Worker processes never outlive their parent (issue #10, item 17), with real processes."""
+"""Worker processes never outlive their parent, with real processes."""
 
 from __future__ import annotations
 
