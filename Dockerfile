@@ -4,8 +4,10 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY relay ./relay
 RUN pip install --no-cache-dir ".[postgres]" && useradd --system --uid 10465 relay \
-    && mkdir -p /data /certs && chown relay /data
+    && mkdir -p /data /certs && chown relay /data /certs
 USER relay
+# /certs owned by the relay: a named volume mounted there starts with this
+# owner, so the compose files' `certs` service can write the key into it.
 # Port 465 without root: the compose file grants CAP_NET_BIND_SERVICE.
 EXPOSE 465
 ENTRYPOINT ["relay"]
