@@ -31,8 +31,8 @@ from prometheus_client import (
     values,
 )
 
-from relay.policy import LimitHit, limit_reached
-from relay.replies import BALANCE_DENIED, Reply
+from relay.policy import LimitHit, is_balance_refusal, limit_reached
+from relay.replies import Reply
 
 T = TypeVar("T")
 
@@ -221,9 +221,7 @@ def upstream_error_kind(failure: Reply, *, timed_out: bool = False) -> str:
 
 def refusal(answer: Reply, hit: LimitHit | None = None) -> None:
     """Count a MAIL, RCPT or end-of-DATA answer that refused for a balance or a limit."""
-    if (answer.code, answer.enhanced) == (BALANCE_DENIED.code, BALANCE_DENIED.enhanced) and (
-        answer.text.startswith(("Send balance", "Sending is disabled"))
-    ):
+    if is_balance_refusal(answer):
         _active.balance_refusals.inc()
     elif hit is not None and answer == limit_reached(hit):
         _child(_active.limit_hits, str(hit.window)).inc()

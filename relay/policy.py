@@ -153,6 +153,14 @@ def balance_short(address: str, balance: int, needed: int) -> Reply:
     )
 
 
+def is_balance_refusal(reply: Reply) -> bool:
+    """A refusal for the sender's balance or a disabled sender (the three builders above)."""
+    return (reply.code, reply.enhanced) == (
+        replies.BALANCE_DENIED.code,
+        replies.BALANCE_DENIED.enhanced,
+    ) and reply.text.startswith(("Send balance", "Sending is disabled"))
+
+
 def unit_cost(route: Route, unlimited: bool) -> int:
     """Balance units one delivered recipient costs: 1 on a charging channel, else 0."""
     return 1 if route.charges and not unlimited else 0

@@ -211,6 +211,7 @@ class Submission:
             hit=check.hit,
         )
         metrics.refusal(reply, check.hit)
+        _log_balance_refusal("MAIL FROM", reply, check.sender.balance)
         if reply == replies.TOKEN_NO_LONGER_VALID:
             session.deauthenticate()
         if reply == replies.SENDER_OK:
@@ -250,6 +251,7 @@ class Submission:
             headroom=tx.check.headroom,
         )
         metrics.refusal(reply)
+        _log_balance_refusal("RCPT TO", reply, tx.check.sender.balance)
         if reply == replies.RECIPIENT_OK:
             tx.add(address, rcpt)
         return str(reply)
@@ -428,6 +430,7 @@ class Submission:
                 token_invalid=refused.token_invalid,
             )
             metrics.refusal(reply, refused.hit)
+            _log_balance_refusal("end of DATA", reply, refused.balance)
             return reply
         except StoreError as exc:
             if not self.store.logged(exc):
@@ -533,6 +536,15 @@ class Submission:
             " replay=not-charged" if replay else "",
             extra={logs.FIELDS: fields},
         )
+
+
+def _log_balance_refusal(stage: str, reply: Reply, balance: int | None) -> None:
+    """One INFO line for a 550 over a balance, so an operator sees why a sender was refused.
+
+    The reply's text names the sender (as the per-message line does); nothing secret.
+    """
+    if policy.is_balance_refusal(reply):
+        log.info("%s refused (balance %s): %s", stage, balance, reply)
 
 
 def _client(session: Session) -> str:

@@ -8,6 +8,7 @@ The `relay` command's admin surface is driven as a user would, as a subprocess.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -201,6 +202,40 @@ def test_balance_spent_between_rcpt_and_data_is_550_and_nothing_is_sent(metered,
     assert balance(metered.store) == 0
     assert metered.store.pending_count() == 0
     assert relay_counts(metered.store) == (0, 0)
+
+
+def balance_log(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "relay.session"
+        and r.levelno == logging.INFO
+        and "refused (balance" in r.getMessage()
+    ]
+
+
+def test_each_balance_refusal_is_logged_at_info_with_sender_and_balance(metered, sink, caplog):
+    caplog.set_level(logging.INFO, "relay.session")
+    metered.store.set_sender(SENDER, balance=1)
+    raw, token = metered.raw(), metered.token()
+    raw.login(token)
+    assert raw.cmd(f"MAIL FROM:<{SENDER}>") == "250 2.1.0 Ok"
+    assert raw.cmd("RCPT TO:<a@dest.test>") == "250 2.1.5 Ok"
+    assert balance_log(caplog) == []  # nothing refused yet
+    assert raw.cmd("RCPT TO:<b@dest.test>").startswith("550 5.7.1 ")
+    metered.store.set_sender(SENDER, balance=0)  # another session spent it meanwhile
+    assert raw.cmd("DATA").startswith("354 ")
+    raw.send(message() + b".")
+    assert raw.read().startswith("550 5.7.1 ")
+    assert raw.cmd(f"MAIL FROM:<{SENDER}>") == EXHAUSTED
+    assert balance_log(caplog) == [
+        f"RCPT TO refused (balance 1): 550 5.7.1 Send balance of {SENDER} (1) "
+        "does not cover 2 recipients",
+        f"end of DATA refused (balance 0): 550 5.7.1 Send balance of {SENDER} (0) "
+        "does not cover 1 recipients",
+        f"MAIL FROM refused (balance 0): {EXHAUSTED}",
+    ]
+    assert not any(token in r.getMessage() for r in caplog.records)
 
 
 def test_sender_disabled_between_rcpt_and_data_is_550(metered, sink):

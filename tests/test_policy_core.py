@@ -23,6 +23,7 @@ from relay.policy import (
     free_channel_possible,
     header_sender_denied,
     headroom,
+    is_balance_refusal,
     limit_reached,
     no_channel,
     period_key,
@@ -79,6 +80,24 @@ DISABLED = Reply(550, "5.7.1", f"Sending is disabled for {A}; ask the relay admi
 def test_sender_refusal(balance, enabled, unlimited, free_possible, refusal):
     state = SenderState(A, balance=balance, enabled=enabled, unlimited=unlimited)
     assert sender_refusal(state, free_possible) == refusal
+
+
+@pytest.mark.parametrize(
+    ("reply", "counted"),
+    [
+        (balance_exhausted(A), True),
+        (balance_short(A, 1, 2), True),
+        (sender_disabled(A), True),
+        # The same code for another reason, and the same text under another code.
+        (sender_domain_denied("x.test"), False),
+        (header_sender_denied(A), False),
+        (Reply(451, "4.7.1", f"Send balance exhausted for {A}"), False),
+        (Reply(550, "5.7.0", f"Sending is disabled for {A}"), False),
+        (Reply(250, "2.1.0", "Ok"), False),
+    ],
+)
+def test_is_balance_refusal(reply, counted):
+    assert is_balance_refusal(reply) is counted
 
 
 @pytest.mark.parametrize(
