@@ -4,10 +4,10 @@ the admin API under `/api/v1` (relay.api) and the web console at `/` (relay/cons
 A Starlette application served by uvicorn inside the relay's own event loop:
 `AdminServer.start()` runs uvicorn's `Server.serve()` as a task on a socket the
 relay bound, `stop()` ends it. Starlette and uvicorn rather than aiohttp or a
-hand-written handler because the admin API and console come next on this
-listener: routing, middleware (authentication), JSON and form handling,
-WebSockets, static files and an in-process test client are there already, and
-uvicorn is the ASGI server of the same authors with an explicit lifecycle.
+hand-written handler because the admin API and console on this listener need
+routing, middleware (security headers), JSON handling, static files and an
+in-process test client, which Starlette has, and uvicorn is the ASGI server of
+the same authors with an explicit lifecycle.
 
 The application is given what it uses: a coroutine that says why the relay is
 not ready (None when it is), the API's context (the store and the throttle's
