@@ -135,3 +135,13 @@ def test_the_production_steps_deliver_a_message(tmp_path, sink):
         assert store.show_sender("welcome@example.com")["balance"] == 999
     finally:
         store.close()
+
+
+def test_the_settings_file_example_in_the_docs_loads(tmp_path):
+    text = (ROOT / "docs" / "configuration.md").read_text()
+    example = text.split("```toml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "relay.toml").write_text(example)
+    settings = load_settings({"RELAY_CONFIG": str(tmp_path / "relay.toml")})
+    assert settings.smtp_config["example.com"].host == "smtp.example.net"
+    assert settings.resend.domain_tokens.keys() == {"MY-SITE_COM"}
+    assert settings.default_send_balance == 100
