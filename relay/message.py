@@ -17,6 +17,7 @@ from email.utils import format_datetime, getaddresses
 from typing import Any
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_WSP = b" \t"  # RFC 5322 section 2.2.2: folding white space is made of these
 # A dot-atom domain (RFC 5321 section 4.1.2) or an address literal; labels of
 # letters, digits and hyphens. Internationalised names arrive as A-labels.
 _DOMAIN = re.compile(r"(?=.{1,253}\Z)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9-]+")
@@ -123,6 +124,7 @@ MAX_LINE = 998  # octets before CRLF (RFC 5322 section 2.1.1)
 # RFC 5322 section 3.6.8: a field name is printable ASCII but the colon.
 _FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+")
 _ADDRESS_FIELDS = frozenset({b"from", b"sender", b"reply-to", b"to", b"cc", b"bcc"})
+_CHECKED_FIELDS = _ADDRESS_FIELDS | {b"content-type", b"message-id"}
 _BOUNDARY = re.compile(rb'boundary\s*=\s*(?:"([^"\r\n]{1,200})"|([^\s;"]{1,200}))', re.IGNORECASE)
 
 
@@ -136,6 +138,8 @@ class Defect(enum.Enum):
     TOO_MANY_ADDRESSES = "an address field with over 1000 addresses"
     LONG_LINE = "a line over 998 octets"
     TOO_MANY_PARTS = "over 100 MIME parts"
+    BAD_MESSAGE_ID = "a Message-ID that is not a msg-id"
+    MESSAGE_IDS = "more than one Message-ID field"
 
 
 def _head(content: bytes) -> bytes:
@@ -154,6 +158,8 @@ def find_defect(content: bytes, fields: dict[bytes, list[str]] | None = None) ->
       line a field (a printable name, then the colon, no space between) or the
       folded continuation of one (RFC 5322 sections 2.2 and 3.6.8). A message
       that starts with an empty line has no header at all.
+    - At most one Message-ID (RFC 5322 section 3.6), and that one a msg-id
+      (`message_id_of`); an empty one is as good as none: the relay adds its own.
     - Bounds on the work a message can cause: header size, addresses per field,
       MIME parts; and the 998-octet line of RFC 5322 section 2.1.1, which an
       upstream would refuse after the relay charged for the message.
@@ -176,13 +182,18 @@ def find_defect(content: bytes, fields: dict[bytes, list[str]] | None = None) ->
             return Defect.BAD_FIELD
         current = name.lower()
     if fields is None:
-        fields = header_fields(head, _ADDRESS_FIELDS | {b"content-type"})
+        fields = header_fields(head, _CHECKED_FIELDS)
     if any(
         value.count("@") > MAX_HEADER_ADDRESSES
         for name in _ADDRESS_FIELDS
         for value in fields.get(name, ())
     ):
         return Defect.TOO_MANY_ADDRESSES
+    ids = fields.get(b"message-id", [])
+    if len(ids) > 1:
+        return Defect.MESSAGE_IDS
+    if ids and not _blank(ids[0]) and message_id_of(ids[0]) is None:
+        return Defect.BAD_MESSAGE_ID
     if max(map(len, content.split(b"\r\n"))) > MAX_LINE:
         return Defect.LONG_LINE
     # Parts exist only under a multipart (or an attached message) at the top:
@@ -241,7 +252,8 @@ def prepare(
 
     added = []
     replaced: set[bytes] = set()  # fields present but empty: ours replace them
-    message_id = _clean_header(fields.get(b"message-id"))
+    # find_defect let through only one Message-ID, and that one empty or a msg-id.
+    message_id = message_id_of(fields.get(b"message-id", [""])[0]) or ""
     if not message_id:
         message_id = f"<{secrets.token_urlsafe(24)}@{hostname}>"
         added.append(b"Message-ID: " + message_id.encode() + b"\r\n")
@@ -277,7 +289,7 @@ def prepare(
 
 
 _FIELDS = frozenset({b"from", b"sender", b"message-id", b"date"})
-_WANTED = _FIELDS | _ADDRESS_FIELDS | {b"content-type"}
+_WANTED = _FIELDS | _CHECKED_FIELDS
 _ATOM_ADDR = r"([^\s<>()\[\]\\,;:@\"]+@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)"
 _BARE = re.compile(r"\s*" + _ATOM_ADDR + r"\s*")
 _NAMED = re.compile(r'\s*(?:[^<>()\[\]\\,;:@"]*|"[^"\\]*")\s*<' + _ATOM_ADDR + r">\s*")
@@ -314,6 +326,9 @@ def mailbox_addresses(value: str) -> list[str] | None:
 def header_fields(head: bytes, wanted: frozenset[bytes] = _FIELDS) -> dict[bytes, list[str]]:
     """The header fields prepare() needs, unfolded (RFC 5322 section 2.2.3), by lower-cased name.
 
+    Only WSP (space and tab, RFC 5322 section 2.2.2) is trimmed: a form feed or
+    vertical tab is part of the value, for the checks to see.
+
     A scan of the header block instead of the email package's parser, which
     cost more than the rest of preparing a small message together.
     """
@@ -322,12 +337,12 @@ def header_fields(head: bytes, wanted: frozenset[bytes] = _FIELDS) -> dict[bytes
     for line in head.split(b"\r\n"):
         if line[:1] in (b" ", b"\t"):
             if current is not None:
-                current.append(line.strip())  # joined once below: linear however folded
+                current.append(line.strip(_WSP))  # joined once below: linear however folded
             continue
         name, colon, value = line.partition(b":")
         key = name.strip().lower()
         if colon and key in wanted:
-            current = [value.strip()]
+            current = [value.strip(_WSP)]
             pieces.setdefault(key, []).append(current)
         else:
             current = None
@@ -361,3 +376,76 @@ def _without_fields(content: bytes, names: set[bytes]) -> bytes:
 def _clean_header(values: list[str] | None) -> str:
     text = " ".join(values[0].split()) if values else ""
     return text if text and not _CONTROL.search(text) else ""
+
+
+# --- Message-ID -----------------------------------------------------------------------
+
+# RFC 5322 section 3.6.4: msg-id = [CFWS] "<" id-left "@" id-right ">" [CFWS], where
+# id-left = dot-atom-text and id-right = dot-atom-text / no-fold-literal.
+_ATOM_TEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"  # atext, RFC 5322 section 3.2.3
+_DOT_ATOM_TEXT = rf"{_ATOM_TEXT}(?:\.{_ATOM_TEXT})*"
+_NO_FOLD_LITERAL = r"\[[\x21-\x5a\x5e-\x7e]*\]"  # "[" *dtext "]"
+_MSG_ID = re.compile(rf"<{_DOT_ATOM_TEXT}@(?:{_DOT_ATOM_TEXT}|{_NO_FOLD_LITERAL})>")
+# RFC 5536 section 3.1.3 (Netnews): a msg-id, brackets included, is at most 250
+# octets. RFC 5322 sets no bound but the 998-octet line; this one keeps the id
+# the relay echoes in its 250 reply well inside RFC 5321's 512-octet reply line.
+MAX_MESSAGE_ID = 250
+
+
+def message_id_of(value: str) -> str | None:
+    """The msg-id of a Message-ID field's unfolded value, without the CFWS around it.
+
+    None unless the value is one RFC 5322 section 3.6.4 msg-id of at most
+    `MAX_MESSAGE_ID` octets, with only white space and comments around it.
+
+        >>> message_id_of(" <1.2@host.example> (sent by cron)")
+        '<1.2@host.example>'
+        >>> message_id_of('<x"><img src=x>@example.com>') is None
+        True
+
+    Refused, not repaired: the id is the application's (it keeps it to match
+    replies and bounces), so a relay-made replacement would break that match
+    without telling anyone, where a 554 tells the developer. What every client
+    that generates ids sends passes (email.utils.make_msgid, Nodemailer,
+    PHPMailer, Jakarta Mail, Thunderbird, Outlook, Gmail: dot-atom-text on
+    both sides). The obsolete forms of RFC 5322 section 4.5.4 (a quoted-string
+    or comments inside the brackets) are refused: section 4 says they must not
+    be generated, and they are what would carry quotes, spaces and angle
+    brackets into the reply, the log and the delivery log.
+    """
+    start = _skip_cfws(value, 0)
+    match = _MSG_ID.match(value, start) if start >= 0 else None
+    if match is None or match.end() - match.start() > MAX_MESSAGE_ID:
+        return None
+    if _skip_cfws(value, match.end()) != len(value):
+        return None
+    return match.group()
+
+
+def _skip_cfws(text: str, at: int) -> int:
+    """Where the CFWS (RFC 5322 section 3.2.2) starting at `at` ends; -1 if a comment
+    is left open or holds anything but printable ASCII and WSP.
+
+    One pass with a depth counter: comments nest, and no recursion bounds how deep.
+    """
+    depth = 0
+    while at < len(text):
+        char = text[at]
+        if depth and not (" " <= char <= "~" or char == "\t"):
+            return -1  # obs-ctext (controls) and 8-bit text: no client needs them here
+        if depth and char == "\\":
+            at += 1  # a quoted-pair: the next character is taken literally
+            if at < len(text) and not (" " <= text[at] <= "~" or text[at] == "\t"):
+                return -1
+        elif char == "(":
+            depth += 1
+        elif depth and char == ")":
+            depth -= 1
+        elif not depth and char not in " \t":
+            break
+        at += 1
+    return -1 if depth else at
+
+
+def _blank(value: str) -> bool:
+    return not value.strip(" \t")

@@ -301,6 +301,8 @@ _DEFECT_REPLIES = {
     Defect.TOO_MANY_ADDRESSES: replies.TOO_MANY_HEADER_ADDRESSES,
     Defect.LONG_LINE: replies.LONG_LINE,
     Defect.TOO_MANY_PARTS: replies.TOO_MANY_MIME_PARTS,
+    Defect.BAD_MESSAGE_ID: replies.BAD_MESSAGE_ID,
+    Defect.MESSAGE_IDS: replies.ONE_MESSAGE_ID_ALLOWED,
 }
 
 

@@ -139,6 +139,15 @@ ONE_FROM_REQUIRED = BAD_MESSAGE.but("Message must have exactly one From header (
 UNCLEAN_SENDER_HEADER = BAD_MESSAGE.but(
     "From or Sender header is not a clean address list (RFC 5322 section 3.4)"
 )
+# The id is echoed in the 250 and kept in the delivery log; refused rather than
+# replaced, since the application matches replies and bounces by the id it made
+# (relay.message.message_id_of says what passes).
+BAD_MESSAGE_ID = BAD_MESSAGE.but(
+    "Message-ID header is not a valid msg-id of at most 250 octets (RFC 5322 section 3.6.4)"
+)
+ONE_MESSAGE_ID_ALLOWED = BAD_MESSAGE.but(
+    "Message must have at most one Message-ID header (RFC 5322 section 3.6)"
+)
 
 # --- delivery --------------------------------------------------------------
 DELIVERED = Reply(250, "2.0.0", "Ok")
@@ -174,8 +183,17 @@ def helo(hostname: str) -> str:
     return f"250 {hostname}"
 
 
+# RFC 5321 section 4.5.3.1.5: a reply line is at most 512 octets, code and CRLF included.
+_MAX_DELIVERED_TEXT = 512 - len("250 2.0.0 \r\n")
+
+
 def delivered(message_id: str) -> Reply:
-    return DELIVERED.but(f"Ok {message_id}")
+    """`250 2.0.0 Ok <id>`. The id is the client's msg-id (printable ASCII, at most
+    250 octets) or an upstream's; `one_line` keeps either to printable ASCII on one
+    line, whatever an upstream sent."""
+    return Reply(
+        DELIVERED.code, DELIVERED.enhanced, one_line(f"Ok {message_id}", _MAX_DELIVERED_TEXT)
+    )
 
 
 # aiosmtpd's built-in replies that carry no enhanced code, mapped to ours. The

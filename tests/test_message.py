@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 from datetime import UTC, datetime
+from email.utils import make_msgid
 
 import pytest
 
@@ -15,6 +16,7 @@ from relay.message import (
     find_defect,
     header_fields,
     mailbox_addresses,
+    message_id_of,
     normalize_address,
     parse_address,
     parse_path,
@@ -110,6 +112,8 @@ def test_mailbox_addresses(value, addresses):
         (b" leading continuation\r\nMessage-ID: <1@x>", {b"message-id": ["<1@x>"]}),
         (b"no colon line\r\nFrom: a@x.test", {b"from": ["a@x.test"]}),
         (b"From: \xff <a@x.test>", {b"from": ["\ufffd <a@x.test>"]}),
+        # Only WSP is trimmed: a form feed or vertical tab stays, for the checks to see.
+        (b"Message-ID: \x0b<1@x>\x0c \r\n\t(c)\x0c", {b"message-id": ["\x0b<1@x>\x0c (c)\x0c"]}),
     ],
 )
 def test_header_fields(head, fields):
@@ -174,17 +178,13 @@ def test_date_defaults_to_now_in_utc():
 @pytest.mark.parametrize(
     ("raw", "message_id"),
     [
-        pytest.param(
-            b"Message-ID:  <m1@x.test>   (retry)\r\n\r\n", "<m1@x.test> (retry)", id="spaces"
-        ),
-        pytest.param(
-            b"Message-ID: <m1@x.test>\r\n\t(retry)\r\n\r\n", "<m1@x.test> (retry)", id="folded"
-        ),
+        # The msg-id alone: the white space and comments around it are not part of it.
+        pytest.param(b"Message-ID:  <m1@x.test>   (retry)\r\n\r\n", "<m1@x.test>", id="spaces"),
+        pytest.param(b"Message-ID: <m1@x.test>\r\n\t(retry)\r\n\r\n", "<m1@x.test>", id="folded"),
         # No blank line: the whole message is header.
         pytest.param(b"From: a@x.test\r\nMessage-ID: <m1@x.test>", "<m1@x.test>", id="no body"),
-        pytest.param(b"Message-ID: <m\x01@x.test>\r\n\r\n", None, id="control character"),
-        pytest.param(b"Message-ID: <m\x7f@x.test>\r\n\r\n", None, id="DEL"),
         pytest.param(b"Message-ID:   \r\n\r\n", None, id="empty"),
+        pytest.param(b"Message-ID:\r\n \r\n\t\r\n\r\n", None, id="empty and folded"),
         # A body line is not a header field, even when it looks like one.
         pytest.param(
             b"From: a@x.test\r\n\r\nhi\r\n\r\nMessage-ID: <b@x.test>\r\n", None, id="in body"
@@ -192,14 +192,143 @@ def test_date_defaults_to_now_in_utc():
     ],
 )
 def test_message_id_the_client_gave(raw, message_id):
-    """The client's Message-ID, whitespace collapsed; None: the relay adds its own."""
+    """The client's msg-id; None: the relay adds its own."""
     prepared = prepare(raw, sender="a@x.test", recipients=("r@y.test",), hostname="h.test")
+    assert prepared.defect is None
     if message_id is None:
         assert prepared.message_id.endswith("@h.test>")
         assert prepared.content.startswith(b"Message-ID: " + prepared.message_id.encode())
     else:
         assert prepared.message_id == message_id
         assert not prepared.content.startswith(b"Message-ID:")
+
+
+# What generators send, each as its library writes it.
+GENERATED_IDS = [
+    # Python email.utils.make_msgid(): <time.pid.random@fqdn>
+    "<179640862980.11114.6812025889731309@build-host.local>",
+    "<179640862980.11114.6812025889731309@localhost>",
+    # Nodemailer: <uuid@sender-domain>
+    "<3f8a2b1c-9d4e-4f5a-8b6c-7d8e9f0a1b2c@example.com>",
+    # PHPMailer: <uniqid@server-hostname>
+    "<Xk3JvQ8pL2mN9rT5wY7zA1bC4dE6fG0hI@www.example.com>",
+    # Jakarta Mail: <hash.counter.millis@domain>
+    "<1234567890.1.1796408629801@example.com>",
+    # Thunderbird: <uuid@domain>
+    "<8e5b9f2a-3c4d-4e6f-a7b8-c9d0e1f2a3b4@example.com>",
+    # Outlook: $-separated hex, and Exchange Online's ids
+    "<002a01d4b5c1$5d3b8f20$17b2ad60$@example.com>",
+    "<DM6PR11MB4073A1B2C3D4E5F6A7B8C9D0E1F2A@DM6PR11MB4073.namprd11.prod.outlook.com>",
+    # Gmail: base64-ish text with + and =
+    "<CAKx9+aBc=dEf_GhIjK-LmN0pQrStUvWxYz1234567890@mail.gmail.com>",
+    # swaks, Ruby's mail gem
+    "<20261121120000.012345@client.test>",
+    "<6573a1b2c3d4e_1a2b3c4d5e6f7@host.mail>",
+    # A no-fold-literal on the right (RFC 5322 section 3.6.4), and every atext character.
+    "<a.b@[192.0.2.1]>",
+    "<a@[IPv6:2001:db8::1]>",
+    "<!#$%&'*+-/=?^_`{|}~.0@x.test>",
+]
+
+
+@pytest.mark.parametrize("msg_id", GENERATED_IDS)
+def test_what_clients_generate_is_a_msg_id(msg_id):
+    assert message_id_of(msg_id) == msg_id
+    raw = b"Message-ID: " + msg_id.encode() + b"\r\nDate: Sat\r\nFrom: a@x.test\r\n\r\nb\r\n"
+    prepared = prepare(raw, sender="a@x.test", recipients=("r@y.test",), hostname="h")
+    assert (prepared.defect, prepared.message_id) == (None, msg_id)
+    assert prepared.content == raw  # forwarded exactly as written
+
+
+def test_make_msgid_passes():
+    for domain in (None, "example.com", "relay.test"):
+        msg_id = make_msgid(domain=domain)
+        assert message_id_of(msg_id) == msg_id
+
+
+@pytest.mark.parametrize(
+    ("value", "msg_id"),
+    [
+        pytest.param("<a@b>", "<a@b>", id="bare"),
+        pytest.param(" \t<a@b>\t ", "<a@b>", id="white space around"),
+        pytest.param("(sent by cron) <a@b>", "<a@b>", id="comment before"),
+        pytest.param("<a@b> (retry (2nd) \\) x)", "<a@b>", id="nested comment, quoted-pair"),
+        pytest.param("<a@b>(x)(y)", "<a@b>", id="two comments"),
+        pytest.param("<" + "a" * 246 + "@b>", "<" + "a" * 246 + "@b>", id="250 octets"),
+        # Refused: not one msg-id.
+        pytest.param('<x"><img src=x onerror=alert(1)>@example.com>', None, id="markup and quote"),
+        pytest.param('<x">...<img src=x>@example.com>', None, id="the reported one"),
+        pytest.param("<a b@x.test>", None, id="space inside"),
+        pytest.param("<a@x .test>", None, id="space on the right"),
+        pytest.param("<ab.x.test>", None, id="no @"),
+        pytest.param("<a@b@x.test>", None, id="two @"),
+        pytest.param("<@x.test>", None, id="empty id-left"),
+        pytest.param("<a@>", None, id="empty id-right"),
+        pytest.param("a@x.test", None, id="no brackets"),
+        pytest.param("<a@x.test", None, id="no closing bracket"),
+        pytest.param("a@x.test>", None, id="no opening bracket"),
+        pytest.param("<<a@x.test>>", None, id="doubled brackets"),
+        pytest.param("<>", None, id="empty brackets"),
+        pytest.param("<a@x.test> <b@x.test>", None, id="two ids"),
+        pytest.param("<a@x.test>,<b@x.test>", None, id="two ids with a comma"),
+        pytest.param("<a@x.test> trailing", None, id="text after"),
+        pytest.param("leading <a@x.test>", None, id="text before"),
+        pytest.param("<" + "a" * 247 + "@b>", None, id="251 octets"),
+        pytest.param("<" + "a" * 5000 + "@b>", None, id="very long"),
+        pytest.param("<a..b@x.test>", None, id="two dots"),
+        pytest.param("<.a@x.test>", None, id="leading dot"),
+        pytest.param("<a.@x.test>", None, id="trailing dot"),
+        pytest.param("<a@x..test>", None, id="two dots on the right"),
+        # The obsolete forms (RFC 5322 section 4.5.4) must not be generated.
+        pytest.param('<"a b"@x.test>', None, id="quoted id-left"),
+        pytest.param("<a(c)@x.test>", None, id="comment inside"),
+        pytest.param("< a@x.test>", None, id="white space inside"),
+        pytest.param("<a@[x y]>", None, id="space in a literal"),
+        pytest.param("<a@[x\\]]>", None, id="quoted-pair in a literal"),
+        # Comments must close and hold printable ASCII only.
+        pytest.param("<a@x.test> (open", None, id="unclosed comment"),
+        pytest.param("<a@x.test> (a))", None, id="unopened comment end"),
+        pytest.param("<a@x.test> (\\", None, id="quoted-pair at the end"),
+        pytest.param("<a@x.test> (\x01)", None, id="control in a comment"),
+        pytest.param("<a@x.test> (\\\x01)", None, id="quoted control in a comment"),
+        pytest.param("<a@x.test> (\u00e9)", None, id="8-bit comment"),
+        # Controls and 8-bit text anywhere.
+        pytest.param("<m\x01@x.test>", None, id="control character"),
+        pytest.param("<m\x7f@x.test>", None, id="DEL"),
+        pytest.param("<a@x.test>\x0c", None, id="form feed after"),
+        pytest.param("\x0b<a@x.test>", None, id="vertical tab before"),
+        pytest.param("<\u00e9@x.test>", None, id="non-ASCII id-left"),
+        pytest.param("<a@x.test\ufffd>", None, id="undecodable octet"),
+        pytest.param("<a@x.test>\r\n250 fake", None, id="CRLF"),
+    ],
+)
+def test_message_id_of(value, msg_id):
+    assert message_id_of(value) == msg_id
+
+
+@pytest.mark.parametrize(
+    ("head", "defect"),
+    [
+        (b"Message-ID: <a@x.test>\r\n", None),
+        (b"Message-ID:\r\n", None),  # empty: the relay adds its own
+        (b'Message-ID: <x">...<img src=x>@example.com>\r\n', Defect.BAD_MESSAGE_ID),
+        (b"Message-ID: <a@x.test>\x0c\r\n", Defect.BAD_MESSAGE_ID),
+        (b"Message-ID: <a@x.test>\r\n (folded comment\r\n", Defect.BAD_MESSAGE_ID),
+        (b"Message-ID: <a@x.test>\r\n (folded comment)\r\n", None),
+        (b"Message-ID: (c)\r\n", Defect.BAD_MESSAGE_ID),  # a comment alone is not empty
+        (b"Message-ID: \xff\r\n", Defect.BAD_MESSAGE_ID),
+        (b"Message-ID: <a@x.test>\r\nMessage-ID: <a@x.test>\r\n", Defect.MESSAGE_IDS),
+        (b"Message-ID: <a@x.test>\r\nmessage-id: <b@x.test>\r\n", Defect.MESSAGE_IDS),
+        (b"Message-ID:\r\nMessage-ID: <b@x.test>\r\n", Defect.MESSAGE_IDS),
+    ],
+)
+def test_message_id_defects(head, defect):
+    raw = b"From: a@x.test\r\n" + head + b"\r\nbody\r\n"
+    assert find_defect(raw) is defect
+    prepared = prepare(raw, sender="a@x.test", recipients=("r@y.test",), hostname="h")
+    assert prepared.defect is defect
+    if defect is not None:  # nothing of a refused message is kept or echoed
+        assert (prepared.message_id, prepared.idempotency_key) == ("", "")
 
 
 def test_header_fields_in_the_body_are_not_counted():

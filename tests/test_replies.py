@@ -113,6 +113,27 @@ def test_helo_and_delivered():
 
 
 @pytest.mark.parametrize(
+    ("message_id", "text"),
+    [
+        # The longest msg-id the relay takes (relay.message.MAX_MESSAGE_ID) is echoed whole.
+        ("<" + "a" * 246 + "@b>", "Ok <" + "a" * 246 + "@b>"),
+        # An upstream's id, whatever it holds, stays one line of printable ASCII.
+        ("<a@b>\r\n250 2.0.0 forged", "Ok <a@b> 250 2.0.0 forged"),
+        ("<a\x00\x1b[31m@b>", "Ok <a [31m@b>"),
+        ("<\u00e9\u2028@b>", "Ok <??@b>"),
+        ("<" + "a" * 600 + "@b>", "Ok <" + "a" * 493 + "..."),
+    ],
+)
+def test_delivered_echoes_an_id_as_one_printable_line(message_id, text):
+    reply = delivered(message_id)
+    assert reply.text == text
+    line = str(reply).encode() + b"\r\n"
+    # RFC 5321 section 4.5.3.1.5: 512 octets at most, code and CRLF included.
+    assert len(line) <= 512
+    assert all(0x20 <= octet <= 0x7E for octet in line[:-2])
+
+
+@pytest.mark.parametrize(
     ("line", "normalized"),
     [
         # Without an enhanced code by definition (RFC 2034 section 3).
