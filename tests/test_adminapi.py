@@ -148,6 +148,22 @@ def test_failed_attempts_share_the_smtp_throttle(relay_factory, sink, admin_for)
     assert raw.greeting.startswith("421 4.7.0")
 
 
+def test_the_api_throttle_starts_at_exactly_the_limit(relay_factory, sink, admin_for):
+    # API failures only: smtplib's login records two failures (PLAIN, then LOGIN),
+    # which would hide an off-by-one at the limit.
+    relay = relay_factory(
+        SMTP_CONFIG=sink.smtp_config(),
+        RELAY_ADMIN_LISTEN="127.0.0.1:0",
+        RELAY_AUTH_FAILURE_LIMIT="3",
+    )
+    admin = admin_for(relay, f"http://127.0.0.1:{relay.relay.admin_port}")
+    for _ in range(2):
+        admin.fails("GET", "/accounts", 401, "unauthorized", token="rla_wrong")
+    admin.ok("GET", "/accounts")  # one fewer than the limit: the good token still works
+    admin.fails("GET", "/accounts", 401, "unauthorized", token="rla_wrong")
+    admin.fails("GET", "/accounts", 429, "throttled")  # exactly the limit
+
+
 # --- resources -------------------------------------------------------------------------
 
 
