@@ -125,6 +125,8 @@ def recipient_outcomes(
 
 _DURATION = re.compile(r"(\d+)([smhdw])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+# A bad time is quoted in its one-line error up to this many characters.
+_SHOWN = 40
 
 
 def parse_when(text: str, now: datetime) -> int:
@@ -138,15 +140,19 @@ def parse_when(text: str, now: datetime) -> int:
         True
     """
     value = text.strip()
+    shown = repr(value) if len(value) <= _SHOWN else f"{value[:_SHOWN]!r}..."
     parts = _DURATION.findall(value)
     if parts and "".join(n + u for n, u in parts) == value:
-        seconds = sum(int(n) * _UNITS[u] for n, u in parts)
-        return int((now - timedelta(seconds=seconds)).timestamp())
+        try:
+            seconds = sum(int(n) * _UNITS[u] for n, u in parts)
+            return int((now - timedelta(seconds=seconds)).timestamp())
+        except (OverflowError, ValueError):  # before year 1, or past int()'s digit limit
+            raise RelayError(f"a duration back past year 1: {shown}") from None
     try:
         when = datetime.fromisoformat(value)
     except ValueError:
         raise RelayError(
-            f"not a duration (30m, 2h, 1d) or an ISO 8601 time (2026-11-22T10:00): {text!r}"
+            f"not a duration (30m, 2h, 1d) or an ISO 8601 time (2026-11-22T10:00): {shown}"
         ) from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)

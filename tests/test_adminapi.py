@@ -357,6 +357,13 @@ def test_the_delivery_log_with_filters_and_pages(admin, sink):
     assert shown[0]["reply"]["code"] == 250 and shown[0]["upstream_id"]
     admin.fails("GET", "/log/<nothing@x>", 404, "no_such_message")
     admin.fails("GET", "/log", 422, "bad_time", params={"since": "yesterday"})
+    # Past year 1: the same answer, never a 500.
+    for name, value in (
+        ("since", "1000000d"),
+        ("until", "999999999w"),
+        ("since", "9" * 5000 + "s"),
+    ):
+        admin.fails("GET", "/log", 422, "bad_time", params={name: value})
     admin.fails("GET", "/log", 422, "bad_query", params={"outcome": "lost"})
     admin.fails("GET", "/log", 422, "bad_query", params={"cursor": "x"})
 

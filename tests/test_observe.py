@@ -294,6 +294,28 @@ def test_a_bad_time_is_one_line(monkeypatch, capsys, tmp_path):
     assert "not a duration" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("--since", "1000000d"), ("--until", "999999999w"), ("--since", "9" * 5000 + "s")],
+)
+def test_a_time_past_year_one_is_one_line_not_a_traceback(tmp_path, option, value):
+    Store(tmp_path / "relay.db").migrate()
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT),
+           "RELAY_DATABASE": str(tmp_path / "relay.db")}  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "relay", "log", option, value],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (done.returncode, done.stdout) == (1, "")
+    [line] = done.stderr.splitlines()
+    assert line.startswith("relay: a duration back past year 1: '")
+    assert len(line) < 120
+
+
 def test_json_log_lines_carry_the_fields():
     record = logging.LogRecord(
         "relay.session", logging.INFO, __file__, 1, "message %s", ("x",), None
