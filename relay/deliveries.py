@@ -159,9 +159,24 @@ def parse_when(text: str, now: datetime) -> int:
     return int(when.timestamp())
 
 
+def message_id_forms(text: str) -> tuple[str, str]:
+    """A Message-ID as people paste it, with or without its angle brackets: the
+    bracketed form (RFC 5322 section 3.6.4's msg-id, what a header and the 250
+    reply carry) and the bare one (what a header written without them recorded).
+
+        >>> message_id_forms(" a@b.test "), message_id_forms("<a@b.test>")
+        (('<a@b.test>', 'a@b.test'), ('<a@b.test>', 'a@b.test'))
+    """
+    bare = text.strip()
+    if bare.startswith("<") and bare.endswith(">"):
+        bare = bare[1:-1].strip()
+    return f"<{bare}>", bare
+
+
 @dataclass(frozen=True, slots=True)
 class Query:
-    """Which records to return, newest first. Addresses are compared normalized."""
+    """Which records to return, newest first. Addresses are compared normalized, a
+    Message-ID with or without its angle brackets."""
 
     since: int | None = None  # unix seconds, inclusive
     until: int | None = None  # unix seconds, exclusive
@@ -175,8 +190,10 @@ class Query:
     def where(self) -> tuple[str, list[Any]]:
         clauses: list[str] = []
         args: list[Any] = []
+        if self.message_id:
+            clauses.append("d.message_id IN (?, ?)")
+            args += message_id_forms(self.message_id)
         for column, value in (
-            ("message_id", self.message_id),
             ("sender", self.sender and self.sender.strip().lower()),
             ("account", self.account),
             ("outcome", self.outcome and str(self.outcome)),

@@ -356,6 +356,11 @@ def test_the_delivery_log_with_filters_and_pages(admin, sink):
     assert [r["message_id"] for r in shown] == ["<m1@x>"]
     assert shown[0]["reply"]["code"] == 250 and shown[0]["upstream_id"]
     admin.fails("GET", "/log/<nothing@x>", 404, "no_such_message")
+    # A Message-ID with or without its angle brackets, as people paste it.
+    for written in ("<m1@x>", "m1@x", " m1@x "):
+        [found] = admin.ok("GET", "/log", params={"message_id": written})["records"]
+        assert found["message_id"] == "<m1@x>"
+        assert admin.ok("GET", f"/log/{written.strip()}")["records"] == shown
     admin.fails("GET", "/log", 422, "bad_time", params={"since": "yesterday"})
     # Past year 1: the same answer, never a 500.
     for name, value in (

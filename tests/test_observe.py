@@ -3,6 +3,7 @@ against the real relay (and, for the workers, `relay serve` as a subprocess)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -135,6 +136,24 @@ def test_each_outcome_leaves_its_record(relay, sink, monkeypatch, capsys):
     assert cli.main(["log", "show", "<p@example.com>"]) == 0
     shown = capsys.readouterr().out
     assert f"{BAD}  refused 550 5.1.1" in shown and "upstream id up2" in shown
+
+
+def test_a_message_id_is_found_with_or_without_its_brackets(relay, sink, monkeypatch, capsys):
+    assert send(relay, "<both@example.com>").startswith("250 ")
+    # A record of a header written without brackets holds the bare form.
+    bare = dataclasses.replace(record_at(datetime.now(UTC)), message_id="bare@example.com")
+    relay.store.record_delivery(bare)
+    for stored in ("<both@example.com>", "bare@example.com"):
+        plain_id = stored.strip("<>")
+        for written in (f"<{plain_id}>", plain_id, f" {plain_id} "):
+            [found] = log_json(relay, monkeypatch, capsys, "--message-id", written)
+            assert found["message_id"] == stored, written
+            [shown] = log_json(relay, monkeypatch, capsys, "show", written)
+            assert shown["message_id"] == stored, written
+    assert cli.main(["log", "show", "both@example.com"]) == 0
+    assert "message-id  <both@example.com>" in capsys.readouterr().out
+    assert log_json(relay, monkeypatch, capsys, "--message-id", "<both@example.co>") == []
+    assert cli.main(["log", "show", "<>"]) == 1  # an empty id matches nothing
 
 
 def test_a_message_refused_before_the_charge_is_recorded(relay, sink, monkeypatch, capsys):
