@@ -98,4 +98,3 @@ class Tokens(Database):
         if row["expires"] is not None and row["expires"] <= self._now():
             return None
         return Principal(row["id"], row["account_id"], row["name"], row["role"])
-
