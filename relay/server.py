@@ -268,7 +268,7 @@ class Relay:
         self._admin = admin.AdminServer(
             sock,
             self.readiness,
-            api.ApiContext(self.store, settings.auth_failure_limit),
+            api.ApiContext(self.store, settings.auth_failure_limit, settings.default_send_balance),
             admin.Console(settings.hostname, self.port),
             tls,
         )
