@@ -491,7 +491,10 @@ ENDPOINTS: list[Endpoint] = [
         f"{PREFIX}/log/{{message_id:path}}",
         "everything recorded for a Message-ID (a retried message has several records)",
         show_log,
-        errors={"404": "no record (`no_such_message`)"},
+        errors={
+            "404": "no record (`no_such_message`)",
+            "422": "a blank Message-ID (`bad_message_id`)",
+        },
     ),
     Endpoint(
         "GET",

@@ -369,7 +369,10 @@ def find_log(store: Store, query: LogPage) -> tuple[list[DeliveryRecord], str | 
 
 
 def show_log(store: Store, message_id: str) -> list[DeliveryRecord]:
-    """Everything recorded for a Message-ID (a retried message has several records)."""
+    """Everything recorded for a Message-ID (a retried message has several records),
+    written with or without its angle brackets."""
+    if not message_id.strip():  # no filter at all would show every record
+        raise Invalid("a Message-ID is required", code="bad_message_id")
     records = store.find_deliveries(LogPage(message_id=message_id, limit=1000))
     if not records:
         raise NotFound(f"no delivery record for Message-ID {message_id}", code="no_such_message")

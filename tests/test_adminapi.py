@@ -372,6 +372,7 @@ def test_the_delivery_log_with_filters_and_pages(admin, sink):
         [found] = admin.ok("GET", "/log", params={"message_id": written})["records"]
         assert found["message_id"] == "<m1@x>"
         assert admin.ok("GET", f"/log/{written.strip()}")["records"] == shown
+    admin.fails("GET", "/log/%20", 422, "bad_message_id")
     admin.fails("GET", "/log", 422, "bad_time", params={"since": "yesterday"})
     # Past year 1: the same answer, never a 500.
     for name, value in (

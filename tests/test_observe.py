@@ -154,6 +154,8 @@ def test_a_message_id_is_found_with_or_without_its_brackets(relay, sink, monkeyp
     assert "message-id  <both@example.com>" in capsys.readouterr().out
     assert log_json(relay, monkeypatch, capsys, "--message-id", "<both@example.co>") == []
     assert cli.main(["log", "show", "<>"]) == 1  # an empty id matches nothing
+    assert cli.main(["log", "show", " "]) == 1  # and no id is no filter: refused
+    assert capsys.readouterr().err.splitlines()[-1] == "relay: a Message-ID is required"
 
 
 def test_a_message_refused_before_the_charge_is_recorded(relay, sink, monkeypatch, capsys):
