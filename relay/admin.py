@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import html
-import ipaddress
 import json
 import logging
 import socket
@@ -51,6 +50,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from relay import api, metrics
 from relay.apispec import PREFIX
+from relay.config import is_loopback
 from relay.errors import ConfigError
 
 log = logging.getLogger("relay.admin")
@@ -185,15 +185,6 @@ def application(
     )
     app.add_middleware(SecurityHeaders)
     return app
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def tls_files(host: str, cert: Path, key: Path) -> tuple[Path, Path] | None:

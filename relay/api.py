@@ -50,10 +50,12 @@ DEFAULT_PAGE = 100
 
 @dataclass(frozen=True)
 class ApiContext:
-    """What the API uses: the store, and the throttle's limit."""
+    """What the API uses: the store, the throttle's limit, and the balance a sender
+    never charged has (DEFAULT_SEND_BALANCE)."""
 
     store: AsyncStore
     auth_failure_limit: int
+    default_send_balance: int = 0
 
 
 @dataclass(frozen=True)
@@ -214,7 +216,11 @@ async def list_senders(call: Call) -> Any:
 
 
 async def show_sender(call: Call) -> Any:
-    return await call.run(operations.show_sender, call.path["address"])
+    return await call.run(
+        operations.show_sender,
+        call.path["address"],
+        default_balance=call.context.default_send_balance,
+    )
 
 
 async def set_sender(call: Call) -> Any:
@@ -290,6 +296,11 @@ BAD_ADDRESS = {"422": "not a usable email address (`bad_address`)"}
 PAGING = (
     Param("limit", "rows at most (default 100, at most 1000)", "integer"),
     Param("cursor", "the `next_cursor` of the previous page"),
+)
+SENDER_FIELDS = (
+    "the sender: `address`, `balance`, `enabled`, `created`, `updated` (unix seconds, null"
+    " when no row), `unlimited` (on the no-limit list: sends without balance), `stored`"
+    " (whether the relay holds a row for it)"
 )
 ADDRESS = Field("address", "string", "an email address", required=True, max_length=320)
 verified_list, verified_add, verified_remove = _lists("verified")
@@ -373,13 +384,16 @@ ENDPOINTS: list[Endpoint] = [
         f"{PREFIX}/senders/{{address}}",
         "show one sender's balance and state",
         show_sender,
-        errors={**BAD_ADDRESS, "404": "no sender row (`no_such_sender`)"},
+        returns=SENDER_FIELDS + "; an address never charged shows DEFAULT_SEND_BALANCE,"
+        " `enabled: true`, `stored: false`",
+        errors=BAD_ADDRESS,
     ),
     Endpoint(
         "PATCH",
         f"{PREFIX}/senders/{{address}}",
         "set a sender's balance and/or enabled state (creates the row when missing)",
         set_sender,
+        returns=SENDER_FIELDS,
         body=(
             Field("balance", "integer", "the new balance (0 or more)"),
             Field("enabled", "boolean", "whether the sender may send"),
@@ -398,6 +412,7 @@ ENDPOINTS: list[Endpoint] = [
         f"{PREFIX}/senders/{{address}}/topup",
         "add to a sender's balance (negative: take away; creates the row when missing)",
         topup_sender,
+        returns=SENDER_FIELDS,
         body=(Field("amount", "integer", "units to add", required=True),),
         errors={**BAD_BODY, "409": "the balance would go below 0 (`balance_negative`)"},
     ),
@@ -465,7 +480,7 @@ ENDPOINTS: list[Endpoint] = [
             Param("recipient", "one of the recipients"),
             Param("account", "the account's name"),
             Param("outcome", "the message's outcome", enum=tuple(str(o) for o in Outcome)),
-            Param("message_id", "the Message-ID"),
+            Param("message_id", "the Message-ID, with or without its angle brackets"),
             Param("limit", "records at most (default 50)", "integer"),
             Param("cursor", "the `next_cursor` of the previous page", "integer"),
         ),
@@ -476,7 +491,10 @@ ENDPOINTS: list[Endpoint] = [
         f"{PREFIX}/log/{{message_id:path}}",
         "everything recorded for a Message-ID (a retried message has several records)",
         show_log,
-        errors={"404": "no record (`no_such_message`)"},
+        errors={
+            "404": "no record (`no_such_message`)",
+            "422": "a blank Message-ID (`bad_message_id`)",
+        },
     ),
     Endpoint(
         "GET",

@@ -66,6 +66,7 @@ class Endpoint:
     query: tuple[Param, ...] = ()
     body: tuple[Field, ...] | None = None  # None: the route takes no body
     errors: Mapping[str, str] = field(default_factory=dict)  # status -> why
+    returns: str = "success"  # what the success answer holds
 
     @property
     def openapi_path(self) -> str:
@@ -165,7 +166,7 @@ def document(endpoints: list[Endpoint], public: list[tuple[str, str, str]]) -> d
             ],
             "responses": {
                 str(ep.status): {
-                    "description": "success",
+                    "description": ep.returns,
                     "content": {"application/json": {"schema": {"type": "object"}}},
                 },
                 **{

@@ -289,7 +289,12 @@ def _list_commands(kind: str) -> dict[str, Callable[[argparse.Namespace], None]]
 
 def _sender_text(v: dict[str, Any]) -> str:
     state = "enabled" if v["enabled"] else "disabled"
-    return f"{v['address']}  balance={v['balance']}  {state}"
+    line = f"{v['address']}  balance={v['balance']}  {state}"
+    if v["unlimited"]:
+        line += "  unlimited (on the nolimit list: sends without balance)"
+    if not v["stored"]:
+        line += "  (nothing charged yet: the DEFAULT_SEND_BALANCE it starts with)"
+    return line
 
 
 def cmd_sender_list(args: argparse.Namespace) -> None:
@@ -298,7 +303,9 @@ def cmd_sender_list(args: argparse.Namespace) -> None:
 
 
 def cmd_sender_show(args: argparse.Namespace) -> None:
-    _emit(args, operations.show_sender(_store(), args.address), _sender_text)
+    default = load_settings().default_send_balance
+    value = operations.show_sender(_store(), args.address, default_balance=default)
+    _emit(args, value, _sender_text)
 
 
 def cmd_sender_set(args: argparse.Namespace) -> None:

@@ -12,6 +12,7 @@ line that names it.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -21,6 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from relay.errors import ConfigError
 
@@ -337,7 +339,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
                 for k, v in raw.items()
                 if k.startswith(RESEND_DOMAIN_PREFIX) and v
             },
-            api_url=(text("RESEND_API_URL") or "https://api.resend.com").rstrip("/"),
+            api_url=api_url("RESEND_API_URL", text("RESEND_API_URL") or ResendConfig.api_url),
             rate_limit=_rate(raw.get("RESEND_RATE_LIMIT"), "RESEND_RATE_LIMIT") or 5.0,
         ),
         cloudflare=_cloudflare(text),
@@ -433,13 +435,14 @@ def _number(
 
 def _cloudflare(text: Any) -> CloudflareConfig | None:
     account, token = text("CLOUDFLARE_ACCOUNT_ID"), text("CLOUDFLARE_API_TOKEN")
+    # Checked even while unused: a bad setting stops the start, not a later edit.
+    url = api_url("CLOUDFLARE_API_URL", text("CLOUDFLARE_API_URL") or CloudflareConfig.api_url)
     if not account and not token:
         return None
     if not account or not token:
         missing = "CLOUDFLARE_ACCOUNT_ID" if not account else "CLOUDFLARE_API_TOKEN"
         raise ConfigError(f"{missing}: Cloudflare needs both the account id and the API token")
-    url = text("CLOUDFLARE_API_URL") or "https://api.cloudflare.com/client/v4"
-    return CloudflareConfig(account, Secret(token), url.rstrip("/"))
+    return CloudflareConfig(account, Secret(token), url)
 
 
 def _smtp_config(value: Any) -> dict[str, SmtpUpstream]:
@@ -527,3 +530,84 @@ def _flag(entry: Mapping[str, Any], key: str, default: bool, where: str) -> bool
     if not isinstance(value, bool):
         raise ConfigError(f"{where}.{key}: expected true or false, got {value!r}")
     return value
+
+
+# --- upstream API URLs and the warnings a start logs -----------------------------------
+
+
+def is_loopback(host: str) -> bool:
+    """`localhost`, 127.0.0.0/8 or ::1: traffic that never leaves the machine."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def api_url(name: str, value: str) -> str:
+    """An upstream API's base URL, without its trailing slash, or a `ConfigError`.
+
+    The relay sends its API key in every request's Authorization header, so the
+    URL must be `https://`; plain `http://` only to a loopback host (a test
+    double, a local proxy), which `start_warnings` names. Credentials in the URL
+    are refused (the key has its own setting), and so is a query or fragment (the
+    channel appends its paths). Errors never print the URL: it may hold a secret.
+
+        >>> api_url("RESEND_API_URL", "https://api.resend.com/")
+        'https://api.resend.com'
+    """
+    if any(c.isspace() or not c.isprintable() for c in value):
+        raise ConfigError(f"{name}: a URL holds no spaces or control characters")
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - a port out of range or not a number raises here
+    except ValueError:
+        raise ConfigError(f"{name}: not a URL (expected https://host/path)") from None
+    scheme, host = parts.scheme.lower(), parts.hostname or ""
+    if scheme not in ("https", "http"):
+        raise ConfigError(f"{name}: expected an https:// URL, got {scheme or 'no'} scheme")
+    if "@" in parts.netloc:
+        raise ConfigError(
+            f"{name}: a URL with credentials in it is refused (the key has its own setting)"
+        )
+    if not host:
+        raise ConfigError(f"{name}: the URL names no host")
+    if parts.query or parts.fragment or value.endswith(("?", "#")):
+        raise ConfigError(f"{name}: a base URL takes no ?query or #fragment")
+    if scheme == "http" and not is_loopback(host):
+        raise ConfigError(
+            f"{name}: plain http:// would send the API key unencrypted to {host};"
+            " use https:// (http:// is accepted only to a loopback host)"
+        )
+    return value.rstrip("/")
+
+
+def start_warnings(settings: Settings) -> list[str]:
+    """What `relay serve` logs at WARNING, once, as it starts: settings that work,
+    but not as a production relay should."""
+    apis = []
+    if settings.resend.configured:
+        apis.append(("RESEND_API_URL", settings.resend.api_url))
+    if settings.cloudflare is not None:
+        apis.append(("CLOUDFLARE_API_URL", settings.cloudflare.api_url))
+    warnings = [
+        f"{name}: plain http:// to {urlsplit(url).hostname}: the API key crosses loopback"
+        " unencrypted (for a test double or a local proxy only)"
+        for name, url in apis
+        if urlsplit(url).scheme.lower() == "http"
+    ]
+    missing = no_channel(settings)
+    return warnings + ([missing] if missing else [])
+
+
+def no_channel(settings: Settings) -> str | None:
+    """Why the relay can send nothing (no channel is configured), or None."""
+    if settings.smtp_config or settings.resend.configured or settings.cloudflare:
+        return None
+    if settings.dev_outbox:
+        return None
+    return (
+        "no channel configured: set SMTP_CONFIG, RESEND_TOKEN, CLOUDFLARE_ACCOUNT_ID with"
+        " CLOUDFLARE_API_TOKEN, or RELAY_DEV_OUTBOX; until then every MAIL FROM gets 451 4.3.0"
+    )

@@ -125,6 +125,8 @@ def recipient_outcomes(
 
 _DURATION = re.compile(r"(\d+)([smhdw])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+# A bad time is quoted in its one-line error up to this many characters.
+_SHOWN = 40
 
 
 def parse_when(text: str, now: datetime) -> int:
@@ -138,24 +140,43 @@ def parse_when(text: str, now: datetime) -> int:
         True
     """
     value = text.strip()
+    shown = repr(value) if len(value) <= _SHOWN else f"{value[:_SHOWN]!r}..."
     parts = _DURATION.findall(value)
     if parts and "".join(n + u for n, u in parts) == value:
-        seconds = sum(int(n) * _UNITS[u] for n, u in parts)
-        return int((now - timedelta(seconds=seconds)).timestamp())
+        try:
+            seconds = sum(int(n) * _UNITS[u] for n, u in parts)
+            return int((now - timedelta(seconds=seconds)).timestamp())
+        except (OverflowError, ValueError):  # before year 1, or past int()'s digit limit
+            raise RelayError(f"a duration back past year 1: {shown}") from None
     try:
         when = datetime.fromisoformat(value)
     except ValueError:
         raise RelayError(
-            f"not a duration (30m, 2h, 1d) or an ISO 8601 time (2026-11-22T10:00): {text!r}"
+            f"not a duration (30m, 2h, 1d) or an ISO 8601 time (2026-11-22T10:00): {shown}"
         ) from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     return int(when.timestamp())
 
 
+def message_id_forms(text: str) -> tuple[str, str]:
+    """A Message-ID as people paste it, with or without its angle brackets: the
+    bracketed form (RFC 5322 section 3.6.4's msg-id, what a header and the 250
+    reply carry) and the bare one (what a header written without them recorded).
+
+        >>> message_id_forms(" a@b.test "), message_id_forms("<a@b.test>")
+        (('<a@b.test>', 'a@b.test'), ('<a@b.test>', 'a@b.test'))
+    """
+    bare = text.strip()
+    if bare.startswith("<") and bare.endswith(">"):
+        bare = bare[1:-1].strip()
+    return f"<{bare}>", bare
+
+
 @dataclass(frozen=True, slots=True)
 class Query:
-    """Which records to return, newest first. Addresses are compared normalized."""
+    """Which records to return, newest first. Addresses are compared normalized, a
+    Message-ID with or without its angle brackets."""
 
     since: int | None = None  # unix seconds, inclusive
     until: int | None = None  # unix seconds, exclusive
@@ -169,8 +190,10 @@ class Query:
     def where(self) -> tuple[str, list[Any]]:
         clauses: list[str] = []
         args: list[Any] = []
+        if self.message_id:
+            clauses.append("d.message_id IN (?, ?)")
+            args += message_id_forms(self.message_id)
         for column, value in (
-            ("message_id", self.message_id),
             ("sender", self.sender and self.sender.strip().lower()),
             ("account", self.account),
             ("outcome", self.outcome and str(self.outcome)),

@@ -227,9 +227,27 @@ def list_senders(
     return rows, rows[-1]["address"] if len(rows) == limit else None
 
 
-def show_sender(store: Store, value: str) -> dict[str, Any]:
-    with _refusal(NotFound, "no_such_sender"):
-        return store.show_sender(address(value))
+def _sender_view(store: Store, row: dict[str, Any], *, stored: bool = True) -> dict[str, Any]:
+    """A sender as the CLI and API show it: the row's fields, `unlimited` (on the
+    no-limit list: sends without balance) and `stored` (whether the row exists)."""
+    nolimit = {r["address"] for r in store.list_nolimit()}
+    return {**row, "unlimited": row["address"] in nolimit, "stored": stored}
+
+
+def show_sender(store: Store, value: str, *, default_balance: int = 0) -> dict[str, Any]:
+    """The balance `value` sends with. An address never charged (nor set or topped
+    up) has no row yet: it shows `default_balance` (DEFAULT_SEND_BALANCE), enabled,
+    `stored: false`, as MAIL FROM reads it (relay.ledger `check_mail`)."""
+    normalized = address(value)
+    try:
+        row = store.show_sender(normalized)
+    except StoreError:
+        raise
+    except RelayError:
+        never = {"address": normalized, "balance": default_balance, "enabled": True,
+                 "created": None, "updated": None}  # fmt: skip
+        return _sender_view(store, never, stored=False)
+    return _sender_view(store, row)
 
 
 def set_sender(
@@ -244,7 +262,7 @@ def set_sender(
     row = store.set_sender(normalized, balance=balance, enabled=enabled)
     detail = {k: v for k, v in (("balance", balance), ("enabled", enabled)) if v is not None}
     store.record_audit(actor, "sender.set", normalized, detail)
-    return row
+    return _sender_view(store, row)
 
 
 def topup_sender(store: Store, actor: Actor, value: str, amount: int) -> dict[str, Any]:
@@ -257,7 +275,7 @@ def topup_sender(store: Store, actor: Actor, value: str, amount: int) -> dict[st
     with _refusal(Conflict, "balance_negative"):
         row = store.topup_sender(normalized, amount)
     store.record_audit(actor, "sender.topup", normalized, {"amount": amount})
-    return row
+    return _sender_view(store, row)
 
 
 def delete_sender(store: Store, actor: Actor, value: str) -> dict[str, Any]:
@@ -351,7 +369,10 @@ def find_log(store: Store, query: LogPage) -> tuple[list[DeliveryRecord], str | 
 
 
 def show_log(store: Store, message_id: str) -> list[DeliveryRecord]:
-    """Everything recorded for a Message-ID (a retried message has several records)."""
+    """Everything recorded for a Message-ID (a retried message has several records),
+    written with or without its angle brackets."""
+    if not message_id.strip():  # no filter at all would show every record
+        raise Invalid("a Message-ID is required", code="bad_message_id")
     records = store.find_deliveries(LogPage(message_id=message_id, limit=1000))
     if not records:
         raise NotFound(f"no delivery record for Message-ID {message_id}", code="no_such_message")

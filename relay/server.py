@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 from relay import admin, api, metrics, replies
 from relay.admission import Admission
 from relay.channel import Channel, OutboxChannel
-from relay.config import Settings
+from relay.config import Settings, no_channel, start_warnings
 from relay.db import expected_failure
 from relay.deliveries import PRUNE_BATCH
 from relay.errors import ConfigError, RelayError, StoreError
@@ -247,6 +247,9 @@ class Relay:
         self._listener = Listener(sock, ctx, self.admission, self._protocol, self._screen)
         self._listener.start()
         self._sweeper = loop.create_task(self._sweep_forever())
+        if self.serves_admin:  # one process of the relay (the first worker) says it once
+            for warning in start_warnings(self.settings):
+                log.warning("%s", warning)
         log.info("relay listening on %s:%d (implicit TLS)", self.settings.listen[0], self.port)
         if admin_sock is not None:
             self._start_admin(admin_sock, admin_tls)
@@ -268,7 +271,7 @@ class Relay:
         self._admin = admin.AdminServer(
             sock,
             self.readiness,
-            api.ApiContext(self.store, settings.auth_failure_limit),
+            api.ApiContext(self.store, settings.auth_failure_limit, settings.default_send_balance),
             admin.Console(settings.hostname, self.port),
             tls,
         )
@@ -288,6 +291,8 @@ class Relay:
             return "draining: the relay is stopping"
         if self._listener is None:
             return "not listening yet"
+        if not self.channels:
+            return no_channel(self.settings) or "no channel configured"
         if _identity(self.settings.database) != self._database_identity:
             return f"the database file {self.settings.database} was deleted or replaced"
         try:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from relay.accounts import account_id_of
-from relay.db import Connection, Database, read_only
+from relay.db import Database, read_only
 from relay.errors import RelayError
 
 TOKEN_PREFIX = "rlt_"  # noqa: S105 - lets secret scanners spot a leaked token
@@ -98,11 +98,3 @@ class Tokens(Database):
         if row["expires"] is not None and row["expires"] <= self._now():
             return None
         return Principal(row["id"], row["account_id"], row["name"], row["role"])
-
-
-def token_still_valid(db: Connection, token_id: str, now: int) -> bool:
-    """A token revoked or expired after AUTH stops its open sessions too."""
-    row = db.execute("SELECT revoked, expires FROM tokens WHERE id = ?", (token_id,)).fetchone()
-    if row is None or row["revoked"] is not None:
-        return False
-    return row["expires"] is None or row["expires"] > now

@@ -148,6 +148,22 @@ def test_failed_attempts_share_the_smtp_throttle(relay_factory, sink, admin_for)
     assert raw.greeting.startswith("421 4.7.0")
 
 
+def test_the_api_throttle_starts_at_exactly_the_limit(relay_factory, sink, admin_for):
+    # API failures only: smtplib's login records two failures (PLAIN, then LOGIN),
+    # which would hide an off-by-one at the limit.
+    relay = relay_factory(
+        SMTP_CONFIG=sink.smtp_config(),
+        RELAY_ADMIN_LISTEN="127.0.0.1:0",
+        RELAY_AUTH_FAILURE_LIMIT="3",
+    )
+    admin = admin_for(relay, f"http://127.0.0.1:{relay.relay.admin_port}")
+    for _ in range(2):
+        admin.fails("GET", "/accounts", 401, "unauthorized", token="rla_wrong")
+    admin.ok("GET", "/accounts")  # one fewer than the limit: the good token still works
+    admin.fails("GET", "/accounts", 401, "unauthorized", token="rla_wrong")
+    admin.fails("GET", "/accounts", 429, "throttled")  # exactly the limit
+
+
 # --- resources -------------------------------------------------------------------------
 
 
@@ -223,11 +239,19 @@ def test_a_token_made_by_the_api_sends_until_the_api_revokes_it(admin, sink):
 
 def test_a_topup_through_the_api_is_what_the_cli_shows(admin, monkeypatch, capsys):
     address = "Payer@Example.com"
-    admin.fails("GET", f"/senders/{address}", 404, "no_such_sender")
+    # Never charged: the DEFAULT_SEND_BALANCE (5 here) it would send with, no row yet.
+    assert admin.ok("GET", f"/senders/{address}") == {
+        "address": "payer@example.com", "balance": 5, "enabled": True, "created": None,
+        "updated": None, "unlimited": False, "stored": False,
+    }  # fmt: skip
+    admin.ok("POST", "/nolimit", 201, json={"address": address})
+    assert admin.ok("GET", f"/senders/{address}")["unlimited"] is True
+    admin.ok("DELETE", f"/nolimit/{address}")
     topped = admin.ok("POST", f"/senders/{address}/topup", json={"amount": 25})
-    assert (topped["address"], topped["balance"], topped["enabled"]) == (
+    assert (topped["address"], topped["balance"], topped["enabled"], topped["stored"]) == (
         "payer@example.com",
         25,
+        True,
         True,
     )
     monkeypatch.setenv("RELAY_DATABASE", str(admin.relay.relay.settings.database))
@@ -250,10 +274,13 @@ def test_a_topup_through_the_api_is_what_the_cli_shows(admin, monkeypatch, capsy
         "deleted": True,
     }
     admin.fails("DELETE", f"/senders/{address}", 404, "no_such_sender")
-    assert [a[0] for a in audit_actions(admin)] == ["sender.topup", "sender.set", "sender.delete"]
+    assert admin.ok("GET", f"/senders/{address}")["stored"] is False
+    actions = [a[0] for a in audit_actions(admin)]
+    assert actions == ["nolimit.add", "nolimit.remove", "sender.topup", "sender.set",
+                       "sender.delete"]  # fmt: skip
     assert cli.main(["audit", "--json"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [(r["action"], r["detail"]) for r in lines][-1] == ("sender.topup", {"amount": 25})
+    assert [(r["action"], r["detail"]) for r in lines][-3] == ("sender.topup", {"amount": 25})
 
 
 def test_senders_are_paged_by_prefix(admin):
@@ -340,7 +367,20 @@ def test_the_delivery_log_with_filters_and_pages(admin, sink):
     assert [r["message_id"] for r in shown] == ["<m1@x>"]
     assert shown[0]["reply"]["code"] == 250 and shown[0]["upstream_id"]
     admin.fails("GET", "/log/<nothing@x>", 404, "no_such_message")
+    # A Message-ID with or without its angle brackets, as people paste it.
+    for written in ("<m1@x>", "m1@x", " m1@x "):
+        [found] = admin.ok("GET", "/log", params={"message_id": written})["records"]
+        assert found["message_id"] == "<m1@x>"
+        assert admin.ok("GET", f"/log/{written.strip()}")["records"] == shown
+    admin.fails("GET", "/log/%20", 422, "bad_message_id")
     admin.fails("GET", "/log", 422, "bad_time", params={"since": "yesterday"})
+    # Past year 1: the same answer, never a 500.
+    for name, value in (
+        ("since", "1000000d"),
+        ("until", "999999999w"),
+        ("since", "9" * 5000 + "s"),
+    ):
+        admin.fails("GET", "/log", 422, "bad_time", params={name: value})
     admin.fails("GET", "/log", 422, "bad_query", params={"outcome": "lost"})
     admin.fails("GET", "/log", 422, "bad_query", params={"cursor": "x"})
 
@@ -403,6 +443,12 @@ def test_the_openapi_document_matches_the_routes(admin):
     public = {("GET", "/api/v1/openapi.json"), ("GET", "/metrics"), ("GET", "/healthz"),
               ("GET", "/readyz")}  # fmt: skip
     assert documented == implemented | public
+    # A sender's fields are the ones its document names; one never charged is no 404.
+    sender = spec["paths"]["/api/v1/senders/{address}"]["get"]["responses"]
+    assert "404" not in sender
+    assert all(
+        f"`{key}`" in sender["200"]["description"] for key in admin.ok("GET", f"/senders/{SENDER}")
+    )
     for route in admin.relay.relay._admin._server.config.app.routes:  # every served route
         path = re.sub(r"{(\w+)(?::\w+)?}", r"{\1}", route.path)
         if path.startswith("/api/"):

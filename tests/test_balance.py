@@ -555,12 +555,16 @@ def test_admin_edits_are_checked(database_url):
 # --- the admin commands -------------------------------------------------------------------
 
 
-def run_cli(db: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """`relay ARGS` on `db`, created (or migrated) first as `relay db init` would."""
+def run_cli(
+    db: str, *args: str, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`relay ARGS` on `db`, created (or migrated) first as `relay db init` would;
+    `env`: settings besides RELAY_DATABASE."""
     store = Store(db)
     store.migrate()
     store.close()
-    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(REPO), "RELAY_DATABASE": db}
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(REPO), "RELAY_DATABASE": db,
+           **(env or {})}  # fmt: skip
     done = subprocess.run(
         [sys.executable, "-m", "relay", *args],
         cwd=REPO,
@@ -574,8 +578,8 @@ def run_cli(db: str, *args: str, check: bool = True) -> subprocess.CompletedProc
     return done
 
 
-def cli_json(db: str, *args: str) -> Any:
-    return json.loads(run_cli(db, *args, "--json").stdout)
+def cli_json(db: str, *args: str, env: dict[str, str] | None = None) -> Any:
+    return json.loads(run_cli(db, *args, "--json", env=env).stdout)
 
 
 def test_cli_sender_commands(database_url):
@@ -606,11 +610,39 @@ def test_cli_sender_commands(database_url):
         "relay: a top-up of -9 would make the balance negative\n",
     )
     assert run_cli(db, "sender", "delete", SENDER).stdout == f"deleted the sender row of {SENDER}\n"
-    missing = run_cli(db, "sender", "show", SENDER, "--json", check=False)
-    assert (missing.returncode, missing.stderr) == (1, f"relay: no sender row for {SENDER}\n")
+    # Deleted: the address starts again from DEFAULT_SEND_BALANCE (0 here), no row.
+    never = cli_json(db, "sender", "show", SENDER)
+    assert (never["balance"], never["enabled"], never["stored"]) == (0, True, False)
     assert run_cli(db, "sender", "show", "not an address", check=False).returncode == 1
     negative = run_cli(db, "sender", "set", SENDER, "--balance", "-1", check=False)
     assert (negative.returncode, negative.stderr) == (1, "relay: a balance cannot be negative\n")
+
+
+def test_cli_sender_show_of_an_address_never_charged(database_url, relay_factory, sink):
+    """The balance an address would send with, before its first charge makes a row."""
+    db = database_url
+    env = {"DEFAULT_SEND_BALANCE": "5"}
+    shown = cli_json(db, "sender", "show", "App@Example.com", env=env)
+    assert shown == {"address": SENDER, "balance": 5, "enabled": True, "created": None,
+                     "updated": None, "unlimited": False, "stored": False}  # fmt: skip
+    text = run_cli(db, "sender", "show", SENDER, env=env).stdout
+    assert text == (
+        f"{SENDER}  balance=5  enabled"
+        "  (nothing charged yet: the DEFAULT_SEND_BALANCE it starts with)\n"
+    )
+    assert run_cli(db, "sender", "show", SENDER).stdout.startswith(f"{SENDER}  balance=0  ")
+    run_cli(db, "nolimit", "add", SENDER)
+    shown = cli_json(db, "sender", "show", SENDER, env=env)
+    assert (shown["unlimited"], shown["stored"]) == (True, False)
+    assert "  unlimited (on the nolimit list" in run_cli(db, "sender", "show", SENDER).stdout
+    run_cli(db, "nolimit", "remove", SENDER)
+    # The relay charges the first message from that default: then the row exists.
+    relay = relay_factory(SMTP_CONFIG=sink.smtp_config(), **env)
+    with relay.login() as client:
+        client.sendmail(SENDER, ["r@dest.test"], message())
+    shown = cli_json(db, "sender", "show", SENDER, env=env)
+    assert (shown["balance"], shown["stored"], shown["unlimited"]) == (4, True, False)
+    assert isinstance(shown["created"], int)
 
 
 def test_cli_sender_delete_takes_json(database_url):

@@ -128,6 +128,14 @@ def test_the_console(relay_factory, sink, browser):
     text_in("#log-table", PROBE_ID)
     find(By.CSS_SELECTOR, "#log-table tbody tr").click()  # the newest: the probe
     text_in("#log-detail", "<b>no</b>")
+    # A Message-ID pasted without its angle brackets finds its record (of the two shown).
+    rows = "#log-table tbody tr"
+    assert len(browser.find_elements(By.CSS_SELECTOR, rows)) == 2
+    find(By.ID, "log-message-id").send_keys("console@example.com")
+    find(By.ID, "log-search").click()
+    wait.until(lambda _: len(browser.find_elements(By.CSS_SELECTOR, rows)) == 1)
+    assert "<console@example.com>" in find(By.ID, "log-table").text
+    find(By.ID, "log-message-id").clear()
     find(By.ID, "nav-senders").click()
     find(By.ID, "sender-prefix").clear()
     find(By.ID, "sender-search").click()

@@ -3,6 +3,7 @@ against the real relay (and, for the workers, `relay serve` as a subprocess)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -135,6 +136,26 @@ def test_each_outcome_leaves_its_record(relay, sink, monkeypatch, capsys):
     assert cli.main(["log", "show", "<p@example.com>"]) == 0
     shown = capsys.readouterr().out
     assert f"{BAD}  refused 550 5.1.1" in shown and "upstream id up2" in shown
+
+
+def test_a_message_id_is_found_with_or_without_its_brackets(relay, sink, monkeypatch, capsys):
+    assert send(relay, "<both@example.com>").startswith("250 ")
+    # A record of a header written without brackets holds the bare form.
+    bare = dataclasses.replace(record_at(datetime.now(UTC)), message_id="bare@example.com")
+    relay.store.record_delivery(bare)
+    for stored in ("<both@example.com>", "bare@example.com"):
+        plain_id = stored.strip("<>")
+        for written in (f"<{plain_id}>", plain_id, f" {plain_id} "):
+            [found] = log_json(relay, monkeypatch, capsys, "--message-id", written)
+            assert found["message_id"] == stored, written
+            [shown] = log_json(relay, monkeypatch, capsys, "show", written)
+            assert shown["message_id"] == stored, written
+    assert cli.main(["log", "show", "both@example.com"]) == 0
+    assert "message-id  <both@example.com>" in capsys.readouterr().out
+    assert log_json(relay, monkeypatch, capsys, "--message-id", "<both@example.co>") == []
+    assert cli.main(["log", "show", "<>"]) == 1  # an empty id matches nothing
+    assert cli.main(["log", "show", " "]) == 1  # and no id is no filter: refused
+    assert capsys.readouterr().err.splitlines()[-1] == "relay: a Message-ID is required"
 
 
 def test_a_message_refused_before_the_charge_is_recorded(relay, sink, monkeypatch, capsys):
@@ -292,6 +313,28 @@ def test_a_bad_time_is_one_line(monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("RELAY_DATABASE", str(tmp_path / "relay.db"))
     assert cli.main(["log", "--since", "yesterday"]) == 1
     assert "not a duration" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("--since", "1000000d"), ("--until", "999999999w"), ("--since", "9" * 5000 + "s")],
+)
+def test_a_time_past_year_one_is_one_line_not_a_traceback(tmp_path, option, value):
+    Store(tmp_path / "relay.db").migrate()
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT),
+           "RELAY_DATABASE": str(tmp_path / "relay.db")}  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "relay", "log", option, value],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (done.returncode, done.stdout) == (1, "")
+    [line] = done.stderr.splitlines()
+    assert line.startswith("relay: a duration back past year 1: '")
+    assert len(line) < 120
 
 
 def test_json_log_lines_carry_the_fields():

@@ -3,16 +3,22 @@ limits the start checks against the machine (the listen backlog, file descriptor
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from support import Lines, free_port
 
 from relay.config import load_settings, max_workers
 from relay.errors import ConfigError
@@ -174,3 +180,187 @@ def test_more_connections_than_file_descriptors_stops_the_start(tmp_path):
         "relay: RELAY_MAX_CONNECTIONS: 1000 sessions need 1256 file descriptors, the limit"
         " (ulimit -n) is 512: lower RELAY_MAX_CONNECTIONS or raise the limit"
     )
+
+
+# --- upstream API URLs, and what a start warns of ----------------------------------------
+
+NOT_HTTPS = "use https:// (http:// is accepted only to a loopback host)"
+
+
+@pytest.mark.parametrize(
+    ("env", "line"),
+    [
+        (
+            {"RESEND_TOKEN": "re_secret", "RESEND_API_URL": "http://api.resend.com"},
+            f"RESEND_API_URL: plain http:// would send the API key unencrypted to api.resend.com;"
+            f" {NOT_HTTPS}",
+        ),
+        (  # a name that starts like a loopback address is not one
+            {"RESEND_API_URL": "http://127.0.0.1.evil.test/"},
+            f"RESEND_API_URL: plain http:// would send the API key unencrypted to"
+            f" 127.0.0.1.evil.test; {NOT_HTTPS}",
+        ),
+        (
+            {"RESEND_API_URL": "http://10.0.0.1:8080"},
+            f"RESEND_API_URL: plain http:// would send the API key unencrypted to 10.0.0.1;"
+            f" {NOT_HTTPS}",
+        ),
+        (
+            {
+                "CLOUDFLARE_ACCOUNT_ID": "acc",
+                "CLOUDFLARE_API_TOKEN": "cf_secret",
+                "CLOUDFLARE_API_URL": "file:///etc/passwd",
+            },
+            "CLOUDFLARE_API_URL: expected an https:// URL, got file scheme",
+        ),
+        (  # set but unused is still a bad setting
+            {"CLOUDFLARE_API_URL": "file:///etc/passwd"},
+            "CLOUDFLARE_API_URL: expected an https:// URL, got file scheme",
+        ),
+        (
+            {"RESEND_API_URL": "ftp://api.resend.com"},
+            "RESEND_API_URL: expected an https:// URL, got ftp scheme",
+        ),
+        (
+            {"RESEND_API_URL": "api.resend.com"},
+            "RESEND_API_URL: expected an https:// URL, got no scheme",
+        ),
+        ({"RESEND_API_URL": "https:///emails"}, "RESEND_API_URL: the URL names no host"),
+        (
+            {"RESEND_API_URL": "https://user:pa55word@api.resend.com"},
+            "RESEND_API_URL: a URL with credentials in it is refused (the key has its own setting)",
+        ),
+        (
+            {"CLOUDFLARE_API_URL": "https://api.cloudflare.com:99999/client/v4"},
+            "CLOUDFLARE_API_URL: not a URL (expected https://host/path)",
+        ),
+        (
+            {"RESEND_API_URL": "https://api.resend.com/?key=1"},
+            "RESEND_API_URL: a base URL takes no ?query or #fragment",
+        ),
+        (
+            {"RESEND_API_URL": "https://api.resend.com\r\nX: y"},
+            "RESEND_API_URL: a URL holds no spaces or control characters",
+        ),
+    ],
+)
+def test_an_api_url_that_could_leak_the_key_stops_the_start(tmp_path, env, line):
+    result = serve({"RELAY_DATABASE": str(tmp_path / "relay.db"), **env})
+    assert result.returncode == 2
+    assert one_line(result) == f"relay: {line}"
+    assert "pa55word" not in result.stderr
+    assert not (tmp_path / "relay.db").exists()
+
+
+def test_https_and_loopback_api_urls_are_accepted():
+    for url in ("https://api.resend.com/", "http://127.0.0.1:8025", "http://127.8.9.10",
+                "http://[::1]:8025/v1", "http://localhost:8025"):  # fmt: skip
+        settings = load_settings({"RESEND_API_URL": url, "CLOUDFLARE_API_URL": url})
+        assert settings.resend.api_url == url.rstrip("/")
+
+
+class Running:
+    """`relay serve` in the background, its JSON log read as it comes."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        full_env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT),
+                    "RELAY_LOG_FORMAT": "json", **env}  # fmt: skip
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "relay", "serve"],
+            env=full_env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stderr is not None
+        self.log = Lines(self.proc.stderr)
+
+    def records(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.log.lines if line.startswith("{")]
+
+    def listening(self, workers: int) -> None:
+        def started(lines: list[str]) -> bool:
+            return sum("relay listening on" in r["message"] for r in self.records()) == workers
+
+        assert self.log.wait_for(started), "".join(self.log.lines)
+
+    def warnings(self) -> list[str]:
+        return [r["message"] for r in self.records() if r["level"] == "WARNING"]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(30)
+        self.log.text()
+        assert self.proc.stderr is not None
+        self.proc.stderr.close()
+
+
+@pytest.fixture
+def running() -> Iterator[Callable[[dict[str, str]], Running]]:
+    started: list[Running] = []
+
+    def start(env: dict[str, str]) -> Running:
+        started.append(Running(env))
+        return started[-1]
+
+    yield start
+    for each in started:
+        each.stop()
+
+
+def serving_env(tmp_path: Path, cert_dir: Path) -> dict[str, str]:
+    return {
+        "RELAY_DATABASE": str(tmp_path / "relay.db"),
+        "RELAY_LISTEN": f"127.0.0.1:{free_port()}",
+        "RELAY_TLS_CERT": str(cert_dir / "relay.crt"),
+        "RELAY_TLS_KEY": str(cert_dir / "relay.key"),
+        "RELAY_HOSTNAME": "relay.test",
+        "RELAY_WORKERS": "2",  # still one line: the parent warns before it forks
+    }
+
+
+def test_an_api_key_over_loopback_http_is_one_warning(tmp_path, cert_dir, running):
+    relay = running(
+        {
+            **serving_env(tmp_path, cert_dir),
+            "RESEND_TOKEN": "re_secret",
+            "RESEND_API_URL": "http://127.0.0.1:9/",
+        }
+    )
+    relay.listening(workers=2)
+    assert relay.warnings() == [
+        "RESEND_API_URL: plain http:// to 127.0.0.1: the API key crosses loopback unencrypted"
+        " (for a test double or a local proxy only)"
+    ]
+    assert "re_secret" not in "".join(relay.log.lines)
+
+
+def test_no_channel_is_one_warning_and_not_ready(tmp_path, cert_dir, running):
+    admin = free_port()
+    relay = running({**serving_env(tmp_path, cert_dir), "RELAY_ADMIN_LISTEN": f"127.0.0.1:{admin}"})
+    relay.listening(workers=2)
+    reason = (
+        "no channel configured: set SMTP_CONFIG, RESEND_TOKEN, CLOUDFLARE_ACCOUNT_ID with"
+        " CLOUDFLARE_API_TOKEN, or RELAY_DEV_OUTBOX; until then every MAIL FROM gets 451 4.3.0"
+    )
+    assert relay.warnings() == [reason]
+    ready = httpx.get(f"http://127.0.0.1:{admin}/readyz", timeout=10)
+    assert (ready.status_code, ready.json()) == (503, {"ready": False, "reason": reason})
+    assert httpx.get(f"http://127.0.0.1:{admin}/healthz", timeout=10).status_code == 200
+
+
+def test_a_configured_channel_warns_of_nothing_and_is_ready(tmp_path, cert_dir, running):
+    admin = free_port()
+    relay = running(
+        {
+            **serving_env(tmp_path, cert_dir),
+            "RELAY_ADMIN_LISTEN": f"127.0.0.1:{admin}",
+            "RELAY_DEV_OUTBOX": str(tmp_path / "outbox"),
+        }
+    )
+    relay.listening(workers=2)
+    assert relay.warnings() == []
+    ready = httpx.get(f"http://127.0.0.1:{admin}/readyz", timeout=10)
+    assert (ready.status_code, ready.json()) == (200, {"ready": True})

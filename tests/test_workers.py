@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -12,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from support import Lines
 
 from relay.store import Store
 
@@ -58,7 +60,8 @@ def start_workers(tmp_path, cert_dir):
     Store(database).migrate()
     procs: list[subprocess.Popen[str]] = []
 
-    def start(workers: int = 2) -> tuple[subprocess.Popen[str], int]:
+    def start(workers: int = 2, *, log: bool = False) -> tuple[subprocess.Popen[str], int]:
+        """`log`: the relay's JSON log lines on the process's stderr, else discarded."""
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -71,12 +74,13 @@ def start_workers(tmp_path, cert_dir):
             "RELAY_DATABASE": str(database),
             "RELAY_HOSTNAME": "relay.test",
             "RELAY_WORKERS": str(workers),
+            "RELAY_LOG_FORMAT": "json",
         }
         proc = subprocess.Popen(
             [sys.executable, "-m", "relay", "serve"],
             env=env,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stderr=subprocess.PIPE if log else subprocess.DEVNULL,
             text=True,
         )
         procs.append(proc)
@@ -88,6 +92,8 @@ def start_workers(tmp_path, cert_dir):
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
         proc.wait(10)
+        if proc.stderr is not None:
+            proc.stderr.close()
 
 
 def test_workers_stop_when_the_parent_is_killed(start_workers):
@@ -108,3 +114,45 @@ def test_sigterm_during_the_start_leaves_no_process(start_workers):
     seen |= set(children(parent.pid))
     parent.wait(30)
     wait_for(lambda: not any(alive(w) for w in seen))
+
+
+def pending_signals(pid: int) -> int:
+    """The signals waiting for `pid`, its own and its thread group's (/proc/PID/status)."""
+    fields = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    )
+    return int(fields["SigPnd"], 16) | int(fields["ShdPnd"], 16)
+
+
+def stopped(pid: int) -> bool:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+
+
+def test_each_worker_is_sent_sigterm_by_the_kernel_when_the_parent_dies(start_workers):
+    # The watchdog would stop a worker within a second anyway, so that a worker
+    # stopping is no proof: stopped (SIGSTOP) workers cannot run their watchdog,
+    # and only PR_SET_PDEATHSIG can leave a SIGTERM pending for them.
+    parent, _ = start_workers(2, log=True)
+    assert parent.stderr is not None
+    log = Lines(parent.stderr)
+
+    def listening(lines: list[str]) -> list[int]:
+        records = [json.loads(line) for line in lines if line.startswith("{")]
+        return [r["pid"] for r in records if r["message"].startswith("relay listening on")]
+
+    assert log.wait_for(lambda lines: len(listening(lines)) == 2), log.lines
+    workers = listening(log.lines)
+    assert set(workers) == set(children(parent.pid))
+    try:
+        for worker in workers:
+            os.kill(worker, signal.SIGSTOP)
+            wait_for(lambda w=worker: stopped(w))
+            assert not pending_signals(worker) & (1 << (signal.SIGTERM - 1))
+        parent.kill()
+        parent.wait(10)
+        for worker in workers:
+            assert pending_signals(worker) & (1 << (signal.SIGTERM - 1)), worker
+    finally:
+        for worker in workers:
+            if alive(worker):
+                os.kill(worker, signal.SIGKILL)

@@ -227,7 +227,8 @@ async function loadLimits() {
 
 async function loadLog() {
   const params = new URLSearchParams({ limit: "100" });
-  for (const [name, id] of [["sender", "log-sender"], ["recipient", "log-recipient"], ["outcome", "log-outcome"]]) {
+  for (const [name, id] of [["sender", "log-sender"], ["recipient", "log-recipient"],
+    ["message_id", "log-message-id"], ["outcome", "log-outcome"]]) {
     const value = $(id).value.trim();
     if (value) params.set(name, value);
   }
