@@ -108,6 +108,11 @@ class HostCounts:
         self._lock = tempfile.TemporaryFile()  # only its lock is used
         self._secret = os.urandom(16)
 
+    def close(self) -> None:
+        self._cells.release()
+        self._memory.close()
+        self._lock.close()
+
     def serve_as(self, row: int) -> None:
         """In a worker, after the fork: count this process's connections in `row`."""
         assert 0 <= row < self.workers, row

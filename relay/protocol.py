@@ -137,6 +137,10 @@ class SubmissionProtocol(SMTPBase):
         else:
             self._end_idle()
 
+    def idle_limit_passed(self) -> bool:
+        """Whether RELAY_SESSION_IDLE_MAX passed during the DATA under way (its reply decides)."""
+        return self._idle_over
+
     def _end_idle(self) -> None:
         peer, seconds = _peer(self.relay_session()), self.settings.session_idle_max
         log.info("%s no message delivered in %g s: closing the session", peer, seconds)

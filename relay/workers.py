@@ -200,6 +200,7 @@ def _run_workers(
         host_counts.forget(rows.pop(child))
         metrics.worker_gone(metrics_dir, child)
         status = status or os.waitstatus_to_exitcode(code)
+    host_counts.close()
     if status:
         sys.exit(status)
 
