@@ -192,12 +192,15 @@ def _run_workers(
     status = 0
     rows = {child: index for index, child in enumerate(children)}
     while rows:
-        # Whichever worker ends first: its connections leave the host's counts now,
-        # not when the workers started before it end.
-        child, code = os.wait()
-        if child not in rows:
-            continue
-        host_counts.forget(rows.pop(child))
+        # Whichever worker ends first, its connections leave the host's counts
+        # then, not when the workers started before it end; and before it is
+        # reaped, so a worker gone from the process table is gone from the counts.
+        ended = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOWAIT)
+        assert ended is not None  # None only with WNOHANG
+        child = ended.si_pid
+        if child in rows:
+            host_counts.forget(rows.pop(child))
+        _, code = os.waitpid(child, 0)
         metrics.worker_gone(metrics_dir, child)
         status = status or os.waitstatus_to_exitcode(code)
     host_counts.close()
