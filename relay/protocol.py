@@ -128,7 +128,7 @@ class SubmissionProtocol(SMTPBase):
         delivers. Without this, commands that each come just inside the command
         timeout would hold a slot for hours."""
         self._idle_timer = None
-        if self._lost:
+        if self._lost or self.closing():
             return
         if self.loop.time() < self._idle_deadline:  # a message was delivered meanwhile
             self._idle_timer = self.loop.call_at(self._idle_deadline, self._idle_check)

@@ -9,7 +9,7 @@ not wipe out an attacker's failures).
 
 The rows live in the shared database, so every `--workers` process on the
 host (and, on a shared database, every relay) sees the same count. Only a
-failure writes; a connection reads one indexed count.
+failure writes; a connection, and an AUTH, each read one indexed count.
 
 `record_auth_failure` counts and adds in one transaction, one client at a time
 (SQLite's write lock; on PostgreSQL, whose READ COMMITTED transactions would
