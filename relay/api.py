@@ -32,6 +32,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from relay import operations
+from relay.admission import client_key
 from relay.apispec import PREFIX, Endpoint, Field, Param, check_body, check_query, document
 from relay.audit import Actor
 from relay.deliveries import Outcome
@@ -100,7 +101,8 @@ async def _read_body(request: Request) -> bytes:
 async def _authenticate(context: ApiContext, request: Request) -> Actor | Response:
     store = context.store
     address = request.client.host if request.client else ""
-    if await store.run(store.sync.auth_failures, address) >= context.auth_failure_limit:
+    client = client_key(address)  # the same count as SMTP AUTH's (relay.throttle)
+    if await store.run(store.sync.auth_failures, client) >= context.auth_failure_limit:
         return error(
             429,
             "throttled",
@@ -113,7 +115,7 @@ async def _authenticate(context: ApiContext, request: Request) -> Actor | Respon
     if scheme.lower() == "bearer" and 0 < len(token) <= MAX_TOKEN:
         admin = await store.run(store.sync.authenticate_admin, token)
     if admin is None:
-        await store.run(store.sync.record_auth_failure, address)
+        await store.run(store.sync.record_auth_failure, client)
         return error(
             401,
             "unauthorized",

@@ -185,6 +185,9 @@ class Settings:
     # 421 at the greeting (relay.throttle); tokens carry 256 bits, so this only
     # keeps a guesser from costing the relay work.
     auth_failure_limit: int = 10
+    # A session that delivers no message for this long ends with 421 4.4.2, so
+    # commands each just inside the command timeout cannot hold a slot for hours.
+    session_idle_max: float = 600.0
     # Connections the kernel queues before the loop accepts them (asyncio's default
     # of 100 drops SYNs in a burst of new sessions); the kernel caps it at somaxconn.
     listen_backlog: int = 1024
@@ -229,6 +232,7 @@ KNOWN = frozenset(
         "RELAY_MAX_CONNECTIONS",
         "RELAY_MAX_CONNECTIONS_PER_IP",
         "RELAY_AUTH_FAILURE_LIMIT",
+        "RELAY_SESSION_IDLE_MAX",
         "RELAY_UPSTREAM_TIMEOUT",
         "RELAY_DRAIN_TIMEOUT",
         "RELAY_LOG_LEVEL",
@@ -266,6 +270,8 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("text", "json")
 # Ten years: a longer retention is a typo, and the delivery log would outgrow the disk.
 MAX_LOG_RETENTION_DAYS = 3650
+# A day: a session slot held longer without a message is no longer a session.
+MAX_SESSION_IDLE = 86400.0
 
 
 def is_known_setting(name: str) -> bool:
@@ -351,6 +357,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         max_connections=_integer(raw, "RELAY_MAX_CONNECTIONS", 10_000, minimum=1),
         max_connections_per_ip=_integer(raw, "RELAY_MAX_CONNECTIONS_PER_IP", 20, minimum=1),
         auth_failure_limit=_integer(raw, "RELAY_AUTH_FAILURE_LIMIT", 10, minimum=1),
+        session_idle_max=_number(
+            raw, "RELAY_SESSION_IDLE_MAX", 600.0, minimum=1, maximum=MAX_SESSION_IDLE
+        ),
         listen_backlog=_integer(raw, "RELAY_LISTEN_BACKLOG", 1024, minimum=1, maximum=65535),
         # A forward gets twice this: at most half the client's DATA budget.
         upstream_timeout=_number(

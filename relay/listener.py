@@ -6,6 +6,12 @@ loop accepts each socket itself, counts it under `relay.admission.Admission`
 at once, and hands it to TLS and a protocol with `loop.connect_accepted_socket`
 (a documented asyncio API, served by uvloop too). The count is released when
 the connection ends, whichever way it ends.
+
+A refused connection is answered by `Refused`, not by an SMTP session: one
+421 line and the close; what its client sends after is dropped unread. It is
+logged once a minute at most per client key
+(`relay.admission.client_key`): a flood from one address is one line, and one
+from many addresses at most REFUSAL_LOG_KEYS lines and a count.
 """
 
 from __future__ import annotations
@@ -17,9 +23,10 @@ import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
+from typing import cast
 
-from relay import metrics, replies
-from relay.admission import Admission
+from relay import logs, metrics, replies
+from relay.admission import Admission, client_key
 from relay.replies import Reply
 
 log = logging.getLogger("relay.listener")
@@ -31,10 +38,36 @@ HANDSHAKE_TIMEOUT = 30.0
 SHUTDOWN_TIMEOUT = 2.0
 # accept() failing (out of file descriptors) is logged at most this often.
 ACCEPT_ERROR_LOG_INTERVAL = 60.0
+# Refused connections are logged once per client key per interval, for at most
+# this many keys per interval (a few hundred KiB of log a minute at worst).
+REFUSAL_LOG_INTERVAL = 60.0
+REFUSAL_LOG_KEYS = 1000
 
-ProtocolFactory = Callable[[Reply | None, Callable[[], None]], asyncio.Protocol]
-# An address's refusal that needs a lookup (the failed-AUTH throttle), or None.
+# A session's protocol, given what to call when its connection ends.
+ProtocolFactory = Callable[[Callable[[], None]], asyncio.Protocol]
+# A client key's refusal that needs a lookup (the failed-AUTH throttle), or None.
 Screen = Callable[[str], Awaitable[Reply | None]]
+
+
+class Refused(asyncio.Protocol):
+    """A connection over a cap or from a throttled client: its 421, then the close."""
+
+    def __init__(self, reply: Reply, on_close: Callable[[], None]) -> None:
+        self.reply = reply
+        self.on_close = on_close
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        cast(asyncio.WriteTransport, transport).write(f"{self.reply}\r\n".encode())
+        transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        pass  # the client was answered; the connection is closing
+
+    def eof_received(self) -> bool:
+        return False  # close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.on_close()
 
 
 class Listener:
@@ -54,6 +87,7 @@ class Listener:
         self._accepting: asyncio.Task[None] | None = None
         self._opening: set[asyncio.Task[None]] = set()
         self._last_error_log = 0.0
+        self._refusals = logs.OncePer(REFUSAL_LOG_INTERVAL, REFUSAL_LOG_KEYS)
 
     def start(self) -> None:
         self._accepting = asyncio.get_running_loop().create_task(self._accept_forever())
@@ -75,33 +109,36 @@ class Listener:
                 self._log_accept_error(exc)
                 await asyncio.sleep(0.1)  # out of descriptors: let sessions end
                 continue
-            address = peer[0] if isinstance(peer, tuple) else str(peer)
-            refusal = self.admission.admit(address)
+            key = client_key(peer[0] if isinstance(peer, tuple) else str(peer))
+            refusal = self.admission.admit(key)
             if refusal is not None:
                 per_address = refusal == replies.TOO_MANY_FROM_ADDRESS
                 metrics.connection("refused_ip" if per_address else "refused_cap")
-            if refusal is not None and self.admission.drop_without_reply(address):
-                self.admission.release(address)
+                self._log_refusal(key, refusal)
+            if refusal is not None and self.admission.drop_without_reply(key):
+                self.admission.release(key)
                 conn.close()
                 continue
-            task = loop.create_task(self._open(conn, address, refusal))
+            task = loop.create_task(self._open(conn, key, refusal))
             self._opening.add(task)
             task.add_done_callback(self._opening.discard)
 
-    async def _open(self, conn: socket.socket, address: str, refusal: Reply | None) -> None:
+    async def _open(self, conn: socket.socket, key: str, refusal: Reply | None) -> None:
         released = False
 
         def release() -> None:
             nonlocal released
             if not released:
                 released = True
-                self.admission.release(address)
+                self.admission.release(key)
 
         try:
             if refusal is None and self.screen is not None:
-                refusal = await self.screen(address)
+                refusal = await self.screen(key)
+                if refusal is not None:
+                    self._log_refusal(key, refusal)
             await asyncio.get_running_loop().connect_accepted_socket(
-                lambda: self.factory(refusal, release),
+                lambda: self.factory(release) if refusal is None else Refused(refusal, release),
                 conn,
                 ssl=self.tls,
                 ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
@@ -119,7 +156,17 @@ class Listener:
                 conn.close()
             if isinstance(exc, asyncio.CancelledError):
                 raise
-            log.debug("connection from %s dropped in the TLS handshake: %s", address, exc)
+            log.debug("connection from %s dropped in the TLS handshake: %s", key, exc)
+
+    def _log_refusal(self, key: str, refusal: Reply) -> None:
+        if self._refusals.allow(key):
+            log.warning(
+                "refused connections from %s: %s (logged at most once a minute per address)",
+                key,
+                refusal,
+            )
+        elif unlogged := self._refusals.unlogged():
+            log.warning("refused %d more connections from other addresses, not logged", unlogged)
 
     def _log_accept_error(self, exc: OSError) -> None:
         now = time.monotonic()

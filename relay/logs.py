@@ -7,6 +7,9 @@
 - `Printable` rewrites control characters (NUL, ESC, CR, ...) in every record as
   `\\xNN`, so an address or a host name a client chose cannot forge log lines
   or drive a terminal.
+- `OncePer` lets a line about one key (a client's address) through at most
+  once per interval, remembering a bounded number of keys: a flood from many
+  addresses costs a bounded log and bounded memory.
 - `RedactAiosmtpd` keeps client input out of aiosmtpd's own records: it logs
   each command line at INFO and an unrecognised command at WARNING, which is
   where a token typed as a command, or AUTH data pipelined after a refusal,
@@ -20,7 +23,9 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Mapping
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -48,6 +53,55 @@ class Printable(logging.Filter):
         if escaped is not message:
             record.msg, record.args = escaped, None
         return True
+
+
+class OncePer:
+    """Which lines about a key may be logged: each key at most once per `interval`,
+    and at most `max_keys` keys per interval; lines about keys past that are only
+    counted (`unlogged`), so neither the log nor this object's memory grows
+    with the number of keys.
+
+        >>> now = [0.0]
+        >>> gate = OncePer(60.0, max_keys=2, clock=lambda: now[0])
+        >>> gate.allow("a"), gate.allow("a"), gate.allow("b"), gate.allow("c")
+        (True, False, True, False)
+        >>> gate.unlogged()  # once per interval: lines about keys it had no room for
+        1
+        >>> now[0] = 60.0
+        >>> gate.allow("a"), gate.allow("c")
+        (True, True)
+    """
+
+    def __init__(
+        self, interval: float, max_keys: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.interval = interval
+        self.max_keys = max_keys
+        self.clock = clock
+        self._logged: OrderedDict[str, float] = OrderedDict()  # key -> when, oldest first
+        self._unlogged = 0
+        self._unlogged_reported = float("-inf")
+
+    def allow(self, key: str) -> bool:
+        now = self.clock()
+        logged = self._logged
+        while logged and next(iter(logged.values())) <= now - self.interval:
+            logged.popitem(last=False)
+        if key in logged:
+            return False
+        if len(logged) >= self.max_keys:
+            self._unlogged += 1
+            return False
+        logged[key] = now
+        return True
+
+    def unlogged(self) -> int:
+        """Lines dropped for want of room since the last report, once per interval (else 0)."""
+        now = self.clock()
+        if not self._unlogged or now - self._unlogged_reported < self.interval:
+            return 0
+        count, self._unlogged, self._unlogged_reported = self._unlogged, 0, now
+        return count
 
 
 class RedactAiosmtpd(logging.Filter):

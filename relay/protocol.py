@@ -8,7 +8,9 @@ needs; aiosmtpd's private names are reached only through
   503 5.5.1, the exchange has its own 30 s, and repeated failures end the session.
 - every reply goes through `replies.normalize`, so aiosmtpd's built-in replies
   carry enhanced codes too; EHLO advertises exactly the documented extensions;
-- a timeout answers 421 4.4.2 before closing instead of dropping silently;
+- a timeout answers 421 4.4.2 before closing instead of dropping silently, and
+  so does a session that has delivered no message for `RELAY_SESSION_IDLE_MAX`
+  seconds (except while its DATA is uploaded or forwarded);
 - DATA is read in large chunks by the pure `relay.upload.Upload`.
 
 The MAIL, RCPT and DATA hooks are in `relay.session`.
@@ -28,6 +30,7 @@ from typing import cast
 from aiosmtpd.smtp import Session
 
 from relay import logs, metrics, replies
+from relay.admission import client_key
 from relay.aiosmtpd_compat import SMTPBase
 from relay.config import Settings
 from relay.errors import StoreError
@@ -57,19 +60,22 @@ class SubmissionProtocol(SMTPBase):
         handler: Submission,
         store: AsyncStore,
         sessions: MutableSet[SubmissionProtocol],
-        refusal: Reply | None = None,
         on_close: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
-        self.refusal = refusal  # the admission's 421, sent instead of the greeting
         self.on_close = on_close
         self.limits = settings.limits
         self.store = store
         self.sessions = sessions
         self._command = ""  # set while aiosmtpd's smtp_MAIL runs
         self._lost = False
-        self._admitted = False
         self._idle_commands = 0  # commands since the last delivered message
+        # RELAY_SESSION_IDLE_MAX: the session ends at this loop time unless a
+        # message is delivered first; the timer checks it.
+        self._idle_deadline = 0.0
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._idle_over = False  # the deadline passed while a DATA was under way
+        self._in_data = False  # from our 354 to the reply that ends the DATA
         super().__init__(
             handler,
             data_size_limit=self.limits.max_message_size,
@@ -99,26 +105,58 @@ class SubmissionProtocol(SMTPBase):
     # --- connection lifecycle --------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if self.refusal is not None:
-            # Refused before aiosmtpd starts the session: no greeting, no timer.
-            cast(asyncio.WriteTransport, transport).write(f"{self.refusal}\r\n".encode())
-            transport.close()
-            return
-        self._admitted = True
         self.sessions.add(self)
         super().connection_made(transport)
+        self._idle_deadline = self.loop.time() + self.settings.session_idle_max
+        self._idle_timer = self.loop.call_at(self._idle_deadline, self._idle_check)
 
     def connection_lost(self, error: Exception | None) -> None:
         self._lost = True
         if self.on_close is not None:
             self.on_close()
-        if not self._admitted:
-            return
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
         self.sessions.discard(self)
         super().connection_lost(error)
 
     def on_timeout(self) -> None:
         self._write_now(replies.TIMEOUT)
+
+    def _idle_check(self) -> None:
+        """RELAY_SESSION_IDLE_MAX: a session holds a connection slot only while it
+        delivers. Without this, commands that each come just inside the command
+        timeout would hold a slot for hours."""
+        self._idle_timer = None
+        if self._lost or self.closing():
+            return
+        if self.loop.time() < self._idle_deadline:  # a message was delivered meanwhile
+            self._idle_timer = self.loop.call_at(self._idle_deadline, self._idle_check)
+        elif self._in_data:
+            self._idle_over = True  # an upload or forward is not cut: its reply decides
+        else:
+            self._end_idle()
+
+    def idle_limit_passed(self) -> bool:
+        """Whether RELAY_SESSION_IDLE_MAX passed during the DATA under way (its reply decides)."""
+        return self._idle_over
+
+    def _end_idle(self) -> None:
+        peer, seconds = _peer(self.relay_session()), self.settings.session_idle_max
+        log.info("%s no message delivered in %g s: closing the session", peer, seconds)
+        self._write_now(replies.SESSION_IDLE_TOO_LONG)
+        self._close()
+
+    def _data_ended(self, reply: str) -> None:
+        """The reply that ends a DATA: a delivered message restarts the idle clock."""
+        self._in_data = False
+        if reply.startswith("250"):
+            self._idle_over = False
+            self._idle_deadline = self.loop.time() + self.settings.session_idle_max
+            if self._idle_timer is None:
+                self._idle_timer = self.loop.call_at(self._idle_deadline, self._idle_check)
+        elif self._idle_over:
+            self._end_idle()
 
     def timer_allowed(self) -> bool:
         # A handler cancelled by connection_lost must not start a new timer:
@@ -170,7 +208,9 @@ class SubmissionProtocol(SMTPBase):
             line = str(replies.BAD_SENDER_ADDRESS if mail else replies.BAD_RECIPIENT_ADDRESS)
         line = replies.normalize(line)
         metrics.reply(line)
-        await super().push(line)
+        await self._push_raw(line)
+        if self.closing():
+            return
         if line.startswith("421"):
             self._close()  # RFC 5321 section 3.8: 421 closes the channel
         elif line[:1] in ("4", "5"):
@@ -213,7 +253,14 @@ class SubmissionProtocol(SMTPBase):
             self._command = ""
 
     async def _push_raw(self, line: str) -> None:
+        """Every reply line goes out here; nothing is written once the session is closing."""
+        if self.closing():
+            return
         await super().push(line)
+        if line.startswith("354"):
+            self._in_data = True
+        elif self._in_data:
+            self._data_ended(line)
 
     async def reply(self, reply: Reply) -> None:
         await self.push(str(reply))
@@ -263,6 +310,11 @@ class SubmissionProtocol(SMTPBase):
         if mechanism not in MECHANISMS:
             await self.reply(replies.AUTH_UNKNOWN_MECHANISM)
             return
+        if await self._client_throttled():
+            # Over the limit since this session began (other sessions' failures).
+            metrics.auth("throttled")
+            await self.reply(replies.AUTH_THROTTLED)
+            return
         self.reset_timer(self.limits.auth_timeout)
         try:
             outcome = await self._check_credentials(mechanism, args[1] if len(args) > 1 else None)
@@ -275,7 +327,13 @@ class SubmissionProtocol(SMTPBase):
             await self.reply(replies.AUTH_OK)
             return
         if outcome == replies.AUTH_FAILED:
-            await self._record_auth_failure()
+            failures = await self._record_auth_failure()
+            if failures is not None and failures > self.settings.auth_failure_limit:
+                # Sessions that were all mid-exchange when the limit was reached:
+                # only `auth_failure_limit` failures were ever answered 535.
+                metrics.auth("throttled")
+                await self.reply(replies.AUTH_THROTTLED)
+                return
         await self.reply(outcome)
         session.auth_failures += 1
         if session.auth_failures >= self.limits.max_auth_failures:
@@ -283,15 +341,30 @@ class SubmissionProtocol(SMTPBase):
             await self.reply(replies.TOO_MANY_AUTH_FAILURES)
             self._close()
 
-    async def _record_auth_failure(self) -> None:
-        """Count the failure against the client's address for every later session."""
+    def _client_key(self) -> str:
         peer = self.relay_session().peer
-        address = peer[0] if isinstance(peer, tuple) else str(peer)
+        return client_key(peer[0] if isinstance(peer, tuple) else str(peer))
+
+    async def _client_throttled(self) -> bool:
+        """Whether the client is over RELAY_AUTH_FAILURE_LIMIT (relay.throttle)."""
         try:
-            await self.store.run(self.store.sync.record_auth_failure, address)
+            failures = await self.store.run(self.store.sync.auth_failures, self._client_key())
+        except StoreError:
+            return False  # the token lookup answers 451 while the store is down
+        return failures >= self.settings.auth_failure_limit
+
+    async def _record_auth_failure(self) -> int | None:
+        """Count the failure against the client for every session: its failures within
+        the window, this one included (None when the store could not count it)."""
+        key = self._client_key()
+        try:
+            return await self.store.run(
+                self.store.sync.record_auth_failure, key, self.settings.auth_failure_limit
+            )
         except StoreError as exc:
             if not self.store.logged(exc):
-                log.warning("could not record a failed AUTH from %s", address)
+                log.warning("could not record a failed AUTH from %s", key)
+            return None
 
     # Not `_authenticate` nor `auth_*`: aiosmtpd gives both names a meaning.
     async def _check_credentials(self, mechanism: str, initial: str | None) -> Principal | Reply:

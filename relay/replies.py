@@ -63,6 +63,8 @@ RECIPIENT_OK = Reply(250, "2.1.5", "Ok")
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
 TOO_MANY_FROM_ADDRESS = Reply(421, "4.7.0", "Too many connections from your address")
 TIMEOUT = Reply(421, "4.4.2", "Timeout, closing connection")
+# RELAY_SESSION_IDLE_MAX: no message delivered for that long (X.4.2: bad connection).
+SESSION_IDLE_TOO_LONG = Reply(421, "4.4.2", "Session idle too long, closing connection")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
 # aiosmtpd closes the session at its fifth unrecognised command with a 502; a
 # reply that closes is a 421 (RFC 5321 section 3.8).

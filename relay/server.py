@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from relay import admin, api, metrics, replies
-from relay.admission import Admission
+from relay.admission import Admission, HostCounts
 from relay.channel import Channel, OutboxChannel
 from relay.config import Settings, no_channel, start_warnings
 from relay.db import expected_failure
@@ -182,8 +182,10 @@ class Relay:
         *,
         channels: Mapping[ChannelName, Channel] | None = None,
         serves_admin: bool = True,
+        host_counts: HostCounts | None = None,
     ) -> None:
-        """`serves_admin`: whether this process serves `RELAY_ADMIN_LISTEN` (one worker does)."""
+        """`serves_admin`: whether this process serves `RELAY_ADMIN_LISTEN` (one worker does);
+        `host_counts`: the per-address counts the workers of this host share."""
         self.settings = settings
         self.store = AsyncStore(Store(settings.database))
         self.channels = dict(channels) if channels is not None else build_channels(settings)
@@ -194,7 +196,9 @@ class Relay:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self._listener: Listener | None = None
-        self.admission = Admission(settings.max_connections, settings.max_connections_per_ip)
+        self.admission = Admission(
+            settings.max_connections, settings.max_connections_per_ip, host_counts
+        )
         self._next_sweep = self._next_heartbeat = self._next_prune = 0.0
         self._next_collect = 0.0
         self._database_identity: tuple[int, int] | None = None
@@ -301,15 +305,13 @@ class Relay:
             return f"the store does not answer: {exc}"
         return None
 
-    def _protocol(self, refusal: Reply | None, on_close: Callable[[], None]) -> SubmissionProtocol:
-        return SubmissionProtocol(
-            self.settings, self.handler, self.store, self.sessions, refusal, on_close
-        )
+    def _protocol(self, on_close: Callable[[], None]) -> SubmissionProtocol:
+        return SubmissionProtocol(self.settings, self.handler, self.store, self.sessions, on_close)
 
-    async def _screen(self, address: str) -> Reply | None:
-        """Before TLS: an address over the failed-AUTH limit gets 421 at the greeting."""
+    async def _screen(self, key: str) -> Reply | None:
+        """Before TLS: a client over the failed-AUTH limit gets 421 at the greeting."""
         try:
-            failures = await self.store.run(self.store.sync.auth_failures, address)
+            failures = await self.store.run(self.store.sync.auth_failures, key)
         except RelayError as exc:
             # AUTH itself answers 451 while the store is down: nothing to guess.
             self._trouble("failed-AUTH lookup", exc)

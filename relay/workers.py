@@ -7,7 +7,10 @@ a bad setting stops the start before any fork), then forks the workers. Each
 worker binds its own socket (SO_REUSEPORT), and dies with its parent: Linux's
 PR_SET_PDEATHSIG sends it SIGTERM, and a watchdog notices a parent that died
 before that took effect. The parent forwards SIGTERM and SIGINT to every
-worker and exits with the first failing worker's status.
+worker and exits with the first failing worker's status. The workers count
+each client's connections together (`relay.admission.HostCounts`, mapped by
+the parent before the fork), so `RELAY_MAX_CONNECTIONS_PER_IP` holds for the
+host.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from relay import admin, metrics
+from relay.admission import HostCounts
 from relay.config import Settings
 from relay.server import Relay, bind, check_fd_limit, open_database, tls_context
 from relay.smtp_upstream import tls_context as smtp_tls_context
@@ -57,6 +61,7 @@ async def serve(
     parent: int | None = None,
     admin_sock: socket.socket | None = None,
     serves_admin: bool = True,
+    host_counts: HostCounts | None = None,
 ) -> None:
     """Run one relay process until SIGTERM or SIGINT (or, for a worker, until its
     `parent` process is gone), then drain."""
@@ -64,7 +69,7 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    relay = Relay(settings, serves_admin=serves_admin)
+    relay = Relay(settings, serves_admin=serves_admin, host_counts=host_counts)
     await relay.start(sock, admin_sock)
     watchdog = loop.create_task(_watch_parent(parent, stop)) if parent else None
     if ready is not None:
@@ -130,6 +135,7 @@ def _run_workers(
 ) -> None:
     children: list[int] = []
     stopping: list[int] = []
+    host_counts = HostCounts(settings.workers)  # mapped before the forks: shared by all
 
     def forward(signum: int, _frame: Any) -> None:
         stopping.append(signum)
@@ -159,6 +165,7 @@ def _run_workers(
             try:
                 _die_with_parent(parent)
                 metrics.use_multiprocess(metrics_dir)
+                host_counts.serve_as(index)
                 sock = bind(settings, reuse_port=True)
                 _run_loop(
                     serve(
@@ -168,6 +175,7 @@ def _run_workers(
                         parent=parent,
                         admin_sock=admin_sock if index == 0 else None,
                         serves_admin=index == 0,
+                        host_counts=host_counts,
                     )
                 )
             except BaseException:
@@ -182,10 +190,20 @@ def _run_workers(
     if stopping:  # a signal that came between a fork and its `append`
         forward(stopping[0], None)
     status = 0
-    for child in children:
+    rows = {child: index for index, child in enumerate(children)}
+    while rows:
+        # Whichever worker ends first, its connections leave the host's counts
+        # then, not when the workers started before it end; and before it is
+        # reaped, so a worker gone from the process table is gone from the counts.
+        ended = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOWAIT)
+        assert ended is not None  # None only with WNOHANG
+        child = ended.si_pid
+        if child in rows:
+            host_counts.forget(rows.pop(child))
         _, code = os.waitpid(child, 0)
         metrics.worker_gone(metrics_dir, child)
         status = status or os.waitstatus_to_exitcode(code)
+    host_counts.close()
     if status:
         sys.exit(status)
 

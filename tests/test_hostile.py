@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import os
 import socket
 import stat
 import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from support import b64, plain
+from support import attempt, b64, plain
 from test_admission import wait_until
 
 from relay.config import Limits
@@ -288,6 +292,64 @@ def test_failed_auth_counts_across_relays_on_one_database(relay_factory, sink, t
     assert greeting_from(second) == THROTTLED
 
 
+def guess_three_times(raw, start: threading.Barrier) -> list[str]:
+    """Three wrong AUTH in one session, as fast as the relay answers; every reply."""
+    start.wait()
+    answers = []
+    for _ in range(3):
+        answers.append(raw.cmd("AUTH PLAIN " + plain("rlt_guess")))
+        if answers[-1].startswith("421"):
+            break
+    else:
+        answers.append(raw.read())  # the session's own limit: 535, then 421
+    assert raw.closed()
+    return answers
+
+
+@pytest.mark.backends
+def test_concurrent_sessions_get_at_most_the_limit_of_535s(relay_factory, sink, database_url):
+    # Two relays on one database, as two workers or two hosts: each process
+    # writes from one thread, so only another process's writes can interleave.
+    relays = [
+        relay_factory(
+            SMTP_CONFIG=sink.smtp_config(),
+            RELAY_AUTH_FAILURE_LIMIT="10",
+            RELAY_DATABASE=database_url,
+        )
+        for _ in range(2)
+    ]
+    relay = relays[0]
+    # All open before the first failure, half on each relay.
+    sessions = [relays[n % 2].raw() for n in range(20)]
+    for raw in sessions:
+        raw.cmd("EHLO client.test")
+    start = threading.Barrier(len(sessions))
+    with ThreadPoolExecutor(len(sessions)) as pool:
+        answers = list(pool.map(lambda raw: guess_three_times(raw, start), sessions))
+    failed = [a for session in answers for a in session if a.startswith("535")]
+    assert failed == ["535 5.7.8 Authentication failed"] * 10
+    for session in answers:  # each: its 535s, then one 421 4.7.0, then the close
+        *wrong, last = session
+        assert set(wrong) <= {"535 5.7.8 Authentication failed"}
+        assert last == (
+            "421 4.7.0 Too many failed authentication attempts" if len(wrong) == 3 else THROTTLED
+        )
+    assert relay.store.auth_failures("127.0.0.1") == 10  # past the limit nothing is written
+    assert greeting_from(relay) == THROTTLED
+
+
+def test_an_auth_in_a_session_opened_before_the_limit_gets_421(relay_factory, sink):
+    relay = relay_factory(SMTP_CONFIG=sink.smtp_config(), RELAY_AUTH_FAILURE_LIMIT="2")
+    token = relay.token()
+    early = relay.raw()
+    early.cmd("EHLO client.test")
+    fail_auth(relay, 2)  # another session reaches the limit
+    # Even the right token: the answer must not tell a guesser whether it was right.
+    assert early.cmd("AUTH PLAIN " + plain(token)) == THROTTLED
+    assert early.closed()
+    assert relay.store.auth_failures("127.0.0.1") == 2
+
+
 def test_failures_leave_the_window_after_15_minutes(tmp_path):
     now = [datetime(2026, 11, 22, 12, 0, tzinfo=UTC)]
     store = Store(tmp_path / "t.db", clock=lambda: now[0])
@@ -355,6 +417,91 @@ def test_a_delivered_message_starts_the_count_again(relay_factory, sink):
         assert raw.cmd(HEAD + b"\r\nbody\r\n.").startswith("250 2.0.0 Ok <")
     assert len(sink.messages) == 3
     assert Limits().max_idle_commands == 100  # the documented default
+
+
+IDLE_TOO_LONG = "421 4.4.2 Session idle too long, closing connection"
+
+
+def noop_until_refused(raw) -> str:
+    """NOOP every 50 ms, a client keeping its session barely alive; the first other reply."""
+    while True:
+        with contextlib.suppress(OSError):  # closed meanwhile: its last reply is still to read
+            raw.send("NOOP")
+        reply = raw.read()
+        if reply != "250 2.0.0 Ok":
+            return reply
+        time.sleep(0.05)
+
+
+def test_a_session_that_delivers_nothing_ends_at_the_idle_limit(relay_factory, sink):
+    relay = relay_factory(SMTP_CONFIG=sink.smtp_config(), RELAY_SESSION_IDLE_MAX="1")
+    raw = relay.raw()
+    raw.login(relay.token())
+    assert noop_until_refused(raw) == IDLE_TOO_LONG
+    assert raw.closed()
+    wait_until(lambda: relay.relay.admission.total == 0)  # the slot is free
+
+
+@pytest.mark.parametrize(
+    "exchange",
+    [
+        [],  # not even EHLO
+        ["EHLO client.test", "AUTH LOGIN"],  # waiting for the user name (334)
+        ["EHLO client.test", "AUTH LOGIN", b64("api_token")],  # ... for the token
+        ["login", "MAIL FROM:<app@example.com>", "RCPT TO:<a@dest.test>"],  # before DATA
+    ],
+)
+def test_the_idle_limit_holds_in_the_middle_of_an_exchange(relay_factory, sink, exchange):
+    relay = relay_factory(
+        SMTP_CONFIG=sink.smtp_config(), RELAY_SESSION_IDLE_MAX="1", DEFAULT_SEND_BALANCE="5"
+    )
+    raw = relay.raw()
+    for line in exchange:
+        reply = raw.login(relay.token()) if line == "login" else raw.cmd(line)
+        assert reply[:1] in ("2", "3"), reply
+    assert raw.read() == IDLE_TOO_LONG  # the client says nothing more
+    assert raw.closed()
+
+
+def test_a_session_that_delivers_keeps_its_slot(relay_factory, sink):
+    relay = relay_factory(
+        SMTP_CONFIG=sink.smtp_config(), RELAY_SESSION_IDLE_MAX="1", DEFAULT_SEND_BALANCE="100"
+    )
+    raw = relay.raw()
+    raw.login(relay.token())
+    started, sent = time.monotonic(), 0
+    while time.monotonic() - started < 3:  # three times the limit, a message every 200 ms
+        assert attempt(raw).startswith("250 2.0.0 Ok <")
+        sent += 1
+        time.sleep(0.2)
+    assert raw.cmd("NOOP") == "250 2.0.0 Ok"
+    assert len(sink.messages) == sent
+
+
+@pytest.mark.parametrize("delivered", [True, False])
+def test_an_upload_past_the_idle_limit_is_not_cut_and_its_outcome_decides(
+    relay_factory, sink, delivered
+):
+    relay = relay_factory(
+        SMTP_CONFIG=sink.smtp_config(), RELAY_SESSION_IDLE_MAX="1", DEFAULT_SEND_BALANCE="5"
+    )
+    raw = relay.raw()
+    raw.login(relay.token())
+    assert raw.cmd("MAIL FROM:<app@example.com>") == "250 2.1.0 Ok"
+    assert raw.cmd("RCPT TO:<a@dest.test>") == "250 2.1.5 Ok"
+    assert raw.cmd("DATA").startswith("354 ")
+    raw.sock.sendall(HEAD if delivered else HEAD + b"From: other@example.com\r\n")
+    [session] = relay.relay.sessions
+    wait_until(session.idle_limit_passed)  # mid-upload: nothing is sent to the client
+    raw.send(b"\r\nbody\r\n.")
+    if delivered:
+        assert raw.read().startswith("250 2.0.0 Ok <")
+        assert raw.cmd("NOOP") == "250 2.0.0 Ok"  # the delivery started the clock again
+        assert len(sink.messages) == 1
+    else:
+        assert raw.read().startswith("554 5.6.0 ")
+        assert raw.read() == IDLE_TOO_LONG
+        assert raw.closed()
 
 
 def test_after_quit_the_relay_closes_without_waiting_for_the_client(relay):

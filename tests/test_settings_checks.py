@@ -60,6 +60,14 @@ def one_line(result: subprocess.CompletedProcess[str]) -> str:
             "relay: RELAY_UPSTREAM_TIMEOUT: must be between 0.1 and 75 seconds, got nan",
         ),
         (
+            {"RELAY_SESSION_IDLE_MAX": "ten minutes"},
+            "relay: RELAY_SESSION_IDLE_MAX: expected a number of seconds, got 'ten minutes'",
+        ),
+        (
+            {"RELAY_SESSION_IDLE_MAX": "0.5"},
+            "relay: RELAY_SESSION_IDLE_MAX: must be between 1 and 86400 seconds, got 0.5",
+        ),
+        (
             {"DEFAULT_SEND_BALANCE": str(2**63)},
             f"relay: DEFAULT_SEND_BALANCE: must be at most {2**63 - 1}, got {2**63}",
         ),
@@ -111,6 +119,11 @@ def test_workers_option_is_bounded_too(tmp_path):
     assert one_line(result) == (
         f"relay: --workers: must be at most {max_workers()}, got {max_workers() + 1}"
     )
+
+
+def test_the_session_idle_limit_is_600_seconds_and_settable_from_1():
+    assert load_settings({}).session_idle_max == 600.0
+    assert load_settings({"RELAY_SESSION_IDLE_MAX": "1"}).session_idle_max == 1.0
 
 
 def test_the_smallest_upstream_timeout_is_accepted():

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -60,7 +62,9 @@ def start_workers(tmp_path, cert_dir):
     Store(database).migrate()
     procs: list[subprocess.Popen[str]] = []
 
-    def start(workers: int = 2, *, log: bool = False) -> tuple[subprocess.Popen[str], int]:
+    def start(
+        workers: int = 2, *, log: bool = False, **settings: str
+    ) -> tuple[subprocess.Popen[str], int]:
         """`log`: the relay's JSON log lines on the process's stderr, else discarded."""
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -75,6 +79,7 @@ def start_workers(tmp_path, cert_dir):
             "RELAY_HOSTNAME": "relay.test",
             "RELAY_WORKERS": str(workers),
             "RELAY_LOG_FORMAT": "json",
+            **settings,
         }
         proc = subprocess.Popen(
             [sys.executable, "-m", "relay", "serve"],
@@ -94,6 +99,62 @@ def start_workers(tmp_path, cert_dir):
         proc.wait(10)
         if proc.stderr is not None:
             proc.stderr.close()
+
+
+def listening_sockets(port: int) -> int:
+    """Sockets listening on 127.0.0.1:`port`: one per worker that has bound (SO_REUSEPORT)."""
+    lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    fields = [line.split() for line in lines]
+    return sum(1 for f in fields if f[1] == f"0100007F:{port:04X}" and f[3] == "0A")
+
+
+def test_the_per_address_cap_holds_across_workers(start_workers, client_tls):
+    _, port = start_workers(2, RELAY_MAX_CONNECTIONS_PER_IP="4")
+    wait_for(lambda: listening_sockets(port) == 2)  # both workers take connections
+    greeted, refused = [], []
+    try:
+        for _ in range(12):  # the kernel spreads them over both workers
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            tls = client_tls.wrap_socket(sock, server_hostname="localhost")
+            line = tls.makefile("rb").readline().decode().rstrip("\r\n")
+            if line.startswith("220 "):
+                greeted.append(tls)
+            else:
+                refused.append(line)
+                tls.close()
+        assert len(greeted) == 4
+        assert refused == ["421 4.7.0 Too many connections from your address"] * 8
+    finally:
+        for tls in greeted:
+            tls.close()
+
+
+def test_a_dead_workers_connections_leave_the_hosts_count(start_workers, client_tls):
+    parent, port = start_workers(2, RELAY_MAX_CONNECTIONS_PER_IP="4")
+    wait_for(lambda: listening_sockets(port) == 2 and len(children(parent.pid)) == 2)
+
+    def connect() -> tuple[ssl.SSLSocket, str]:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        tls = client_tls.wrap_socket(sock, server_hostname="localhost")
+        return tls, tls.makefile("rb").readline().decode()
+
+    greeted = [connect() for _ in range(4)]
+    assert all(line.startswith("220 ") for _, line in greeted)
+    victim = children(parent.pid)[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: not alive(victim) and victim not in children(parent.pid))
+    # The victim's connections were closed by the kernel when it died.
+    open_ = [tls for tls, _ in greeted if not select.select([tls], [], [], 0)[0]]
+    try:
+        lines = []
+        for _ in range(6):
+            tls, line = connect()
+            lines.append(line.rstrip("\r\n"))
+            (greeted.append((tls, line)) if line.startswith("220 ") else tls.close())
+        assert sum(line.startswith("220 ") for line in lines) == 4 - len(open_)
+    finally:
+        for tls, _ in greeted:
+            tls.close()
 
 
 def test_workers_stop_when_the_parent_is_killed(start_workers):
