@@ -38,6 +38,7 @@ database:
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -47,6 +48,7 @@ from relay.db import Connection, Cursor, Database, Row, read_only
 from relay.deliveries import DeliveryRecord, insert
 from relay.errors import Refused, RelayError
 from relay.idempotency import delivered_recently, forget_expired, remember_delivered
+from relay.journal import PendingSettle
 from relay.policy import (
     UNLIMITED,
     LimitHit,
@@ -306,6 +308,27 @@ class Ledger(Database):
             if record is not None:
                 insert(db, record, kept)
             return refund
+
+    def apply_settles(self, entries: Sequence[PendingSettle]) -> int:
+        """Apply settles a stopped process journaled (`relay.journal`); returns how many
+        settled a row.
+
+        Each as `settle` does it, but only while its pending row is still there:
+        a settle its process made after all, or an entry applied before, changes
+        nothing and records nothing a second time.
+        """
+        now, applied = self._now(), 0
+        for entry in entries:
+            with self._write() as db:
+                settled = _settle(db, entry.reservation_id, entry.delivered, now, entry.created)
+                if settled is None:
+                    continue
+                if entry.idempotency_key and entry.delivered:
+                    remember_delivered(db, entry.idempotency_key, now)
+                if entry.record is not None:
+                    insert(db, entry.record, settled[1])
+                applied += 1
+        return applied
 
     def settle_stale(
         self, older_than: float, dead_after: float = OWNER_DEAD_AFTER

@@ -185,7 +185,7 @@ class Relay:
     ) -> None:
         """`serves_admin`: whether this process serves `RELAY_ADMIN_LISTEN` (one worker does)."""
         self.settings = settings
-        self.store = AsyncStore(Store(settings.database))
+        self.store = AsyncStore(Store(settings.database), settings.settle_journal_dir)
         self.channels = dict(channels) if channels is not None else build_channels(settings)
         self.handler = Submission(settings, self.store, self.channels, self.spawn)
         self.sessions: set[SubmissionProtocol] = metrics.SessionSet()
@@ -231,7 +231,8 @@ class Relay:
         await self.store.upkeep(lambda s: s.heartbeat())
         self._next_heartbeat = time.monotonic() + self.settings.upkeep.heartbeat_interval
         self._database_identity = _identity(self.settings.database)
-        await self._sweep()
+        self._open_journal()
+        await self._sweep()  # applies the journals stopped processes left, then sweeps
         if self.serves_admin and self.settings.admin_listen and admin_sock is None:
             admin_sock = admin.bind(self.settings.admin_listen)
         try:
@@ -250,6 +251,25 @@ class Relay:
         log.info("relay listening on %s:%d (implicit TLS)", self.settings.listen[0], self.port)
         if admin_sock is not None:
             self._start_admin(admin_sock, admin_tls)
+
+    def _open_journal(self) -> None:
+        """The settle journal: a directory set on purpose must be writable; the default
+        may not be (a read-only working directory beside PostgreSQL): then one warning."""
+        try:
+            self.store.open_journal()
+        except OSError as exc:
+            where = self.settings.settle_journal_dir
+            if self.settings.settle_journal is not None:
+                raise ConfigError(
+                    f"RELAY_SETTLE_JOURNAL: cannot write {where}: {exc.strerror or exc}"
+                ) from None
+            log.warning(
+                "the settle journal %s cannot be written (%s; set RELAY_SETTLE_JOURNAL): a"
+                " settle the database cannot take when the relay stops is refunded by a sweep",
+                where,
+                exc.strerror or exc,
+            )
+            self.store.journal = None
 
     def _admin_tls(self) -> tuple[Path, Path] | None:
         settings = self.settings
@@ -316,6 +336,12 @@ class Relay:
 
     async def _sweep(self) -> None:
         self._next_sweep = time.monotonic() + self.settings.upkeep.sweep_interval
+        try:
+            await self.store.upkeep(self.store.apply_journals)
+        except RelayError as exc:
+            # A charge a journal holds must not be refunded: no sweep until it is applied.
+            self._trouble("settle journal", exc)
+            return
         try:
             stale_after = self.settings.stale_after
             dead_after = self.settings.upkeep.owner_dead_after
