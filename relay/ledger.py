@@ -58,6 +58,7 @@ from relay.policy import (
     period_key,
     window_reset,
 )
+from relay.refusals import REFUSAL_WINDOW
 
 RELAY_SCOPE = "*"
 # A process whose heartbeat is older than this is dead (it beats every 10 s);
@@ -74,6 +75,7 @@ class MailCheck:
     sender: SenderState
     headroom: int | None  # recipients the tightest send-limit window still allows
     hit: LimitHit | None  # the exhausted window, if any
+    refusals: int = 0  # the token's refused messages in the window, counted up to the limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +164,7 @@ class Ledger(Database):
         default_balance: int,
         unlimited: bool,
         token_id: str = "",
+        refusal_limit: int = 0,
     ) -> MailCheck:
         """MAIL FROM: the domain's owner, the sender's balance, the windows. Reads only.
 
@@ -170,14 +173,27 @@ class Ledger(Database):
         (a client probing addresses, MAIL + RSET in a loop) writes nothing.
         `DEFAULT_SEND_BALANCE` only ever creates a missing row (ON CONFLICT DO
         NOTHING): an admin-disabled or admin-edited row stays as the admin left it.
+
+        The token's refusals (`relay.refusals`) are counted up to `refusal_limit`
+        (0: not counted), so the count costs the same however many there were.
         """
         now = self.clock()
         with self._connection() as db:
             # The domain's owner, the token, the no-limit list and the sender's
-            # row in one statement: MAIL FROM asks all four of every message.
+            # row, and the token's refusals, in one statement: MAIL FROM asks
+            # all five of every message.
+            ts = int(now.timestamp())
             row = db.execute(
                 _MAIL_CHECK_SQL,
-                (domain, int(now.timestamp()), token_id, address, address, address),
+                (
+                    domain,
+                    ts,
+                    token_id,
+                    *(address,) * 3,
+                    token_id,
+                    ts - REFUSAL_WINDOW,
+                    refusal_limit,
+                ),
             ).fetchone()
             room, hit = self._headroom(db, account_id, now)
         owner, known = row["owner"], row["balance"] is not None
@@ -188,7 +204,7 @@ class Ledger(Database):
             unlimited=unlimited or bool(row["nolimit"]),
         )
         owner = None if owner is None else int(owner)
-        return MailCheck(owner, bool(row["token_ok"]), state, room, hit)
+        return MailCheck(owner, bool(row["token_ok"]), state, room, hit, int(row["refusals"]))
 
     def _headroom(
         self, db: Connection, account_id: int, now: datetime
@@ -462,12 +478,15 @@ _OWNER_AND_VALIDITY = (
     " WHERE id = ?) AS token_ok"
 )
 _OWNER_SQL = f"SELECT {_OWNER_AND_VALIDITY}"
-# MAIL FROM's check: with them, the no-limit list and the sender's row.
+# MAIL FROM's check: with them, the no-limit list, the sender's row and the
+# token's refusals within the window, counted no further than the limit.
 _MAIL_CHECK_SQL = (
     f"SELECT {_OWNER_AND_VALIDITY},"  # noqa: S608 - constants; placeholders only
     " EXISTS (SELECT 1 FROM nolimit WHERE address = ?) AS nolimit,"
     " (SELECT balance FROM senders WHERE address = ?) AS balance,"
-    " (SELECT enabled FROM senders WHERE address = ?) AS enabled"
+    " (SELECT enabled FROM senders WHERE address = ?) AS enabled,"
+    " (SELECT count(*) FROM (SELECT 1 FROM refusals WHERE token_id = ? AND created > ?"
+    " LIMIT ?) AS r) AS refusals"
 )
 
 

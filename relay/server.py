@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import ctypes
 import errno
+import functools
 import gc
 import logging
 import os
@@ -359,6 +360,10 @@ class Relay:
             await self.store.upkeep(lambda s: s.prune_auth_failures())
         except RelayError as exc:
             self._trouble("failed-AUTH pruning", exc)
+        try:
+            await self.store.upkeep(lambda s: s.prune_refusals())
+        except RelayError as exc:
+            self._trouble("refusal pruning", exc)
 
     async def _sweep_forever(self) -> None:
         while True:
@@ -396,22 +401,42 @@ class Relay:
             await self._prune()
 
     async def _prune(self) -> None:
-        """Delete delivery-log records past the retention, a few short batches a tick.
+        """Delete delivery-log records past the retention, then the oldest while the log
+        is past RELAY_LOG_MAX_MB, a few short batches a tick.
 
         While whole batches go, the next tick prunes again; once the log is
-        within its retention, the next prune is a sweep interval away.
+        within its retention and its cap, the next prune is a sweep interval away.
         """
         now = int(self.store.sync.clock().timestamp())
         before = now - self.settings.log_retention_days * 86400
-        deleted = PRUNE_BATCHES_PER_TICK * PRUNE_BATCH
+        budget = PRUNE_BATCHES_PER_TICK
+        done = True
         try:
-            for _ in range(PRUNE_BATCHES_PER_TICK):
+            while budget:
+                budget -= 1
                 deleted = await self.store.upkeep(lambda s: s.prune_deliveries(before, PRUNE_BATCH))
                 if deleted < PRUNE_BATCH:
                     break
+            else:
+                done = False
+            cap = self.settings.log_max_mb * 1024 * 1024
+            while cap and budget:
+                budget -= 1
+                size, records = await self.store.upkeep(lambda s: s.log_size())
+                if size <= cap or not records:
+                    break
+                # The oldest records' share of the excess, as if all were of a size.
+                excess = -(-records * (size - cap) // size)
+                deleted = await self.store.upkeep(
+                    functools.partial(Store.prune_oldest_deliveries, count=excess)
+                )
+                if not deleted:
+                    break
+            else:
+                done = done and not cap
         except RelayError as exc:
             self._trouble("delivery log prune", exc)
-        if deleted < PRUNE_BATCH:
+        if done:
             self._next_prune = time.monotonic() + self.settings.upkeep.sweep_interval
 
     def _check_database_file(self) -> None:

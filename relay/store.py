@@ -13,6 +13,7 @@ Each concept has its own module, which states its guarantees:
 - `relay.idempotency`: messages an idempotent upstream took, so a retry is not
   charged twice
 - `relay.throttle`: failed AUTH attempts per client address, across processes
+- `relay.refusals`: messages refused at the end of DATA per token, across processes
 - `relay.deliveries`: the delivery log, written with each settle
 - `relay.admins`: the admin API's tokens, apart from the sending tokens
 - `relay.audit`: the audit log of operators' changes
@@ -46,6 +47,7 @@ from relay.errors import Refused, RelayError, StoreBusy, StoreError
 from relay.idempotency import IDEMPOTENCY_WINDOW
 from relay.journal import PendingSettle, SettleJournal
 from relay.ledger import RELAY_SCOPE, Ledger, MailCheck, Reservation
+from relay.refusals import Refusals
 from relay.throttle import Throttle
 from relay.tokens import TOKEN_PREFIX, Principal, Tokens, hash_token
 
@@ -64,7 +66,7 @@ __all__ = [
 ]
 
 
-class Store(Accounts, Tokens, Ledger, Deliveries, Throttle, AdminTokens, Audit, Browse):
+class Store(Accounts, Tokens, Ledger, Deliveries, Throttle, Refusals, AdminTokens, Audit, Browse):
     """The synchronous store. Admin commands use it directly; the server via `AsyncStore`."""
 
 
