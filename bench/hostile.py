@@ -9,12 +9,16 @@ the next phase measures):
   RSS once each burst has closed, the last against the first;
 - stall: one session sends the largest message the relay's bounds accept
   (1,000 addresses in From, 100 MIME parts, ~4.9 MiB) over and over while
-  another sends NOOP; the NOOP round trips' p99.
+  another sends NOOP; the NOOP round trips' p99;
+- refusals: one client sends only messages the relay refuses at the end of
+  DATA (MAIL, 50 pipelined 250-character RCPTs, a message with two From) for
+  `seconds`, reconnecting whenever its MAIL gets 421; the database's growth.
 """
 
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import ssl
 import time
 from pathlib import Path
@@ -32,6 +36,8 @@ SETTLE_AFTER_BURST = 4.0  # the relay's TLS close (2 s at most) and an upkeep ti
 STALL_NOOPS = 400
 NOOPS_PER_SESSION = 80
 PHASE_TIMEOUT = 120.0  # one round of the load, or opening its sessions
+REFUSED_RECIPIENTS = 50
+REFUSAL_SETTLE = 3.0  # seconds for the upkeep to checkpoint and empty the write-ahead log
 
 
 def wal_size(database: Path) -> int:
@@ -173,4 +179,59 @@ async def stall(target: Target, *, noops: int = STALL_NOOPS) -> dict[str, Any]:
         "messages_sent": sent,
         "noops": len(times),
         "noop_ms": report.latency_ms(times),
+    }
+
+
+def database_bytes(database: Path) -> int:
+    """The database file and its write-ahead log."""
+    return sum(path.stat().st_size for path in (database, Path(f"{database}-wal")) if path.exists())
+
+
+def refused_message(sender: str) -> bytes:
+    # RFC 5322 section 3.6: at most one From field; the relay refuses the rest.
+    return (
+        f"From: {sender}\r\nFrom: other@{sender.partition('@')[2]}\r\nTo: r@dest.test\r\n"
+        "Subject: refused\r\n\r\nTwo From fields.\r\n"
+    ).encode()
+
+
+async def refusals(target: Target, database: Path, *, seconds: float) -> dict[str, Any]:
+    """The database's growth while one client sends only refused messages at full speed."""
+    rcpts = b"".join(
+        f"RCPT TO:<{'r' * 60}{i:02d}@{'d' * 60}.{'e' * 60}.{'f' * 55}.test>\r\n".encode()
+        for i in range(REFUSED_RECIPIENTS)
+    )
+    content = refused_message(target.sender)
+    before = database_bytes(database)
+    refused = closed = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        conn = await SmtpConnection.open(target)
+        try:
+            while time.monotonic() < deadline:
+                conn._write(f"MAIL FROM:<{target.sender}>\r\n".encode())
+                code, _, _ = await conn.reply()
+                if code == 421:  # the token's refusals are over the limit: the session ends
+                    closed += 1
+                    break
+                conn._write(rcpts)
+                for _ in range(REFUSED_RECIPIENTS):
+                    await conn.expect(250)
+                await conn.command(b"DATA\r\n", 354)
+                conn._write(content, b".\r\n")
+                await conn.expect(554)
+                refused += 1
+        finally:
+            conn.close()
+    await asyncio.sleep(REFUSAL_SETTLE)
+    growth = database_bytes(database) - before
+    # The next phases use the same token: forget its refusals.
+    with sqlite3.connect(database) as db:
+        db.execute("DELETE FROM refusals")
+    db.close()
+    return {
+        "seconds": seconds,
+        "refused": refused,
+        "closed_at_mail": closed,
+        "growth_bytes": growth,
     }

@@ -33,6 +33,7 @@ MAX_WAL_PEAK = 64 * MIB
 MAX_WAL_AFTER = 4 * MIB
 MAX_BURST_GROWTH = 1.10
 MAX_STALL_P99_MS = 50.0
+MAX_REFUSAL_GROWTH = 10 * MIB  # one client sending only refused messages for 60 s
 
 
 def size_label(size: int) -> str:
@@ -225,6 +226,16 @@ def _hardening_checks(hard: dict[str, Any]) -> list[Check]:
                 None if value is None else value < MAX_STALL_P99_MS,
             )
         )
+    refusals = hard.get("refusals")
+    if refusals is not None:
+        out.append(
+            Check(
+                f"database growth, {refusals['seconds']:g} s of refused messages",
+                f"< {MAX_REFUSAL_GROWTH // MIB} MiB",
+                refusals["growth_bytes"] / MIB,
+                refusals["growth_bytes"] < MAX_REFUSAL_GROWTH,
+            )
+        )
     return out
 
 
@@ -252,6 +263,13 @@ def _hardening_lines(hard: dict[str, Any]) -> list[str]:
             f"NOOP beside the worst accepted message ({_mib(stall['message_bytes'])}, 1,000"
             f" From addresses, 100 parts; {stall['messages_sent']} sent): p50"
             f" {_fmt(lat['p50'], 2)} p99 {_fmt(lat['p99'], 2)} ms"
+        )
+    refusals = hard.get("refusals")
+    if refusals is not None:
+        lines.append(
+            f"refused messages (50 recipients each) for {refusals['seconds']:g} s:"
+            f" {refusals['refused']:,} refused, then {refusals['closed_at_mail']:,} MAILs"
+            f" closed with 421; database growth {_mib(refusals['growth_bytes'])}"
         )
     return lines
 

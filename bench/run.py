@@ -603,7 +603,7 @@ class Runner:
     async def hostile(self, setup: stack.Setup, sink: stack.ReferenceServer) -> None:
         """The hardening figures (bench.hostile), each on a fresh relay."""
         figures: dict[str, Any] = {}
-        for name in ("wal", "bursts", "stall"):
+        for name in ("wal", "bursts", "stall", "refusals"):
             async with stack.Relay.start(
                 setup, sink.port, workers=1, max_connections=self.max_connections
             ) as relay:
@@ -624,6 +624,11 @@ class Runner:
                             setup.client_tls(),
                             relay.pids,
                             connections=self.plan.burst_connections,
+                        )
+                    elif name == "refusals":
+                        self.log(f"database growth under {self.plan.wal_seconds:g} s of refusals")
+                        figures[name] = await hostile.refusals(
+                            side.target, setup.database, seconds=self.plan.wal_seconds
                         )
                     else:
                         self.log("NOOP round trips beside the worst accepted message")

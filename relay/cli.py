@@ -430,7 +430,7 @@ def _log_row(record: DeliveryRecord) -> dict[str, Any]:
         "time": _when(record.time),
         "message-id": record.message_id or "-",
         "sender": record.sender,
-        "rcpts": len(record.recipients),
+        "rcpts": record.total_recipients,
         "channel": record.channel or "-",
         "outcome": record.outcome,
         "reply": f"{record.reply.code} {record.reply.enhanced}",
@@ -463,7 +463,12 @@ def _record_text(record: DeliveryRecord) -> str:
         f"upstream id {record.upstream_id or '-'}",
         f"charged     {record.charged}",
         f"forward     {record.duration:.3f} s",
-        "recipients",
+        "recipients"
+        + (
+            f"  ({len(record.recipients)} of {record.total_recipients} kept)"
+            if record.total_recipients > len(record.recipients)
+            else ""
+        ),
     ]
     lines += [f"  {r.address}  {r.outcome} {r.code} {r.enhanced}" for r in record.recipients]
     return "\n".join(lines)

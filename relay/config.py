@@ -199,6 +199,16 @@ class Settings:
     log_format: str = "text"  # or "json": one JSON object per line
     # Delivery-log records older than this are pruned by the upkeep.
     log_retention_days: int = 30
+    # Messages one token may have refused at the end of DATA within 15 minutes
+    # (relay.refusals) before its next MAIL gets 421 4.7.0; 0: no limit. Each
+    # refusal writes a delivery record: this bounds what one token can write.
+    refusal_limit: int = 100
+    # The delivery log's size cap in MiB: past it the upkeep prunes the oldest
+    # records first, whatever their age; 0: no cap, only the retention.
+    log_max_mb: int = 1024
+    # Where settles the database could not take are journaled (relay.journal);
+    # None: beside the SQLite database, or data/settle-journal for PostgreSQL.
+    settle_journal: Path | None = None
     # The operators' HTTP listener (/metrics, /healthz, /readyz, the admin API and
     # console); None: off. Off loopback it serves TLS only, with this certificate
     # (None: the SMTP one).
@@ -212,6 +222,14 @@ class Settings:
     def forward_budget(self) -> float:
         """The whole time one message may spend with its upstream (retries included)."""
         return self.upstream_timeout * 2
+
+    @property
+    def settle_journal_dir(self) -> Path:
+        if self.settle_journal is not None:
+            return self.settle_journal
+        if isinstance(self.database, Path):
+            return self.database.with_name(self.database.name + "-settles")
+        return Path("data/settle-journal")
 
     @property
     def stale_after(self) -> float:
@@ -241,6 +259,9 @@ KNOWN = frozenset(
         "RELAY_OWNER_DEAD_AFTER",
         "RELAY_LOG_FORMAT",
         "RELAY_LOG_RETENTION_DAYS",
+        "RELAY_REFUSAL_LIMIT",
+        "RELAY_LOG_MAX_MB",
+        "RELAY_SETTLE_JOURNAL",
         "RELAY_ADMIN_LISTEN",
         "RELAY_ADMIN_TLS_CERT",
         "RELAY_ADMIN_TLS_KEY",
@@ -375,6 +396,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         log_retention_days=_integer(
             raw, "RELAY_LOG_RETENTION_DAYS", 30, minimum=0, maximum=MAX_LOG_RETENTION_DAYS
         ),
+        refusal_limit=_integer(raw, "RELAY_REFUSAL_LIMIT", 100, minimum=0),
+        log_max_mb=_integer(raw, "RELAY_LOG_MAX_MB", 1024, minimum=0),
+        settle_journal=Path(p) if (p := text("RELAY_SETTLE_JOURNAL")) else None,
         admin_listen=_host_port(admin, "RELAY_ADMIN_LISTEN") if admin else None,
         admin_tls_cert=Path(p) if (p := text("RELAY_ADMIN_TLS_CERT")) else None,
         admin_tls_key=Path(p) if (p := text("RELAY_ADMIN_TLS_KEY")) else None,

@@ -10,7 +10,11 @@ Guarantees:
   found short), and a replay (an idempotent retry the upstream took already),
   are recorded by `record_delivery`, one small write of their own.
 - Records older than `RELAY_LOG_RETENTION_DAYS` are deleted by the upkeep in
-  batches (`prune_deliveries`), each its own short transaction.
+  batches (`prune_deliveries`), each its own short transaction; so are the
+  oldest records while the log is past `RELAY_LOG_MAX_MB` (`log_size`).
+- A message refused before any charge keeps its recipient count and at most
+  its first REFUSED_RECIPIENTS_KEPT recipients (they all share its one reply),
+  so refusals cannot fill the disk 50 recipients at a time.
 - Queries by Message-ID, sender and recipient are index lookups; a recipient
   is found through `delivery_recipients`, one row per recipient. An account is
   not indexed (each index costs every message a few microseconds, and the log
@@ -40,6 +44,17 @@ PRUNE_BATCH = 1000
 MAX_LIMIT = 100_000
 # Recipients fetched per statement (SQLite's bound-parameter limit is 32,766).
 _CHUNK = 500
+# The recipients a record of a message refused before any charge keeps.
+REFUSED_RECIPIENTS_KEPT = 10
+# The records whose size `log_size` samples on PostgreSQL (the newest).
+SIZE_SAMPLE = 1000
+# A PostgreSQL row costs its tuple header and line pointer (23 + 4 bytes,
+# aligned) beyond pg_column_size of its values.
+PG_ROW_OVERHEAD = 32
+# ... and its index entries: deliveries has four indexes, delivery_recipients
+# two, each entry about as large as its key plus 16 bytes: about half again the
+# rows' own size for the log's short rows.
+PG_INDEX_FACTOR = 1.5
 
 
 class Outcome(enum.StrEnum):
@@ -78,6 +93,13 @@ class DeliveryRecord:
     client: str = ""
     replay: bool = False
     id: int = 0  # set when read back
+    # How many recipients the message had; `recipients` may keep only the first
+    # few (REFUSED_RECIPIENTS_KEPT). 0: as many as `recipients` holds.
+    recipient_count: int = 0
+
+    @property
+    def total_recipients(self) -> int:
+        return self.recipient_count or len(self.recipients)
 
     def as_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -88,6 +110,7 @@ class DeliveryRecord:
             "text": self.reply.text,
         }
         out["duration"] = round(self.duration, 3)
+        out["recipient_count"] = self.total_recipients
         return out
 
 
@@ -223,8 +246,8 @@ def insert(db: Connection, record: DeliveryRecord, charged: int | None = None) -
     row = db.execute(
         "INSERT INTO deliveries (created, message_id, account, token_id, sender, size, channel,"
         " rule, outcome, reply_code, reply_enhanced, reply_text, upstream_id, charged,"
-        " duration_ms, client, replay) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-        " RETURNING id",
+        " duration_ms, client, replay, recipient_count)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
         (
             record.time,
             record.message_id,
@@ -243,6 +266,7 @@ def insert(db: Connection, record: DeliveryRecord, charged: int | None = None) -
             round(record.duration * 1000),
             record.client,
             int(record.replay),
+            record.total_recipients,
         ),
     ).fetchone()
     delivery_id = int(row["id"])
@@ -294,6 +318,54 @@ class Deliveries(Database):
             )
         return int(cur.rowcount)
 
+    def prune_oldest_deliveries(self, count: int) -> int:
+        """Delete the `count` oldest records (at most PRUNE_BATCH), in one short
+        transaction; returns how many went."""
+        with self._write() as db:
+            cur = db.execute(
+                "DELETE FROM deliveries WHERE id IN (SELECT id FROM deliveries"
+                " ORDER BY created, id LIMIT ?)",
+                (min(count, PRUNE_BATCH),),
+            )
+        return int(cur.rowcount)
+
+    @read_only
+    def log_size(self) -> tuple[int, int]:
+        """An estimate of the delivery log's size: (bytes, records). Cheap enough for
+        every upkeep tick; exact figures would read every page of the log.
+
+        Records: the span of ids (an index's two ends), as records are pruned
+        oldest first; ids a rolled-back write took make it a little high.
+
+        SQLite: the database's pages in use (page_count less the free list)
+        times the page size, two pragmas. That counts the other tables too, but
+        beside the log they are small (a row per sender, account and token; the
+        idempotency keys, failed AUTH and refusals pruned within hours), and a
+        delete frees the log's pages at once, so the figure falls as it prunes.
+
+        PostgreSQL: a DELETE frees no file space (pg_total_relation_size stays
+        at its high-water mark until a VACUUM FULL), so the live records are
+        estimated instead: the records times the mean size of the newest
+        SIZE_SAMPLE records with their recipients (pg_column_size), plus each
+        row's overhead and its index entries.
+        """
+        span = self._read("SELECT min(id) AS low, max(id) AS high FROM deliveries")[0]
+        records = 0 if span["low"] is None else int(span["high"]) - int(span["low"]) + 1
+        if not self.is_postgres:
+            pages = (
+                self._read("PRAGMA page_count")[0][0] - self._read("PRAGMA freelist_count")[0][0]
+            )
+            return int(pages) * int(self._read("PRAGMA page_size")[0][0]), records
+        if not records:
+            return 0, 0
+        row = self._read(
+            "SELECT avg(pg_column_size(d.*) + ? + COALESCE((SELECT sum(pg_column_size(r.*) + ?)"
+            " FROM delivery_recipients AS r WHERE r.delivery_id = d.id), 0)) AS mean"
+            " FROM (SELECT * FROM deliveries ORDER BY id DESC LIMIT ?) AS d",
+            (PG_ROW_OVERHEAD, PG_ROW_OVERHEAD, SIZE_SAMPLE),
+        )[0]
+        return int(float(row["mean"] or 0) * PG_INDEX_FACTOR * records), records
+
 
 def _record(row: Row, recipients: list[RecipientOutcome]) -> DeliveryRecord:
     order = {"delivered": 0, "refused": 1, "deferred": 2}
@@ -315,4 +387,5 @@ def _record(row: Row, recipients: list[RecipientOutcome]) -> DeliveryRecord:
         client=row["client"],
         replay=bool(row["replay"]),
         id=row["id"],
+        recipient_count=row["recipient_count"] or len(recipients),
     )

@@ -38,6 +38,7 @@ database:
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -47,6 +48,7 @@ from relay.db import Connection, Cursor, Database, Row, read_only
 from relay.deliveries import DeliveryRecord, insert
 from relay.errors import Refused, RelayError
 from relay.idempotency import delivered_recently, forget_expired, remember_delivered
+from relay.journal import PendingSettle
 from relay.policy import (
     UNLIMITED,
     LimitHit,
@@ -56,6 +58,7 @@ from relay.policy import (
     period_key,
     window_reset,
 )
+from relay.refusals import REFUSAL_WINDOW
 
 RELAY_SCOPE = "*"
 # A process whose heartbeat is older than this is dead (it beats every 10 s);
@@ -72,6 +75,7 @@ class MailCheck:
     sender: SenderState
     headroom: int | None  # recipients the tightest send-limit window still allows
     hit: LimitHit | None  # the exhausted window, if any
+    refusals: int = 0  # the token's refused messages in the window, counted up to the limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +164,7 @@ class Ledger(Database):
         default_balance: int,
         unlimited: bool,
         token_id: str = "",
+        refusal_limit: int = 0,
     ) -> MailCheck:
         """MAIL FROM: the domain's owner, the sender's balance, the windows. Reads only.
 
@@ -168,14 +173,27 @@ class Ledger(Database):
         (a client probing addresses, MAIL + RSET in a loop) writes nothing.
         `DEFAULT_SEND_BALANCE` only ever creates a missing row (ON CONFLICT DO
         NOTHING): an admin-disabled or admin-edited row stays as the admin left it.
+
+        The token's refusals (`relay.refusals`) are counted up to `refusal_limit`
+        (0: not counted), so the count costs the same however many there were.
         """
         now = self.clock()
         with self._connection() as db:
             # The domain's owner, the token, the no-limit list and the sender's
-            # row in one statement: MAIL FROM asks all four of every message.
+            # row, and the token's refusals, in one statement: MAIL FROM asks
+            # all five of every message.
+            ts = int(now.timestamp())
             row = db.execute(
                 _MAIL_CHECK_SQL,
-                (domain, int(now.timestamp()), token_id, address, address, address),
+                (
+                    domain,
+                    ts,
+                    token_id,
+                    *(address,) * 3,
+                    token_id,
+                    ts - REFUSAL_WINDOW,
+                    refusal_limit,
+                ),
             ).fetchone()
             room, hit = self._headroom(db, account_id, now)
         owner, known = row["owner"], row["balance"] is not None
@@ -186,7 +204,7 @@ class Ledger(Database):
             unlimited=unlimited or bool(row["nolimit"]),
         )
         owner = None if owner is None else int(owner)
-        return MailCheck(owner, bool(row["token_ok"]), state, room, hit)
+        return MailCheck(owner, bool(row["token_ok"]), state, room, hit, int(row["refusals"]))
 
     def _headroom(
         self, db: Connection, account_id: int, now: datetime
@@ -306,6 +324,27 @@ class Ledger(Database):
             if record is not None:
                 insert(db, record, kept)
             return refund
+
+    def apply_settles(self, entries: Sequence[PendingSettle]) -> int:
+        """Apply settles a stopped process journaled (`relay.journal`); returns how many
+        settled a row.
+
+        Each as `settle` does it, but only while its pending row is still there:
+        a settle its process made after all, or an entry applied before, changes
+        nothing and records nothing a second time.
+        """
+        now, applied = self._now(), 0
+        for entry in entries:
+            with self._write() as db:
+                settled = _settle(db, entry.reservation_id, entry.delivered, now, entry.created)
+                if settled is None:
+                    continue
+                if entry.idempotency_key and entry.delivered:
+                    remember_delivered(db, entry.idempotency_key, now)
+                if entry.record is not None:
+                    insert(db, entry.record, settled[1])
+                applied += 1
+        return applied
 
     def settle_stale(
         self, older_than: float, dead_after: float = OWNER_DEAD_AFTER
@@ -439,12 +478,15 @@ _OWNER_AND_VALIDITY = (
     " WHERE id = ?) AS token_ok"
 )
 _OWNER_SQL = f"SELECT {_OWNER_AND_VALIDITY}"
-# MAIL FROM's check: with them, the no-limit list and the sender's row.
+# MAIL FROM's check: with them, the no-limit list, the sender's row and the
+# token's refusals within the window, counted no further than the limit.
 _MAIL_CHECK_SQL = (
     f"SELECT {_OWNER_AND_VALIDITY},"  # noqa: S608 - constants; placeholders only
     " EXISTS (SELECT 1 FROM nolimit WHERE address = ?) AS nolimit,"
     " (SELECT balance FROM senders WHERE address = ?) AS balance,"
-    " (SELECT enabled FROM senders WHERE address = ?) AS enabled"
+    " (SELECT enabled FROM senders WHERE address = ?) AS enabled,"
+    " (SELECT count(*) FROM (SELECT 1 FROM refusals WHERE token_id = ? AND created > ?"
+    " LIMIT ?) AS r) AS refusals"
 )
 
 

@@ -143,4 +143,11 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX audit_created ON audit (created);
     """,
+    # 9: refused messages by token (relay.refusals), so one token cannot fill the
+    #    disk with them; a record's recipient count, when it keeps only the first few
+    """
+    CREATE TABLE refusals (token_id TEXT NOT NULL, created INTEGER NOT NULL);
+    CREATE INDEX refusals_by_token ON refusals (token_id, created);
+    ALTER TABLE deliveries ADD COLUMN recipient_count INTEGER;  -- NULL: its recipient rows
+    """,
 )

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import ctypes
 import errno
+import functools
 import gc
 import logging
 import os
@@ -187,7 +188,7 @@ class Relay:
         """`serves_admin`: whether this process serves `RELAY_ADMIN_LISTEN` (one worker does);
         `host_counts`: the per-address counts the workers of this host share."""
         self.settings = settings
-        self.store = AsyncStore(Store(settings.database))
+        self.store = AsyncStore(Store(settings.database), settings.settle_journal_dir)
         self.channels = dict(channels) if channels is not None else build_channels(settings)
         self.handler = Submission(settings, self.store, self.channels, self.spawn)
         self.sessions: set[SubmissionProtocol] = metrics.SessionSet()
@@ -235,7 +236,8 @@ class Relay:
         await self.store.upkeep(lambda s: s.heartbeat())
         self._next_heartbeat = time.monotonic() + self.settings.upkeep.heartbeat_interval
         self._database_identity = _identity(self.settings.database)
-        await self._sweep()
+        self._open_journal()
+        await self._sweep()  # applies the journals stopped processes left, then sweeps
         if self.serves_admin and self.settings.admin_listen and admin_sock is None:
             admin_sock = admin.bind(self.settings.admin_listen)
         try:
@@ -257,6 +259,25 @@ class Relay:
         log.info("relay listening on %s:%d (implicit TLS)", self.settings.listen[0], self.port)
         if admin_sock is not None:
             self._start_admin(admin_sock, admin_tls)
+
+    def _open_journal(self) -> None:
+        """The settle journal: a directory set on purpose must be writable; the default
+        may not be (a read-only working directory beside PostgreSQL): then one warning."""
+        try:
+            self.store.open_journal()
+        except OSError as exc:
+            where = self.settings.settle_journal_dir
+            if self.settings.settle_journal is not None:
+                raise ConfigError(
+                    f"RELAY_SETTLE_JOURNAL: cannot write {where}: {exc.strerror or exc}"
+                ) from None
+            log.warning(
+                "the settle journal %s cannot be written (%s; set RELAY_SETTLE_JOURNAL): a"
+                " settle the database cannot take when the relay stops is refunded by a sweep",
+                where,
+                exc.strerror or exc,
+            )
+            self.store.journal = None
 
     def _admin_tls(self) -> tuple[Path, Path] | None:
         settings = self.settings
@@ -324,6 +345,12 @@ class Relay:
     async def _sweep(self) -> None:
         self._next_sweep = time.monotonic() + self.settings.upkeep.sweep_interval
         try:
+            await self.store.upkeep(self.store.apply_journals)
+        except RelayError as exc:
+            # A charge a journal holds must not be refunded: no sweep until it is applied.
+            self._trouble("settle journal", exc)
+            return
+        try:
             stale_after = self.settings.stale_after
             dead_after = self.settings.upkeep.owner_dead_after
             settled = await self.store.upkeep(lambda s: s.settle_stale(stale_after, dead_after))
@@ -340,6 +367,10 @@ class Relay:
             await self.store.upkeep(lambda s: s.prune_auth_failures())
         except RelayError as exc:
             self._trouble("failed-AUTH pruning", exc)
+        try:
+            await self.store.upkeep(lambda s: s.prune_refusals())
+        except RelayError as exc:
+            self._trouble("refusal pruning", exc)
 
     async def _sweep_forever(self) -> None:
         while True:
@@ -377,22 +408,42 @@ class Relay:
             await self._prune()
 
     async def _prune(self) -> None:
-        """Delete delivery-log records past the retention, a few short batches a tick.
+        """Delete delivery-log records past the retention, then the oldest while the log
+        is past RELAY_LOG_MAX_MB, a few short batches a tick.
 
         While whole batches go, the next tick prunes again; once the log is
-        within its retention, the next prune is a sweep interval away.
+        within its retention and its cap, the next prune is a sweep interval away.
         """
         now = int(self.store.sync.clock().timestamp())
         before = now - self.settings.log_retention_days * 86400
-        deleted = PRUNE_BATCHES_PER_TICK * PRUNE_BATCH
+        budget = PRUNE_BATCHES_PER_TICK
+        done = True
         try:
-            for _ in range(PRUNE_BATCHES_PER_TICK):
+            while budget:
+                budget -= 1
                 deleted = await self.store.upkeep(lambda s: s.prune_deliveries(before, PRUNE_BATCH))
                 if deleted < PRUNE_BATCH:
                     break
+            else:
+                done = False
+            cap = self.settings.log_max_mb * 1024 * 1024
+            while cap and budget:
+                budget -= 1
+                size, records = await self.store.upkeep(lambda s: s.log_size())
+                if size <= cap or not records:
+                    break
+                # The oldest records' share of the excess, as if all were of a size.
+                excess = -(-records * (size - cap) // size)
+                deleted = await self.store.upkeep(
+                    functools.partial(Store.prune_oldest_deliveries, count=excess)
+                )
+                if not deleted:
+                    break
+            else:
+                done = done and not cap
         except RelayError as exc:
             self._trouble("delivery log prune", exc)
-        if deleted < PRUNE_BATCH:
+        if done:
             self._next_prune = time.monotonic() + self.settings.upkeep.sweep_interval
 
     def _check_database_file(self) -> None:

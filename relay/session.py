@@ -20,7 +20,12 @@ from aiosmtpd.smtp import Envelope, Session
 from relay import logs, metrics, policy, replies
 from relay.channel import Channel, Delivery, Outbound, delivered_reply
 from relay.config import Settings
-from relay.deliveries import DeliveryRecord, outcome_of, recipient_outcomes
+from relay.deliveries import (
+    REFUSED_RECIPIENTS_KEPT,
+    DeliveryRecord,
+    outcome_of,
+    recipient_outcomes,
+)
 from relay.errors import DeliveryError, StoreError
 from relay.message import Prepared, domain_of, normalize_address, parse_address, prepare
 from relay.replies import Reply
@@ -122,18 +127,21 @@ class Submitted:
         delivery: Delivery | None = None,
         duration: float = 0.0,
         replay: bool = False,
+        keep_recipients: int | None = None,
     ) -> DeliveryRecord:
-        """The delivery-log record of this message, answered `reply`."""
+        """The delivery-log record of this message, answered `reply`; with
+        `keep_recipients`, only the first that many recipients, and their count."""
         delivery = delivery or Delivery(accepted=())
+        outcomes = recipient_outcomes(
+            self.recipients, self.keys, delivery.accepted, delivery.refused, reply
+        )
         return DeliveryRecord(
             time=when,
             message_id=delivery.message_id or self.message_id,
             account=self.principal.account,
             token_id=self.principal.token_id,
             sender=self.sender,
-            recipients=recipient_outcomes(
-                self.recipients, self.keys, delivery.accepted, delivery.refused, reply
-            ),
+            recipients=outcomes[:keep_recipients],
             size=self.size,
             channel=channel,
             rule=route.rule if route else None,
@@ -143,6 +151,7 @@ class Submitted:
             duration=duration,
             client=self.client,
             replay=replay,
+            recipient_count=len(outcomes),
         )
 
 
@@ -196,11 +205,16 @@ class Submission:
                 self.settings.default_send_balance,
                 principal.role in self.settings.no_limit_roles,
                 principal.token_id,
+                self.settings.refusal_limit,
             )
         except StoreError as exc:
             if not self.store.logged(exc):
                 log.exception("MAIL check failed")
             return str(replies.LOCAL_ERROR)
+        if self.settings.refusal_limit and check.refusals >= self.settings.refusal_limit:
+            # Each refused message writes a record: a token past its refusals
+            # may send no more for a while (relay.refusals). 421 closes.
+            return str(replies.TOO_MANY_REFUSALS)
         reply = policy.decide_mail(
             self.settings,
             account_id=principal.account_id,
@@ -335,11 +349,29 @@ class Submission:
         route: policy.Route | None = None,
         channel: str = "",
     ) -> Reply:
-        """A message answered at the end of DATA before any charge: counted and recorded."""
-        record = submitted.record(reply, self._now(), route=route, channel=channel)
+        """A message answered at the end of DATA before any charge: counted and recorded.
+
+        Its record keeps the first REFUSED_RECIPIENTS_KEPT recipients (all share
+        the one reply) and their count; a permanent refusal counts against the
+        token's RELAY_REFUSAL_LIMIT (relay.refusals), in the same write.
+        """
+        record = submitted.record(
+            reply,
+            self._now(),
+            route=route,
+            channel=channel,
+            keep_recipients=REFUSED_RECIPIENTS_KEPT,
+        )
         self._count(record)
-        if self.settings.log_retention_days:  # 0: the delivery log is off
-            await self._record(record, "refused message")
+        kept = record if self.settings.log_retention_days else None  # 0: the log is off
+        counted = submitted.principal.token_id if reply.is_permanent else None
+        if kept is None and counted is None:
+            return reply
+        try:
+            await self.store.run(self.store.sync.record_refused, kept, counted)
+        except StoreError as exc:
+            if not self.store.logged(exc):
+                log.warning("could not record refused message %s: %s", record.message_id, exc)
         return reply
 
     async def _record(self, record: DeliveryRecord, what: str) -> None:

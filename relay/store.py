@@ -8,9 +8,12 @@ Each concept has its own module, which states its guarantees:
 - `relay.tokens`: API tokens, stored only as SHA-256 hashes
 - `relay.ledger`: balances and send-limit windows; the atomic, never-negative
   charge (`reserve`), its `settle`, and the sweep of charges a dead process left
+- `relay.journal`: settles the database could not take, fsync'd to a file so
+  they outlive the process, applied before any sweep
 - `relay.idempotency`: messages an idempotent upstream took, so a retry is not
   charged twice
 - `relay.throttle`: failed AUTH attempts per client address, across processes
+- `relay.refusals`: messages refused at the end of DATA per token, across processes
 - `relay.deliveries`: the delivery log, written with each settle
 - `relay.admins`: the admin API's tokens, apart from the sending tokens
 - `relay.audit`: the audit log of operators' changes
@@ -30,6 +33,7 @@ import secrets
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, ParamSpec, TypeVar, cast
 
 from relay import metrics
@@ -39,9 +43,11 @@ from relay.audit import Audit
 from relay.browse import Browse
 from relay.db import expected_failure, is_read_only
 from relay.deliveries import Deliveries, DeliveryRecord
-from relay.errors import Refused, StoreBusy, StoreError
+from relay.errors import Refused, RelayError, StoreBusy, StoreError
 from relay.idempotency import IDEMPOTENCY_WINDOW
+from relay.journal import PendingSettle, SettleJournal
 from relay.ledger import RELAY_SCOPE, Ledger, MailCheck, Reservation
+from relay.refusals import Refusals
 from relay.throttle import Throttle
 from relay.tokens import TOKEN_PREFIX, Principal, Tokens, hash_token
 
@@ -60,7 +66,7 @@ __all__ = [
 ]
 
 
-class Store(Accounts, Tokens, Ledger, Deliveries, Throttle, AdminTokens, Audit, Browse):
+class Store(Accounts, Tokens, Ledger, Deliveries, Throttle, Refusals, AdminTokens, Audit, Browse):
     """The synchronous store. Admin commands use it directly; the server via `AsyncStore`."""
 
 
@@ -173,11 +179,17 @@ class AsyncStore:
 
     Each process has an owner id (pid and a random instance id) recorded on its
     reservations; `start()` writes its heartbeat, the upkeep refreshes it.
+
+    A settle the store refuses is written to the settle journal in `journal`
+    (a directory; `relay.journal` states what that guarantees) before the
+    caller answers the client, then retried in the background until it works.
     """
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, journal: Path | None = None) -> None:
         self.sync = store
         self.owner = f"{os.getpid()}-{secrets.token_hex(6)}"
+        self.journal = SettleJournal(journal, self.owner) if journal is not None else None
+        self.settle_failures = 0  # settle attempts the store refused, retries included
         where = store.location
         self._inline = Store(where, clock=store.clock, busy_timeout_ms=0, autocheckpoint=False)
         self._inlines = store.inline_writes  # reads and writes inline, when nothing is queued
@@ -192,6 +204,7 @@ class AsyncStore:
         for each in (self.sync, self._inline, self._reader, self._upkeep):
             each.owner = self.owner
         self._settling: dict[int, asyncio.Task[None]] = {}
+        self._deferred: set[int] = set()  # settles deferred and not taken yet
         self._group: list[_Write] = []  # writes for the next group commit
         self._restarting = False  # while `restart_log` runs, groups wait
         self._outage_since: float | None = None
@@ -373,47 +386,93 @@ class AsyncStore:
 
         Returns the refund, or -1 when the settle is deferred. The upstream may
         have taken the message: the pending row must not be refunded whole by a
-        sweep while this process lives to settle it (see `Ledger.settle_stale`).
-        The delivery-log `record` goes with the settle, retries included.
+        sweep while this process lives to settle it (see `Ledger.settle_stale`),
+        nor after it stopped: a deferred settle is in the journal before this
+        returns, so before the client gets its 250. The delivery-log `record`
+        goes with the settle, retries and journal included.
         """
+        entry = PendingSettle(reservation_id, delivered, idempotency_key, record, created)
         try:
             return await self.run(
                 self.sync.settle, reservation_id, delivered, idempotency_key, record, created
             )
         except StoreError as exc:
+            self.settle_failures += 1
             log.warning(
                 "settling reservation %s failed (%s); retrying in the background",
                 reservation_id,
                 exc,
                 exc_info=not expected_failure(exc),
             )
-        task = asyncio.get_running_loop().create_task(
-            self._settle_later(reservation_id, delivered, idempotency_key, record, created)
-        )
+        self._deferred.add(reservation_id)  # before the journal's write: no `clear` meanwhile
+        await self._journal(entry)
+        task = asyncio.get_running_loop().create_task(self._settle_later(entry))
         self._settling[reservation_id] = task
         task.add_done_callback(lambda _: self._settling.pop(reservation_id, None))
         return -1
 
-    async def _settle_later(
-        self,
-        reservation_id: int,
-        delivered: int,
-        idempotency_key: str | None,
-        record: DeliveryRecord | None,
-        created: int | None = None,
-    ) -> None:
+    async def _journal(self, entry: PendingSettle) -> None:
+        if self.journal is None:
+            return
+        try:
+            await asyncio.to_thread(self.journal.append, entry)
+        except OSError as exc:
+            log.error(
+                "could not write reservation %s to the settle journal (%s): if this process"
+                " stops before the database takes the settle, a sweep refunds it",
+                entry.reservation_id,
+                exc,
+            )
+
+    async def _settle_later(self, entry: PendingSettle) -> None:
         delay = SETTLE_RETRY_FIRST
         while True:
             await asyncio.sleep(delay)
             try:
                 refund = await self.run(
-                    self.sync.settle, reservation_id, delivered, idempotency_key, record, created
+                    self.sync.settle,
+                    entry.reservation_id,
+                    entry.delivered,
+                    entry.idempotency_key,
+                    entry.record,
+                    entry.created,
                 )
             except StoreError:
+                self.settle_failures += 1
                 delay = min(delay * 2, SETTLE_RETRY_MAX)
                 continue
-            log.info("settled reservation %s on a retry; refunded %d", reservation_id, refund)
+            log.info("settled reservation %s on a retry; refunded %d", entry.reservation_id, refund)
+            self._deferred.discard(entry.reservation_id)
+            if not self._deferred and self.journal is not None:
+                # Nothing of this process is pending: what the journal holds is settled.
+                self.journal.clear()
             return
+
+    def open_journal(self) -> None:
+        """Open this process's settle journal; raises OSError when it cannot be written."""
+        if self.journal is not None:
+            self.journal.open()
+
+    def apply_journals(self, store: Store) -> int:
+        """Apply the journals of stopped processes (`relay.journal`) on `store`; returns
+        the settles applied. Raises `StoreError` when the store cannot take them: then
+        no sweep may run."""
+        if self.journal is None:
+            return 0
+        applied = 0
+        try:
+            for path, entries in self.journal.orphans():
+                done = store.apply_settles(entries)
+                applied += done
+                log.warning(
+                    "applied %d settle(s) of %d a stopped process left in %s",
+                    done,
+                    len(entries),
+                    path,
+                )
+        except OSError as exc:
+            raise RelayError(f"settle journal {self.journal.directory}: {exc}") from exc
+        return applied
 
     @property
     def settling(self) -> int:
@@ -425,10 +484,17 @@ class AsyncStore:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if tasks:
+        if tasks and self.journal is not None:
             log.warning(
-                "%d reservation(s) still unsettled at stop; once this process is gone the"
-                " stale sweep refunds them in full",
+                "%d reservation(s) still unsettled at stop; kept in %s, the next start"
+                " (or another relay's sweep on this host) settles them",
+                len(tasks),
+                self.journal.path,
+            )
+        elif tasks:
+            log.warning(
+                "%d reservation(s) still unsettled at stop, and no settle journal: once this"
+                " process is gone the stale sweep refunds them in full",
                 len(tasks),
             )
         try:
@@ -442,3 +508,5 @@ class AsyncStore:
         for pool in (self._thread, self._upkeep_thread, self._reader_thread):
             pool.shutdown(wait=True)
         self._inline.close()
+        if self.journal is not None:
+            self.journal.close()

@@ -359,6 +359,7 @@ def relay_factory(
     client_tls: ssl.SSLContext,
     database_url: str,
     new_database: Callable[[], str],
+    tmp_path: Path,
 ) -> Iterator[Callable[..., RunningRelay]]:
     running: list[RunningRelay] = []
 
@@ -376,6 +377,10 @@ def relay_factory(
             # Every test client comes from 127.0.0.1; the per-address cap has its own tests.
             "RELAY_MAX_CONNECTIONS_PER_IP": "1000",
         }
+        if is_postgres(database_url):
+            # SQLite's journal goes beside the database; PostgreSQL's default is
+            # relative to the working directory.
+            base["RELAY_SETTLE_JOURNAL"] = str(tmp_path / "settle-journal")
         settings = load_settings({**base, **env})
         if limits is not None:
             settings = dataclasses.replace(settings, limits=limits)

@@ -114,8 +114,10 @@ def test_the_hardening_phases_report_their_figures(result: dict[str, Any]) -> No
     assert hard["wal"]["messages"] > 0 and hard["wal"]["peak_bytes"] >= hard["wal"]["after_bytes"]
     assert len(hard["bursts"]["rss_after"]) == 10 and hard["bursts"]["failed"] == 0
     assert hard["stall"]["noops"] == 10 and hard["stall"]["messages_sent"] >= 1
+    assert hard["refusals"]["refused"] >= 1 and hard["refusals"]["growth_bytes"] >= 0
     log = result["delivery_log"]
     assert log["on"]["forwarded_all"] is True and log["off"]["forwarded_all"] is True
     names = " ".join(t["name"] for t in result["targets"])
     assert "delivery log" in names
     assert "write-ahead log" in names and "bursts" in names and "NOOP" in names
+    assert "refused messages" in names

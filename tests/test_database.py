@@ -343,20 +343,6 @@ def test_a_failed_settle_is_retried_and_never_refunded_by_a_sweep(relay, sink):
     assert relay.store.show_sender(SENDER)["balance"] == 4  # charged, not refunded
 
 
-def test_stop_ends_a_settle_retry_and_leaves_the_row_to_the_sweep(relay, sink):
-    relay.store.set_sender(SENDER, balance=5)
-    fail_settles(relay.store)
-    raw = relay.raw()
-    raw.login(relay.token())
-    assert attempt(raw).startswith("250 2.0.0 Ok <")
-    relay.call(relay.relay.stop())
-    assert relay.relay.store.settling == 0
-    allow_settles(relay.store)
-    # The stopped process retired its heartbeat: its row is any sweep's now.
-    assert [r["sender"] for r in relay.store.settle_stale(older_than=0)] == [SENDER]
-    assert relay.store.show_sender(SENDER)["balance"] == 5
-
-
 def test_the_sweep_refunds_only_rows_of_processes_without_a_heartbeat(database_url):
     clock = FrozenClock(datetime(2026, 11, 21, 12, tzinfo=UTC))
     path = database_url

@@ -238,13 +238,18 @@ async function loadLog() {
     ...records.map((r) => {
       const row = el("tr", { className: "clickable" }, el("td", {}, r.time.replace("T", " ").slice(0, 19)),
         el("td", { className: "message-id" }, r.message_id || "-"), el("td", {}, r.sender),
-        el("td", {}, r.recipients.map((x) => x.address).join(", ")), el("td", {}, r.channel || "-"),
+        el("td", {}, r.recipients.map((x) => x.address).join(", ") + kept(r)), el("td", {}, r.channel || "-"),
         el("td", {}, r.outcome), el("td", {}, `${r.reply.code} ${r.reply.enhanced}`));
       row.dataset.messageId = r.message_id;
       row.addEventListener("click", guarded(() => openRecord(r.message_id)));
       return row;
     }),
   );
+}
+
+// A refused message's record keeps only its first recipients, and their count.
+function kept(r) {
+  return r.recipient_count > r.recipients.length ? ` (${r.recipients.length} of ${r.recipient_count} kept)` : "";
 }
 
 async function openRecord(messageId) {
@@ -256,7 +261,8 @@ async function openRecord(messageId) {
       ["sender", r.sender], ["size", `${r.size} octets`], ["channel", r.channel || "-"],
       ["outcome", r.outcome + (r.replay ? " (replay, not charged)" : "")],
       ["reply", `${r.reply.code} ${r.reply.enhanced} ${r.reply.text}`], ["upstream id", r.upstream_id || "-"],
-      ["charged", r.charged], ["forward", `${r.duration} s`]];
+      ["charged", r.charged], ["forward", `${r.duration} s`],
+      ["recipients", `${r.recipient_count}${kept(r)}`]];
     detail.append(
       el("table", {}, el("tbody", {}, ...facts.map(([k, v]) => el("tr", {}, el("th", {}, k), el("td", {}, v))))),
       el("table", { className: "recipients" },
