@@ -9,7 +9,11 @@ the next phase measures):
   RSS once each burst has closed, the last against the first;
 - stall: one session sends the largest message the relay's bounds accept
   (1,000 addresses in From, 100 MIME parts, ~4.9 MiB) over and over while
-  another sends NOOP; the NOOP round trips' p99.
+  another sends NOOP; the NOOP round trips' p99;
+- stalled uploads: N sessions each send about 2 MB of DATA and then stall;
+  the relay's RSS growth / N once they all hold their upload, from before
+  the sessions opened (the whole cost of such a client) and from when they
+  were open and authenticated (the upload's share).
 """
 
 from __future__ import annotations
@@ -32,6 +36,15 @@ SETTLE_AFTER_BURST = 4.0  # the relay's TLS close (2 s at most) and an upkeep ti
 STALL_NOOPS = 400
 NOOPS_PER_SESSION = 80
 PHASE_TIMEOUT = 120.0  # one round of the load, or opening its sessions
+STALLED_UPLOADS = 150
+STALLED_UPLOAD_BYTES = 2_000_000
+OPEN_CONCURRENCY = 50  # TLS handshakes at once while opening the stalled sessions
+# The relay has read every stalled upload once its RSS moves less than this
+# between two reads SETTLE_POLL apart (the client's bytes may still sit in
+# socket buffers when its own write buffer is empty).
+SETTLE_POLL = 0.5
+SETTLE_TOLERANCE = 0.01
+SETTLE_MAX = 15.0
 
 
 def wal_size(database: Path) -> int:
@@ -173,4 +186,57 @@ async def stall(target: Target, *, noops: int = STALL_NOOPS) -> dict[str, Any]:
         "messages_sent": sent,
         "noops": len(times),
         "noop_ms": report.latency_ms(times),
+    }
+
+
+async def _settled_rss(pids: list[int]) -> int:
+    """The RSS once it stops moving (or after SETTLE_MAX seconds)."""
+    last = proc.usage(pids).rss
+    deadline = time.monotonic() + SETTLE_MAX
+    while time.monotonic() < deadline:
+        await asyncio.sleep(SETTLE_POLL)
+        now = proc.usage(pids).rss
+        if abs(now - last) <= SETTLE_TOLERANCE * last:
+            return now
+        last = now
+    return last
+
+
+async def stalled_uploads(
+    target: Target,
+    pids: list[int],
+    *,
+    sessions: int = STALLED_UPLOADS,
+    upload_bytes: int = STALLED_UPLOAD_BYTES,
+) -> dict[str, Any]:
+    """RSS growth / N while N sessions each hold an unfinished ~2 MB upload."""
+    content = Message.of_size(upload_bytes, target.sender).body
+    limit = asyncio.Semaphore(OPEN_CONCURRENCY)
+
+    async def open_one() -> SmtpConnection:
+        async with limit:
+            return await SmtpConnection.open(target)
+
+    before = await _settled_rss(pids)
+    conns: list[SmtpConnection] = []
+    try:
+        opened = await asyncio.gather(*(open_one() for _ in range(sessions)))
+        conns.extend(opened)
+        idle = await _settled_rss(pids)
+        proc.reset_peak(pids)
+        await asyncio.gather(*(c.stall_upload(target.sender, content) for c in conns))
+        held = await _settled_rss(pids)
+        peak = proc.usage(pids).peak
+    finally:
+        for conn in conns:
+            conn.close()
+    return {
+        "sessions": sessions,
+        "upload_bytes": len(content),
+        "rss_before": before,
+        "rss_idle": idle,
+        "rss_stalled": held,
+        "rss_peak": peak,
+        "per_stalled_upload": (held - before) / sessions,
+        "per_upload_over_idle": (held - idle) / sessions,
     }

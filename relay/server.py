@@ -41,6 +41,7 @@ from relay.protocol import SubmissionProtocol
 from relay.replies import Reply
 from relay.session import Submission
 from relay.smtp_upstream import SmtpChannel
+from relay.spool import Spool
 from relay.store import AsyncStore, Store
 
 log = logging.getLogger("relay.server")
@@ -188,6 +189,7 @@ class Relay:
         self.store = AsyncStore(Store(settings.database))
         self.channels = dict(channels) if channels is not None else build_channels(settings)
         self.handler = Submission(settings, self.store, self.channels, self.spawn)
+        self.spool = Spool(settings)
         self.sessions: set[SubmissionProtocol] = metrics.SessionSet()
         self.serves_admin = serves_admin
         self._admin: admin.AdminServer | None = None
@@ -227,6 +229,8 @@ class Relay:
         self, sock: socket.socket | None = None, admin_sock: socket.socket | None = None
     ) -> None:
         ctx = tls_context(self.settings)
+        self.spool.open()
+        log.info("%s", self.spool.describe())
         await self.store.in_thread(open_database, self.store.sync)
         await self.store.upkeep(lambda s: s.heartbeat())
         self._next_heartbeat = time.monotonic() + self.settings.upkeep.heartbeat_interval
@@ -298,7 +302,13 @@ class Relay:
 
     def _protocol(self, refusal: Reply | None, on_close: Callable[[], None]) -> SubmissionProtocol:
         return SubmissionProtocol(
-            self.settings, self.handler, self.store, self.sessions, refusal, on_close
+            self.settings,
+            self.handler,
+            self.store,
+            self.sessions,
+            refusal,
+            on_close,
+            spool=self.spool,
         )
 
     async def _screen(self, address: str) -> Reply | None:

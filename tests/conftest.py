@@ -359,6 +359,7 @@ def relay_factory(
     client_tls: ssl.SSLContext,
     database_url: str,
     new_database: Callable[[], str],
+    tmp_path: Path,
 ) -> Iterator[Callable[..., RunningRelay]]:
     running: list[RunningRelay] = []
 
@@ -376,6 +377,9 @@ def relay_factory(
             # Every test client comes from 127.0.0.1; the per-address cap has its own tests.
             "RELAY_MAX_CONNECTIONS_PER_IP": "1000",
         }
+        if is_postgres(base["RELAY_DATABASE"]):
+            # No database file to put it beside: the test's own directory, not ./data.
+            base["RELAY_SPOOL_DIR"] = str(tmp_path / "spool")
         settings = load_settings({**base, **env})
         if limits is not None:
             settings = dataclasses.replace(settings, limits=limits)
