@@ -6,6 +6,9 @@ COPY relay ./relay
 RUN pip install --no-cache-dir ".[postgres]" && useradd --system --uid 10465 relay \
     && mkdir -p /data /certs && chown relay /data
 USER relay
+# Uploads in progress wait in /data (the relay's own) whatever the database:
+# with PostgreSQL the default, ./data/spool, would be under the root-owned /app.
+ENV RELAY_SPOOL_DIR=/data/spool
 # Port 465 without root: the compose file grants CAP_NET_BIND_SERVICE.
 EXPOSE 465
 ENTRYPOINT ["relay"]
