@@ -49,8 +49,8 @@ MECHANISMS = ("PLAIN", "LOGIN")
 READ_CHUNK = 64 * 1024
 # What the kernel and the TLS layer buffer for a connection once it has sent
 # DATA (see `_bound_receive_buffers`).
-DATA_SOCKET_BUFFER = 64 * 1024
-DATA_TLS_QUEUE = 32 * 1024
+DATA_SOCKET_BUFFER = 32 * 1024
+DATA_TLS_QUEUE = 16 * 1024
 
 
 class SubmissionProtocol(SMTPBase):
@@ -440,9 +440,11 @@ class SubmissionProtocol(SMTPBase):
         to 256 KiB before it pauses; OpenSSL's memory BIO then keeps the largest
         size it reached for the life of the connection. With the kernel's
         receive buffer autotuned to megabytes, a client that uploaded and then
-        stalled held about 0.8 MiB. A 64 KiB receive buffer and a 32 KiB TLS
-        queue bound each read and the queue; loopback and LAN uploads run as
-        fast, a 5 MiB upload over a 100 ms path takes a few seconds.
+        stalled held about 0.8 MiB. A 32 KiB receive buffer (the kernel doubles
+        it) and a 16 KiB TLS queue bound each read and the queue: about 240 KiB
+        per stalled upload, TLS connection included (the benchmark's row). The
+        price is the TCP window: loopback and LAN uploads run as fast, a 5 MiB
+        upload over a 100 ms path takes about 15 s of the 300 s DATA allows.
         """
         if self._buffers_bounded or self.transport is None:
             return
