@@ -377,10 +377,11 @@ def relay_factory(
             # Every test client comes from 127.0.0.1; the per-address cap has its own tests.
             "RELAY_MAX_CONNECTIONS_PER_IP": "1000",
         }
-        if is_postgres(base["RELAY_DATABASE"]):
+        given = {**base, **env}
+        if is_postgres(given["RELAY_DATABASE"]):
             # No database file to put it beside: the test's own directory, not ./data.
-            base["RELAY_SPOOL_DIR"] = str(tmp_path / "spool")
-        settings = load_settings({**base, **env})
+            given.setdefault("RELAY_SPOOL_DIR", str(tmp_path / "spool"))
+        settings = load_settings(given)
         if limits is not None:
             settings = dataclasses.replace(settings, limits=limits)
         if upkeep is not None:

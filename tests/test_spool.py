@@ -15,6 +15,7 @@ import logging
 import os
 import resource
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -25,7 +26,7 @@ import pytest
 from support import SENDER, Lines, Raw, free_port, message, plain
 from test_observe import scrape, value
 
-from relay import spool
+from relay import protocol, spool
 from relay.config import load_settings
 from relay.deliveries import Outcome, Query
 from relay.errors import ConfigError
@@ -316,3 +317,34 @@ def test_relay_serve_refuses_a_bad_spool_setting_in_one_line(tmp_path, cert_dir)
     assert done.stderr.strip().splitlines() == [
         "relay: RELAY_SPOOL_MAX_BYTES: expected a whole number, got '512k'"
     ]
+
+
+def test_from_data_on_the_connection_buffers_little(relay):
+    """What bounds a stalled upload's memory: the kernel's and the TLS layer's buffers."""
+    raw = begin(relay, relay.token())
+    assert raw.cmd("DATA").startswith("354 ")
+    [session] = relay.relay.sessions
+    transport = session.transport
+    rcvbuf = transport.get_extra_info("socket").getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    assert rcvbuf == 2 * protocol.DATA_SOCKET_BUFFER == 64 * 1024  # socket(7): doubled
+    assert transport.get_read_buffer_limits()[1] == protocol.DATA_TLS_QUEUE == 16 * 1024
+    raw.send(message() + b".")
+    assert raw.read().startswith("250 2.0.0 Ok <")
+
+
+@pytest.mark.parametrize("nameless", [True, False], ids=["O_TMPFILE", "unlinked-at-once"])
+def test_a_spooled_upload_has_no_name_and_gives_its_bytes_back(tmp_path, nameless):
+    opened = Spool(load_settings(base(tmp_path, RELAY_SPOOL_MAX_BYTES=str(MIB))))
+    opened.open()
+    opened._tmpfile = nameless  # the fallback, for a filesystem without O_TMPFILE
+    body = filler(spool.MEMORY_BYTES * 2)
+    with opened.upload() as stored:
+        stored.write(body[:1000])
+        assert stored._fd is None  # small: in memory
+        stored.write(body[1000:])
+        assert stored._fd is not None and list(opened.directory.iterdir()) == []
+        assert stored.content() == body and opened.used == len(body)
+        with pytest.raises(spool.NotStored), opened.upload() as other:
+            other.write(filler(MIB - len(body) + 100))
+        assert opened.used == len(body)  # the refused one gave its bytes back
+    assert opened.used == 0
