@@ -80,7 +80,6 @@ class SubmissionProtocol(SMTPBase):
         self._idle_commands = 0  # commands since the last delivered message
         self.spool = spool  # where DATA uploads are kept while they arrive
         self._buffers_bounded = False
-        self._upload_size = 0
         super().__init__(
             handler,
             data_size_limit=self.limits.max_message_size,
@@ -401,14 +400,14 @@ class SubmissionProtocol(SMTPBase):
         await self._push_raw(replies.START_DATA)
         # The documented 300 s for the whole upload.
         self.reset_timer(self.limits.data_timeout)
-        received = await self._receive()
+        received, size = await self._receive()
         self.reset_timer()
         if isinstance(received, Reply):
             # Not kept (too big, or its storage failed): the rest was read and
             # dropped, so no byte of it is taken as a command. One record, one reply.
-            upload_size, tx = self._upload_size, envelope.transaction
+            tx = envelope.transaction
             self.end_transaction()
-            await handler.upload_refused(self.relay_session(), tx, received, upload_size)
+            await handler.upload_refused(self.relay_session(), tx, received, size)
             await self.reply(received)
             return
         envelope.content = received
@@ -430,7 +429,7 @@ class SubmissionProtocol(SMTPBase):
         declared = envelope.transaction.declared_size if envelope.transaction else None
         if declared is None or self.spool.fits(declared):
             return False
-        self.spool.full(f"a declared SIZE={declared} does not fit the spool budget")
+        self.spool.note_full(f"a declared SIZE={declared} does not fit the spool budget")
         return True
 
     def _bound_receive_buffers(self) -> None:
@@ -457,8 +456,9 @@ class SubmissionProtocol(SMTPBase):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, DATA_SOCKET_BUFFER)
 
-    async def _receive(self) -> bytes | Reply:
-        """The message up to CRLF.CRLF, or the reply for one that cannot be kept.
+    async def _receive(self) -> tuple[bytes | Reply, int]:
+        """The message up to CRLF.CRLF (or the reply for one that cannot be kept), and
+        the bytes received.
 
         Whatever goes wrong while the upload is stored (the spool budget, ENOSPC,
         EIO, EFBIG), the rest is still read to the final dot and dropped: the
@@ -467,31 +467,28 @@ class SubmissionProtocol(SMTPBase):
         connection closes before anything after it is parsed.
         """
         upload = Upload(self.limits.max_message_size)
-        self._upload_size = 0
-        ended = False
-        failure: NotStored | None = None
+        ended = failed = False
         try:
             with self.spool.upload() as stored:
                 while not ended:
                     ended = upload.feed(await self._read_data())
-                    if failure is None:
+                    if not failed:
                         try:
                             stored.write(upload.take())
-                        except NotStored as exc:
-                            failure = exc
+                        except NotStored:
+                            failed = True
                             upload.drop()
-                self._upload_size = max(upload.received - 3, 0)
                 if upload.leftover:
                     # Commands pipelined after the end of data go back to the command loop.
                     self.unread(upload.leftover)
                 if upload.too_big:
-                    return replies.MESSAGE_TOO_BIG
-                if failure is None:
+                    return replies.MESSAGE_TOO_BIG, upload.size
+                if not failed:
                     try:
-                        return stored.content()
-                    except NotStored as exc:
-                        failure = exc
-                return replies.INSUFFICIENT_STORAGE
+                        return stored.content(), upload.size
+                    except NotStored:
+                        pass
+                return replies.INSUFFICIENT_STORAGE, upload.size
         finally:
             if not ended:
                 self._close()

@@ -101,7 +101,12 @@ class Spool:
         return Stored(self)
 
     def full(self, why: str) -> NotStored:
-        """The refusal of an upload, logged at most once a minute."""
+        """The refusal of an upload (`note_full` logs it)."""
+        self.note_full(why)
+        return NotStored(why)
+
+    def note_full(self, why: str) -> None:
+        """Log that an upload was refused for `why`, at most once a minute."""
         now = time.monotonic()
         if now >= self._quiet_until:
             self._quiet_until = now + FULL_LOG_INTERVAL
@@ -113,7 +118,6 @@ class Spool:
                 self.used,
                 self.budget,
             )
-        return NotStored(why)
 
     def _create(self) -> int:
         """A new spool file with no name, readable by this process's user only."""

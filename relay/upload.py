@@ -71,6 +71,11 @@ class Upload:
         self._buf.clear()
         return True
 
+    @property
+    def size(self) -> int:
+        """The message bytes received so far (dot-stuffing included), kept or not."""
+        return max(self.received - _DOT_CRLF, 0)
+
     def drop(self) -> None:
         """From now on drop the message bytes, and keep looking for the end."""
         self.dropped = True
