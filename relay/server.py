@@ -229,9 +229,8 @@ class Relay:
         self, sock: socket.socket | None = None, admin_sock: socket.socket | None = None
     ) -> None:
         ctx = tls_context(self.settings)
-        self.spool.open()
-        log.info("%s", self.spool.describe())
         await self.store.in_thread(open_database, self.store.sync)
+        self.spool.open()  # after the database, whose private directory it may share
         await self.store.upkeep(lambda s: s.heartbeat())
         self._next_heartbeat = time.monotonic() + self.settings.upkeep.heartbeat_interval
         self._database_identity = _identity(self.settings.database)
@@ -252,6 +251,7 @@ class Relay:
         self._listener.start()
         self._sweeper = loop.create_task(self._sweep_forever())
         log.info("relay listening on %s:%d (implicit TLS)", self.settings.listen[0], self.port)
+        log.info("%s", self.spool.describe())
         if admin_sock is not None:
             self._start_admin(admin_sock, admin_tls)
 
