@@ -34,6 +34,7 @@ QUICK = {
     "wal_seconds": 5.0,
     "burst_connections": 200,
     "stall_noops": 100,
+    "stalled_uploads": 50,
 }
 
 
@@ -139,6 +140,11 @@ def parser() -> argparse.ArgumentParser:
         "--stall-noops", type=positive, help="NOOPs timed beside the worst message (default 400)"
     )
     p.add_argument(
+        "--stalled-uploads",
+        type=positive,
+        help="sessions that each stall mid-DATA after ~2 MB, for the RSS row (default 150)",
+    )
+    p.add_argument(
         "--postgres",
         type=lambda text: list(parse_counts(text)),
         metavar="N,N,...",
@@ -176,6 +182,7 @@ def plan_from(args: argparse.Namespace) -> run.Plan:
         "wal_seconds",
         "burst_connections",
         "stall_noops",
+        "stalled_uploads",
     ):
         value = getattr(args, name)
         if value is not None:

@@ -256,6 +256,14 @@ class SmtpConnection(asyncio.Protocol):
         self._write(content, b".\r\n")
         await self.expect(250)
 
+    async def stall_upload(self, sender: str, content: bytes) -> None:
+        """Start a message, send `content` and never end it: the client that stalls mid-DATA."""
+        await self.command(f"MAIL FROM:<{sender}>\r\n".encode(), 250)
+        await self.command(f"RCPT TO:<{RECIPIENT}>\r\n".encode(), 250)
+        await self.command(b"DATA\r\n", 354)
+        self._write(content)
+        await self.flush()
+
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()

@@ -13,6 +13,10 @@ the next phase measures):
 - refusals: one client sends only messages the relay refuses at the end of
   DATA (MAIL, 50 pipelined 250-character RCPTs, a message with two From) for
   `seconds`, reconnecting whenever its MAIL gets 421; the database's growth.
+- stalled uploads: N sessions each send about 2 MB of DATA and then stall;
+  the relay's RSS growth / N once they all hold their upload, from before
+  the sessions opened (the whole cost of such a client) and from when they
+  were open and authenticated (the upload's share).
 """
 
 from __future__ import annotations
@@ -38,6 +42,15 @@ NOOPS_PER_SESSION = 80
 PHASE_TIMEOUT = 120.0  # one round of the load, or opening its sessions
 REFUSED_RECIPIENTS = 50
 REFUSAL_SETTLE = 3.0  # seconds for the upkeep to checkpoint and empty the write-ahead log
+STALLED_UPLOADS = 150
+STALLED_UPLOAD_BYTES = 2_000_000
+OPEN_CONCURRENCY = 50  # TLS handshakes at once while opening the stalled sessions
+# The relay has read every stalled upload once its RSS moves less than this
+# between two reads SETTLE_POLL apart (the client's bytes may still sit in
+# socket buffers when its own write buffer is empty).
+SETTLE_POLL = 0.5
+SETTLE_TOLERANCE = 0.01
+SETTLE_MAX = 15.0
 
 
 def wal_size(database: Path) -> int:
@@ -234,4 +247,57 @@ async def refusals(target: Target, database: Path, *, seconds: float) -> dict[st
         "refused": refused,
         "closed_at_mail": closed,
         "growth_bytes": growth,
+    }
+
+
+async def _settled_rss(pids: list[int]) -> int:
+    """The RSS once it stops moving (or after SETTLE_MAX seconds)."""
+    last = proc.usage(pids).rss
+    deadline = time.monotonic() + SETTLE_MAX
+    while time.monotonic() < deadline:
+        await asyncio.sleep(SETTLE_POLL)
+        now = proc.usage(pids).rss
+        if abs(now - last) <= SETTLE_TOLERANCE * last:
+            return now
+        last = now
+    return last
+
+
+async def stalled_uploads(
+    target: Target,
+    pids: list[int],
+    *,
+    sessions: int = STALLED_UPLOADS,
+    upload_bytes: int = STALLED_UPLOAD_BYTES,
+) -> dict[str, Any]:
+    """RSS growth / N while N sessions each hold an unfinished ~2 MB upload."""
+    content = Message.of_size(upload_bytes, target.sender).body
+    limit = asyncio.Semaphore(OPEN_CONCURRENCY)
+
+    async def open_one() -> SmtpConnection:
+        async with limit:
+            return await SmtpConnection.open(target)
+
+    before = await _settled_rss(pids)
+    conns: list[SmtpConnection] = []
+    try:
+        opened = await asyncio.gather(*(open_one() for _ in range(sessions)))
+        conns.extend(opened)
+        idle = await _settled_rss(pids)
+        proc.reset_peak(pids)
+        await asyncio.gather(*(c.stall_upload(target.sender, content) for c in conns))
+        held = await _settled_rss(pids)
+        peak = proc.usage(pids).peak
+    finally:
+        for conn in conns:
+            conn.close()
+    return {
+        "sessions": sessions,
+        "upload_bytes": len(content),
+        "rss_before": before,
+        "rss_idle": idle,
+        "rss_stalled": held,
+        "rss_peak": peak,
+        "per_stalled_upload": (held - before) / sessions,
+        "per_upload_over_idle": (held - idle) / sessions,
     }

@@ -34,6 +34,9 @@ MAX_WAL_AFTER = 4 * MIB
 MAX_BURST_GROWTH = 1.10
 MAX_STALL_P99_MS = 50.0
 MAX_REFUSAL_GROWTH = 10 * MIB  # one client sending only refused messages for 60 s
+# A client that stalls mid-DATA after ~2 MB: the relay's RSS per such session,
+# its TLS connection included (the rest of the upload waits in the spool file).
+MAX_STALLED_UPLOAD_BYTES = 300 * KIB
 
 
 def size_label(size: int) -> str:
@@ -236,6 +239,18 @@ def _hardening_checks(hard: dict[str, Any]) -> list[Check]:
                 refusals["growth_bytes"] < MAX_REFUSAL_GROWTH,
             )
         )
+    stalled = hard.get("stalled_uploads")
+    if stalled is not None:
+        value = stalled["per_stalled_upload"]
+        out.append(
+            Check(
+                f"RSS per stalled upload ({stalled['sessions']} x"
+                f" {stalled['upload_bytes'] / MIB:.1f} MiB)",
+                f"<= {MAX_STALLED_UPLOAD_BYTES // KIB} KiB",
+                value / KIB,
+                value <= MAX_STALLED_UPLOAD_BYTES,
+            )
+        )
     return out
 
 
@@ -270,6 +285,16 @@ def _hardening_lines(hard: dict[str, Any]) -> list[str]:
             f"refused messages (50 recipients each) for {refusals['seconds']:g} s:"
             f" {refusals['refused']:,} refused, then {refusals['closed_at_mail']:,} MAILs"
             f" closed with 421; database growth {_mib(refusals['growth_bytes'])}"
+        )
+    stalled = hard.get("stalled_uploads")
+    if stalled is not None:
+        lines.append(
+            f"{stalled['sessions']} uploads of {_mib(stalled['upload_bytes'])} stalled mid-DATA:"
+            f" RSS {_mib(stalled['rss_before'])} before, {_mib(stalled['rss_idle'])} with the"
+            f" sessions open, {_mib(stalled['rss_stalled'])} stalled (peak"
+            f" {_mib(stalled['rss_peak'])}); per stalled upload"
+            f" {_fmt(stalled['per_stalled_upload'] / KIB, 0)} KiB, of which the upload"
+            f" {_fmt(stalled['per_upload_over_idle'] / KIB, 0)} KiB"
         )
     return lines
 

@@ -70,6 +70,7 @@ class Plan:
     wal_seconds: float = 60.0  # 0: no hardening phases (bench.hostile)
     burst_connections: int = 2000
     stall_noops: int = 400
+    stalled_uploads: int = 150
 
     def sessions_for(self, size: int) -> int:
         return self.large_sessions if size >= LARGE else self.sessions
@@ -603,9 +604,19 @@ class Runner:
     async def hostile(self, setup: stack.Setup, sink: stack.ReferenceServer) -> None:
         """The hardening figures (bench.hostile), each on a fresh relay."""
         figures: dict[str, Any] = {}
-        for name in ("wal", "bursts", "stall", "refusals"):
+        for name in ("wal", "bursts", "stall", "refusals", "stalled_uploads"):
+            extra = {}
+            if name == "stalled_uploads":
+                # A spool budget that holds every upload: the row measures memory,
+                # not the budget's refusals (they have tests of their own).
+                room = 2 * self.plan.stalled_uploads * hostile.STALLED_UPLOAD_BYTES
+                extra["RELAY_SPOOL_MAX_BYTES"] = str(room)
             async with stack.Relay.start(
-                setup, sink.port, workers=1, max_connections=self.max_connections
+                setup,
+                sink.port,
+                workers=1,
+                max_connections=self.max_connections,
+                extra_env=extra,
             ) as relay:
                 side = relay_side(setup, relay, sink)
                 try:
@@ -630,10 +641,16 @@ class Runner:
                         figures[name] = await hostile.refusals(
                             side.target, setup.database, seconds=self.plan.wal_seconds
                         )
-                    else:
+                    elif name == "stall":
                         self.log("NOOP round trips beside the worst accepted message")
                         figures[name] = await hostile.stall(
                             side.target, noops=self.plan.stall_noops
+                        )
+                    else:
+                        count = self.plan.stalled_uploads
+                        self.log(f"RSS with {count} uploads of ~2 MB stalled mid-DATA")
+                        figures[name] = await hostile.stalled_uploads(
+                            side.target, relay.pids, sessions=count
                         )
                 except (SmtpFailure, OSError, TimeoutError) as exc:
                     raise stack.BenchError(f"{exc!r}; relay log:\n{relay.tail()}") from exc

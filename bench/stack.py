@@ -266,6 +266,8 @@ class Relay:
                 "RELAY_TLS_CERT": str(setup.cert),
                 "RELAY_TLS_KEY": str(setup.key),
                 "RELAY_DATABASE": str(setup.database),
+                # Beside the bench's files, whatever the database (PostgreSQL has no directory).
+                "RELAY_SPOOL_DIR": str(setup.directory / "spool"),
                 "RELAY_MAX_CONNECTIONS": str(max_connections),
                 "RELAY_MAX_CONNECTIONS_PER_IP": str(max_connections),  # every client is loopback
                 "RELAY_DRAIN_TIMEOUT": DRAIN,

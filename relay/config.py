@@ -217,6 +217,11 @@ class Settings:
     admin_tls_key: Path | None = None
     limits: Limits = field(default_factory=Limits)
     upkeep: Upkeep = field(default_factory=Upkeep)
+    # Where uploads past 64 KiB wait for their end (relay.spool), and the bytes
+    # all uploads in progress may hold there (None: a tenth of the free space
+    # at start, at most 1 GiB).
+    spool_dir: Path = Path("data/spool")
+    spool_max_bytes: int | None = None
 
     @property
     def forward_budget(self) -> float:
@@ -275,6 +280,8 @@ KNOWN = frozenset(
         "DEFAULT_SEND_BALANCE",
         "NO_LIMIT_SEND_ROLE",
         "RELAY_LISTEN_BACKLOG",
+        "RELAY_SPOOL_DIR",
+        "RELAY_SPOOL_MAX_BYTES",
     }
 )
 # SQLite stores integers as signed 64-bit: a balance beyond cannot be charged.
@@ -335,6 +342,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     if log_format not in LOG_FORMATS:
         raise ConfigError(f"RELAY_LOG_FORMAT: expected text or json, got {log_format}")
     admin = text("RELAY_ADMIN_LISTEN")
+    database = database_location(text("RELAY_DATABASE", "data/relay.db") or "")
     upkeep = Upkeep(
         sweep_interval=_number(raw, "RELAY_SWEEP_INTERVAL", Upkeep.sweep_interval, maximum=3600),
         heartbeat_interval=_number(
@@ -356,7 +364,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         listen=_host_port(text("RELAY_LISTEN", "0.0.0.0:465") or ""),
         tls_cert=Path(text("RELAY_TLS_CERT", "certs/relay.crt") or ""),
         tls_key=Path(text("RELAY_TLS_KEY", "certs/relay.key") or ""),
-        database=database_location(text("RELAY_DATABASE", "data/relay.db") or ""),
+        database=database,
         dev_outbox=Path(p) if (p := text("RELAY_DEV_OUTBOX")) else None,
         smtp_config=_smtp_config(raw.get("SMTP_CONFIG")),
         resend=ResendConfig(
@@ -403,7 +411,27 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         admin_tls_cert=Path(p) if (p := text("RELAY_ADMIN_TLS_CERT")) else None,
         admin_tls_key=Path(p) if (p := text("RELAY_ADMIN_TLS_KEY")) else None,
         upkeep=upkeep,
+        spool_dir=Path(p) if (p := text("RELAY_SPOOL_DIR")) else spool_dir_for(database),
+        spool_max_bytes=_integer(raw, "RELAY_SPOOL_MAX_BYTES", 0, minimum=MIN_SPOOL_BYTES) or None,
     )
+
+
+# RELAY_SPOOL_MAX_BYTES: below one upload's in-memory part and a little more, every
+# large message would be refused.
+MIN_SPOOL_BYTES = 1024 * 1024
+
+
+def spool_dir_for(database: Path | PostgresUrl) -> Path:
+    """`RELAY_SPOOL_DIR` when unset: `spool` beside the SQLite database, else `data/spool`.
+
+    Not TMPDIR: that is often a small tmpfs (memory) shared with everything else.
+
+        >>> spool_dir_for(Path("/var/lib/relay/relay.db"))
+        PosixPath('/var/lib/relay/spool')
+        >>> spool_dir_for(PostgresUrl("postgresql://relay@db/relay"))
+        PosixPath('data/spool')
+    """
+    return database.parent / "spool" if isinstance(database, Path) else Path("data/spool")
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

@@ -159,6 +159,9 @@ ONE_MESSAGE_ID_ALLOWED = BAD_MESSAGE.but(
 DELIVERED = Reply(250, "2.0.0", "Ok")
 NO_CHANNEL = Reply(451, "4.3.0", "No upstream channel for this sender domain")
 LOCAL_ERROR = Reply(451, "4.3.0", "Local error, message deferred; try again later")
+# RFC 3463 4.3.1 (mail system full); RFC 1870 section 6.2 gives 452 for a SIZE
+# over what the server can hold now.
+INSUFFICIENT_STORAGE = Reply(452, "4.3.1", "Insufficient system storage")
 UPSTREAM_THROTTLED = Reply(451, "4.7.0", "Upstream rate limit, try again later")
 UPSTREAM_UNAVAILABLE = Reply(451, "4.3.0", "Upstream unavailable, message deferred")
 UPSTREAM_REFUSED = Reply(554, "5.0.0", "Upstream refused the message")

@@ -42,6 +42,7 @@ from relay.protocol import SubmissionProtocol
 from relay.replies import Reply
 from relay.session import Submission
 from relay.smtp_upstream import SmtpChannel
+from relay.spool import Spool
 from relay.store import AsyncStore, Store
 
 log = logging.getLogger("relay.server")
@@ -191,6 +192,7 @@ class Relay:
         self.store = AsyncStore(Store(settings.database), settings.settle_journal_dir)
         self.channels = dict(channels) if channels is not None else build_channels(settings)
         self.handler = Submission(settings, self.store, self.channels, self.spawn)
+        self.spool = Spool(settings)
         self.sessions: set[SubmissionProtocol] = metrics.SessionSet()
         self.serves_admin = serves_admin
         self._admin: admin.AdminServer | None = None
@@ -233,6 +235,7 @@ class Relay:
     ) -> None:
         ctx = tls_context(self.settings)
         await self.store.in_thread(open_database, self.store.sync)
+        self.spool.open()  # after the database, whose private directory it may share
         await self.store.upkeep(lambda s: s.heartbeat())
         self._next_heartbeat = time.monotonic() + self.settings.upkeep.heartbeat_interval
         self._database_identity = _identity(self.settings.database)
@@ -257,6 +260,7 @@ class Relay:
             for warning in start_warnings(self.settings):
                 log.warning("%s", warning)
         log.info("relay listening on %s:%d (implicit TLS)", self.settings.listen[0], self.port)
+        log.info("%s", self.spool.describe())
         if admin_sock is not None:
             self._start_admin(admin_sock, admin_tls)
 
@@ -327,7 +331,9 @@ class Relay:
         return None
 
     def _protocol(self, on_close: Callable[[], None]) -> SubmissionProtocol:
-        return SubmissionProtocol(self.settings, self.handler, self.store, self.sessions, on_close)
+        return SubmissionProtocol(
+            self.settings, self.handler, self.store, self.sessions, on_close, spool=self.spool
+        )
 
     async def _screen(self, key: str) -> Reply | None:
         """Before TLS: a client over the failed-AUTH limit gets 421 at the greeting."""

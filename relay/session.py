@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import secrets
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -373,6 +374,49 @@ class Submission:
             if not self.store.logged(exc):
                 log.warning("could not record refused message %s: %s", record.message_id, exc)
         return reply
+
+    async def upload_refused(
+        self, session: RelaySession, tx: Transaction | None, reply: Reply, size: int
+    ) -> None:
+        """A DATA upload the protocol did not keep (too big, or its storage failed).
+
+        It reached the end of DATA, so like every such transaction it is counted,
+        logged and recorded. The message was dropped unread: its Message-ID is
+        one the relay makes up, as for a message that has none (RFC 6409 section 8.3).
+        """
+        principal = session.principal
+        if tx is None or principal is None:
+            return
+        message_id = f"<{secrets.token_urlsafe(24)}@{self.settings.hostname}>"
+        submitted = Submitted(
+            principal,
+            _client(session),
+            tx.check.sender.address,
+            tuple(tx.recipients),
+            tuple(tx.keys),
+            size,
+            message_id,
+        )
+        await self._refused(submitted, reply)
+        log.info(
+            "message %s from=%s rcpts=%d size=%d reply=%r outcome=%s: not kept",
+            message_id,
+            tx.sender,
+            len(tx.recipients),
+            size,
+            f"{reply.code} {reply.enhanced}",
+            outcome_of(reply, 0),
+            extra={
+                logs.FIELDS: {
+                    "message_id": message_id,
+                    "from": tx.sender,
+                    "rcpts": len(tx.recipients),
+                    "size": size,
+                    "reply": f"{reply.code} {reply.enhanced}",
+                    "outcome": str(outcome_of(reply, 0)),
+                }
+            },
+        )
 
     async def _record(self, record: DeliveryRecord, what: str) -> None:
         """One delivery-log record in a write of its own (nothing to settle with it)."""

@@ -29,13 +29,15 @@ class Upload:
     After the end, `take()` (or `message()`, which is all of it when nothing was
     taken) gives the rest of the message and `leftover` the bytes after the end.
     Past `limit` bytes the data is dropped as it arrives (and `too_big` is set)
-    while the end is still looked for, so the session stays in step.
+    while the end is still looked for, so the session stays in step; `drop()`
+    does the same for a message that cannot be kept (its storage failed).
     """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.received = 0
         self.too_big = False
+        self.dropped = False
         self.leftover = b""  # bytes after the end: the client's next command
         self._buf = bytearray(_VIRTUAL_CRLF)  # not yet looked at in full
         self._out = bytearray()  # unstuffed message bytes not yet taken
@@ -69,6 +71,16 @@ class Upload:
         self._buf.clear()
         return True
 
+    @property
+    def size(self) -> int:
+        """The message bytes received so far (dot-stuffing included), kept or not."""
+        return max(self.received - _DOT_CRLF, 0)
+
+    def drop(self) -> None:
+        """From now on drop the message bytes, and keep looking for the end."""
+        self.dropped = True
+        self._out.clear()
+
     def take(self) -> bytes:
         """The message bytes ready since the last `take`, dot-unstuffed (section 4.5.2)."""
         out = bytes(self._out)
@@ -77,12 +89,12 @@ class Upload:
 
     def message(self) -> bytes:
         """What is left of the message after the end (all of it if nothing was taken)."""
-        assert not self.too_big
+        assert not self.too_big and not self.dropped
         return self.take()
 
     def _emit(self, count: int) -> None:
         """Move the first `count` bytes of the buffer out, unstuffed; dropped if too big."""
-        if not self.too_big:
+        if not self.too_big and not self.dropped:
             piece = self._buf[:count]
             if b"\r\n." in piece:
                 piece = piece.replace(b"\r\n.", b"\r\n")

@@ -32,6 +32,7 @@ from relay.admission import HostCounts
 from relay.config import Settings
 from relay.server import Relay, bind, check_fd_limit, open_database, tls_context
 from relay.smtp_upstream import tls_context as smtp_tls_context
+from relay.spool import Spool
 from relay.store import Store
 
 log = logging.getLogger("relay.server")
@@ -113,6 +114,7 @@ def run(settings: Settings, ready: Callable[[Relay], Any] | None = None) -> None
     store = Store(settings.database)
     open_database(store)
     store.close()
+    Spool(settings).open()
     bind(settings, reuse_port=True).close()
     # The first worker serves the admin listener, on a socket bound here so a
     # bad RELAY_ADMIN_LISTEN stops the start before any fork. The workers'

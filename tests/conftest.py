@@ -377,11 +377,12 @@ def relay_factory(
             # Every test client comes from 127.0.0.1; the per-address cap has its own tests.
             "RELAY_MAX_CONNECTIONS_PER_IP": "1000",
         }
-        if is_postgres(database_url):
-            # SQLite's journal goes beside the database; PostgreSQL's default is
-            # relative to the working directory.
-            base["RELAY_SETTLE_JOURNAL"] = str(tmp_path / "settle-journal")
-        settings = load_settings({**base, **env})
+        given = {**base, **env}
+        if is_postgres(given["RELAY_DATABASE"]):
+            # No database file to put them beside: the test's own directory, not ./data.
+            given.setdefault("RELAY_SPOOL_DIR", str(tmp_path / "spool"))
+            given.setdefault("RELAY_SETTLE_JOURNAL", str(tmp_path / "settle-journal"))
+        settings = load_settings(given)
         if limits is not None:
             settings = dataclasses.replace(settings, limits=limits)
         if upkeep is not None:

@@ -50,6 +50,8 @@ def result(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "20",
         "--stall-noops",
         "10",
+        "--stalled-uploads",
+        "3",
         "--json-out",
         str(out),
     ]
@@ -115,9 +117,13 @@ def test_the_hardening_phases_report_their_figures(result: dict[str, Any]) -> No
     assert len(hard["bursts"]["rss_after"]) == 10 and hard["bursts"]["failed"] == 0
     assert hard["stall"]["noops"] == 10 and hard["stall"]["messages_sent"] >= 1
     assert hard["refusals"]["refused"] >= 1 and hard["refusals"]["growth_bytes"] >= 0
+    stalled = hard["stalled_uploads"]
+    assert stalled["sessions"] == 3 and stalled["upload_bytes"] > 1_900_000
+    assert stalled["rss_stalled"] > 0 and stalled["per_stalled_upload"] is not None
     log = result["delivery_log"]
     assert log["on"]["forwarded_all"] is True and log["off"]["forwarded_all"] is True
     names = " ".join(t["name"] for t in result["targets"])
     assert "delivery log" in names
     assert "write-ahead log" in names and "bursts" in names and "NOOP" in names
     assert "refused messages" in names
+    assert "RSS per stalled upload" in names

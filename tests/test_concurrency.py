@@ -143,6 +143,8 @@ class RelayProcesses:
             "RELAY_TLS_CERT": str(self.cert_dir / "relay.crt"),
             "RELAY_TLS_KEY": str(self.cert_dir / "relay.key"),
             "RELAY_DATABASE": self.database,
+            # A PostgreSQL database has no directory to spool beside: not ./data.
+            "RELAY_SPOOL_DIR": str(self.log_dir / "spool"),
             "SMTP_CONFIG": smtp_config,
             "RELAY_LOG_LEVEL": "WARNING",
             "RELAY_DRAIN_TIMEOUT": "5",

@@ -8,7 +8,6 @@ import logging
 import os
 import socket
 import stat
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -523,13 +522,14 @@ def test_the_fifth_unknown_command_closes_with_421(relay):
 # --- an upload that never ends is spooled to disk, and freed on every exit ------------
 
 
-def spool_files() -> dict[str, int]:
-    """This process's open, unlinked temporary files and their sizes."""
+def spool_files(relay) -> dict[str, int]:
+    """This process's open, nameless files in the relay's spool directory, and their sizes."""
     found = {}
+    directory = str(relay.relay.spool.directory) + os.sep
     for fd in os.listdir("/proc/self/fd"):
         try:
             target = os.readlink(f"/proc/self/fd/{fd}")
-            if target.startswith(tempfile.gettempdir()) and target.endswith("(deleted)"):
+            if target.startswith(directory) and target.endswith("(deleted)"):
                 found[fd] = os.fstat(int(fd)).st_size
         except OSError:
             continue
@@ -548,29 +548,30 @@ def start_endless_upload(relay, size: int):
 
 @pytest.mark.parametrize("ending", ["disconnect", "timeout"])
 def test_a_large_upload_goes_to_a_private_file_freed_however_it_ends(relay_factory, sink, ending):
-    before = set(spool_files())
     relay = relay_factory(
         Limits(data_timeout=3.0), SMTP_CONFIG=sink.smtp_config(), DEFAULT_SEND_BALANCE="5"
     )
+    assert relay.relay.spool.directory.stat().st_mode & 0o777 == 0o700
     raw = start_endless_upload(relay, 1024 * 1024)
-    wait_until(lambda: any(n >= 900_000 for f, n in spool_files().items() if f not in before))
-    [fd] = [f for f in spool_files() if f not in before]
+    wait_until(lambda: any(n >= 900_000 for n in spool_files(relay).values()))
+    [fd] = spool_files(relay)
     assert stat.S_IMODE(os.fstat(int(fd)).st_mode) == 0o600
+    assert list(relay.relay.spool.directory.iterdir()) == []  # the file has no name
     if ending == "disconnect":
         raw.close()
     else:
         assert raw.read() == "421 4.4.2 Timeout, closing connection"
-    wait_until(lambda: set(spool_files()) <= before)
+    wait_until(lambda: not spool_files(relay) and relay.relay.spool.used == 0)
     assert sink.messages == []
     assert relay.store.list_senders() == []
 
 
 def test_a_small_upload_stays_in_memory_and_a_large_one_arrives_whole(relay, sink):
-    before = set(spool_files())
-    raw = start_endless_upload(relay, 100 * 1024)
+    raw = start_endless_upload(relay, 50 * 1024)
+    wait_until(lambda: relay.relay.spool.used >= 49 * 1024)  # all of it held, in memory
+    assert not spool_files(relay)
     raw.sock.sendall(b".\r\n")
     assert raw.read().startswith("250 2.0.0 Ok <")
-    assert set(spool_files()) <= before
     raw = start_endless_upload(relay, 2 * 1024 * 1024)
     raw.sock.sendall(b".\r\n")
     assert raw.read().startswith("250 2.0.0 Ok <")

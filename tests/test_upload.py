@@ -152,3 +152,22 @@ def test_take_holds_back_only_what_may_start_the_end(chunks, taken):
         assert not upload.feed(chunk)
         got.append(upload.take())
     assert got == taken
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 5, 64])
+def test_a_dropped_upload_keeps_looking_for_the_end_and_gives_nothing(chunk):
+    # What a client may send after the point its message could no longer be
+    # kept: lines that look like commands, then the end, then its next command.
+    stream = b"kept\r\nRSET\r\nMAIL FROM:<a@x.test>\r\nDATA\r\n.\r\nNOOP\r\n"
+    upload = Upload(1000)
+    assert not upload.feed(stream[:6])
+    upload.take()
+    upload.drop()
+    fed, taken = 6, bytearray()
+    while not upload.feed(stream[fed : fed + chunk]):
+        fed += chunk
+        taken += upload.take()
+    fed += chunk
+    assert taken + upload.take() == b""
+    assert upload.leftover + stream[fed:] == b"NOOP\r\n"
+    assert upload.dropped and not upload.too_big
