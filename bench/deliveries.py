@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from relay.deliveries import Outcome, Query
-from relay.store import Store
+from relay.store.deliveries import Outcome, Query
+from relay.store.facade import Store
 
 RUNS = 5
 TARGET_SECONDS = 1.0

@@ -16,13 +16,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from relay import certs, logs, operations
-from relay.audit import CLI_ACTOR
+from relay import certs, logs
+from relay.admin import operations
 from relay.config import Settings, load_settings, max_workers
-from relay.deliveries import DeliveryRecord, Outcome
 from relay.errors import ConfigError, RelayError
-from relay.schema import MIGRATIONS
-from relay.store import Store
+from relay.store.audit import CLI_ACTOR
+from relay.store.deliveries import DeliveryRecord, Outcome
+from relay.store.facade import Store
+from relay.store.schema import MIGRATIONS
 
 DEMO_ACCOUNT = "demo"
 DEMO_DOMAIN = "demo.test"
@@ -187,8 +188,8 @@ def cmd_db_status(args: argparse.Namespace) -> None:
 
 def cmd_db_copy(args: argparse.Namespace) -> None:
     """Move this SQLite install into an empty PostgreSQL database (`--to`)."""
-    from relay import transfer
     from relay.config import PostgresUrl, database_location
+    from relay.store import transfer
 
     source_location = load_settings().database
     target_location = database_location(args.to)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from relay import replies
-from relay.channel import max_forwardable
+from relay.channels.base import max_forwardable
 from relay.config import Limits, Settings
 from relay.message import Defect, Prepared
 from relay.replies import Reply

@@ -29,21 +29,23 @@ from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from relay import admin, api, metrics, replies
-from relay.admission import Admission, HostCounts
-from relay.channel import Channel, OutboxChannel
+from relay import metrics, replies
+from relay.admin import api
+from relay.admin import app as admin
+from relay.channels.base import Channel, OutboxChannel
+from relay.channels.smtp_upstream import SmtpChannel
 from relay.config import Settings, no_channel, start_warnings
-from relay.db import expected_failure
-from relay.deliveries import PRUNE_BATCH
 from relay.errors import ConfigError, RelayError, StoreError
-from relay.listener import Listener
 from relay.policy import Channel as ChannelName
-from relay.protocol import SubmissionProtocol
 from relay.replies import Reply
-from relay.session import Submission
-from relay.smtp_upstream import SmtpChannel
-from relay.spool import Spool
-from relay.store import AsyncStore, Store
+from relay.smtp.admission import Admission, HostCounts
+from relay.smtp.listener import Listener
+from relay.smtp.protocol import SubmissionProtocol
+from relay.smtp.session import Submission
+from relay.smtp.spool import Spool
+from relay.store.db import expected_failure
+from relay.store.deliveries import PRUNE_BATCH
+from relay.store.facade import AsyncStore, Store
 
 log = logging.getLogger("relay.server")
 T = TypeVar("T")
@@ -67,13 +69,13 @@ PRUNE_BATCHES_PER_TICK = 10
 def build_channels(settings: Settings) -> dict[ChannelName, Channel]:
     channels: dict[ChannelName, Channel] = {}
     if settings.cloudflare:
-        from relay.cloudflare import CloudflareChannel
+        from relay.channels.cloudflare import CloudflareChannel
 
         channels[ChannelName.CLOUDFLARE] = CloudflareChannel(
             settings.cloudflare, timeout=settings.upstream_timeout
         )
     if settings.resend.configured:
-        from relay.resend import ResendChannel
+        from relay.channels.resend import ResendChannel
 
         channels[ChannelName.RESEND] = ResendChannel(
             settings.resend,

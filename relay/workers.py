@@ -27,13 +27,14 @@ import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-from relay import admin, metrics
-from relay.admission import HostCounts
+from relay import metrics
+from relay.admin import app as admin
+from relay.channels.smtp_upstream import tls_context as smtp_tls_context
 from relay.config import Settings
 from relay.server import Relay, bind, check_fd_limit, open_database, tls_context
-from relay.smtp_upstream import tls_context as smtp_tls_context
-from relay.spool import Spool
-from relay.store import Store
+from relay.smtp.admission import HostCounts
+from relay.smtp.spool import Spool
+from relay.store.facade import Store
 
 log = logging.getLogger("relay.server")
 PR_SET_PDEATHSIG = 1  # linux/prctl.h

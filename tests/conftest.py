@@ -36,7 +36,7 @@ from support import DOMAIN, MISSING_TOOL, Raw
 from relay import certs
 from relay.config import Limits, Upkeep, load_settings
 from relay.server import Relay
-from relay.store import Store
+from relay.store.facade import Store
 
 # --- the database: SQLite, or PostgreSQL -------------------------------------------------
 

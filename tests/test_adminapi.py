@@ -18,10 +18,10 @@ import pytest
 from support import DOMAIN, SENDER, message
 
 from relay import cli
-from relay.api import ENDPOINTS, MAX_BODY
-from relay.apispec import Endpoint, Field, check_body, check_query
+from relay.admin.api import ENDPOINTS, MAX_BODY
+from relay.admin.openapi import Endpoint, Field, check_body, check_query
 from relay.errors import Invalid
-from relay.store import Store
+from relay.store.facade import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -11,8 +11,8 @@ import time
 import pytest
 
 from relay import replies
-from relay.admission import Admission, HostCounts, client_key
 from relay.logs import OncePer
+from relay.smtp.admission import Admission, HostCounts, client_key
 
 
 def wait_until(condition, timeout: float = 5.0) -> None:

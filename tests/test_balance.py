@@ -23,7 +23,7 @@ from support import DOMAIN, SENDER, attempt, free_port, message
 
 from relay.errors import RelayError
 from relay.policy import Window, window_reset
-from relay.store import Refused, Store
+from relay.store.facade import Refused, Store
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.backends

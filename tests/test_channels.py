@@ -21,10 +21,10 @@ from typing import Any
 import pytest
 from support import DOMAIN, SENDER, free_port, message
 
-from relay.channel import Delivery, Outbound
+from relay.channels.base import Delivery, Outbound
+from relay.channels.smtp_upstream import SmtpChannel
 from relay.config import SmtpUpstream
 from relay.errors import DeliveryError
-from relay.smtp_upstream import SmtpChannel
 from tests.fake_upstreams import RESEND_UNVERIFIED_DOMAIN, FakeCloudflare, FakeResend
 
 # aiosmtpd warns when a server requires AUTH without STARTTLS, which is also what

@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 from support import free_port
 
-from relay.channel import Delivery, Outbound, delivered_reply, max_forwardable
-from relay.cloudflare import ERRORS as CODES
-from relay.cloudflare import (
+from relay.channels.base import Delivery, Outbound, delivered_reply, max_forwardable
+from relay.channels.cloudflare import ERRORS as CODES
+from relay.channels.cloudflare import (
     PERMANENT_BOUNCE,
     CloudflareChannel,
     outcome,

@@ -10,8 +10,8 @@ import aiosmtpd
 import aiosmtpd.smtp
 import pytest
 
-from relay import aiosmtpd_compat
-from relay.aiosmtpd_compat import IncompatibleAiosmtpd, check
+from relay.smtp import aiosmtpd_compat
+from relay.smtp.aiosmtpd_compat import IncompatibleAiosmtpd, check
 
 
 def fake_module(drop: str | None = None, unset: str | None = None) -> types.ModuleType:

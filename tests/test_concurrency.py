@@ -27,7 +27,7 @@ import aiosmtplib
 import pytest
 from support import DOMAIN, SENDER, free_port, message, plain
 
-from relay.store import Store
+from relay.store.facade import Store
 
 pytestmark = pytest.mark.backends
 REPO = Path(__file__).resolve().parent.parent

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from support import SENDER, message, missing_tool
 
-from relay.deliveries import DeliveryRecord, Outcome, RecipientOutcome
 from relay.replies import Reply
+from relay.store.deliveries import DeliveryRecord, Outcome, RecipientOutcome
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")

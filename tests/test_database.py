@@ -25,9 +25,9 @@ import pytest
 from conftest import is_postgres
 from support import SENDER, FrozenClock, attempt, message
 
-from relay.db import WAL_SIZE_LIMIT
-from relay.ledger import OWNER_DEAD_AFTER
-from relay.store import Store
+from relay.store.db import WAL_SIZE_LIMIT
+from relay.store.facade import Store
+from relay.store.ledger import OWNER_DEAD_AFTER
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.backends

@@ -22,7 +22,7 @@ import pytest
 from support import DOMAIN, SENDER
 
 from relay.errors import BatchBroken, RelayError, StoreError
-from relay.store import GROUP_MAX, GROUP_TURNS, AsyncStore, Refused, Reservation, Store
+from relay.store.facade import GROUP_MAX, GROUP_TURNS, AsyncStore, Refused, Reservation, Store
 
 pytestmark = pytest.mark.sqlite_only
 NEW = f"new@{DOMAIN}"  # a sender with no row yet

@@ -19,7 +19,7 @@ from test_admission import wait_until
 
 from relay.config import Limits
 from relay.logs import Printable, RedactAiosmtpd
-from relay.store import Store
+from relay.store.facade import Store
 
 
 def b64_bytes(data: bytes) -> str:

@@ -18,13 +18,13 @@ from typing import Any
 import pytest
 from support import DOMAIN, SENDER, FrozenClock
 
-from relay import ledger
-from relay.deliveries import DeliveryRecord, Outcome, Query
 from relay.errors import RelayError
-from relay.ledger import OWNER_DEAD_AFTER
 from relay.policy import UNLIMITED, LimitHit, Window
 from relay.replies import DELIVERED
-from relay.store import Refused, Reservation, Store
+from relay.store import ledger
+from relay.store.deliveries import DeliveryRecord, Outcome, Query
+from relay.store.facade import Refused, Reservation, Store
+from relay.store.ledger import OWNER_DEAD_AFTER
 
 START = datetime(2026, 11, 21, 12, tzinfo=UTC)
 T0 = int(START.timestamp())

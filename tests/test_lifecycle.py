@@ -14,7 +14,7 @@ from pathlib import Path
 
 from support import SENDER, Lines, free_port, message
 
-from relay.store import Store
+from relay.store.facade import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -17,7 +17,7 @@ from support import DOMAIN, SENDER, FrozenClock, attempt, message
 from relay import policy
 from relay.errors import RelayError
 from relay.policy import UNLIMITED, LimitHit, Window, period_key, window_reset
-from relay.store import Refused, Store
+from relay.store.facade import Refused, Store
 
 pytestmark = pytest.mark.backends
 
@@ -308,7 +308,7 @@ def frozen(relay_factory, sink, clock, monkeypatch):
         def now(cls, tz=None):
             return clock.now if tz is None else clock.now.astimezone(tz)
 
-    monkeypatch.setattr("relay.db.datetime", FrozenDatetime)
+    monkeypatch.setattr("relay.store.db.datetime", FrozenDatetime)
     return relay_factory(SMTP_CONFIG=sink.smtp_config(), DEFAULT_SEND_BALANCE="100")
 
 

@@ -24,7 +24,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from support import DOMAIN, SENDER, Lines, free_port, message, plain
 
 from relay import cli, logs
-from relay.deliveries import (
+from relay.replies import Reply
+from relay.store.deliveries import (
     DeliveryRecord,
     Outcome,
     Query,
@@ -33,8 +34,7 @@ from relay.deliveries import (
     parse_when,
     recipient_outcomes,
 )
-from relay.replies import Reply
-from relay.store import Store
+from relay.store.facade import Store
 from tests.fake_upstreams import FakeCloudflare, FakeResend
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import pytest
 
 from relay import replies
-from relay.channel import Delivery, partial_delivery
+from relay.channels.base import Delivery, partial_delivery
 from relay.errors import DeliveryError, PermanentDelivery, TransientDelivery
 from relay.replies import Refusal, Reply
 

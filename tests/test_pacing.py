@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from relay.httpapi import Answer, pause_seconds
-from relay.pacing import BudgetExceeded, Deadline, TokenBucket, take_slot
+from relay.channels.httpapi import Answer, pause_seconds
+from relay.channels.pacing import BudgetExceeded, Deadline, TokenBucket, take_slot
 
 
 class Clock:

@@ -26,12 +26,12 @@ from conftest import LoopThread, Recorder
 from support import DOMAIN, SENDER
 from test_channels import DELIVERED, OTHER, RCPT, balance, mail, send
 
-from relay import aiosmtplib_compat
-from relay.aiosmtplib_compat import IncompatibleAiosmtplib, Replies, check, pipeline
-from relay.channel import Outbound
+from relay.channels import aiosmtplib_compat
+from relay.channels.aiosmtplib_compat import IncompatibleAiosmtplib, Replies, check, pipeline
+from relay.channels.base import Outbound
+from relay.channels.smtp_upstream import SmtpChannel
 from relay.config import SmtpUpstream
 from relay.errors import TransientDelivery
-from relay.smtp_upstream import SmtpChannel
 
 GROUP = f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<{RCPT}>\r\nRCPT TO:<{OTHER}>\r\n".encode()
 

@@ -22,11 +22,11 @@ from typing import Any
 import pytest
 from support import DOMAIN, MISSING_TOOL, SENDER, attempt
 
-from relay.deliveries import DeliveryRecord, Outcome, Query, RecipientOutcome
-from relay.postgres import translate_schema
 from relay.replies import Reply
-from relay.schema import MIGRATIONS
-from relay.store import Store
+from relay.store.deliveries import DeliveryRecord, Outcome, Query, RecipientOutcome
+from relay.store.facade import Store
+from relay.store.postgres import translate_schema
+from relay.store.schema import MIGRATIONS
 
 REPO = Path(__file__).resolve().parent.parent
 

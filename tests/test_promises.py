@@ -21,7 +21,7 @@ from support import DOMAIN, SENDER, Raw, b64, message, plain
 
 from relay.config import Limits, Upkeep, load_settings, resend_domain_key
 from relay.errors import StoreError
-from relay.store import Refused, Store
+from relay.store.facade import Refused, Store
 
 DELIVERED = "250 2.0.0 Ok <"
 

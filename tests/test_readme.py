@@ -26,7 +26,7 @@ import pytest
 from support import free_port
 
 from relay.config import load_settings
-from relay.store import Store
+from relay.store.facade import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 MARKER = "<!-- test: production -->"

@@ -20,8 +20,8 @@ from conftest import is_postgres
 from support import DOMAIN, SENDER, message
 
 from relay.config import Upkeep
-from relay.deliveries import DeliveryRecord, Outcome, Query, RecipientOutcome
 from relay.replies import BAD_MESSAGE, Reply
+from relay.store.deliveries import DeliveryRecord, Outcome, Query, RecipientOutcome
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.backends

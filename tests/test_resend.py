@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from relay.channel import Delivery, Outbound
+from relay.channels.base import Delivery, Outbound
+from relay.channels.resend import ERRORS, ResendChannel, is_config_fault, outcome, translate
 from relay.config import ResendConfig, Secret
 from relay.errors import DeliveryError, PermanentDelivery, TransientDelivery
-from relay.resend import ERRORS, ResendChannel, is_config_fault, outcome, translate
 from tests.fake_upstreams import RESEND_ERRORS, FakeResend, resend_error
 
 KEY = "ab" * 32

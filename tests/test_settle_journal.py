@@ -21,8 +21,8 @@ from support import SENDER, Lines, attempt, free_port, message
 from test_database import allow_settles, fail_settles, wait_for
 from test_lifecycle import HeldData
 
-from relay.deliveries import Query
-from relay.store import Store
+from relay.store.deliveries import Query
+from relay.store.facade import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.backends

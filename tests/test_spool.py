@@ -26,11 +26,11 @@ import pytest
 from support import SENDER, Lines, Raw, free_port, message, plain
 from test_observe import scrape, value
 
-from relay import protocol, spool
 from relay.config import load_settings
-from relay.deliveries import Outcome, Query
 from relay.errors import ConfigError
-from relay.spool import Spool
+from relay.smtp import protocol, spool
+from relay.smtp.spool import Spool
+from relay.store.deliveries import Outcome, Query
 
 MIB = 1024 * 1024
 BUDGET = MIB  # the smallest RELAY_SPOOL_MAX_BYTES

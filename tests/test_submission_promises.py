@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from support import SENDER, message
 
-from relay.deliveries import Outcome, Query
+from relay.store.deliveries import Outcome, Query
 
 DELIVERED = "250 2.0.0 Ok <"
 BAD_MESSAGE_ID = (

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from relay.upload import Upload
+from relay.smtp.upload import Upload
 
 
 def collect(stream: bytes, chunk: int, limit: int = 1000) -> tuple[Upload, bytes]:

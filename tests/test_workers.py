@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from support import Lines
 
-from relay.store import Store
+from relay.store.facade import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 

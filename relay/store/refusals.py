@@ -18,8 +18,8 @@ PostgreSQL database, sees one count. The refusal and its record are one write.
 
 from __future__ import annotations
 
-from relay.db import Database
-from relay.deliveries import DeliveryRecord, insert
+from relay.store.db import Database
+from relay.store.deliveries import DeliveryRecord, insert
 
 # RELAY_REFUSAL_LIMIT counts within this window.
 REFUSAL_WINDOW = 15 * 60

@@ -37,19 +37,19 @@ from pathlib import Path
 from typing import Any, ParamSpec, TypeVar, cast
 
 from relay import metrics
-from relay.accounts import Accounts
-from relay.admins import AdminTokens
-from relay.audit import Audit
-from relay.browse import Browse
-from relay.db import expected_failure, is_read_only
-from relay.deliveries import Deliveries, DeliveryRecord
 from relay.errors import Refused, RelayError, StoreBusy, StoreError
-from relay.idempotency import IDEMPOTENCY_WINDOW
-from relay.journal import PendingSettle, SettleJournal
-from relay.ledger import RELAY_SCOPE, Ledger, MailCheck, Reservation
-from relay.refusals import Refusals
-from relay.throttle import Throttle
-from relay.tokens import TOKEN_PREFIX, Principal, Tokens, hash_token
+from relay.store.accounts import Accounts
+from relay.store.admins import AdminTokens
+from relay.store.audit import Audit
+from relay.store.browse import Browse
+from relay.store.db import expected_failure, is_read_only
+from relay.store.deliveries import Deliveries, DeliveryRecord
+from relay.store.idempotency import IDEMPOTENCY_WINDOW
+from relay.store.journal import PendingSettle, SettleJournal
+from relay.store.ledger import RELAY_SCOPE, Ledger, MailCheck, Reservation
+from relay.store.refusals import Refusals
+from relay.store.throttle import Throttle
+from relay.store.tokens import TOKEN_PREFIX, Principal, Tokens, hash_token
 
 __all__ = [
     "IDEMPOTENCY_WINDOW",

@@ -31,14 +31,14 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from relay import operations
-from relay.admission import client_key
-from relay.apispec import PREFIX, Endpoint, Field, Param, check_body, check_query, document
-from relay.audit import Actor
-from relay.deliveries import Outcome
+from relay.admin import operations
+from relay.admin.openapi import PREFIX, Endpoint, Field, Param, check_body, check_query, document
 from relay.errors import AdminError, Invalid, StoreError
-from relay.store import AsyncStore
-from relay.throttle import AUTH_FAILURE_WINDOW
+from relay.smtp.admission import client_key
+from relay.store.audit import Actor
+from relay.store.deliveries import Outcome
+from relay.store.facade import AsyncStore
+from relay.store.throttle import AUTH_FAILURE_WINDOW
 
 log = logging.getLogger("relay.api")
 T = TypeVar("T")

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import zlib
 
-from relay.db import Database, read_only
+from relay.store.db import Database, read_only
 
 # RELAY_AUTH_FAILURE_LIMIT counts within this window.
 AUTH_FAILURE_WINDOW = 15 * 60

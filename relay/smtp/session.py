@@ -19,21 +19,21 @@ from typing import TYPE_CHECKING, Any
 from aiosmtpd.smtp import Envelope, Session
 
 from relay import logs, metrics, policy, replies
-from relay.channel import Channel, Delivery, Outbound, delivered_reply
+from relay.channels.base import Channel, Delivery, Outbound, delivered_reply
 from relay.config import Settings
-from relay.deliveries import (
+from relay.errors import DeliveryError, StoreError
+from relay.message import Prepared, domain_of, normalize_address, parse_address, prepare
+from relay.replies import Reply
+from relay.store.deliveries import (
     REFUSED_RECIPIENTS_KEPT,
     DeliveryRecord,
     outcome_of,
     recipient_outcomes,
 )
-from relay.errors import DeliveryError, StoreError
-from relay.message import Prepared, domain_of, normalize_address, parse_address, prepare
-from relay.replies import Reply
-from relay.store import AsyncStore, MailCheck, Principal, Refused, Reservation
+from relay.store.facade import AsyncStore, MailCheck, Principal, Refused, Reservation
 
 if TYPE_CHECKING:
-    from relay.protocol import SubmissionProtocol
+    from relay.smtp.protocol import SubmissionProtocol
 
 log = logging.getLogger("relay.session")
 # Above these, preparing a message can take long enough to delay other sessions.

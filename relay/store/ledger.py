@@ -43,12 +43,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from relay.accounts import account_id_of
-from relay.db import Connection, Cursor, Database, Row, read_only
-from relay.deliveries import DeliveryRecord, insert
 from relay.errors import Refused, RelayError
-from relay.idempotency import delivered_recently, forget_expired, remember_delivered
-from relay.journal import PendingSettle
 from relay.policy import (
     UNLIMITED,
     LimitHit,
@@ -58,7 +53,12 @@ from relay.policy import (
     period_key,
     window_reset,
 )
-from relay.refusals import REFUSAL_WINDOW
+from relay.store.accounts import account_id_of
+from relay.store.db import Connection, Cursor, Database, Row, read_only
+from relay.store.deliveries import DeliveryRecord, insert
+from relay.store.idempotency import delivered_recently, forget_expired, remember_delivered
+from relay.store.journal import PendingSettle
+from relay.store.refusals import REFUSAL_WINDOW
 
 RELAY_SCOPE = "*"
 # A process whose heartbeat is older than this is dead (it beats every 10 s);

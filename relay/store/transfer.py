@@ -17,9 +17,9 @@ Guarantees:
 
 from __future__ import annotations
 
-from relay.db import Database
 from relay.errors import RelayError
-from relay.postgres import MIGRATION_LOCK
+from relay.store.db import Database
+from relay.store.postgres import MIGRATION_LOCK
 
 BATCH = 1000  # rows per INSERT batch
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from relay.db import Database, read_only
-from relay.deliveries import Query
+from relay.store.db import Database, read_only
+from relay.store.deliveries import Query
 
 # The most rows one page returns.
 MAX_PAGE = 1000

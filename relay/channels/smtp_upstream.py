@@ -22,10 +22,11 @@ from pathlib import Path
 import aiosmtplib
 from aiosmtplib import SMTPResponse, SMTPStatus
 
-from relay import aiosmtplib_compat as compat
-from relay import pacing, replies
-from relay.aiosmtplib_compat import Replies
-from relay.channel import Delivery, Outbound, partial_delivery
+from relay import replies
+from relay.channels import aiosmtplib_compat as compat
+from relay.channels import pacing
+from relay.channels.aiosmtplib_compat import Replies
+from relay.channels.base import Delivery, Outbound, partial_delivery
 from relay.config import SmtpUpstream
 from relay.errors import ConfigError, DeliveryError, TransientDelivery, delivery_error
 from relay.message import domain_of

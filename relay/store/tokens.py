@@ -12,9 +12,9 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from relay.accounts import account_id_of
-from relay.db import Database, read_only
 from relay.errors import RelayError
+from relay.store.accounts import account_id_of
+from relay.store.db import Database, read_only
 
 TOKEN_PREFIX = "rlt_"  # noqa: S105 - lets secret scanners spot a leaked token
 

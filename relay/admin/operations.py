@@ -19,14 +19,14 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from relay.audit import MAX_AUDIT_PAGE, Actor
-from relay.browse import MAX_PAGE, LogPage
 from relay.config import SQLITE_MAX_INT
-from relay.deliveries import MAX_LIMIT, DeliveryRecord, Outcome, parse_when
 from relay.errors import AdminError, Conflict, Invalid, NotFound, RelayError, StoreError
 from relay.message import normalize_address, parse_address
 from relay.policy import UNLIMITED
-from relay.store import Store
+from relay.store.audit import MAX_AUDIT_PAGE, Actor
+from relay.store.browse import MAX_PAGE, LogPage
+from relay.store.deliveries import MAX_LIMIT, DeliveryRecord, Outcome, parse_when
+from relay.store.facade import Store
 
 # A token's lifetime, at most: beyond, the expiry is a typo (and past SQLite's integers).
 MAX_EXPIRY_DAYS = 36_500

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from relay.db import Database, read_only
 from relay.errors import RelayError
+from relay.store.db import Database, read_only
 
 
 class Accounts(Database):

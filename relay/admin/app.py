@@ -1,5 +1,6 @@
 """The operators' HTTP listener (`RELAY_ADMIN_LISTEN`): `/metrics`, `/healthz`, `/readyz`,
-the admin API under `/api/v1` (relay.api) and the web console at `/` (relay/console).
+the admin API under `/api/v1` (`relay.admin.api`) and the web console at `/`
+(`relay/admin/console`).
 
 A Starlette application served by uvicorn inside the relay's own event loop:
 `AdminServer.start()` runs uvicorn's `Server.serve()` as a task on a socket the
@@ -16,7 +17,7 @@ It never sees the `Relay`.
 
 `/metrics`, `/healthz` and `/readyz` take no token: Prometheus and orchestrators
 poll them, and they reveal counts, never an address or a secret. The API takes
-an admin token (relay.api). The console's files are public too: it holds no
+an admin token (`relay.admin.api`). The console's files are public too: it holds no
 data until its user signs in with an admin token, kept in the tab's
 sessionStorage only, and sent as a bearer token (never a cookie, so no request
 another site makes carries it).
@@ -48,8 +49,9 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from relay import api, metrics
-from relay.apispec import PREFIX
+from relay import metrics
+from relay.admin import api
+from relay.admin.openapi import PREFIX
 from relay.config import is_loopback
 from relay.errors import ConfigError
 
@@ -112,7 +114,7 @@ class SecurityHeaders:
 
 
 def _console_routes(console: Console) -> list[Route]:
-    files = resources.files("relay") / "console"
+    files = resources.files("relay.admin") / "console"
     page = (
         (files / "index.html")
         .read_text("utf-8")

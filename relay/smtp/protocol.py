@@ -32,16 +32,16 @@ from typing import cast
 from aiosmtpd.smtp import Session
 
 from relay import logs, metrics, replies
-from relay.admission import client_key
-from relay.aiosmtpd_compat import SMTPBase
 from relay.config import Settings
 from relay.errors import StoreError
 from relay.message import parse_path
 from relay.replies import Reply
-from relay.session import RelayEnvelope, RelaySession, Submission
-from relay.spool import NotStored, Spool
-from relay.store import AsyncStore, Principal
-from relay.upload import Upload
+from relay.smtp.admission import client_key
+from relay.smtp.aiosmtpd_compat import SMTPBase
+from relay.smtp.session import RelayEnvelope, RelaySession, Submission
+from relay.smtp.spool import NotStored, Spool
+from relay.smtp.upload import Upload
+from relay.store.facade import AsyncStore, Principal
 
 log = logging.getLogger("relay.protocol")
 logs.redact_aiosmtpd()

@@ -7,7 +7,7 @@ are remembered from the first delivery for a window shorter than the upstream's.
 
 from __future__ import annotations
 
-from relay.db import Connection
+from relay.store.db import Connection
 
 # Resend keeps an idempotency key for 24 hours from its first request; a retry
 # within them sends nothing. Ours is shorter, so it never outlasts theirs.

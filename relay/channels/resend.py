@@ -28,11 +28,12 @@ from email.parser import BytesParser
 from email.policy import default as default_policy
 from typing import Any
 
-from relay import httpapi, pacing, replies
-from relay.channel import Delivery, Outbound, partial_delivery
+from relay import replies
+from relay.channels import httpapi, pacing
+from relay.channels.base import Delivery, Outbound, partial_delivery
+from relay.channels.httpapi import ErrorRow, Kind
 from relay.config import ResendConfig
 from relay.errors import DeliveryError, PermanentDelivery, TransientDelivery
-from relay.httpapi import ErrorRow, Kind
 from relay.message import domain_of
 from relay.replies import Refusal, Reply, one_line
 

@@ -26,8 +26,8 @@ from collections.abc import Awaitable, Callable
 from typing import cast
 
 from relay import logs, metrics, replies
-from relay.admission import Admission, client_key
 from relay.replies import Reply
+from relay.smtp.admission import Admission, client_key
 
 log = logging.getLogger("relay.listener")
 

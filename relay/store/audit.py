@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from relay.db import Database, read_only
+from relay.store.db import Database, read_only
 
 # The most records one page returns.
 MAX_AUDIT_PAGE = 1000

@@ -33,9 +33,9 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from relay.db import Connection, Database, Row, read_only
 from relay.errors import RelayError
 from relay.replies import Reply
+from relay.store.db import Connection, Database, Row, read_only
 
 # Records a prune deletes per transaction: each holds the write lock for a few
 # milliseconds, so sessions never queue behind a long delete.

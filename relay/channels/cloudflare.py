@@ -16,11 +16,12 @@ from email.parser import BytesParser
 from email.policy import compat32
 from urllib.parse import quote
 
-from relay import httpapi, replies
-from relay.channel import Delivery, Outbound, partial_delivery
+from relay import replies
+from relay.channels import httpapi
+from relay.channels.base import Delivery, Outbound, partial_delivery
+from relay.channels.httpapi import ErrorRow, Kind
 from relay.config import CloudflareConfig
 from relay.errors import PermanentDelivery
-from relay.httpapi import ErrorRow, Kind
 from relay.replies import Refusal, Reply, one_line
 
 log = logging.getLogger("relay.cloudflare")

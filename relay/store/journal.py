@@ -41,8 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from relay.deliveries import DeliveryRecord, Outcome, RecipientOutcome
 from relay.replies import Reply
+from relay.store.deliveries import DeliveryRecord, Outcome, RecipientOutcome
 
 log = logging.getLogger("relay.store")
 SUFFIX = ".jsonl"

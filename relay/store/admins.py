@@ -16,9 +16,9 @@ import hmac
 import secrets
 from typing import Any
 
-from relay.db import Database, read_only
 from relay.errors import NotFound
-from relay.tokens import hash_token
+from relay.store.db import Database, read_only
+from relay.store.tokens import hash_token
 
 ADMIN_TOKEN_PREFIX = "rla_"  # noqa: S105 - lets secret scanners spot a leaked admin token
 

@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from relay.config import PostgresUrl
 from relay.errors import BatchBroken, StoreBusy, StoreError
-from relay.schema import MIGRATIONS
+from relay.store.schema import MIGRATIONS
 
 if TYPE_CHECKING:
-    from relay.postgres import Postgres
+    from relay.store.postgres import Postgres
 
 # The write-ahead log is copied back into the database file by `checkpoint`, on
 # the upkeep thread, once a second, without waiting for anyone (PASSIVE). Under
@@ -81,7 +81,7 @@ def expected_failure(exc: BaseException) -> bool:
 def _postgres_unavailable(exc: BaseException | None) -> bool:
     if exc is None or not type(exc).__module__.startswith("psycopg"):
         return False
-    from relay.postgres import unavailable
+    from relay.store.postgres import unavailable
 
     return unavailable(exc)
 
@@ -133,7 +133,7 @@ class Database:
             location = PostgresUrl(location)
         self._pg: Postgres | None = None
         if isinstance(location, PostgresUrl):
-            from relay.postgres import Postgres
+            from relay.store.postgres import Postgres
 
             self._pg = Postgres(location)
             self.location: Path | PostgresUrl = location
