@@ -12,7 +12,6 @@ line that names it.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import re
@@ -25,6 +24,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from relay.errors import ConfigError
+from relay.network import is_loopback
 
 
 @dataclass(frozen=True)
@@ -182,7 +182,7 @@ class Settings:
     # default pool is 5), so 20 leaves room and stops one host from taking all.
     max_connections_per_ip: int = 20
     # Failed AUTH from one address within 15 minutes before its connections get
-    # 421 at the greeting (relay.throttle); tokens carry 256 bits, so this only
+    # 421 at the greeting (relay.store.throttle); tokens carry 256 bits, so this only
     # keeps a guesser from costing the relay work.
     auth_failure_limit: int = 10
     # A session that delivers no message for this long ends with 421 4.4.2, so
@@ -200,13 +200,13 @@ class Settings:
     # Delivery-log records older than this are pruned by the upkeep.
     log_retention_days: int = 30
     # Messages one token may have refused at the end of DATA within 15 minutes
-    # (relay.refusals) before its next MAIL gets 421 4.7.0; 0: no limit. Each
+    # (relay.store.refusals) before its next MAIL gets 421 4.7.0; 0: no limit. Each
     # refusal writes a delivery record: this bounds what one token can write.
     refusal_limit: int = 100
     # The delivery log's size cap in MiB: past it the upkeep prunes the oldest
     # records first, whatever their age; 0: no cap, only the retention.
     log_max_mb: int = 1024
-    # Where settles the database could not take are journaled (relay.journal);
+    # Where settles the database could not take are journaled (relay.store.journal);
     # None: beside the SQLite database, or data/settle-journal for PostgreSQL.
     settle_journal: Path | None = None
     # The operators' HTTP listener (/metrics, /healthz, /readyz, the admin API and
@@ -217,7 +217,7 @@ class Settings:
     admin_tls_key: Path | None = None
     limits: Limits = field(default_factory=Limits)
     upkeep: Upkeep = field(default_factory=Upkeep)
-    # Where uploads past 64 KiB wait for their end (relay.spool), and the bytes
+    # Where uploads past 64 KiB wait for their end (relay.smtp.spool), and the bytes
     # all uploads in progress may hold there (None: a tenth of the free space
     # at start, at most 1 GiB).
     spool_dir: Path = Path("data/spool")
@@ -291,7 +291,7 @@ WORKERS_PER_CPU = 4
 # Below this an upstream cannot even finish a TLS handshake; 0.1 s still lets a
 # test make an upstream time out on purpose.
 MIN_UPSTREAM_TIMEOUT = 0.1
-# The mechanisms relay.smtp_upstream can use to log in to an upstream.
+# The mechanisms relay.channels.smtp_upstream can use to log in to an upstream.
 UPSTREAM_AUTH_TYPES = ("plain", "login", "cram-md5")
 RESEND_DOMAIN_PREFIX = "RESEND_TOKEN_"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -594,16 +594,6 @@ def _flag(entry: Mapping[str, Any], key: str, default: bool, where: str) -> bool
 
 
 # --- upstream API URLs and the warnings a start logs -----------------------------------
-
-
-def is_loopback(host: str) -> bool:
-    """`localhost`, 127.0.0.0/8 or ::1: traffic that never leaves the machine."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def api_url(name: str, value: str) -> str:

@@ -26,7 +26,7 @@ from relay import replies
 from relay.replies import Reply
 
 if TYPE_CHECKING:
-    from relay.policy import LimitHit
+    from relay.windows import LimitHit
 
 
 class RelayError(Exception):
@@ -81,7 +81,7 @@ class Refused(RelayError):
 
 
 class AdminError(RelayError):
-    """An admin operation (relay.operations) refused; the CLI prints it, the API answers it.
+    """An admin operation (relay.admin.operations) refused; the CLI prints it, the API answers it.
 
     `code` is a stable machine name (`account_exists`), `status` the HTTP status.
     """

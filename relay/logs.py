@@ -158,6 +158,6 @@ def configure(level: str, fmt: str = "text") -> None:
     # aiosmtpd logs every command line at INFO; keep its chatter out.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
     # psycopg_pool logs each reconnect attempt while PostgreSQL is away; the
-    # store logs the outage once a minute and its end once (relay.store).
+    # store logs the outage once a minute and its end once (relay.store.facade).
     logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
     redact_aiosmtpd()

@@ -31,8 +31,9 @@ from prometheus_client import (
     values,
 )
 
-from relay.policy import LimitHit, is_balance_refusal, limit_reached
+from relay.policy import is_balance_refusal, limit_reached
 from relay.replies import Reply
+from relay.windows import LimitHit
 
 T = TypeVar("T")
 

@@ -9,17 +9,15 @@ they say. No I/O, no clock reads: callers pass `now`.
 
 from __future__ import annotations
 
-import calendar
 import enum
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 
 from relay import replies
-from relay.channels.base import max_forwardable
 from relay.config import Limits, Settings
 from relay.message import Defect, Prepared
 from relay.replies import Reply
+from relay.windows import LimitHit
 
 
 class Channel(enum.StrEnum):
@@ -174,52 +172,12 @@ def cost(route: Route, recipients: int, unlimited: bool) -> int:
 # --- send limits -------------------------------------------------------------
 
 
-class Window(enum.StrEnum):
-    DAY = "daily"
-    MONTH = "monthly"
-
-
-UNLIMITED = -1
-
-
-def period_key(window: Window, now: datetime) -> str:
-    """The UTC window `now` falls in: 'd:2026-11-21' or 'm:2026-11'."""
-    now = now.astimezone(UTC)
-    # Formatted by hand: strftime ran five times a message and showed in the profile.
-    if window is Window.DAY:
-        return f"d:{now.year:04d}-{now.month:02d}-{now.day:02d}"
-    return f"m:{now.year:04d}-{now.month:02d}"
-
-
-def window_reset(window: Window, now: datetime) -> datetime:
-    """When the UTC window that holds `now` ends."""
-    now = now.astimezone(UTC)
-    start = now.replace(hour=0, minute=0, second=0, microsecond=0)
-    if window is Window.DAY:
-        return start + timedelta(days=1)
-    days = calendar.monthrange(now.year, now.month)[1]
-    return start.replace(day=1) + timedelta(days=days)
-
-
-@dataclass(frozen=True, slots=True)
-class LimitHit:
-    scope: str  # "relay" or "account" (the store's wording for the reply)
-    window: Window
-    limit: int
-    reset_at: datetime
-
-
 def limit_reached(hit: LimitHit) -> Reply:
     reset = hit.reset_at.strftime("%Y-%m-%dT%H:%M:%SZ")
     return replies.SEND_LIMIT_REACHED.but(
         f"{hit.window.value.capitalize()} send limit of {hit.limit} reached for the "
         f"{hit.scope}; the window resets at {reset}"
     )
-
-
-def headroom(limit: int, used: int) -> int | None:
-    """Recipients still allowed in a window; None when unlimited."""
-    return None if limit == UNLIMITED else max(limit - used, 0)
 
 
 # --- the transaction's decisions ---------------------------------------------------
@@ -358,6 +316,38 @@ def plan_message(
     if route is None:
         return no_channel(domain)
     return MessagePlan(route, unit_cost(route, unlimited))
+
+
+# The largest message (as its MIME text) each upstream takes, where it is below
+# what the relay accepts. Cloudflare: 5 MiB including attachments, 25 MiB to
+# verified destination addresses (cloudflare-docs email-service/platform/limits.mdx,
+# "Email content limits"); we read it as the size of `mime_message`, not of the
+# JSON around it (the JSON's escaping is not documented to count). Resend: 40 MB
+# per email after base64 (resend.com/docs/api-reference/emails/send-email,
+# `attachments`), far above a 5 MiB message. An SMTP upstream's own SIZE is only
+# known on a connection: its 552 is relayed as it comes.
+UPSTREAM_MAX_BYTES = {"cloudflare": 5 * 1024 * 1024}
+UPSTREAM_MAX_BYTES_VERIFIED = {"cloudflare": 25 * 1024 * 1024}
+# What the relay may add before forwarding (message.prepare, RFC 6409 section 8):
+# a Message-ID of up to ~300 octets and a Date of ~40.
+RELAY_HEADROOM = 1024
+
+
+def max_forwardable(channel: str, *, verified: bool = False) -> int | None:
+    """The largest SIZE= a client may declare for a message this channel can carry.
+
+    None when the upstream takes anything the relay accepts. A declared size
+    above it gets `552 5.3.4` before the upload (RFC 1870 section 6.1), instead
+    of an upstream refusal after it.
+
+        >>> max_forwardable("cloudflare")
+        5241856
+        >>> max_forwardable("resend") is None
+        True
+    """
+    limits = UPSTREAM_MAX_BYTES_VERIFIED if verified else UPSTREAM_MAX_BYTES
+    limit = limits.get(channel)
+    return None if limit is None else limit - RELAY_HEADROOM
 
 
 def size_refusal(route: Route, declared: int | None) -> Reply | None:

@@ -74,7 +74,7 @@ TOO_MANY_AUTH_FAILURES = Reply(421, "4.7.0", "Too many failed authentication att
 AUTH_THROTTLED = TOO_MANY_AUTH_FAILURES.but(
     "Too many failed authentication attempts, try again later"
 )
-# At MAIL, for a token past RELAY_REFUSAL_LIMIT refused messages (relay.refusals);
+# At MAIL, for a token past RELAY_REFUSAL_LIMIT refused messages (relay.store.refusals);
 # 421 closes the channel (RFC 5321 section 3.8), 4.7.0 is a security or policy
 # status (RFC 3463 section 3.8).
 TOO_MANY_REFUSALS = Reply(421, "4.7.0", "Too many refused messages, try again later")

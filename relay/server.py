@@ -7,7 +7,7 @@
 
 Background work (each forward, the stale-charge sweep) is tracked and awaited on
 stop; the channels' HTTP and SMTP clients are closed last. The admin listener
-(`RELAY_ADMIN_LISTEN`, relay.admin) starts with the relay and stops after the
+(`RELAY_ADMIN_LISTEN`, relay.admin.app) starts with the relay and stops after the
 drain, so `/readyz` answers 503 while the relay drains.
 """
 

@@ -8,7 +8,7 @@ worker binds its own socket (SO_REUSEPORT), and dies with its parent: Linux's
 PR_SET_PDEATHSIG sends it SIGTERM, and a watchdog notices a parent that died
 before that took effect. The parent forwards SIGTERM and SIGINT to every
 worker and exits with the first failing worker's status. The workers count
-each client's connections together (`relay.admission.HostCounts`, mapped by
+each client's connections together (`relay.smtp.admission.HostCounts`, mapped by
 the parent before the fork), so `RELAY_MAX_CONNECTIONS_PER_IP` holds for the
 host.
 """

@@ -12,7 +12,8 @@ import pytest
 
 from relay import replies
 from relay.logs import OncePer
-from relay.smtp.admission import Admission, HostCounts, client_key
+from relay.network import client_key
+from relay.smtp.admission import Admission, HostCounts
 
 
 def wait_until(condition, timeout: float = 5.0) -> None:

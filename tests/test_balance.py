@@ -22,8 +22,8 @@ from fake_upstreams import FakeCloudflare
 from support import DOMAIN, SENDER, attempt, free_port, message
 
 from relay.errors import RelayError
-from relay.policy import Window, window_reset
 from relay.store.facade import Refused, Store
+from relay.windows import Window, window_reset
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.backends

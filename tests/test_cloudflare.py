@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from support import free_port
 
-from relay.channels.base import Delivery, Outbound, delivered_reply, max_forwardable
+from relay.channels.base import Delivery, Outbound, delivered_reply
 from relay.channels.cloudflare import ERRORS as CODES
 from relay.channels.cloudflare import (
     PERMANENT_BOUNCE,
@@ -23,6 +23,7 @@ from relay.channels.cloudflare import (
 )
 from relay.config import CloudflareConfig, Secret
 from relay.errors import DeliveryError, PermanentDelivery, TransientDelivery
+from relay.policy import max_forwardable
 from relay.replies import Reply
 from tests.fake_upstreams import CLOUDFLARE_ERRORS, FakeCloudflare, cloudflare_error
 

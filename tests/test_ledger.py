@@ -19,12 +19,12 @@ import pytest
 from support import DOMAIN, SENDER, FrozenClock
 
 from relay.errors import RelayError
-from relay.policy import UNLIMITED, LimitHit, Window
 from relay.replies import DELIVERED
 from relay.store import ledger
 from relay.store.deliveries import DeliveryRecord, Outcome, Query
 from relay.store.facade import Refused, Reservation, Store
 from relay.store.ledger import OWNER_DEAD_AFTER
+from relay.windows import UNLIMITED, LimitHit, Window
 
 START = datetime(2026, 11, 21, 12, tzinfo=UTC)
 T0 = int(START.timestamp())

@@ -14,10 +14,10 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 from support import DOMAIN, SENDER, FrozenClock, attempt, message
 
-from relay import policy
+from relay import policy, windows
 from relay.errors import RelayError
-from relay.policy import UNLIMITED, LimitHit, Window, period_key, window_reset
 from relay.store.facade import Refused, Store
+from relay.windows import UNLIMITED, LimitHit, Window, period_key, window_reset
 
 pytestmark = pytest.mark.backends
 
@@ -92,7 +92,7 @@ def test_every_day_of_a_leap_year_resets_at_the_next_utc_midnight():
     [(UNLIMITED, 10**6, None), (0, 0, 0), (5, 2, 3), (5, 5, 0), (5, 9, 0)],
 )
 def test_headroom(limit, used, room):
-    assert policy.headroom(limit, used) == room
+    assert windows.headroom(limit, used) == room
 
 
 def test_limit_reached_names_the_window_and_its_utc_reset():
@@ -300,7 +300,7 @@ def frozen(relay_factory, sink, clock, monkeypatch):
     """The relay, with every store's default clock (the relay's and the admin's) at `clock`.
 
     The relay builds its stores itself, so the test reaches the clock they
-    default to: `datetime.now` as `relay.db` sees it.
+    default to: `datetime.now` as `relay.store.db` sees it.
     """
 
     class FrozenDatetime(datetime):

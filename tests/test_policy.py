@@ -8,7 +8,8 @@ import pytest
 
 from relay import policy, replies
 from relay.config import Limits, load_settings
-from relay.policy import Channel, LimitHit, MessagePlan, Route, SenderState, Window
+from relay.policy import Channel, MessagePlan, Route, SenderState
+from relay.windows import LimitHit, Window
 
 SMTP = load_settings({"SMTP_CONFIG": '{"example.com": {"host": "mx.test", "port": 25}}'})
 CLOUDFLARE = load_settings(

@@ -11,29 +11,24 @@ import pytest
 
 from relay.config import load_settings
 from relay.policy import (
-    UNLIMITED,
     Channel,
-    LimitHit,
     Route,
     SenderState,
-    Window,
     balance_exhausted,
     balance_short,
     cost,
     free_channel_possible,
     header_sender_denied,
-    headroom,
     is_balance_refusal,
     limit_reached,
     no_channel,
-    period_key,
     recipients_over_limit,
     sender_disabled,
     sender_domain_denied,
     sender_refusal,
-    window_reset,
 )
 from relay.replies import Reply
+from relay.windows import UNLIMITED, LimitHit, Window, headroom, period_key, window_reset
 
 CLOUDFLARE = {"CLOUDFLARE_ACCOUNT_ID": "acct-1", "CLOUDFLARE_API_TOKEN": "cf-token"}
 PAID = Route(Channel.RESEND, charges=True, rule=2)

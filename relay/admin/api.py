@@ -1,13 +1,13 @@
 """The admin API (`/api/v1`): the CLI's operations as JSON over HTTP, on the admin listener.
 
-Each route is a row of `ENDPOINTS` (relay.apispec): its method, path, query
+Each route is a row of `ENDPOINTS` (relay.admin.openapi): its method, path, query
 parameters and body fields, which both check the request and make the OpenAPI
 document. A handler only turns the checked request into a call of
-`relay.operations` (the functions the CLI calls), run on the store's thread.
+`relay.admin.operations` (the functions the CLI calls), run on the store's thread.
 
 Authentication, in this order, for every route but the OpenAPI document:
 1. Throttle: an address with `RELAY_AUTH_FAILURE_LIMIT` failed attempts (SMTP
-   AUTH and the API count together, relay.throttle) in the last 15 minutes gets
+   AUTH and the API count together, relay.store.throttle) in the last 15 minutes gets
    `429 throttled`, even with a good token, until the oldest leaves the window.
 2. `Authorization: Bearer <admin token>`: missing, malformed, unknown, revoked,
    expired, or a sending token (`rlt_`, another table) is `401 unauthorized`,
@@ -34,7 +34,7 @@ from starlette.routing import Route
 from relay.admin import operations
 from relay.admin.openapi import PREFIX, Endpoint, Field, Param, check_body, check_query, document
 from relay.errors import AdminError, Invalid, StoreError
-from relay.smtp.admission import client_key
+from relay.network import client_key
 from relay.store.audit import Actor
 from relay.store.deliveries import Outcome
 from relay.store.facade import AsyncStore
@@ -101,7 +101,7 @@ async def _read_body(request: Request) -> bytes:
 async def _authenticate(context: ApiContext, request: Request) -> Actor | Response:
     store = context.store
     address = request.client.host if request.client else ""
-    client = client_key(address)  # the same count as SMTP AUTH's (relay.throttle)
+    client = client_key(address)  # the same count as SMTP AUTH's (relay.store.throttle)
     if await store.run(store.sync.auth_failures, client) >= context.auth_failure_limit:
         return error(
             429,
@@ -512,7 +512,7 @@ ENDPOINTS: list[Endpoint] = [
 ]
 OPENAPI_PATH = f"{PREFIX}/openapi.json"
 # Routes that take no token: the document, the console's files, and what
-# Prometheus and orchestrators poll (relay.admin says why).
+# Prometheus and orchestrators poll (relay.admin.app says why).
 PUBLIC = [
     ("GET", OPENAPI_PATH, "this document"),
     ("GET", "/metrics", "Prometheus metrics (no token: scrapers poll it)"),

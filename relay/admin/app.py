@@ -52,8 +52,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from relay import metrics
 from relay.admin import api
 from relay.admin.openapi import PREFIX
-from relay.config import is_loopback
 from relay.errors import ConfigError
+from relay.network import is_loopback
 
 log = logging.getLogger("relay.admin")
 # How long a stopping admin listener lets a scrape in flight finish.

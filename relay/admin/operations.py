@@ -22,11 +22,11 @@ from typing import Any
 from relay.config import SQLITE_MAX_INT
 from relay.errors import AdminError, Conflict, Invalid, NotFound, RelayError, StoreError
 from relay.message import normalize_address, parse_address
-from relay.policy import UNLIMITED
 from relay.store.audit import MAX_AUDIT_PAGE, Actor
 from relay.store.browse import MAX_PAGE, LogPage
 from relay.store.deliveries import MAX_LIMIT, DeliveryRecord, Outcome, parse_when
 from relay.store.facade import Store
+from relay.windows import UNLIMITED
 
 # A token's lifetime, at most: beyond, the expiry is a typo (and past SQLite's integers).
 MAX_EXPIRY_DAYS = 36_500
@@ -237,7 +237,7 @@ def _sender_view(store: Store, row: dict[str, Any], *, stored: bool = True) -> d
 def show_sender(store: Store, value: str, *, default_balance: int = 0) -> dict[str, Any]:
     """The balance `value` sends with. An address never charged (nor set or topped
     up) has no row yet: it shows `default_balance` (DEFAULT_SEND_BALANCE), enabled,
-    `stored: false`, as MAIL FROM reads it (relay.ledger `check_mail`)."""
+    `stored: false`, as MAIL FROM reads it (relay.store.ledger `check_mail`)."""
     normalized = address(value)
     try:
         row = store.show_sender(normalized)

@@ -6,6 +6,6 @@ provider's error table), `httpapi` is what the two HTTP ones share, `pacing`
 their token buckets; aiosmtplib's internals are touched only in
 `aiosmtplib_compat`.
 
-May import: the core only; never `relay.smtp`, `relay.store` or `relay.admin`
+May import: the core only; never `relay.smtp`, `relay.store.facade` or `relay.admin.app`
 (tests/test_layers.py).
 """

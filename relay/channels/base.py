@@ -54,38 +54,6 @@ def delivered_reply(message: Outbound, delivery: Delivery) -> Reply:
     return replies.delivered(delivery.message_id or message.message_id)
 
 
-# The largest message (as its MIME text) each upstream takes, where it is below
-# what the relay accepts. Cloudflare: 5 MiB including attachments, 25 MiB to
-# verified destination addresses (cloudflare-docs email-service/platform/limits.mdx,
-# "Email content limits"); we read it as the size of `mime_message`, not of the
-# JSON around it (the JSON's escaping is not documented to count). Resend: 40 MB
-# per email after base64 (resend.com/docs/api-reference/emails/send-email,
-# `attachments`), far above a 5 MiB message. An SMTP upstream's own SIZE is only
-# known on a connection: its 552 is relayed as it comes.
-UPSTREAM_MAX_BYTES = {"cloudflare": 5 * 1024 * 1024}
-UPSTREAM_MAX_BYTES_VERIFIED = {"cloudflare": 25 * 1024 * 1024}
-# What the relay may add before forwarding (message.prepare, RFC 6409 section 8):
-# a Message-ID of up to ~300 octets and a Date of ~40.
-RELAY_HEADROOM = 1024
-
-
-def max_forwardable(channel: str, *, verified: bool = False) -> int | None:
-    """The largest SIZE= a client may declare for a message this channel can carry.
-
-    None when the upstream takes anything the relay accepts. A declared size
-    above it gets `552 5.3.4` before the upload (RFC 1870 section 6.1), instead
-    of an upstream refusal after it.
-
-        >>> max_forwardable("cloudflare")
-        5241856
-        >>> max_forwardable("resend") is None
-        True
-    """
-    limits = UPSTREAM_MAX_BYTES_VERIFIED if verified else UPSTREAM_MAX_BYTES
-    limit = limits.get(channel)
-    return None if limit is None else limit - RELAY_HEADROOM
-
-
 class Channel(Protocol):
     name: str
     # True only where the upstream honours an idempotency key: a client's retry

@@ -2,7 +2,7 @@
 
 asyncio's `create_server` starts the TLS handshake before the application sees
 the connection, and says nothing of a handshake that never finishes. This
-loop accepts each socket itself, counts it under `relay.admission.Admission`
+loop accepts each socket itself, counts it under `relay.smtp.admission.Admission`
 at once, and hands it to TLS and a protocol with `loop.connect_accepted_socket`
 (a documented asyncio API, served by uvloop too). The count is released when
 the connection ends, whichever way it ends.
@@ -10,7 +10,7 @@ the connection ends, whichever way it ends.
 A refused connection is answered by `Refused`, not by an SMTP session: one
 421 line and the close; what its client sends after is dropped unread. It is
 logged once a minute at most per client key
-(`relay.admission.client_key`): a flood from one address is one line, and one
+(`relay.smtp.admission.client_key`): a flood from one address is one line, and one
 from many addresses at most REFUSAL_LOG_KEYS lines and a count.
 """
 
@@ -26,8 +26,9 @@ from collections.abc import Awaitable, Callable
 from typing import cast
 
 from relay import logs, metrics, replies
+from relay.network import client_key
 from relay.replies import Reply
-from relay.smtp.admission import Admission, client_key
+from relay.smtp.admission import Admission
 
 log = logging.getLogger("relay.listener")
 

@@ -2,7 +2,7 @@
 
 `SubmissionProtocol` keeps aiosmtpd's parsing and changes only what the endpoint
 needs; aiosmtpd's private names are reached only through
-`relay.aiosmtpd_compat.SMTPBase`:
+`relay.smtp.aiosmtpd_compat.SMTPBase`:
 - AUTH is ours: the token lookup is async (aiosmtpd's authenticator is called
   without await), failures answer 535 5.7.8 instead of hanging, a second AUTH is
   503 5.5.1, the exchange has its own 30 s, and repeated failures end the session.
@@ -11,21 +11,19 @@ needs; aiosmtpd's private names are reached only through
 - a timeout answers 421 4.4.2 before closing instead of dropping silently, and
   so does a session that has delivered no message for `RELAY_SESSION_IDLE_MAX`
   seconds (except while its DATA is uploaded or forwarded);
-- DATA is read in large chunks by the pure `relay.upload.Upload` and kept by
-  `relay.spool`; an upload that cannot be kept is still read to its end.
+- DATA is read in large chunks by the pure `relay.smtp.upload.Upload` and kept by
+  `relay.smtp.spool`; an upload that cannot be kept is still read to its end.
 
-The MAIL, RCPT and DATA hooks are in `relay.session`.
+The MAIL, RCPT and DATA hooks are in `relay.smtp.session`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import binascii
 import contextlib
-import hmac
 import logging
 import socket
-from base64 import b64decode, b64encode
+from base64 import b64encode
 from collections.abc import Callable, MutableSet
 from typing import cast
 
@@ -35,19 +33,19 @@ from relay import logs, metrics, replies
 from relay.config import Settings
 from relay.errors import StoreError
 from relay.message import parse_path
+from relay.network import client_key
 from relay.replies import Reply
-from relay.smtp.admission import client_key
+from relay.smtp import auth
 from relay.smtp.aiosmtpd_compat import SMTPBase
-from relay.smtp.session import RelayEnvelope, RelaySession, Submission
+from relay.smtp.session import Submission
 from relay.smtp.spool import NotStored, Spool
+from relay.smtp.transaction import RelayEnvelope, RelaySession
 from relay.smtp.upload import Upload
 from relay.store.facade import AsyncStore, Principal
 
 log = logging.getLogger("relay.protocol")
 logs.redact_aiosmtpd()
 
-API_TOKEN_USER = b"api_token"  # the documented literal username
-MECHANISMS = ("PLAIN", "LOGIN")
 # Reads while DATA arrives: an upload holds about this much in flight.
 READ_CHUNK = 64 * 1024
 # What the kernel and the TLS layer buffer for a connection once it has sent
@@ -296,7 +294,9 @@ class SubmissionProtocol(SMTPBase):
         session.extended_smtp = verb == "EHLO"
         session.host_name = hostname
         if verb == "EHLO":
-            lines = replies.ehlo(self.hostname, hostname, MECHANISMS, self.limits.max_message_size)
+            lines = replies.ehlo(
+                self.hostname, hostname, auth.MECHANISMS, self.limits.max_message_size
+            )
         else:
             lines = [replies.helo(self.hostname)]
         for line in lines:
@@ -317,7 +317,7 @@ class SubmissionProtocol(SMTPBase):
             await self.reply(replies.AUTH_SYNTAX)
             return
         mechanism = args[0].upper()
-        if mechanism not in MECHANISMS:
+        if mechanism not in auth.MECHANISMS:
             await self.reply(replies.AUTH_UNKNOWN_MECHANISM)
             return
         if await self._client_throttled():
@@ -327,7 +327,13 @@ class SubmissionProtocol(SMTPBase):
             return
         self.reset_timer(self.limits.auth_timeout)
         try:
-            outcome = await self._check_credentials(mechanism, args[1] if len(args) > 1 else None)
+            outcome = await auth.check_credentials(
+                self.store,
+                self._challenge,
+                mechanism,
+                args[1] if len(args) > 1 else None,
+                _peer(session),
+            )
         finally:
             self.reset_timer()
         metrics.auth("success" if isinstance(outcome, Principal) else "failure")
@@ -356,7 +362,7 @@ class SubmissionProtocol(SMTPBase):
         return client_key(peer[0] if isinstance(peer, tuple) else str(peer))
 
     async def _client_throttled(self) -> bool:
-        """Whether the client is over RELAY_AUTH_FAILURE_LIMIT (relay.throttle)."""
+        """Whether the client is over RELAY_AUTH_FAILURE_LIMIT (relay.store.throttle)."""
         try:
             failures = await self.store.run(self.store.sync.auth_failures, self._client_key())
         except StoreError:
@@ -376,77 +382,15 @@ class SubmissionProtocol(SMTPBase):
                 log.warning("could not record a failed AUTH from %s", key)
             return None
 
-    # Not `_authenticate` nor `auth_*`: aiosmtpd gives both names a meaning.
-    async def _check_credentials(self, mechanism: str, initial: str | None) -> Principal | Reply:
-        if mechanism == "PLAIN":
-            blob = await self._sasl_response(initial, b"")
-            if isinstance(blob, Reply):
-                return blob
-            parts = blob.split(b"\0")
-            if len(parts) != 3:
-                return replies.AUTH_PLAIN_UNSPLITTABLE
-            authzid, user, token = parts
-            # RFC 4616 section 2: an authorization identity other than the
-            # authentication one asks to act as someone else; Cyrus and Dovecot
-            # refuse it too. Empty or `api_token` is the session's own.
-            if authzid and not hmac.compare_digest(authzid, API_TOKEN_USER):
-                log.info(
-                    "%s AUTH failed: authorization identity given", _peer(self.relay_session())
-                )
-                return replies.AUTH_FAILED
-        else:
-            user_blob = await self._sasl_response(initial, b"Username:")
-            if isinstance(user_blob, Reply):
-                return user_blob
-            token_blob = await self._sasl_response(None, b"Password:")
-            if isinstance(token_blob, Reply):
-                return token_blob
-            user, token = user_blob, token_blob
-        # Compare the username in constant time too, and look the token up even
-        # when the username is wrong, so neither answer is faster than the other.
-        user_ok = hmac.compare_digest(user, API_TOKEN_USER)
-        try:
-            principal = await self.store.run(
-                self.store.sync.authenticate, token.decode("utf-8", "surrogateescape")
-            )
-        except StoreError as exc:
-            if not self.store.logged(exc):
-                log.exception("token lookup failed")
-            return replies.LOCAL_ERROR
-        if principal is None or not user_ok:
-            log.info("%s AUTH failed", _peer(self.relay_session()))
-            return replies.AUTH_FAILED
-        log.info(
-            "%s AUTH ok token=%s account=%s",
-            _peer(self.relay_session()),
-            principal.token_id,
-            principal.account,
-        )
-        return principal
-
-    async def _sasl_response(self, initial: str | None, challenge: bytes) -> bytes | Reply:
-        """Decode an initial response, or send a 334 challenge and decode the answer."""
-        if initial is not None:
-            text = initial.encode()
-        else:
-            await self._push_raw("334 " + b64encode(challenge).decode())
-            line = await self.read_line()
-            if line is None:
-                return replies.AUTH_LINE_TOO_LONG
-            text = line.strip()
-        if text == b"*":
-            return replies.AUTH_ABORTED
-        if text == b"=":  # RFC 4954 section 4: an empty initial response
-            return b""
-        try:
-            return b64decode(text, validate=True)
-        except (binascii.Error, ValueError):
-            return replies.AUTH_BAD_BASE64
+    async def _challenge(self, challenge: bytes) -> bytes | None:
+        """One SASL round (RFC 4954 section 4): a 334 challenge, the client's line."""
+        await self._push_raw("334 " + b64encode(challenge).decode())
+        return await self.read_line()
 
     # --- DATA --------------------------------------------------------------------
 
     async def smtp_DATA(self, arg: str | None) -> None:
-        """DATA, read in large chunks by `relay.upload.Upload` instead of line by line."""
+        """DATA, read in large chunks by `relay.smtp.upload.Upload` instead of line by line."""
         if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
             return
         envelope = self.envelope

@@ -2,7 +2,8 @@
 
 They gather inputs, ask the pure core (`relay.policy`) and the store, await the
 channel, and turn the result into a reply. The connection itself (AUTH,
-replies, timeouts, reading DATA) is `relay.protocol`.
+replies, timeouts, reading DATA) is `relay.smtp.protocol`; the values they
+fill in are `relay.smtp.transaction`.
 """
 
 from __future__ import annotations
@@ -13,27 +14,29 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from aiosmtpd.smtp import Envelope, Session
+from aiosmtpd.smtp import Session
 
 from relay import logs, metrics, policy, replies
 from relay.channels.base import Channel, Delivery, Outbound, delivered_reply
 from relay.config import Settings
 from relay.errors import DeliveryError, StoreError
-from relay.message import Prepared, domain_of, normalize_address, parse_address, prepare
+from relay.message import Prepared, normalize_address, parse_address, prepare
 from relay.replies import Reply
+from relay.smtp.transaction import (
+    RelayEnvelope,
+    RelaySession,
+    Submitted,
+    Transaction,
+    declared_size,
+)
 from relay.store.deliveries import (
     REFUSED_RECIPIENTS_KEPT,
     DeliveryRecord,
     outcome_of,
-    recipient_outcomes,
 )
-from relay.store.facade import AsyncStore, MailCheck, Principal, Refused, Reservation
-
-if TYPE_CHECKING:
-    from relay.smtp.protocol import SubmissionProtocol
+from relay.store.facade import AsyncStore, Principal, Refused, Reservation
 
 log = logging.getLogger("relay.session")
 # Above these, preparing a message can take long enough to delay other sessions.
@@ -41,119 +44,10 @@ PREPARE_INLINE_BYTES = 256 * 1024
 PREPARE_INLINE_HEADER = 8 * 1024
 
 
-class RelaySession(Session):
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__(loop)
-        self.principal: Principal | None = None
-        self.auth_failures = 0
+class Connection(Protocol):
+    """What the hooks need of the connection that calls them (`relay.smtp.protocol`)."""
 
-    # aiosmtpd's setter logs a deprecation warning on every AUTH; we never use it.
-    @property
-    def login_data(self) -> Any:
-        return None
-
-    @login_data.setter
-    def login_data(self, value: Any) -> None:
-        pass
-
-    def deauthenticate(self) -> None:
-        self.authenticated = False
-        self.principal = None
-
-
-@dataclass
-class Transaction:
-    """What one mail transaction (MAIL to end of DATA) has learned so far.
-
-    The one state of a transaction: aiosmtpd's envelope only carries it (and
-    `mail_from`, which aiosmtpd's command sequencing reads), so RSET, a new
-    EHLO and the end of DATA drop it with the envelope.
-    """
-
-    sender: str  # as the client wrote it
-    check: MailCheck
-    # Recipients as written, forwarded unchanged since a local part is
-    # case-sensitive (RFC 5321 section 2.4), and as metered and matched.
-    recipients: list[str] = field(default_factory=list)
-    keys: list[str] = field(default_factory=list)
-    verified: set[str] = field(default_factory=set)
-    declared_size: int | None = None  # MAIL FROM's SIZE= (RFC 1870)
-    # The plan made before 354: the recipients cannot change during the upload.
-    plan: policy.MessagePlan | Reply | None = None
-
-    @property
-    def domain(self) -> str:
-        return domain_of(self.sender)
-
-    def add(self, address: str, key: str) -> None:
-        if key not in self.keys:
-            self.recipients.append(address)
-            self.keys.append(key)
-
-
-def declared_size(options: Sequence[str]) -> int | None:
-    """SIZE=n among MAIL FROM's parameters (aiosmtpd checked it against our limit)."""
-    for option in options:
-        name, _, value = option.partition("=")
-        if name.upper() == "SIZE" and value.isdigit():
-            return int(value)
-    return None
-
-
-class RelayEnvelope(Envelope):
-    def __init__(self) -> None:
-        super().__init__()
-        self.transaction: Transaction | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Submitted:
-    """A message at the end of DATA: who sent it to whom, as its delivery record names them."""
-
-    principal: Principal
-    client: str  # the client's address
-    sender: str  # normalized
-    recipients: tuple[str, ...]  # as written: the keys of a channel's outcome
-    keys: tuple[str, ...]  # normalized, as recorded
-    size: int
-    message_id: str
-
-    def record(
-        self,
-        reply: Reply,
-        when: int,
-        *,
-        route: policy.Route | None = None,
-        channel: str = "",
-        delivery: Delivery | None = None,
-        duration: float = 0.0,
-        replay: bool = False,
-        keep_recipients: int | None = None,
-    ) -> DeliveryRecord:
-        """The delivery-log record of this message, answered `reply`; with
-        `keep_recipients`, only the first that many recipients, and their count."""
-        delivery = delivery or Delivery(accepted=())
-        outcomes = recipient_outcomes(
-            self.recipients, self.keys, delivery.accepted, delivery.refused, reply
-        )
-        return DeliveryRecord(
-            time=when,
-            message_id=delivery.message_id or self.message_id,
-            account=self.principal.account,
-            token_id=self.principal.token_id,
-            sender=self.sender,
-            recipients=outcomes[:keep_recipients],
-            size=self.size,
-            channel=channel,
-            rule=route.rule if route else None,
-            outcome=outcome_of(reply, len(delivery.refused)),
-            reply=reply,
-            upstream_id=delivery.upstream_id,
-            duration=duration,
-            client=self.client,
-            replay=replay,
-            recipient_count=len(outcomes),
-        )
+    def reset_timer(self, seconds: float | None = None) -> None: ...
 
 
 class Submission:
@@ -183,7 +77,7 @@ class Submission:
 
     async def handle_MAIL(
         self,
-        server: SubmissionProtocol,
+        server: Connection,
         session: RelaySession,
         envelope: RelayEnvelope,
         address: str,
@@ -214,7 +108,7 @@ class Submission:
             return str(replies.LOCAL_ERROR)
         if self.settings.refusal_limit and check.refusals >= self.settings.refusal_limit:
             # Each refused message writes a record: a token past its refusals
-            # may send no more for a while (relay.refusals). 421 closes.
+            # may send no more for a while (relay.store.refusals). 421 closes.
             return str(replies.TOO_MANY_REFUSALS)
         reply = policy.decide_mail(
             self.settings,
@@ -237,7 +131,7 @@ class Submission:
 
     async def handle_RCPT(
         self,
-        server: SubmissionProtocol,
+        server: Connection,
         session: RelaySession,
         envelope: RelayEnvelope,
         address: str,
@@ -290,12 +184,12 @@ class Submission:
         )
 
     async def handle_DATA(
-        self, server: SubmissionProtocol, session: RelaySession, envelope: RelayEnvelope
+        self, server: Connection, session: RelaySession, envelope: RelayEnvelope
     ) -> str:
         return str(await self._submit(server, session, envelope))
 
     async def _submit(
-        self, server: SubmissionProtocol, session: RelaySession, envelope: RelayEnvelope
+        self, server: Connection, session: RelaySession, envelope: RelayEnvelope
     ) -> Reply:
         """The end of DATA: check the headers, plan, charge, forward."""
         tx, principal, content = envelope.transaction, session.principal, envelope.content
@@ -354,7 +248,7 @@ class Submission:
 
         Its record keeps the first REFUSED_RECIPIENTS_KEPT recipients (all share
         the one reply) and their count; a permanent refusal counts against the
-        token's RELAY_REFUSAL_LIMIT (relay.refusals), in the same write.
+        token's RELAY_REFUSAL_LIMIT (relay.store.refusals), in the same write.
         """
         record = submitted.record(
             reply,

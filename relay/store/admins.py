@@ -1,7 +1,7 @@
 """Admin tokens: the credentials of the admin API, apart from the sending tokens.
 
 Guarantees:
-- An admin token is stored only as its SHA-256 hash (as `relay.tokens` does);
+- An admin token is stored only as its SHA-256 hash (as `relay.store.tokens` does);
   the token itself is shown once, at creation, and never written.
 - Admin tokens and sending tokens live in separate tables with separate
   prefixes: a sending token (`rlt_`) never authenticates to the admin API, and

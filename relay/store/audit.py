@@ -5,7 +5,7 @@ Each record says who (an admin token's id, or `cli`), from which address, what
 Guarantees:
 - Secrets never enter it: the operations record a token's id, never the token.
 - A record is written right after the change it describes commits, by the
-  same operation (`relay.operations`), in a transaction of its own. A process
+  same operation (`relay.admin.operations`), in a transaction of its own. A process
   that dies between the two leaves the change unrecorded; the store modules
   keep one transaction per change, and the audit does not reach into them.
 - Records are read newest first, a page at a time, by id (`before`).

@@ -7,7 +7,7 @@ share one connection and one way to write. Two backends speak the same SQL
 - SQLite (a path): one connection; a write transaction is `BEGIN IMMEDIATE`,
   which takes SQLite's one write lock across processes, so writers run one
   at a time on the host.
-- PostgreSQL (`postgresql://...`, `relay.postgres`): a small connection pool
+- PostgreSQL (`postgresql://...`, `relay.store.postgres`): a small connection pool
   that reconnects by itself; a write transaction is READ COMMITTED, and each
   guarantee is kept by the statement that needs it (a conditional UPDATE, a
   conditional upsert, a `DELETE ... RETURNING`), as each module says.
@@ -87,7 +87,7 @@ def _postgres_unavailable(exc: BaseException | None) -> bool:
 
 
 class Cursor(Protocol):
-    """What the concept modules use of a cursor (sqlite3's, or `relay.postgres`'s)."""
+    """What the concept modules use of a cursor (sqlite3's, or `relay.store.postgres`'s)."""
 
     @property
     def rowcount(self) -> int: ...
@@ -106,7 +106,7 @@ class Connection(Protocol):
 
 
 class Row(Protocol):
-    """A result row: by column name or by position (sqlite3.Row, `relay.postgres.PgRow`)."""
+    """A result row: by column name or by position (sqlite3.Row, `relay.store.postgres.PgRow`)."""
 
     def __getitem__(self, key: int | str, /) -> Any: ...
 
@@ -324,7 +324,7 @@ class Database:
         """Apply the schema migrations not applied yet; returns the schema version.
 
         PostgreSQL: in one transaction under an advisory lock, so relays that
-        start together apply each migration once (`relay.postgres`).
+        start together apply each migration once (`relay.store.postgres`).
         """
         if self._pg is not None:
             return self._pg.migrate(MIGRATIONS)

@@ -2,22 +2,22 @@
 
 Each concept has its own module, which states its guarantees:
 
-- `relay.db`: the connection, write transactions, migrations, checkpoints
-  (`relay.postgres`: the same on PostgreSQL, for a store many relays share)
-- `relay.accounts`: accounts, their domains, the verified and no-limit lists
-- `relay.tokens`: API tokens, stored only as SHA-256 hashes
-- `relay.ledger`: balances and send-limit windows; the atomic, never-negative
+- `relay.store.db`: the connection, write transactions, migrations, checkpoints
+  (`relay.store.postgres`: the same on PostgreSQL, for a store many relays share)
+- `relay.store.accounts`: accounts, their domains, the verified and no-limit lists
+- `relay.store.tokens`: API tokens, stored only as SHA-256 hashes
+- `relay.store.ledger`: balances and send-limit windows; the atomic, never-negative
   charge (`reserve`), its `settle`, and the sweep of charges a dead process left
-- `relay.journal`: settles the database could not take, fsync'd to a file so
+- `relay.store.journal`: settles the database could not take, fsync'd to a file so
   they outlive the process, applied before any sweep
-- `relay.idempotency`: messages an idempotent upstream took, so a retry is not
+- `relay.store.idempotency`: messages an idempotent upstream took, so a retry is not
   charged twice
-- `relay.throttle`: failed AUTH attempts per client address, across processes
-- `relay.refusals`: messages refused at the end of DATA per token, across processes
-- `relay.deliveries`: the delivery log, written with each settle
-- `relay.admins`: the admin API's tokens, apart from the sending tokens
-- `relay.audit`: the audit log of operators' changes
-- `relay.browse`: paged reads for the admin API (senders by prefix)
+- `relay.store.throttle`: failed AUTH attempts per client address, across processes
+- `relay.store.refusals`: messages refused at the end of DATA per token, across processes
+- `relay.store.deliveries`: the delivery log, written with each settle
+- `relay.store.admins`: the admin API's tokens, apart from the sending tokens
+- `relay.store.audit`: the audit log of operators' changes
+- `relay.store.browse`: paged reads for the admin API (senders by prefix)
 
 `Store` combines them, so admin commands and tests use one object. The runtime
 calls go through `AsyncStore`, so a slow disk or a lock held by another
@@ -181,7 +181,7 @@ class AsyncStore:
     reservations; `start()` writes its heartbeat, the upkeep refreshes it.
 
     A settle the store refuses is written to the settle journal in `journal`
-    (a directory; `relay.journal` states what that guarantees) before the
+    (a directory; `relay.store.journal` states what that guarantees) before the
     caller answers the client, then retried in the background until it works.
     """
 
@@ -454,7 +454,7 @@ class AsyncStore:
             self.journal.open()
 
     def apply_journals(self, store: Store) -> int:
-        """Apply the journals of stopped processes (`relay.journal`) on `store`; returns
+        """Apply the journals of stopped processes (`relay.store.journal`) on `store`; returns
         the settles applied. Raises `StoreError` when the store cannot take them: then
         no sweep may run."""
         if self.journal is None:

@@ -44,21 +44,14 @@ from datetime import datetime
 from typing import Any
 
 from relay.errors import Refused, RelayError
-from relay.policy import (
-    UNLIMITED,
-    LimitHit,
-    SenderState,
-    Window,
-    headroom,
-    period_key,
-    window_reset,
-)
+from relay.policy import SenderState
 from relay.store.accounts import account_id_of
 from relay.store.db import Connection, Cursor, Database, Row, read_only
 from relay.store.deliveries import DeliveryRecord, insert
 from relay.store.idempotency import delivered_recently, forget_expired, remember_delivered
 from relay.store.journal import PendingSettle
 from relay.store.refusals import REFUSAL_WINDOW
+from relay.windows import UNLIMITED, LimitHit, Window, headroom, period_key, window_reset
 
 RELAY_SCOPE = "*"
 # A process whose heartbeat is older than this is dead (it beats every 10 s);
@@ -174,7 +167,7 @@ class Ledger(Database):
         `DEFAULT_SEND_BALANCE` only ever creates a missing row (ON CONFLICT DO
         NOTHING): an admin-disabled or admin-edited row stays as the admin left it.
 
-        The token's refusals (`relay.refusals`) are counted up to `refusal_limit`
+        The token's refusals (`relay.store.refusals`) are counted up to `refusal_limit`
         (0: not counted), so the count costs the same however many there were.
         """
         now = self.clock()
@@ -326,7 +319,7 @@ class Ledger(Database):
             return refund
 
     def apply_settles(self, entries: Sequence[PendingSettle]) -> int:
-        """Apply settles a stopped process journaled (`relay.journal`); returns how many
+        """Apply settles a stopped process journaled (`relay.store.journal`); returns how many
         settled a row.
 
         Each as `settle` does it, but only while its pending row is still there:

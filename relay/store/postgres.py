@@ -83,7 +83,8 @@ def pg_sql(sql: str) -> str:
 
 
 class PgConnection:
-    """A psycopg connection that speaks the concept modules' dialect (`relay.db.Connection`)."""
+    """A psycopg connection that speaks the concept modules' dialect
+    (`relay.store.db.Connection`)."""
 
     def __init__(self, conn: psycopg.Connection[PgRow]) -> None:
         self.conn = conn

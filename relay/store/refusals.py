@@ -12,7 +12,7 @@ domain, no route, a balance that cannot pay). Not counted: a 4xx (a send-limit
 window, the relay's own trouble), which the client is right to retry.
 
 The rows live in the shared database, like the failed-AUTH throttle's
-(`relay.throttle`): every process on the host, and every relay on a shared
+(`relay.store.throttle`): every process on the host, and every relay on a shared
 PostgreSQL database, sees one count. The refusal and its record are one write.
 """
 

@@ -79,7 +79,7 @@ MIGRATIONS: tuple[str, ...] = (
     );
     ALTER TABLE pending ADD COLUMN owner TEXT;  -- a processes id, or NULL: none
     """,
-    # 6: the delivery log (relay.deliveries): one row per mail transaction that
+    # 6: the delivery log (relay.store.deliveries): one row per mail transaction that
     #    reached the end of DATA, its recipients in a side table so a query by
     #    recipient is an index lookup; rows go after RELAY_LOG_RETENTION_DAYS
     """
@@ -121,7 +121,7 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TABLE auth_failures (address TEXT NOT NULL, created INTEGER NOT NULL);
     CREATE INDEX auth_failures_by_address ON auth_failures (address, created);
     """,
-    # 8: the admin API (relay.admins, relay.audit): operators' bearer tokens, kept
+    # 8: the admin API (relay.store.admins, relay.store.audit): operators' bearer tokens, kept
     #    apart from sending tokens, and the audit log of every change an operator made
     """
     CREATE TABLE admin_tokens (
@@ -143,7 +143,7 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX audit_created ON audit (created);
     """,
-    # 9: refused messages by token (relay.refusals), so one token cannot fill the
+    # 9: refused messages by token (relay.store.refusals), so one token cannot fill the
     #    disk with them; a record's recipient count, when it keeps only the first few
     """
     CREATE TABLE refusals (token_id TEXT NOT NULL, created INTEGER NOT NULL);

@@ -1,4 +1,4 @@
-"""Failed AUTH attempts per client (`relay.admission.client_key`), across sessions and relays.
+"""Failed AUTH attempts per client (`relay.smtp.admission.client_key`), across sessions and relays.
 
 Each session allows a few failures (`Limits.max_auth_failures`); this bounds
 guessing across sessions: after `limit` failures from one client within the
