@@ -45,7 +45,8 @@ from relay.smtp.session import Submission
 from relay.smtp.spool import Spool
 from relay.store.db import expected_failure
 from relay.store.deliveries import PRUNE_BATCH
-from relay.store.facade import AsyncStore, Store
+from relay.store.facade import Store
+from relay.store.loop import AsyncStore
 
 log = logging.getLogger("relay.server")
 T = TypeVar("T")
@@ -327,7 +328,7 @@ class Relay:
         if _identity(self.settings.database) != self._database_identity:
             return f"the database file {self.settings.database} was deleted or replaced"
         try:
-            await self.store.run(self.store.sync.ping)
+            await self.store.ping()
         except RelayError as exc:
             return f"the store does not answer: {exc}"
         return None
@@ -340,7 +341,7 @@ class Relay:
     async def _screen(self, key: str) -> Reply | None:
         """Before TLS: a client over the failed-AUTH limit gets 421 at the greeting."""
         try:
-            failures = await self.store.run(self.store.sync.auth_failures, key)
+            failures = await self.store.auth_failures(key)
         except RelayError as exc:
             # AUTH itself answers 451 while the store is down: nothing to guess.
             self._trouble("failed-AUTH lookup", exc)
@@ -422,7 +423,7 @@ class Relay:
         While whole batches go, the next tick prunes again; once the log is
         within its retention and its cap, the next prune is a sweep interval away.
         """
-        now = int(self.store.sync.clock().timestamp())
+        now = self.store.now()
         before = now - self.settings.log_retention_days * 86400
         budget = PRUNE_BATCHES_PER_TICK
         done = True

@@ -22,7 +22,8 @@ import pytest
 from support import DOMAIN, SENDER
 
 from relay.errors import BatchBroken, RelayError, StoreError
-from relay.store.facade import GROUP_MAX, GROUP_TURNS, AsyncStore, Refused, Reservation, Store
+from relay.store.facade import Refused, Reservation, Store
+from relay.store.loop import GROUP_MAX, GROUP_TURNS, AsyncStore
 
 pytestmark = pytest.mark.sqlite_only
 NEW = f"new@{DOMAIN}"  # a sender with no row yet
@@ -44,7 +45,7 @@ def sender(n: int) -> str:
 
 
 def charge(aio: AsyncStore, address: str) -> Any:
-    return aio.run(aio.sync.reserve, address, account_id=1, recipients=1, unit=1, default_balance=0)
+    return aio.reserve(address, account_id=1, recipients=1, unit=1, default_balance=0)
 
 
 def traced(aio: AsyncStore) -> list[str]:

@@ -37,7 +37,7 @@ from relay.errors import AdminError, Invalid, StoreError
 from relay.network import client_key
 from relay.store.audit import Actor
 from relay.store.deliveries import Outcome
-from relay.store.facade import AsyncStore
+from relay.store.loop import AsyncStore
 from relay.store.throttle import AUTH_FAILURE_WINDOW
 
 log = logging.getLogger("relay.api")
@@ -102,7 +102,7 @@ async def _authenticate(context: ApiContext, request: Request) -> Actor | Respon
     store = context.store
     address = request.client.host if request.client else ""
     client = client_key(address)  # the same count as SMTP AUTH's (relay.store.throttle)
-    if await store.run(store.sync.auth_failures, client) >= context.auth_failure_limit:
+    if await store.auth_failures(client) >= context.auth_failure_limit:
         return error(
             429,
             "throttled",
@@ -113,9 +113,9 @@ async def _authenticate(context: ApiContext, request: Request) -> Actor | Respon
     token = token.strip()
     admin = None
     if scheme.lower() == "bearer" and 0 < len(token) <= MAX_TOKEN:
-        admin = await store.run(store.sync.authenticate_admin, token)
+        admin = await store.authenticate_admin(token)
     if admin is None:
-        await store.run(store.sync.record_auth_failure, client)
+        await store.record_auth_failure(client)
         return error(
             401,
             "unauthorized",

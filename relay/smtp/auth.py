@@ -17,7 +17,8 @@ from collections.abc import Awaitable, Callable
 from relay import replies
 from relay.errors import StoreError
 from relay.replies import Reply
-from relay.store.facade import AsyncStore, Principal
+from relay.store.facade import Principal
+from relay.store.loop import AsyncStore
 
 log = logging.getLogger("relay.protocol")
 
@@ -58,9 +59,7 @@ async def check_credentials(
     # when the username is wrong, so neither answer is faster than the other.
     user_ok = hmac.compare_digest(user, API_TOKEN_USER)
     try:
-        principal = await store.run(
-            store.sync.authenticate, token.decode("utf-8", "surrogateescape")
-        )
+        principal = await store.authenticate(token.decode("utf-8", "surrogateescape"))
     except StoreError as exc:
         if not store.logged(exc):
             log.exception("token lookup failed")

@@ -41,7 +41,8 @@ from relay.smtp.session import Submission
 from relay.smtp.spool import NotStored, Spool
 from relay.smtp.transaction import RelayEnvelope, RelaySession
 from relay.smtp.upload import Upload
-from relay.store.facade import AsyncStore, Principal
+from relay.store.facade import Principal
+from relay.store.loop import AsyncStore
 
 log = logging.getLogger("relay.protocol")
 logs.redact_aiosmtpd()
@@ -364,7 +365,7 @@ class SubmissionProtocol(SMTPBase):
     async def _client_throttled(self) -> bool:
         """Whether the client is over RELAY_AUTH_FAILURE_LIMIT (relay.store.throttle)."""
         try:
-            failures = await self.store.run(self.store.sync.auth_failures, self._client_key())
+            failures = await self.store.auth_failures(self._client_key())
         except StoreError:
             return False  # the token lookup answers 451 while the store is down
         return failures >= self.settings.auth_failure_limit
@@ -374,9 +375,7 @@ class SubmissionProtocol(SMTPBase):
         the window, this one included (None when the store could not count it)."""
         key = self._client_key()
         try:
-            return await self.store.run(
-                self.store.sync.record_auth_failure, key, self.settings.auth_failure_limit
-            )
+            return await self.store.record_auth_failure(key, self.settings.auth_failure_limit)
         except StoreError as exc:
             if not self.store.logged(exc):
                 log.warning("could not record a failed AUTH from %s", key)

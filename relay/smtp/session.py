@@ -36,7 +36,8 @@ from relay.store.deliveries import (
     DeliveryRecord,
     outcome_of,
 )
-from relay.store.facade import AsyncStore, Principal, Refused, Reservation
+from relay.store.facade import Principal, Refused, Reservation
+from relay.store.loop import AsyncStore
 
 log = logging.getLogger("relay.session")
 # Above these, preparing a message can take long enough to delay other sessions.
@@ -92,8 +93,7 @@ class Submission:
             return str(replies.BAD_SENDER_ADDRESS)
         domain = parsed[1]
         try:
-            check = await self.store.run(
-                self.store.sync.check_mail,
+            check = await self.store.check_mail(
                 normalize_address(address),
                 domain,
                 principal.account_id,
@@ -147,7 +147,7 @@ class Submission:
             return str(early)
         if self.settings.cloudflare is not None:
             try:
-                tx.verified |= await self.store.run(self.store.sync.verified_among, (rcpt,))
+                tx.verified |= await self.store.verified_among((rcpt,))
             except StoreError:
                 return str(replies.LOCAL_ERROR)
         reply = policy.decide_rcpt(
@@ -263,7 +263,7 @@ class Submission:
         if kept is None and counted is None:
             return reply
         try:
-            await self.store.run(self.store.sync.record_refused, kept, counted)
+            await self.store.record_refused(kept, counted)
         except StoreError as exc:
             if not self.store.logged(exc):
                 log.warning("could not record refused message %s: %s", record.message_id, exc)
@@ -315,13 +315,13 @@ class Submission:
     async def _record(self, record: DeliveryRecord, what: str) -> None:
         """One delivery-log record in a write of its own (nothing to settle with it)."""
         try:
-            await self.store.run(self.store.sync.record_delivery, record)
+            await self.store.record_delivery(record)
         except StoreError as exc:
             if not self.store.logged(exc):
                 log.warning("could not record %s %s: %s", what, record.message_id, exc)
 
     def _now(self) -> int:
-        return int(self.store.sync.clock().timestamp())
+        return self.store.now()
 
     @staticmethod
     def _count(record: DeliveryRecord) -> None:
@@ -361,9 +361,7 @@ class Submission:
             if parse_address(address) is None:
                 return policy.header_sender_denied(address.encode("ascii", "replace").decode())
         try:
-            owned = await self.store.run(
-                self.store.sync.owned_domains, principal.account_id, tuple(others)
-            )
+            owned = await self.store.owned_domains(principal.account_id, tuple(others))
         except StoreError:
             return replies.LOCAL_ERROR
         return policy.header_sender_refusal(domain, addresses, owned)
@@ -377,8 +375,7 @@ class Submission:
     ) -> Reservation | Reply:
         """Charge the balance and count the send limits, atomically (the store's guarantee)."""
         try:
-            return await self.store.run(
-                self.store.sync.reserve,
+            return await self.store.reserve(
                 tx.check.sender.address,
                 account_id=principal.account_id,
                 recipients=len(tx.recipients),
