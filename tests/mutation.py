@@ -29,9 +29,9 @@ from mutmut.stats import status_by_exit_code
 TARGET = 90.0  # percent of mutants killed, per module (docs/design.md)
 # A mutant whose test run timed out was caught too: the mutation made the code hang.
 CAUGHT = {"killed", "timeout", "caught by type check"}
-_MUTANT = re.compile(r"relay\.\w+\.x\S*?__mutmut_\d+")
+_MUTANT = re.compile(r"relay(?:\.\w+)+?\.x\S*?__mutmut_\d+")
 # A MUTATION.md row: | `name` | line | mutation | why |
-_ROW = re.compile(r"^\|\s*`(relay\.\w+\.x\S*?__mutmut_\d+)`\s*\|[^|]*\|.*\|\s*(\w+)[^|]*\|\s*$")
+_ROW = re.compile(r"^\|\s*`(relay(?:\.\w+)+?\.x\S*?__mutmut_\d+)`\s*\|[^|]*\|.*\|\s*(\w+)[^|]*\|\s*$")
 
 
 def main(root: Path = Path()) -> int:

@@ -596,19 +596,19 @@ def test_reserve_checks_a_token_given_without_a_domain(store):
 def test_a_window_a_stale_read_missed_is_refused_by_the_upsert(store, monkeypatch):
     """On PostgreSQL the counts `reserve` reads may be stale; the upsert's condition decides.
 
-    `_windows` is made to report every window unused, as a read before another
+    `read_windows` is made to report every window unused, as a read before another
     host's commit would: the limit itself must still refuse, with the window hit,
     and roll the charge and the pending row back.
     """
     store.set_sender(SENDER, balance=10)
     store.set_limits(account="acme", daily=3, monthly=None)
     reserve(store, recipients=2)
-    fresh = ledger._windows
+    fresh = ledger.read_windows
 
     def stale(*args: Any) -> list[tuple[str, Window, int, int]]:
         return [(label, window, limit, 0) for label, window, limit, _ in fresh(*args)]
 
-    monkeypatch.setattr(ledger, "_windows", stale)
+    monkeypatch.setattr(ledger, "read_windows", stale)
     refused = refusal(store, recipients=2)
     assert str(refused) == "account daily limit 3 reached"
     assert refused.hit == LimitHit("account", Window.DAY, 3, datetime(2026, 11, 22, tzinfo=UTC))

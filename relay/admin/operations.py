@@ -26,6 +26,22 @@ from relay.store.audit import MAX_AUDIT_PAGE, Actor
 from relay.store.browse import MAX_PAGE, LogPage
 from relay.store.deliveries import MAX_LIMIT, DeliveryRecord, Outcome, parse_when
 from relay.store.facade import Store
+from relay.store.limits import LimitsRow
+from relay.store.rows import (
+    AccountRow,
+    AddressRow,
+    AdminTokenRow,
+    AdminTokenView,
+    AuditRow,
+    DomainRow,
+    NewAccount,
+    NewAdminToken,
+    NewDomain,
+    NewToken,
+    TokenRow,
+    TokenView,
+)
+from relay.store.senders import SenderRow, SenderView
 from relay.windows import UNLIMITED
 
 # A token's lifetime, at most: beyond, the expiry is a typo (and past SQLite's integers).
@@ -77,7 +93,7 @@ def _expiry(days: float | None) -> float | None:
     return days
 
 
-def _status(row: dict[str, Any]) -> str:
+def _status(row: TokenRow | AdminTokenRow) -> str:
     if row["revoked"]:
         return "revoked"
     if row["expires"] and row["expires"] <= datetime.now(UTC).timestamp():
@@ -88,7 +104,7 @@ def _status(row: dict[str, Any]) -> str:
 # --- accounts and domains ------------------------------------------------------------
 
 
-def create_account(store: Store, actor: Actor, name: str) -> dict[str, Any]:
+def create_account(store: Store, actor: Actor, name: str) -> NewAccount:
     name = _name(name, "name")
     with _refusal(Conflict, "account_exists"):
         value = store.create_account(name)
@@ -96,11 +112,11 @@ def create_account(store: Store, actor: Actor, name: str) -> dict[str, Any]:
     return value
 
 
-def list_accounts(store: Store) -> list[dict[str, Any]]:
+def list_accounts(store: Store) -> list[AccountRow]:
     return store.list_accounts()
 
 
-def add_domain(store: Store, actor: Actor, account: str, domain: str) -> dict[str, Any]:
+def add_domain(store: Store, actor: Actor, account: str, domain: str) -> NewDomain:
     domain = domain.strip().lower()
     if parse_address(f"x@{domain}") is None:
         raise Invalid(f"not a usable domain: {domain!r}", code="bad_domain")
@@ -120,7 +136,7 @@ def remove_domain(store: Store, actor: Actor, account: str, domain: str) -> dict
     return {"account": account, "domain": domain, "removed": True}
 
 
-def list_domains(store: Store, account: str | None = None) -> list[dict[str, Any]]:
+def list_domains(store: Store, account: str | None = None) -> list[DomainRow]:
     if account is not None:
         _account(store, account)
     return store.list_domains(account)
@@ -137,7 +153,7 @@ def create_token(
     name: str = "",
     role: str = "",
     expires_in_days: float | None = None,
-) -> dict[str, Any]:
+) -> NewToken:
     """A token for `account`; the value holds the token itself, shown this once."""
     name, role = _name(name, "name", empty=True), _name(role, "role", empty=True)
     _account(store, account)
@@ -149,11 +165,11 @@ def create_token(
     return value
 
 
-def list_tokens(store: Store, account: str | None = None) -> list[dict[str, Any]]:
+def list_tokens(store: Store, account: str | None = None) -> list[TokenView]:
     """Tokens, never their secrets, each with its `status`: active, revoked or expired."""
     if account is not None:
         _account(store, account)
-    return [{**row, "status": _status(row)} for row in store.list_tokens(account)]
+    return [TokenView(**row, status=_status(row)) for row in store.list_tokens(account)]
 
 
 def revoke_token(store: Store, actor: Actor, token_id: str) -> dict[str, Any]:
@@ -187,7 +203,7 @@ def remove_from_list(store: Store, actor: Actor, kind: str, value: str) -> dict[
     return {"address": normalized, "removed": True}
 
 
-def list_addresses(store: Store, kind: str) -> list[dict[str, Any]]:
+def list_addresses(store: Store, kind: str) -> list[AddressRow]:
     return store.list_verified() if kind == "verified" else store.list_nolimit()
 
 
@@ -208,7 +224,7 @@ def _balance(value: int, what: str, minimum: int = 0, below: str = "") -> int:
 
 def list_senders(
     store: Store, *, prefix: str = "", limit: int | None = None, cursor: str | None = None
-) -> tuple[list[dict[str, Any]], str | None]:
+) -> tuple[list[SenderRow], str | None]:
     """Sender rows by address, starting with `prefix`, after `cursor`; and the next cursor.
 
     `limit=None`: every row (the CLI); else one page of at most `limit` (at most
@@ -216,7 +232,7 @@ def list_senders(
     """
     prefix = prefix.strip().lower()
     if limit is None:
-        rows: list[dict[str, Any]] = []
+        rows: list[SenderRow] = []
         while page := store.page_senders(prefix=prefix, limit=MAX_PAGE, after=cursor):
             rows += page
             cursor = page[-1]["address"]
@@ -227,14 +243,14 @@ def list_senders(
     return rows, rows[-1]["address"] if len(rows) == limit else None
 
 
-def _sender_view(store: Store, row: dict[str, Any], *, stored: bool = True) -> dict[str, Any]:
+def _sender_view(store: Store, row: SenderRow, *, stored: bool = True) -> SenderView:
     """A sender as the CLI and API show it: the row's fields, `unlimited` (on the
     no-limit list: sends without balance) and `stored` (whether the row exists)."""
     nolimit = {r["address"] for r in store.list_nolimit()}
-    return {**row, "unlimited": row["address"] in nolimit, "stored": stored}
+    return SenderView(**row, unlimited=row["address"] in nolimit, stored=stored)
 
 
-def show_sender(store: Store, value: str, *, default_balance: int = 0) -> dict[str, Any]:
+def show_sender(store: Store, value: str, *, default_balance: int = 0) -> SenderView:
     """The balance `value` sends with. An address never charged (nor set or topped
     up) has no row yet: it shows `default_balance` (DEFAULT_SEND_BALANCE), enabled,
     `stored: false`, as MAIL FROM reads it (relay.store.ledger `check_mail`)."""
@@ -244,15 +260,16 @@ def show_sender(store: Store, value: str, *, default_balance: int = 0) -> dict[s
     except StoreError:
         raise
     except RelayError:
-        never = {"address": normalized, "balance": default_balance, "enabled": True,
-                 "created": None, "updated": None}  # fmt: skip
+        never = SenderRow(
+            address=normalized, balance=default_balance, enabled=True, created=None, updated=None
+        )
         return _sender_view(store, never, stored=False)
     return _sender_view(store, row)
 
 
 def set_sender(
     store: Store, actor: Actor, value: str, *, balance: int | None, enabled: bool | None
-) -> dict[str, Any]:
+) -> SenderView:
     """Create or edit a sender row: its balance, whether it may send."""
     normalized = address(value)
     if balance is not None:
@@ -265,7 +282,7 @@ def set_sender(
     return _sender_view(store, row)
 
 
-def topup_sender(store: Store, actor: Actor, value: str, amount: int) -> dict[str, Any]:
+def topup_sender(store: Store, actor: Actor, value: str, amount: int) -> SenderView:
     """Add `amount` (negative: take away) to a balance; creates the row if missing."""
     normalized = address(value)
     _balance(amount, "amount", minimum=-SQLITE_MAX_INT)
@@ -289,7 +306,7 @@ def delete_sender(store: Store, actor: Actor, value: str) -> dict[str, Any]:
 # --- send limits ---------------------------------------------------------------------
 
 
-def show_limits(store: Store) -> list[dict[str, Any]]:
+def show_limits(store: Store) -> list[LimitsRow]:
     """Each scope's limits, its counts in the current UTC day and month, and their resets."""
     return store.show_limits()
 
@@ -301,7 +318,7 @@ def set_limits(
     account: str | None = None,
     daily: int | None = None,
     monthly: int | None = None,
-) -> dict[str, Any]:
+) -> LimitsRow:
     if daily is None and monthly is None:
         raise Invalid(
             "give daily and/or monthly (-1 unlimited, 0 blocks sending)", code="bad_limits"
@@ -384,7 +401,7 @@ def show_log(store: Store, message_id: str) -> list[DeliveryRecord]:
 
 def create_admin_token(
     store: Store, actor: Actor, *, name: str = "", expires_in_days: float | None = None
-) -> dict[str, Any]:
+) -> NewAdminToken:
     value = store.create_admin_token(
         name=_name(name, "name", empty=True), expires_in_days=_expiry(expires_in_days)
     )
@@ -393,8 +410,8 @@ def create_admin_token(
     return value
 
 
-def list_admin_tokens(store: Store) -> list[dict[str, Any]]:
-    return [{**row, "status": _status(row)} for row in store.list_admin_tokens()]
+def list_admin_tokens(store: Store) -> list[AdminTokenView]:
+    return [AdminTokenView(**row, status=_status(row)) for row in store.list_admin_tokens()]
 
 
 def revoke_admin_token(store: Store, actor: Actor, token_id: str) -> dict[str, Any]:
@@ -405,7 +422,7 @@ def revoke_admin_token(store: Store, actor: Actor, token_id: str) -> dict[str, A
 
 def audit(
     store: Store, *, limit: int = 100, cursor: int | None = None
-) -> tuple[list[dict[str, Any]], int | None]:
+) -> tuple[list[AuditRow], int | None]:
     """Audit records newest first, and the cursor of the next page (None on the last)."""
     if not 1 <= limit <= MAX_AUDIT_PAGE:
         raise Invalid(f"limit: from 1 to {MAX_AUDIT_PAGE}", code="bad_limit")

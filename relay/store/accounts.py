@@ -7,14 +7,13 @@ the no-limit list (senders that send without balance) are plain address sets.
 
 from __future__ import annotations
 
-from typing import Any
-
 from relay.errors import RelayError
 from relay.store.db import Database, read_only
+from relay.store.rows import AccountRow, AddressRow, DomainRow, NewAccount, NewDomain
 
 
 class Accounts(Database):
-    def create_account(self, name: str) -> dict[str, Any]:
+    def create_account(self, name: str) -> NewAccount:
         with self._write() as db:
             try:
                 row = db.execute(
@@ -23,12 +22,15 @@ class Accounts(Database):
                 ).fetchone()
             except self.integrity_errors:
                 raise RelayError(f"account {name!r} already exists") from None
-        return {"id": row["id"], "name": name}
+        return NewAccount(id=int(row["id"]), name=name)
 
-    def list_accounts(self) -> list[dict[str, Any]]:
-        return [dict(r) for r in self._read("SELECT id, name, created FROM accounts ORDER BY id")]
+    def list_accounts(self) -> list[AccountRow]:
+        rows = self._read("SELECT id, name, created FROM accounts ORDER BY id")
+        return [
+            AccountRow(id=int(r["id"]), name=r["name"], created=int(r["created"])) for r in rows
+        ]
 
-    def add_domain(self, account: str, domain: str) -> dict[str, Any]:
+    def add_domain(self, account: str, domain: str) -> NewDomain:
         domain = domain.strip().lower()
         account_id = account_id_of(self, account)
         with self._write() as db:
@@ -45,7 +47,7 @@ class Accounts(Database):
                 )
             except self.integrity_errors:  # onboarded meanwhile, by another host
                 raise RelayError(f"domain {domain} is already onboarded on an account") from None
-        return {"account": account, "domain": domain}
+        return NewDomain(account=account, domain=domain)
 
     def remove_domain(self, account: str, domain: str) -> None:
         account_id = account_id_of(self, account)
@@ -57,16 +59,19 @@ class Accounts(Database):
         if cur.rowcount == 0:
             raise RelayError(f"domain {domain} is not onboarded on account {account!r}")
 
-    def list_domains(self, account: str | None = None) -> list[dict[str, Any]]:
+    def list_domains(self, account: str | None = None) -> list[DomainRow]:
         sql = (
             "SELECT a.name AS account, d.domain, d.created FROM domains d"
             " JOIN accounts a ON a.id = d.account_id"
         )
         if account is None:
-            return [dict(r) for r in self._read(sql + " ORDER BY a.name, d.domain")]
-        account_id_of(self, account)
+            rows = self._read(sql + " ORDER BY a.name, d.domain")
+        else:
+            account_id_of(self, account)
+            rows = self._read(sql + " WHERE a.name = ? ORDER BY d.domain", (account,))
         return [
-            dict(r) for r in self._read(sql + " WHERE a.name = ? ORDER BY d.domain", (account,))
+            DomainRow(account=r["account"], domain=r["domain"], created=int(r["created"]))
+            for r in rows
         ]
 
     @read_only
@@ -97,8 +102,9 @@ class Accounts(Database):
         if cur.rowcount == 0:
             raise RelayError(f"{address} is not on the list")
 
-    def _list(self, table: str) -> list[dict[str, Any]]:
-        return [dict(r) for r in self._read(f"SELECT * FROM {table} ORDER BY address")]  # noqa: S608
+    def _list(self, table: str) -> list[AddressRow]:
+        rows = self._read(f"SELECT address, created FROM {table} ORDER BY address")  # noqa: S608
+        return [AddressRow(address=r["address"], created=int(r["created"])) for r in rows]
 
     def add_verified(self, address: str) -> None:
         self._list_add("verified", address)
@@ -106,7 +112,7 @@ class Accounts(Database):
     def remove_verified(self, address: str) -> None:
         self._list_remove("verified", address)
 
-    def list_verified(self) -> list[dict[str, Any]]:
+    def list_verified(self) -> list[AddressRow]:
         return self._list("verified")
 
     @read_only
@@ -123,7 +129,7 @@ class Accounts(Database):
     def remove_nolimit(self, address: str) -> None:
         self._list_remove("nolimit", address)
 
-    def list_nolimit(self) -> list[dict[str, Any]]:
+    def list_nolimit(self) -> list[AddressRow]:
         return self._list("nolimit")
 
 

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import hmac
 import secrets
-from typing import Any
 
 from relay.errors import NotFound
 from relay.store.db import Database, read_only
+from relay.store.rows import AdminTokenRow, NewAdminToken
 from relay.store.tokens import hash_token
 
 ADMIN_TOKEN_PREFIX = "rla_"  # noqa: S105 - lets secret scanners spot a leaked admin token
@@ -26,7 +26,7 @@ ADMIN_TOKEN_PREFIX = "rla_"  # noqa: S105 - lets secret scanners spot a leaked a
 class AdminTokens(Database):
     def create_admin_token(
         self, *, name: str = "", expires_in_days: float | None = None
-    ) -> dict[str, Any]:
+    ) -> NewAdminToken:
         token = ADMIN_TOKEN_PREFIX + secrets.token_urlsafe(32)
         token_id = "adm_" + secrets.token_hex(6)
         now = self._now()
@@ -37,13 +37,22 @@ class AdminTokens(Database):
                 " VALUES (?, ?, ?, ?, ?)",
                 (token_id, hash_token(token), name, now, expires),
             )
-        return {"id": token_id, "name": name, "created": now, "expires": expires, "token": token}
+        return NewAdminToken(id=token_id, name=name, created=now, expires=expires, token=token)
 
-    def list_admin_tokens(self) -> list[dict[str, Any]]:
+    def list_admin_tokens(self) -> list[AdminTokenRow]:
         rows = self._read(
             "SELECT id, name, created, expires, revoked FROM admin_tokens ORDER BY created, id"
         )
-        return [dict(r) for r in rows]
+        return [
+            AdminTokenRow(
+                id=r["id"],
+                name=r["name"],
+                created=int(r["created"]),
+                expires=r["expires"],
+                revoked=r["revoked"],
+            )
+            for r in rows
+        ]
 
     def revoke_admin_token(self, token_id: str) -> None:
         with self._write() as db:

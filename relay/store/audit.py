@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from relay.store.db import Database, read_only
+from relay.store.rows import AuditRow
 
 # The most records one page returns.
 MAX_AUDIT_PAGE = 1000
@@ -54,7 +55,7 @@ class Audit(Database):
             )
 
     @read_only
-    def list_audit(self, *, limit: int = 100, before: int | None = None) -> list[dict[str, Any]]:
+    def list_audit(self, *, limit: int = 100, before: int | None = None) -> list[AuditRow]:
         """Records newest first; `before`: only records with a smaller id (the next page)."""
         limit = max(1, min(limit, MAX_AUDIT_PAGE))
         columns = "SELECT id, created, actor, address, action, target, detail FROM audit"
@@ -63,10 +64,15 @@ class Audit(Database):
         else:
             rows = self._read(f"{columns} WHERE id < ? ORDER BY id DESC LIMIT ?", (before, limit))
         return [
-            {
-                **dict(r),
-                "time": datetime.fromtimestamp(r["created"], UTC).isoformat(),
-                "detail": json.loads(r["detail"]),
-            }
+            AuditRow(
+                id=int(r["id"]),
+                created=int(r["created"]),
+                time=datetime.fromtimestamp(r["created"], UTC).isoformat(),
+                actor=r["actor"],
+                address=r["address"],
+                action=r["action"],
+                target=r["target"],
+                detail=json.loads(r["detail"]),
+            )
             for r in rows
         ]

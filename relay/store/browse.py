@@ -11,6 +11,7 @@ from typing import Any
 
 from relay.store.db import Database, read_only
 from relay.store.deliveries import Query
+from relay.store.senders import SenderRow, sender_row
 
 # The most rows one page returns.
 MAX_PAGE = 1000
@@ -35,7 +36,7 @@ class Browse(Database):
     @read_only
     def page_senders(
         self, *, prefix: str = "", limit: int = 100, after: str | None = None
-    ) -> list[dict[str, Any]]:
+    ) -> list[SenderRow]:
         """Sender rows whose address starts with `prefix`, by address, after `after`."""
         limit = max(1, min(limit, MAX_PAGE))
         rows = self._read(
@@ -43,4 +44,4 @@ class Browse(Database):
             " WHERE substr(address, 1, ?) = ? AND address > ? ORDER BY address LIMIT ?",
             (len(prefix), prefix, after or "", limit),
         )
-        return [{**dict(r), "enabled": bool(r["enabled"])} for r in rows]
+        return [sender_row(r) for r in rows]

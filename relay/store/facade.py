@@ -7,8 +7,9 @@ Each concept has its own module, which states its guarantees:
   (`relay.store.postgres`: the same on PostgreSQL, for a store many relays share)
 - `relay.store.accounts`: accounts, their domains, the verified and no-limit lists
 - `relay.store.tokens`: API tokens, stored only as SHA-256 hashes
-- `relay.store.ledger`: balances and send-limit windows; the atomic, never-negative
-  charge (`reserve`), its `settle`, and the sweep of charges a dead process left
+- `relay.store.senders`: senders' balances; `relay.store.limits`: the send-limit windows
+- `relay.store.ledger`: the atomic, never-negative charge (`reserve`), its
+  `settle`, and the sweep of charges a dead process left
 - `relay.store.journal`: settles the database could not take, fsync'd to a file so
   they outlive the process, applied before any sweep
 - `relay.store.idempotency`: messages an idempotent upstream took, so a retry is not
@@ -34,8 +35,10 @@ from relay.store.audit import Audit
 from relay.store.browse import Browse
 from relay.store.deliveries import Deliveries
 from relay.store.idempotency import IDEMPOTENCY_WINDOW
-from relay.store.ledger import RELAY_SCOPE, Ledger, MailCheck, Reservation
+from relay.store.ledger import Ledger, MailCheck, Reservation
+from relay.store.limits import RELAY_SCOPE, SendLimits
 from relay.store.refusals import Refusals
+from relay.store.senders import Senders
 from relay.store.throttle import Throttle
 from relay.store.tokens import TOKEN_PREFIX, Principal, Tokens, hash_token
 
@@ -53,5 +56,17 @@ __all__ = [
 ]
 
 
-class Store(Accounts, Tokens, Ledger, Deliveries, Throttle, Refusals, AdminTokens, Audit, Browse):
+class Store(
+    Accounts,
+    Tokens,
+    Senders,
+    Ledger,
+    SendLimits,
+    Deliveries,
+    Throttle,
+    Refusals,
+    AdminTokens,
+    Audit,
+    Browse,
+):
     """The synchronous store. Admin commands use it directly; the server via `AsyncStore`."""

@@ -1,4 +1,7 @@
-"""The ledger: senders' balances, send-limit windows, and the charge of each message.
+"""The ledger: the charge of each message, its settle, and the sweep of stale charges.
+
+Balances are kept by `relay.store.senders`, the send-limit windows by
+`relay.store.limits`; the charge reads and changes both.
 
 Guarantees, whatever the number of sessions, relay processes and hosts on one
 database:
@@ -43,17 +46,17 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from relay.errors import Refused, RelayError
+from relay.errors import Refused
 from relay.policy import SenderState
-from relay.store.accounts import account_id_of
-from relay.store.db import Connection, Cursor, Database, Row, read_only
+from relay.store.db import Connection, Cursor, Database, read_only
 from relay.store.deliveries import DeliveryRecord, insert
 from relay.store.idempotency import delivered_recently, forget_expired, remember_delivered
 from relay.store.journal import PendingSettle
+from relay.store.limits import RELAY_SCOPE, add_to_windows, count_windows, read_windows
 from relay.store.refusals import REFUSAL_WINDOW
+from relay.store.senders import ensure_sender
 from relay.windows import UNLIMITED, LimitHit, Window, headroom, period_key, window_reset
 
-RELAY_SCOPE = "*"
 # A process whose heartbeat is older than this is dead (it beats every 10 s);
 # the relay passes its RELAY_OWNER_DEAD_AFTER.
 OWNER_DEAD_AFTER = 60
@@ -84,67 +87,6 @@ class Reservation:
 
 class Ledger(Database):
     owner: str | None = None  # the live process's id, recorded on each reservation
-
-    # --- senders' balances -------------------------------------------------------
-
-    def list_senders(self) -> list[dict[str, Any]]:
-        rows = self._read("SELECT address, balance, enabled, created, updated FROM senders")
-        return [_sender(r) for r in sorted(rows, key=lambda r: r["address"])]
-
-    def show_sender(self, address: str) -> dict[str, Any]:
-        rows = self._read(
-            "SELECT address, balance, enabled, created, updated FROM senders WHERE address = ?",
-            (address,),
-        )
-        if not rows:
-            raise RelayError(f"no sender row for {address}")
-        return _sender(rows[0])
-
-    def set_sender(
-        self, address: str, *, balance: int | None = None, enabled: bool | None = None
-    ) -> dict[str, Any]:
-        if balance is not None and balance < 0:
-            raise RelayError("a balance cannot be negative")
-        now = self._now()
-        with self._write() as db:
-            db.execute(
-                "INSERT INTO senders (address, balance, enabled, created, updated)"
-                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (address) DO UPDATE SET"
-                " balance = COALESCE(?, senders.balance), enabled = COALESCE(?, senders.enabled),"
-                " updated = ?",
-                (
-                    address,
-                    balance or 0,
-                    1 if enabled is None else int(enabled),
-                    now,
-                    now,
-                    balance,
-                    None if enabled is None else int(enabled),
-                    now,
-                ),
-            )
-        return self.show_sender(address)
-
-    def topup_sender(self, address: str, amount: int) -> dict[str, Any]:
-        now = self._now()
-        with self._write() as db:
-            # A top-up for a sender who never sent creates the row with it.
-            _ensure_sender(db, address, 0, now)
-            # Conditional, as a charge is: a concurrent charge cannot make it negative.
-            cur = db.execute(
-                "UPDATE senders SET balance = balance + ?, updated = ?"
-                " WHERE address = ? AND balance + ? >= 0",
-                (amount, now, address, amount),
-            )
-            if cur.rowcount != 1:
-                raise RelayError(f"a top-up of {amount} would make the balance negative")
-        return self.show_sender(address)
-
-    def delete_sender(self, address: str) -> None:
-        with self._write() as db:
-            cur = db.execute("DELETE FROM senders WHERE address = ?", (address,))
-        if cur.rowcount == 0:
-            raise RelayError(f"no sender row for {address}")
 
     # --- the runtime path --------------------------------------------------------
 
@@ -204,7 +146,7 @@ class Ledger(Database):
     ) -> tuple[int | None, LimitHit | None]:
         """The tightest window's remaining room, and the first exhausted window if any."""
         tightest: int | None = None
-        for label, window, limit, used in _windows(db, account_id, now):
+        for label, window, limit, used in read_windows(db, account_id, now):
             room = headroom(limit, used)
             if room is None:
                 continue
@@ -257,7 +199,7 @@ class Ledger(Database):
                     # charge is tried again after the row is made, whoever made it:
                     # on PostgreSQL another host's first charge may have made it
                     # since, and its balance decides, not the miss above.
-                    _ensure_sender(db, sender, default_balance, ts)
+                    ensure_sender(db, sender, default_balance, ts)
                     cur = _charge(db, sender, charge, ts)
                 if cur.rowcount != 1:
                     row = db.execute(
@@ -268,7 +210,7 @@ class Ledger(Database):
                         balance=row["balance"] if row else 0,
                         disabled=bool(row and not row["enabled"]),
                     )
-            windows = _windows(db, account_id, now)
+            windows = read_windows(db, account_id, now)
             for label, window, limit, used in windows:
                 # Exact on SQLite (the write lock is held); on PostgreSQL a count
                 # read here may be stale, and the upsert below decides.
@@ -281,7 +223,7 @@ class Ledger(Database):
                 (sender, unit, recipients, ",".join(scopes), day, month, ts, self.owner),
             ).fetchone()
             if self.is_postgres:
-                full = _count_windows(db, account_id, day, month, recipients, windows)
+                full = count_windows(db, account_id, day, month, recipients, windows)
                 if full is not None:
                     label, window, limit, _ = full
                     hit = LimitHit(label, window, limit, window_reset(window, now))
@@ -289,7 +231,7 @@ class Ledger(Database):
             else:
                 # SQLite: the write lock is held, so the counts checked above are
                 # exact and the windows need no condition of their own.
-                _add_to_windows(db, account_id, day, month, recipients)
+                add_to_windows(db, account_id, day, month, recipients)
         return Reservation(int(pending["id"]), charge, created=ts)
 
     def settle(
@@ -388,63 +330,6 @@ class Ledger(Database):
     def pending_count(self) -> int:
         return int(self._read("SELECT count(*) FROM pending")[0][0])
 
-    # --- send limits -------------------------------------------------------------
-
-    def set_limits(
-        self, *, account: str | None, daily: int | None, monthly: int | None
-    ) -> dict[str, Any]:
-        for value in (daily, monthly):
-            if value is not None and value < UNLIMITED:
-                raise RelayError("a limit is -1 (unlimited), 0 (blocks sending) or more")
-        scope = str(account_id_of(self, account)) if account else RELAY_SCOPE
-        with self._write() as db:
-            db.execute(
-                "INSERT INTO limits (scope, daily, monthly)"
-                " VALUES (?, COALESCE(?, -1), COALESCE(?, -1))"
-                " ON CONFLICT (scope) DO UPDATE SET daily = COALESCE(?, limits.daily),"
-                " monthly = COALESCE(?, limits.monthly)",
-                (scope, daily, monthly, daily, monthly),
-            )
-        return next(s for s in self.show_limits() if s["scope"] == (account or "relay"))
-
-    def show_limits(self) -> list[dict[str, Any]]:
-        now = self.clock()
-        day, month = period_key(Window.DAY, now), period_key(Window.MONTH, now)
-        names = {str(r["id"]): r["name"] for r in self._read("SELECT id, name FROM accounts")}
-        rows = {r["scope"]: r for r in self._read("SELECT * FROM limits")}
-        scopes = [RELAY_SCOPE, *sorted(s for s in rows if s != RELAY_SCOPE)]
-        out = []
-        with self._connection() as db:
-            for scope in scopes:
-                row = rows.get(scope)
-                out.append(
-                    {
-                        "scope": "relay" if scope == RELAY_SCOPE else names.get(scope, scope),
-                        "daily": row["daily"] if row else UNLIMITED,
-                        "monthly": row["monthly"] if row else UNLIMITED,
-                        "daily_count": _count(db, scope, day),
-                        "monthly_count": _count(db, scope, month),
-                        "daily_resets_at": window_reset(Window.DAY, now).isoformat(),
-                        "monthly_resets_at": window_reset(Window.MONTH, now).isoformat(),
-                    }
-                )
-        return out
-
-
-def _sender(row: Row) -> dict[str, Any]:
-    out = dict(row)
-    out["enabled"] = bool(out["enabled"])
-    return out
-
-
-def _ensure_sender(db: Connection, address: str, balance: int, ts: int) -> None:
-    """Create the sender's row with `balance` unless it exists."""
-    db.execute(
-        "INSERT INTO senders (address, balance, enabled, created, updated) VALUES (?, ?, 1, ?, ?)"
-        " ON CONFLICT (address) DO NOTHING",
-        (address, balance, ts, ts),
-    )
-
 
 def _charge(db: Connection, address: str, charge: int, ts: int) -> Cursor:
     """Take `charge` from an enabled sender's balance if it covers it (rowcount 1), or nothing."""
@@ -453,14 +338,6 @@ def _charge(db: Connection, address: str, charge: int, ts: int) -> Cursor:
         " WHERE address = ? AND enabled = 1 AND balance >= ?",
         (charge, ts, address, charge),
     )
-
-
-_WINDOWS_SQL = """
-    SELECT s.scope, COALESCE(l.daily, -1) AS daily, COALESCE(l.monthly, -1) AS monthly,
-        COALESCE((SELECT count FROM counters WHERE scope = s.scope AND period = ?), 0) AS d,
-        COALESCE((SELECT count FROM counters WHERE scope = s.scope AND period = ?), 0) AS m
-    FROM (SELECT ? AS scope UNION ALL SELECT ?) AS s LEFT JOIN limits AS l ON l.scope = s.scope
-"""
 
 
 # The domain's owner, and whether a token is still valid (not revoked, not
@@ -492,91 +369,6 @@ def _owner_and_token(
     row = db.execute(_OWNER_SQL, (domain, now, token_id)).fetchone()
     owner = row["owner"]
     return (None if owner is None else int(owner)), bool(row["token_ok"])
-
-
-def _windows(db: Connection, account_id: int, now: datetime) -> list[tuple[str, Window, int, int]]:
-    """(label, window, limit, used) for the relay's and the account's day and month, one query."""
-    day, month = period_key(Window.DAY, now), period_key(Window.MONTH, now)
-    rows = db.execute(_WINDOWS_SQL, (day, month, RELAY_SCOPE, str(account_id))).fetchall()
-    out = []
-    for row in rows:
-        label = "relay" if row["scope"] == RELAY_SCOPE else "account"
-        out.append((label, Window.DAY, int(row["daily"]), int(row["d"])))
-        out.append((label, Window.MONTH, int(row["monthly"]), int(row["m"])))
-    return out
-
-
-def _count(db: Connection, scope: str, period: str) -> int:
-    row = db.execute(
-        "SELECT count FROM counters WHERE scope = ? AND period = ?", (scope, period)
-    ).fetchone()
-    return int(row[0]) if row else 0
-
-
-def _add_to_windows(db: Connection, account_id: int, day: str, month: str, n: int) -> None:
-    """Count `n` in the account's and the relay's day and month (the lock order)."""
-    account = str(account_id)
-    db.execute(
-        "INSERT INTO counters (scope, period, count) VALUES (?, ?, ?), (?, ?, ?), (?, ?, ?),"
-        " (?, ?, ?) ON CONFLICT (scope, period) DO UPDATE"
-        " SET count = counters.count + excluded.count",
-        (account, day, n, account, month, n, RELAY_SCOPE, day, n, RELAY_SCOPE, month, n),
-    )
-
-
-# A limit for the upsert's condition when a window has none.
-_NO_LIMIT = 2**62
-
-
-def _count_windows(
-    db: Connection,
-    account_id: int,
-    day: str,
-    month: str,
-    recipients: int,
-    windows: list[tuple[str, Window, int, int]],
-) -> tuple[str, Window, int, int] | None:
-    """Count `recipients` in the four windows, each only if it stays within its limit.
-
-    One statement, the account's rows before the relay's (the lock order). A
-    window whose row the upsert did not return was full: the first such, in
-    `_windows`' order, is returned, and the caller rolls back. A window with no
-    row yet is inserted unconditionally: `reserve` checked `recipients <= limit`.
-    """
-    limits = {(label, window): limit for label, window, limit, _ in windows}
-
-    def limit(label: str, window: Window) -> int:
-        value = limits[(label, window)]
-        return _NO_LIMIT if value == UNLIMITED else value
-
-    account = str(account_id)
-    returned = db.execute(
-        "INSERT INTO counters (scope, period, count) VALUES (?, ?, ?), (?, ?, ?), (?, ?, ?),"
-        " (?, ?, ?) ON CONFLICT (scope, period) DO UPDATE"
-        " SET count = counters.count + excluded.count"
-        " WHERE counters.count + excluded.count <= CASE counters.scope || ' ' || counters.period"
-        " WHEN ? THEN ? WHEN ? THEN ? WHEN ? THEN ? WHEN ? THEN ? END"
-        " RETURNING scope, period",
-        (
-            *(account, day, recipients, account, month, recipients),
-            *(RELAY_SCOPE, day, recipients, RELAY_SCOPE, month, recipients),
-            *(f"{account} {day}", limit("account", Window.DAY)),
-            *(f"{account} {month}", limit("account", Window.MONTH)),
-            *(f"{RELAY_SCOPE} {day}", limit("relay", Window.DAY)),
-            *(f"{RELAY_SCOPE} {month}", limit("relay", Window.MONTH)),
-        ),
-    ).fetchall()
-    counted = {(r["scope"], r["period"]) for r in returned}
-    keys = {
-        ("relay", Window.DAY): (RELAY_SCOPE, day),
-        ("relay", Window.MONTH): (RELAY_SCOPE, month),
-        ("account", Window.DAY): (account, day),
-        ("account", Window.MONTH): (account, month),
-    }
-    for entry in windows:
-        if keys[(entry[0], entry[1])] not in counted:
-            return entry
-    return None
 
 
 def _settle(

@@ -10,11 +10,11 @@ import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
-from typing import Any
 
 from relay.errors import RelayError
 from relay.store.accounts import account_id_of
 from relay.store.db import Database, read_only
+from relay.store.rows import NewToken, TokenRow
 
 TOKEN_PREFIX = "rlt_"  # noqa: S105 - lets secret scanners spot a leaked token
 
@@ -38,7 +38,7 @@ class Principal:
 class Tokens(Database):
     def create_token(
         self, account: str, *, name: str = "", role: str = "", expires_in_days: float | None = None
-    ) -> dict[str, Any]:
+    ) -> NewToken:
         account_id = account_id_of(self, account)
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
         token_id = "tok_" + secrets.token_hex(6)
@@ -50,25 +50,32 @@ class Tokens(Database):
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (token_id, account_id, hash_token(token), name, role, now, expires),
             )
-        return {
-            "id": token_id,
-            "account": account,
-            "name": name,
-            "role": role,
-            "expires": expires,
-            "token": token,
-        }
+        return NewToken(
+            id=token_id, account=account, name=name, role=role, expires=expires, token=token
+        )
 
-    def list_tokens(self, account: str | None = None) -> list[dict[str, Any]]:
+    def list_tokens(self, account: str | None = None) -> list[TokenRow]:
         sql = (
             "SELECT t.id, a.name AS account, t.name, t.role, t.created, t.expires, t.revoked"
             " FROM tokens t JOIN accounts a ON a.id = t.account_id"
         )
         if account is None:
-            return [dict(r) for r in self._read(sql + " ORDER BY t.created, t.id")]
-        account_id_of(self, account)
-        rows = self._read(sql + " WHERE a.name = ? ORDER BY t.created, t.id", (account,))
-        return [dict(r) for r in rows]
+            rows = self._read(sql + " ORDER BY t.created, t.id")
+        else:
+            account_id_of(self, account)
+            rows = self._read(sql + " WHERE a.name = ? ORDER BY t.created, t.id", (account,))
+        return [
+            TokenRow(
+                id=r["id"],
+                account=r["account"],
+                name=r["name"],
+                role=r["role"],
+                created=int(r["created"]),
+                expires=r["expires"],
+                revoked=r["revoked"],
+            )
+            for r in rows
+        ]
 
     def revoke_token(self, token_id: str) -> None:
         with self._write() as db:

@@ -1,0 +1,97 @@
+"""The shapes of what the store hands the CLI, the admin API and the console.
+
+Each is a `TypedDict`: the JSON the API answers and the CLI's `--json` print
+are these dictionaries as they are, so their keys are part of the interface
+(docs/admin.md), and mypy checks every reader of them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypedDict
+
+
+class AccountRow(TypedDict):
+    id: int
+    name: str
+    created: int
+
+
+class NewAccount(TypedDict):
+    id: int
+    name: str
+
+
+class DomainRow(TypedDict):
+    account: str
+    domain: str
+    created: int
+
+
+class NewDomain(TypedDict):
+    account: str
+    domain: str
+
+
+class AddressRow(TypedDict):
+    """An entry of the verified or the no-limit list."""
+
+    address: str
+    created: int
+
+
+class TokenRow(TypedDict):
+    id: str
+    account: str
+    name: str
+    role: str
+    created: int
+    expires: int | None
+    revoked: int | None
+
+
+class NewToken(TypedDict):
+    """A token as created: the secret is shown this once and never stored."""
+
+    id: str
+    account: str
+    name: str
+    role: str
+    expires: int | None
+    token: str
+
+
+class AdminTokenRow(TypedDict):
+    id: str
+    name: str
+    created: int
+    expires: int | None
+    revoked: int | None
+
+
+class NewAdminToken(TypedDict):
+    id: str
+    name: str
+    created: int
+    expires: int | None
+    token: str
+
+
+class AuditRow(TypedDict):
+    id: int
+    created: int
+    time: str
+    actor: str
+    address: str
+    action: str
+    target: str
+    detail: dict[str, Any]
+
+
+class TokenView(TokenRow):
+    """A token as listed: its row and whether it is active, revoked or expired."""
+
+    status: str
+
+
+class AdminTokenView(AdminTokenRow):
+    status: str
