@@ -31,7 +31,9 @@ TARGET = 90.0  # percent of mutants killed, per module (docs/design.md)
 CAUGHT = {"killed", "timeout", "caught by type check"}
 _MUTANT = re.compile(r"relay(?:\.\w+)+?\.x\S*?__mutmut_\d+")
 # A MUTATION.md row: | `name` | line | mutation | why |
-_ROW = re.compile(r"^\|\s*`(relay(?:\.\w+)+?\.x\S*?__mutmut_\d+)`\s*\|[^|]*\|.*\|\s*(\w+)[^|]*\|\s*$")
+_ROW = re.compile(
+    r"^\|\s*`(relay(?:\.\w+)+?\.x\S*?__mutmut_\d+)`\s*\|[^|]*\|.*\|\s*(\w+)[^|]*\|\s*$"
+)
 
 
 def main(root: Path = Path()) -> int:

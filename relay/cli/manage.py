@@ -1,0 +1,207 @@
+"""The admin commands: accounts, domains, tokens, address lists, senders, limits, audit.
+
+Each is a thin call into `relay.admin.operations`, which the admin API calls too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from typing import Any
+
+from relay.admin import operations
+from relay.cli.output import emit, open_store, table, when
+from relay.config import load_settings
+from relay.errors import RelayError
+from relay.store.audit import CLI_ACTOR
+
+
+def cmd_account_create(args: argparse.Namespace) -> None:
+    value = operations.create_account(open_store(), CLI_ACTOR, args.name)
+    emit(args, value, lambda v: f"created account {v['name']}")
+
+
+def cmd_account_list(args: argparse.Namespace) -> None:
+    rows = operations.list_accounts(open_store())
+    emit(args, rows, lambda v: table(v, ["id", "name"]))
+
+
+def cmd_domain_add(args: argparse.Namespace) -> None:
+    value = operations.add_domain(open_store(), CLI_ACTOR, args.account, args.domain)
+    emit(args, value, lambda v: f"onboarded {v['domain']} on account {v['account']}")
+
+
+def cmd_domain_remove(args: argparse.Namespace) -> None:
+    value = operations.remove_domain(open_store(), CLI_ACTOR, args.account, args.domain)
+    emit(args, value, lambda v: f"removed {v['domain']} from account {v['account']}")
+
+
+def cmd_domain_list(args: argparse.Namespace) -> None:
+    rows = operations.list_domains(open_store(), args.account)
+    emit(args, rows, lambda v: table(v, ["account", "domain"]))
+
+
+def cmd_token_create(args: argparse.Namespace) -> None:
+    value = operations.create_token(
+        open_store(),
+        CLI_ACTOR,
+        args.account,
+        name=args.name or "",
+        role=args.role or "",
+        expires_in_days=args.expires_in,
+    )
+
+    def text(v: dict[str, Any]) -> str:
+        return (
+            f"token {v['id']} for account {v['account']}"
+            f" (expires {when(v['expires'])}); shown once, store it now:\n{v['token']}"
+        )
+
+    emit(args, value, text)
+
+
+def cmd_token_list(args: argparse.Namespace) -> None:
+    rows = operations.list_tokens(open_store(), args.account)
+
+    def text(v: list[dict[str, Any]]) -> str:
+        shown = [{**r, "created": when(r["created"]), "expires": when(r["expires"])} for r in v]
+        return table(shown, ["id", "account", "name", "role", "status", "created", "expires"])
+
+    emit(args, rows, text)
+
+
+def cmd_token_revoke(args: argparse.Namespace) -> None:
+    operations.revoke_token(open_store(), CLI_ACTOR, args.token_id)
+    print(f"revoked {args.token_id}")
+
+
+def _list_commands(kind: str) -> dict[str, Callable[[argparse.Namespace], None]]:
+    def add(args: argparse.Namespace) -> None:
+        value = operations.add_to_list(open_store(), CLI_ACTOR, kind, args.address)
+        print(f"added {value['address']}")
+
+    def remove(args: argparse.Namespace) -> None:
+        value = operations.remove_from_list(open_store(), CLI_ACTOR, kind, args.address)
+        print(f"removed {value['address']}")
+
+    def listing(args: argparse.Namespace) -> None:
+        rows = operations.list_addresses(open_store(), kind)
+        emit(args, rows, lambda v: "\n".join(r["address"] for r in v) or "(none)")
+
+    return {"add": add, "remove": remove, "list": listing}
+
+
+def _sender_text(v: dict[str, Any]) -> str:
+    state = "enabled" if v["enabled"] else "disabled"
+    line = f"{v['address']}  balance={v['balance']}  {state}"
+    if v["unlimited"]:
+        line += "  unlimited (on the nolimit list: sends without balance)"
+    if not v["stored"]:
+        line += "  (nothing charged yet: the DEFAULT_SEND_BALANCE it starts with)"
+    return line
+
+
+def cmd_sender_list(args: argparse.Namespace) -> None:
+    rows, _ = operations.list_senders(open_store(), prefix=args.prefix or "")
+    emit(args, rows, lambda v: table(v, ["address", "balance", "enabled"]))
+
+
+def cmd_sender_show(args: argparse.Namespace) -> None:
+    default = load_settings().default_send_balance
+    value = operations.show_sender(open_store(), args.address, default_balance=default)
+    emit(args, value, _sender_text)
+
+
+def cmd_sender_set(args: argparse.Namespace) -> None:
+    value = operations.set_sender(
+        open_store(), CLI_ACTOR, args.address, balance=args.balance, enabled=args.enabled
+    )
+    emit(args, value, _sender_text)
+
+
+def cmd_sender_topup(args: argparse.Namespace) -> None:
+    value = operations.topup_sender(open_store(), CLI_ACTOR, args.address, args.amount)
+    emit(args, value, _sender_text)
+
+
+def cmd_sender_delete(args: argparse.Namespace) -> None:
+    value = operations.delete_sender(open_store(), CLI_ACTOR, args.address)
+    emit(args, value, lambda v: f"deleted the sender row of {v['address']}")
+
+
+def cmd_limits_set(args: argparse.Namespace) -> None:
+    if args.daily is None and args.monthly is None:
+        raise RelayError("give --daily N and/or --monthly N (-1 unlimited, 0 blocks sending)")
+    value = operations.set_limits(
+        open_store(), CLI_ACTOR, account=args.account, daily=args.daily, monthly=args.monthly
+    )
+    emit(args, value, lambda v: _limits_text([v]))
+
+
+def cmd_limits_show(args: argparse.Namespace) -> None:
+    emit(args, operations.show_limits(open_store()), _limits_text)
+
+
+def cmd_admin_token_create(args: argparse.Namespace) -> None:
+    value = operations.create_admin_token(
+        open_store(), CLI_ACTOR, name=args.name or "", expires_in_days=args.expires_in
+    )
+
+    def text(v: dict[str, Any]) -> str:
+        return (
+            f"admin token {v['id']} (expires {when(v['expires'])});"
+            f" shown once, store it now:\n{v['token']}"
+        )
+
+    emit(args, value, text)
+
+
+def cmd_admin_token_list(args: argparse.Namespace) -> None:
+    rows = operations.list_admin_tokens(open_store())
+
+    def text(v: list[dict[str, Any]]) -> str:
+        shown = [{**r, "created": when(r["created"]), "expires": when(r["expires"])} for r in v]
+        return table(shown, ["id", "name", "status", "created", "expires"])
+
+    emit(args, rows, text)
+
+
+def cmd_admin_token_revoke(args: argparse.Namespace) -> None:
+    operations.revoke_admin_token(open_store(), CLI_ACTOR, args.token_id)
+    print(f"revoked {args.token_id}")
+
+
+def cmd_audit(args: argparse.Namespace) -> None:
+    """The audit log, newest first: a table, or one JSON object per line."""
+    rows, _ = operations.audit(open_store(), limit=args.limit)
+    if args.json:
+        for row in rows:
+            print(json.dumps(row, sort_keys=True))
+        return
+    shown = [
+        {
+            **r,
+            "time": when(r["created"]),
+            "detail": json.dumps(r["detail"], sort_keys=True) if r["detail"] else "",
+        }
+        for r in rows
+    ]
+    print(table(shown, ["time", "actor", "address", "action", "target", "detail"]))
+
+
+def _limits_text(rows: list[dict[str, Any]]) -> str:
+    def limit(n: int) -> str:
+        return "unlimited" if n == -1 else str(n)
+
+    shown = [
+        {
+            "scope": r["scope"],
+            "daily": f"{r['daily_count']}/{limit(r['daily'])}",
+            "monthly": f"{r['monthly_count']}/{limit(r['monthly'])}",
+            "daily resets": r["daily_resets_at"],
+            "monthly resets": r["monthly_resets_at"],
+        }
+        for r in rows
+    ]
+    return table(shown, ["scope", "daily", "monthly", "daily resets", "monthly resets"])
