@@ -23,8 +23,8 @@ from support import DOMAIN, SENDER, free_port, message
 
 from relay.channels.base import Delivery, Outbound
 from relay.channels.smtp_upstream import SmtpChannel
-from relay.config import SmtpUpstream
 from relay.errors import DeliveryError
+from relay.upstreams import SmtpUpstream
 from tests.fake_upstreams import RESEND_UNVERIFIED_DOMAIN, FakeCloudflare, FakeResend
 
 # aiosmtpd warns when a server requires AUTH without STARTTLS, which is also what

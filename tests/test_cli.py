@@ -18,8 +18,9 @@ import aiosmtplib
 import pytest
 from support import MISSING_TOOL, SENDER, Lines, free_port, message
 
-from relay.config import Secret, load_settings
+from relay.config import load_settings
 from relay.errors import ConfigError
+from relay.upstreams import Secret
 
 ROOT = Path(__file__).resolve().parent.parent
 

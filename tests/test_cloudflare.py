@@ -21,10 +21,10 @@ from relay.channels.cloudflare import (
     per_recipient,
     sent_message_id,
 )
-from relay.config import CloudflareConfig, Secret
 from relay.errors import DeliveryError, PermanentDelivery, TransientDelivery
 from relay.policy import max_forwardable
 from relay.replies import Reply
+from relay.upstreams import CloudflareConfig, Secret
 from tests.fake_upstreams import CLOUDFLARE_ERRORS, FakeCloudflare, cloudflare_error
 
 CONTENT = (

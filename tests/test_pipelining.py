@@ -30,8 +30,8 @@ from relay.channels import aiosmtplib_compat
 from relay.channels.aiosmtplib_compat import IncompatibleAiosmtplib, Replies, check, pipeline
 from relay.channels.base import Outbound
 from relay.channels.smtp_upstream import SmtpChannel
-from relay.config import SmtpUpstream
 from relay.errors import TransientDelivery
+from relay.upstreams import SmtpUpstream
 
 GROUP = f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<{RCPT}>\r\nRCPT TO:<{OTHER}>\r\n".encode()
 

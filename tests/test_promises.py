@@ -19,9 +19,10 @@ from typing import Any
 import pytest
 from support import DOMAIN, SENDER, Raw, b64, message, plain
 
-from relay.config import Limits, Upkeep, load_settings, resend_domain_key
+from relay.config import Limits, Upkeep, load_settings
 from relay.errors import StoreError
 from relay.store.facade import Refused, Store
+from relay.upstreams import resend_domain_key
 
 DELIVERED = "250 2.0.0 Ok <"
 

@@ -16,8 +16,8 @@ import pytest
 
 from relay.channels.base import Delivery, Outbound
 from relay.channels.resend import ERRORS, ResendChannel, is_config_fault, outcome, translate
-from relay.config import ResendConfig, Secret
 from relay.errors import DeliveryError, PermanentDelivery, TransientDelivery
+from relay.upstreams import ResendConfig, Secret
 from tests.fake_upstreams import RESEND_ERRORS, FakeResend, resend_error
 
 KEY = "ab" * 32

@@ -20,9 +20,9 @@ from relay import replies
 from relay.channels import httpapi
 from relay.channels.base import Delivery, Outbound, partial_delivery
 from relay.channels.httpapi import ErrorRow, Kind
-from relay.config import CloudflareConfig
 from relay.errors import PermanentDelivery
 from relay.replies import Refusal, Reply, one_line
+from relay.upstreams import CloudflareConfig
 
 log = logging.getLogger("relay.cloudflare")
 

@@ -32,10 +32,10 @@ from relay import replies
 from relay.channels import httpapi, pacing
 from relay.channels.base import Delivery, Outbound, partial_delivery
 from relay.channels.httpapi import ErrorRow, Kind
-from relay.config import ResendConfig
 from relay.errors import DeliveryError, PermanentDelivery, TransientDelivery
 from relay.message import domain_of
 from relay.replies import Refusal, Reply, one_line
+from relay.upstreams import ResendConfig
 
 log = logging.getLogger("relay.resend")
 

@@ -27,10 +27,10 @@ from relay.channels import aiosmtplib_compat as compat
 from relay.channels import pacing
 from relay.channels.aiosmtplib_compat import Replies
 from relay.channels.base import Delivery, Outbound, partial_delivery
-from relay.config import SmtpUpstream
 from relay.errors import ConfigError, DeliveryError, TransientDelivery, delivery_error
 from relay.message import domain_of
 from relay.replies import Reply, one_line
+from relay.upstreams import SmtpUpstream
 
 log = logging.getLogger("relay.smtp")
 
