@@ -16,12 +16,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import errno
 import functools
 import gc
 import logging
 import os
-import resource
 import socket
 import ssl
 import time
@@ -32,14 +30,14 @@ from typing import Any, TypeVar
 from relay import metrics, replies
 from relay.admin import api
 from relay.admin import app as admin
-from relay.channels.base import Channel, OutboxChannel
-from relay.channels.smtp_upstream import SmtpChannel
+from relay.channels import build_channels
+from relay.channels.base import Channel
 from relay.config import Settings, no_channel, start_warnings
 from relay.errors import ConfigError, RelayError, StoreError
 from relay.policy import Channel as ChannelName
 from relay.replies import Reply
 from relay.smtp.admission import Admission, HostCounts
-from relay.smtp.listener import Listener
+from relay.smtp.listener import Listener, bind, tls_context
 from relay.smtp.protocol import SubmissionProtocol
 from relay.smtp.session import Submission
 from relay.smtp.spool import Spool
@@ -58,68 +56,9 @@ TRIM_AFTER_CLOSED = 64
 COLLECT_EVERY = 30.0
 # A failing database is logged at most this often: a full disk must not flood the log.
 TROUBLE_LOG_INTERVAL = 60.0
-# File descriptors a process needs besides its sessions: the database (four
-# connections, each with its -wal and -shm), pooled upstream SMTP and HTTP
-# connections, the listening socket, the event loop's own.
-FD_HEADROOM = 256
 # Delivery-log records deleted per upkeep tick at most: PRUNE_BATCHES_PER_TICK
 # transactions of PRUNE_BATCH rows, each a few milliseconds of write lock.
 PRUNE_BATCHES_PER_TICK = 10
-
-
-def build_channels(settings: Settings) -> dict[ChannelName, Channel]:
-    channels: dict[ChannelName, Channel] = {}
-    if settings.cloudflare:
-        from relay.channels.cloudflare import CloudflareChannel
-
-        channels[ChannelName.CLOUDFLARE] = CloudflareChannel(
-            settings.cloudflare, timeout=settings.upstream_timeout
-        )
-    if settings.resend.configured:
-        from relay.channels.resend import ResendChannel
-
-        channels[ChannelName.RESEND] = ResendChannel(
-            settings.resend,
-            timeout=settings.upstream_timeout,
-            budget=settings.forward_budget,
-            workers=settings.workers,
-        )
-    if settings.smtp_config:
-        channels[ChannelName.SMTP] = SmtpChannel(
-            settings.smtp_config,
-            timeout=settings.upstream_timeout,
-            local_hostname=settings.hostname,
-            budget=settings.forward_budget,
-        )
-    if settings.dev_outbox:
-        channels[ChannelName.OUTBOX] = OutboxChannel(settings.dev_outbox)
-    return channels
-
-
-def tls_context(settings: Settings) -> ssl.SSLContext:
-    for name, path in (("RELAY_TLS_CERT", settings.tls_cert), ("RELAY_TLS_KEY", settings.tls_key)):
-        if not path.is_file():
-            raise ConfigError(
-                f"{name}: {path} does not exist (create one with `relay certs generate`)"
-            )
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-
-    def no_passphrase() -> bytes:
-        # Without a callback OpenSSL would prompt on the terminal for the
-        # pass phrase, and a service has nobody to answer.
-        raise ConfigError(
-            f"RELAY_TLS_KEY: {settings.tls_key} is encrypted; the relay needs an unencrypted key"
-            " (readable by its user only)"
-        )
-
-    try:
-        ctx.load_cert_chain(settings.tls_cert, settings.tls_key, password=no_passphrase)
-    except (ssl.SSLError, OSError) as exc:
-        raise ConfigError(
-            f"RELAY_TLS_CERT: cannot load {settings.tls_cert} with {settings.tls_key}: {exc}"
-        ) from exc
-    return ctx
 
 
 def open_database(store: Store) -> None:
@@ -132,52 +71,6 @@ def open_database(store: Store) -> None:
             raise ConfigError(str(exc)) from None
         reason = exc.__cause__ or exc
         raise ConfigError(f"RELAY_DATABASE: cannot write {store.location}: {reason}") from None
-
-
-def check_fd_limit(settings: Settings) -> None:
-    """Refuse a `RELAY_MAX_CONNECTIONS` the file-descriptor limit cannot serve.
-
-    The soft limit is raised towards the hard one first, as far as needed (any
-    process may); past the hard limit only the administrator can help.
-    """
-    need = settings.max_connections + FD_HEADROOM
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < need:
-        target = need if hard == resource.RLIM_INFINITY else min(need, hard)
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    if soft != resource.RLIM_INFINITY and soft < need:
-        raise ConfigError(
-            f"RELAY_MAX_CONNECTIONS: {settings.max_connections} sessions need {need} file"
-            f" descriptors, the limit (ulimit -n) is {soft}: lower RELAY_MAX_CONNECTIONS"
-            " or raise the limit"
-        )
-
-
-def bind(settings: Settings, *, reuse_port: bool = False) -> socket.socket:
-    host, port = settings.listen
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuse_port:
-        # One listening socket per worker; the kernel spreads connections.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    try:
-        sock.bind((host, port))
-    except PermissionError:
-        sock.close()
-        raise ConfigError(
-            f"RELAY_LISTEN: port {port} needs privileges (run with CAP_NET_BIND_SERVICE,"
-            " or choose a port above 1023)"
-        ) from None
-    except OSError as exc:
-        sock.close()
-        why = "already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
-        raise ConfigError(f"RELAY_LISTEN: cannot listen on {host}:{port}: {why}") from None
-    sock.listen(settings.listen_backlog)
-    sock.setblocking(False)
-    return sock
 
 
 class Relay:

@@ -31,8 +31,9 @@ from relay import metrics
 from relay.admin import app as admin
 from relay.channels.smtp_upstream import tls_context as smtp_tls_context
 from relay.config import Settings
-from relay.server import Relay, bind, check_fd_limit, open_database, tls_context
+from relay.server import Relay, open_database
 from relay.smtp.admission import HostCounts
+from relay.smtp.listener import bind, check_fd_limit, tls_context
 from relay.smtp.spool import Spool
 from relay.store.facade import Store
 

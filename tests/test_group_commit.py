@@ -23,7 +23,8 @@ from support import DOMAIN, SENDER
 
 from relay.errors import BatchBroken, RelayError, StoreError
 from relay.store.facade import Refused, Reservation, Store
-from relay.store.loop import GROUP_MAX, GROUP_TURNS, AsyncStore
+from relay.store.group import GROUP_MAX, GROUP_TURNS
+from relay.store.loop import AsyncStore
 
 pytestmark = pytest.mark.sqlite_only
 NEW = f"new@{DOMAIN}"  # a sender with no row yet

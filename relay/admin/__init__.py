@@ -5,6 +5,6 @@ console's files), `api` the routes under `/api/v1`, `openapi` the routes as
 data and their OpenAPI document, `operations` what the CLI and the API both
 do, once. `console/` is the web console (static files).
 
-May import: the core, `relay.store.facade` and `relay.channels`; never `relay.smtp`
+May import: the core, `relay.store` and `relay.channels`; never `relay.smtp`
 (tests/test_layers.py).
 """

@@ -7,6 +7,6 @@ protocol narrowed to the documented endpoint with the AUTH exchange
 private names are touched only in `aiosmtpd_compat`.
 
 May import: the core (`relay.config`, `errors`, `replies`, `policy`, `message`,
-`metrics`, `logs`, `network`), `relay.store.facade` and `relay.channels`; never
-`relay.admin.app` (tests/test_layers.py).
+`metrics`, `logs`, `network`), `relay.store` and `relay.channels`; never
+`relay.admin` (tests/test_layers.py).
 """

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import resource
 import socket
 import ssl
 import time
@@ -26,6 +28,8 @@ from collections.abc import Awaitable, Callable
 from typing import cast
 
 from relay import logs, metrics, replies
+from relay.config import Settings
+from relay.errors import ConfigError
 from relay.network import client_key
 from relay.replies import Reply
 from relay.smtp.admission import Admission
@@ -174,3 +178,81 @@ class Listener:
         if now - self._last_error_log >= ACCEPT_ERROR_LOG_INTERVAL:
             self._last_error_log = now
             log.error("cannot accept connections: %s", exc.strerror or exc)
+
+
+# File descriptors a process needs besides its sessions: the database (four
+# connections, each with its -wal and -shm), pooled upstream SMTP and HTTP
+# connections, the listening socket, the event loop's own.
+FD_HEADROOM = 256
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext:
+    for name, path in (("RELAY_TLS_CERT", settings.tls_cert), ("RELAY_TLS_KEY", settings.tls_key)):
+        if not path.is_file():
+            raise ConfigError(
+                f"{name}: {path} does not exist (create one with `relay certs generate`)"
+            )
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+
+    def no_passphrase() -> bytes:
+        # Without a callback OpenSSL would prompt on the terminal for the
+        # pass phrase, and a service has nobody to answer.
+        raise ConfigError(
+            f"RELAY_TLS_KEY: {settings.tls_key} is encrypted; the relay needs an unencrypted key"
+            " (readable by its user only)"
+        )
+
+    try:
+        ctx.load_cert_chain(settings.tls_cert, settings.tls_key, password=no_passphrase)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(
+            f"RELAY_TLS_CERT: cannot load {settings.tls_cert} with {settings.tls_key}: {exc}"
+        ) from exc
+    return ctx
+
+
+def check_fd_limit(settings: Settings) -> None:
+    """Refuse a `RELAY_MAX_CONNECTIONS` the file-descriptor limit cannot serve.
+
+    The soft limit is raised towards the hard one first, as far as needed (any
+    process may); past the hard limit only the administrator can help.
+    """
+    need = settings.max_connections + FD_HEADROOM
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft != resource.RLIM_INFINITY and soft < need:
+        raise ConfigError(
+            f"RELAY_MAX_CONNECTIONS: {settings.max_connections} sessions need {need} file"
+            f" descriptors, the limit (ulimit -n) is {soft}: lower RELAY_MAX_CONNECTIONS"
+            " or raise the limit"
+        )
+
+
+def bind(settings: Settings, *, reuse_port: bool = False) -> socket.socket:
+    host, port = settings.listen
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        # One listening socket per worker; the kernel spreads connections.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except PermissionError:
+        sock.close()
+        raise ConfigError(
+            f"RELAY_LISTEN: port {port} needs privileges (run with CAP_NET_BIND_SERVICE,"
+            " or choose a port above 1023)"
+        ) from None
+    except OSError as exc:
+        sock.close()
+        why = "already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+        raise ConfigError(f"RELAY_LISTEN: cannot listen on {host}:{port}: {why}") from None
+    sock.listen(settings.listen_backlog)
+    sock.setblocking(False)
+    return sock

@@ -11,5 +11,5 @@ connection, the PostgreSQL backend and the migrations; `transfer` copies a
 SQLite install to PostgreSQL.
 
 May import: the core only; never `relay.smtp`, `relay.channels` or
-`relay.admin.app` (tests/test_layers.py).
+`relay.admin` (tests/test_layers.py).
 """

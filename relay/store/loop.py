@@ -23,6 +23,7 @@ from relay.errors import RelayError, StoreBusy, StoreError
 from relay.store.db import expected_failure, is_read_only
 from relay.store.deliveries import DeliveryRecord
 from relay.store.facade import Store
+from relay.store.group import GROUP_MAX, GROUP_TURNS, Write, answer, commit_group
 from relay.store.journal import PendingSettle, SettleJournal
 from relay.store.ledger import MailCheck, Reservation
 from relay.store.tokens import Principal
@@ -33,76 +34,9 @@ log = logging.getLogger("relay.store")
 # A settle the store refused is tried again after this, doubling up to the cap.
 SETTLE_RETRY_FIRST = 0.5
 SETTLE_RETRY_MAX = 30.0
-# The most writes one group commit takes (`AsyncStore`); the rest wait for the next.
-GROUP_MAX = 64
-# A group gathers writes for this many turns of the event loop. Idle, a turn
-# takes microseconds, so a lone write waits for nothing; under load each turn
-# serves many sessions, and three turns gather about ten writes (measured: 2 KiB
-# messages, 50 sessions), a commit then costing each a fraction of what one
-# turn's group did (docs/performance.md).
-GROUP_TURNS = 3
 # While the database is unavailable (a full disk, PostgreSQL down or away), the
 # failing calls are logged at most this often; every message still gets 451.
 OUTAGE_LOG_INTERVAL = 60.0
-
-
-class _Write:
-    """A write waiting for the next group commit."""
-
-    __slots__ = ("args", "fn", "future", "kwargs")
-
-    def __init__(
-        self,
-        fn: Callable[..., Any],
-        args: Any,
-        kwargs: dict[str, Any],
-        future: asyncio.Future[Any],
-    ) -> None:
-        self.fn, self.args, self.kwargs, self.future = fn, args, kwargs, future
-
-
-def commit_group(store: Store, group: list[_Write]) -> list[tuple[bool, Any]]:
-    """Run `group`'s writes on `store` in one transaction: (True, result) or
-    (False, the exception) for each.
-
-    A write that raises is rolled back alone (`Database.batch`). If the
-    transaction fails as a whole (its commit, or SQLite ending it), nothing of
-    it was written: each write that had succeeded gets that failure instead.
-    Raises `StoreBusy`, having run nothing, when the lock is held elsewhere.
-    """
-    outcomes: list[tuple[bool, Any]] = []
-    try:
-        with store.batch():
-            for write in group:
-                try:
-                    result = write.fn(store, *write.args, **write.kwargs)
-                except Exception as exc:
-                    outcomes.append((False, exc))
-                else:
-                    outcomes.append((True, result))
-    except StoreBusy:
-        if not outcomes:
-            raise  # the lock was held: nothing ran
-        return [(False, StoreBusy("the group's commit found the database locked"))] * len(group)
-    except StoreError as exc:
-        outcomes += [(True, None)] * (len(group) - len(outcomes))
-        return [(False, exc) if ok else (ok, value) for ok, value in outcomes]
-    return outcomes
-
-
-def _answer(group: list[_Write], outcomes: list[tuple[bool, Any]] | BaseException) -> None:
-    """Give each write of a group its result, its own exception, or the group's."""
-    for index, write in enumerate(group):
-        if write.future.done():
-            continue
-        if isinstance(outcomes, BaseException):
-            write.future.set_exception(outcomes)
-            continue
-        ok, value = outcomes[index]
-        if ok:
-            write.future.set_result(value)
-        else:
-            write.future.set_exception(value)
 
 
 class AsyncStore:
@@ -166,7 +100,7 @@ class AsyncStore:
             each.owner = self.owner
         self._settling: dict[int, asyncio.Task[None]] = {}
         self._deferred: set[int] = set()  # settles deferred and not taken yet
-        self._group: list[_Write] = []  # writes for the next group commit
+        self._group: list[Write] = []  # writes for the next group commit
         self._restarting = False  # while `restart_log` runs, groups wait
         self._outage_since: float | None = None
         self._outage_logged_at = 0.0
@@ -246,7 +180,7 @@ class AsyncStore:
     ) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._group.append(_Write(fn, args, kwargs, future))
+        self._group.append(Write(fn, args, kwargs, future))
         if len(self._group) == 1:
             loop.call_soon(self._gather, GROUP_TURNS)
         return future
@@ -277,10 +211,10 @@ class AsyncStore:
             except StoreBusy:
                 pass  # another process holds the lock: nothing was written; wait on the thread
             except StoreError as exc:
-                _answer(group, exc)
+                answer(group, exc)
                 return
             else:
-                _answer(group, outcomes)
+                answer(group, outcomes)
                 return
         self._queued += 1
         done = self._thread.submit(commit_group, self.sync, group)
@@ -288,15 +222,15 @@ class AsyncStore:
             lambda future: self._group_done(group, future)
         )
 
-    def _group_done(self, group: list[_Write], future: asyncio.Future[Any]) -> None:
+    def _group_done(self, group: list[Write], future: asyncio.Future[Any]) -> None:
         self._queued -= 1
         exc = future.exception()
         if exc is None:
-            _answer(group, future.result())
+            answer(group, future.result())
         elif isinstance(exc, self.sync.driver_errors):  # anything the store's wrapping missed
-            _answer(group, StoreError(f"database failed: {exc}"))
+            answer(group, StoreError(f"database failed: {exc}"))
         else:
-            _answer(group, exc)
+            answer(group, exc)
 
     # --- the calls the loop makes, typed -------------------------------------------
 
