@@ -94,7 +94,9 @@ def test_a_message_id_that_is_not_a_msg_id_is_554_and_nothing_is_sent(relay, sin
 def test_an_smtp_resend_of_the_same_message_goes_out_and_is_charged_again(relay, sink):
     """An SMTP upstream honours no idempotency key, so the relay must not act as if it did:
     the same Message-ID and bytes sent twice are two deliveries and two charges."""
-    content = message(extra="Message-ID: <resend.1@example.com>\r\n")
+    # Its own Date too: the relay adds one to a message without, at each send.
+    extra = "Message-ID: <resend.1@example.com>\r\nDate: Fri, 04 Dec 2026 10:00:00 +0000\r\n"
+    content = message(extra=extra)
     raw = relay.raw()
     raw.login(relay.token())
     assert transaction(raw, content) == "250 2.0.0 Ok <resend.1@example.com>"
