@@ -11,8 +11,9 @@
     │   ├── NotFound            no such account, token, sender, ... (HTTP 404)
     │   └── Conflict            it exists already, or the change breaks a rule (HTTP 409)
     └── DeliveryError           a channel's outcome, translated at its boundary
-        ├── TransientDelivery   4xx: the client should retry
-        └── PermanentDelivery   5xx: the upstream refused for good
+        ├── TransientDelivery   4xx: the client should retry; `not_taken` when the
+        │                       upstream provably took none of it (the next channel may)
+        └── PermanentDelivery   5xx: the upstream refused for good (never failed over)
 
 aiosmtplib, httpx and sqlite3 exceptions are translated where they are raised
 (`raise ... from exc`) and never escape their module.
@@ -111,11 +112,30 @@ class Conflict(AdminError):
 
 
 class DeliveryError(RelayError):
-    """An upstream channel did not take the message."""
+    """An upstream channel did not take the message.
 
-    def __init__(self, channel: str, reply: Reply) -> None:
+    `not_taken` is set by the channel at the point it knows: the failure proves
+    the upstream took none of the message (no connection, a TLS failure, an
+    SMTP refusal before the data was accepted, an HTTP answer refusing the
+    request as a whole), so another channel may be tried without sending twice.
+    It stays False when the outcome is unknown (a timeout after the request or
+    the data went out) and for every permanent refusal. `taken` names the
+    recipients the upstream did take before the failure (one request per
+    recipient): they stay delivered, only the rest may go on.
+    """
+
+    def __init__(
+        self,
+        channel: str,
+        reply: Reply,
+        *,
+        not_taken: bool = False,
+        taken: tuple[str, ...] = (),
+    ) -> None:
         super().__init__(f"{channel}: {reply}", reply)
         self.channel = channel
+        self.not_taken = not_taken and not reply.is_permanent
+        self.taken = taken
 
 
 class TransientDelivery(DeliveryError):
@@ -126,9 +146,16 @@ class TransientDelivery(DeliveryError):
     that retry safe where the upstream offers one.
     """
 
-    def __init__(self, channel: str, reply: Reply) -> None:
+    def __init__(
+        self,
+        channel: str,
+        reply: Reply,
+        *,
+        not_taken: bool = False,
+        taken: tuple[str, ...] = (),
+    ) -> None:
         assert 400 <= reply.code < 500, reply
-        super().__init__(channel, reply)
+        super().__init__(channel, reply, not_taken=not_taken, taken=taken)
 
 
 class PermanentDelivery(DeliveryError):
@@ -139,8 +166,10 @@ class PermanentDelivery(DeliveryError):
         super().__init__(channel, reply)
 
 
-def delivery_error(channel: str, reply: Reply) -> DeliveryError:
-    """The error a channel raises for an upstream outcome: its class follows the reply."""
+def delivery_error(channel: str, reply: Reply, *, not_taken: bool = False) -> DeliveryError:
+    """The error a channel raises for an upstream outcome: its class follows the reply.
+
+    `not_taken` (kept only for a 4xx): the upstream provably took none of it."""
     if reply.is_permanent:
         return PermanentDelivery(channel, reply)
-    return TransientDelivery(channel, reply)
+    return TransientDelivery(channel, reply, not_taken=not_taken)

@@ -100,6 +100,18 @@ class Metrics:
             ["channel", "kind"],
             registry=registry,
         )
+        self.failovers = Counter(
+            "relay_failovers",
+            "Messages a channel provably did not take, tried next on another, by channel",
+            ["from", "to"],
+            registry=registry,
+        )
+        self.delivery_attempts = Counter(
+            "relay_delivery_attempts",
+            "Channel attempts at a message (in session or from the queue), by channel and result",
+            ["channel", "result"],
+            registry=registry,
+        )
         self.store_seconds = Histogram(
             "relay_store_seconds",
             "Time of store calls on the session path, by operation",
@@ -205,6 +217,16 @@ def forwarded(channel: str, seconds: float) -> None:
 
 def upstream_error(channel: str, kind: str) -> None:
     _child(_active.upstream_errors, channel, kind).inc()
+
+
+def failover(origin: str, to: str) -> None:
+    _child(_active.failovers, origin, to).inc()
+
+
+def delivery_attempt(channel: str, result: str) -> None:
+    """One channel attempt: `delivered`, `not_taken` (another may try), `deferred`
+    (the outcome unknown, or nothing left to try), `refused` (for good)."""
+    _child(_active.delivery_attempts, channel, result).inc()
 
 
 def upstream_error_kind(failure: Reply, *, timed_out: bool = False) -> str:

@@ -42,33 +42,46 @@ _PAID_CLOUDFLARE = Route(Channel.CLOUDFLARE, charges=True, rule=4)
 _OUTBOX = Route(Channel.OUTBOX, charges=False, rule=5)
 
 
-def choose_route(
+def route_chain(
     settings: Settings, domain: str, recipients: Iterable[str], verified: Iterable[str]
-) -> Route | None:
-    """The documented send-channel priority (temp-email-send-mail-en.txt), per message.
+) -> tuple[Route, ...]:
+    """Every channel the documented priority (temp-email-send-mail-en.txt) allows, in order.
 
     1. Cloudflare, when configured and every recipient is verified: free.
     2. Resend, when `RESEND_TOKEN` or `RESEND_TOKEN_<DOMAIN>` is set.
     3. Upstream SMTP, when `SMTP_CONFIG` has the sender domain.
-    4. Cloudflare, when configured.
-    5. The development outbox, only when `RELAY_DEV_OUTBOX` asks for it: free,
-       since nothing leaves the machine.
-    Otherwise None: the caller answers 451 4.3.0 naming the domain.
+    4. Cloudflare, when configured (not after row 1: the same upstream).
+    5. The development outbox, only when `RELAY_DEV_OUTBOX` asks for it and no
+       other channel serves the domain: free, since nothing leaves the machine.
+    The first serves the message; the others follow when a channel proves it
+    did not take it (`relay.delivery.chain`). Empty: the caller answers 451
+    4.3.0 naming the domain.
     """
     domain = domain.lower()
+    chain: list[Route] = []
+    free = False
     if settings.cloudflare:
         rcpts = set(recipients)
         if rcpts and rcpts <= set(verified):
-            return _FREE_CLOUDFLARE
+            chain.append(_FREE_CLOUDFLARE)
+            free = True
     if settings.resend.configured and settings.resend.token_for(domain):
-        return _RESEND
+        chain.append(_RESEND)
     if domain in settings.smtp_config:
-        return _SMTP
-    if settings.cloudflare:
-        return _PAID_CLOUDFLARE
-    if settings.dev_outbox:
-        return _OUTBOX
-    return None
+        chain.append(_SMTP)
+    if settings.cloudflare and not free:
+        chain.append(_PAID_CLOUDFLARE)
+    if not chain and settings.dev_outbox:
+        chain.append(_OUTBOX)
+    return tuple(chain)
+
+
+def choose_route(
+    settings: Settings, domain: str, recipients: Iterable[str], verified: Iterable[str]
+) -> Route | None:
+    """The route that serves a message first (`route_chain`'s head), or None."""
+    chain = route_chain(settings, domain, recipients, verified)
+    return chain[0] if chain else None
 
 
 def free_channel_possible(settings: Settings, route: Route) -> bool:
@@ -297,10 +310,21 @@ def header_sender_refusal(
 
 @dataclass(frozen=True, slots=True)
 class MessagePlan:
-    """What the end of DATA does with a message that passed every check."""
+    """What the end of DATA does with a message that passed every check.
+
+    `chain` is the route and the routes that may follow it, in order: only
+    those whose recipient costs what `route`'s does, since the charge is
+    reserved at `unit` before the forward (a free verified-Cloudflare message
+    of a metered sender is not failed over to a charging channel).
+    """
 
     route: Route
     unit: int  # balance units per delivered recipient
+    chain: tuple[Route, ...] = ()
+
+    @property
+    def routes(self) -> tuple[Route, ...]:
+        return self.chain or (self.route,)
 
 
 def plan_message(
@@ -312,10 +336,12 @@ def plan_message(
     unlimited: bool,
 ) -> MessagePlan | Reply:
     """The channel and the price of a message at the end of DATA, or why it cannot go."""
-    route = choose_route(settings, domain, recipients, verified)
-    if route is None:
+    chain = route_chain(settings, domain, recipients, verified)
+    if not chain:
         return no_channel(domain)
-    return MessagePlan(route, unit_cost(route, unlimited))
+    unit = unit_cost(chain[0], unlimited)
+    same = tuple(r for r in chain if unit_cost(r, unlimited) == unit)
+    return MessagePlan(chain[0], unit, same)
 
 
 # The largest message (as its MIME text) each upstream takes, where it is below

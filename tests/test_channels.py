@@ -802,38 +802,7 @@ def test_channel_outcome_and_upstream_id_logged(relay_factory, resend, session_l
     assert f"reply='250 2.0.0' upstream_id={sent.id} refused=- refunded=0" in line
 
 
-# --- no fallback: the chosen channel tries once -------------------------------------
-
-
-def test_failed_resend_does_not_fall_back_to_smtp(relay_factory, resend, sink):
-    relay = relay_factory(
-        **resend_env(resend), SMTP_CONFIG=sink.smtp_config(), DEFAULT_SEND_BALANCE="10"
-    )
-    resend.fail(500, "internal_server_error")
-
-    assert send(relay) == "451 4.3.0 resend: upstream error (HTTP 500)"
-
-    assert len(resend.requests) == 1
-    assert sink.messages == []
-    assert sink.recorder.connections == 0
-    assert balance(relay) == 10
-
-
-def test_failed_free_cloudflare_does_not_fall_back(relay_factory, cloudflare, resend, sink):
-    relay = relay_factory(
-        **cloudflare_env(cloudflare),
-        **resend_env(resend),
-        SMTP_CONFIG=sink.smtp_config(),
-        DEFAULT_SEND_BALANCE="10",
-    )
-    relay.store.add_verified(RCPT)
-    cloudflare.fail(503, 10100, "Service unavailable")
-
-    assert send(relay) == "451 4.3.0 cloudflare: authentication service unavailable"
-
-    assert len(cloudflare.requests) == 1
-    assert resend.requests == []
-    assert sink.recorder.connections == 0
+# --- failover: tests/test_failover.py ------------------------------------------------
 
 
 # --- hostile or ambiguous sender headers (found in review) -----------------------------

@@ -21,6 +21,19 @@ from relay import replies
 from relay.errors import DeliveryError, TransientDelivery, delivery_error
 from relay.replies import Refusal, Reply
 
+# httpx failures raised before any byte of the request could reach the
+# upstream: no connection, a TLS handshake that failed (ConnectError), no free
+# connection in the pool, a URL it cannot use. Any other failure (a read
+# timeout, a connection dropped mid-answer) leaves the outcome unknown.
+_NOT_SENT = (
+    httpx.ConnectError,
+    httpx.ConnectTimeout,
+    httpx.PoolTimeout,
+    httpx.ProxyError,
+    httpx.UnsupportedProtocol,
+    httpx.InvalidURL,
+)
+
 
 def client(timeout: float) -> httpx.AsyncClient:
     """One client per upstream, kept alive across messages, every call bounded."""
@@ -59,7 +72,8 @@ async def post(
         response = await http.post(url, content=content, json=json, headers=headers)
     except (httpx.HTTPError, httpx.InvalidURL) as exc:
         why = describe(exc, url_setting)
-        raise TransientDelivery(channel, replies.upstream_unavailable(channel, why)) from exc
+        reply = replies.upstream_unavailable(channel, why)
+        raise TransientDelivery(channel, reply, not_taken=isinstance(exc, _NOT_SENT)) from exc
     try:
         body: object = response.json()
     except ValueError:
@@ -171,7 +185,19 @@ def refusal(
         log.error("%s: configuration fault: HTTP %d, %s", channel, answer.status, reply.text)
     else:
         log.warning("%s refused %s: HTTP %d, %s", channel, message_id, answer.status, reply)
-    return delivery_error(channel, reply)
+    return delivery_error(channel, reply, not_taken=refused_whole(answer))
+
+
+def refused_whole(answer: Answer) -> bool:
+    """Whether an answer refuses the request as a whole, so nothing of it was sent.
+
+    An HTTP error status (RFC 9110 section 15.5, 15.6) is the server's refusal
+    to carry out the request: a 429, a 5xx, a rejected credential. Not a 409:
+    Resend answers `concurrent_idempotent_requests` while another request
+    with the same key is in flight, which may yet send the message; and not a
+    2xx whose body the channel could not read (the message may have gone).
+    """
+    return answer.status >= 400 and answer.status != 409
 
 
 def describe(exc: Exception, url_setting: str) -> str:

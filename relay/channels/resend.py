@@ -414,7 +414,9 @@ class ResendChannel:
         if not token:
             log.error("resend: no token configured for sender domain %s", domain)
             raise TransientDelivery(
-                NAME, replies.upstream_unavailable(NAME, f"no API token for {domain}")
+                NAME,
+                replies.upstream_unavailable(NAME, f"no API token for {domain}"),
+                not_taken=True,
             )
         try:
             body, hidden = _translate(message)
@@ -451,7 +453,14 @@ class ResendChannel:
                 ids.append(result)
         # A copy deferred defers the message: the per-recipient keys keep the
         # copies that went out from going out twice when the client retries.
-        return partial_delivery(NAME, accepted, refused, one_line(",".join(ids), 120))
+        try:
+            return partial_delivery(NAME, accepted, refused, one_line(",".join(ids), 120))
+        except DeliveryError as exc:
+            # The copies that went out are taken; the rest may go on to another
+            # channel only if every copy that failed provably was not sent.
+            failed = [r for r in results if isinstance(r, DeliveryError)]
+            not_taken = all(e.not_taken for e in failed)
+            raise type(exc)(NAME, exc.reply, not_taken=not_taken, taken=tuple(accepted)) from exc
 
     async def _post(
         self,
@@ -476,7 +485,7 @@ class ResendChannel:
             except pacing.BudgetExceeded as exc:
                 reply = replies.upstream_throttled(NAME, "rate limited", exc.seconds)
                 log.warning("resend: %s not sent: %s", message.message_id, reply)
-                raise TransientDelivery(NAME, reply) from None
+                raise TransientDelivery(NAME, reply, not_taken=True) from None
             answer = await httpapi.post(
                 self._client,
                 self.url,

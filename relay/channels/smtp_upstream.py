@@ -117,7 +117,7 @@ class SmtpChannel:
         except pacing.BudgetExceeded as exc:
             why = f"upstream rate of {upstream.rate:g}/s"
             raise TransientDelivery(
-                NAME, replies.upstream_throttled(NAME, why, exc.seconds)
+                NAME, replies.upstream_throttled(NAME, why, exc.seconds), not_taken=True
             ) from None
         conn, reused = self._take_idle(domain), True
         if conn is None:
@@ -143,11 +143,18 @@ class SmtpChannel:
             # next message's MAIL would meet "nested MAIL" (503).
             await self._reset(conn)
             self._release(domain, conn)
-            raise delivery_error(NAME, upstream_reply(exc.code, exc.message)) from exc
+            # An answer refusing at MAIL, DATA or the end of the data: the
+            # upstream said it did not take the message (RFC 5321 section 4.2.5).
+            reply = upstream_reply(exc.code, exc.message)
+            raise delivery_error(NAME, reply, not_taken=True) from exc
         except (aiosmtplib.SMTPException, OSError, ssl.SSLError) as exc:
+            # Lost before the data was sent (`_transaction` answers for a loss
+            # after): nothing of the message is with the upstream.
             conn.client.close()
             why = _describe(exc)
-            raise TransientDelivery(NAME, replies.upstream_unavailable(NAME, why)) from exc
+            raise TransientDelivery(
+                NAME, replies.upstream_unavailable(NAME, why), not_taken=True
+            ) from exc
         except BaseException:
             # Cancelled mid-command (the forward's time ran out, or shutdown):
             # the connection is out of step with the upstream, never reuse it.
@@ -200,13 +207,22 @@ class SmtpChannel:
         accepted, refused = recipient_outcomes(message.recipients, answers)
         try:
             delivery = partial_delivery(NAME, accepted, refused)
-        except DeliveryError:
+        except DeliveryError as exc:
             # Nothing was sent yet: end the transaction before the connection
-            # goes back to the pool.
+            # goes back to the pool. A recipient deferred with none refused for
+            # good: no recipient took the message, another channel may.
             if client.is_connected:
                 await client.rset()
-            raise
-        response = await compat.data(client, message.content, self.timeout)
+            permanent = any(r.is_permanent for r in refused.values())
+            raise delivery_error(NAME, exc.reply, not_taken=not permanent) from exc
+        try:
+            response = await compat.data(client, message.content, self.timeout)
+        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as exc:
+            # Lost once the data may have gone: the upstream may have the
+            # message, so no other channel may try it (the outcome is unknown).
+            client.close()
+            why = _describe(exc)
+            raise TransientDelivery(NAME, replies.upstream_unavailable(NAME, why)) from exc
         return replace(delivery, upstream_id=queue_id(response.message))
 
     async def _reset(self, conn: _Conn) -> None:
@@ -257,11 +273,16 @@ class SmtpChannel:
             client.close()
             # The relay's own credentials: a configuration fault, not the client's.
             log.error("smtp upstream %s rejected the configured credentials", upstream.host)
-            raise TransientDelivery(NAME, replies.upstream_credentials_rejected(NAME)) from exc
+            raise TransientDelivery(
+                NAME, replies.upstream_credentials_rejected(NAME), not_taken=True
+            ) from exc
         except (aiosmtplib.SMTPException, OSError, ssl.SSLError) as exc:
+            # No connection, TLS, greeting or AUTH: nothing of the message sent.
             client.close()
             why = _describe(exc)
-            raise TransientDelivery(NAME, replies.upstream_unavailable(NAME, why)) from exc
+            raise TransientDelivery(
+                NAME, replies.upstream_unavailable(NAME, why), not_taken=True
+            ) from exc
         except BaseException:
             # Cancelled while connecting or greeting (the forward's time ran out,
             # or shutdown): close it, or the socket is left to the garbage collector.
@@ -291,7 +312,7 @@ class SmtpChannel:
                 upstream.port,
                 domain,
             )
-        raise TransientDelivery(NAME, replies.upstream_unavailable(NAME, why))
+        raise TransientDelivery(NAME, replies.upstream_unavailable(NAME, why), not_taken=True)
 
     @staticmethod
     async def _login(client: aiosmtplib.SMTP, upstream: SmtpUpstream) -> None:

@@ -80,4 +80,12 @@ def _record_text(record: DeliveryRecord) -> str:
         ),
     ]
     lines += [f"  {r.address}  {r.outcome} {r.code} {r.enhanced}" for r in record.recipients]
+    tries = record.tries
+    if tries:
+        lines.append("attempts")
+        lines += [
+            f"  {n}. {a.channel}  {a.code} {a.enhanced} {a.text}  ({a.duration:.3f} s,"
+            f" {a.accepted} taken)"
+            for n, a in enumerate(tries, 1)
+        ]
     return "\n".join(lines)

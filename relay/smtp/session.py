@@ -12,16 +12,16 @@ import asyncio
 import functools
 import logging
 import secrets
-import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any, Protocol
 
 from aiosmtpd.smtp import Session
 
 from relay import logs, metrics, policy, replies
-from relay.channels.base import Channel, Delivery, Outbound, delivered_reply
+from relay.channels.base import Channel, Outbound
 from relay.config import Settings
-from relay.errors import DeliveryError, StoreError
+from relay.delivery import forward
+from relay.errors import StoreError
 from relay.message import Prepared, normalize_address, parse_address, prepare
 from relay.replies import Reply
 from relay.smtp.transaction import (
@@ -69,6 +69,7 @@ class Submission:
         self.store = store
         self.channels = channels
         self.spawn = spawn
+        self.forwarder = forward.Forwarder(settings, store, channels)
         self.stopping = False  # new transactions get 421 4.3.2 once set
 
     async def handle_exception(self, error: Exception) -> str:
@@ -231,9 +232,10 @@ class Submission:
         # The command timer must not fire (and cancel) while the upstream works.
         server.reset_timer(self.settings.forward_budget + 10)
         # Shielded: a client that disconnects mid-forward does not cancel the
-        # upstream call half-way, and the charge is always settled.
+        # upstream call half-way, and the charge is always settled. The forward
+        # walks the plan's route chain (relay.delivery.chain: failover).
         task = self.spawn(
-            self._forward(plan.route, outbound, reservation, idempotency_key, submitted)
+            self.forwarder.forward(plan, outbound, reservation, idempotency_key, submitted)
         )
         return await asyncio.shield(task)
 
@@ -312,23 +314,12 @@ class Submission:
             },
         )
 
-    async def _record(self, record: DeliveryRecord, what: str) -> None:
-        """One delivery-log record in a write of its own (nothing to settle with it)."""
-        try:
-            await self.store.record_delivery(record)
-        except StoreError as exc:
-            if not self.store.logged(exc):
-                log.warning("could not record %s %s: %s", what, record.message_id, exc)
-
     def _now(self) -> int:
         return self.store.now()
 
     @staticmethod
     def _count(record: DeliveryRecord) -> None:
-        counts: dict[str, int] = {}
-        for rcpt in record.recipients:
-            counts[rcpt.outcome] = counts.get(rcpt.outcome, 0) + 1
-        metrics.message(record.channel or "none", record.outcome, record.size, counts)
+        forward.count(record)
 
     async def _prepare(self, content: bytes, tx: Transaction) -> Prepared:
         """`message.prepare`, off the event loop when the message could make it slow.
@@ -403,106 +394,6 @@ class Submission:
             if not self.store.logged(exc):
                 log.exception("reserve failed; refusing to send unmetered")
             return replies.LOCAL_ERROR
-
-    async def _forward(
-        self,
-        route: policy.Route,
-        outbound: Outbound,
-        reservation: Reservation,
-        idempotency_key: str | None,
-        submitted: Submitted,
-    ) -> Reply:
-        channel = self.channels[route.channel]
-        delivery = Delivery(accepted=())
-        timed_out = False
-        started = time.perf_counter()
-        try:
-            async with asyncio.timeout(self.settings.forward_budget):
-                delivery = await channel.deliver(outbound)
-            reply = delivered_reply(outbound, delivery)
-        except DeliveryError as exc:
-            reply = exc.reply
-        except TimeoutError:
-            timed_out = True
-            reply = replies.upstream_unavailable(channel.name, "upstream timed out")
-        except Exception:
-            log.exception("channel %s failed unexpectedly", channel.name)
-            reply = replies.LOCAL_ERROR
-        duration = time.perf_counter() - started
-        metrics.forwarded(channel.name, duration)
-        if reply.code >= 400:
-            kind = metrics.upstream_error_kind(reply, timed_out=timed_out)
-            metrics.upstream_error(channel.name, kind)
-        record = submitted.record(
-            reply,
-            self._now(),
-            route=route,
-            channel=channel.name,
-            delivery=delivery,
-            duration=duration,
-            replay=reservation.replay,
-        )
-        # The record goes in the settle's transaction. A replay reserved nothing
-        # and its key is recorded already: one write of its own. A settle the
-        # store cannot make now is retried in the background (-1 here).
-        kept = record if self.settings.log_retention_days else None  # 0: the log is off
-        if reservation.replay:
-            refund = 0
-            if kept is not None:
-                await self._record(kept, "replay")
-        else:
-            refund = await self.store.settle(
-                reservation.id, len(delivery.accepted), idempotency_key, kept, reservation.created
-            )
-        self._count(record)
-        if log.isEnabledFor(logging.INFO):  # the fields cost a few microseconds
-            self._log_forward(
-                outbound,
-                channel.name,
-                route,
-                reply,
-                delivery,
-                refund,
-                record,
-                duration,
-                reservation.replay,
-            )
-        return reply
-
-    @staticmethod
-    def _log_forward(
-        outbound: Outbound,
-        channel: str,
-        route: policy.Route,
-        reply: Reply,
-        delivery: Delivery,
-        refund: int,
-        record: DeliveryRecord,
-        duration: float,
-        replay: bool,
-    ) -> None:
-        fields: dict[str, object] = {
-            "message_id": record.message_id,
-            "from": outbound.sender,
-            "rcpts": len(outbound.recipients),
-            "channel": channel,
-            "rule": route.rule,
-            "reply": f"{reply.code} {reply.enhanced}",
-            "upstream_id": delivery.upstream_id or "-",
-            "refused": ",".join(f"{r}:{v.code}" for r, v in delivery.refused.items()) or "-",
-            "refunded": refund,
-            "outcome": str(record.outcome),
-            "duration_ms": round(duration * 1000),
-        }
-        if replay:
-            fields["replay"] = "not-charged"
-        log.info(
-            "message %s from=%s rcpts=%d channel=%s rule=%d reply=%r upstream_id=%s"
-            " refused=%s refunded=%d outcome=%s duration_ms=%d%s",
-            *(fields[k] for k in list(fields)[:11]),
-            " replay=not-charged" if replay else "",
-            extra={logs.FIELDS: fields},
-        )
 
 
 def _log_balance_refusal(stage: str, reply: Reply, balance: int | None) -> None:

@@ -27,6 +27,7 @@ Guarantees:
 from __future__ import annotations
 
 import enum
+import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -73,6 +74,50 @@ class RecipientOutcome:
 
 
 @dataclass(frozen=True, slots=True)
+class Attempt:
+    """One channel's try at a message: what it answered, how long it took, and
+    how many recipients it took."""
+
+    channel: str
+    code: int
+    enhanced: str
+    text: str
+    duration: float  # seconds
+    accepted: int = 0
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "channel": self.channel,
+            "reply": {"code": self.code, "enhanced": self.enhanced, "text": self.text},
+            "duration": round(self.duration, 3),
+            "accepted": self.accepted,
+        }
+
+
+def attempts_text(attempts: Sequence[Attempt]) -> str | None:
+    """The attempts as the `attempts` column keeps them: JSON, or NULL for one or none
+    (the record's own channel, reply and duration are then its one attempt)."""
+    if len(attempts) < 2:
+        return None
+    return json.dumps(
+        [
+            [a.channel, a.code, a.enhanced, a.text, round(a.duration, 3), a.accepted]
+            for a in attempts
+        ],
+        separators=(",", ":"),
+    )
+
+
+def attempts_from(text: str | None) -> tuple[Attempt, ...]:
+    if not text:
+        return ()
+    return tuple(
+        Attempt(str(c), int(n), str(e), str(t), float(d), int(a))
+        for c, n, e, t, d, a in json.loads(text)
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class DeliveryRecord:
     """What the relay did with one message, as recorded."""
 
@@ -96,10 +141,24 @@ class DeliveryRecord:
     # How many recipients the message had; `recipients` may keep only the first
     # few (REFUSED_RECIPIENTS_KEPT). 0: as many as `recipients` holds.
     recipient_count: int = 0
+    # Each channel tried, in order, when more than one was (failover); else
+    # empty, and the record's channel, reply and duration are its one attempt.
+    attempts: tuple[Attempt, ...] = ()
 
     @property
     def total_recipients(self) -> int:
         return self.recipient_count or len(self.recipients)
+
+    @property
+    def tries(self) -> tuple[Attempt, ...]:
+        """Every attempt: the recorded ones, or the record's own when one channel was tried."""
+        if self.attempts or not self.channel:
+            return self.attempts
+        accepted = sum(1 for r in self.recipients if r.outcome == Outcome.DELIVERED)
+        reply = self.reply
+        return (
+            Attempt(self.channel, reply.code, reply.enhanced, reply.text, self.duration, accepted),
+        )
 
     def as_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -111,6 +170,7 @@ class DeliveryRecord:
         }
         out["duration"] = round(self.duration, 3)
         out["recipient_count"] = self.total_recipients
+        out["attempts"] = [a.as_json() for a in self.tries]
         return out
 
 
@@ -246,8 +306,8 @@ def insert(db: Connection, record: DeliveryRecord, charged: int | None = None) -
     row = db.execute(
         "INSERT INTO deliveries (created, message_id, account, token_id, sender, size, channel,"
         " rule, outcome, reply_code, reply_enhanced, reply_text, upstream_id, charged,"
-        " duration_ms, client, replay, recipient_count)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+        " duration_ms, client, replay, recipient_count, attempts)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
         (
             record.time,
             record.message_id,
@@ -267,6 +327,7 @@ def insert(db: Connection, record: DeliveryRecord, charged: int | None = None) -
             record.client,
             int(record.replay),
             record.total_recipients,
+            attempts_text(record.attempts),
         ),
     ).fetchone()
     delivery_id = int(row["id"])
@@ -388,4 +449,5 @@ def _record(row: Row, recipients: list[RecipientOutcome]) -> DeliveryRecord:
         replay=bool(row["replay"]),
         id=row["id"],
         recipient_count=row["recipient_count"] or len(recipients),
+        attempts=attempts_from(row["attempts"]),
     )

@@ -42,7 +42,13 @@ from pathlib import Path
 from typing import Any
 
 from relay.replies import Reply
-from relay.store.deliveries import DeliveryRecord, Outcome, RecipientOutcome
+from relay.store.deliveries import (
+    DeliveryRecord,
+    Outcome,
+    RecipientOutcome,
+    attempts_from,
+    attempts_text,
+)
 
 log = logging.getLogger("relay.store")
 SUFFIX = ".jsonl"
@@ -88,6 +94,7 @@ def _record_json(record: DeliveryRecord) -> dict[str, Any]:
     out["recipients"] = [[r.address, str(r.outcome), r.code, r.enhanced] for r in record.recipients]
     out["outcome"] = str(record.outcome)
     out["reply"] = [record.reply.code, record.reply.enhanced, record.reply.text]
+    out["attempts"] = attempts_text(record.attempts)
     return out
 
 
@@ -99,6 +106,7 @@ def _record_from(raw: dict[str, Any]) -> DeliveryRecord:
     )
     fields["outcome"] = Outcome(raw["outcome"])
     fields["reply"] = Reply(*raw["reply"])
+    fields["attempts"] = attempts_from(raw.get("attempts"))
     return DeliveryRecord(**fields)
 
 

@@ -150,4 +150,9 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX refusals_by_token ON refusals (token_id, created);
     ALTER TABLE deliveries ADD COLUMN recipient_count INTEGER;  -- NULL: its recipient rows
     """,
+    # 10: every channel tried for a message when one failed over to the next
+    #     (relay.delivery.chain): JSON, NULL when one channel was tried
+    """
+    ALTER TABLE deliveries ADD COLUMN attempts TEXT;
+    """,
 )
