@@ -180,6 +180,14 @@ class Settings:
     # at start, at most 1 GiB).
     spool_dir: Path = Path("data/spool")
     spool_max_bytes: int | None = None
+    # The durable queue (relay.delivery.queue): off (an answer in session, with
+    # failover), on-failure (a message no channel can take now is kept and
+    # retried), always (kept right after the charge, delivered in the background).
+    queue: str = "off"
+    queue_backoff: float = 60.0  # the first retry's delay; doubles up to QUEUE_BACKOFF_CAP
+    queue_max_age: float = 86400.0  # then the message fails, its undelivered part refunded
+    queue_max_messages: int = 10_000
+    queue_max_bytes: int = 256 * 1024 * 1024
 
     @property
     def forward_budget(self) -> float:
@@ -240,8 +248,16 @@ KNOWN = frozenset(
         "RELAY_LISTEN_BACKLOG",
         "RELAY_SPOOL_DIR",
         "RELAY_SPOOL_MAX_BYTES",
+        "RELAY_QUEUE",
+        "RELAY_QUEUE_BACKOFF",
+        "RELAY_QUEUE_MAX_AGE",
+        "RELAY_QUEUE_MAX_MESSAGES",
+        "RELAY_QUEUE_MAX_BYTES",
     }
 )
+QUEUE_MODES = ("off", "on-failure", "always")
+# The longest wait between two attempts at a queued message.
+QUEUE_BACKOFF_CAP = 3600.0
 # SQLite stores integers as signed 64-bit: a balance beyond cannot be charged.
 SQLITE_MAX_INT = 2**63 - 1
 # More worker processes than this only add context switches and memory.
@@ -365,7 +381,22 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         upkeep=upkeep,
         spool_dir=Path(p) if (p := text("RELAY_SPOOL_DIR")) else spool_dir_for(database),
         spool_max_bytes=_integer(raw, "RELAY_SPOOL_MAX_BYTES", 0, minimum=MIN_SPOOL_BYTES) or None,
+        queue=queue_mode(text("RELAY_QUEUE") or "off", "RELAY_QUEUE"),
+        queue_backoff=_number(raw, "RELAY_QUEUE_BACKOFF", 60.0, maximum=QUEUE_BACKOFF_CAP),
+        queue_max_age=_number(raw, "RELAY_QUEUE_MAX_AGE", 86400.0, maximum=30 * 86400),
+        queue_max_messages=_integer(raw, "RELAY_QUEUE_MAX_MESSAGES", 10_000, minimum=1),
+        queue_max_bytes=_integer(
+            raw, "RELAY_QUEUE_MAX_BYTES", 256 * 1024 * 1024, minimum=MIN_SPOOL_BYTES
+        ),
     )
+
+
+def queue_mode(value: str, name: str) -> str:
+    """`off`, `on-failure` or `always` (RELAY_QUEUE, or an account's override)."""
+    mode = value.strip().lower()
+    if mode not in QUEUE_MODES:
+        raise ConfigError(f"{name}: expected one of {', '.join(QUEUE_MODES)}, got {value!r}")
+    return mode
 
 
 # RELAY_SPOOL_MAX_BYTES: below one upload's in-memory part and a little more, every

@@ -196,6 +196,22 @@ def helo(hostname: str) -> str:
 _MAX_DELIVERED_TEXT = 512 - len("250 2.0.0 \r\n")
 
 
+# The durable queue took the message (RELAY_QUEUE): committed to disk before this
+# is written, delivered in the background, retried until RELAY_QUEUE_MAX_AGE.
+QUEUED = Reply(250, "2.0.0", "Queued; delivery will be retried")
+
+
+# Recorded, never sent: a queued message whose RELAY_QUEUE_MAX_AGE passed (RFC 3463
+# X.4.7, delivery time expired). Its client had its 250; the record tells the end.
+QUEUE_EXPIRED = Reply(550, "5.4.7", "Delivery time expired")
+
+
+def queued(message_id: str) -> Reply:
+    """`250 2.0.0 Queued as <id>; delivery will be retried`."""
+    text = f"Queued as {message_id}; delivery will be retried"
+    return Reply(QUEUED.code, QUEUED.enhanced, one_line(text, _MAX_DELIVERED_TEXT))
+
+
 def delivered(message_id: str) -> Reply:
     """`250 2.0.0 Ok <id>`. The id is the client's msg-id (printable ASCII, at most
     250 octets) or an upstream's; `one_line` keeps either to printable ASCII on one

@@ -33,6 +33,7 @@ from relay.admin import app as admin
 from relay.channels import build_channels
 from relay.channels.base import Channel
 from relay.config import Settings, no_channel, start_warnings
+from relay.delivery.queue import QueueWorker
 from relay.errors import ConfigError, RelayError, StoreError
 from relay.policy import Channel as ChannelName
 from relay.replies import Reply
@@ -88,6 +89,10 @@ class Relay:
         self.store = AsyncStore(Store(settings.database), settings.settle_journal_dir)
         self.channels = dict(channels) if channels is not None else build_channels(settings)
         self.handler = Submission(settings, self.store, self.channels, self.spawn)
+        # The durable queue's deliveries (relay.delivery.queue): runs whatever
+        # RELAY_QUEUE says now, so messages a past setting queued still go out.
+        self.queue = QueueWorker(settings, self.store, self.channels)
+        self.handler.forwarder.worker = self.queue
         self.spool = Spool(settings)
         self.sessions: set[SubmissionProtocol] = metrics.SessionSet()
         self.serves_admin = serves_admin
@@ -152,6 +157,7 @@ class Relay:
         self._listener = Listener(sock, ctx, self.admission, self._protocol, self._screen)
         self._listener.start()
         self._sweeper = loop.create_task(self._sweep_forever())
+        self.queue.start()
         if self.serves_admin:  # one process of the relay (the first worker) says it once
             for warning in start_warnings(self.settings):
                 log.warning("%s", warning)
@@ -386,6 +392,7 @@ class Relay:
         for session in list(self.sessions):
             session.close_for_shutdown(abort=True)
         await self._drained(1.0)
+        await self.queue.stop()  # its attempts end, its leases go back
         if self._admin is not None:
             await self._admin.stop()
         tasks = [*self._tasks, *([self._sweeper] if self._sweeper else [])]

@@ -13,11 +13,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
-from relay import logs, metrics, policy
+from relay import logs, policy, replies
 from relay.channels.base import Channel, Outbound
 from relay.config import Settings
+from relay.delivery import queue
 from relay.delivery.chain import Walk, walk
-from relay.delivery.submitted import Submitted
+from relay.delivery.submitted import Submitted, count
 from relay.errors import StoreError
 from relay.replies import Reply
 from relay.store.deliveries import DeliveryRecord
@@ -25,14 +26,6 @@ from relay.store.facade import Reservation
 from relay.store.loop import AsyncStore
 
 log = logging.getLogger("relay.session")
-
-
-def count(record: DeliveryRecord) -> None:
-    """The message and its recipients in the metrics, by channel and outcome."""
-    counts: dict[str, int] = {}
-    for rcpt in record.recipients:
-        counts[rcpt.outcome] = counts.get(rcpt.outcome, 0) + 1
-    metrics.message(record.channel or "none", record.outcome, record.size, counts)
 
 
 def remembered_key(
@@ -57,6 +50,28 @@ class Forwarder:
         self.settings = settings
         self.store = store
         self.channels = channels
+        self.worker: queue.QueueWorker | None = None  # woken when a message is queued
+
+    async def _keep(
+        self,
+        plan: policy.MessagePlan,
+        outbound: Outbound,
+        reservation: Reservation,
+        submitted: Submitted,
+        done: Walk | None = None,
+    ) -> Reply | None:
+        """The message queued (RELAY_QUEUE): `250 ... Queued as`, or None when the queue
+        cannot take it (full, or the store failed): answered in session then."""
+        attempts = done.attempts if done is not None else ()
+        last = done.reply if done is not None else None
+        kept = await queue.keep(
+            self.settings, self.store, plan, outbound, reservation, submitted, attempts, last
+        )
+        if not kept:
+            return None
+        if self.worker is not None and done is None:
+            self.worker.wake()
+        return replies.queued(submitted.message_id)
 
     async def forward(
         self,
@@ -66,7 +81,20 @@ class Forwarder:
         idempotency_key: str | None,
         submitted: Submitted,
     ) -> Reply:
+        # A replay reserved nothing: it goes in session, as the upstream's key demands.
+        queueing = self.settings.queue != "off" and not reservation.replay
+        if queueing and self.settings.queue == "always":
+            queued = await self._keep(plan, outbound, reservation, submitted)
+            if queued is not None:
+                return queued
         done = await walk(self.channels, plan.routes, outbound, self.settings.forward_budget)
+        if queueing and done.not_taken and not done.accepted and not done.reply.is_permanent:
+            # No channel could take it now, and none took any of it: kept and retried.
+            # An unknown outcome (a timeout after the request) is not queued: it is
+            # answered 451 as without a queue, so nothing is sent twice behind a 250.
+            queued = await self._keep(plan, outbound, reservation, submitted, done)
+            if queued is not None:
+                return queued
         reply, delivery = done.reply, done.delivery
         record = submitted.record(
             reply,

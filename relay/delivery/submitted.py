@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from relay import policy
+from relay import metrics, policy
 from relay.channels.base import Delivery
 from relay.replies import Reply
 from relay.store.deliveries import (
@@ -66,3 +66,11 @@ class Submitted:
             recipient_count=len(outcomes),
             attempts=attempts,
         )
+
+
+def count(record: DeliveryRecord) -> None:
+    """The message and its recipients in the metrics, by channel and outcome."""
+    counts: dict[str, int] = {}
+    for rcpt in record.recipients:
+        counts[rcpt.outcome] = counts.get(rcpt.outcome, 0) + 1
+    metrics.message(record.channel or "none", record.outcome, record.size, counts)

@@ -20,7 +20,7 @@ from aiosmtpd.smtp import Session
 from relay import logs, metrics, policy, replies
 from relay.channels.base import Channel, Outbound
 from relay.config import Settings
-from relay.delivery import forward
+from relay.delivery import forward, submitted
 from relay.errors import StoreError
 from relay.message import Prepared, normalize_address, parse_address, prepare
 from relay.replies import Reply
@@ -319,7 +319,7 @@ class Submission:
 
     @staticmethod
     def _count(record: DeliveryRecord) -> None:
-        forward.count(record)
+        submitted.count(record)
 
     async def _prepare(self, content: bytes, tx: Transaction) -> Prepared:
         """`message.prepare`, off the event loop when the message could make it slow.

@@ -94,10 +94,10 @@ class Attempt:
         }
 
 
-def attempts_text(attempts: Sequence[Attempt]) -> str | None:
+def attempts_text(attempts: Sequence[Attempt], *, keep_one: bool = False) -> str | None:
     """The attempts as the `attempts` column keeps them: JSON, or NULL for one or none
     (the record's own channel, reply and duration are then its one attempt)."""
-    if len(attempts) < 2:
+    if len(attempts) < (1 if keep_one else 2):
         return None
     return json.dumps(
         [

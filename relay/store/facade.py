@@ -37,6 +37,7 @@ from relay.store.deliveries import Deliveries
 from relay.store.idempotency import IDEMPOTENCY_WINDOW
 from relay.store.ledger import Ledger, MailCheck, Reservation
 from relay.store.limits import RELAY_SCOPE, SendLimits
+from relay.store.queue import Queue
 from relay.store.refusals import Refusals
 from relay.store.senders import Senders
 from relay.store.throttle import Throttle
@@ -68,5 +69,6 @@ class Store(
     AdminTokens,
     Audit,
     Browse,
+    Queue,
 ):
     """The synchronous store. Admin commands use it directly; the server via `AsyncStore`."""

@@ -60,6 +60,8 @@ from relay.windows import UNLIMITED, LimitHit, Window, headroom, period_key, win
 # A process whose heartbeat is older than this is dead (it beats every 10 s);
 # the relay passes its RELAY_OWNER_DEAD_AFTER.
 OWNER_DEAD_AFTER = 60
+# The pending row's owner while the durable queue holds its message (relay.store.queue).
+QUEUED_OWNER = "queue"
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,16 +294,19 @@ class Ledger(Database):
         again: refunding avoids charging it twice. A live owner's rows stay: it
         is still settling them.
 
+        A row the durable queue holds (`owner = 'queue'`) is never swept: its
+        250 was sent, and the queue settles it when the message ends.
+
         Each row is settled in a transaction of its own, as `settle` does it: of
         two hosts sweeping at once, the one whose `DELETE ... RETURNING` takes
         the row refunds it, and the other finds it gone.
         """
         now = self._now()
         rows = self._read(
-            "SELECT * FROM pending WHERE created <= ? AND (owner IS NULL OR NOT EXISTS"
-            " (SELECT 1 FROM processes p WHERE p.id = pending.owner AND p.heartbeat > ?))"
-            " ORDER BY id",
-            (now - older_than, now - dead_after),
+            "SELECT * FROM pending WHERE created <= ? AND (owner IS NULL OR (owner <> ?"
+            " AND NOT EXISTS (SELECT 1 FROM processes p WHERE p.id = pending.owner"
+            " AND p.heartbeat > ?))) ORDER BY id",
+            (now - older_than, QUEUED_OWNER, now - dead_after),
         )
         settled = []
         for row in rows:

@@ -26,6 +26,7 @@ from relay.store.facade import Store
 from relay.store.group import GROUP_MAX, GROUP_TURNS, Write, answer, commit_group
 from relay.store.journal import PendingSettle, SettleJournal
 from relay.store.ledger import MailCheck, Reservation
+from relay.store.queue import QueuedMessage
 from relay.store.tokens import Principal
 
 P = ParamSpec("P")
@@ -302,6 +303,79 @@ class AsyncStore:
 
     async def record_refused(self, record: DeliveryRecord | None, token_id: str | None) -> None:
         return await self._call(Store.record_refused, record, token_id)
+
+    # --- the durable queue (relay.store.queue): on the upkeep thread's connection,
+    # never in a session's group commit, so `enqueue` can commit with
+    # synchronous=FULL in a transaction of its own.
+
+    async def enqueue(
+        self,
+        message: QueuedMessage,
+        *,
+        next_try: int,
+        attempts: str,
+        last_code: int | None,
+        last_text: str,
+        max_messages: int,
+        max_bytes: int,
+    ) -> int | None:
+        return await self.upkeep(
+            lambda store: store.enqueue(
+                message,
+                next_try=next_try,
+                attempts=attempts,
+                last_code=last_code,
+                last_text=last_text,
+                max_messages=max_messages,
+                max_bytes=max_bytes,
+            )
+        )
+
+    async def claim(self, lease_seconds: int, limit: int) -> list[Any]:
+        owner = self.owner
+        return await self.upkeep(lambda store: store.claim(owner, lease_seconds, limit))
+
+    async def requeue(
+        self,
+        queue_id: int,
+        *,
+        done: str,
+        attempts: str,
+        next_try: int,
+        last_code: int,
+        last_text: str,
+    ) -> bool:
+        owner = self.owner
+        return await self.upkeep(
+            lambda store: store.requeue(
+                queue_id,
+                owner,
+                done=done,
+                attempts=attempts,
+                next_try=next_try,
+                last_code=last_code,
+                last_text=last_text,
+            )
+        )
+
+    async def finish(
+        self,
+        queue_id: int,
+        delivered: int,
+        idempotency_key: str | None,
+        record: DeliveryRecord | None,
+    ) -> int | None:
+        owner = self.owner
+        return await self.upkeep(
+            lambda store: store.finish(queue_id, owner, delivered, idempotency_key, record)
+        )
+
+    async def release_leases(self) -> int:
+        owner = self.owner
+        return await self.upkeep(lambda store: store.release_leases(owner))
+
+    async def queue_stats(self) -> dict[str, Any]:
+        return await self.upkeep(lambda store: store.queue_stats())
 
     async def ping(self) -> None:
         return await self._call(Store.ping)

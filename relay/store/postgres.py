@@ -273,6 +273,8 @@ _SCHEMA_RULES = (
     # SQLite's INTEGER is 64-bit; PostgreSQL's is 32 (unix seconds end in 2038).
     (re.compile(r"\bINTEGER\b"), "BIGINT"),
     (re.compile(r"\)\s*WITHOUT ROWID"), ")"),
+    # SQLite's byte strings (a queued message's content).
+    (re.compile(r"\bBLOB\b"), "BYTEA"),
 )
 
 

@@ -155,4 +155,37 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE deliveries ADD COLUMN attempts TEXT;
     """,
+    # 11: the durable queue (relay.store.queue): a message the relay answered 250
+    #     for and delivers in the background, with its envelope, its content and
+    #     its reservation (the pending row, owned by the queue while it waits)
+    """
+    CREATE TABLE queue (
+        id INTEGER PRIMARY KEY,
+        created INTEGER NOT NULL,           -- unix seconds: when the 250 was sent
+        message_id TEXT NOT NULL,
+        account TEXT NOT NULL,
+        account_id INTEGER NOT NULL,
+        token_id TEXT NOT NULL,
+        client TEXT NOT NULL,
+        sender TEXT NOT NULL,               -- normalized (the balance's address)
+        envelope_from TEXT NOT NULL,        -- as the client wrote it
+        recipients TEXT NOT NULL,           -- JSON: [[as written, normalized], ...]
+        done TEXT NOT NULL,                 -- JSON: {as written: [code, enhanced, text]}
+        content BLOB NOT NULL,              -- the message as prepared
+        size INTEGER NOT NULL,              -- octets the client sent
+        idempotency_key TEXT NOT NULL,
+        routes TEXT NOT NULL,               -- JSON: [[channel, charges, rule], ...]
+        reservation_id INTEGER NOT NULL,
+        reservation_created INTEGER,
+        state TEXT NOT NULL,                -- queued, held
+        attempts TEXT NOT NULL,             -- JSON: every attempt so far
+        tries INTEGER NOT NULL,
+        next_try INTEGER NOT NULL,          -- unix seconds
+        last_code INTEGER,
+        last_text TEXT NOT NULL,
+        lease_owner TEXT,                   -- a processes id while an attempt runs
+        lease_until INTEGER
+    );
+    CREATE INDEX queue_due ON queue (state, next_try);
+    """,
 )

@@ -1,0 +1,149 @@
+"""The durable queue (RELAY_QUEUE): a message no channel can take now is kept on disk
+before its 250, retried with backoff, and ends delivered exactly once, refused, or
+failed at its max age with the undelivered part refunded (docs/queue.md)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from test_channels import MESSAGE_ID, RCPT, balance, mail, resend_env, send, wrap_hook
+
+from relay.store.deliveries import Query
+from tests.fake_upstreams import FakeResend
+
+QUEUED = f"250 2.0.0 Queued as {MESSAGE_ID}; delivery will be retried"
+
+
+@pytest.fixture
+def resend() -> Iterator[FakeResend]:
+    with FakeResend() as fake:
+        yield fake
+
+
+def until(check: Any, seconds: float = 15) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, "not reached in time"
+        time.sleep(0.05)
+
+
+def queue_empty(relay: Any) -> bool:
+    return relay.store.queue_list() == []
+
+
+def records(relay: Any) -> list[Any]:
+    return relay.store.find_deliveries(Query(message_id=MESSAGE_ID))
+
+
+def test_every_channel_down_is_queued_then_delivered_once(relay_factory, resend, sink):
+    relay = relay_factory(
+        **resend_env(resend),
+        SMTP_CONFIG=sink.smtp_config(),
+        DEFAULT_SEND_BALANCE="10",
+        RELAY_QUEUE="on-failure",
+        RELAY_QUEUE_BACKOFF="0.2",
+    )
+    resend.fail(500, "internal_server_error")
+    resend.fail(500, "internal_server_error")
+    down = [2]  # the sink defers MAIL twice: in session, and on the first retry
+
+    def defer(server: Any) -> str | None:
+        if down[0]:
+            down[0] -= 1
+            return "421 4.3.2 service not available"
+        return None
+
+    wrap_hook(sink, "MAIL", defer)
+
+    assert send(relay) == QUEUED
+    assert balance(relay) == 9  # reserved, owned by the queue
+    [item] = relay.store.queue_list()
+    assert item["state"] == "queued" and item["recipients"] == [RCPT]
+    assert [a[0] for a in item["attempts"]] == ["resend", "smtp"]
+
+    until(lambda: queue_empty(relay))
+
+    total = len(resend.sent) + len(sink.messages)
+    assert total == 1  # exactly once, whichever channel came back first
+    assert balance(relay) == 9
+    [record] = records(relay)
+    assert record.outcome == "delivered" and record.charged == 1
+    assert len(record.attempts) >= 3
+    assert relay.store.pending_count() == 0
+
+
+def test_always_queues_after_the_charge_and_delivers_in_the_background(relay_factory, sink):
+    relay = relay_factory(
+        SMTP_CONFIG=sink.smtp_config(), DEFAULT_SEND_BALANCE="10", RELAY_QUEUE="always"
+    )
+    assert send(relay) == QUEUED
+    until(lambda: queue_empty(relay) and len(sink.messages) == 1)
+    assert balance(relay) == 9
+    assert relay.store.pending_count() == 0
+    [record] = records(relay)
+    assert (record.channel, record.outcome, record.charged) == ("smtp", "delivered", 1)
+
+
+def test_past_its_max_age_a_message_fails_and_is_refunded(relay_factory, resend):
+    relay = relay_factory(
+        **resend_env(resend),
+        DEFAULT_SEND_BALANCE="10",
+        RELAY_QUEUE="on-failure",
+        RELAY_QUEUE_BACKOFF="0.2",
+        RELAY_QUEUE_MAX_AGE="1.5",
+    )
+    for _ in range(50):
+        resend.fail(503, "internal_server_error")
+
+    assert send(relay) == QUEUED
+    until(lambda: queue_empty(relay))
+
+    assert resend.sent == []
+    assert balance(relay) == 10
+    assert relay.store.pending_count() == 0
+    [record] = records(relay)
+    assert record.outcome == "refused" and record.charged == 0
+    assert (record.reply.code, record.reply.enhanced) == (550, "5.4.7")
+    assert len(record.attempts) >= 2
+
+
+def test_a_full_queue_answers_in_session(relay_factory, resend):
+    relay = relay_factory(
+        **resend_env(resend),
+        DEFAULT_SEND_BALANCE="10",
+        RELAY_QUEUE="on-failure",
+        RELAY_QUEUE_BACKOFF="3600",
+        RELAY_QUEUE_MAX_MESSAGES="1",
+    )
+    resend.fail(500, "internal_server_error")
+    resend.fail(500, "internal_server_error")
+    assert send(relay) == QUEUED
+
+    assert send(relay, mail("<two@example.com>")) == "451 4.3.0 resend: upstream error (HTTP 500)"
+    assert balance(relay) == 9  # the queued one stays reserved; the other refunded
+    assert len(relay.store.queue_list()) == 1
+
+
+def test_a_permanent_refusal_is_never_queued(relay_factory, resend):
+    relay = relay_factory(**resend_env(resend), DEFAULT_SEND_BALANCE="10", RELAY_QUEUE="on-failure")
+    resend.fail(422, "invalid_parameter", "Invalid `to` field.")
+    assert send(relay).startswith("550 5.1.")
+    assert queue_empty(relay)
+    assert balance(relay) == 10
+
+
+def test_the_stale_sweep_never_refunds_a_queued_charge(relay_factory, resend):
+    relay = relay_factory(
+        **resend_env(resend),
+        DEFAULT_SEND_BALANCE="10",
+        RELAY_QUEUE="on-failure",
+        RELAY_QUEUE_BACKOFF="3600",
+    )
+    resend.fail(500, "internal_server_error")
+    assert send(relay) == QUEUED
+    assert relay.store.settle_stale(older_than=-10, dead_after=-10) == []
+    assert balance(relay) == 9
+    assert len(relay.store.queue_list()) == 1
