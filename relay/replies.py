@@ -206,6 +206,10 @@ QUEUED = Reply(250, "2.0.0", "Queued; delivery will be retried")
 QUEUE_EXPIRED = Reply(550, "5.4.7", "Delivery time expired")
 
 
+# Recorded, never sent: a queued message an operator cancelled (`relay queue cancel`).
+QUEUE_CANCELLED = Reply(550, "5.0.0", "Cancelled by the relay's operator")
+
+
 def queued(message_id: str) -> Reply:
     """`250 2.0.0 Queued as <id>; delivery will be retried`."""
     text = f"Queued as {message_id}; delivery will be retried"

@@ -4,6 +4,7 @@ failed at its max age with the undelivered part refunded (docs/queue.md)."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -147,3 +148,49 @@ def test_the_stale_sweep_never_refunds_a_queued_charge(relay_factory, resend):
     assert relay.store.settle_stale(older_than=-10, dead_after=-10) == []
     assert balance(relay) == 9
     assert len(relay.store.queue_list()) == 1
+
+
+def test_operators_hold_release_retry_and_cancel_from_the_cli(relay_factory, resend):
+    from test_cli import ok, relay_cli
+
+    relay = relay_factory(
+        **resend_env(resend),
+        DEFAULT_SEND_BALANCE="10",
+        RELAY_QUEUE="on-failure",
+        RELAY_QUEUE_BACKOFF="3600",
+    )
+    env = {"RELAY_DATABASE": str(relay.relay.settings.database)}
+    resend.fail(500, "internal_server_error")
+    resend.fail(500, "internal_server_error")
+    assert send(relay) == QUEUED
+    assert send(relay, mail("<two@example.com>")) == (
+        "250 2.0.0 Queued as <two@example.com>; delivery will be retried"
+    )
+    first, second = (r["id"] for r in relay.store.queue_list())
+    assert balance(relay) == 8
+
+    assert "1 message(s) held" in ok(relay_cli("queue", "hold", str(first), env=env))
+    listed = [
+        json.loads(line) for line in ok(relay_cli("queue", "list", "--json", env=env)).splitlines()
+    ]
+    assert [(r["id"], r["state"]) for r in listed] == [(first, "held"), (second, "queued")]
+    assert "1 message(s) due now" in ok(relay_cli("queue", "retry", str(first), env=env))
+    time.sleep(1.5)  # held: even due, the worker does not touch it
+    assert resend.sent == []
+    shown = ok(relay_cli("queue", "show", str(first), env=env))
+    assert "state       held" in shown and "1. resend  451 4.3.0" in shown
+
+    ok(relay_cli("queue", "release", str(first), env=env))
+    until(lambda: [r["id"] for r in relay.store.queue_list()] == [second])
+    assert len(resend.sent) == 1
+    assert balance(relay) == 8
+
+    assert "refunded 1" in ok(relay_cli("queue", "cancel", str(second), env=env))
+    assert queue_empty(relay)
+    assert balance(relay) == 9
+    [cancelled] = relay.store.find_deliveries(Query(message_id="<two@example.com>"))
+    assert (cancelled.reply.code, cancelled.reply.enhanced) == (550, "5.0.0")
+    assert cancelled.charged == 0
+    assert relay.store.pending_count() == 0
+    missing = relay_cli("queue", "cancel", str(second), env=env)
+    assert missing.returncode == 1 and "no queued message" in missing.stderr

@@ -8,6 +8,7 @@ from typing import Any
 
 from relay.cli import log as deliveries
 from relay.cli import manage
+from relay.cli import queue as queued
 from relay.cli import serve as running
 from relay.store.deliveries import Outcome
 
@@ -50,6 +51,25 @@ def build_parser() -> argparse.ArgumentParser:
         log_actions, "show", deliveries.cmd_log_show, "everything recorded for a Message-ID", True
     )
     show.add_argument("message_id", metavar="MESSAGE-ID")
+
+    queue = group("queue", "the durable queue (RELAY_QUEUE)")
+    qlist = command(queue, "list", queued.cmd_queue_list, "queued messages, oldest first", True)
+    qlist.add_argument("--state", choices=["queued", "held"])
+    qlist.add_argument("--account", metavar="NAME")
+    command(queue, "show", queued.cmd_queue_show, "one queued message", True).add_argument(
+        "id", type=int
+    )
+    for name, handler, help in (
+        ("retry", queued.cmd_queue_retry, "make due now"),
+        ("hold", queued.cmd_queue_hold, "hold: no attempt until released"),
+        ("release", queued.cmd_queue_release, "release held messages"),
+    ):
+        p = command(queue, name, handler, help)
+        p.add_argument("id", type=int, nargs="?")
+        p.add_argument("--all", action="store_true", help="every queued message")
+    command(
+        queue, "cancel", queued.cmd_queue_cancel, "end one: refund the undelivered, record it"
+    ).add_argument("id", type=int)
 
     certs_group = group("certs", "TLS certificates")
     gen = command(

@@ -25,13 +25,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from relay import replies
 from relay.store.db import Database, Row, read_only
-from relay.store.deliveries import DeliveryRecord, insert
+from relay.store.deliveries import (
+    DeliveryRecord,
+    Outcome,
+    RecipientOutcome,
+    attempts_from,
+    insert,
+)
 from relay.store.idempotency import remember_delivered
 from relay.store.ledger import QUEUED_OWNER as QUEUE_OWNER
 from relay.store.ledger import _settle
 
 STATES = ("queued", "held")
+CANCELLED = replies.QUEUE_CANCELLED
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,6 +263,43 @@ class Queue(Database):
         with self._write() as db:
             cur = db.execute(f"UPDATE queue SET {', '.join(sets)}{where}", tuple(args))  # noqa: S608
             return int(cur.rowcount)
+
+    def cancel(self, queue_id: int) -> int | None:
+        """An operator ends a queued message (not while an attempt holds it): what was
+        delivered stays charged, the rest is refunded, a final record says so.
+        Returns the refund, or None when there is no such message free to cancel."""
+        rows = self._read("SELECT * FROM queue WHERE id = ?", (queue_id,))
+        if not rows:
+            return None
+        row = rows[0]
+        pairs = [(str(w), str(k)) for w, k in json.loads(row["recipients"])]
+        done = json.loads(row["done"])
+        reply = CANCELLED
+        outcomes = []
+        for written, key in pairs:
+            code, enhanced = done.get(written, [reply.code, reply.enhanced])[:2]
+            kind = (
+                Outcome.DELIVERED
+                if int(code) < 400
+                else (Outcome.REFUSED if int(code) >= 500 else Outcome.DEFERRED)
+            )
+            outcomes.append(RecipientOutcome(key, kind, int(code), str(enhanced)))
+        delivered = sum(1 for o in outcomes if o.outcome == Outcome.DELIVERED)
+        record = DeliveryRecord(
+            time=self._now(),
+            message_id=row["message_id"],
+            account=row["account"],
+            token_id=row["token_id"],
+            sender=row["sender"],
+            recipients=tuple(outcomes),
+            size=int(row["size"]),
+            channel="",
+            rule=None,
+            outcome=Outcome.PARTIAL if delivered else Outcome.REFUSED,
+            reply=replies.delivered(row["message_id"]) if delivered else reply,
+            attempts=attempts_from(row["attempts"]),
+        )
+        return self.finish(queue_id, None, delivered, None, record)
 
     @read_only
     def queue_stats(self) -> dict[str, Any]:
