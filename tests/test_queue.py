@@ -194,3 +194,74 @@ def test_operators_hold_release_retry_and_cancel_from_the_cli(relay_factory, res
     assert relay.store.pending_count() == 0
     missing = relay_cli("queue", "cancel", str(second), env=env)
     assert missing.returncode == 1 and "no queued message" in missing.stderr
+
+
+@pytest.mark.sqlite_only
+def test_kill_9_right_after_the_queued_250_loses_nothing(tmp_path, cert_dir, sink, client_tls):
+    import os
+    import signal
+    import smtplib
+
+    from support import SENDER, free_port, message
+    from test_settle_journal import ROOT, serve
+
+    from relay.store.facade import Store
+
+    database = tmp_path / "relay.db"
+    store = Store(database)
+    store.migrate()
+    store.create_account("acme")
+    store.add_domain("acme", "example.com")
+    token = store.create_token("acme")["token"]
+    store.set_sender(SENDER, balance=5)
+    port = free_port()
+    env = {
+        "PATH": os.environ["PATH"],
+        "PYTHONPATH": str(ROOT),
+        "RELAY_LISTEN": f"127.0.0.1:{port}",
+        "RELAY_TLS_CERT": str(cert_dir / "relay.crt"),
+        "RELAY_TLS_KEY": str(cert_dir / "relay.key"),
+        "RELAY_DATABASE": str(database),
+        "RELAY_HOSTNAME": "relay.test",
+        "SMTP_CONFIG": sink.smtp_config(),
+        "RELAY_QUEUE": "always",
+        "RELAY_QUEUE_BACKOFF": "0.2",
+        # A charge pending 4 s after its process is gone would be any start's to
+        # refund, were it not the queue's.
+        "RELAY_UPSTREAM_TIMEOUT": "1",
+        "RELAY_HEARTBEAT_INTERVAL": "1",
+        "RELAY_OWNER_DEAD_AFTER": "2",
+    }
+    down = [True]
+    wrap_hook(sink, "MAIL", lambda server: "421 4.3.2 down" if down[0] else None)
+    proc, _ = serve(env)
+    try:
+        with smtplib.SMTP_SSL("127.0.0.1", port, context=client_tls, timeout=30) as client:
+            client.login("api_token", token)
+            client.mail(SENDER)
+            client.rcpt("a@dest.test")
+            code, text = client.data(message(extra=f"Message-ID: {MESSAGE_ID}\r\n"))
+            proc.send_signal(signal.SIGKILL)  # right after the 250
+        assert f"{code} {text.decode()}" == QUEUED
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        assert proc.stderr is not None
+        proc.stderr.close()
+    assert store.show_sender(SENDER)["balance"] == 4
+    down[0] = False
+    proc, _ = serve(env)  # a lease the killed process held is free once its heartbeat is stale
+    try:
+        until(lambda: store.queue_list() == [] and len(sink.messages) >= 1, 30)
+        assert len(sink.messages) == 1
+        assert store.show_sender(SENDER)["balance"] == 4  # charged once, not refunded
+        assert store.pending_count() == 0
+        [record] = store.find_deliveries(Query(message_id=MESSAGE_ID))
+        assert (record.outcome, record.charged) == ("delivered", 1)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        assert proc.stderr is not None
+        proc.stderr.close()

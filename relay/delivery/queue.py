@@ -142,7 +142,9 @@ class QueueWorker:
     async def _run(self) -> None:
         while True:
             try:
-                rows = await self.store.claim(self.lease_seconds, CLAIM_BATCH)
+                rows = await self.store.claim(
+                    self.lease_seconds, CLAIM_BATCH, self.settings.upkeep.owner_dead_after
+                )
             except StoreError as exc:
                 if not self.store.logged(exc):
                     log.warning("queue claim failed: %s", exc)

@@ -331,9 +331,11 @@ class AsyncStore:
             )
         )
 
-    async def claim(self, lease_seconds: int, limit: int) -> list[Any]:
+    async def claim(self, lease_seconds: int, limit: int, dead_after: float) -> list[Any]:
         owner = self.owner
-        return await self.upkeep(lambda store: store.claim(owner, lease_seconds, limit))
+        return await self.upkeep(
+            lambda store: store.claim(owner, lease_seconds, limit, dead_after)
+        )
 
     async def requeue(
         self,

@@ -128,8 +128,12 @@ class Queue(Database):
             if durable:
                 self.db.execute("PRAGMA synchronous = NORMAL")
 
-    def claim(self, owner: str, lease_seconds: int, limit: int) -> list[Row]:
-        """Lease up to `limit` due messages to `owner`; their rows."""
+    def claim(
+        self, owner: str, lease_seconds: int, limit: int, dead_after: float = 60
+    ) -> list[Row]:
+        """Lease up to `limit` due messages to `owner`; their rows. A lease whose holder
+        is gone (no heartbeat for `dead_after` seconds, or retired) is free at once,
+        not only when it runs out: a relay killed mid-attempt holds nothing."""
         now = self._now()
         lock = " FOR UPDATE SKIP LOCKED" if self.is_postgres else ""
         with self._write() as db:
@@ -137,9 +141,11 @@ class Queue(Database):
                 db.execute(
                     "UPDATE queue SET lease_owner = ?, lease_until = ? WHERE id IN"  # noqa: S608 - constants only
                     " (SELECT id FROM queue WHERE state = 'queued' AND next_try <= ?"
-                    " AND (lease_until IS NULL OR lease_until < ?)"
+                    " AND (lease_until IS NULL OR lease_until < ? OR NOT EXISTS"
+                    " (SELECT 1 FROM processes p WHERE p.id = queue.lease_owner"
+                    " AND p.heartbeat > ?))"
                     f" ORDER BY next_try, id LIMIT ?{lock}) RETURNING *",
-                    (owner, now + lease_seconds, now, now, limit),
+                    (owner, now + lease_seconds, now, now, now - dead_after, limit),
                 ).fetchall()
             )
 
