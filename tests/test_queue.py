@@ -16,6 +16,7 @@ from relay.store.deliveries import Query
 from tests.fake_upstreams import FakeResend
 
 QUEUED = f"250 2.0.0 Queued as {MESSAGE_ID}; delivery will be retried"
+pytestmark = pytest.mark.backends
 
 
 @pytest.fixture

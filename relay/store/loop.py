@@ -333,9 +333,7 @@ class AsyncStore:
 
     async def claim(self, lease_seconds: int, limit: int, dead_after: float) -> list[Any]:
         owner = self.owner
-        return await self.upkeep(
-            lambda store: store.claim(owner, lease_seconds, limit, dead_after)
-        )
+        return await self.upkeep(lambda store: store.claim(owner, lease_seconds, limit, dead_after))
 
     async def requeue(
         self,
