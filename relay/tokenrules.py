@@ -124,11 +124,26 @@ def load_rules(text: str | None) -> TokenRules:
     if not text:
         return NO_RULES
     data = json.loads(text)
+    return rules_of(
+        data.get("senders", ()),
+        data.get("networks", ()),
+        data.get("rates", ()),
+        data.get("rcpt_rates", ()),
+    )
+
+
+def rules_of(
+    senders: Iterable[str] = (),
+    networks: Iterable[str] = (),
+    rates: Iterable[str] = (),
+    rcpt_rates: Iterable[str] = (),
+) -> TokenRules:
+    """Rules from the lists `TokenRules.as_json` shows (so already checked)."""
     return TokenRules(
-        senders=tuple(data.get("senders", ())),
-        networks=tuple(data.get("networks", ())),
-        rates=tuple(_rate(r) for r in data.get("rates", ())),
-        rcpt_rates=tuple(_rate(r) for r in data.get("rcpt_rates", ())),
+        senders=tuple(senders),
+        networks=tuple(networks),
+        rates=tuple(_rate(r) for r in rates),
+        rcpt_rates=tuple(_rate(r) for r in rcpt_rates),
     )
 
 
