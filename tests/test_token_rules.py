@@ -23,6 +23,7 @@ from support import DOMAIN, SENDER, FrozenClock, Raw, attempt, message, plain
 from test_adminapi import Admin
 from test_cli import ok, relay_cli
 from test_concurrency import RelayProcesses, send_one, tally
+from test_console import browser  # noqa: F401 - the fixture: a headless Chromium
 
 from relay import metrics
 from relay.store.facade import Refused, Store
@@ -676,3 +677,60 @@ def test_two_processes_send_exactly_the_tokens_rate(sink, client_tls, relays, da
         assert store.pending_count() == 0
     finally:
         store.close()
+
+
+# --- the console's token page ---------------------------------------------------------------
+
+
+def test_the_console_creates_and_edits_a_tokens_rules(relay_factory, sink, browser):  # noqa: F811
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    relay = relay_factory(SMTP_CONFIG=sink.smtp_config(), RELAY_ADMIN_LISTEN="127.0.0.1:0")
+    relay.token()
+    admin_token = relay.store.create_admin_token(name="browser")["token"]
+    wait = WebDriverWait(browser, 15)
+    find = browser.find_element
+
+    def visible(selector: str):
+        return wait.until(ec.visibility_of_element_located((By.CSS_SELECTOR, selector)))
+
+    def text_in(selector: str, text: str) -> None:
+        wait.until(ec.text_to_be_present_in_element((By.CSS_SELECTOR, selector), text))
+
+    browser.get(f"http://127.0.0.1:{relay.relay.admin_port}/")
+    visible("#token-input").send_keys(admin_token)
+    find(By.ID, "sign-in").click()
+    text_in("#account-select", "acme")
+    find(By.ID, "token-name").send_keys("billing")
+    find(By.ID, "token-senders").send_keys(BILLING)
+    find(By.ID, "token-networks").send_keys("10.0.0.0/8, 2001:db8::/32")
+    find(By.ID, "token-rates").send_keys("2/min 100/day")
+    find(By.ID, "create-token").click()
+    text_in("#new-token", "rlt_")
+    text_in("#tokens-table", "messages: 2/minute 100/day")
+    made = next(t for t in relay.store.list_tokens("acme") if t["name"] == "billing")
+    assert rules_in(made) == {
+        "senders": [BILLING],
+        "networks": ["10.0.0.0/8", "2001:db8::/32"],
+        "rates": ["2/minute", "100/day"],
+        "rcpt_rates": [],
+    }
+    # Edit: the form opens with the rules; clearing a field clears the list.
+    find(By.CSS_SELECTOR, f'#tokens-table tr[data-id="{made["id"]}"] button.edit').click()
+    visible("#rules-form")
+    assert find(By.ID, "rules-senders").get_attribute("value") == BILLING
+    find(By.ID, "rules-networks").clear()
+    find(By.ID, "rules-rcpt-rates").send_keys("50/hour")
+    find(By.ID, "rules-save").click()
+    text_in("#tokens-table", "recipients: 50/hour")
+    shown = relay.store.show_token(made["id"])
+    assert (shown["networks"], shown["rcpt_rates"]) == ([], ["50/hour"])
+    # A bad rule shows the API's message and changes nothing.
+    find(By.CSS_SELECTOR, f'#tokens-table tr[data-id="{made["id"]}"] button.edit').click()
+    find(By.ID, "rules-rates").clear()
+    find(By.ID, "rules-rates").send_keys("0/min")
+    find(By.ID, "rules-save").click()
+    text_in("#status.error", "rate '0/min'")
+    assert relay.store.show_token(made["id"])["rates"] == ["2/minute", "100/day"]
