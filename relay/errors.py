@@ -27,6 +27,7 @@ from relay import replies
 from relay.replies import Reply
 
 if TYPE_CHECKING:
+    from relay.tokenrules import RateHit
     from relay.windows import LimitHit
 
 
@@ -60,7 +61,8 @@ class BatchBroken(StoreError):
 
 class Refused(RelayError):
     """`reserve` refused: the balance or a send-limit window cannot cover the message,
-    the sender's domain left the account, or the session's token is no longer valid.
+    the sender's domain left the account, the session's token is no longer valid,
+    the sender left the token's scope, or a token rate window is full.
     `relay.policy.reservation_refusal` words the reply from these fields."""
 
     def __init__(
@@ -72,9 +74,13 @@ class Refused(RelayError):
         hit: LimitHit | None = None,
         domain_lost: bool = False,
         token_invalid: bool = False,
+        out_of_scope: bool = False,
+        rate: RateHit | None = None,
     ) -> None:
         super().__init__(message)
         self.token_invalid = token_invalid
+        self.out_of_scope = out_of_scope
+        self.rate = rate
         self.balance = balance
         self.disabled = disabled
         self.domain_lost = domain_lost

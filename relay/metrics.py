@@ -31,14 +31,18 @@ from prometheus_client import (
     values,
 )
 
-from relay.policy import is_balance_refusal, limit_reached
+from relay.policy import is_balance_refusal, is_scope_refusal, limit_reached, token_rate_limited
 from relay.replies import Reply
+from relay.tokenrules import RateHit
 from relay.windows import LimitHit
 
 T = TypeVar("T")
 
 CONNECTION_RESULTS = ("accepted", "refused_cap", "refused_ip", "tls_failed")
 AUTH_RESULTS = ("success", "failure", "throttled")
+# Why a token's own rules refused (relay.tokenrules): a sender outside its scope,
+# a full rate window, AUTH from outside its networks.
+REFUSAL_REASONS = ("scope", "token_rate", "network")
 UPSTREAM_ERROR_KINDS = ("timeout", "refused", "throttled", "unavailable", "credentials")
 # Message sizes up to the documented 5 MiB; forward and store times from the
 # sub-millisecond inline store call to the 60 s forward budget.
@@ -130,11 +134,19 @@ class Metrics:
             ["window"],
             registry=registry,
         )
+        self.refusals = Counter(
+            "relay_refusals",
+            "Refusals by a token's own rules, by reason (scope, token_rate, network)",
+            ["reason"],
+            registry=registry,
+        )
         # Known label values start at 0, so a rate() sees the first event.
         for result in CONNECTION_RESULTS:
             self.connections.labels(result)
         for result in AUTH_RESULTS:
             self.auth.labels(result)
+        for reason in REFUSAL_REASONS:
+            self.refusals.labels(reason)
 
 
 _active = Metrics(CollectorRegistry())
@@ -242,12 +254,22 @@ def upstream_error_kind(failure: Reply, *, timed_out: bool = False) -> str:
     return "unavailable"
 
 
-def refusal(answer: Reply, hit: LimitHit | None = None) -> None:
-    """Count a MAIL, RCPT or end-of-DATA answer that refused for a balance or a limit."""
+def refusal(answer: Reply, hit: LimitHit | None = None, rate: RateHit | None = None) -> None:
+    """Count a MAIL, RCPT or end-of-DATA answer that refused for a balance, a limit,
+    or the token's sender scope or rates."""
     if is_balance_refusal(answer):
         _active.balance_refusals.inc()
     elif hit is not None and answer == limit_reached(hit):
         _child(_active.limit_hits, str(hit.window)).inc()
+    elif rate is not None and answer == token_rate_limited(rate):
+        refused_by("token_rate")
+    elif is_scope_refusal(answer):
+        refused_by("scope")
+
+
+def refused_by(reason: str) -> None:
+    """A refusal by a token's own rules (REFUSAL_REASONS); `network` is counted at AUTH."""
+    _child(_active.refusals, reason).inc()
 
 
 def store_call(op: str, seconds: float) -> None:

@@ -17,6 +17,7 @@ from relay import replies
 from relay.config import Limits, Settings
 from relay.message import Defect, Prepared
 from relay.replies import Reply
+from relay.tokenrules import RateHit, sender_allowed
 from relay.windows import LimitHit
 
 
@@ -108,6 +109,25 @@ def sender_domain_denied(domain: str) -> Reply:
 def header_sender_denied(address: str) -> Reply:
     return replies.SENDER_DENIED.but(
         f"Sender denied: header address {address} is not on a domain of this token's account"
+    )
+
+
+def sender_not_allowed(address: str) -> Reply:
+    """An address outside the token's sender scope (envelope or header)."""
+    return replies.SENDER_NOT_IN_SCOPE.but(f"Sender <{address}> is not allowed for this token")
+
+
+def is_scope_refusal(reply: Reply) -> bool:
+    """A refusal for a sender outside the token's scope (`sender_not_allowed`)."""
+    return (reply.code, reply.enhanced) == (
+        replies.SENDER_NOT_IN_SCOPE.code,
+        replies.SENDER_NOT_IN_SCOPE.enhanced,
+    ) and reply.text.endswith("is not allowed for this token")
+
+
+def token_rate_limited(hit: RateHit) -> Reply:
+    return replies.TOKEN_RATE_LIMITED.but(
+        f"Token rate limit: {hit.rate.limit} {hit.what} per {hit.rate.unit}; retry in {hit.retry} s"
     )
 
 
@@ -205,15 +225,21 @@ def decide_mail(
     token_valid: bool,
     sender: SenderState,
     hit: LimitHit | None,
+    scope: tuple[str, ...] = (),
+    rate: RateHit | None = None,
 ) -> Reply:
     """MAIL FROM: `SENDER_OK` to open the transaction, or the refusal.
 
     `TOKEN_NO_LONGER_VALID` also means the session must authenticate again.
+    `scope` is the token's sender list (empty: its account's domains), `rate`
+    the token's message window the message would pass.
     """
     if not token_valid:
         return replies.TOKEN_NO_LONGER_VALID
     if domain_owner != account_id:
         return sender_domain_denied(domain)
+    if not sender_allowed(scope, sender.address):
+        return sender_not_allowed(sender.address)
     # The route before any recipient: None means no channel serves the domain.
     route = choose_route(settings, domain, (), ())
     if route is None:
@@ -223,6 +249,8 @@ def decide_mail(
         return refusal
     if hit is not None:
         return limit_reached(hit)
+    if rate is not None:
+        return token_rate_limited(rate)
     return replies.SENDER_OK
 
 
@@ -244,11 +272,13 @@ def decide_rcpt(
     verified: Collection[str],
     sender: SenderState,
     headroom: int | None,
+    rate: RateHit | None = None,
 ) -> Reply:
     """RCPT TO after `rcpt_before_lookup`: `RECIPIENT_OK` adds `rcpt`, else the refusal.
 
     The message with this recipient must still have a channel, be covered by
-    the sender's balance, and fit the tightest send-limit window.
+    the sender's balance, fit the tightest send-limit window, and not pass the
+    token's recipient windows (`rate`: the one it would pass).
     """
     rcpts = [*recipients, rcpt]
     route = choose_route(settings, domain, rcpts, verified)
@@ -261,6 +291,8 @@ def decide_rcpt(
         return balance_short(sender.address, sender.balance, needed)
     if headroom is not None and len(rcpts) > headroom:
         return recipients_over_limit(headroom)
+    if rate is not None:
+        return token_rate_limited(rate)
     return replies.RECIPIENT_OK
 
 
@@ -299,12 +331,15 @@ def foreign_header_domains(domain: str, header_senders: Iterable[str]) -> frozen
 
 
 def header_sender_refusal(
-    domain: str, header_senders: Iterable[str], owned: Collection[str]
+    domain: str, header_senders: Iterable[str], owned: Collection[str], scope: tuple[str, ...] = ()
 ) -> Reply | None:
-    """A token sends only as its own account's domains, in the headers too."""
+    """A token sends only as its own account's domains, and within its sender
+    scope (`scope`, empty: no narrower list), in the headers too."""
     for address in header_senders:
         if address.rpartition("@")[2].lower() not in {*owned, domain}:
             return header_sender_denied(address)
+        if not sender_allowed(scope, address):
+            return sender_not_allowed(address)
     return None
 
 
@@ -396,10 +431,16 @@ def reservation_refusal(
     hit: LimitHit | None,
     domain_lost: bool,
     token_invalid: bool = False,
+    out_of_scope: bool = False,
+    rate: RateHit | None = None,
 ) -> Reply:
     """The reply for a charge the store refused (state changed since MAIL or RCPT)."""
     if token_invalid:
         return replies.TOKEN_NO_LONGER_VALID
+    if out_of_scope:
+        return sender_not_allowed(sender)
+    if rate is not None:
+        return token_rate_limited(rate)
     if hit is not None:
         return limit_reached(hit)
     if domain_lost:

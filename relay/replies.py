@@ -124,6 +124,11 @@ TOO_MANY_RECIPIENTS = Reply(
 )
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message too big")
 SEND_LIMIT_REACHED = Reply(451, "4.7.1", "Send limit reached")
+# A token's own rules (relay.tokenrules): a sender outside its scope is refused
+# for good (X.7.1, "delivery not authorized", RFC 3463 section 3.8); a full rate
+# window is transient, as a full send-limit window is.
+SENDER_NOT_IN_SCOPE = Reply(550, "5.7.1", "Sender is not allowed for this token")
+TOKEN_RATE_LIMITED = Reply(451, "4.7.1", "Token rate limit reached")
 BAD_MESSAGE = Reply(554, "5.6.0", "Message rejected")
 # What the relay will not forward (relay.message.find_defect says why).
 NUL_IN_MESSAGE = BAD_MESSAGE.but(

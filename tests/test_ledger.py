@@ -428,6 +428,7 @@ def pending_row(id_: int, owner: str | None, created: int = T0) -> dict[str, Any
         "month": "m:2026-11",
         "created": created,
         "owner": owner,
+        "token": None,  # counted in no token rate window
     }
 
 

@@ -200,6 +200,20 @@ async def create_token(call: Call) -> Any:
         name=call.body.get("name", ""),
         role=call.body.get("role", ""),
         expires_in_days=call.body.get("expires_in_days"),
+        **{k: call.body[k] for k in RULE_KEYS if k in call.body},
+    )
+
+
+async def show_token(call: Call) -> Any:
+    return await call.run(operations.show_token, call.path["id"])
+
+
+async def set_token(call: Call) -> Any:
+    return await call.run(
+        operations.set_token,
+        call.actor,
+        call.path["id"],
+        **{k: call.body[k] for k in RULE_KEYS if k in call.body},
     )
 
 
@@ -305,6 +319,39 @@ SENDER_FIELDS = (
     " (whether the relay holds a row for it)"
 )
 ADDRESS = Field("address", "string", "an email address", required=True, max_length=320)
+RULE_KEYS = ("senders", "networks", "rates", "rcpt_rates")
+TOKEN_RULES = (
+    Field(
+        "senders",
+        "array",
+        "the senders it may use: addresses, `*@domain` or domains, all of the account's"
+        " domains (none: any address of them)",
+        max_length=100,
+    ),
+    Field(
+        "networks",
+        "array",
+        "CIDR ranges (IPv4, IPv6) it may AUTH from (none: anywhere)",
+        max_length=100,
+    ),
+    Field(
+        "rates",
+        "array",
+        "messages per window: `60/minute`, `1000/day` (none: no limit)",
+        max_length=3,
+    ),
+    Field("rcpt_rates", "array", "recipients per window, as `rates`", max_length=3),
+)
+RULES_ANSWER = (
+    "the token, never its secret: `id`, `account`, `name`, `role`, `created`, `expires`,"
+    " `revoked`, `status` (active, revoked, expired), and its rules: `senders`, `networks`,"
+    " `rates`, `rcpt_rates` (each empty when it has none)"
+)
+BAD_RULE = (
+    "a field is missing or wrong (`bad_body`), or a rule is (`bad_sender`: not an address,"
+    " `*@domain` or domain of the account; `bad_network`; `bad_rate`: not N/minute, N/hour"
+    " or N/day with N from 1)"
+)
 verified_list, verified_add, verified_remove = _lists("verified")
 nolimit_list, nolimit_add, nolimit_remove = _lists("nolimit")
 
@@ -363,8 +410,28 @@ ENDPOINTS: list[Endpoint] = [
             Field("name", "string", "a label", max_length=100),
             Field("expires_in_days", "number", "days until it expires (none: never)"),
             Field("role", "string", "a role, see NO_LIMIT_SEND_ROLE", max_length=100),
+            *TOKEN_RULES,
         ),
-        errors={**NO_ACCOUNT, **BAD_BODY},
+        errors={**NO_ACCOUNT, **BAD_BODY, "422": BAD_RULE},
+    ),
+    Endpoint(
+        "GET",
+        f"{PREFIX}/tokens/{{id}}",
+        "show a sending token and its rules (never its secret)",
+        show_token,
+        returns=RULES_ANSWER,
+        errors={"404": "no token with that id (`no_such_token`)"},
+    ),
+    Endpoint(
+        "PATCH",
+        f"{PREFIX}/tokens/{{id}}",
+        "replace a token's senders, networks, rates or rcpt_rates (the fields given; an"
+        " empty list clears one); its open sessions follow from their next MAIL FROM, the"
+        " networks from their next AUTH",
+        set_token,
+        returns=RULES_ANSWER,
+        body=TOKEN_RULES,
+        errors={**BAD_BODY, "404": "no token with that id (`no_such_token`)", "422": BAD_RULE},
     ),
     Endpoint(
         "DELETE",

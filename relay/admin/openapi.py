@@ -32,6 +32,7 @@ _TYPES: dict[str, Callable[[Any], bool]] = {
     "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
     "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
     "boolean": lambda v: isinstance(v, bool),
+    "array": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
 }
 
 
@@ -50,10 +51,18 @@ class Field:
     """A field of a JSON request body."""
 
     name: str
-    kind: str  # string, integer, number, boolean
+    kind: str  # string, integer, number, boolean, array (of strings)
     description: str
     required: bool = False
-    max_length: int | None = None
+    max_length: int | None = None  # characters; entries of an array
+
+    def schema(self) -> dict[str, Any]:
+        value: dict[str, Any] = {"type": self.kind, "description": self.description}
+        if self.kind == "array":
+            value["items"] = {"type": "string"}
+        if self.max_length:
+            value["maxItems" if self.kind == "array" else "maxLength"] = self.max_length
+        return value
 
 
 @dataclass(frozen=True)
@@ -100,9 +109,11 @@ def check_body(endpoint: Endpoint, raw: bytes) -> dict[str, Any]:
         if v is None and not f.required:
             continue
         if not _TYPES[f.kind](v):
-            raise Invalid(f"{f.name}: expected {f.kind}", code="bad_body")
+            expected = "a list of strings" if f.kind == "array" else f.kind
+            raise Invalid(f"{f.name}: expected {expected}", code="bad_body")
         if f.max_length is not None and len(v) > f.max_length:
-            raise Invalid(f"{f.name}: at most {f.max_length} characters", code="bad_body")
+            unit = "entries" if f.kind == "array" else "characters"
+            raise Invalid(f"{f.name}: at most {f.max_length} {unit}", code="bad_body")
     return {k: v for k, v in value.items() if v is not None}
 
 
@@ -189,14 +200,7 @@ def document(endpoints: list[Endpoint], public: list[tuple[str, str, str]]) -> d
                             "type": "object",
                             "additionalProperties": False,
                             "required": [f.name for f in ep.body if f.required],
-                            "properties": {
-                                f.name: {
-                                    "type": f.kind,
-                                    "description": f.description,
-                                    **({"maxLength": f.max_length} if f.max_length else {}),
-                                }
-                                for f in ep.body
-                            },
+                            "properties": {f.name: f.schema() for f in ep.body},
                         }
                     }
                 },

@@ -42,6 +42,15 @@ from relay.store.rows import (
     TokenView,
 )
 from relay.store.senders import SenderRow, SenderView
+from relay.tokenrules import (
+    NO_RULES,
+    BadRule,
+    TokenRules,
+    parse_networks,
+    parse_rates,
+    parse_senders,
+    rules_of,
+)
 from relay.windows import UNLIMITED
 
 # A token's lifetime, at most: beyond, the expiry is a typo (and past SQLite's integers).
@@ -145,6 +154,43 @@ def list_domains(store: Store, account: str | None = None) -> list[DomainRow]:
 # --- sending tokens ------------------------------------------------------------------
 
 
+def _rules(
+    store: Store,
+    account: str,
+    base: TokenRules,
+    *,
+    senders: list[str] | None,
+    networks: list[str] | None,
+    rates: list[str] | None,
+    rcpt_rates: list[str] | None,
+) -> TokenRules:
+    """`base` with each list given replaced (an empty list clears it), checked: a
+    sender on a domain of `account` only, a CIDR range, a rate from 1 per unit."""
+    for what, value in (
+        ("sender", senders),
+        ("network", networks),
+        ("rate", rates),
+        ("rcpt_rate", rcpt_rates),
+    ):
+        if value is not None and (
+            not isinstance(value, list) or not all(isinstance(v, str) for v in value)
+        ):
+            raise Invalid(f"{what}s: a list of strings", code=f"bad_{what}")
+    try:
+        return TokenRules(
+            senders=base.senders
+            if senders is None
+            else parse_senders(senders, [d["domain"] for d in store.list_domains(account)]),
+            networks=base.networks if networks is None else parse_networks(networks),
+            rates=base.rates if rates is None else parse_rates(rates, "rate"),
+            rcpt_rates=base.rcpt_rates
+            if rcpt_rates is None
+            else parse_rates(rcpt_rates, "recipient rate"),
+        )
+    except BadRule as exc:
+        raise Invalid(str(exc), code=exc.code) from None
+
+
 def create_token(
     store: Store,
     actor: Actor,
@@ -153,16 +199,88 @@ def create_token(
     name: str = "",
     role: str = "",
     expires_in_days: float | None = None,
+    senders: list[str] | None = None,
+    networks: list[str] | None = None,
+    rates: list[str] | None = None,
+    rcpt_rates: list[str] | None = None,
 ) -> NewToken:
     """A token for `account`; the value holds the token itself, shown this once."""
     name, role = _name(name, "name", empty=True), _name(role, "role", empty=True)
     _account(store, account)
-    value = store.create_token(
-        account, name=name, role=role, expires_in_days=_expiry(expires_in_days)
+    rules = _rules(
+        store,
+        account,
+        NO_RULES,
+        senders=senders,
+        networks=networks,
+        rates=rates,
+        rcpt_rates=rcpt_rates,
     )
-    detail = {"id": value["id"], "name": name, "role": role, "expires": value["expires"]}
+    value = store.create_token(
+        account, name=name, role=role, expires_in_days=_expiry(expires_in_days), rules=rules
+    )
+    detail = {
+        "id": value["id"],
+        "name": name,
+        "role": role,
+        "expires": value["expires"],
+        **{k: v for k, v in rules.as_json().items() if v},
+    }
     store.record_audit(actor, "token.create", account, detail)
     return value
+
+
+def show_token(store: Store, token_id: str) -> TokenView:
+    """One token, never its secret: its row, its rules and its `status`."""
+    with _refusal(NotFound, "no_such_token"):
+        row = store.show_token(token_id)
+    return TokenView(**row, status=_status(row))
+
+
+def set_token(
+    store: Store,
+    actor: Actor,
+    token_id: str,
+    *,
+    senders: list[str] | None = None,
+    networks: list[str] | None = None,
+    rates: list[str] | None = None,
+    rcpt_rates: list[str] | None = None,
+) -> TokenView:
+    """Replace the lists given (an empty one clears it); the others stay as they are."""
+    changes = {
+        k: v
+        for k, v in (
+            ("senders", senders),
+            ("networks", networks),
+            ("rates", rates),
+            ("rcpt_rates", rcpt_rates),
+        )
+        if v is not None
+    }
+    if not changes:
+        raise Invalid(
+            "give senders, networks, rates and/or rcpt_rates (an empty list clears one)",
+            code="bad_body",
+        )
+    current = show_token(store, token_id)
+    base = rules_of(
+        current["senders"], current["networks"], current["rates"], current["rcpt_rates"]
+    )
+    rules = _rules(
+        store,
+        current["account"],
+        base,
+        senders=senders,
+        networks=networks,
+        rates=rates,
+        rcpt_rates=rcpt_rates,
+    )
+    with _refusal(NotFound, "no_such_token"):
+        row = store.set_token_rules(token_id, rules)
+    shown = rules.as_json()
+    store.record_audit(actor, "token.set", token_id, {k: shown[k] for k in changes})
+    return TokenView(**row, status=_status(row))
 
 
 def list_tokens(store: Store, account: str | None = None) -> list[TokenView]:

@@ -50,23 +50,92 @@ def cmd_token_create(args: argparse.Namespace) -> None:
         name=args.name or "",
         role=args.role or "",
         expires_in_days=args.expires_in,
+        senders=args.sender,
+        networks=args.network,
+        rates=args.rate,
+        rcpt_rates=args.rcpt_rate,
     )
 
     def text(v: dict[str, Any]) -> str:
-        return (
-            f"token {v['id']} for account {v['account']}"
-            f" (expires {when(v['expires'])}); shown once, store it now:\n{v['token']}"
-        )
+        head = f"token {v['id']} for account {v['account']} (expires {when(v['expires'])})"
+        rules = "".join(f"\n  {line}" for line in _rules_lines(v))
+        return f"{head}{rules}{chr(10) if rules else '; '}shown once, store it now:\n{v['token']}"
 
     emit(args, value, text)
+
+
+_RULES = (
+    ("senders", "senders"),
+    ("networks", "networks"),
+    ("rates", "rates"),
+    ("rcpt_rates", "recipient rates"),
+)
+
+
+def _rules_lines(v: dict[str, Any]) -> list[str]:
+    return [f"{label}: {', '.join(v[key])}" for key, label in _RULES if v[key]]
+
+
+def _token_text(v: dict[str, Any]) -> str:
+    lines = [
+        f"token {v['id']} for account {v['account']}: {v['status']}",
+        f"  name: {v['name'] or '-'}  role: {v['role'] or '-'}",
+        f"  created {when(v['created'])}, expires {when(v['expires'])}",
+    ]
+    for key, label in _RULES:
+        fallback = {
+            "senders": "any address of the account's domains",
+            "networks": "anywhere",
+        }.get(key, "no limit")
+        lines.append(f"  {label}: {', '.join(v[key]) or fallback}")
+    return "\n".join(lines)
+
+
+def cmd_token_show(args: argparse.Namespace) -> None:
+    emit(args, operations.show_token(open_store(), args.token_id), _token_text)
+
+
+def cmd_token_set(args: argparse.Namespace) -> None:
+    def given(values: list[str] | None, clear: bool, option: str) -> list[str] | None:
+        if clear and values:
+            raise RelayError(f"--{option} and --clear-{option}s: give one of them")
+        return [] if clear else values
+
+    options = (args.sender, args.network, args.rate, args.rcpt_rate)
+    clears = (args.clear_senders, args.clear_networks, args.clear_rates, args.clear_rcpt_rates)
+    if all(o is None for o in options) and not any(clears):
+        raise RelayError(
+            "give --sender, --network, --rate or --rcpt-rate (each repeats), or --clear-senders,"
+            " --clear-networks, --clear-rates, --clear-rcpt-rates"
+        )
+    value = operations.set_token(
+        open_store(),
+        CLI_ACTOR,
+        args.token_id,
+        senders=given(args.sender, args.clear_senders, "sender"),
+        networks=given(args.network, args.clear_networks, "network"),
+        rates=given(args.rate, args.clear_rates, "rate"),
+        rcpt_rates=given(args.rcpt_rate, args.clear_rcpt_rates, "rcpt-rate"),
+    )
+    emit(args, value, _token_text)
 
 
 def cmd_token_list(args: argparse.Namespace) -> None:
     rows = operations.list_tokens(open_store(), args.account)
 
     def text(v: list[dict[str, Any]]) -> str:
-        shown = [{**r, "created": when(r["created"]), "expires": when(r["expires"])} for r in v]
-        return table(shown, ["id", "account", "name", "role", "status", "created", "expires"])
+        shown = [
+            {
+                **r,
+                "created": when(r["created"]),
+                "expires": when(r["expires"]),
+                "rules": "; ".join(_rules_lines(r)) or "-",
+            }
+            for r in v
+        ]
+        return table(
+            shown, ["id", "account", "name", "role", "status", "created", "expires", "rules"]
+        )
 
     emit(args, rows, text)
 

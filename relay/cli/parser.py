@@ -13,6 +13,28 @@ from relay.cli import serve as running
 from relay.store.deliveries import Outcome
 
 
+def rules(p: argparse.ArgumentParser) -> None:
+    """A token's rules (relay.tokenrules); each option repeats, and replaces its list."""
+    p.add_argument(
+        "--sender",
+        action="append",
+        metavar="ADDRESS|*@DOMAIN|DOMAIN",
+        help="a sender it may use (repeat; none: any address of the account's domains)",
+    )
+    p.add_argument(
+        "--network",
+        action="append",
+        metavar="CIDR",
+        help="a range it may AUTH from, IPv4 or IPv6 (repeat; none: anywhere)",
+    )
+    p.add_argument(
+        "--rate", action="append", metavar="N/UNIT", help="messages per minute, hour or day"
+    )
+    p.add_argument(
+        "--rcpt-rate", action="append", metavar="N/UNIT", help="recipients per minute, hour or day"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="relay", description="SMTPS submission relay")
     commands = parser.add_subparsers(metavar="COMMAND")
@@ -107,6 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--name", help="a label")
     create.add_argument("--expires-in", type=float, metavar="DAYS")
     create.add_argument("--role", help="a role; see NO_LIMIT_SEND_ROLE")
+    rules(create)
+    tset = command(
+        token, "set", manage.cmd_token_set, "replace a token's senders, networks or rates", True
+    )
+    tset.add_argument("token_id")
+    rules(tset)
+    for what in ("senders", "networks", "rates", "rcpt-rates"):
+        tset.add_argument(f"--clear-{what}", action="store_true", help=f"remove all its {what}")
+    command(token, "show", manage.cmd_token_show, "show a token and its rules", True).add_argument(
+        "token_id"
+    )
     command(token, "list", manage.cmd_token_list, "list tokens (never secrets)", True).add_argument(
         "account", nargs="?"
     )

@@ -14,11 +14,12 @@ import logging
 from base64 import b64decode
 from collections.abc import Awaitable, Callable
 
-from relay import replies
+from relay import metrics, replies
 from relay.errors import StoreError
 from relay.replies import Reply
 from relay.store.facade import Principal
 from relay.store.loop import AsyncStore
+from relay.tokenrules import network_allowed
 
 log = logging.getLogger("relay.protocol")
 
@@ -30,9 +31,19 @@ Challenge = Callable[[bytes], Awaitable[bytes | None]]
 
 
 async def check_credentials(
-    store: AsyncStore, challenge: Challenge, mechanism: str, initial: str | None, peer: str
+    store: AsyncStore,
+    challenge: Challenge,
+    mechanism: str,
+    initial: str | None,
+    peer: str,
+    address: str = "",
 ) -> Principal | Reply:
-    """One AUTH exchange: the principal of a good token, else the reply to send."""
+    """One AUTH exchange: the principal of a good token, else the reply to send.
+
+    A good token used from outside its client networks (`address`, the
+    client's IP address) gets the reply of a wrong one, so the answer tells an
+    attacker nothing; only the operator's log says why.
+    """
     if mechanism == "PLAIN":
         blob = await _sasl_response(challenge, initial, b"")
         if isinstance(blob, Reply):
@@ -66,6 +77,15 @@ async def check_credentials(
         return replies.LOCAL_ERROR
     if principal is None or not user_ok:
         log.info("%s AUTH failed", peer)
+        return replies.AUTH_FAILED
+    if not network_allowed(principal.networks, address):
+        log.info(
+            "%s AUTH failed: network: token=%s is not allowed from %s",
+            peer,
+            principal.token_id,
+            address,
+        )
+        metrics.refused_by("network")
         return replies.AUTH_FAILED
     log.info("%s AUTH ok token=%s account=%s", peer, principal.token_id, principal.account)
     return principal

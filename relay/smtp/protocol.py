@@ -334,6 +334,7 @@ class SubmissionProtocol(SMTPBase):
                 mechanism,
                 args[1] if len(args) > 1 else None,
                 _peer(session),
+                session.peer[0] if isinstance(session.peer, tuple) else "",
             )
         finally:
             self.reset_timer()

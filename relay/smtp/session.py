@@ -38,6 +38,7 @@ from relay.store.deliveries import (
 )
 from relay.store.facade import Principal, Refused, Reservation
 from relay.store.loop import AsyncStore
+from relay.tokenrules import rate_hit
 
 log = logging.getLogger("relay.session")
 # Above these, preparing a message can take long enough to delay other sessions.
@@ -119,8 +120,10 @@ class Submission:
             token_valid=check.token_valid,
             sender=check.sender,
             hit=check.hit,
+            scope=check.rules.senders,
+            rate=check.rate,
         )
-        metrics.refusal(reply, check.hit)
+        metrics.refusal(reply, check.hit, check.rate)
         _log_balance_refusal("MAIL FROM", reply, check.sender.balance)
         if reply == replies.TOKEN_NO_LONGER_VALID:
             session.deauthenticate()
@@ -151,16 +154,23 @@ class Submission:
                 tx.verified |= await self.store.verified_among((rcpt,))
             except StoreError:
                 return str(replies.LOCAL_ERROR)
+        check = tx.check
+        rate = (
+            rate_hit(check.rules, check.rate_use, 0, len(tx.keys) + 1, self._now())
+            if check.rules.rcpt_rates
+            else None
+        )
         reply = policy.decide_rcpt(
             self.settings,
             domain=tx.domain,
             recipients=tx.keys,
             rcpt=rcpt,
             verified=tx.verified,
-            sender=tx.check.sender,
-            headroom=tx.check.headroom,
+            sender=check.sender,
+            headroom=check.headroom,
+            rate=rate,
         )
-        metrics.refusal(reply)
+        metrics.refusal(reply, rate=rate)
         _log_balance_refusal("RCPT TO", reply, tx.check.sender.balance)
         if reply == replies.RECIPIENT_OK:
             tx.add(address, rcpt)
@@ -207,7 +217,7 @@ class Submission:
             prepared.message_id,
         )
         refusal = policy.message_refusal(prepared) or await self._header_senders_refusal(
-            principal, tx.domain, prepared.header_senders
+            principal, tx, prepared.header_senders
         )
         if refusal is not None:
             return await self._refused(submitted, refusal)
@@ -342,20 +352,28 @@ class Submission:
         return await asyncio.to_thread(call) if heavy else call()
 
     async def _header_senders_refusal(
-        self, principal: Principal, domain: str, addresses: tuple[str, ...] | None
+        self, principal: Principal, tx: Transaction, addresses: tuple[str, ...] | None
     ) -> Reply | None:
+        """From:/Sender: on the account's domains, and within the token's sender scope."""
+        domain, scope = tx.domain, tx.check.rules.senders
         others = policy.foreign_header_domains(domain, addresses or ())
-        if not others:
+        if addresses is None or not (others or scope):
             return None
-        assert addresses is not None
         for address in addresses:
             if parse_address(address) is None:
                 return policy.header_sender_denied(address.encode("ascii", "replace").decode())
         try:
-            owned = await self.store.owned_domains(principal.account_id, tuple(others))
+            owned = (
+                await self.store.owned_domains(principal.account_id, tuple(others))
+                if others
+                else frozenset()
+            )
         except StoreError:
             return replies.LOCAL_ERROR
-        return policy.header_sender_refusal(domain, addresses, owned)
+        reply = policy.header_sender_refusal(domain, addresses, owned, scope)
+        if reply is not None:
+            metrics.refusal(reply)
+        return reply
 
     async def _reserve(
         self,
@@ -386,8 +404,10 @@ class Submission:
                 hit=refused.hit,
                 domain_lost=refused.domain_lost,
                 token_invalid=refused.token_invalid,
+                out_of_scope=refused.out_of_scope,
+                rate=refused.rate,
             )
-            metrics.refusal(reply, refused.hit)
+            metrics.refusal(reply, refused.hit, refused.rate)
             _log_balance_refusal("end of DATA", reply, refused.balance)
             return reply
         except StoreError as exc:

@@ -6,7 +6,8 @@ Each concept has its own module, which states its guarantees:
 - `relay.store.db`: the connection, write transactions, migrations, checkpoints
   (`relay.store.postgres`: the same on PostgreSQL, for a store many relays share)
 - `relay.store.accounts`: accounts, their domains, the verified and no-limit lists
-- `relay.store.tokens`: API tokens, stored only as SHA-256 hashes
+- `relay.store.tokens`: API tokens, stored only as SHA-256 hashes, and their rules
+- `relay.store.rates`: each token's rate windows, counted by the charge
 - `relay.store.senders`: senders' balances; `relay.store.limits`: the send-limit windows
 - `relay.store.ledger`: the atomic, never-negative charge (`reserve`), its
   `settle`, and the sweep of charges a dead process left

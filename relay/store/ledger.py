@@ -6,7 +6,8 @@ Balances are kept by `relay.store.senders`, the send-limit windows by
 Guarantees, whatever the number of sessions, relay processes and hosts on one
 database:
 - `reserve` is atomic and conditional: it charges the balance and counts the
-  send-limit windows in one write transaction, or changes nothing.
+  token's rate windows (`relay.store.rates`) and the send-limit windows in one
+  write transaction, or changes nothing.
 - A balance never goes below zero: the charge is one conditional UPDATE
   (`... WHERE balance >= charge`), and the column has a CHECK. On SQLite the
   transaction holds the write lock (`BEGIN IMMEDIATE`); on PostgreSQL (READ
@@ -20,9 +21,10 @@ database:
   count = counters.count + excluded.count WHERE counters.count +
   excluded.count <= limit RETURNING`), which locks the window's row and
   re-checks the sum against its latest count; a window the upsert did not
-  return refuses the message and rolls the transaction back. Every transaction
-  locks rows in one order (the sender, the account's windows, then the
-  relay's), so none waits on another in a cycle.
+  return refuses the message and rolls the transaction back. A token's rate
+  windows are counted the same way (`relay.store.rates`). Every transaction
+  locks rows in one order (the sender, the token's rate windows, the account's
+  windows, then the relay's), so none waits on another in a cycle.
   The relay-wide windows are the hot rows every message updates: they are
   locked last, so each transaction holds them for one statement and its
   commit (docs/postgres.md, "The hot rows", for what that costs).
@@ -41,7 +43,7 @@ database:
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -53,8 +55,19 @@ from relay.store.deliveries import DeliveryRecord, insert
 from relay.store.idempotency import delivered_recently, forget_expired, remember_delivered
 from relay.store.journal import PendingSettle
 from relay.store.limits import RELAY_SCOPE, add_to_windows, count_windows, read_windows
+from relay.store.rates import count_rates, give_back, read_rates
 from relay.store.refusals import REFUSAL_WINDOW
 from relay.store.senders import ensure_sender
+from relay.tokenrules import (
+    NO_RULES,
+    RateHit,
+    RateUse,
+    TokenRules,
+    Unit,
+    load_rules,
+    rate_hit,
+    sender_allowed,
+)
 from relay.windows import UNLIMITED, LimitHit, Window, headroom, period_key, window_reset
 
 # A process whose heartbeat is older than this is dead (it beats every 10 s);
@@ -74,6 +87,9 @@ class MailCheck:
     headroom: int | None  # recipients the tightest send-limit window still allows
     hit: LimitHit | None  # the exhausted window, if any
     refusals: int = 0  # the token's refused messages in the window, counted up to the limit
+    rules: TokenRules = NO_RULES  # the token's senders and rates, as they are now
+    rate_use: Mapping[Unit, RateUse] = field(default_factory=dict)  # its rate windows
+    rate: RateHit | None = None  # the message window one more message would pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +142,7 @@ class Ledger(Database):
                     domain,
                     ts,
                     token_id,
+                    token_id,
                     *(address,) * 3,
                     token_id,
                     ts - REFUSAL_WINDOW,
@@ -133,6 +150,8 @@ class Ledger(Database):
                 ),
             ).fetchone()
             room, hit = self._headroom(db, account_id, now)
+            rules = load_rules(row["rules"])
+            use = read_rates(db, token_id) if rules.counted else {}
         owner, known = row["owner"], row["balance"] is not None
         state = SenderState(
             address=address,
@@ -141,7 +160,17 @@ class Ledger(Database):
             unlimited=unlimited or bool(row["nolimit"]),
         )
         owner = None if owner is None else int(owner)
-        return MailCheck(owner, bool(row["token_ok"]), state, room, hit, int(row["refusals"]))
+        return MailCheck(
+            owner,
+            bool(row["token_ok"]),
+            state,
+            room,
+            hit,
+            int(row["refusals"]),
+            rules,
+            use,
+            rate_hit(rules, use, 1, 0, ts) if rules.counted else None,
+        )
 
     def _headroom(
         self, db: Connection, account_id: int, now: datetime
@@ -172,26 +201,31 @@ class Ledger(Database):
         """Atomically charge `unit` per recipient and count the send-limit windows.
 
         Raises `Refused` (and changes nothing) when the session's token was
-        revoked or expired, the sender's domain left the account, or the balance
-        or a window cannot cover all recipients. The pending row lets `settle`
-        refund what the upstream did not take, even after a crash.
+        revoked or expired, the sender's domain left the account or the token's
+        sender scope, or the balance, a token rate window or a send-limit window
+        cannot cover all recipients. The pending row lets `settle` refund what
+        the upstream did not take, even after a crash.
 
-        Order matters on PostgreSQL: the sender's row is locked first, the
-        pending row written, and the windows counted last in one statement,
-        the account's before the relay's (the module docstring says why).
+        Order matters on PostgreSQL: the sender's row is locked first, then the
+        token's rate windows, the pending row written, and the send-limit
+        windows counted last in one statement, the account's before the
+        relay's (the module docstring says why).
         """
         now = self.clock()
         ts = int(now.timestamp())
         day, month = period_key(Window.DAY, now), period_key(Window.MONTH, now)
         scopes = (RELAY_SCOPE, str(account_id))
         charge = unit * recipients
+        rules = NO_RULES
         with self._write() as db:
             if token_id is not None or domain is not None:
-                owner, token_valid = _owner_and_token(db, domain or "", token_id or "", ts)
+                owner, token_valid, rules = _owner_and_token(db, domain or "", token_id or "", ts)
                 if token_id is not None and not token_valid:
                     raise Refused("the session's token was revoked or expired", token_invalid=True)
                 if domain is not None and owner != account_id:
                     raise Refused(f"domain {domain} left the account", domain_lost=True)
+                if not sender_allowed(rules.senders, sender):
+                    raise Refused(f"{sender} left the token's scope", out_of_scope=True)
             if idempotency_key and delivered_recently(db, idempotency_key, ts):
                 return Reservation(0, 0, replay=True)
             if unit:
@@ -212,6 +246,11 @@ class Ledger(Database):
                         balance=row["balance"] if row else 0,
                         disabled=bool(row and not row["enabled"]),
                     )
+            counted = token_id if token_id is not None and rules.counted else None
+            if counted is not None:
+                rate = count_rates(db, counted, rules, recipients, ts)
+                if rate is not None:
+                    raise Refused(f"token {rate.what} rate {rate.rate} reached", rate=rate)
             windows = read_windows(db, account_id, now)
             for label, window, limit, used in windows:
                 # Exact on SQLite (the write lock is held); on PostgreSQL a count
@@ -220,9 +259,10 @@ class Ledger(Database):
                     hit = LimitHit(label, window, limit, window_reset(window, now))
                     raise Refused(f"{label} {window.value} limit {limit} reached", hit=hit)
             pending = db.execute(
-                "INSERT INTO pending (sender, unit, count, scopes, day, month, created, owner)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-                (sender, unit, recipients, ",".join(scopes), day, month, ts, self.owner),
+                "INSERT INTO pending"
+                " (sender, unit, count, scopes, day, month, created, owner, token)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                (sender, unit, recipients, ",".join(scopes), day, month, ts, self.owner, counted),
             ).fetchone()
             if self.is_postgres:
                 full = count_windows(db, account_id, day, month, recipients, windows)
@@ -345,12 +385,14 @@ def _charge(db: Connection, address: str, charge: int, ts: int) -> Cursor:
     )
 
 
-# The domain's owner, and whether a token is still valid (not revoked, not
-# expired); parameters: the domain, the time now, the token's id.
+# The domain's owner, whether a token is still valid (not revoked, not
+# expired), and its rules; parameters: the domain, the time now, the token's
+# id twice.
 _OWNER_AND_VALIDITY = (
     "(SELECT account_id FROM domains WHERE domain = ?) AS owner,"
     " (SELECT revoked IS NULL AND (expires IS NULL OR expires > ?) FROM tokens"
-    " WHERE id = ?) AS token_ok"
+    " WHERE id = ?) AS token_ok,"
+    " (SELECT rules FROM tokens WHERE id = ?) AS rules"
 )
 _OWNER_SQL = f"SELECT {_OWNER_AND_VALIDITY}"
 # MAIL FROM's check: with them, the no-limit list, the sender's row and the
@@ -367,13 +409,13 @@ _MAIL_CHECK_SQL = (
 
 def _owner_and_token(
     db: Connection, domain: str, token_id: str, now: int
-) -> tuple[int | None, bool]:
-    """The account owning `domain`, and whether token `token_id` is still valid
-    (not revoked, not expired), in one statement: the charge asks both of every
-    message (MAIL FROM's check reads them with more)."""
-    row = db.execute(_OWNER_SQL, (domain, now, token_id)).fetchone()
+) -> tuple[int | None, bool, TokenRules]:
+    """The account owning `domain`, whether token `token_id` is still valid
+    (not revoked, not expired), and its rules, in one statement: the charge
+    asks them of every message (MAIL FROM's check reads them with more)."""
+    row = db.execute(_OWNER_SQL, (domain, now, token_id, token_id)).fetchone()
     owner = row["owner"]
-    return (None if owner is None else int(owner)), bool(row["token_ok"])
+    return (None if owner is None else int(owner)), bool(row["token_ok"]), load_rules(row["rules"])
 
 
 def _settle(
@@ -384,7 +426,7 @@ def _settle(
     The DELETE comes first and takes the row: a second transaction settling the
     same row (another host's sweep) waits for it, then deletes nothing and
     refunds nothing. Then the sender's row, then the windows in `reserve`'s
-    lock order (the account's before the relay's).
+    lock order (the token's, the account's, the relay's).
     """
     if created is None:
         row = db.execute(
@@ -404,6 +446,9 @@ def _settle(
             "UPDATE senders SET balance = balance + ?, updated = ? WHERE address = ?",
             (refund, ts, row["sender"]),
         )
+    if undelivered and row["token"] is not None:
+        messages = 1 if undelivered >= row["count"] else 0
+        give_back(db, row["token"], int(row["created"]), messages, undelivered)
     if undelivered:
         for scope in sorted(row["scopes"].split(","), key=lambda s: s == RELAY_SCOPE):
             for period in (row["day"], row["month"]):

@@ -39,7 +39,16 @@ class AddressRow(TypedDict):
     created: int
 
 
-class TokenRow(TypedDict):
+class TokenRules(TypedDict):
+    """A token's rules (`relay.tokenrules`), each list empty when it has none."""
+
+    senders: list[str]  # addresses, `*@domain` or domains it may send as
+    networks: list[str]  # CIDR ranges it may AUTH from
+    rates: list[str]  # `N/minute`, `N/hour`, `N/day`: messages
+    rcpt_rates: list[str]  # the same, recipients
+
+
+class TokenRow(TokenRules):
     id: str
     account: str
     name: str
@@ -49,7 +58,7 @@ class TokenRow(TypedDict):
     revoked: int | None
 
 
-class NewToken(TypedDict):
+class NewToken(TokenRules):
     """A token as created: the secret is shown this once and never stored."""
 
     id: str

@@ -188,4 +188,20 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX queue_due ON queue (state, next_try);
     """,
+    # 12: what each token may do (relay.tokenrules): its senders, networks and rates as
+    #    one JSON column; its counts per rate window, one row per token and unit,
+    #    started over when a new window begins; and which token a charge counted in,
+    #    so its settle gives back what was not delivered
+    """
+    ALTER TABLE tokens ADD COLUMN rules TEXT NOT NULL DEFAULT '';  -- '' when none
+    CREATE TABLE token_rates (
+        token_id TEXT NOT NULL,
+        unit TEXT NOT NULL,                 -- minute, hour, day
+        start INTEGER NOT NULL,             -- unix seconds the counted window began (UTC)
+        messages INTEGER NOT NULL CHECK (messages >= 0),
+        recipients INTEGER NOT NULL CHECK (recipients >= 0),
+        PRIMARY KEY (token_id, unit)
+    );
+    ALTER TABLE pending ADD COLUMN token TEXT;  -- a token counted in token_rates, or NULL
+    """,
 )

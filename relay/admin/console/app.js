@@ -130,13 +130,50 @@ async function loadTokens() {
           await loadTokens();
         }),
       );
+      const edit = el("button", { type: "button", className: "edit" }, "Rules");
+      edit.addEventListener("click", () => editRules(t));
       const row = el("tr", {}, el("td", {}, t.id), el("td", {}, t.name), el("td", {}, t.role),
         el("td", { className: "status" }, t.status), el("td", {}, when(t.created)),
-        el("td", {}, when(t.expires)), el("td", {}, revoke));
+        el("td", {}, when(t.expires)), el("td", { className: "rules" }, rulesText(t)),
+        el("td", {}, edit, " ", revoke));
       row.dataset.id = t.id;
       return row;
     }),
   );
+}
+
+// A token's rules: each list as the API names it, and the input that edits it.
+const RULES = [
+  ["senders", "senders", "senders"],
+  ["networks", "networks", "networks"],
+  ["rates", "rates", "messages"],
+  ["rcpt_rates", "rcpt-rates", "recipients"],
+];
+
+function words(text) {
+  return text.split(/[\s,]+/).filter(Boolean);
+}
+
+function rulesText(t) {
+  return RULES.filter(([key]) => t[key].length)
+    .map(([key, , label]) => `${label}: ${t[key].join(" ")}`)
+    .join("; ") || "-";
+}
+
+function editRules(t) {
+  $("rules-id").textContent = t.id;
+  for (const [key, input] of RULES) $("rules-" + input).value = t[key].join(" ");
+  $("rules-form").hidden = false;
+}
+
+async function saveRules() {
+  const id = $("rules-id").textContent;
+  const body = {};
+  for (const [key, input] of RULES) body[key] = words($("rules-" + input).value);
+  await api("PATCH", `/tokens/${q(id)}`, body);
+  $("rules-form").hidden = true;
+  say(`Saved the rules of ${id}.`);
+  await loadTokens();
 }
 
 async function createToken() {
@@ -144,6 +181,10 @@ async function createToken() {
   const body = { name: $("token-name").value };
   const days = $("token-expires").value;
   if (days) body.expires_in_days = Number(days);
+  for (const [key, input] of RULES) {
+    const values = words($("token-" + input).value);
+    if (values.length) body[key] = values;
+  }
   const created = await api("POST", `/accounts/${q(account)}/tokens`, body);
   $("new-token").textContent = created.token;
   $("client-host").textContent = meta("relay-smtp-host");
@@ -288,6 +329,8 @@ document.addEventListener("DOMContentLoaded", () => {
   $("account-select").addEventListener("change", guarded(loadTokens));
   $("token-form").addEventListener("submit", guarded(createToken));
   $("copy-token").addEventListener("click", guarded(copyToken));
+  $("rules-form").addEventListener("submit", guarded(saveRules));
+  $("rules-cancel").addEventListener("click", () => { $("rules-form").hidden = true; });
   $("sender-form").addEventListener("submit", guarded(() => loadSenders(false)));
   $("senders-more").addEventListener("click", guarded(() => loadSenders(true)));
   $("log-form").addEventListener("submit", guarded(loadLog));
