@@ -204,6 +204,7 @@ class Submission:
             tuple(tx.keys),
             len(content),
             prepared.message_id,
+            session.listener,
         )
         refusal = policy.message_refusal(prepared) or await self._header_senders_refusal(
             principal, tx.domain, prepared.header_senders
@@ -290,6 +291,7 @@ class Submission:
             tuple(tx.keys),
             size,
             message_id,
+            session.listener,
         )
         await self._refused(submitted, reply)
         log.info(
@@ -328,7 +330,9 @@ class Submission:
         counts: dict[str, int] = {}
         for rcpt in record.recipients:
             counts[rcpt.outcome] = counts.get(rcpt.outcome, 0) + 1
-        metrics.message(record.channel or "none", record.outcome, record.size, counts)
+        metrics.message(
+            record.channel or "none", record.outcome, record.size, counts, record.listener
+        )
 
     async def _prepare(self, content: bytes, tx: Transaction) -> Prepared:
         """`message.prepare`, off the event loop when the message could make it slow.

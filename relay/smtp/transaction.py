@@ -27,10 +27,13 @@ from relay.store.facade import MailCheck, Principal
 
 
 class RelaySession(Session):
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, listener: str = "smtps") -> None:
         super().__init__(loop)
         self.principal: Principal | None = None
         self.auth_failures = 0
+        # The port the client came in on, as metrics and the delivery log name it:
+        # "smtps" (implicit TLS, RELAY_LISTEN) or "submission" (STARTTLS).
+        self.listener = listener
 
     # aiosmtpd's setter logs a deprecation warning on every AUTH; we never use it.
     @property
@@ -102,6 +105,7 @@ class Submitted:
     keys: tuple[str, ...]  # normalized, as recorded
     size: int
     message_id: str
+    listener: str = "smtps"  # the port it came in on (RelaySession.listener)
 
     def record(
         self,
@@ -136,6 +140,7 @@ class Submitted:
             upstream_id=delivery.upstream_id,
             duration=duration,
             client=self.client,
+            listener=self.listener,
             replay=replay,
             recipient_count=len(outcomes),
         )

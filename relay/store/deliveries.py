@@ -96,6 +96,9 @@ class DeliveryRecord:
     # How many recipients the message had; `recipients` may keep only the first
     # few (REFUSED_RECIPIENTS_KEPT). 0: as many as `recipients` holds.
     recipient_count: int = 0
+    # The port the message came in on: "smtps" (implicit TLS, RELAY_LISTEN) or
+    # "submission" (STARTTLS, RELAY_STARTTLS_LISTEN).
+    listener: str = "smtps"
 
     @property
     def total_recipients(self) -> int:
@@ -246,8 +249,8 @@ def insert(db: Connection, record: DeliveryRecord, charged: int | None = None) -
     row = db.execute(
         "INSERT INTO deliveries (created, message_id, account, token_id, sender, size, channel,"
         " rule, outcome, reply_code, reply_enhanced, reply_text, upstream_id, charged,"
-        " duration_ms, client, replay, recipient_count)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+        " duration_ms, client, replay, recipient_count, listener)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
         (
             record.time,
             record.message_id,
@@ -267,6 +270,7 @@ def insert(db: Connection, record: DeliveryRecord, charged: int | None = None) -
             record.client,
             int(record.replay),
             record.total_recipients,
+            record.listener,
         ),
     ).fetchone()
     delivery_id = int(row["id"])
@@ -388,4 +392,5 @@ def _record(row: Row, recipients: list[RecipientOutcome]) -> DeliveryRecord:
         replay=bool(row["replay"]),
         id=row["id"],
         recipient_count=row["recipient_count"] or len(recipients),
+        listener=row["listener"],
     )

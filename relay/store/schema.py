@@ -150,4 +150,9 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX refusals_by_token ON refusals (token_id, created);
     ALTER TABLE deliveries ADD COLUMN recipient_count INTEGER;  -- NULL: its recipient rows
     """,
+    # 10: the port a message came in on: 'smtps' (implicit TLS) or 'submission'
+    #     (STARTTLS); every record before it came in on the implicit-TLS port
+    """
+    ALTER TABLE deliveries ADD COLUMN listener TEXT NOT NULL DEFAULT 'smtps';
+    """,
 )
