@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from support import SENDER, free_port, message, missing_tool, plain
 
-from relay import metrics
+from relay import cli, metrics
 from relay.config import Limits, load_settings
 from relay.errors import ConfigError
 from relay.server import Relay
@@ -452,7 +452,7 @@ def starttls_count(result: str) -> float:
     return figure("relay_starttls_total", result=result)
 
 
-def test_metrics_and_the_delivery_log_name_the_port(starttls, client_tls):
+def test_metrics_and_the_delivery_log_name_the_port(starttls, client_tls, monkeypatch, capsys):
     def delivered(listener: str) -> float:
         return figure("relay_listener_messages_total", listener=listener, outcome="delivered")
 
@@ -462,7 +462,11 @@ def test_metrics_and_the_delivery_log_name_the_port(starttls, client_tls):
     with smtplib.SMTP("127.0.0.1", starttls.relay.starttls_port, timeout=10) as client:
         client.starttls(context=client_tls)
         client.login("api_token", token)
-        client.sendmail(SENDER, ["a@dest.test"], message(subject="587"))
+        client.sendmail(
+            SENDER,
+            ["a@dest.test"],
+            message(subject="587", extra="Message-ID: <587@example.com>\r\n"),
+        )
     implicit = starttls.login(token)
     implicit.sendmail(SENDER, ["b@dest.test"], message(subject="465"))
     assert delivered("submission") == before["submission"] + 1
@@ -472,6 +476,9 @@ def test_metrics_and_the_delivery_log_name_the_port(starttls, client_tls):
     by_recipient = {r.recipients[0].address: r.listener for r in records}
     assert by_recipient == {"a@dest.test": "submission", "b@dest.test": "smtps"}
     assert {r.as_json()["listener"] for r in records} == {"submission", "smtps"}
+    monkeypatch.setenv("RELAY_DATABASE", str(starttls.relay.settings.database))
+    assert cli.main(["log", "show", "<587@example.com>"]) == 0
+    assert "\nport        submission\n" in capsys.readouterr().out
 
 
 # --- the setting ---------------------------------------------------------------------
