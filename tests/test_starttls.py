@@ -562,3 +562,42 @@ def test_a_busy_starttls_port_stops_the_start_with_one_line(cert_dir, tmp_path):
     )
     with socket.socket() as again:  # the implicit-TLS socket was closed, not leaked
         again.bind(("127.0.0.1", implicit))
+
+
+def test_a_flood_pipelined_after_starttls_is_dropped_and_the_slot_released(
+    starttls, plain_client, client_tls
+):
+    """Past the reader's buffer limit (the transport pauses): still nothing is read."""
+    client = plain_client()
+    client.cmd("EHLO client.test")
+    flood = b"RSET\r\n" * 60_000  # 360 KB, more than the stream buffers
+    client.sock.settimeout(10)
+    client.send(b"STARTTLS\r\n" + flood)
+    assert client.read() == "220 2.0.0 Ready to start TLS"
+    # What the server had not read yet is TLS input now: the handshake fails.
+    with pytest.raises((ssl.SSLError, OSError)):
+        client.upgrade(client_tls)
+    wait_until(lambda: starttls.relay.admission.total == 0 and not starttls.relay.sessions)
+    # And a well-behaved client is served as ever.
+    fresh = upgraded(plain_client, client_tls)
+    assert fresh.cmd("EHLO client.test") == EHLO_AFTER_TLS
+
+
+def test_a_client_gone_after_the_220_releases_its_slot(starttls, plain_client):
+    client = plain_client()
+    client.cmd("EHLO client.test")
+    assert client.cmd("STARTTLS") == "220 2.0.0 Ready to start TLS"
+    client.close()
+    wait_until(lambda: starttls.relay.admission.total == 0 and not starttls.relay.sessions)
+
+
+def test_stopping_the_relay_closes_plaintext_sessions_with_421(relay_factory, sink):
+    relay = relay_factory(SMTP_CONFIG=sink.smtp_config(), RELAY_STARTTLS_LISTEN="127.0.0.1:0")
+    client = Plain(relay.relay.starttls_port)
+    try:
+        client.cmd("EHLO client.test")
+        relay.call(relay.relay.stop())
+        assert client.read() == "421 4.3.2 Service shutting down, try again later"
+        assert client.closed()
+    finally:
+        client.close()
