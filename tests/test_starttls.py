@@ -452,7 +452,10 @@ def starttls_count(result: str) -> float:
     return figure("relay_starttls_total", result=result)
 
 
-def test_metrics_and_the_delivery_log_name_the_port(starttls, client_tls, monkeypatch, capsys):
+@pytest.mark.backends
+def test_metrics_and_the_delivery_log_name_the_port(
+    starttls, client_tls, monkeypatch, capsys, database_url
+):
     def delivered(listener: str) -> float:
         return figure("relay_listener_messages_total", listener=listener, outcome="delivered")
 
@@ -476,7 +479,7 @@ def test_metrics_and_the_delivery_log_name_the_port(starttls, client_tls, monkey
     by_recipient = {r.recipients[0].address: r.listener for r in records}
     assert by_recipient == {"a@dest.test": "submission", "b@dest.test": "smtps"}
     assert {r.as_json()["listener"] for r in records} == {"submission", "smtps"}
-    monkeypatch.setenv("RELAY_DATABASE", str(starttls.relay.settings.database))
+    monkeypatch.setenv("RELAY_DATABASE", database_url)
     assert cli.main(["log", "show", "<587@example.com>"]) == 0
     assert "\nport        submission\n" in capsys.readouterr().out
 
