@@ -125,6 +125,9 @@ def database_location(text: str) -> Path | PostgresUrl:
 class Settings:
     hostname: str = "localhost"
     listen: tuple[str, int] = ("0.0.0.0", 465)  # noqa: S104 - a server listens on all addresses
+    # The STARTTLS submission port (RFC 3207, RFC 6409's 587) for clients that cannot
+    # speak implicit TLS; None: off. RFC 8314 prefers implicit TLS (RELAY_LISTEN).
+    starttls_listen: tuple[str, int] | None = None
     tls_cert: Path = Path("certs/relay.crt")
     tls_key: Path = Path("certs/relay.key")
     database: Path | PostgresUrl = Path("data/relay.db")
@@ -213,6 +216,7 @@ KNOWN = frozenset(
         "RELAY_CONFIG",
         "RELAY_HOSTNAME",
         "RELAY_LISTEN",
+        "RELAY_STARTTLS_LISTEN",
         "RELAY_TLS_CERT",
         "RELAY_TLS_KEY",
         "RELAY_DATABASE",
@@ -310,6 +314,14 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     if log_format not in LOG_FORMATS:
         raise ConfigError(f"RELAY_LOG_FORMAT: expected text or json, got {log_format}")
     admin = text("RELAY_ADMIN_LISTEN")
+    listen = _host_port(text("RELAY_LISTEN", "0.0.0.0:465") or "")
+    starttls = text("RELAY_STARTTLS_LISTEN")
+    starttls_listen = _host_port(starttls, "RELAY_STARTTLS_LISTEN") if starttls else None
+    if starttls_listen == listen and listen[1] != 0:
+        raise ConfigError(
+            f"RELAY_STARTTLS_LISTEN: {starttls} is RELAY_LISTEN's address too; the STARTTLS"
+            " port needs one of its own (587)"
+        )
     database = database_location(text("RELAY_DATABASE", "data/relay.db") or "")
     upkeep = Upkeep(
         sweep_interval=_number(raw, "RELAY_SWEEP_INTERVAL", Upkeep.sweep_interval, maximum=3600),
@@ -329,7 +341,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
 
     return Settings(
         hostname=text("RELAY_HOSTNAME") or socket.getfqdn(),
-        listen=_host_port(text("RELAY_LISTEN", "0.0.0.0:465") or ""),
+        listen=listen,
+        starttls_listen=starttls_listen,
         tls_cert=Path(text("RELAY_TLS_CERT", "certs/relay.crt") or ""),
         tls_key=Path(text("RELAY_TLS_KEY", "certs/relay.key") or ""),
         database=database,

@@ -43,6 +43,10 @@ AUTH_RESULTS = ("success", "failure", "throttled")
 # Why a token's own rules refused (relay.tokenrules): a sender outside its scope,
 # a full rate window, AUTH from outside its networks.
 REFUSAL_REASONS = ("scope", "token_rate", "network")
+# The ports a client may come in on (RelaySession.listener), and what became of a
+# STARTTLS: upgraded, its handshake failed, or none within the AUTH timeout.
+LISTENERS = ("smtps", "submission")
+STARTTLS_RESULTS = ("upgraded", "failed", "timeout")
 UPSTREAM_ERROR_KINDS = ("timeout", "refused", "throttled", "unavailable", "credentials")
 # Message sizes up to the documented 5 MiB; forward and store times from the
 # sub-millisecond inline store call to the 60 s forward budget.
@@ -140,6 +144,21 @@ class Metrics:
             ["reason"],
             registry=registry,
         )
+        # By port: a metric of its own rather than a `listener` label on
+        # relay_messages, whose existing series (and the queries and alerts
+        # written against them) would all change their label set.
+        self.listener_messages = Counter(
+            "relay_listener_messages",
+            "Messages that reached the end of DATA, by the port they came in on and outcome",
+            ["listener", "outcome"],
+            registry=registry,
+        )
+        self.starttls = Counter(
+            "relay_starttls",
+            "STARTTLS on the submission port by result (upgraded, failed, timeout)",
+            ["result"],
+            registry=registry,
+        )
         # Known label values start at 0, so a rate() sees the first event.
         for result in CONNECTION_RESULTS:
             self.connections.labels(result)
@@ -147,6 +166,8 @@ class Metrics:
             self.auth.labels(result)
         for reason in REFUSAL_REASONS:
             self.refusals.labels(reason)
+        for result in STARTTLS_RESULTS:
+            self.starttls.labels(result)
 
 
 _active = Metrics(CollectorRegistry())
@@ -210,14 +231,21 @@ def auth(result: str) -> None:
     _child(_active.auth, result).inc()
 
 
+def starttls(result: str) -> None:
+    _child(_active.starttls, result).inc()
+
+
 def reply(line: str) -> None:
     """A final reply the server sent, counted by its three-digit code."""
     code = line[:3]
     _child(_active.replies, code if code.isdigit() else "other").inc()
 
 
-def message(channel: str, outcome: str, size: int, recipients: dict[str, int]) -> None:
+def message(
+    channel: str, outcome: str, size: int, recipients: dict[str, int], listener: str = "smtps"
+) -> None:
     _child(_active.messages, channel, outcome).inc()
+    _child(_active.listener_messages, listener, outcome).inc()
     _active.message_bytes.observe(size)
     for kind, count in recipients.items():
         _child(_active.recipients, channel, kind).inc(count)

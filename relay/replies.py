@@ -112,8 +112,21 @@ NEED_HELO = Reply(503, "5.5.1", "Bad sequence of commands: send EHLO or HELO fir
 PARAMETER_UNKNOWN = Reply(555, "5.5.4", "Parameter not recognized")
 BAD_SENDER_ADDRESS = Reply(553, "5.1.7", "Bad sender address syntax")
 BAD_RECIPIENT_ADDRESS = Reply(553, "5.1.3", "Bad recipient address syntax")
-# Postfix answers STARTTLS on its implicit-TLS port the same way.
+# Postfix answers STARTTLS on its implicit-TLS port the same way, and a second
+# STARTTLS on its submission port: RFC 3207 names no reply for it, and 554 is what
+# Postfix, and the clients written against it, know.
 TLS_ALREADY_ACTIVE = Reply(554, "5.5.1", "TLS already active")
+
+# --- STARTTLS (RFC 3207), on RELAY_STARTTLS_LISTEN only ----------------------
+# RFC 3207 section 4: the 220 before the handshake (with an enhanced code, as
+# ENHANCEDSTATUSCODES asks of every reply but the greeting), and the 530 a
+# server that requires TLS gives any command but NOOP, EHLO, STARTTLS and QUIT.
+READY_FOR_TLS = Reply(220, "2.0.0", "Ready to start TLS")
+STARTTLS_REQUIRED = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
+STARTTLS_SYNTAX = BAD_SYNTAX.but("Syntax: STARTTLS")
+# A client that has not finished its TLS handshake within the AUTH timeout of
+# connecting: a plaintext session holds a slot no longer than that.
+STARTTLS_TIMEOUT = Reply(421, "4.7.0", "Must issue a STARTTLS command first, closing")
 CANNOT_VRFY = Reply(252, "2.1.5", "Cannot VRFY user, but will accept message and attempt delivery")
 
 # --- policy ----------------------------------------------------------------
@@ -180,12 +193,16 @@ UPSTREAM_NOT_AUTHORIZED = Reply(550, "5.7.1", "Upstream does not let this sender
 UPSTREAM_TOO_BIG = Reply(552, "5.3.4", "Upstream refused the size")  # X.3.4
 
 
-def ehlo(hostname: str, client: str, mechanisms: tuple[str, ...], size: int) -> list[str]:
+def ehlo(
+    hostname: str, client: str, mechanisms: tuple[str, ...], size: int, *, starttls: bool = False
+) -> list[str]:
     """The EHLO reply: exactly the documented extensions (RFC 2034 section 3: no
-    enhanced codes on it)."""
+    enhanced codes on it). On the STARTTLS port before TLS: STARTTLS and no AUTH
+    (`mechanisms` empty), so no client offers its token in plaintext."""
     lines = [
         f"{hostname} greets {one_line(client, 64)}",
-        "AUTH " + " ".join(mechanisms),
+        *(["STARTTLS"] if starttls else []),
+        *(["AUTH " + " ".join(mechanisms)] if mechanisms else []),
         f"SIZE {size}",
         "8BITMIME",
         "ENHANCEDSTATUSCODES",
@@ -252,6 +269,7 @@ _BUILTIN: tuple[tuple[str, Reply], ...] = (
     ("555 ", PARAMETER_UNKNOWN),
     ("252 ", CANNOT_VRFY),
     ("454 TLS not available", TLS_ALREADY_ACTIVE),
+    ("530 Must issue a STARTTLS command first", STARTTLS_REQUIRED),
 )
 # aiosmtpd's reply to an unparseable MAIL or RCPT address: a recipient's code
 # for both; the protocol picks ours by command.

@@ -42,6 +42,7 @@ from relay.smtp.listener import Listener, bind, tls_context
 from relay.smtp.protocol import SubmissionProtocol
 from relay.smtp.session import Submission
 from relay.smtp.spool import Spool
+from relay.smtp.starttls import StartTlsProtocol
 from relay.store.db import expected_failure
 from relay.store.deliveries import PRUNE_BATCH
 from relay.store.facade import Store
@@ -100,6 +101,7 @@ class Relay:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self._listener: Listener | None = None
+        self._starttls_listener: Listener | None = None
         self.admission = Admission(
             settings.max_connections, settings.max_connections_per_ip, host_counts
         )
@@ -108,6 +110,7 @@ class Relay:
         self._database_identity: tuple[int, int] | None = None
         self._quiet_until: dict[str, float] = {}  # what failed -> when it may be logged again
         self._port = 0
+        self._starttls_port: int | None = None
         self._stopped = False
 
     def spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
@@ -127,12 +130,20 @@ class Relay:
         return self._port
 
     @property
+    def starttls_port(self) -> int | None:
+        """The STARTTLS port's bound port, when `RELAY_STARTTLS_LISTEN` is set."""
+        return self._starttls_port
+
+    @property
     def admin_port(self) -> int | None:
         """The admin listener's port, when this process serves it."""
         return self._admin.port if self._admin is not None else None
 
     async def start(
-        self, sock: socket.socket | None = None, admin_sock: socket.socket | None = None
+        self,
+        sock: socket.socket | None = None,
+        admin_sock: socket.socket | None = None,
+        starttls_sock: socket.socket | None = None,
     ) -> None:
         ctx = tls_context(self.settings)
         await self.store.in_thread(open_database, self.store.sync)
@@ -147,6 +158,12 @@ class Relay:
         try:
             admin_tls = self._admin_tls() if admin_sock is not None else None
             sock = sock or bind(self.settings)
+            if self.settings.starttls_listen is not None and starttls_sock is None:
+                try:
+                    starttls_sock = bind(self.settings, starttls=True)
+                except ConfigError:
+                    sock.close()
+                    raise
         except ConfigError:
             if admin_sock is not None:
                 admin_sock.close()
@@ -156,12 +173,30 @@ class Relay:
         loop.set_exception_handler(_quiet_handshake_failures)
         self._listener = Listener(sock, ctx, self.admission, self._protocol, self._screen)
         self._listener.start()
+        if starttls_sock is not None:
+            # The same caps (one Admission) and the same failed-AUTH screen; no TLS
+            # at accept: the session upgrades (relay.smtp.starttls).
+            self._starttls_port = starttls_sock.getsockname()[1]
+            self._starttls_listener = Listener(
+                starttls_sock,
+                None,
+                self.admission,
+                functools.partial(self._starttls_protocol, ctx),
+                self._screen,
+            )
+            self._starttls_listener.start()
         self._sweeper = loop.create_task(self._sweep_forever())
         self.queue.start()
         if self.serves_admin:  # one process of the relay (the first worker) says it once
             for warning in start_warnings(self.settings):
                 log.warning("%s", warning)
         log.info("relay listening on %s:%d (implicit TLS)", self.settings.listen[0], self.port)
+        if self.settings.starttls_listen is not None:
+            log.info(
+                "relay listening on %s:%d (STARTTLS)",
+                self.settings.starttls_listen[0],
+                self._starttls_port,
+            )
         log.info("%s", self.spool.describe())
         if admin_sock is not None:
             self._start_admin(admin_sock, admin_tls)
@@ -235,6 +270,19 @@ class Relay:
     def _protocol(self, on_close: Callable[[], None]) -> SubmissionProtocol:
         return SubmissionProtocol(
             self.settings, self.handler, self.store, self.sessions, on_close, spool=self.spool
+        )
+
+    def _starttls_protocol(
+        self, tls: ssl.SSLContext, on_close: Callable[[], None]
+    ) -> StartTlsProtocol:
+        return StartTlsProtocol(
+            self.settings,
+            self.handler,
+            self.store,
+            self.sessions,
+            on_close,
+            spool=self.spool,
+            tls=tls,
         )
 
     async def _screen(self, key: str) -> Reply | None:
@@ -385,6 +433,8 @@ class Relay:
         self._stopped = self.handler.stopping = True
         if self._listener is not None:
             await self._listener.close()
+        if self._starttls_listener is not None:
+            await self._starttls_listener.close()
         for session in list(self.sessions):
             if not session.in_transaction():
                 session.close_for_shutdown()

@@ -4,13 +4,13 @@
 
 With `workers > 1` the parent checks the settings, migrates and binds once (so
 a bad setting stops the start before any fork), then forks the workers. Each
-worker binds its own socket (SO_REUSEPORT), and dies with its parent: Linux's
-PR_SET_PDEATHSIG sends it SIGTERM, and a watchdog notices a parent that died
-before that took effect. The parent forwards SIGTERM and SIGINT to every
-worker and exits with the first failing worker's status. The workers count
-each client's connections together (`relay.smtp.admission.HostCounts`, mapped by
-the parent before the fork), so `RELAY_MAX_CONNECTIONS_PER_IP` holds for the
-host.
+worker binds its own socket (SO_REUSEPORT; a second for `RELAY_STARTTLS_LISTEN`),
+and dies with its parent: Linux's PR_SET_PDEATHSIG sends it SIGTERM, and a
+watchdog notices a parent that died before that took effect. The parent
+forwards SIGTERM and SIGINT to every worker and exits with the first failing
+worker's status. The workers count each client's connections together
+(`relay.smtp.admission.HostCounts`, mapped by the parent before the fork), so
+`RELAY_MAX_CONNECTIONS_PER_IP` holds for the host, on both ports.
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ async def serve(
     admin_sock: socket.socket | None = None,
     serves_admin: bool = True,
     host_counts: HostCounts | None = None,
+    starttls_sock: socket.socket | None = None,
 ) -> None:
     """Run one relay process until SIGTERM or SIGINT (or, for a worker, until its
     `parent` process is gone), then drain."""
@@ -73,7 +74,7 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     relay = Relay(settings, serves_admin=serves_admin, host_counts=host_counts)
-    await relay.start(sock, admin_sock)
+    await relay.start(sock, admin_sock, starttls_sock)
     watchdog = loop.create_task(_watch_parent(parent, stop)) if parent else None
     if ready is not None:
         result = ready(relay)
@@ -118,6 +119,8 @@ def run(settings: Settings, ready: Callable[[Relay], Any] | None = None) -> None
     store.close()
     Spool(settings).open()
     bind(settings, reuse_port=True).close()
+    if settings.starttls_listen is not None:
+        bind(settings, reuse_port=True, starttls=True).close()
     # The first worker serves the admin listener, on a socket bound here so a
     # bad RELAY_ADMIN_LISTEN stops the start before any fork. The workers'
     # metrics meet in a private directory this process removes at exit.
@@ -171,10 +174,16 @@ def _run_workers(
                 metrics.use_multiprocess(metrics_dir)
                 host_counts.serve_as(index)
                 sock = bind(settings, reuse_port=True)
+                starttls_sock = (
+                    bind(settings, reuse_port=True, starttls=True)
+                    if settings.starttls_listen is not None
+                    else None
+                )
                 _run_loop(
                     serve(
                         settings,
                         sock=sock,
+                        starttls_sock=starttls_sock,
                         ready=ready,
                         parent=parent,
                         admin_sock=admin_sock if index == 0 else None,

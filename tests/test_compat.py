@@ -14,18 +14,30 @@ from relay.smtp import aiosmtpd_compat
 from relay.smtp.aiosmtpd_compat import IncompatibleAiosmtpd, check
 
 
-def fake_module(drop: str | None = None, unset: str | None = None) -> types.ModuleType:
-    """A stand-in for aiosmtpd.smtp whose SMTP lacks one method or one attribute."""
+def fake_module(
+    drop: str | None = None, unset: str | None = None, gate: frozenset[str] | None = None
+) -> types.ModuleType:
+    """A stand-in for aiosmtpd.smtp whose SMTP lacks one method or one attribute, or
+    whose STARTTLS gate lets other commands through."""
+    named = (*aiosmtpd_compat.ATTRIBUTES, *aiosmtpd_compat.STARTTLS_NAMES)
     members = {
         name: getattr(aiosmtpd.smtp.SMTP, name)
-        for name in (*aiosmtpd_compat.METHODS, *(s for _, s in aiosmtpd_compat.ATTRIBUTES))
+        for name in (*aiosmtpd_compat.METHODS, *(s for _, s in named))
         if name != drop
     }
     if unset is not None:
-        setter = dict(aiosmtpd_compat.ATTRIBUTES)[unset]
-        members[setter] = lambda self: None  # no longer assigns the attribute
+        # The method no longer assigns or reads `unset`, and still does the others.
+        setter = dict(named)[unset]
+        others = [n for n, method in named if method == setter and n != unset]
+        source = "def method(self):\n" + "".join(f"    self.{n} = None\n" for n in others)
+        scope: dict[str, object] = {}
+        exec(source + "    return None\n", scope)  # a fixed stand-in, built from names
+        members[setter] = scope["method"]
     module = types.ModuleType("aiosmtpd.smtp")
     module.SMTP = type("SMTP", (), members)  # type: ignore[attr-defined]
+    module.ALLOWED_BEFORE_STARTTLS = (  # type: ignore[attr-defined]
+        aiosmtpd.smtp.ALLOWED_BEFORE_STARTTLS if gate is None else gate
+    )
     return module
 
 
@@ -55,6 +67,19 @@ def test_an_attribute_no_longer_set_is_named(name, setter):
     with pytest.raises(IncompatibleAiosmtpd) as info:
         check(fake_module(unset=name), "1.4.6")
     assert str(info.value) == f"aiosmtpd 1.4.6: SMTP.{setter} no longer sets {name}"
+
+
+@pytest.mark.parametrize(("name", "method"), aiosmtpd_compat.STARTTLS_NAMES)
+def test_a_name_the_starttls_port_uses_is_checked(name, method):
+    with pytest.raises(IncompatibleAiosmtpd) as info:
+        check(fake_module(unset=name), "1.4.6")
+    assert str(info.value) == f"aiosmtpd 1.4.6: SMTP.{method} no longer uses {name}"
+
+
+def test_a_starttls_gate_that_lets_more_through_is_refused():
+    with pytest.raises(IncompatibleAiosmtpd) as info:
+        check(fake_module(gate=frozenset({"NOOP", "EHLO", "STARTTLS", "QUIT", "RSET"})), "1.4.6")
+    assert str(info.value) == "aiosmtpd 1.4.6: ALLOWED_BEFORE_STARTTLS changed"
 
 
 def test_relay_serve_refuses_to_start_with_one_line(tmp_path):

@@ -217,3 +217,47 @@ def test_each_worker_is_sent_sigterm_by_the_kernel_when_the_parent_dies(start_wo
         for worker in workers:
             if alive(worker):
                 os.kill(worker, signal.SIGKILL)
+
+
+def test_workers_share_the_starttls_port_and_its_per_address_cap(start_workers, client_tls):
+    """Each worker binds both ports; one address's connections count on both."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        submission = s.getsockname()[1]
+    _, port = start_workers(
+        2, RELAY_MAX_CONNECTIONS_PER_IP="4", RELAY_STARTTLS_LISTEN=f"127.0.0.1:{submission}"
+    )
+    wait_for(lambda: listening_sockets(port) == 2 and listening_sockets(submission) == 2)
+    opened: list[socket.socket] = []
+    try:
+        implicit = client_tls.wrap_socket(
+            socket.create_connection(("127.0.0.1", port), timeout=10), server_hostname="localhost"
+        )
+        opened.append(implicit)
+        assert implicit.makefile("rb").readline().startswith(b"220 ")
+        lines = []
+        # The kernel spreads them over both workers; at most 8 from the address at
+        # once, so none is over twice the cap (dropped without a 421).
+        for _ in range(7):
+            sock = socket.create_connection(("127.0.0.1", submission), timeout=10)
+            opened.append(sock)
+            reader = sock.makefile("rb")
+            line = reader.readline().decode().rstrip("\r\n")
+            lines.append(line)
+            if not line.startswith("220 "):
+                continue
+            sock.sendall(b"EHLO client.test\r\n")
+            while not reader.readline().startswith(b"250 "):
+                pass
+            sock.sendall(b"STARTTLS\r\n")
+            assert reader.readline() == b"220 2.0.0 Ready to start TLS\r\n"
+            tls = client_tls.wrap_socket(sock, server_hostname="localhost")
+            opened.append(tls)
+            tls.sendall(b"NOOP\r\n")
+            assert tls.makefile("rb").readline() == b"250 2.0.0 Ok\r\n"
+        assert sum(line.startswith("220 ") for line in lines) == 3  # 4 less the implicit one
+        refused = [line for line in lines if not line.startswith("220 ")]
+        assert refused == ["421 4.7.0 Too many connections from your address"] * 4
+    finally:
+        for sock in opened:
+            sock.close()

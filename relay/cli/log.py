@@ -63,6 +63,7 @@ def _record_text(record: DeliveryRecord) -> str:
         f"time        {when(record.time)}",
         f"account     {record.account} (token {record.token_id})",
         f"client      {record.client}",
+        f"port        {record.listener}",
         f"sender      {record.sender}",
         f"size        {record.size} octets",
         f"channel     {record.channel or '-'}"

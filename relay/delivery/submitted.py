@@ -27,6 +27,7 @@ class Submitted:
     keys: tuple[str, ...]  # normalized, as recorded
     size: int
     message_id: str
+    listener: str = "smtps"  # the port it came in on (RelaySession.listener)
 
     def record(
         self,
@@ -62,6 +63,7 @@ class Submitted:
             upstream_id=delivery.upstream_id,
             duration=duration,
             client=self.client,
+            listener=self.listener,
             replay=replay,
             recipient_count=len(outcomes),
             attempts=attempts,
@@ -73,4 +75,4 @@ def count(record: DeliveryRecord) -> None:
     counts: dict[str, int] = {}
     for rcpt in record.recipients:
         counts[rcpt.outcome] = counts.get(rcpt.outcome, 0) + 1
-    metrics.message(record.channel or "none", record.outcome, record.size, counts)
+    metrics.message(record.channel or "none", record.outcome, record.size, counts, record.listener)

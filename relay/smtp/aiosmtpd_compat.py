@@ -12,7 +12,13 @@ those. A few things it needs have no documented hook:
   of DATA: the command loop must see a client's pipelined commands);
 - the address parser (`_getaddr`), replaced by the relay's own RFC 5321 one;
 - `_auth_required`, set after `__init__` (passing it warns on every connection
-  under implicit TLS, aiosmtpd issues #274 and #281).
+  under implicit TLS, aiosmtpd issues #274 and #281);
+- for the STARTTLS port: the stream writer (`_writer`), whose documented
+  `start_tls` upgrades the connection, and the reader's `_buffer`, emptied
+  first. aiosmtpd's own STARTTLS builds `asyncio.sslproto.SSLProtocol` by hand,
+  with no handshake timeout and beside uvloop's; the relay does not use it, only
+  its gate (`require_starttls`: 530 to any command but NOOP, EHLO, STARTTLS and
+  QUIT, RFC 3207 section 4), a public attribute.
 
 `SMTPBase` turns each into a public name the relay calls or overrides. Nothing
 else in the relay imports a private aiosmtpd name. `check` runs at import: on
@@ -23,6 +29,7 @@ relay refuses to start with one line instead of misbehaving silently.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any, cast
@@ -58,6 +65,13 @@ ATTRIBUTES = (
     ("_handler_coroutine", "connection_made"),
     ("_timeout_handle", "_reset_timeout"),
 )
+# What the STARTTLS port uses, each with the method that assigns or reads it.
+STARTTLS_NAMES = (
+    ("_writer", "_cb_client_connected"),
+    ("require_starttls", "_handle_client"),
+)
+# The commands aiosmtpd's STARTTLS gate lets through before TLS (RFC 3207 section 4).
+BEFORE_STARTTLS = frozenset({"NOOP", "EHLO", "STARTTLS", "QUIT"})
 
 
 class IncompatibleAiosmtpd(ConfigError):
@@ -81,6 +95,14 @@ def check(module: ModuleType, version: str) -> None:
         code = getattr(getattr(smtp, setter, None), "__code__", None)
         if code is None or name not in code.co_names:
             raise IncompatibleAiosmtpd(f"aiosmtpd {version}: SMTP.{setter} no longer sets {name}")
+    for name, method in STARTTLS_NAMES:
+        code = getattr(getattr(smtp, method, None), "__code__", None)
+        if code is None or name not in code.co_names:
+            raise IncompatibleAiosmtpd(f"aiosmtpd {version}: SMTP.{method} no longer uses {name}")
+    if getattr(module, "ALLOWED_BEFORE_STARTTLS", None) != BEFORE_STARTTLS:
+        raise IncompatibleAiosmtpd(f"aiosmtpd {version}: ALLOWED_BEFORE_STARTTLS changed")
+    if not callable(getattr(asyncio.StreamWriter, "start_tls", None)):
+        raise IncompatibleAiosmtpd("asyncio.StreamWriter has no start_tls (Python 3.11+)")
     # The StreamReader's buffer, to give back bytes read past the end of DATA.
     if "_buffer" not in asyncio.StreamReader.__init__.__code__.co_names:
         raise IncompatibleAiosmtpd("asyncio.StreamReader no longer has a _buffer")
@@ -173,6 +195,28 @@ class SMTPBase(SMTP):
     def unread(self, data: bytes) -> None:
         """Give back bytes read past the end of DATA to the command loop."""
         cast(Any, self._reader)._buffer[0:0] = data
+
+    def require_tls_first(self, required: bool = True) -> None:
+        """aiosmtpd's STARTTLS gate: 530 to every command but NOOP, EHLO, STARTTLS, QUIT."""
+        self.require_starttls = required
+
+    async def upgrade_to_tls(self, context: ssl.SSLContext, handshake_timeout: float) -> None:
+        """Drop what the client sent after STARTTLS, then the TLS handshake (server side).
+
+        RFC 3207 section 4.2 and CVE-2011-0411: bytes the client pipelined after
+        STARTTLS came in plaintext, so none may be read as a command once TLS is
+        up. They are in the reader's buffer now; the buffer is emptied with no
+        await between it and the moment the socket's bytes start going to TLS
+        (the writer is drained first, so `start_tls`'s own drain does not wait;
+        `loop.start_tls` pauses reading and swaps the protocol before its first
+        await). A byte that arrives later is TLS input: a plaintext one fails the
+        handshake. Raises what the handshake raised; the caller closes.
+        """
+        writer = self._writer
+        await writer.drain()
+        cast(Any, self._reader)._buffer.clear()
+        await writer.start_tls(context, ssl_handshake_timeout=handshake_timeout)
+        self.transport = writer.transport
 
     # --- the private names, routed ------------------------------------------------
 

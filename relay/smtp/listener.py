@@ -5,7 +5,9 @@ the connection, and says nothing of a handshake that never finishes. This
 loop accepts each socket itself, counts it under `relay.smtp.admission.Admission`
 at once, and hands it to TLS and a protocol with `loop.connect_accepted_socket`
 (a documented asyncio API, served by uvloop too). The count is released when
-the connection ends, whichever way it ends.
+the connection ends, whichever way it ends. A STARTTLS listener (`tls` None)
+hands the plaintext connection to its protocol at once, which upgrades it
+(`relay.smtp.starttls`); it is counted the same way.
 
 A refused connection is answered by `Refused`, not by an SMTP session: one
 421 line and the close; what its client sends after is dropped unread. It is
@@ -79,7 +81,7 @@ class Listener:
     def __init__(
         self,
         sock: socket.socket,
-        tls: ssl.SSLContext,
+        tls: ssl.SSLContext | None,
         admission: Admission,
         factory: ProtocolFactory,
         screen: Screen | None = None,
@@ -142,13 +144,22 @@ class Listener:
                 refusal = await self.screen(key)
                 if refusal is not None:
                     self._log_refusal(key, refusal)
-            await asyncio.get_running_loop().connect_accepted_socket(
-                lambda: self.factory(release) if refusal is None else Refused(refusal, release),
-                conn,
-                ssl=self.tls,
-                ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
-                ssl_shutdown_timeout=SHUTDOWN_TIMEOUT,
-            )
+            loop = asyncio.get_running_loop()
+
+            def protocol() -> asyncio.Protocol:
+                return self.factory(release) if refusal is None else Refused(refusal, release)
+
+            if self.tls is None:
+                # The STARTTLS port: plaintext until the session upgrades it.
+                await loop.connect_accepted_socket(protocol, conn)
+            else:
+                await loop.connect_accepted_socket(
+                    protocol,
+                    conn,
+                    ssl=self.tls,
+                    ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
+                    ssl_shutdown_timeout=SHUTDOWN_TIMEOUT,
+                )
             if refusal is None:
                 metrics.connection("accepted")
         except (OSError, ssl.SSLError, TimeoutError, asyncio.CancelledError) as exc:
@@ -233,8 +244,12 @@ def check_fd_limit(settings: Settings) -> None:
         )
 
 
-def bind(settings: Settings, *, reuse_port: bool = False) -> socket.socket:
-    host, port = settings.listen
+def bind(settings: Settings, *, reuse_port: bool = False, starttls: bool = False) -> socket.socket:
+    """The listening socket of RELAY_LISTEN, or with `starttls` of RELAY_STARTTLS_LISTEN."""
+    name = "RELAY_STARTTLS_LISTEN" if starttls else "RELAY_LISTEN"
+    address = settings.starttls_listen if starttls else settings.listen
+    assert address is not None, name
+    host, port = address
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -246,13 +261,13 @@ def bind(settings: Settings, *, reuse_port: bool = False) -> socket.socket:
     except PermissionError:
         sock.close()
         raise ConfigError(
-            f"RELAY_LISTEN: port {port} needs privileges (run with CAP_NET_BIND_SERVICE,"
+            f"{name}: port {port} needs privileges (run with CAP_NET_BIND_SERVICE,"
             " or choose a port above 1023)"
         ) from None
     except OSError as exc:
         sock.close()
         why = "already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
-        raise ConfigError(f"RELAY_LISTEN: cannot listen on {host}:{port}: {why}") from None
+        raise ConfigError(f"{name}: cannot listen on {host}:{port}: {why}") from None
     sock.listen(settings.listen_backlog)
     sock.setblocking(False)
     return sock

@@ -59,6 +59,9 @@ class SubmissionProtocol(SMTPBase):
     """One connection. Given what it uses: the settings, the handler, the store
     (for AUTH) and the set of open sessions it joins while connected."""
 
+    # The port's name in metrics and the delivery log (relay.smtp.starttls: "submission").
+    listener = "smtps"
+
     def __init__(
         self,
         settings: Settings,
@@ -103,7 +106,7 @@ class SubmissionProtocol(SMTPBase):
         self.require_auth()
 
     def make_session(self) -> RelaySession:
-        return RelaySession(self.loop)
+        return RelaySession(self.loop, self.listener)
 
     def make_envelope(self) -> RelayEnvelope:
         return RelayEnvelope()
@@ -295,13 +298,14 @@ class SubmissionProtocol(SMTPBase):
         session.extended_smtp = verb == "EHLO"
         session.host_name = hostname
         if verb == "EHLO":
-            lines = replies.ehlo(
-                self.hostname, hostname, auth.MECHANISMS, self.limits.max_message_size
-            )
+            lines = self.ehlo_lines(hostname)
         else:
             lines = [replies.helo(self.hostname)]
         for line in lines:
             await self._push_raw(line)
+
+    def ehlo_lines(self, client: str) -> list[str]:
+        return replies.ehlo(self.hostname, client, auth.MECHANISMS, self.limits.max_message_size)
 
     # --- AUTH (RFC 4954) -------------------------------------------------------
 

@@ -215,6 +215,7 @@ class Submission:
             tuple(tx.keys),
             len(content),
             prepared.message_id,
+            session.listener,
         )
         refusal = policy.message_refusal(prepared) or await self._header_senders_refusal(
             principal, tx, prepared.header_senders
@@ -302,6 +303,7 @@ class Submission:
             tuple(tx.keys),
             size,
             message_id,
+            session.listener,
         )
         await self._refused(submitted, reply)
         log.info(

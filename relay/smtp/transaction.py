@@ -24,10 +24,13 @@ __all__ = ["RelayEnvelope", "RelaySession", "Submitted", "Transaction", "declare
 
 
 class RelaySession(Session):
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, listener: str = "smtps") -> None:
         super().__init__(loop)
         self.principal: Principal | None = None
         self.auth_failures = 0
+        # The port the client came in on, as metrics and the delivery log name it:
+        # "smtps" (implicit TLS, RELAY_LISTEN) or "submission" (STARTTLS).
+        self.listener = listener
 
     # aiosmtpd's setter logs a deprecation warning on every AUTH; we never use it.
     @property

@@ -144,6 +144,9 @@ class DeliveryRecord:
     # Each channel tried, in order, when more than one was (failover); else
     # empty, and the record's channel, reply and duration are its one attempt.
     attempts: tuple[Attempt, ...] = ()
+    # The port the message came in on: "smtps" (implicit TLS, RELAY_LISTEN) or
+    # "submission" (STARTTLS, RELAY_STARTTLS_LISTEN).
+    listener: str = "smtps"
 
     @property
     def total_recipients(self) -> int:
@@ -306,8 +309,8 @@ def insert(db: Connection, record: DeliveryRecord, charged: int | None = None) -
     row = db.execute(
         "INSERT INTO deliveries (created, message_id, account, token_id, sender, size, channel,"
         " rule, outcome, reply_code, reply_enhanced, reply_text, upstream_id, charged,"
-        " duration_ms, client, replay, recipient_count, attempts)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+        " duration_ms, client, replay, recipient_count, attempts, listener)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
         (
             record.time,
             record.message_id,
@@ -328,6 +331,7 @@ def insert(db: Connection, record: DeliveryRecord, charged: int | None = None) -
             int(record.replay),
             record.total_recipients,
             attempts_text(record.attempts),
+            record.listener,
         ),
     ).fetchone()
     delivery_id = int(row["id"])
@@ -450,4 +454,5 @@ def _record(row: Row, recipients: list[RecipientOutcome]) -> DeliveryRecord:
         id=row["id"],
         recipient_count=row["recipient_count"] or len(recipients),
         attempts=attempts_from(row["attempts"]),
+        listener=row["listener"],
     )

@@ -204,4 +204,9 @@ MIGRATIONS: tuple[str, ...] = (
     );
     ALTER TABLE pending ADD COLUMN token TEXT;  -- a token counted in token_rates, or NULL
     """,
+    # 13: the port a message came in on: 'smtps' (implicit TLS) or 'submission'
+    #     (STARTTLS); every record before it came in on the implicit-TLS port
+    """
+    ALTER TABLE deliveries ADD COLUMN listener TEXT NOT NULL DEFAULT 'smtps';
+    """,
 )

@@ -299,7 +299,7 @@ async function openRecord(messageId) {
   detail.replaceChildren(el("h3", {}, messageId));
   for (const r of records) {
     const facts = [["time", r.time], ["account", `${r.account} (token ${r.token_id})`], ["client", r.client],
-      ["sender", r.sender], ["size", `${r.size} octets`], ["channel", r.channel || "-"],
+      ["port", r.listener], ["sender", r.sender], ["size", `${r.size} octets`], ["channel", r.channel || "-"],
       ["outcome", r.outcome + (r.replay ? " (replay, not charged)" : "")],
       ["reply", `${r.reply.code} ${r.reply.enhanced} ${r.reply.text}`], ["upstream id", r.upstream_id || "-"],
       ["charged", r.charged], ["forward", `${r.duration} s`],
