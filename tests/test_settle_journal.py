@@ -46,7 +46,9 @@ def test_a_settle_that_keeps_failing_is_retried_until_the_store_takes_it(relay, 
     assert relay.store.show_sender(SENDER)["balance"] == 4
     [record] = records(relay.store)
     assert (record.outcome, record.charged) == ("delivered", 1)
-    assert relay.relay.store.settling == 0
+    # The retry's task leaves the settling set once its commit returned on the loop,
+    # a moment after the commit is visible here.
+    wait_for(lambda: relay.relay.store.settling == 0)
 
 
 def test_a_settle_pending_at_stop_is_applied_by_the_next_start(relay_factory, sink, database_url):
