@@ -266,3 +266,88 @@ def test_kill_9_right_after_the_queued_250_loses_nothing(tmp_path, cert_dir, sin
         proc.wait(30)
         assert proc.stderr is not None
         proc.stderr.close()
+
+
+def test_operators_through_the_api_metrics_and_readyz(relay_factory, resend):
+    import httpx
+
+    relay = relay_factory(
+        **resend_env(resend),
+        DEFAULT_SEND_BALANCE="10",
+        RELAY_QUEUE="on-failure",
+        RELAY_QUEUE_BACKOFF="3600",
+        RELAY_ADMIN_LISTEN="127.0.0.1:0",
+        RELAY_HEARTBEAT_INTERVAL="1",
+        RELAY_OWNER_DEAD_AFTER="2",
+    )
+    base = f"http://127.0.0.1:{relay.relay.admin_port}"
+    token = relay.store.create_admin_token(name="tests")["token"]
+    http = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=10)
+
+    def api(method: str, path: str, status: int = 200) -> Any:
+        response = http.request(method, "/api/v1/queue" + path)
+        assert response.status_code == status, response.text
+        return response.json()
+
+    resend.fail(500, "internal_server_error")
+    resend.fail(500, "internal_server_error")
+    assert send(relay) == QUEUED
+    assert send(relay, mail("<two@example.com>")) == (
+        "250 2.0.0 Queued as <two@example.com>; delivery will be retried"
+    )
+    first, second = (r["id"] for r in api("GET", "")["messages"])
+    assert balance(relay) == 8
+
+    assert api("POST", f"/{first}/hold") == {"action": "hold", "changed": 1}
+    listed = api("GET", "?state=held")["messages"]
+    assert [r["id"] for r in listed] == [first]
+    assert api("GET", "?account=nobody")["messages"] == []
+    assert api("GET", "?state=gone", 422)["error"]["code"] == "bad_query"
+    shown = api("GET", f"/{first}")
+    assert shown["state"] == "held" and shown["next_try"] > time.time() + 60
+    assert [(a[0], a[1]) for a in shown["attempts"]] == [("resend", 451)]
+    assert api("GET", "/999999", 404)["error"]["code"] == "no_such_message"
+    assert api("GET", "/nope", 422)["error"]["code"] == "bad_id"
+    assert api("POST", "/999999/retry", 404)["error"]["code"] == "no_such_message"
+
+    # /readyz stays ready and says what waits; the gauges say the same.
+    def state() -> Any:
+        return httpx.get(f"{base}/readyz").json()
+
+    until(lambda: state()["queue"]["held"] == 1, 10)
+    ready = httpx.get(f"{base}/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["queue"] == {
+        "mode": "on-failure",
+        "queued": 1,
+        "held": 1,
+        "oldest_seconds": ready.json()["queue"]["oldest_seconds"],
+    }
+    exposed = httpx.get(f"{base}/metrics").text
+    assert 'relay_queue_messages{state="held"} 1.0' in exposed
+    assert 'relay_queue_messages{state="queued"} 1.0' in exposed
+    assert "relay_queue_oldest_seconds " in exposed
+
+    assert api("POST", "/all/retry")["changed"] == 2
+    time.sleep(1.5)  # held: even due, the worker does not touch it
+    assert [r["id"] for r in api("GET", "")["messages"]] == [first]  # the second went out
+    assert len(resend.sent) == 1
+    assert api("POST", "/all/release")["changed"] == 1
+    until(lambda: api("GET", "")["messages"] == [])
+    assert len(resend.sent) == 2 and balance(relay) == 8
+
+    resend.fail(500, "internal_server_error")
+    assert send(relay, mail("<three@example.com>")).startswith("250 2.0.0 Queued as")
+    [third] = api("GET", "")["messages"]
+    assert api("POST", f"/{third['id']}/cancel") == {
+        "id": third["id"],
+        "cancelled": True,
+        "refunded": 1,
+    }
+    assert balance(relay) == 8
+    assert api("POST", f"/{third['id']}/cancel", 404)["error"]["code"] == "no_such_message"
+    [cancelled] = relay.store.find_deliveries(Query(message_id="<three@example.com>"))
+    assert (cancelled.reply.code, cancelled.reply.enhanced, cancelled.charged) == (550, "5.0.0", 0)
+    actions = [r["action"] for r in relay.store.list_audit()]
+    assert actions[:4] == ["queue.cancel", "queue.release", "queue.retry", "queue.hold"]
+    http.close()
