@@ -34,7 +34,6 @@ from relay.channels import build_channels
 from relay.channels.base import Channel
 from relay.config import Settings, no_channel, start_warnings
 from relay.delivery.queue import QueueWorker
-from relay.store.queue import STATES as QUEUE_STATES
 from relay.errors import ConfigError, RelayError, StoreError
 from relay.policy import Channel as ChannelName
 from relay.replies import Reply
@@ -47,6 +46,7 @@ from relay.store.db import expected_failure
 from relay.store.deliveries import PRUNE_BATCH
 from relay.store.facade import Store
 from relay.store.loop import AsyncStore
+from relay.store.queue import STATES as QUEUE_STATES
 
 log = logging.getLogger("relay.server")
 T = TypeVar("T")

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from test_adminapi import admin_for  # noqa: F401 - a fixture
 from test_channels import MESSAGE_ID, RCPT, balance, mail, resend_env, send, wrap_hook
 
 from relay.store.deliveries import Query
@@ -295,7 +296,7 @@ def test_operators_through_the_api_metrics_and_readyz(relay_factory, resend):
     assert send(relay, mail("<two@example.com>")) == (
         "250 2.0.0 Queued as <two@example.com>; delivery will be retried"
     )
-    first, second = (r["id"] for r in api("GET", "")["messages"])
+    first, _ = (r["id"] for r in api("GET", "")["messages"])
     assert balance(relay) == 8
 
     assert api("POST", f"/{first}/hold") == {"action": "hold", "changed": 1}
@@ -351,3 +352,45 @@ def test_operators_through_the_api_metrics_and_readyz(relay_factory, resend):
     actions = [r["action"] for r in relay.store.list_audit()]
     assert actions[:4] == ["queue.cancel", "queue.release", "queue.retry", "queue.hold"]
     http.close()
+
+
+def test_an_accounts_own_queue_mode_overrides_the_relays(relay_factory, resend, admin_for):  # noqa: F811
+    from test_cli import ok, relay_cli
+
+    relay = relay_factory(
+        **resend_env(resend),
+        DEFAULT_SEND_BALANCE="10",
+        RELAY_QUEUE="off",
+        RELAY_QUEUE_BACKOFF="3600",
+        RELAY_ADMIN_LISTEN="127.0.0.1:0",
+    )
+    env = {"RELAY_DATABASE": str(relay.relay.settings.database)}
+    token = relay.token()  # the account acme
+    admin = admin_for(relay, f"http://127.0.0.1:{relay.relay.admin_port}")
+
+    resend.fail(500, "internal_server_error")
+    assert send(relay, token=token).startswith("451 ")  # off: answered in session
+
+    assert "queue on-failure" in ok(
+        relay_cli("account", "set", "acme", "--queue", "on-failure", env=env)
+    )
+    resend.fail(500, "internal_server_error")
+    assert send(relay, mail("<two@example.com>"), token=token).startswith("250 2.0.0 Queued as")
+    assert len(relay.store.queue_list()) == 1
+
+    answer = admin.ok("PATCH", "/accounts/acme", json={"queue": "always"})
+    assert answer["name"] == "acme" and answer["queue"] == "always"
+    assert send(relay, mail("<three@example.com>"), token=token).startswith(
+        "250 2.0.0 Queued as"
+    )  # queued even though Resend answers now, and delivered in the background
+    until(lambda: [r["message_id"] for r in relay.store.queue_list()] == ["<two@example.com>"])
+    assert len(resend.sent) == 1
+
+    assert admin.ok("PATCH", "/accounts/acme", json={"queue": "default"})["queue"] is None
+    assert send(relay, mail("<four@example.com>"), token=token).startswith("250 2.0.0 Ok")
+    admin.fails("PATCH", "/accounts/acme", 422, "bad_queue", json={"queue": "sometimes"})
+    admin.fails("PATCH", "/accounts/nobody", 404, "no_such_account", json={"queue": "off"})
+    listed = ok(relay_cli("account", "list", env=env))
+    assert "default" in listed.splitlines()[1]
+    actions = [(r["action"], r["detail"]) for r in relay.store.list_audit()]
+    assert ("account.set", {"queue": "always"}) in actions

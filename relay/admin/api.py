@@ -175,6 +175,12 @@ async def create_account(call: Call) -> Any:
     return await call.run(operations.create_account, call.actor, call.body["name"])
 
 
+async def set_account(call: Call) -> Any:
+    return await call.run(
+        operations.set_account, call.actor, call.path["name"], queue=call.body.get("queue")
+    )
+
+
 async def list_domains(call: Call) -> Any:
     return {"domains": await call.run(operations.list_domains, call.path["name"])}
 
@@ -357,6 +363,22 @@ ENDPOINTS: list[Endpoint] = [
         201,
         body=(Field("name", "string", "the account's name", required=True, max_length=100),),
         errors={**BAD_BODY, "409": "an account of that name exists (`account_exists`)"},
+    ),
+    Endpoint(
+        "PATCH",
+        f"{PREFIX}/accounts/{{name}}",
+        "set an account's own settings",
+        set_account,
+        returns="the account: `id`, `name`, `created`, `queue` (null: the relay's RELAY_QUEUE)",
+        body=(
+            Field(
+                "queue",
+                "string",
+                "its own RELAY_QUEUE: off, on-failure, always, or default (the relay's)",
+                max_length=20,
+            ),
+        ),
+        errors={**NO_ACCOUNT, **BAD_BODY},
     ),
     Endpoint(
         "GET",

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from relay.config import SQLITE_MAX_INT
+from relay.config import QUEUE_MODES, SQLITE_MAX_INT
 from relay.errors import AdminError, Conflict, Invalid, NotFound, RelayError, StoreError
 from relay.message import normalize_address, parse_address
 from relay.store.audit import MAX_AUDIT_PAGE, Actor
@@ -115,6 +115,18 @@ def create_account(store: Store, actor: Actor, name: str) -> NewAccount:
 
 def list_accounts(store: Store) -> list[AccountRow]:
     return store.list_accounts()
+
+
+def set_account(store: Store, actor: Actor, name: str, *, queue: str | None = None) -> AccountRow:
+    """An account's own settings: `queue`, its RELAY_QUEUE mode (`default`: the relay's)."""
+    _account(store, name)
+    if queue is not None:
+        if queue not in (*QUEUE_MODES, "default"):
+            raise Invalid(f"queue: one of {', '.join(QUEUE_MODES)} or default", code="bad_queue")
+        with _refusal(NotFound, "no_such_account"):
+            store.set_account_queue(name, None if queue == "default" else queue)
+        store.record_audit(actor, "account.set", name, {"queue": queue})
+    return next(a for a in store.list_accounts() if a["name"] == name)
 
 
 def add_domain(store: Store, actor: Actor, account: str, domain: str) -> NewDomain:

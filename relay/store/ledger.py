@@ -74,6 +74,7 @@ class MailCheck:
     headroom: int | None  # recipients the tightest send-limit window still allows
     hit: LimitHit | None  # the exhausted window, if any
     refusals: int = 0  # the token's refused messages in the window, counted up to the limit
+    queue: str | None = None  # the account's own RELAY_QUEUE mode; None: the relay's
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +131,7 @@ class Ledger(Database):
                     token_id,
                     ts - REFUSAL_WINDOW,
                     refusal_limit,
+                    account_id,
                 ),
             ).fetchone()
             room, hit = self._headroom(db, account_id, now)
@@ -141,7 +143,9 @@ class Ledger(Database):
             unlimited=unlimited or bool(row["nolimit"]),
         )
         owner = None if owner is None else int(owner)
-        return MailCheck(owner, bool(row["token_ok"]), state, room, hit, int(row["refusals"]))
+        return MailCheck(
+            owner, bool(row["token_ok"]), state, room, hit, int(row["refusals"]), row["queue"]
+        )
 
     def _headroom(
         self, db: Connection, account_id: int, now: datetime
@@ -354,14 +358,16 @@ _OWNER_AND_VALIDITY = (
 )
 _OWNER_SQL = f"SELECT {_OWNER_AND_VALIDITY}"
 # MAIL FROM's check: with them, the no-limit list, the sender's row and the
-# token's refusals within the window, counted no further than the limit.
+# token's refusals within the window, counted no further than the limit, and the
+# account's own queue mode.
 _MAIL_CHECK_SQL = (
     f"SELECT {_OWNER_AND_VALIDITY},"  # noqa: S608 - constants; placeholders only
     " EXISTS (SELECT 1 FROM nolimit WHERE address = ?) AS nolimit,"
     " (SELECT balance FROM senders WHERE address = ?) AS balance,"
     " (SELECT enabled FROM senders WHERE address = ?) AS enabled,"
     " (SELECT count(*) FROM (SELECT 1 FROM refusals WHERE token_id = ? AND created > ?"
-    " LIMIT ?) AS r) AS refusals"
+    " LIMIT ?) AS r) AS refusals,"
+    " (SELECT queue FROM accounts WHERE id = ?) AS queue"
 )
 
 

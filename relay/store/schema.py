@@ -188,4 +188,9 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX queue_due ON queue (state, next_try);
     """,
+    # 12: an account's own RELAY_QUEUE (relay.store.accounts): off, on-failure or
+    #     always; NULL: the relay's setting. Read with MAIL FROM's check.
+    """
+    ALTER TABLE accounts ADD COLUMN queue TEXT;
+    """,
 )
