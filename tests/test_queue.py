@@ -394,3 +394,136 @@ def test_an_accounts_own_queue_mode_overrides_the_relays(relay_factory, resend, 
     assert "default" in listed.splitlines()[1]
     actions = [(r["action"], r["detail"]) for r in relay.store.list_audit()]
     assert ("account.set", {"queue": "always"}) in actions
+
+
+def _killable_relay(
+    tmp_path: Any, cert_dir: Any, sink: Any
+) -> tuple[Any, str, int, dict[str, str]]:
+    """A relay process's store, token, port and environment (RELAY_QUEUE=always: the
+    worker makes every attempt), for tests that kill -9 it."""
+    import os
+
+    from support import SENDER, free_port
+    from test_settle_journal import ROOT
+
+    from relay.store.facade import Store
+
+    database = tmp_path / "relay.db"
+    store = Store(database)
+    store.migrate()
+    store.create_account("acme")
+    store.add_domain("acme", "example.com")
+    token = store.create_token("acme")["token"]
+    store.set_sender(SENDER, balance=5)
+    port = free_port()
+    env = {
+        "PATH": os.environ["PATH"],
+        "PYTHONPATH": str(ROOT),
+        "RELAY_LISTEN": f"127.0.0.1:{port}",
+        "RELAY_TLS_CERT": str(cert_dir / "relay.crt"),
+        "RELAY_TLS_KEY": str(cert_dir / "relay.key"),
+        "RELAY_DATABASE": str(database),
+        "RELAY_HOSTNAME": "relay.test",
+        "SMTP_CONFIG": sink.smtp_config(),
+        "RELAY_QUEUE": "always",
+        "RELAY_QUEUE_BACKOFF": "0.2",
+        "RELAY_UPSTREAM_TIMEOUT": "1",
+        "RELAY_HEARTBEAT_INTERVAL": "1",
+        "RELAY_OWNER_DEAD_AFTER": "2",
+    }
+    return store, token, port, env
+
+
+def _submit(port: int, token: str, client_tls: Any) -> str:
+    import smtplib
+
+    from support import SENDER, message
+
+    with smtplib.SMTP_SSL("127.0.0.1", port, context=client_tls, timeout=30) as client:
+        client.login("api_token", token)
+        client.mail(SENDER)
+        client.rcpt("a@dest.test")
+        code, text = client.data(message(extra=f"Message-ID: {MESSAGE_ID}\r\n"))
+    return f"{code} {text.decode()}"
+
+
+def _stop(proc: Any, how: Any) -> None:
+    if proc.poll() is None:
+        proc.send_signal(how)
+        proc.wait(30)
+    proc.stderr.close()
+
+
+def _delivered_once_charged_once(store: Any, sink: Any, env: dict[str, str]) -> None:
+    """The next start ends the message: on the sink at most twice (SMTP has no
+    idempotency key), charged exactly once, nothing pending, one delivered record."""
+    import signal
+
+    from support import SENDER
+    from test_settle_journal import serve
+
+    proc, _ = serve(env)
+    try:
+        until(lambda: store.queue_list() == [] and len(sink.messages) >= 1, 30)
+        assert 1 <= len(sink.messages) <= 2
+        assert store.show_sender(SENDER)["balance"] == 4  # charged once, not refunded
+        assert store.pending_count() == 0
+        [record] = store.find_deliveries(Query(message_id=MESSAGE_ID))
+        assert (record.outcome, record.charged) == ("delivered", 1)
+    finally:
+        _stop(proc, signal.SIGTERM)
+
+
+@pytest.mark.sqlite_only
+def test_kill_9_while_an_attempt_is_in_flight_loses_nothing(tmp_path, cert_dir, sink, client_tls):
+    import signal
+
+    from support import SENDER
+    from test_observe import HeldData
+    from test_settle_journal import serve
+
+    store, token, port, env = _killable_relay(tmp_path, cert_dir, sink)
+    held = HeldData(sink)
+    proc, _ = serve(env)
+    try:
+        assert _submit(port, token, client_tls) == QUEUED
+        assert held.arrived.wait(10)  # the worker's attempt: the sink holds its DATA
+        [item] = store.queue_list()
+        assert item["lease_owner"] is not None
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        held.release.set()  # the sink may still take the copy it was sent: a duplicate
+        _stop(proc, signal.SIGKILL)
+    assert store.show_sender(SENDER)["balance"] == 4
+    assert store.pending_count() == 1  # the queue's reservation, never swept
+    _delivered_once_charged_once(store, sink, env)
+
+
+@pytest.mark.sqlite_only
+def test_kill_9_after_the_upstream_accepted_before_the_settle(tmp_path, cert_dir, sink, client_tls):
+    import signal
+    import sqlite3
+
+    from support import SENDER
+    from test_observe import HeldData
+    from test_settle_journal import serve
+
+    store, token, port, env = _killable_relay(tmp_path, cert_dir, sink)
+    held = HeldData(sink)
+    proc, _ = serve(env)
+    locker = sqlite3.connect(tmp_path / "relay.db", isolation_level=None, timeout=30)
+    try:
+        assert _submit(port, token, client_tls) == QUEUED
+        assert held.arrived.wait(10)
+        locker.execute("BEGIN EXCLUSIVE")  # the end of the attempt cannot be written
+        held.release.set()  # the upstream accepts
+        until(lambda: len(sink.messages) == 1, 10)
+        proc.send_signal(signal.SIGKILL)  # before the settle could commit
+        proc.wait(30)
+    finally:
+        locker.close()
+        _stop(proc, signal.SIGKILL)
+    assert store.show_sender(SENDER)["balance"] == 4  # neither refunded nor settled yet
+    assert store.queue_list() != []
+    _delivered_once_charged_once(store, sink, env)
