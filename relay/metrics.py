@@ -120,6 +120,21 @@ class Metrics:
             ["channel", "result"],
             registry=registry,
         )
+        # The queue is the database's, not a process's: one process (the one serving
+        # the admin listener) sets these; livemax reads its value, whatever its pid.
+        self.queue_messages = Gauge(
+            "relay_queue_messages",
+            "Messages in the durable queue, by state (queued, held)",
+            ["state"],
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+        self.queue_oldest = Gauge(
+            "relay_queue_oldest_seconds",
+            "Age of the oldest message in the durable queue (0 when it is empty)",
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
         self.store_seconds = Histogram(
             "relay_store_seconds",
             "Time of store calls on the session path, by operation",
@@ -298,6 +313,14 @@ def refusal(answer: Reply, hit: LimitHit | None = None, rate: RateHit | None = N
 def refused_by(reason: str) -> None:
     """A refusal by a token's own rules (REFUSAL_REASONS); `network` is counted at AUTH."""
     _child(_active.refusals, reason).inc()
+
+
+def queue(states: dict[str, int], oldest_seconds: float) -> None:
+    """The durable queue's depth by state and its oldest message's age, as the upkeep
+    last read them (relay.server)."""
+    for state, count in states.items():
+        _child(_active.queue_messages, state).set(count)
+    _active.queue_oldest.set(oldest_seconds)
 
 
 def store_call(op: str, seconds: float) -> None:

@@ -47,6 +47,7 @@ from relay.store.db import expected_failure
 from relay.store.deliveries import PRUNE_BATCH
 from relay.store.facade import Store
 from relay.store.loop import AsyncStore
+from relay.store.queue import STATES as QUEUE_STATES
 
 log = logging.getLogger("relay.server")
 T = TypeVar("T")
@@ -106,7 +107,9 @@ class Relay:
             settings.max_connections, settings.max_connections_per_ip, host_counts
         )
         self._next_sweep = self._next_heartbeat = self._next_prune = 0.0
-        self._next_collect = 0.0
+        self._next_collect = self._next_queue_stats = 0.0
+        # The queue's depth and oldest age, as the upkeep last read them (/readyz).
+        self.queue_state: dict[str, Any] = {}
         self._database_identity: tuple[int, int] | None = None
         self._quiet_until: dict[str, float] = {}  # what failed -> when it may be logged again
         self._port = 0
@@ -199,6 +202,7 @@ class Relay:
             )
         log.info("%s", self.spool.describe())
         if admin_sock is not None:
+            await self._read_queue_state()
             self._start_admin(admin_sock, admin_tls)
 
     def _open_journal(self) -> None:
@@ -240,6 +244,7 @@ class Relay:
             api.ApiContext(self.store, settings.auth_failure_limit, settings.default_send_balance),
             admin.Console(settings.hostname, self.port),
             tls,
+            lambda: self.queue_state,
         )
         self._admin.start()
         scheme = "https" if tls else "http"
@@ -362,6 +367,24 @@ class Relay:
             await self._sweep()
         if time.monotonic() >= self._next_prune:
             await self._prune()
+        if self.serves_admin and time.monotonic() >= self._next_queue_stats:
+            await self._read_queue_state()
+
+    async def _read_queue_state(self) -> None:
+        """The durable queue's depth by state and its oldest message's age, for
+        `/metrics` and `/readyz`, every heartbeat interval. One process reads it (the
+        one serving the admin listener): the figures are the database's."""
+        self._next_queue_stats = time.monotonic() + self.settings.upkeep.heartbeat_interval
+        try:
+            stats = await self.store.queue_stats()
+        except RelayError as exc:
+            self._trouble("queue statistics", exc)
+            return
+        states = {state: int(stats["states"].get(state, 0)) for state in QUEUE_STATES}
+        oldest = stats["oldest"]
+        age = max(0, self.store.now() - int(oldest)) if oldest is not None else 0
+        metrics.queue(states, age)
+        self.queue_state = {"queue": {"mode": self.settings.queue, **states, "oldest_seconds": age}}
 
     async def _prune(self) -> None:
         """Delete delivery-log records past the retention, then the oldest while the log

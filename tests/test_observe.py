@@ -460,7 +460,10 @@ def test_readyz_turns_503_while_draining(relay_factory, sink):
     relay.store.add_nolimit(SENDER)
     assert httpx.get(f"{base}/healthz").status_code == 200
     ready = httpx.get(f"{base}/readyz")
-    assert (ready.status_code, ready.json()) == (200, {"ready": True})
+    assert (ready.status_code, ready.json()) == (
+        200,
+        {"ready": True, "queue": {"mode": "off", "queued": 0, "held": 0, "oldest_seconds": 0}},
+    )
 
     held = HeldData(sink)
     sender = threading.Thread(target=send, args=(relay, "<h@example.com>"))

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from test_adminapi import admin_for  # noqa: F401 - a fixture
 from test_channels import MESSAGE_ID, RCPT, balance, mail, resend_env, send, wrap_hook
 
 from relay.store.deliveries import Query
@@ -266,3 +267,263 @@ def test_kill_9_right_after_the_queued_250_loses_nothing(tmp_path, cert_dir, sin
         proc.wait(30)
         assert proc.stderr is not None
         proc.stderr.close()
+
+
+def test_operators_through_the_api_metrics_and_readyz(relay_factory, resend):
+    import httpx
+
+    relay = relay_factory(
+        **resend_env(resend),
+        DEFAULT_SEND_BALANCE="10",
+        RELAY_QUEUE="on-failure",
+        RELAY_QUEUE_BACKOFF="3600",
+        RELAY_ADMIN_LISTEN="127.0.0.1:0",
+        RELAY_HEARTBEAT_INTERVAL="1",
+        RELAY_OWNER_DEAD_AFTER="2",
+    )
+    base = f"http://127.0.0.1:{relay.relay.admin_port}"
+    token = relay.store.create_admin_token(name="tests")["token"]
+    http = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=10)
+
+    def api(method: str, path: str, status: int = 200) -> Any:
+        response = http.request(method, "/api/v1/queue" + path)
+        assert response.status_code == status, response.text
+        return response.json()
+
+    resend.fail(500, "internal_server_error")
+    resend.fail(500, "internal_server_error")
+    assert send(relay) == QUEUED
+    assert send(relay, mail("<two@example.com>")) == (
+        "250 2.0.0 Queued as <two@example.com>; delivery will be retried"
+    )
+    first, _ = (r["id"] for r in api("GET", "")["messages"])
+    assert balance(relay) == 8
+
+    assert api("POST", f"/{first}/hold") == {"action": "hold", "changed": 1}
+    listed = api("GET", "?state=held")["messages"]
+    assert [r["id"] for r in listed] == [first]
+    assert api("GET", "?account=nobody")["messages"] == []
+    assert api("GET", "?state=gone", 422)["error"]["code"] == "bad_query"
+    shown = api("GET", f"/{first}")
+    assert shown["state"] == "held" and shown["next_try"] > time.time() + 60
+    assert [(a[0], a[1]) for a in shown["attempts"]] == [("resend", 451)]
+    assert api("GET", "/999999", 404)["error"]["code"] == "no_such_message"
+    assert api("GET", "/nope", 422)["error"]["code"] == "bad_id"
+    assert api("POST", "/999999/retry", 404)["error"]["code"] == "no_such_message"
+
+    # /readyz stays ready and says what waits; the gauges say the same.
+    def state() -> Any:
+        return httpx.get(f"{base}/readyz").json()
+
+    until(lambda: state()["queue"]["held"] == 1, 10)
+    ready = httpx.get(f"{base}/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["queue"] == {
+        "mode": "on-failure",
+        "queued": 1,
+        "held": 1,
+        "oldest_seconds": ready.json()["queue"]["oldest_seconds"],
+    }
+    exposed = httpx.get(f"{base}/metrics").text
+    assert 'relay_queue_messages{state="held"} 1.0' in exposed
+    assert 'relay_queue_messages{state="queued"} 1.0' in exposed
+    assert "relay_queue_oldest_seconds " in exposed
+
+    assert api("POST", "/all/retry")["changed"] == 2
+    time.sleep(1.5)  # held: even due, the worker does not touch it
+    assert [r["id"] for r in api("GET", "")["messages"]] == [first]  # the second went out
+    assert len(resend.sent) == 1
+    assert api("POST", "/all/release")["changed"] == 1
+    until(lambda: api("GET", "")["messages"] == [])
+    assert len(resend.sent) == 2 and balance(relay) == 8
+
+    resend.fail(500, "internal_server_error")
+    assert send(relay, mail("<three@example.com>")).startswith("250 2.0.0 Queued as")
+    [third] = api("GET", "")["messages"]
+    assert api("POST", f"/{third['id']}/cancel") == {
+        "id": third["id"],
+        "cancelled": True,
+        "refunded": 1,
+    }
+    assert balance(relay) == 8
+    assert api("POST", f"/{third['id']}/cancel", 404)["error"]["code"] == "no_such_message"
+    [cancelled] = relay.store.find_deliveries(Query(message_id="<three@example.com>"))
+    assert (cancelled.reply.code, cancelled.reply.enhanced, cancelled.charged) == (550, "5.0.0", 0)
+    actions = [r["action"] for r in relay.store.list_audit()]
+    assert actions[:4] == ["queue.cancel", "queue.release", "queue.retry", "queue.hold"]
+    http.close()
+
+
+def test_an_accounts_own_queue_mode_overrides_the_relays(relay_factory, resend, admin_for):  # noqa: F811
+    from test_cli import ok, relay_cli
+
+    relay = relay_factory(
+        **resend_env(resend),
+        DEFAULT_SEND_BALANCE="10",
+        RELAY_QUEUE="off",
+        RELAY_QUEUE_BACKOFF="3600",
+        RELAY_ADMIN_LISTEN="127.0.0.1:0",
+    )
+    env = {"RELAY_DATABASE": str(relay.relay.settings.database)}
+    token = relay.token()  # the account acme
+    admin = admin_for(relay, f"http://127.0.0.1:{relay.relay.admin_port}")
+
+    resend.fail(500, "internal_server_error")
+    assert send(relay, token=token).startswith("451 ")  # off: answered in session
+
+    assert "queue on-failure" in ok(
+        relay_cli("account", "set", "acme", "--queue", "on-failure", env=env)
+    )
+    resend.fail(500, "internal_server_error")
+    assert send(relay, mail("<two@example.com>"), token=token).startswith("250 2.0.0 Queued as")
+    assert len(relay.store.queue_list()) == 1
+
+    answer = admin.ok("PATCH", "/accounts/acme", json={"queue": "always"})
+    assert answer["name"] == "acme" and answer["queue"] == "always"
+    assert send(relay, mail("<three@example.com>"), token=token).startswith(
+        "250 2.0.0 Queued as"
+    )  # queued even though Resend answers now, and delivered in the background
+    until(lambda: [r["message_id"] for r in relay.store.queue_list()] == ["<two@example.com>"])
+    assert len(resend.sent) == 1
+
+    assert admin.ok("PATCH", "/accounts/acme", json={"queue": "default"})["queue"] is None
+    assert send(relay, mail("<four@example.com>"), token=token).startswith("250 2.0.0 Ok")
+    admin.fails("PATCH", "/accounts/acme", 422, "bad_queue", json={"queue": "sometimes"})
+    admin.fails("PATCH", "/accounts/nobody", 404, "no_such_account", json={"queue": "off"})
+    listed = ok(relay_cli("account", "list", env=env))
+    assert "default" in listed.splitlines()[1]
+    actions = [(r["action"], r["detail"]) for r in relay.store.list_audit()]
+    assert ("account.set", {"queue": "always"}) in actions
+
+
+def _killable_relay(
+    tmp_path: Any, cert_dir: Any, sink: Any
+) -> tuple[Any, str, int, dict[str, str]]:
+    """A relay process's store, token, port and environment (RELAY_QUEUE=always: the
+    worker makes every attempt), for tests that kill -9 it."""
+    import os
+
+    from support import SENDER, free_port
+    from test_settle_journal import ROOT
+
+    from relay.store.facade import Store
+
+    database = tmp_path / "relay.db"
+    store = Store(database)
+    store.migrate()
+    store.create_account("acme")
+    store.add_domain("acme", "example.com")
+    token = store.create_token("acme")["token"]
+    store.set_sender(SENDER, balance=5)
+    port = free_port()
+    env = {
+        "PATH": os.environ["PATH"],
+        "PYTHONPATH": str(ROOT),
+        "RELAY_LISTEN": f"127.0.0.1:{port}",
+        "RELAY_TLS_CERT": str(cert_dir / "relay.crt"),
+        "RELAY_TLS_KEY": str(cert_dir / "relay.key"),
+        "RELAY_DATABASE": str(database),
+        "RELAY_HOSTNAME": "relay.test",
+        "SMTP_CONFIG": sink.smtp_config(),
+        "RELAY_QUEUE": "always",
+        "RELAY_QUEUE_BACKOFF": "0.2",
+        "RELAY_UPSTREAM_TIMEOUT": "1",
+        "RELAY_HEARTBEAT_INTERVAL": "1",
+        "RELAY_OWNER_DEAD_AFTER": "2",
+    }
+    return store, token, port, env
+
+
+def _submit(port: int, token: str, client_tls: Any) -> str:
+    import smtplib
+
+    from support import SENDER, message
+
+    with smtplib.SMTP_SSL("127.0.0.1", port, context=client_tls, timeout=30) as client:
+        client.login("api_token", token)
+        client.mail(SENDER)
+        client.rcpt("a@dest.test")
+        code, text = client.data(message(extra=f"Message-ID: {MESSAGE_ID}\r\n"))
+    return f"{code} {text.decode()}"
+
+
+def _stop(proc: Any, how: Any) -> None:
+    if proc.poll() is None:
+        proc.send_signal(how)
+        proc.wait(30)
+    proc.stderr.close()
+
+
+def _delivered_once_charged_once(store: Any, sink: Any, env: dict[str, str]) -> None:
+    """The next start ends the message: on the sink at most twice (SMTP has no
+    idempotency key), charged exactly once, nothing pending, one delivered record."""
+    import signal
+
+    from support import SENDER
+    from test_settle_journal import serve
+
+    proc, _ = serve(env)
+    try:
+        until(lambda: store.queue_list() == [] and len(sink.messages) >= 1, 30)
+        assert 1 <= len(sink.messages) <= 2
+        assert store.show_sender(SENDER)["balance"] == 4  # charged once, not refunded
+        assert store.pending_count() == 0
+        [record] = store.find_deliveries(Query(message_id=MESSAGE_ID))
+        assert (record.outcome, record.charged) == ("delivered", 1)
+    finally:
+        _stop(proc, signal.SIGTERM)
+
+
+@pytest.mark.sqlite_only
+def test_kill_9_while_an_attempt_is_in_flight_loses_nothing(tmp_path, cert_dir, sink, client_tls):
+    import signal
+
+    from support import SENDER
+    from test_observe import HeldData
+    from test_settle_journal import serve
+
+    store, token, port, env = _killable_relay(tmp_path, cert_dir, sink)
+    held = HeldData(sink)
+    proc, _ = serve(env)
+    try:
+        assert _submit(port, token, client_tls) == QUEUED
+        assert held.arrived.wait(10)  # the worker's attempt: the sink holds its DATA
+        [item] = store.queue_list()
+        assert item["lease_owner"] is not None
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        held.release.set()  # the sink may still take the copy it was sent: a duplicate
+        _stop(proc, signal.SIGKILL)
+    assert store.show_sender(SENDER)["balance"] == 4
+    assert store.pending_count() == 1  # the queue's reservation, never swept
+    _delivered_once_charged_once(store, sink, env)
+
+
+@pytest.mark.sqlite_only
+def test_kill_9_after_the_upstream_accepted_before_the_settle(tmp_path, cert_dir, sink, client_tls):
+    import signal
+    import sqlite3
+
+    from support import SENDER
+    from test_observe import HeldData
+    from test_settle_journal import serve
+
+    store, token, port, env = _killable_relay(tmp_path, cert_dir, sink)
+    held = HeldData(sink)
+    proc, _ = serve(env)
+    locker = sqlite3.connect(tmp_path / "relay.db", isolation_level=None, timeout=30)
+    try:
+        assert _submit(port, token, client_tls) == QUEUED
+        assert held.arrived.wait(10)
+        locker.execute("BEGIN EXCLUSIVE")  # the end of the attempt cannot be written
+        held.release.set()  # the upstream accepts
+        until(lambda: len(sink.messages) == 1, 10)
+        proc.send_signal(signal.SIGKILL)  # before the settle could commit
+        proc.wait(30)
+    finally:
+        locker.close()
+        _stop(proc, signal.SIGKILL)
+    assert store.show_sender(SENDER)["balance"] == 4  # neither refunded nor settled yet
+    assert store.queue_list() != []
+    _delivered_once_charged_once(store, sink, env)

@@ -360,7 +360,11 @@ def test_no_channel_is_one_warning_and_not_ready(tmp_path, cert_dir, running):
     )
     assert relay.warnings() == [reason]
     ready = httpx.get(f"http://127.0.0.1:{admin}/readyz", timeout=10)
-    assert (ready.status_code, ready.json()) == (503, {"ready": False, "reason": reason})
+    empty = {"mode": "off", "queued": 0, "held": 0, "oldest_seconds": 0}
+    assert (ready.status_code, ready.json()) == (
+        503,
+        {"ready": False, "reason": reason, "queue": empty},
+    )
     assert httpx.get(f"http://127.0.0.1:{admin}/healthz", timeout=10).status_code == 200
 
 
@@ -376,4 +380,5 @@ def test_a_configured_channel_warns_of_nothing_and_is_ready(tmp_path, cert_dir, 
     relay.listening(workers=2)
     assert relay.warnings() == []
     ready = httpx.get(f"http://127.0.0.1:{admin}/readyz", timeout=10)
-    assert (ready.status_code, ready.json()) == (200, {"ready": True})
+    empty = {"mode": "off", "queued": 0, "held": 0, "oldest_seconds": 0}
+    assert (ready.status_code, ready.json()) == (200, {"ready": True, "queue": empty})

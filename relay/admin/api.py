@@ -38,6 +38,7 @@ from relay.network import client_key
 from relay.store.audit import Actor
 from relay.store.deliveries import Outcome
 from relay.store.loop import AsyncStore
+from relay.store.queue import STATES as QUEUE_STATES
 from relay.store.throttle import AUTH_FAILURE_WINDOW
 
 log = logging.getLogger("relay.api")
@@ -174,6 +175,12 @@ async def create_account(call: Call) -> Any:
     return await call.run(operations.create_account, call.actor, call.body["name"])
 
 
+async def set_account(call: Call) -> Any:
+    return await call.run(
+        operations.set_account, call.actor, call.path["name"], queue=call.body.get("queue")
+    )
+
+
 async def list_domains(call: Call) -> Any:
     return {"domains": await call.run(operations.list_domains, call.path["name"])}
 
@@ -304,6 +311,34 @@ async def list_audit(call: Call) -> Any:
     return {"records": rows, "next_cursor": cursor}
 
 
+# --- the durable queue (docs/queue.md) ------------------------------------------------
+
+
+async def queue_list(call: Call) -> Any:
+    return {
+        "messages": await call.run(
+            operations.queue_list,
+            state=call.query.get("state"),
+            account=call.query.get("account"),
+        )
+    }
+
+
+async def queue_show(call: Call) -> Any:
+    return await call.run(operations.queue_show, call.path["id"])
+
+
+def _queue_action(action: str) -> Callable[[Call], Awaitable[Any]]:
+    async def handler(call: Call) -> Any:
+        return await call.run(operations.queue_set, call.actor, call.path["id"], action)
+
+    return handler
+
+
+async def queue_cancel(call: Call) -> Any:
+    return await call.run(operations.queue_cancel, call.actor, call.path["id"])
+
+
 # --- the route table -----------------------------------------------------------------
 
 NO_ACCOUNT = {"404": "no such account (`no_such_account`)"}
@@ -354,6 +389,16 @@ BAD_RULE = (
 )
 verified_list, verified_add, verified_remove = _lists("verified")
 nolimit_list, nolimit_add, nolimit_remove = _lists("nolimit")
+NO_QUEUED = {
+    "404": "no such queued message (`no_such_message`)",
+    "422": "not a queued message's id (`bad_id`)",
+}
+QUEUE_FIELDS = (
+    "a queued message: `id`, `message_id`, `created`, `account`, `sender`, `recipients`,"
+    " `done` (each finished recipient's reply), `size`, `state` (queued or held), `tries`,"
+    " `next_try` (unix seconds), `last_code`, `last_text`, `lease_owner` and `lease_until`"
+    " (an attempt runs), `attempts` (channel, code, enhanced code, text, seconds)"
+)
 
 ENDPOINTS: list[Endpoint] = [
     Endpoint("GET", f"{PREFIX}/accounts", "list accounts", list_accounts),
@@ -365,6 +410,22 @@ ENDPOINTS: list[Endpoint] = [
         201,
         body=(Field("name", "string", "the account's name", required=True, max_length=100),),
         errors={**BAD_BODY, "409": "an account of that name exists (`account_exists`)"},
+    ),
+    Endpoint(
+        "PATCH",
+        f"{PREFIX}/accounts/{{name}}",
+        "set an account's own settings",
+        set_account,
+        returns="the account: `id`, `name`, `created`, `queue` (null: the relay's RELAY_QUEUE)",
+        body=(
+            Field(
+                "queue",
+                "string",
+                "its own RELAY_QUEUE: off, on-failure, always, or default (the relay's)",
+                max_length=20,
+            ),
+        ),
+        errors={**NO_ACCOUNT, **BAD_BODY},
     ),
     Endpoint(
         "GET",
@@ -575,6 +636,50 @@ ENDPOINTS: list[Endpoint] = [
             Param("cursor", "the `next_cursor` of the previous page", "integer"),
         ),
         errors={"422": "a bad query parameter"},
+    ),
+    # --- the durable queue (docs/queue.md)
+    Endpoint(
+        "GET",
+        f"{PREFIX}/queue",
+        "queued messages, oldest first (`relay queue list`)",
+        queue_list,
+        query=(
+            Param("state", "only messages in this state", enum=QUEUE_STATES),
+            Param("account", "only this account's messages"),
+        ),
+        returns=QUEUE_FIELDS,
+        errors={"422": "a bad filter (`bad_query`, `bad_state`)"},
+    ),
+    Endpoint(
+        "GET",
+        f"{PREFIX}/queue/{{id}}",
+        "one queued message with its attempts and next try (`relay queue show`)",
+        queue_show,
+        returns=QUEUE_FIELDS,
+        errors=NO_QUEUED,
+    ),
+    *(
+        Endpoint(
+            "POST",
+            f"{PREFIX}/queue/{{id}}/{action}",
+            f"{summary}; `all` for every queued message (`relay queue {action}`)",
+            _queue_action(action),
+            returns="`action`, `changed`: how many messages it changed",
+            errors=NO_QUEUED,
+        )
+        for action, summary in (
+            ("retry", "make a queued message due now"),
+            ("hold", "hold a queued message: no attempt until released"),
+            ("release", "release a held message"),
+        )
+    ),
+    Endpoint(
+        "POST",
+        f"{PREFIX}/queue/{{id}}/cancel",
+        "end a queued message: the undelivered part refunded, a final record (`550 5.0.0`)",
+        queue_cancel,
+        returns="`id`, `cancelled`, `refunded`: the units given back",
+        errors={**NO_QUEUED, "409": "an attempt holds it now (`attempt_running`)"},
     ),
 ]
 OPENAPI_PATH = f"{PREFIX}/openapi.json"

@@ -40,6 +40,7 @@ from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
@@ -62,6 +63,8 @@ GRACEFUL_SHUTDOWN = 2
 READY_TIMEOUT = 2.0
 
 Readiness = Callable[[], Awaitable[str | None]]
+# What `/readyz` reports beside its verdict (the durable queue's depth and oldest age).
+Details = Callable[[], dict[str, Any]]
 
 # Every answer carries these. The console loads only its own files (no inline
 # script, no other origin), is never framed, and the API's JSON is never sniffed
@@ -154,6 +157,7 @@ def application(
     readiness: Readiness,
     context: api.ApiContext | None = None,
     console: Console | None = None,
+    details: Details | None = None,
 ) -> Starlette:
     async def healthz(request: Request) -> Response:
         return PlainTextResponse("ok\n")
@@ -164,10 +168,13 @@ def application(
                 reason = await readiness()
         except TimeoutError:
             reason = "the store did not answer in time"
-        if reason is None:
-            return Response('{"ready": true}\n', media_type="application/json")
-        body = json.dumps({"ready": False, "reason": reason}) + "\n"
-        return Response(body, status_code=503, media_type="application/json")
+        answer: dict[str, Any] = {"ready": reason is None}
+        if reason is not None:
+            answer["reason"] = reason
+        if details is not None:
+            answer.update(details())
+        body = json.dumps(answer) + "\n"
+        return Response(body, status_code=503 if reason else 200, media_type="application/json")
 
     async def metrics_text(request: Request) -> Response:
         body, content_type = metrics.exposition()
@@ -225,11 +232,12 @@ class AdminServer:
         context: api.ApiContext | None = None,
         console: Console | None = None,
         tls: tuple[Path, Path] | None = None,
+        details: Details | None = None,
     ) -> None:
         self.sock = sock
         self.tls = tls
         config = uvicorn.Config(
-            application(readiness, context, console),
+            application(readiness, context, console, details),
             ssl_certfile=tls[0] if tls else None,
             ssl_keyfile=tls[1] if tls else None,
             lifespan="off",

@@ -24,7 +24,15 @@ def cmd_account_create(args: argparse.Namespace) -> None:
 
 def cmd_account_list(args: argparse.Namespace) -> None:
     rows = operations.list_accounts(open_store())
-    emit(args, rows, lambda v: table(v, ["id", "name"]))
+    shown = lambda v: table(  # noqa: E731
+        [{**a, "queue": a["queue"] or "default"} for a in v], ["id", "name", "queue"]
+    )
+    emit(args, rows, shown)
+
+
+def cmd_account_set(args: argparse.Namespace) -> None:
+    value = operations.set_account(open_store(), CLI_ACTOR, args.name, queue=args.queue)
+    emit(args, value, lambda v: f"account {v['name']}: queue {v['queue'] or 'default'}")
 
 
 def cmd_domain_add(args: argparse.Namespace) -> None:

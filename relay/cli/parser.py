@@ -10,6 +10,7 @@ from relay.cli import log as deliveries
 from relay.cli import manage
 from relay.cli import queue as queued
 from relay.cli import serve as running
+from relay.config import QUEUE_MODES
 from relay.store.deliveries import Outcome
 
 
@@ -113,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
         "name"
     )
     command(account, "list", manage.cmd_account_list, "list accounts", True)
+    aset = command(account, "set", manage.cmd_account_set, "an account's own settings", True)
+    aset.add_argument("name")
+    aset.add_argument(
+        "--queue",
+        choices=[*QUEUE_MODES, "default"],
+        help="its own RELAY_QUEUE (default: the relay's setting)",
+    )
 
     domain = group("domain", "sender domains onboarded on an account")
     for name, handler in (("add", manage.cmd_domain_add), ("remove", manage.cmd_domain_remove)):

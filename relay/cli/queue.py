@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
 
+from relay.admin import operations
 from relay.cli.output import open_store, table, when
 from relay.errors import NotFound
+from relay.store.audit import CLI_ACTOR
 
 
 def cmd_queue_list(args: argparse.Namespace) -> None:
-    rows = open_store().queue_list(args.state, args.account)
+    rows = operations.queue_list(open_store(), state=args.state, account=args.account)
     if args.json:
         for row in rows:
             print(json.dumps(row, sort_keys=True))
@@ -35,7 +36,7 @@ def cmd_queue_list(args: argparse.Namespace) -> None:
 
 
 def cmd_queue_show(args: argparse.Namespace) -> None:
-    row = _one(args.id)
+    row = operations.queue_show(open_store(), args.id)
     if args.json:
         print(json.dumps(row, sort_keys=True))
         return
@@ -61,35 +62,25 @@ def cmd_queue_show(args: argparse.Namespace) -> None:
     print("\n".join(lines))
 
 
-def _one(queue_id: int) -> dict[str, Any]:
-    row = open_store().queue_get(queue_id)
-    if row is None:
-        raise NotFound(f"no queued message {queue_id}")
-    return row
-
-
-def _ids(args: argparse.Namespace) -> list[int] | None:
-    if args.all:
-        return None
-    if args.id is None:
+def _set(args: argparse.Namespace, action: str) -> int:
+    if not args.all and args.id is None:
         raise NotFound("name a queued message's ID, or --all")
-    return [args.id]
+    target = None if args.all else args.id
+    return int(operations.queue_set(open_store(), CLI_ACTOR, target, action)["changed"])
 
 
 def cmd_queue_retry(args: argparse.Namespace) -> None:
-    print(f"{open_store().queue_set(_ids(args), due_now=True)} message(s) due now")
+    print(f"{_set(args, 'retry')} message(s) due now")
 
 
 def cmd_queue_hold(args: argparse.Namespace) -> None:
-    print(f"{open_store().queue_set(_ids(args), state='held')} message(s) held")
+    print(f"{_set(args, 'hold')} message(s) held")
 
 
 def cmd_queue_release(args: argparse.Namespace) -> None:
-    print(f"{open_store().queue_set(_ids(args), state='queued')} message(s) released")
+    print(f"{_set(args, 'release')} message(s) released")
 
 
 def cmd_queue_cancel(args: argparse.Namespace) -> None:
-    refund = open_store().cancel(args.id)
-    if refund is None:
-        raise NotFound(f"no queued message {args.id} free to cancel (an attempt may hold it)")
-    print(f"cancelled {args.id}; refunded {refund}")
+    value = operations.queue_cancel(open_store(), CLI_ACTOR, args.id)
+    print(f"cancelled {value['id']}; refunded {value['refunded']}")

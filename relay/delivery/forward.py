@@ -80,10 +80,13 @@ class Forwarder:
         reservation: Reservation,
         idempotency_key: str | None,
         submitted: Submitted,
+        mode: str | None = None,
     ) -> Reply:
+        """`mode`: the account's own RELAY_QUEUE (None: the relay's setting)."""
+        mode = mode or self.settings.queue
         # A replay reserved nothing: it goes in session, as the upstream's key demands.
-        queueing = self.settings.queue != "off" and not reservation.replay
-        if queueing and self.settings.queue == "always":
+        queueing = mode != "off" and not reservation.replay
+        if queueing and mode == "always":
             queued = await self._keep(plan, outbound, reservation, submitted)
             if queued is not None:
                 return queued

@@ -246,7 +246,9 @@ class Submission:
         # upstream call half-way, and the charge is always settled. The forward
         # walks the plan's route chain (relay.delivery.chain: failover).
         task = self.spawn(
-            self.forwarder.forward(plan, outbound, reservation, idempotency_key, submitted)
+            self.forwarder.forward(
+                plan, outbound, reservation, idempotency_key, submitted, tx.check.queue
+            )
         )
         return await asyncio.shield(task)
 

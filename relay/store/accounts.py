@@ -25,10 +25,18 @@ class Accounts(Database):
         return NewAccount(id=int(row["id"]), name=name)
 
     def list_accounts(self) -> list[AccountRow]:
-        rows = self._read("SELECT id, name, created FROM accounts ORDER BY id")
+        rows = self._read("SELECT id, name, created, queue FROM accounts ORDER BY id")
         return [
-            AccountRow(id=int(r["id"]), name=r["name"], created=int(r["created"])) for r in rows
+            AccountRow(id=int(r["id"]), name=r["name"], created=int(r["created"]), queue=r["queue"])
+            for r in rows
         ]
+
+    def set_account_queue(self, name: str, mode: str | None) -> None:
+        """The account's own RELAY_QUEUE mode (None: the relay's); its next MAIL reads it."""
+        with self._write() as db:
+            cur = db.execute("UPDATE accounts SET queue = ? WHERE name = ?", (mode, name))
+        if cur.rowcount == 0:
+            raise RelayError(f"no account named {name!r}")
 
     def add_domain(self, account: str, domain: str) -> NewDomain:
         domain = domain.strip().lower()

@@ -90,6 +90,7 @@ class MailCheck:
     rules: TokenRules = NO_RULES  # the token's senders and rates, as they are now
     rate_use: Mapping[Unit, RateUse] = field(default_factory=dict)  # its rate windows
     rate: RateHit | None = None  # the message window one more message would pass
+    queue: str | None = None  # the account's own RELAY_QUEUE mode; None: the relay's
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +148,7 @@ class Ledger(Database):
                     token_id,
                     ts - REFUSAL_WINDOW,
                     refusal_limit,
+                    account_id,
                 ),
             ).fetchone()
             room, hit = self._headroom(db, account_id, now)
@@ -170,6 +172,7 @@ class Ledger(Database):
             rules,
             use,
             rate_hit(rules, use, 1, 0, ts) if rules.counted else None,
+            row["queue"],
         )
 
     def _headroom(
@@ -396,14 +399,16 @@ _OWNER_AND_VALIDITY = (
 )
 _OWNER_SQL = f"SELECT {_OWNER_AND_VALIDITY}"
 # MAIL FROM's check: with them, the no-limit list, the sender's row and the
-# token's refusals within the window, counted no further than the limit.
+# token's refusals within the window, counted no further than the limit, and the
+# account's own queue mode.
 _MAIL_CHECK_SQL = (
     f"SELECT {_OWNER_AND_VALIDITY},"  # noqa: S608 - constants; placeholders only
     " EXISTS (SELECT 1 FROM nolimit WHERE address = ?) AS nolimit,"
     " (SELECT balance FROM senders WHERE address = ?) AS balance,"
     " (SELECT enabled FROM senders WHERE address = ?) AS enabled,"
     " (SELECT count(*) FROM (SELECT 1 FROM refusals WHERE token_id = ? AND created > ?"
-    " LIMIT ?) AS r) AS refusals"
+    " LIMIT ?) AS r) AS refusals,"
+    " (SELECT queue FROM accounts WHERE id = ?) AS queue"
 )
 
 

@@ -14,6 +14,7 @@ class AccountRow(TypedDict):
     id: int
     name: str
     created: int
+    queue: str | None  # its own RELAY_QUEUE; None: the relay's
 
 
 class NewAccount(TypedDict):

@@ -209,4 +209,9 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE deliveries ADD COLUMN listener TEXT NOT NULL DEFAULT 'smtps';
     """,
+    # 14: an account's own RELAY_QUEUE (relay.store.accounts): off, on-failure or
+    #     always; NULL: the relay's setting. Read with MAIL FROM's check.
+    """
+    ALTER TABLE accounts ADD COLUMN queue TEXT;
+    """,
 )
