@@ -331,9 +331,13 @@ class FakeResend(FakeUpstream):
     def answer(self, request: Recorded) -> Scripted:
         if request.method != "POST" or request.path != "/emails":
             return _resend_failure(404, "not_found")
-        auth = request.headers.get("authorization", "")
-        if not auth.startswith("Bearer ") or not auth[7:]:
+        auth = request.headers.get("authorization")
+        if auth is None:
             return _resend_failure(401, "missing_api_key")
+        if not re.fullmatch(r"Bearer \S+", auth):
+            # A malformed Authorization header: 400 `validation_error`, "API key is
+            # invalid" (resend.com/docs/api-reference/errors), not a 401 or 403.
+            return _resend_failure(400, "validation_error", "API key is invalid")
         if self.tokens is not None and auth[7:] not in self.tokens:
             return _resend_failure(403, "invalid_api_key")
         body = request.json

@@ -601,7 +601,7 @@ CLOUDFLARE_OUTCOMES = [
     ),
     pytest.param(
         lambda f: f.fail(200, 10203),
-        "550 5.7.1 cloudflare: sending disabled for this domain or account",
+        "451 4.3.0 cloudflare: sending disabled for this domain or account",
         10,
         id="200-success-false",
     ),

@@ -138,7 +138,7 @@ ERROR_TABLE: dict[int, tuple[int, str, str, bool]] = {
     10200: (552, "5.3.4", "cloudflare: message too big", False),
     10201: (451, "4.3.0", "cloudflare: request without content length", True),
     10202: (554, "5.6.0", "cloudflare: invalid email content", False),
-    10203: (550, "5.7.1", "cloudflare: sending disabled for this domain or account", False),
+    10203: (451, "4.3.0", "cloudflare: sending disabled for this domain or account", True),
 }
 
 
@@ -171,8 +171,8 @@ ERRORS: list[tuple[str, int, int | None, str, str | None, int, str, str]] = [
         10203,
         "Sending disabled",
         None,
-        550,
-        "5.7.1",
+        451,
+        "4.3.0",
         "cloudflare: sending disabled for this domain or account",
     ),
     (

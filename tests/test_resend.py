@@ -945,3 +945,22 @@ def test_attachments_only_and_no_subject_are_sent_as_composed(fake: FakeResend) 
     assert (sent["subject"], sent["text"]) == ("", "")
     assert "html" not in sent
     assert [(a["filename"], a["content"]) for a in sent["attachments"]] == [("a.pdf", attachment)]
+
+
+def test_a_malformed_key_is_the_operators_fault(
+    fake: FakeResend, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Resend answers a malformed Authorization header 400 `validation_error`,
+    # "API key is invalid": the relay's key, so 451 and an error, not 554 5.6.0.
+    config = replace(config_for(fake.url), token=Secret("re_half pasted"))
+    with caplog.at_level(logging.WARNING, logger="relay.resend"):
+        [result] = deliver(config, outbound(MESSAGE))
+    assert isinstance(result, TransientDelivery), result
+    assert fake.requests, result.reply
+    assert str(result.reply) == "451 4.3.0 resend: upstream rejected relay credentials"
+    assert [r.levelname for r in caplog.records] == ["ERROR"]
+    assert fake.sent == []
+    body = resend_error(400, "validation_error", "API key is invalid")
+    assert is_config_fault(400, body)
+    # Any other 400 validation_error stays the message's.
+    assert not is_config_fault(400, resend_error(400, "validation_error"))

@@ -71,9 +71,10 @@ ERRORS: Mapping[int, ErrorRow] = {
     # httpx always sends a Content-Length: this would be a relay fault.
     NO_CONTENT_LENGTH: ErrorRow(Kind.CONFIG, words="request without content length"),
     INVALID_EMAIL: ErrorRow(Kind.REFUSED, Refusal.CONTENT, "invalid email content"),
-    SENDING_DISABLED: ErrorRow(
-        Kind.REFUSED, Refusal.NOT_AUTHORIZED, "sending disabled for this domain or account"
-    ),
+    # "Sending disabled for this zone or account" (HTTP 403): the account's or the
+    # zone's state, which only the operator can change; the message itself is fine
+    # and goes once sending is enabled again, so a 451 and an operator error.
+    SENDING_DISABLED: ErrorRow(Kind.CONFIG, words="sending disabled for this domain or account"),
 }
 
 

@@ -325,10 +325,19 @@ def _fallback_filename(content_type: str, index: int) -> str:
 # --- outcomes (pure) ---------------------------------------------------------
 
 
+# A malformed Authorization header is answered 400 `validation_error` with the
+# message "API key is invalid" (resend.com/docs/api-reference/errors), not 403 `invalid_api_key`: the relay's own key, so a
+# 451 and an operator error, never a permanent refusal of the client's message.
+_KEY_REFUSED = re.compile(r"\bapi key\b", re.IGNORECASE)
+KEY_MALFORMED = ErrorRow(Kind.CREDENTIALS)
+
+
 def error_row(status: int, body: object) -> ErrorRow | None:
     """The table's row for an answer; by status alone for a name Resend adds later."""
     error = body if isinstance(body, dict) else {}
     name = str(error.get("name") or "")
+    if name == "validation_error" and _KEY_REFUSED.search(str(error.get("message") or "")):
+        return KEY_MALFORMED
     row = ERRORS.get((status, name))
     if row is not None:
         return row
