@@ -463,6 +463,11 @@ def start_warnings(settings: Settings) -> list[str]:
         for name, url in apis
         if urlsplit(url).scheme.lower() == "http"
     ]
+    warnings += [
+        f"SMTP_CONFIG[{domain!r}]: unknown key(s) ignored: {', '.join(entry.unknown_keys)}"
+        for domain, entry in settings.smtp_config.items()
+        if entry.unknown_keys
+    ]
     missing = no_channel(settings)
     return warnings + ([missing] if missing else [])
 

@@ -32,7 +32,9 @@ class SmtpUpstream:
     port: int
     secure: bool = False  # implicit TLS from the first byte (port 465)
     start_tls: bool = True  # upgrade when the upstream offers STARTTLS
-    auth_types: tuple[str, ...] = ("plain", "login")
+    # worker-mailer's default is no authType at all (src/mailer.ts: `[]`); empty
+    # here means "not given": the first of UPSTREAM_AUTH_TYPES the upstream offers.
+    auth_types: tuple[str, ...] = ()
     username: str | None = None
     password: Secret | None = None
     verify_tls: bool = True
@@ -40,6 +42,8 @@ class SmtpUpstream:
     # Credentials go only over TLS unless the entry says `tls.allowPlaintextAuth`.
     allow_plaintext_auth: bool = False
     rate: float | None = None  # messages per second this upstream takes (None: no pacing)
+    # Keys neither worker-mailer nor the relay knows (a typo?): named at start.
+    unknown_keys: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -68,7 +72,20 @@ class CloudflareConfig:
     api_url: str = "https://api.cloudflare.com/client/v4"
 
 
+# worker-mailer's AuthType, in the order its `auth()` prefers them (src/mailer.ts).
 UPSTREAM_AUTH_TYPES = ("plain", "login", "cram-md5")
+# The keys worker-mailer's WorkerMailerOptions takes (src/mailer.ts) that the relay
+# reads no value from: `dsn` (the relay passes the client's own DSN parameters as
+# they came, or none), `logLevel` (the relay's log has its own level) and the
+# timeouts (RELAY_UPSTREAM_TIMEOUT bounds every call). Accepted and ignored, so an
+# entry pasted from a worker-mailer setup starts unchanged.
+WORKER_MAILER_IGNORED = frozenset({"dsn", "logLevel", "socketTimeoutMs", "responseTimeoutMs"})
+# What the relay adds to worker-mailer's format: `tls` (rejectUnauthorized, ca,
+# allowPlaintextAuth) and `rate`.
+KNOWN_KEYS = (
+    frozenset({"host", "port", "secure", "startTls", "authType", "credentials", "tls", "rate"})
+    | WORKER_MAILER_IGNORED
+)
 RESEND_DOMAIN_PREFIX = "RESEND_TOKEN_"
 
 
@@ -115,7 +132,9 @@ def _smtp_entry(domain: str, entry: Any) -> SmtpUpstream:
         raise ConfigError(f"{where}.host: required")
     if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
         raise ConfigError(f"{where}.port: expected a port number, got {port!r}")
-    auth = entry.get("authType", ["plain", "login"])
+    auth = entry.get("authType")
+    if auth is None:
+        auth = []
     if isinstance(auth, str):
         auth = [auth]
     if not isinstance(auth, list) or not all(isinstance(a, str) for a in auth):
@@ -149,6 +168,7 @@ def _smtp_entry(domain: str, entry: Any) -> SmtpUpstream:
         ca=ca or None,
         allow_plaintext_auth=_flag(tls, "allowPlaintextAuth", False, f"{where}.tls"),
         rate=rate(entry.get("rate"), f"{where}.rate"),
+        unknown_keys=tuple(sorted(str(k) for k in entry if k not in KNOWN_KEYS)),
     )
 
 

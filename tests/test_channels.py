@@ -1058,3 +1058,53 @@ def test_a_forward_cancelled_while_the_upstream_greets_closes_its_connection():
             await server.wait_closed()
 
     assert asyncio.run(run()) == b"EHLO relay.test\r\n"  # and then the end
+
+
+# --- worker-mailer's format (zou-yu/worker-mailer src/mailer.ts) -----------------
+
+
+@pytest.mark.parametrize("mode", ["plain", "tls"])
+def test_no_auth_where_the_upstream_offers_none(relay_factory, sink_factory, caplog, mode):
+    # worker-mailer authenticates only when EHLO names AUTH; its other keys
+    # (dsn, logLevel, the timeouts) are accepted and have no effect here.
+    upstream = sink_factory(mode)
+    config = upstream.smtp_config(
+        credentials={"username": "relay-user", "password": "s3cret"},
+        dsn={"RET": {"HEADERS": True}},
+        logLevel="DEBUG",
+        socketTimeoutMs=60000,
+        responseTimeoutMs=30000,
+    )
+    relay = relay_factory(SMTP_CONFIG=config, DEFAULT_SEND_BALANCE="10")
+    with caplog.at_level(logging.WARNING, logger="relay.smtp"):
+        assert send(relay, mail("<m1@example.com>")) == "250 2.0.0 Ok <m1@example.com>"
+        assert send(relay, mail("<m2@example.com>")) == "250 2.0.0 Ok <m2@example.com>"
+    assert len(upstream.messages) == 2
+    assert balance(relay) == 8
+    logged = [r for r in caplog.records if "advertises no AUTH" in r.getMessage()]
+    assert len(logged) == 1  # once per upstream
+    assert "s3cret" not in caplog.text
+
+
+@sink_auth_without_starttls
+def test_no_auth_type_offered_of_those_named_is_451(relay_factory, sink_factory, caplog):
+    upstream = sink_factory("tls", username="relay-user", password="s3cret")
+    relay = relay_factory(
+        SMTP_CONFIG=upstream.smtp_config(authType="cram-md5"), DEFAULT_SEND_BALANCE="10"
+    )
+    with caplog.at_level(logging.ERROR, logger="relay.smtp"):
+        reply = send(relay)
+    assert reply == "451 4.3.0 smtp: upstream offers none of authType cram-md5"
+    assert upstream.messages == [] and upstream.recorder.auth_logins == []
+    assert balance(relay) == 10
+    assert "s3cret" not in caplog.text
+
+
+@sink_auth_without_starttls
+def test_without_auth_type_the_first_offered_is_used(relay_factory, sink_factory):
+    upstream = sink_factory("tls", username="relay-user", password="s3cret")
+    entry = json.loads(upstream.smtp_config())
+    del entry[DOMAIN]["authType"]
+    relay = relay_factory(SMTP_CONFIG=json.dumps(entry), DEFAULT_SEND_BALANCE="10")
+    assert send(relay) == DELIVERED
+    assert upstream.recorder.auth_logins == [b"relay-user"]

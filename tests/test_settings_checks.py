@@ -377,3 +377,27 @@ def test_a_configured_channel_warns_of_nothing_and_is_ready(tmp_path, cert_dir, 
     assert relay.warnings() == []
     ready = httpx.get(f"http://127.0.0.1:{admin}/readyz", timeout=10)
     assert (ready.status_code, ready.json()) == (200, {"ready": True})
+
+
+def test_worker_mailer_entries_start_unchanged() -> None:
+    # Every key of worker-mailer's WorkerMailerOptions (zou-yu/worker-mailer
+    # src/mailer.ts), so an entry pasted from a worker-mailer setup starts as it is.
+    from relay.config import start_warnings
+
+    entry = {
+        "host": "smtp.example.net",
+        "port": 465,
+        "secure": True,
+        "startTls": True,
+        "credentials": {"username": "u", "password": "p"},
+        "logLevel": "DEBUG",
+        "dsn": {"RET": {"HEADERS": True}, "NOTIFY": {"FAILURE": True}},
+        "socketTimeoutMs": 60000,
+        "responseTimeoutMs": 30000,
+        "startTLS": False,  # a typo: not worker-mailer's key, named at start
+    }
+    settings = load_settings({"SMTP_CONFIG": json.dumps({"a.test": entry})})
+    upstream = settings.smtp_config["a.test"]
+    assert upstream.auth_types == ()  # worker-mailer's default: none named
+    assert upstream.unknown_keys == ("startTLS",)
+    assert "SMTP_CONFIG['a.test']: unknown key(s) ignored: startTLS" in start_warnings(settings)
