@@ -326,8 +326,9 @@ def _fallback_filename(content_type: str, index: int) -> str:
 
 
 # A malformed Authorization header is answered 400 `validation_error` with the
-# message "API key is invalid" (resend.com/docs/api-reference/errors), not 403 `invalid_api_key`: the relay's own key, so a
-# 451 and an operator error, never a permanent refusal of the client's message.
+# message "API key is invalid" (resend.com/docs/api-reference/errors), not 403
+# `invalid_api_key`: the relay's own key, so a 451 and an operator error, never a
+# permanent refusal of the client's message.
 _KEY_REFUSED = re.compile(r"\bapi key\b", re.IGNORECASE)
 KEY_MALFORMED = ErrorRow(Kind.CREDENTIALS)
 
