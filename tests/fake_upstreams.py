@@ -280,6 +280,10 @@ RESEND_TESTING_ONLY = (
 )
 
 
+# SendEmailRequest's required fields (resend-openapi resend.yaml, components/schemas).
+RESEND_REQUIRED = ("from", "to", "subject")
+
+
 @dataclass(frozen=True)
 class SentEmail:
     id: str
@@ -343,15 +347,16 @@ class FakeResend(FakeUpstream):
         body = request.json
         if not isinstance(body, dict):
             return _resend_failure(400, "validation_error", "Invalid JSON body.")
-        for required in ("from", "to", "subject"):
-            if not body.get(required) and not (required == "subject" and "subject" in body):
+        # SendEmailRequest's `required` (resend-openapi resend.yaml); an empty
+        # string counts as missing, as Resend's validation reads it.
+        for required in RESEND_REQUIRED:
+            if not body.get(required):
                 return _resend_failure(
                     422, "missing_required_field", f"Missing `{required}` field."
                 )
-        # resend-node CreateEmailOptions: RequireAtLeastOne of react, html, text
-        # (a template aside). An empty `text` is a present one.
-        if not any(key in body for key in ("html", "text", "template")):
-            return _resend_failure(422, "missing_required_field", "Missing `html` or `text` field.")
+        for name in ("subject", "text", "html"):
+            if name in body and not isinstance(body[name], str):
+                return _resend_failure(422, "validation_error", f"Invalid `{name}` field.")
         for attachment in body.get("attachments") or []:
             if (
                 not isinstance(attachment, dict)

@@ -12,6 +12,7 @@ from email.message import EmailMessage
 from email.policy import SMTP
 from typing import Any
 
+import httpx
 import pytest
 
 from relay.channels.base import Delivery, Outbound
@@ -121,7 +122,7 @@ ADDRESS_CASES: list[tuple[str, str, tuple[str, ...], dict[str, Any]]] = [
         "subject missing",
         "From: alice@example.com\nTo: bob@example.org",
         ("bob@example.org",),
-        {"subject": ""},
+        {"subject": "(no subject)"},
     ),
     (
         "encoded, folded subject",
@@ -942,8 +943,9 @@ def test_attachments_only_and_no_subject_are_sent_as_composed(fake: FakeResend) 
     [result] = deliver(config_for(fake.url), outbound(content))
     assert isinstance(result, Delivery)
     sent = fake.sent[0].json
-    assert (sent["subject"], sent["text"]) == ("", "")
-    assert "html" not in sent
+    # SendEmailRequest requires from, to and subject only (resend-openapi).
+    assert sent["subject"] == "(no subject)"
+    assert "html" not in sent and "text" not in sent
     assert [(a["filename"], a["content"]) for a in sent["attachments"]] == [("a.pdf", attachment)]
 
 
@@ -964,3 +966,19 @@ def test_a_malformed_key_is_the_operators_fault(
     assert is_config_fault(400, body)
     # Any other 400 validation_error stays the message's.
     assert not is_config_fault(400, resend_error(400, "validation_error"))
+
+
+@pytest.mark.parametrize("missing", ["from", "to", "subject"])
+def test_the_fake_requires_what_the_schema_requires(fake: FakeResend, missing: str) -> None:
+    # resend-openapi resend.yaml SendEmailRequest: required [from, to, subject].
+    body = {"from": "a@example.com", "to": ["b@example.org"], "subject": "s"}
+    for absent in ({k: v for k, v in body.items() if k != missing}, {**body, missing: ""}):
+        response = httpx.post(
+            f"{fake.url}/emails", json=absent, headers={"Authorization": "Bearer re_x"}
+        )
+        assert response.status_code == 422
+        assert response.json()["name"] == "missing_required_field"
+    assert httpx.post(
+        f"{fake.url}/emails", json=body, headers={"Authorization": "Bearer re_x"}
+    ).is_success
+    assert fake.sent[0].json == body  # neither text nor html is required

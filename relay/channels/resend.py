@@ -43,6 +43,7 @@ NAME = "resend"
 # Resend accepts an Idempotency-Key of 1 to 256 characters (docs, "Idempotency keys").
 MAX_IDEMPOTENCY_KEY = 256
 IDEMPOTENCY_PREFIX = "relay-"
+NO_SUBJECT = "(no subject)"
 
 # Headers the relay does not copy into Resend's `headers` object; every other
 # header passes (Auto-Submitted, List-Id, Precedence, Sender, ...). Resend's API
@@ -155,7 +156,10 @@ def _translate(message: Outbound) -> tuple[dict[str, Any], bool]:
     body: dict[str, Any] = {
         "from": _from_field(parsed, message.sender),
         "to": to_field,
-        "subject": _header_text(parsed, "Subject"),
+        # SendEmailRequest requires `subject` (resend-openapi resend.yaml), and
+        # Resend's validation takes an empty one as missing: a message without a
+        # Subject goes under the words mail clients show for one.
+        "subject": _header_text(parsed, "Subject") or NO_SUBJECT,
     }
     if cc:
         body["cc"] = [str(a) for a in cc]
@@ -171,11 +175,11 @@ def _translate(message: Outbound) -> tuple[dict[str, Any], bool]:
         body["text"] = _text_of(text_part)
     if html_part is not None:
         body["html"] = _text_of(html_part)
-    if text_part is None:
+    if text_part is None and html_part is not None:
         # Without `text`, Resend writes a plain-text version of the HTML; an
         # empty `text` opts out (resend.com/docs/api-reference/emails/send-email,
-        # `text`). It also stands in for the body Resend requires (resend-node
-        # CreateEmailOptions: html or text) when the client sent attachments only.
+        # `text`). A message of attachments only sends neither: SendEmailRequest
+        # requires only from, to and subject (resend-openapi resend.yaml).
         body["text"] = ""
     bodies = [p for p in (text_part, html_part) if p is not None]
     others = [(p, related) for p, related in _leaves(parsed) if not any(p is b for b in bodies)]
