@@ -32,6 +32,7 @@ from relay.upstreams import (
     api_url,
     cloudflare_config,
     rate,
+    resend_teams,
     smtp_config,
 )
 
@@ -232,6 +233,7 @@ KNOWN = frozenset(
         "RESEND_TOKEN",
         "RESEND_API_URL",
         "RESEND_RATE_LIMIT",
+        "RESEND_TEAMS",
         "CLOUDFLARE_ACCOUNT_ID",
         "CLOUDFLARE_API_TOKEN",
         "CLOUDFLARE_API_URL",
@@ -311,6 +313,12 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             f" {upkeep.owner_dead_after:g}: a live relay's charges would be refunded"
         )
 
+    resend_token = text("RESEND_TOKEN")
+    resend_domains = {
+        k[len(RESEND_DOMAIN_PREFIX) :].upper(): Secret(str(v))
+        for k, v in raw.items()
+        if k.startswith(RESEND_DOMAIN_PREFIX) and v
+    }
     return Settings(
         hostname=text("RELAY_HOSTNAME") or socket.getfqdn(),
         listen=_host_port(text("RELAY_LISTEN", "0.0.0.0:465") or ""),
@@ -320,14 +328,11 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         dev_outbox=Path(p) if (p := text("RELAY_DEV_OUTBOX")) else None,
         smtp_config=smtp_config(raw.get("SMTP_CONFIG")),
         resend=ResendConfig(
-            token=Secret(t) if (t := text("RESEND_TOKEN")) else None,
-            domain_tokens={
-                k[len(RESEND_DOMAIN_PREFIX) :].upper(): Secret(str(v))
-                for k, v in raw.items()
-                if k.startswith(RESEND_DOMAIN_PREFIX) and v
-            },
+            token=Secret(resend_token) if resend_token else None,
+            domain_tokens=resend_domains,
             api_url=api_url("RESEND_API_URL", text("RESEND_API_URL") or ResendConfig.api_url),
             rate_limit=rate(raw.get("RESEND_RATE_LIMIT"), "RESEND_RATE_LIMIT") or 5.0,
+            teams=resend_teams(raw.get("RESEND_TEAMS"), resend_domains, bool(resend_token)),
         ),
         cloudflare=cloudflare_config(text),
         default_send_balance=_integer(

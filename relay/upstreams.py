@@ -51,10 +51,14 @@ class ResendConfig:
     token: Secret | None = None
     domain_tokens: Mapping[str, Secret] = field(default_factory=dict)
     api_url: str = "https://api.resend.com"
-    # Requests per second per API key. Resend's documented default is 5 per
-    # second per team (resend.com/docs/api-reference/rate-limit.md; earlier
-    # versions of that page said 2). Keys of one team share it.
+    # Requests per second per team. Resend's documented default is 5 per second
+    # per team, across all of its API keys (resend.com/docs/api-reference/rate-limit;
+    # earlier versions of that page said 2). Keys of one team share it.
     rate_limit: float = 5.0
+    # RESEND_TEAMS: the team of each key, by its setting's suffix ("" for
+    # RESEND_TOKEN, "EXAMPLE_COM" for RESEND_TOKEN_EXAMPLE_COM). A key named in
+    # no team shares the default one: by default every key is of one team.
+    teams: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def configured(self) -> bool:
@@ -63,6 +67,46 @@ class ResendConfig:
     def token_for(self, domain: str) -> Secret | None:
         """`RESEND_TOKEN_<DOMAIN>` (upper-cased, dots to `_`) wins over `RESEND_TOKEN`."""
         return self.domain_tokens.get(resend_domain_key(domain)) or self.token
+
+    def team_for(self, domain: str) -> str:
+        """The team whose rate the key for `domain` spends (never the key itself)."""
+        key = resend_domain_key(domain)
+        suffix = key if self.domain_tokens.get(key) else ""
+        return self.teams.get(suffix, DEFAULT_TEAM)
+
+
+DEFAULT_TEAM = "default"
+
+
+def resend_teams(value: Any, domain_tokens: Mapping[str, str], token: bool) -> dict[str, str]:
+    """`RESEND_TEAMS`: teams separated by `;`, each the comma-separated names of
+    the key settings of one Resend team, e.g.
+    `RESEND_TOKEN,RESEND_TOKEN_A_COM;RESEND_TOKEN_B_ORG`. Names only, never keys.
+
+        >>> resend_teams("RESEND_TOKEN_A_COM;RESEND_TOKEN", {"A_COM": "k"}, True)
+        {'A_COM': 'team-1', '': 'team-2'}
+    """
+    if value is None or str(value).strip() == "":
+        return {}
+    teams: dict[str, str] = {}
+    for index, group in enumerate(str(value).split(";"), start=1):
+        for name in (n.strip() for n in group.split(",")):
+            if not name:
+                continue
+            upper = name.upper()
+            if upper == "RESEND_TOKEN" and token:
+                suffix = ""
+            elif (
+                upper.startswith(RESEND_DOMAIN_PREFIX)
+                and upper[len(RESEND_DOMAIN_PREFIX) :] in domain_tokens
+            ):
+                suffix = upper[len(RESEND_DOMAIN_PREFIX) :]
+            else:
+                raise ConfigError(f"RESEND_TEAMS: {name[:60]!r} names no configured Resend key")
+            if suffix in teams:
+                raise ConfigError(f"RESEND_TEAMS: {name[:60]!r} is in two teams")
+            teams[suffix] = f"team-{index}"
+    return teams
 
 
 @dataclass(frozen=True)

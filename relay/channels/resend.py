@@ -414,12 +414,14 @@ class ResendChannel:
         self.rate = config.rate_limit / max(1, workers)
         # One client for every message: its pool keeps the TLS connection alive.
         self._client = httpapi.client(timeout)
-        self._buckets: dict[str, pacing.TokenBucket] = {}  # per API key
+        # Per team (RESEND_TEAMS): Resend limits a team across all its API keys
+        # (resend.com/docs/api-reference/rate-limit), so keys of one team share.
+        self._buckets: dict[str, pacing.TokenBucket] = {}
 
-    def _bucket(self, token: str) -> pacing.TokenBucket:
-        bucket = self._buckets.get(token)
+    def _bucket(self, team: str) -> pacing.TokenBucket:
+        bucket = self._buckets.get(team)
         if bucket is None:
-            bucket = self._buckets[token] = pacing.TokenBucket(self.rate)
+            bucket = self._buckets[team] = pacing.TokenBucket(self.rate)
         return bucket
 
     async def deliver(self, message: Outbound) -> Delivery:
@@ -482,7 +484,7 @@ class ResendChannel:
         names while the budget allows: the idempotency key makes the retry
         safe even if the first request did go through.
         """
-        bucket = self._bucket(token)
+        bucket = self._bucket(self.config.team_for(domain))
         content = json.dumps(body, ensure_ascii=False).encode("utf-8")
         while True:
             try:
