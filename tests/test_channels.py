@@ -1108,3 +1108,14 @@ def test_without_auth_type_the_first_offered_is_used(relay_factory, sink_factory
     relay = relay_factory(SMTP_CONFIG=json.dumps(entry), DEFAULT_SEND_BALANCE="10")
     assert send(relay) == DELIVERED
     assert upstream.recorder.auth_logins == [b"relay-user"]
+
+
+def test_cloudflare_size_as_sent_is_checked_before_the_request(relay_factory, cloudflare):
+    # Under the relay's 5 MiB as MIME; over Cloudflare's 5 MiB once its line
+    # ends travel escaped in the JSON string (email-service/platform/limits.mdx).
+    relay = relay_factory(**cloudflare_env(cloudflare), DEFAULT_SEND_BALANCE="10")
+    body = "abcdefgh\r\n" * ((5 * 1024 * 1024 - 8192) // 10)
+    reply = send(relay, mail(body=body))
+    assert reply.startswith("552 5.3.4 cloudflare: message too big as sent (")
+    assert cloudflare.requests == []
+    assert balance(relay) == 10

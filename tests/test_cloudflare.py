@@ -467,3 +467,48 @@ def test_what_max_forwardable_allows_cloudflare_takes(fake: FakeCloudflare) -> N
     assert isinstance(result, Delivery)
     [over] = deliver(config_for(fake.url), outbound(content=added + head + body + b"x" * 1024))
     assert str(getattr(over, "reply", "")) == "552 5.3.4 cloudflare: message too big"
+
+
+LIMIT = 5 * 1024 * 1024  # email-service/platform/limits.mdx, "Total message size"
+
+
+def limited(content: bytes) -> Outbound:
+    return Outbound(
+        "alice@example.com", ("bob@example.org",), content, "<m1@example.com>", "k", LIMIT
+    )
+
+
+def test_size_is_measured_as_sent_crlf_escaped(fake: FakeCloudflare) -> None:
+    # Under 5 MiB as MIME, over it once each CRLF travels as \r\n in the JSON string.
+    head = b"From: alice@example.com\r\nTo: bob@example.org\r\nSubject: s\r\n\r\n"
+    lines = (LIMIT - len(head) - 4096) // 10
+    content = head + b"abcdefgh\r\n" * lines
+    assert len(content) < LIMIT
+    [result] = deliver(config_for(fake.url), limited(content))
+    assert isinstance(result, PermanentDelivery)
+    assert result.reply.code == 552 and result.reply.enhanced == "5.3.4"
+    assert result.reply.text.startswith("cloudflare: message too big as sent (")
+    assert fake.requests == []  # refused before the request, not after the upload
+
+
+def test_size_counts_the_seven_bit_re_encoding(fake: FakeCloudflare) -> None:
+    # 8-bit Latin-1 text is re-encoded quoted-printable for JSON: each octet
+    # above 127 becomes three, so 2 MiB of it is over 5 MiB as sent.
+    head = (
+        b"From: alice@example.com\r\nTo: bob@example.org\r\nSubject: s\r\n"
+        b"Content-Type: text/plain; charset=iso-8859-1\r\n"
+        b"Content-Transfer-Encoding: 8bit\r\n\r\n"
+    )
+    content = head + (b"\xe9" * 70 + b"\r\n") * (2 * 1024 * 1024 // 72)
+    [result] = deliver(config_for(fake.url), limited(content))
+    assert isinstance(result, PermanentDelivery)
+    assert result.reply.code == 552
+    assert fake.requests == []
+
+
+def test_a_message_that_fits_as_sent_goes(fake: FakeCloudflare) -> None:
+    head = b"From: alice@example.com\r\nTo: bob@example.org\r\nSubject: s\r\n\r\n"
+    content = head + b"x" * 900 + b"\r\n"
+    [result] = deliver(config_for(fake.url), limited(content * 1))
+    assert isinstance(result, Delivery)
+    assert len(fake.sent) == 1

@@ -33,6 +33,9 @@ class Outbound:
     content: bytes  # RFC 5322, CRLF line endings, Message-ID and Date present
     message_id: str
     idempotency_key: str
+    # The most the upstream takes for this message's route (relay.policy
+    # `upstream_limit`), measured as the channel sends it; None: no known limit.
+    size_limit: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

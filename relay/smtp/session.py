@@ -227,6 +227,7 @@ class Submission:
             prepared.content,
             prepared.message_id,
             prepared.idempotency_key,
+            size_limit=policy.upstream_limit(plan.route),
         )
         # The command timer must not fire (and cancel) while the upstream works.
         server.reset_timer(self.settings.forward_budget + 10)
