@@ -337,7 +337,7 @@ def upstream_limit(route: Route) -> int | None:
     """The most the route's upstream takes, as the channel measures what it sends
     (Cloudflare: the MIME text once re-encoded and escaped for JSON).
 
-        >>> upstream_limit(Route(Channel.CLOUDFLARE, 4))
+        >>> upstream_limit(Route(Channel.CLOUDFLARE, charges=True, rule=4))
         5242880
     """
     limits = UPSTREAM_MAX_BYTES_VERIFIED if route.rule == 1 else UPSTREAM_MAX_BYTES
