@@ -20,6 +20,7 @@ aiosmtplib, httpx and sqlite3 exceptions are translated where they are raised
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from relay import replies
@@ -116,6 +117,9 @@ class DeliveryError(RelayError):
     def __init__(self, channel: str, reply: Reply) -> None:
         super().__init__(f"{channel}: {reply}", reply)
         self.channel = channel
+        # The upstream's answer per recipient, where it gave one: a refusal of
+        # every recipient still says which address was refused and why.
+        self.refused: Mapping[str, Reply] = {}
 
 
 class TransientDelivery(DeliveryError):

@@ -318,6 +318,13 @@ def upstream_refused_as(channel: str, code: int, enhanced: str, reason: str) -> 
     return Reply(code, enhanced, one_line(f"{channel}: {reason}"))
 
 
+# The words of an upstream's refusal of a recipient it keeps on its own
+# suppression list (Cloudflare's, found through its suppressions API): the relay
+# records such a recipient as a `provider` suppression, for as long as the
+# provider's shortest one lasts (relay.store.suppressions).
+PROVIDER_SUPPRESSED = "recipient on the provider's suppression list"
+
+
 def local_error(channel: str, why: str) -> Reply:
     """451 4.3.0: the channel failed on this host, not upstream; the client retries."""
     return _upstream(LOCAL_ERROR, channel, why)

@@ -1119,3 +1119,12 @@ def test_cloudflare_size_as_sent_is_checked_before_the_request(relay_factory, cl
     assert reply.startswith("552 5.3.4 cloudflare: message too big as sent (")
     assert cloudflare.requests == []
     assert balance(relay) == 10
+
+
+def test_cloudflare_suppression_400_delivers_the_other_recipients(relay_factory, cloudflare):
+    cloudflare.suppress(OTHER)
+    relay = relay_factory(**cloudflare_env(cloudflare), DEFAULT_SEND_BALANCE="10")
+    assert send(relay, recipients=(RCPT, OTHER)) == DELIVERED
+    [sent] = cloudflare.sent
+    assert sent.json["recipients"] == [RCPT]
+    assert balance(relay) == 9  # the suppressed recipient is not charged

@@ -512,3 +512,63 @@ def test_a_message_that_fits_as_sent_goes(fake: FakeCloudflare) -> None:
     [result] = deliver(config_for(fake.url), limited(content * 1))
     assert isinstance(result, Delivery)
     assert len(fake.sent) == 1
+
+
+# --- the account's suppression list (concepts/suppressions.mdx) -------------------
+
+SUPPRESSED_REPLY = "550 5.1.1 cloudflare: recipient on the provider's suppression list"
+
+
+def test_a_suppressed_recipient_is_refused_and_the_rest_sent_once(fake: FakeCloudflare) -> None:
+    fake.suppress("Carol@example.org", "soft_bounce")
+    [result] = deliver(config_for(fake.url), outbound(("bob@example.org", "carol@example.org")))
+    assert isinstance(result, Delivery)
+    assert result.accepted == ("bob@example.org",)
+    assert {r: str(v) for r, v in result.refused.items()} == {
+        "carol@example.org": f"{SUPPRESSED_REPLY} (soft_bounce)"
+    }
+    assert [(r.method, r.path.split("?")[0].rsplit("/", 1)[1]) for r in fake.requests] == [
+        ("POST", "send_raw"),
+        ("GET", "suppressions"),
+        ("GET", "suppressions"),
+        ("POST", "send_raw"),
+    ]
+    [sent] = fake.sent
+    assert sent.json["recipients"] == ["bob@example.org"]
+
+
+def test_every_recipient_suppressed(fake: FakeCloudflare) -> None:
+    fake.suppress("bob@example.org")
+    fake.suppress("carol@example.org", "complaint")
+    [result] = deliver(config_for(fake.url), outbound(("bob@example.org", "carol@example.org")))
+    assert isinstance(result, PermanentDelivery)
+    assert str(result.reply) == f"{SUPPRESSED_REPLY} (hard_bounce)"
+    assert {r: str(v) for r, v in result.refused.items()} == {
+        "bob@example.org": f"{SUPPRESSED_REPLY} (hard_bounce)",
+        "carol@example.org": f"{SUPPRESSED_REPLY} (complaint)",
+    }
+    assert fake.sent == []
+
+
+def test_suppression_list_unreadable(fake: FakeCloudflare) -> None:
+    fake.suppress("bob@example.org")
+    fake.script(400, fake.suppression_body)
+    fake.script(403, cloudflare_error(10102))  # a token without the read permission
+    [result] = deliver(config_for(fake.url), outbound())
+    assert isinstance(result, PermanentDelivery)
+    assert str(result.reply) == (
+        "550 5.1.1 cloudflare: request refused; a recipient may be on the account's"
+        " suppression list"
+    )
+    assert result.refused == {}  # no recipient named: none is recorded as suppressed
+    assert fake.sent == []
+
+
+def test_a_schema_400_with_no_suppressed_recipient_stays_a_content_error(
+    fake: FakeCloudflare,
+) -> None:
+    fake.fail(400, 10001)
+    [result] = deliver(config_for(fake.url), outbound())
+    assert isinstance(result, PermanentDelivery)
+    assert str(result.reply) == "554 5.6.0 cloudflare: invalid request"
+    assert [r.method for r in fake.requests] == ["POST", "GET"]

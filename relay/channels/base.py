@@ -69,8 +69,11 @@ class Channel(Protocol):
 
 
 def all_refused(channel: str, refused: Mapping[str, Reply]) -> DeliveryError:
-    """The error for an upstream that took no recipient: the first refusal decides."""
-    return delivery_error(channel, next(iter(refused.values()), replies.UPSTREAM_REFUSED))
+    """The error for an upstream that took no recipient: the first refusal decides;
+    each recipient's refusal goes with it (`DeliveryError.refused`)."""
+    error = delivery_error(channel, next(iter(refused.values()), replies.UPSTREAM_REFUSED))
+    error.refused = dict(refused)
+    return error
 
 
 def partial_delivery(

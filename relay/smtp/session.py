@@ -423,6 +423,7 @@ class Submission:
             reply = delivered_reply(outbound, delivery)
         except DeliveryError as exc:
             reply = exc.reply
+            delivery = Delivery(accepted=(), refused=exc.refused)
         except TimeoutError:
             timed_out = True
             reply = replies.upstream_unavailable(channel.name, "upstream timed out")
