@@ -181,6 +181,10 @@ class Settings:
     # at start, at most 1 GiB).
     spool_dir: Path = Path("data/spool")
     spool_max_bytes: int | None = None
+    # Webhooks (relay.events): the first retry's delay in seconds, doubling to an
+    # hour; and whether an endpoint may resolve to a private or loopback address.
+    webhook_backoff: float = 30.0
+    webhook_allow_private: bool = False
 
     @property
     def forward_budget(self) -> float:
@@ -242,6 +246,8 @@ KNOWN = frozenset(
         "RELAY_LISTEN_BACKLOG",
         "RELAY_SPOOL_DIR",
         "RELAY_SPOOL_MAX_BYTES",
+        "RELAY_WEBHOOK_BACKOFF",
+        "RELAY_WEBHOOK_ALLOW_PRIVATE",
     }
 )
 # SQLite stores integers as signed 64-bit: a balance beyond cannot be charged.
@@ -370,6 +376,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         upkeep=upkeep,
         spool_dir=Path(p) if (p := text("RELAY_SPOOL_DIR")) else spool_dir_for(database),
         spool_max_bytes=_integer(raw, "RELAY_SPOOL_MAX_BYTES", 0, minimum=MIN_SPOOL_BYTES) or None,
+        webhook_backoff=_number(raw, "RELAY_WEBHOOK_BACKOFF", 30.0, minimum=0.01, maximum=3600),
+        webhook_allow_private=_boolean(raw, "RELAY_WEBHOOK_ALLOW_PRIVATE"),
     )
 
 
@@ -432,6 +440,17 @@ def _integer(
     return number
 
 
+def _boolean(raw: Mapping[str, Any], name: str) -> bool:
+    """`true` or `false` (any case; TOML's booleans too); unset is false."""
+    value = raw.get(name)
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    text = str(value).strip().lower()
+    if text not in ("true", "false"):
+        raise ConfigError(f"{name}: expected true or false, got {str(value)[:20]!r}")
+    return text == "true"
+
+
 def _number(
     raw: Mapping[str, Any], name: str, default: float, *, maximum: float, minimum: float = 0.0
 ) -> float:
@@ -473,6 +492,11 @@ def start_warnings(settings: Settings) -> list[str]:
         for domain, entry in settings.smtp_config.items()
         if entry.unknown_keys
     ]
+    if settings.webhook_allow_private:
+        warnings.append(
+            "RELAY_WEBHOOK_ALLOW_PRIVATE=true: webhook endpoints may reach loopback, private"
+            " and link-local addresses (for tests and private networks only)"
+        )
     missing = no_channel(settings)
     return warnings + ([missing] if missing else [])
 

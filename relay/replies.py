@@ -123,6 +123,8 @@ TOO_MANY_RECIPIENTS = Reply(
     452, "4.5.3", "Too many recipients: at most 50 per message; send the rest in a new message"
 )
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message too big")
+# RFC 3463 X.1.1: the relay will not send to this mailbox (relay.store.suppressions).
+RECIPIENT_SUPPRESSED = Reply(550, "5.1.1", "Recipient suppressed; ask the relay admin")
 SEND_LIMIT_REACHED = Reply(451, "4.7.1", "Send limit reached")
 BAD_MESSAGE = Reply(554, "5.6.0", "Message rejected")
 # What the relay will not forward (relay.message.find_defect says why).
@@ -323,6 +325,17 @@ def upstream_refused_as(channel: str, code: int, enhanced: str, reason: str) -> 
 # records such a recipient as a `provider` suppression, for as long as the
 # provider's shortest one lasts (relay.store.suppressions).
 PROVIDER_SUPPRESSED = "recipient on the provider's suppression list"
+
+
+def recipient_suppressed(address: str, reason: str, since: str) -> Reply:
+    """550 5.1.1 at RCPT: the account's suppression list holds the address.
+
+    >>> str(recipient_suppressed("bob@x.org", "hard-bounce", "2026-03-01"))
+    '550 5.1.1 <bob@x.org>: suppressed (hard-bounce since 2026-03-01); ask the relay admin'
+    """
+    return RECIPIENT_SUPPRESSED.but(
+        f"<{address}>: suppressed ({reason} since {since}); ask the relay admin"
+    )
 
 
 def local_error(channel: str, why: str) -> Reply:

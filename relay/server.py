@@ -34,6 +34,7 @@ from relay.channels import build_channels
 from relay.channels.base import Channel
 from relay.config import Settings, no_channel, start_warnings
 from relay.errors import ConfigError, RelayError, StoreError
+from relay.events.sender import WebhookSender
 from relay.policy import Channel as ChannelName
 from relay.replies import Reply
 from relay.smtp.admission import Admission, HostCounts
@@ -94,6 +95,9 @@ class Relay:
         self._admin: admin.AdminServer | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sweeper: asyncio.Task[None] | None = None
+        # The webhook outbox's sender (relay.events.sender), one per process.
+        self._webhooks: WebhookSender | None = None
+        self._webhook_task: asyncio.Task[None] | None = None
         self._listener: Listener | None = None
         self.admission = Admission(
             settings.max_connections, settings.max_connections_per_ip, host_counts
@@ -152,6 +156,12 @@ class Relay:
         self._listener = Listener(sock, ctx, self.admission, self._protocol, self._screen)
         self._listener.start()
         self._sweeper = loop.create_task(self._sweep_forever())
+        self._webhooks = WebhookSender(
+            self.store,
+            backoff=self.settings.webhook_backoff,
+            allow_private=self.settings.webhook_allow_private,
+        )
+        self._webhook_task = loop.create_task(self._webhooks.run_forever())
         if self.serves_admin:  # one process of the relay (the first worker) says it once
             for warning in start_warnings(self.settings):
                 log.warning("%s", warning)
@@ -388,10 +398,13 @@ class Relay:
         await self._drained(1.0)
         if self._admin is not None:
             await self._admin.stop()
-        tasks = [*self._tasks, *([self._sweeper] if self._sweeper else [])]
+        background = [t for t in (self._sweeper, self._webhook_task) if t is not None]
+        tasks = [*self._tasks, *background]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self._webhooks is not None:
+            await self._webhooks.aclose()
         await asyncio.gather(*(c.aclose() for c in self.channels.values()), return_exceptions=True)
         await self.store.aclose()
 

@@ -53,6 +53,8 @@ ANSWER_KEPT = 1024
 # the relay write (and send) an event per command.
 RCPT_EVENT_WINDOW = 3600
 MAX_ENDPOINTS = 20  # per account
+# How long a claimed event is left to its sender (longer than an attempt's 10 s).
+LEASE = 60
 MAX_PAGE = 1000
 
 
@@ -265,31 +267,45 @@ class Webhooks(Database):
             for r in rows
         ]
 
-    @read_only
     def due_webhook_events(self, limit: int = 50) -> list[DueEvent]:
-        """Pending events whose next attempt is due, oldest first, with what signs them."""
+        """Claim the pending events whose next attempt is due, oldest first, with what
+        signs them: each is pushed LEASE seconds ahead, so no other relay sharing the
+        database sends it meanwhile; one whose sender died is due again after it."""
+        now = self._now()
+        # A read first: an empty outbox (most seconds) costs no write transaction.
         rows = self._read(
-            "SELECT o.id, o.event_id, o.endpoint_id, o.type, o.payload, o.attempts, o.created,"
-            " e.url, e.secret FROM webhook_outbox AS o"
+            "SELECT o.id, o.event_id, o.endpoint_id, o.type, o.payload, o.attempts,"
+            " o.created, o.next_attempt, e.url, e.secret FROM webhook_outbox AS o"
             " JOIN webhook_endpoints AS e ON e.id = o.endpoint_id"
             " WHERE o.state = 'pending' AND o.next_attempt <= ? AND e.enabled = 1"
             " ORDER BY o.next_attempt, o.id LIMIT ?",
-            (self._now(), limit),
+            (now, limit),
         )
-        return [
-            DueEvent(
-                int(r["id"]),
-                r["event_id"],
-                r["endpoint_id"],
-                r["url"],
-                r["secret"],
-                r["type"],
-                r["payload"],
-                int(r["attempts"]),
-                int(r["created"]),
-            )
-            for r in rows
-        ]
+        if not rows:
+            return []
+        with self._write() as db:
+            claimed = []
+            for r in rows:
+                taken = db.execute(
+                    "UPDATE webhook_outbox SET next_attempt = ? WHERE id = ? AND next_attempt = ?"
+                    " AND state = 'pending'",
+                    (now + LEASE, r["id"], r["next_attempt"]),
+                ).rowcount
+                if taken:
+                    claimed.append(
+                        DueEvent(
+                            int(r["id"]),
+                            r["event_id"],
+                            r["endpoint_id"],
+                            r["url"],
+                            r["secret"],
+                            r["type"],
+                            r["payload"],
+                            int(r["attempts"]),
+                            int(r["created"]),
+                        )
+                    )
+        return claimed
 
     def record_webhook_attempt(
         self,
@@ -337,37 +353,49 @@ class Webhooks(Database):
                     ).rowcount
                     > 0
                 )
+                if disabled:  # the audit says why deliveries stopped
+                    db.execute(
+                        "INSERT INTO audit (created, actor, address, action, target, detail)"
+                        " VALUES (?, 'relay', 'local', 'webhook.disable', ?, ?)",
+                        (
+                            now,
+                            endpoint_id,
+                            json.dumps({"failing_for_days": DISABLE_AFTER // 86400}),
+                        ),
+                    )
         return disabled
 
     def suppressed_rcpt_event(self, account_id: int, address: str, reason: str) -> None:
-        """recipient.suppressed for a RCPT TO the list refused, once per window."""
+        """recipient.suppressed for a RCPT TO the list refused, once per window per
+        address: reads first, so a repeated RCPT costs no write."""
         now = self._now()
-        with self._write() as db:
-            endpoints = _endpoints(db, "a.id = ?", account_id)
-            if not endpoints:
-                return
-            recent = db.execute(
-                "SELECT 1 FROM webhook_outbox WHERE endpoint_id = ? AND type = ?"
-                " AND created > ? AND payload LIKE ? LIMIT 1",
-                (
-                    endpoints[0][0],
-                    "recipient.suppressed",
-                    now - RCPT_EVENT_WINDOW,
-                    f'%"address": {json.dumps(address)}%',
-                ),
-            ).fetchone()
-            if recent is not None:
-                return
-            data = {"address": address, "reason": reason, "source": "rcpt"}
-            row = db.execute("SELECT name FROM accounts WHERE id = ?", (account_id,)).fetchone()
-            data["account"] = row["name"] if row is not None else ""
-            _enqueue(
-                db,
-                endpoints,
+        endpoints = self._read(
+            "SELECT e.id FROM webhook_endpoints AS e WHERE e.account_id = ? AND e.enabled = 1",
+            (account_id,),
+        )
+        if not endpoints:
+            return
+        recent = self._read(
+            "SELECT 1 FROM webhook_outbox WHERE endpoint_id = ? AND type = ? AND created > ?"
+            " AND payload LIKE ? LIMIT 1",
+            (
+                endpoints[0]["id"],
                 "recipient.suppressed",
-                _payload("recipient.suppressed", now, data),
-                now,
-            )
+                now - RCPT_EVENT_WINDOW,
+                f'%"address": {json.dumps(address)}%',
+            ),
+        )
+        if recent:
+            return
+        with self._write() as db:
+            row = db.execute("SELECT name FROM accounts WHERE id = ?", (account_id,)).fetchone()
+            data = {
+                "account": row["name"] if row is not None else "",
+                "address": address,
+                "reason": reason,
+                "source": "rcpt",
+            }
+            emit(db, account_id, "recipient.suppressed", data, now)
 
     def prune_webhook_events(self, before: int) -> int:
         """Delete settled events (delivered or failed) created before `before` (upkeep)."""

@@ -1,0 +1,207 @@
+"""Suppressions and webhooks against the real relay: RCPT refusals, the list fed by
+upstream refusals, signed events sent from the outbox."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+import standardwebhooks
+import standardwebhooks.webhooks
+from support import SENDER, message
+
+RCPT = "rcpt@dest.test"
+GONE = "gone@dest.test"
+TODAY = time.strftime("%Y-%m-%d", time.gmtime())
+
+
+def balance(relay: Any, address: str = SENDER) -> int:
+    rows = [r for r in relay.store.list_senders() if r["address"] == address]
+    return int(rows[0]["balance"]) if rows else relay.relay.settings.default_send_balance
+
+
+def transaction(relay: Any, recipients: tuple[str, ...], token: str | None = None) -> list[str]:
+    """MAIL, each RCPT and (when one was taken) DATA; every reply in order."""
+    raw = relay.raw()
+    assert raw.login(token or relay.token()).startswith("235 ")
+    answers = [raw.cmd(f"MAIL FROM:<{SENDER}>")]
+    answers += [raw.cmd(f"RCPT TO:<{r}>") for r in recipients]
+    if any(a.startswith("250 2.1.5") for a in answers[1:]):
+        assert raw.cmd("DATA").startswith("354 ")
+        raw.sock.sendall(message(to=", ".join(recipients)) + b".\r\n")
+        answers.append(raw.read())
+    raw.cmd("QUIT")
+    return answers
+
+
+def test_rcpt_to_a_suppressed_address_is_refused_and_costs_nothing(relay_factory, sink):
+    relay = relay_factory(SMTP_CONFIG=sink.smtp_config(), DEFAULT_SEND_BALANCE="10")
+    token = relay.token()
+    relay.store.add_suppression("acme", GONE, reason="complaint")
+    relay.store.add_suppression("acme", "*@spam.test")
+    _, rcpt, gone, domain, data = transaction(relay, (RCPT, GONE, "x@spam.test"), token)
+    assert rcpt == "250 2.1.5 Ok"
+    assert gone == (
+        f"550 5.1.1 <{GONE}>: suppressed (complaint since {TODAY}); ask the relay admin"
+    )
+    assert domain.startswith("550 5.1.1 <x@spam.test>: suppressed (manual since ")
+    assert data.startswith("250 2.0.0 Ok <")
+    [received] = sink.messages
+    assert received.rcpt_tos == [RCPT]
+    assert balance(relay) == 9
+
+
+def test_an_upstream_mailbox_refusal_suppresses_the_address(relay_factory, sink):
+    sink.recorder.rcpt_replies[GONE] = "550 5.1.1 No such user"
+    relay = relay_factory(SMTP_CONFIG=sink.smtp_config(), DEFAULT_SEND_BALANCE="10")
+    token = relay.token()
+    *_, first = transaction(relay, (GONE,), token)
+    assert first == "550 5.1.1 smtp: No such user"
+    assert balance(relay) == 10
+    [entry] = relay.store.list_suppressions("acme")
+    assert (entry["address"], entry["reason"], entry["expires"]) == (GONE, "hard-bounce", None)
+    # The next RCPT to it is refused by the relay, and the upstream is not asked.
+    connections = sink.recorder.connections
+    _, again = transaction(relay, (GONE,), token)
+    assert (
+        again == f"550 5.1.1 <{GONE}>: suppressed (hard-bounce since {TODAY}); ask the relay admin"
+    )
+    assert sink.recorder.connections == connections and sink.messages == []
+    assert balance(relay) == 10
+    relay.store.remove_suppression("acme", GONE)
+    assert transaction(relay, (GONE,), token)[1] == "250 2.1.5 Ok"
+
+
+# --- webhooks ------------------------------------------------------------------------
+
+
+class Receiver:
+    """An application's webhook endpoint on loopback: records each request, answers
+    the scripted statuses in order, then 200."""
+
+    def __init__(self, *statuses: int) -> None:
+        self.statuses = list(statuses)
+        self.requests: list[tuple[dict[str, str], bytes]] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                receiver.requests.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                status = receiver.statuses.pop(0) if receiver.statuses else 200
+                self.send_response(status)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, *args: Any) -> None:
+                return None
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/hooks/relay"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    yield r
+    r.close()
+
+
+def wait_for(condition: Callable[[], bool], seconds: float = 20) -> None:
+    """Poll `condition` until it holds; a bound, not a synchronisation."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.02)
+
+
+WEBHOOK_ENV = {"RELAY_WEBHOOK_ALLOW_PRIVATE": "true", "RELAY_WEBHOOK_BACKOFF": "0.01"}
+
+
+def test_a_delivered_message_is_told_signed_and_retried_until_taken(relay_factory, sink, receiver):
+    receiver.statuses = [500, 500]
+    relay = relay_factory(SMTP_CONFIG=sink.smtp_config(), DEFAULT_SEND_BALANCE="10", **WEBHOOK_ENV)
+    token = relay.token()
+    hook = relay.store.add_webhook("acme", receiver.url, None)
+    *_, reply = transaction(relay, (RCPT,), token)
+    assert reply.startswith("250 2.0.0 Ok <")
+    wait_for(lambda: len(receiver.requests) == 3)
+    # The 200 stops the retries: no fourth request comes.
+    wait_for(
+        lambda: relay.store.list_webhook_attempts("acme", hook["id"])[0]["state"] == "delivered"
+    )
+    assert len(receiver.requests) == 3
+    ids = {headers["webhook-id"] for headers, _ in receiver.requests}
+    assert len(ids) == 1  # the same event each time: the receiver drops duplicates
+    verifier = standardwebhooks.Webhook(hook["secret"])
+    for headers, body in receiver.requests:
+        event = verifier.verify(body, headers)
+        assert event["type"] == "message.delivered"
+        data = event["data"]
+        assert (data["sender"], data["account"], data["channel"]) == (SENDER, "acme", "smtp")
+        assert data["recipients"] == [
+            {"address": RCPT, "outcome": "delivered", "reply": "250 2.0.0"}
+        ]
+        assert data["message_id"] and data["upstream_id"] and data["attempts"] == 1
+    # A forged or altered body does not verify.
+    headers, body = receiver.requests[0]
+    with pytest.raises(standardwebhooks.webhooks.WebhookVerificationError):
+        verifier.verify(body.replace(b"acme", b"evil"), headers)
+    statuses = [a["status"] for a in relay.store.list_webhook_attempts("acme", hook["id"])]
+    assert statuses == [200, 500, 500]
+    assert "whsec_" not in json.dumps(relay.store.list_webhooks("acme"))
+
+
+def test_an_event_survives_a_restart(relay_factory, sink, receiver, database_url):
+    receiver.statuses = [500]
+    env = {"SMTP_CONFIG": sink.smtp_config(), "DEFAULT_SEND_BALANCE": "10", **WEBHOOK_ENV}
+    first = relay_factory(**{**env, "RELAY_WEBHOOK_BACKOFF": "30"})
+    token = first.token()
+    hook = first.store.add_webhook("acme", receiver.url, "message.delivered")
+    assert transaction(first, (RCPT,), token)[-1].startswith("250 ")
+    wait_for(lambda: len(receiver.requests) == 1)  # the 500; the retry is 30 s away
+    first.call(first.relay.stop())
+    # The 30 s pass while no relay runs (the row's time moved, not the test's clock).
+    with first.store._write() as db:
+        db.execute("UPDATE webhook_outbox SET next_attempt = 0")
+    relay_factory(RELAY_DATABASE=database_url, **env)  # a relay on the same database
+    wait_for(lambda: len(receiver.requests) == 2)
+    assert receiver.requests[1][0]["webhook-id"] == receiver.requests[0][0]["webhook-id"]
+    verifier = standardwebhooks.Webhook(hook["secret"])
+    assert verifier.verify(receiver.requests[1][1], receiver.requests[1][0])["type"] == (
+        "message.delivered"
+    )
+
+
+def test_a_suppressed_rcpt_is_told(relay_factory, sink, receiver):
+    relay = relay_factory(SMTP_CONFIG=sink.smtp_config(), DEFAULT_SEND_BALANCE="10", **WEBHOOK_ENV)
+    token = relay.token()
+    hook = relay.store.add_webhook("acme", receiver.url, "recipient.suppressed")
+    relay.store.add_suppression("acme", GONE)
+    for _ in range(3):  # told once, however often the client repeats it
+        assert transaction(relay, (GONE,), token)[1].startswith("550 5.1.1 <")
+    wait_for(lambda: len(receiver.requests) == 1)
+    event = standardwebhooks.Webhook(hook["secret"]).verify(
+        receiver.requests[0][1], receiver.requests[0][0]
+    )
+    assert event["type"] == "recipient.suppressed"
+    assert event["data"] == {
+        "account": "acme",
+        "address": GONE,
+        "reason": "manual",
+        "source": "rcpt",
+    }
