@@ -15,6 +15,9 @@ import standardwebhooks
 import standardwebhooks.webhooks
 from support import SENDER, message
 
+from relay.errors import Invalid
+from relay.events import manage
+
 RCPT = "rcpt@dest.test"
 GONE = "gone@dest.test"
 TODAY = time.strftime("%Y-%m-%d", time.gmtime())
@@ -95,6 +98,8 @@ class Receiver:
                 receiver.requests.append(({k.lower(): v for k, v in self.headers.items()}, body))
                 status = receiver.statuses.pop(0) if receiver.statuses else 200
                 self.send_response(status)
+                if 300 <= status < 400:  # where a redirect-following sender would go
+                    self.send_header("Location", "http://169.254.169.254/latest/meta-data")
                 self.send_header("Content-Length", "2")
                 self.end_headers()
                 self.wfile.write(b"ok")
@@ -205,3 +210,59 @@ def test_a_suppressed_rcpt_is_told(relay_factory, sink, receiver):
         "reason": "manual",
         "source": "rcpt",
     }
+
+
+# --- where a webhook may go (SSRF) ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("http://example.com/x", "plain http:// only to a loopback host"),
+        ("ftp://example.com/x", "expected https://host/path"),
+        ("https://user:pw@example.com/x", "credentials in the URL"),
+        ("https://127.0.0.1/x", "loopback"),
+        ("https://localhost/x", "loopback"),
+        ("https://10.1.2.3/x", "private or reserved"),
+        ("https://192.168.0.1/x", "private or reserved"),
+        ("https://169.254.169.254/latest/meta-data", "link-local"),
+        ("https://[::1]/x", "loopback"),
+        ("https://[::ffff:127.0.0.1]/x", "loopback"),
+        ("https://[fd00:ec2::254]/x", "metadata"),
+        ("https://100.100.100.200/x", "metadata"),
+        ("https://0.0.0.0/x", "private or reserved"),
+    ],
+)
+def test_an_endpoint_that_reaches_inside_is_refused(url: str, why: str) -> None:
+    with pytest.raises(Invalid, match=why) as caught:
+        manage.check_url(url, allow_private=False)
+    assert "pw" not in str(caught.value)
+
+
+def test_private_allowed_only_when_set() -> None:
+    assert manage.check_url("http://127.0.0.1:9/x", allow_private=True) == "http://127.0.0.1:9/x"
+
+
+def test_each_send_checks_the_address_again(relay_factory, sink, receiver):
+    # Created while private addresses were allowed (or before the name moved):
+    # the relay that sends does not allow them, so nothing reaches the receiver.
+    relay = relay_factory(SMTP_CONFIG=sink.smtp_config(), DEFAULT_SEND_BALANCE="10")
+    token = relay.token()
+    hook = relay.store.add_webhook("acme", receiver.url, None)
+    assert transaction(relay, (RCPT,), token)[-1].startswith("250 ")
+    wait_for(lambda: bool(relay.store.list_webhook_attempts("acme", hook["id"])))
+    [attempt] = relay.store.list_webhook_attempts("acme", hook["id"])
+    assert attempt["status"] is None and "resolves to loopback address" in attempt["answer"]
+    assert receiver.requests == []
+
+
+def test_no_redirect_is_followed(relay_factory, sink, receiver):
+    receiver.statuses = [307]
+    relay = relay_factory(SMTP_CONFIG=sink.smtp_config(), DEFAULT_SEND_BALANCE="10", **WEBHOOK_ENV)
+    relay.token()  # the account
+    hook = relay.store.add_webhook("acme", receiver.url, None)
+    relay.store.test_webhook("acme", hook["id"])
+    wait_for(lambda: len(receiver.requests) >= 2)
+    attempts = relay.store.list_webhook_attempts("acme", hook["id"])
+    assert [a["status"] for a in attempts][-1] == 307  # a failure, retried; never followed
+    assert all(r[0]["host"].startswith("127.0.0.1:") for r in receiver.requests)
