@@ -206,7 +206,12 @@ class Relay:
         self._admin = admin.AdminServer(
             sock,
             self.readiness,
-            api.ApiContext(self.store, settings.auth_failure_limit, settings.default_send_balance),
+            api.ApiContext(
+                self.store,
+                settings.auth_failure_limit,
+                settings.default_send_balance,
+                settings.webhook_allow_private,
+            ),
             admin.Console(settings.hostname, self.port),
             tls,
         )

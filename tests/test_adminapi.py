@@ -86,7 +86,7 @@ def audit_actions(admin: Admin) -> list[tuple[str, str, str]]:
 
 def example_path(endpoint: Endpoint) -> str:
     values = {"name": "acme", "domain": DOMAIN, "id": "tok_none", "address": SENDER,
-              "message_id": "<none@example.com>"}  # fmt: skip
+              "message_id": "<none@example.com>", "event_id": "evt_none"}  # fmt: skip
     return re.sub(r"{(\w+)(?::\w+)?}", lambda m: values[m.group(1)], endpoint.path)[
         len("/api/v1") :
     ]
@@ -455,7 +455,7 @@ def test_the_openapi_document_matches_the_routes(admin):
             assert {(m, path) for m in route.methods - {"HEAD"}} <= documented, path
     # Each documented route answers (whatever the resource says, the route exists).
     values = {"name": "acme", "domain": DOMAIN, "id": "tok_none", "address": SENDER,
-              "message_id": "<none@example.com>"}  # fmt: skip
+              "message_id": "<none@example.com>", "event_id": "evt_none"}  # fmt: skip
     for path, operations in spec["paths"].items():
         for method in operations:
             url = re.sub(r"{(\w+)}", lambda m: values[m.group(1)], path)

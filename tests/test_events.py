@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import httpx
 import pytest
 import standardwebhooks
 import standardwebhooks.webhooks
@@ -266,3 +267,59 @@ def test_no_redirect_is_followed(relay_factory, sink, receiver):
     attempts = relay.store.list_webhook_attempts("acme", hook["id"])
     assert [a["status"] for a in attempts][-1] == 307  # a failure, retried; never followed
     assert all(r[0]["host"].startswith("127.0.0.1:") for r in receiver.requests)
+
+
+# --- the admin API -------------------------------------------------------------------
+
+
+def test_the_admin_api(relay_factory, sink, receiver, caplog):
+    relay = relay_factory(
+        SMTP_CONFIG=sink.smtp_config(), RELAY_ADMIN_LISTEN="127.0.0.1:0", **WEBHOOK_ENV
+    )
+    relay.token()
+    token = relay.store.create_admin_token(name="tests")["token"]
+    base = f"http://127.0.0.1:{relay.relay.admin_port}/api/v1/accounts/acme"
+    with httpx.Client(headers={"Authorization": f"Bearer {token}"}, timeout=10) as http:
+        made = http.post(f"{base}/suppressions", json={"address": "*@Spam.test", "expires_in": 60})
+        assert made.status_code == 201, made.text
+        assert made.json()["address"] == "*@spam.test"
+        assert [r["address"] for r in http.get(f"{base}/suppressions").json()] == ["*@spam.test"]
+        assert http.delete(f"{base}/suppressions/*@spam.test").status_code == 200
+        assert http.delete(f"{base}/suppressions/*@spam.test").status_code == 404
+        assert http.get(f"{base.replace('acme', 'nobody')}/suppressions").status_code == 404
+
+        hook = http.post(
+            f"{base}/webhooks", json={"url": receiver.url, "events": ["message.delivered"]}
+        )
+        assert hook.status_code == 201, hook.text
+        secret = hook.json()["secret"]
+        assert secret.startswith("whsec_")
+        listed = http.get(f"{base}/webhooks")
+        assert secret not in listed.text and listed.json()[0]["events"] == ["message.delivered"]
+        hook_id = hook.json()["id"]
+        assert http.post(f"{base}/webhooks/{hook_id}/test").status_code == 202
+        wait_for(lambda: len(receiver.requests) == 1)
+        event = standardwebhooks.Webhook(secret).verify(
+            receiver.requests[0][1], receiver.requests[0][0]
+        )
+        assert event["type"] == "webhook.test"
+        wait_for(lambda: bool(http.get(f"{base}/webhooks/{hook_id}/attempts").json()))
+        [attempt] = http.get(f"{base}/webhooks/{hook_id}/attempts").json()
+        assert (attempt["status"], attempt["answer"]) == (200, "ok")
+        bad = http.post(f"{base}/webhooks", json={"url": "http://example.com/x"})
+        assert bad.status_code == 422 and bad.json()["error"]["code"] == "bad_url"
+        assert http.delete(f"{base}/webhooks/{hook_id}").status_code == 200
+    assert secret not in caplog.text
+    assert secret not in json.dumps(relay.store.list_audit())
+
+
+def test_private_endpoints_refused_by_the_api(relay_factory, sink):
+    relay = relay_factory(SMTP_CONFIG=sink.smtp_config(), RELAY_ADMIN_LISTEN="127.0.0.1:0")
+    relay.token()
+    token = relay.store.create_admin_token(name="tests")["token"]
+    url = f"http://127.0.0.1:{relay.relay.admin_port}/api/v1/accounts/acme/webhooks"
+    for target in ("https://169.254.169.254/x", "http://127.0.0.1:8080/x", "https://10.0.0.1/"):
+        answer = httpx.post(url, json={"url": target}, headers={"Authorization": f"Bearer {token}"})
+        assert answer.status_code == 422
+        assert answer.json()["error"]["code"] == "private_address"
+    assert relay.store.list_webhooks("acme") == []

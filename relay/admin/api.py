@@ -31,7 +31,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from relay.admin import operations
+from relay.admin import events_api, operations
 from relay.admin.openapi import PREFIX, Endpoint, Field, Param, check_body, check_query, document
 from relay.errors import AdminError, Invalid, StoreError
 from relay.network import client_key
@@ -57,6 +57,8 @@ class ApiContext:
     store: AsyncStore
     auth_failure_limit: int
     default_send_balance: int = 0
+    # RELAY_WEBHOOK_ALLOW_PRIVATE: a webhook endpoint may resolve to a private address.
+    webhook_allow_private: bool = False
 
 
 @dataclass(frozen=True)
@@ -510,6 +512,7 @@ ENDPOINTS: list[Endpoint] = [
         errors={"422": "a bad query parameter"},
     ),
 ]
+ENDPOINTS += events_api.ENDPOINTS
 OPENAPI_PATH = f"{PREFIX}/openapi.json"
 # Routes that take no token: the document, the console's files, and what
 # Prometheus and orchestrators poll (relay.admin.app says why).

@@ -32,6 +32,8 @@ _TYPES: dict[str, Callable[[Any], bool]] = {
     "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
     "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
     "boolean": lambda v: isinstance(v, bool),
+    # A list of strings (a webhook's event types).
+    "array": lambda v: isinstance(v, list) and all(isinstance(e, str) for e in v),
 }
 
 
@@ -194,6 +196,7 @@ def document(endpoints: list[Endpoint], public: list[tuple[str, str, str]]) -> d
                                     "type": f.kind,
                                     "description": f.description,
                                     **({"maxLength": f.max_length} if f.max_length else {}),
+                                    **({"items": {"type": "string"}} if f.kind == "array" else {}),
                                 }
                                 for f in ep.body
                             },
