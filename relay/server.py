@@ -288,6 +288,14 @@ class Relay:
             await self.store.upkeep(lambda s: s.prune_refusals())
         except RelayError as exc:
             self._trouble("refusal pruning", exc)
+        # Expired suppressions, and webhook events settled (delivered or failed)
+        # longer ago than the delivery log keeps its records (at least a day).
+        keep = max(1, self.settings.log_retention_days) * 86400
+        try:
+            await self.store.upkeep(lambda s: s.prune_suppressions())
+            await self.store.upkeep(lambda s: s.prune_webhook_events(keep))
+        except RelayError as exc:
+            self._trouble("suppression and webhook pruning", exc)
 
     async def _sweep_forever(self) -> None:
         while True:

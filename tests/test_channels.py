@@ -1128,3 +1128,7 @@ def test_cloudflare_suppression_400_delivers_the_other_recipients(relay_factory,
     [sent] = cloudflare.sent
     assert sent.json["recipients"] == [RCPT]
     assert balance(relay) == 9  # the suppressed recipient is not charged
+    # Recorded as the provider's suppression, for a day (Cloudflare's shortest).
+    [entry] = relay.store.list_suppressions("acme")
+    assert (entry["address"], entry["reason"]) == (OTHER, "provider")
+    assert entry["expires"] is not None and entry["expires"] - entry["created"] == 86400

@@ -177,3 +177,16 @@ def test_attempts_retry_and_the_endpoint_is_disabled_after_three_days(store: Sto
     assert endpoint["enabled"] is False
     assert store.replay_webhook_event("acme", due.event_id) == 1
     assert store.due_webhook_events() == []  # disabled: nothing goes until a test re-enables
+
+
+def test_settled_events_are_pruned_with_their_attempts(store: Store) -> None:
+    hook = store.add_webhook("acme", "https://hooks.example/x", None)
+    store.test_webhook("acme", hook["id"])
+    [due] = store.due_webhook_events()
+    store.record_webhook_attempt(
+        due.id, due.endpoint_id, status=200, duration_ms=1, answer="ok", next_attempt=None
+    )
+    assert store.prune_webhook_events(86400) == 0  # not a day old yet
+    clock(store).advance(days=2)
+    assert store.prune_webhook_events(86400) == 1
+    assert store.list_webhook_attempts("acme", hook["id"]) == []

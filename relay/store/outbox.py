@@ -397,9 +397,16 @@ class Webhooks(Database):
             }
             emit(db, account_id, "recipient.suppressed", data, now)
 
-    def prune_webhook_events(self, before: int) -> int:
-        """Delete settled events (delivered or failed) created before `before` (upkeep)."""
+    def prune_webhook_events(self, keep_seconds: int) -> int:
+        """Delete events settled (delivered or failed) and made over `keep_seconds`
+        ago, with their attempts (upkeep); how many events."""
+        before = self._now() - keep_seconds
         with self._write() as db:
+            db.execute(
+                "DELETE FROM webhook_attempts WHERE outbox_id IN (SELECT id FROM webhook_outbox"
+                " WHERE state <> 'pending' AND created < ?)",
+                (before,),
+            )
             return int(
                 db.execute(
                     "DELETE FROM webhook_outbox WHERE state <> 'pending' AND created < ?",
