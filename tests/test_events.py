@@ -4,10 +4,14 @@ upstream refusals, signed events sent from the outbox."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -323,3 +327,49 @@ def test_private_endpoints_refused_by_the_api(relay_factory, sink):
         assert answer.status_code == 422
         assert answer.json()["error"]["code"] == "private_address"
     assert relay.store.list_webhooks("acme") == []
+
+
+# --- the commands ----------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def relay_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "relay", *args],
+        env={"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT), **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_the_commands(tmp_path: Path) -> None:
+    env = {"RELAY_DATABASE": str(tmp_path / "relay.db")}
+    for args in (("db", "init"), ("account", "create", "acme")):
+        assert relay_cli(*args, env=env).returncode == 0
+    added = relay_cli("suppression", "add", "acme", "Bob@X.test", "--expires-in", "60", env=env)
+    assert added.returncode == 0 and "suppressed bob@x.test (manual, until " in added.stdout
+    listed = json.loads(relay_cli("suppression", "list", "acme", "--json", env=env).stdout)
+    assert [(r["address"], r["reason"]) for r in listed] == [("bob@x.test", "manual")]
+    assert relay_cli("suppression", "remove", "acme", "bob@x.test", env=env).returncode == 0
+    gone = relay_cli("suppression", "remove", "acme", "bob@x.test", env=env)
+    assert gone.returncode == 1 and "not suppressed" in gone.stderr
+
+    refused = relay_cli("webhook", "add", "acme", "--url", "https://127.0.0.1/x", env=env)
+    assert refused.returncode == 1 and "loopback" in refused.stderr
+    made = relay_cli(
+        "webhook", "add", "acme", "--url", "http://127.0.0.1:9/x", "--json",
+        env={**env, "RELAY_WEBHOOK_ALLOW_PRIVATE": "true"},
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    hook = json.loads(made.stdout)
+    assert hook["secret"].startswith("whsec_")
+    listed_text = relay_cli("webhook", "list", "acme", env=env).stdout
+    assert hook["id"] in listed_text and hook["secret"] not in listed_text
+    tested = relay_cli("webhook", "test", "acme", hook["id"], env=env)
+    assert tested.returncode == 0 and "queued test event evt_" in tested.stdout
+    audit = relay_cli("audit", "--json", env=env).stdout
+    assert "webhook.add" in audit and hook["secret"] not in audit
+    assert relay_cli("webhook", "remove", "acme", hook["id"], env=env).returncode == 0
