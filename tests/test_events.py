@@ -373,3 +373,19 @@ def test_the_commands(tmp_path: Path) -> None:
     audit = relay_cli("audit", "--json", env=env).stdout
     assert "webhook.add" in audit and hook["secret"] not in audit
     assert relay_cli("webhook", "remove", "acme", hook["id"], env=env).returncode == 0
+
+
+def test_a_whole_message_refusal_suppresses_no_one(relay_factory):
+    # Resend's 422 "Invalid `to` field" names no recipient: none of them is
+    # recorded as a bounce (one invalid address must not suppress the others).
+    from tests.fake_upstreams import FakeResend
+
+    with FakeResend() as resend:
+        relay = relay_factory(
+            RESEND_TOKEN="re_x", RESEND_API_URL=resend.url, DEFAULT_SEND_BALANCE="10"
+        )
+        token = relay.token()
+        resend.fail(422, "invalid_parameter", "Invalid `to` field.")
+        reply = transaction(relay, (RCPT, GONE), token)[-1]
+        assert reply.startswith("550 5.1.3 resend: ")
+        assert relay.store.list_suppressions("acme") == []

@@ -72,8 +72,9 @@ class RecipientOutcome:
     outcome: Outcome  # delivered, refused or deferred
     code: int  # the upstream's reply code, or the relay's
     enhanced: str
-    # The reply's text as the channel gave it (not kept in the log's rows: it
-    # reaches the suppression list and the webhook events written with them).
+    # The reply's text where the channel answered for this recipient ("" when it
+    # shares the message's): not kept in the log's rows, it reaches the
+    # suppression list and the webhook events written with them.
     text: str = field(default="", compare=False)
 
 
@@ -149,7 +150,10 @@ def recipient_outcomes(
             kind = Outcome.DELIVERED
         else:
             kind = Outcome.REFUSED if why.is_permanent else Outcome.DEFERRED
-        out.append(RecipientOutcome(key, kind, why.code, why.enhanced, why.text))
+        # The text only where the upstream answered for this recipient: a refusal
+        # of the whole message must not suppress each of its recipients.
+        own = why.text if written in refused else ""
+        out.append(RecipientOutcome(key, kind, why.code, why.enhanced, own))
     return tuple(out)
 
 
