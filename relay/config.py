@@ -12,6 +12,8 @@ line that names it.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import re
 import socket
@@ -185,6 +187,9 @@ class Settings:
     # hour; and whether an endpoint may resolve to a private or loopback address.
     webhook_backoff: float = 30.0
     webhook_allow_private: bool = False
+    # Resend's webhook signing secret (`whsec_...`): POST /hooks/resend takes
+    # Resend's events signed with it (relay.events.provider); unset, the route is off.
+    resend_webhook_secret: Secret | None = None
 
     @property
     def forward_budget(self) -> float:
@@ -248,6 +253,7 @@ KNOWN = frozenset(
         "RELAY_SPOOL_MAX_BYTES",
         "RELAY_WEBHOOK_BACKOFF",
         "RELAY_WEBHOOK_ALLOW_PRIVATE",
+        "RESEND_WEBHOOK_SECRET",
     }
 )
 # SQLite stores integers as signed 64-bit: a balance beyond cannot be charged.
@@ -378,6 +384,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         spool_max_bytes=_integer(raw, "RELAY_SPOOL_MAX_BYTES", 0, minimum=MIN_SPOOL_BYTES) or None,
         webhook_backoff=_number(raw, "RELAY_WEBHOOK_BACKOFF", 30.0, minimum=0.01, maximum=3600),
         webhook_allow_private=_boolean(raw, "RELAY_WEBHOOK_ALLOW_PRIVATE"),
+        resend_webhook_secret=_webhook_secret(text("RESEND_WEBHOOK_SECRET")),
     )
 
 
@@ -438,6 +445,20 @@ def _integer(
     if maximum is not None and number > maximum:
         raise ConfigError(f"{name}: must be at most {maximum}, got {number}")
     return number
+
+
+def _webhook_secret(value: str | None) -> Secret | None:
+    """A `whsec_` secret: base64 after the prefix (Svix's format); never echoed."""
+    if not value:
+        return None
+    body = value.removeprefix("whsec_")
+    try:
+        key = base64.b64decode(body, validate=True)
+    except (binascii.Error, ValueError):
+        key = b""
+    if not value.startswith("whsec_") or len(key) < 16:
+        raise ConfigError("RESEND_WEBHOOK_SECRET: expected Resend's signing secret, whsec_...")
+    return Secret(value)
 
 
 def _boolean(raw: Mapping[str, Any], name: str) -> bool:

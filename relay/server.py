@@ -211,6 +211,7 @@ class Relay:
                 settings.auth_failure_limit,
                 settings.default_send_balance,
                 settings.webhook_allow_private,
+                settings.resend_webhook_secret,
             ),
             admin.Console(settings.hostname, self.port),
             tls,

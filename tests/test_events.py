@@ -3,6 +3,7 @@ upstream refusals, signed events sent from the outbox."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -389,3 +391,83 @@ def test_a_whole_message_refusal_suppresses_no_one(relay_factory):
         reply = transaction(relay, (RCPT, GONE), token)[-1]
         assert reply.startswith("550 5.1.3 resend: ")
         assert relay.store.list_suppressions("acme") == []
+
+
+# --- Resend's events in (POST /hooks/resend) -------------------------------------------
+
+RESEND_SECRET = "whsec_" + base64.b64encode(b"resend-test-signing-key-32-bytes").decode()
+
+
+def resend_event(kind: str, to: str, bounce: str = "Permanent") -> bytes:
+    data: dict[str, Any] = {
+        "email_id": "4ef9a417-02e9-4d39-ad75-9611e0fcc33c",
+        "from": "Alice <alice@example.com>",
+        "to": [to],
+        "subject": "hello",
+        "created_at": "2026-03-01T12:00:00.000Z",
+    }
+    if kind == "email.bounced":
+        data["bounce"] = {"message": "mailbox does not exist", "type": bounce}
+    return json.dumps({"type": kind, "created_at": "2026-03-01T12:00:00Z", "data": data}).encode()
+
+
+def svix(body: bytes, *, msg_id: str = "msg_1", when: int | None = None, key: str = RESEND_SECRET):
+    stamp = int(time.time()) if when is None else when
+    signature = standardwebhooks.Webhook(key).sign(
+        msg_id, datetime.fromtimestamp(stamp, UTC), body.decode()
+    )
+    return {"svix-id": msg_id, "svix-timestamp": str(stamp), "svix-signature": signature}
+
+
+def test_resend_events_in(relay_factory, sink, receiver):
+    relay = relay_factory(
+        SMTP_CONFIG=sink.smtp_config(),
+        RELAY_ADMIN_LISTEN="127.0.0.1:0",
+        RESEND_WEBHOOK_SECRET=RESEND_SECRET,
+        **WEBHOOK_ENV,
+    )
+    relay.token()
+    hook = relay.store.add_webhook("acme", receiver.url, ["message.bounced"])
+    url = f"http://127.0.0.1:{relay.relay.admin_port}/hooks/resend"
+    bounced = resend_event("email.bounced", GONE)
+
+    forged = svix(bounced, key="whsec_" + base64.b64encode(b"x" * 32).decode())
+    stale = svix(bounced, when=int(time.time()) - 3600)
+    altered = svix(bounced)
+    for headers, body in (
+        (forged, bounced),
+        (stale, bounced),
+        (altered, bounced + b" "),
+        ({}, bounced),
+    ):
+        answer = httpx.post(url, content=body, headers=headers)
+        assert answer.status_code == 401, answer.text
+    assert relay.store.list_suppressions("acme") == []  # a forged event changes nothing
+
+    genuine = svix(bounced, msg_id="msg_2")
+    assert httpx.post(url, content=bounced, headers=genuine).status_code == 204
+    assert httpx.post(url, content=bounced, headers=genuine).status_code == 204  # replayed
+    [entry] = relay.store.list_suppressions("acme")
+    assert (entry["address"], entry["reason"]) == (GONE, "hard-bounce")
+    rows = relay.store._read(
+        "SELECT COUNT(*) AS n FROM webhook_outbox WHERE type = ?", ("message.bounced",)
+    )
+    assert rows[0]["n"] == 1  # the replay made no second event
+    wait_for(lambda: len(receiver.requests) == 1)
+    [(headers, body)] = receiver.requests
+    event = standardwebhooks.Webhook(hook["secret"]).verify(body, headers)
+    assert event["type"] == "message.bounced"
+    assert event["data"]["recipients"] == [GONE] and event["data"]["provider"] == "resend"
+
+    transient = resend_event("email.bounced", "later@dest.test", bounce="Transient")
+    assert (
+        httpx.post(url, content=transient, headers=svix(transient, msg_id="m3")).status_code == 204
+    )
+    complaint = resend_event("email.complained", "angry@dest.test")
+    assert (
+        httpx.post(url, content=complaint, headers=svix(complaint, msg_id="m4")).status_code == 204
+    )
+    assert {(r["address"], r["reason"]) for r in relay.store.list_suppressions("acme")} == {
+        (GONE, "hard-bounce"),
+        ("angry@dest.test", "complaint"),
+    }

@@ -114,9 +114,14 @@ def _endpoints(db: Connection, where: str, key: object) -> list[tuple[str, str]]
 
 
 def _enqueue(
-    db: Connection, endpoints: list[tuple[str, str]], event_type: str, payload: str, now: int
+    db: Connection,
+    endpoints: list[tuple[str, str]],
+    event_type: str,
+    payload: str,
+    now: int,
+    event_id: str | None = None,
 ) -> str:
-    event_id = f"evt_{secrets.token_hex(12)}"
+    event_id = event_id or f"evt_{secrets.token_hex(12)}"
     for endpoint_id, events in endpoints:
         if events and event_type not in events.split(",") and event_type != TEST_EVENT:
             continue
@@ -396,6 +401,53 @@ class Webhooks(Database):
                 "source": "rcpt",
             }
             emit(db, account_id, "recipient.suppressed", data, now)
+
+    def apply_provider_event(
+        self,
+        event_id: str,
+        domain: str,
+        event_type: str,
+        recipients: Sequence[str],
+        suppress: str | None,
+        data: dict[str, Any],
+    ) -> str:
+        """A provider's event (relay.events.provider) for the account owning the sender's
+        domain: its suppressions and its event, in one transaction, once per
+        `event_id`. What became of it: applied, duplicate, or unknown domain."""
+        now = self._now()
+        with self._write() as db:
+            row = db.execute(
+                "SELECT account_id FROM domains WHERE domain = ?", (domain,)
+            ).fetchone()
+            if row is None:
+                return "unknown domain"
+            account_id = int(row["account_id"])
+            seen = db.execute(
+                "SELECT 1 FROM webhook_outbox WHERE event_id = ? LIMIT 1", (event_id,)
+            ).fetchone()
+            if seen is not None:
+                return "duplicate"
+            added = []
+            for address in recipients if suppress else ():
+                kept = db.execute(
+                    "INSERT INTO suppressions (account_id, address, reason, source, created,"
+                    " expires) VALUES (?, ?, ?, ?, ?, NULL) ON CONFLICT (account_id, address)"
+                    " DO UPDATE SET reason = excluded.reason, source = excluded.source,"
+                    " created = excluded.created, expires = NULL"
+                    " WHERE suppressions.expires IS NOT NULL RETURNING address",
+                    (account_id, address, suppress, f"resend: {data.get('provider_type')}", now),
+                ).fetchone()
+                if kept is not None:
+                    added.append(address)
+            endpoints = _endpoints(db, "a.id = ?", account_id)
+            if endpoints:
+                payload = _payload(event_type, now, data)
+                _enqueue(db, endpoints, event_type, payload, now, event_id)
+                for address in added:
+                    event = {"address": address, "reason": suppress, "source": "resend"}
+                    _enqueue(db, endpoints, "recipient.suppressed",
+                             _payload("recipient.suppressed", now, event), now)  # fmt: skip
+            return "applied"
 
     def prune_webhook_events(self, keep_seconds: int) -> int:
         """Delete events settled (delivered or failed) and made over `keep_seconds`
