@@ -401,3 +401,21 @@ def test_worker_mailer_entries_start_unchanged() -> None:
     assert upstream.auth_types == ()  # worker-mailer's default: none named
     assert upstream.unknown_keys == ("startTLS",)
     assert "SMTP_CONFIG['a.test']: unknown key(s) ignored: startTLS" in start_warnings(settings)
+
+
+@pytest.mark.parametrize(
+    ("env", "line"),
+    [
+        (
+            {"RELAY_WEBHOOK_ALLOW_PRIVATE": "yes"},
+            "RELAY_WEBHOOK_ALLOW_PRIVATE: expected true or false",
+        ),
+        ({"RELAY_WEBHOOK_BACKOFF": "0"}, "RELAY_WEBHOOK_BACKOFF"),
+        ({"RESEND_WEBHOOK_SECRET": "s3cret-not-whsec"}, "RESEND_WEBHOOK_SECRET: expected"),
+    ],
+)
+def test_bad_webhook_settings_stop_the_start(env: dict[str, str], line: str) -> None:
+    with pytest.raises(ConfigError, match=line) as caught:
+        load_settings(env)
+    assert "s3cret" not in str(caught.value)
+    assert "\n" not in str(caught.value)
