@@ -6,6 +6,8 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
+import smtplib
 import subprocess
 import sys
 import threading
@@ -20,10 +22,11 @@ import httpx
 import pytest
 import standardwebhooks
 import standardwebhooks.webhooks
-from support import SENDER, message
+from support import SENDER, Lines, free_port, message
 
 from relay.errors import Invalid
 from relay.events import manage
+from relay.store.facade import Store
 
 RCPT = "rcpt@dest.test"
 GONE = "gone@dest.test"
@@ -97,12 +100,17 @@ class Receiver:
     def __init__(self, *statuses: int) -> None:
         self.statuses = list(statuses)
         self.requests: list[tuple[dict[str, str], bytes]] = []
+        self.hold: threading.Event | None = None  # set: each request waits for it
+        self.waiting = False
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 receiver.requests.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                if receiver.hold is not None:
+                    receiver.waiting = True
+                    receiver.hold.wait(30)
                 status = receiver.statuses.pop(0) if receiver.statuses else 200
                 self.send_response(status)
                 if 300 <= status < 400:  # where a redirect-following sender would go
@@ -471,3 +479,72 @@ def test_resend_events_in(relay_factory, sink, receiver):
         (GONE, "hard-bounce"),
         ("angry@dest.test", "complaint"),
     }
+
+
+@pytest.mark.sqlite_only
+def test_kill_9_while_an_event_is_in_flight_loses_nothing(
+    tmp_path, cert_dir, sink, client_tls, relay_factory
+):
+    """The relay dies (SIGKILL) after its 250, while it sends the event (the receiver
+    holds the request): the event is still in the outbox, claimed for a lease; the
+    next relay on the database sends it when the lease ends."""
+    database = tmp_path / "relay.db"
+    store = Store(database)
+    store.migrate()
+    store.create_account("acme")
+    store.add_domain("acme", "example.com")
+    token = store.create_token("acme")["token"]
+    store.set_sender(SENDER, balance=5)
+    hanging = threading.Event()
+    held = Receiver()
+    held.hold = hanging
+    hook = store.add_webhook("acme", held.url, None)
+    port = free_port()
+    env = {
+        "PATH": os.environ["PATH"],
+        "PYTHONPATH": str(ROOT),
+        "RELAY_LISTEN": f"127.0.0.1:{port}",
+        "RELAY_TLS_CERT": str(cert_dir / "relay.crt"),
+        "RELAY_TLS_KEY": str(cert_dir / "relay.key"),
+        "RELAY_DATABASE": str(database),
+        "RELAY_HOSTNAME": "relay.test",
+        "SMTP_CONFIG": sink.smtp_config(),
+        **WEBHOOK_ENV,
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "relay", "serve"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    log = Lines(proc.stderr)
+    try:
+        assert log.wait_for(lambda lines: any("relay listening on" in x for x in lines))
+        with smtplib.SMTP_SSL("127.0.0.1", port, context=client_tls, timeout=30) as client:
+            client.login("api_token", token)
+            assert client.sendmail(SENDER, ["a@dest.test"], message(to="a@dest.test")) == {}
+        wait_for(lambda: held.waiting)  # the event's request is at the receiver
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        hanging.set()
+        log.text(10)  # the output ended with the process
+        assert proc.stderr is not None
+        proc.stderr.close()
+    [(headers, _)] = held.requests
+    [row] = store._read("SELECT state, attempts, next_attempt FROM webhook_outbox")
+    assert (row["state"], row["attempts"]) == ("pending", 0)  # claimed, never settled
+    with store._write() as db:  # the 60 s lease ends while no relay runs
+        db.execute("UPDATE webhook_outbox SET next_attempt = 0")
+    held.hold = None
+    relay_factory(RELAY_DATABASE=str(database), SMTP_CONFIG=sink.smtp_config(), **WEBHOOK_ENV)
+    wait_for(lambda: len(held.requests) == 2)
+    assert held.requests[1][0]["webhook-id"] == headers["webhook-id"]  # the same event
+    standardwebhooks.Webhook(hook["secret"]).verify(held.requests[1][1], held.requests[1][0])
+    wait_for(lambda: store._read("SELECT state FROM webhook_outbox")[0]["state"] == "delivered")
+    held.close()
