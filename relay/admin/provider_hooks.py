@@ -30,7 +30,7 @@ def route(context: Any) -> Route:
     async def hook(request: Request) -> Response:
         secret = context.resend_webhook_secret
         if not secret:
-            return _error(404, "not_found", "RESEND_WEBHOOK_SECRET is not set")
+            return _error(404, "not_configured", "RESEND_WEBHOOK_SECRET is not set")
         body = b""
         async for chunk in request.stream():
             body += chunk
