@@ -30,6 +30,10 @@ def clock(store: Store) -> FrozenClock:
     return store.clock
 
 
+def claim(store: Store) -> list:
+    return store.claim_webhook_events(store.due_webhook_events())
+
+
 def account_id(store: Store) -> int:
     return int(store.list_accounts()[0]["id"])
 
@@ -143,11 +147,11 @@ def test_a_provider_suppression_lasts_a_day_and_never_shortens_a_permanent_one(
 
 def test_events_are_written_with_the_record(store: Store) -> None:
     store.record_delivery(record(OK))  # no endpoint yet: nothing queued
-    assert store.due_webhook_events() == []
+    assert claim(store) == []
     hook = store.add_webhook("acme", "https://hooks.example/x", None)
     assert hook["secret"].startswith("whsec_")
     store.record_delivery(record(OK, BOUNCED))
-    due = store.due_webhook_events()
+    due = claim(store)
     assert [d.type for d in due] == ["message.delivered", "recipient.suppressed"]
     assert all(d.secret == hook["secret"] for d in due)
     assert "secret" not in store.list_webhooks("acme")[0]
@@ -160,29 +164,29 @@ def test_events_are_written_with_the_record(store: Store) -> None:
 def test_attempts_retry_and_the_endpoint_is_disabled_after_three_days(store: Store) -> None:
     hook = store.add_webhook("acme", "https://hooks.example/x", None)
     store.test_webhook("acme", hook["id"])
-    [due] = store.due_webhook_events()
+    [due] = claim(store)
     now = int(T0.timestamp())
     assert not store.record_webhook_attempt(
         due.id, due.endpoint_id, status=500, duration_ms=3, answer="x" * 5000, next_attempt=now + 30
     )
-    assert store.due_webhook_events() == []
+    assert claim(store) == []
     [attempt] = store.list_webhook_attempts("acme", hook["id"])
     assert (attempt["status"], len(attempt["answer"]), attempt["state"]) == (500, 1024, "pending")
     clock(store).advance(seconds=3 * 86400 + 1)
-    [due] = store.due_webhook_events()
+    [due] = claim(store)
     assert store.record_webhook_attempt(
         due.id, due.endpoint_id, status=None, duration_ms=10, answer="timeout", next_attempt=None
     )
     [endpoint] = store.list_webhooks("acme")
     assert endpoint["enabled"] is False
     assert store.replay_webhook_event("acme", due.event_id) == 1
-    assert store.due_webhook_events() == []  # disabled: nothing goes until a test re-enables
+    assert claim(store) == []  # disabled: nothing goes until a test re-enables
 
 
 def test_settled_events_are_pruned_with_their_attempts(store: Store) -> None:
     hook = store.add_webhook("acme", "https://hooks.example/x", None)
     store.test_webhook("acme", hook["id"])
-    [due] = store.due_webhook_events()
+    [due] = claim(store)
     store.record_webhook_attempt(
         due.id, due.endpoint_id, status=200, duration_ms=1, answer="ok", next_attempt=None
     )

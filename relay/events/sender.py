@@ -84,6 +84,8 @@ class WebhookSender:
     async def tick(self) -> int:
         """Claim and send the due events; how many were attempted."""
         due = await self.store.due_webhook_events(BATCH)
+        if due:
+            due = await self.store.claim_webhook_events(due)
         await asyncio.gather(*(self.send(event) for event in due))
         return len(due)
 

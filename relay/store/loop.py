@@ -284,6 +284,9 @@ class AsyncStore:
     async def due_webhook_events(self, limit: int = 50) -> list[DueEvent]:
         return await self._call(Store.due_webhook_events, limit)
 
+    async def claim_webhook_events(self, due: list[DueEvent]) -> list[DueEvent]:
+        return await self._call(Store.claim_webhook_events, due)
+
     async def record_webhook_attempt(
         self,
         outbox_id: int,

@@ -71,6 +71,7 @@ class DueEvent:
     payload: str
     attempts: int
     created: int
+    next_attempt: int = 0  # as read: the claim takes it only if unchanged
 
 
 def new_secret() -> str:
@@ -272,44 +273,50 @@ class Webhooks(Database):
             for r in rows
         ]
 
+    @read_only
     def due_webhook_events(self, limit: int = 50) -> list[DueEvent]:
-        """Claim the pending events whose next attempt is due, oldest first, with what
-        signs them: each is pushed LEASE seconds ahead, so no other relay sharing the
-        database sends it meanwhile; one whose sender died is due again after it."""
-        now = self._now()
-        # A read first: an empty outbox (most seconds) costs no write transaction.
+        """The pending events whose next attempt is due, oldest first, with what signs
+        them: a read (the sender's idle second costs no write); `claim_webhook_events`
+        then takes them."""
         rows = self._read(
             "SELECT o.id, o.event_id, o.endpoint_id, o.type, o.payload, o.attempts,"
             " o.created, o.next_attempt, e.url, e.secret FROM webhook_outbox AS o"
             " JOIN webhook_endpoints AS e ON e.id = o.endpoint_id"
             " WHERE o.state = 'pending' AND o.next_attempt <= ? AND e.enabled = 1"
             " ORDER BY o.next_attempt, o.id LIMIT ?",
-            (now, limit),
+            (self._now(), limit),
         )
-        if not rows:
-            return []
+        return [
+            DueEvent(
+                int(r["id"]),
+                r["event_id"],
+                r["endpoint_id"],
+                r["url"],
+                r["secret"],
+                r["type"],
+                r["payload"],
+                int(r["attempts"]),
+                int(r["created"]),
+                int(r["next_attempt"]),
+            )
+            for r in rows
+        ]
+
+    def claim_webhook_events(self, due: Sequence[DueEvent]) -> list[DueEvent]:
+        """Those of `due` no other sender took meanwhile, each pushed LEASE seconds
+        ahead: no other relay sharing the database sends it while this one does, and
+        one whose sender died is due again after the lease."""
+        now = self._now()
+        claimed = []
         with self._write() as db:
-            claimed = []
-            for r in rows:
+            for event in due:
                 taken = db.execute(
                     "UPDATE webhook_outbox SET next_attempt = ? WHERE id = ? AND next_attempt = ?"
                     " AND state = 'pending'",
-                    (now + LEASE, r["id"], r["next_attempt"]),
+                    (now + LEASE, event.id, event.next_attempt),
                 ).rowcount
                 if taken:
-                    claimed.append(
-                        DueEvent(
-                            int(r["id"]),
-                            r["event_id"],
-                            r["endpoint_id"],
-                            r["url"],
-                            r["secret"],
-                            r["type"],
-                            r["payload"],
-                            int(r["attempts"]),
-                            int(r["created"]),
-                        )
-                    )
+                    claimed.append(event)
         return claimed
 
     def record_webhook_attempt(
