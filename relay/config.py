@@ -12,6 +12,8 @@ line that names it.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import re
 import socket
@@ -32,6 +34,7 @@ from relay.upstreams import (
     api_url,
     cloudflare_config,
     rate,
+    resend_teams,
     smtp_config,
 )
 
@@ -191,6 +194,13 @@ class Settings:
     queue_max_age: float = 86400.0  # then the message fails, its undelivered part refunded
     queue_max_messages: int = 10_000
     queue_max_bytes: int = 256 * 1024 * 1024
+    # Webhooks (relay.events): the first retry's delay in seconds, doubling to an
+    # hour; and whether an endpoint may resolve to a private or loopback address.
+    webhook_backoff: float = 30.0
+    webhook_allow_private: bool = False
+    # Resend's webhook signing secret (`whsec_...`): POST /hooks/resend takes
+    # Resend's events signed with it (relay.events.provider); unset, the route is off.
+    resend_webhook_secret: Secret | None = None
 
     @property
     def forward_budget(self) -> float:
@@ -244,6 +254,7 @@ KNOWN = frozenset(
         "RESEND_TOKEN",
         "RESEND_API_URL",
         "RESEND_RATE_LIMIT",
+        "RESEND_TEAMS",
         "CLOUDFLARE_ACCOUNT_ID",
         "CLOUDFLARE_API_TOKEN",
         "CLOUDFLARE_API_URL",
@@ -257,6 +268,9 @@ KNOWN = frozenset(
         "RELAY_QUEUE_MAX_AGE",
         "RELAY_QUEUE_MAX_MESSAGES",
         "RELAY_QUEUE_MAX_BYTES",
+        "RELAY_WEBHOOK_BACKOFF",
+        "RELAY_WEBHOOK_ALLOW_PRIVATE",
+        "RESEND_WEBHOOK_SECRET",
     }
 )
 QUEUE_MODES = ("off", "on-failure", "always")
@@ -339,6 +353,12 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             f" {upkeep.owner_dead_after:g}: a live relay's charges would be refunded"
         )
 
+    resend_token = text("RESEND_TOKEN")
+    resend_domains = {
+        k[len(RESEND_DOMAIN_PREFIX) :].upper(): Secret(str(v))
+        for k, v in raw.items()
+        if k.startswith(RESEND_DOMAIN_PREFIX) and v
+    }
     return Settings(
         hostname=text("RELAY_HOSTNAME") or socket.getfqdn(),
         listen=listen,
@@ -349,14 +369,11 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         dev_outbox=Path(p) if (p := text("RELAY_DEV_OUTBOX")) else None,
         smtp_config=smtp_config(raw.get("SMTP_CONFIG")),
         resend=ResendConfig(
-            token=Secret(t) if (t := text("RESEND_TOKEN")) else None,
-            domain_tokens={
-                k[len(RESEND_DOMAIN_PREFIX) :].upper(): Secret(str(v))
-                for k, v in raw.items()
-                if k.startswith(RESEND_DOMAIN_PREFIX) and v
-            },
+            token=Secret(resend_token) if resend_token else None,
+            domain_tokens=resend_domains,
             api_url=api_url("RESEND_API_URL", text("RESEND_API_URL") or ResendConfig.api_url),
             rate_limit=rate(raw.get("RESEND_RATE_LIMIT"), "RESEND_RATE_LIMIT") or 5.0,
+            teams=resend_teams(raw.get("RESEND_TEAMS"), resend_domains, bool(resend_token)),
         ),
         cloudflare=cloudflare_config(text),
         default_send_balance=_integer(
@@ -401,6 +418,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         queue_max_bytes=_integer(
             raw, "RELAY_QUEUE_MAX_BYTES", 256 * 1024 * 1024, minimum=MIN_SPOOL_BYTES
         ),
+        webhook_backoff=_number(raw, "RELAY_WEBHOOK_BACKOFF", 30.0, minimum=0.01, maximum=3600),
+        webhook_allow_private=_boolean(raw, "RELAY_WEBHOOK_ALLOW_PRIVATE"),
+        resend_webhook_secret=_webhook_secret(text("RESEND_WEBHOOK_SECRET")),
     )
 
 
@@ -471,6 +491,31 @@ def _integer(
     return number
 
 
+def _webhook_secret(value: str | None) -> Secret | None:
+    """A `whsec_` secret: base64 after the prefix (Svix's format); never echoed."""
+    if not value:
+        return None
+    body = value.removeprefix("whsec_")
+    try:
+        key = base64.b64decode(body, validate=True)
+    except (binascii.Error, ValueError):
+        key = b""
+    if not value.startswith("whsec_") or len(key) < 16:
+        raise ConfigError("RESEND_WEBHOOK_SECRET: expected Resend's signing secret, whsec_...")
+    return Secret(value)
+
+
+def _boolean(raw: Mapping[str, Any], name: str) -> bool:
+    """`true` or `false` (any case; TOML's booleans too); unset is false."""
+    value = raw.get(name)
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    text = str(value).strip().lower()
+    if text not in ("true", "false"):
+        raise ConfigError(f"{name}: expected true or false, got {str(value)[:20]!r}")
+    return text == "true"
+
+
 def _number(
     raw: Mapping[str, Any], name: str, default: float, *, maximum: float, minimum: float = 0.0
 ) -> float:
@@ -507,6 +552,16 @@ def start_warnings(settings: Settings) -> list[str]:
         for name, url in apis
         if urlsplit(url).scheme.lower() == "http"
     ]
+    warnings += [
+        f"SMTP_CONFIG[{domain!r}]: unknown key(s) ignored: {', '.join(entry.unknown_keys)}"
+        for domain, entry in settings.smtp_config.items()
+        if entry.unknown_keys
+    ]
+    if settings.webhook_allow_private:
+        warnings.append(
+            "RELAY_WEBHOOK_ALLOW_PRIVATE=true: webhook endpoints may reach loopback, private"
+            " and link-local addresses (for tests and private networks only)"
+        )
     missing = no_channel(settings)
     return warnings + ([missing] if missing else [])
 

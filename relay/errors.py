@@ -21,6 +21,7 @@ aiosmtplib, httpx and sqlite3 exceptions are translated where they are raised
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from relay import replies
@@ -142,6 +143,9 @@ class DeliveryError(RelayError):
         self.channel = channel
         self.not_taken = not_taken and not reply.is_permanent
         self.taken = taken
+        # The upstream's answer per recipient, where it gave one: a refusal of
+        # every recipient still says which address was refused and why.
+        self.refused: Mapping[str, Reply] = {}
 
 
 class TransientDelivery(DeliveryError):

@@ -394,6 +394,17 @@ UPSTREAM_MAX_BYTES_VERIFIED = {"cloudflare": 25 * 1024 * 1024}
 RELAY_HEADROOM = 1024
 
 
+def upstream_limit(route: Route) -> int | None:
+    """The most the route's upstream takes, as the channel measures what it sends
+    (Cloudflare: the MIME text once re-encoded and escaped for JSON).
+
+        >>> upstream_limit(Route(Channel.CLOUDFLARE, charges=True, rule=4))
+        5242880
+    """
+    limits = UPSTREAM_MAX_BYTES_VERIFIED if route.rule == 1 else UPSTREAM_MAX_BYTES
+    return limits.get(route.channel)
+
+
 def max_forwardable(channel: str, *, verified: bool = False) -> int | None:
     """The largest SIZE= a client may declare for a message this channel can carry.
 

@@ -136,6 +136,8 @@ TOO_MANY_RECIPIENTS = Reply(
     452, "4.5.3", "Too many recipients: at most 50 per message; send the rest in a new message"
 )
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message too big")
+# RFC 3463 X.1.1: the relay will not send to this mailbox (relay.store.suppressions).
+RECIPIENT_SUPPRESSED = Reply(550, "5.1.1", "Recipient suppressed; ask the relay admin")
 SEND_LIMIT_REACHED = Reply(451, "4.7.1", "Send limit reached")
 # A token's own rules (relay.tokenrules): a sender outside its scope is refused
 # for good (X.7.1, "delivery not authorized", RFC 3463 section 3.8); a full rate
@@ -359,6 +361,24 @@ def upstream_refused_as(channel: str, code: int, enhanced: str, reason: str) -> 
     if not enhanced or enhanced[0] != "5":
         enhanced = "5.0.0"
     return Reply(code, enhanced, one_line(f"{channel}: {reason}"))
+
+
+# The words of an upstream's refusal of a recipient it keeps on its own
+# suppression list (Cloudflare's, found through its suppressions API): the relay
+# records such a recipient as a `provider` suppression, for as long as the
+# provider's shortest one lasts (relay.store.suppressions).
+PROVIDER_SUPPRESSED = "recipient on the provider's suppression list"
+
+
+def recipient_suppressed(address: str, reason: str, since: str) -> Reply:
+    """550 5.1.1 at RCPT: the account's suppression list holds the address.
+
+    >>> str(recipient_suppressed("bob@x.org", "hard-bounce", "2026-03-01"))
+    '550 5.1.1 <bob@x.org>: suppressed (hard-bounce since 2026-03-01); ask the relay admin'
+    """
+    return RECIPIENT_SUPPRESSED.but(
+        f"<{address}>: suppressed ({reason} since {since}); ask the relay admin"
+    )
 
 
 def local_error(channel: str, why: str) -> Reply:

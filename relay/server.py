@@ -35,6 +35,7 @@ from relay.channels.base import Channel
 from relay.config import Settings, no_channel, start_warnings
 from relay.delivery.queue import QueueWorker
 from relay.errors import ConfigError, RelayError, StoreError
+from relay.events.sender import WebhookSender
 from relay.policy import Channel as ChannelName
 from relay.replies import Reply
 from relay.smtp.admission import Admission, HostCounts
@@ -101,6 +102,9 @@ class Relay:
         self._admin: admin.AdminServer | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sweeper: asyncio.Task[None] | None = None
+        # The webhook outbox's sender (relay.events.sender), one per process.
+        self._webhooks: WebhookSender | None = None
+        self._webhook_task: asyncio.Task[None] | None = None
         self._listener: Listener | None = None
         self._starttls_listener: Listener | None = None
         self.admission = Admission(
@@ -190,6 +194,12 @@ class Relay:
             self._starttls_listener.start()
         self._sweeper = loop.create_task(self._sweep_forever())
         self.queue.start()
+        self._webhooks = WebhookSender(
+            self.store,
+            backoff=self.settings.webhook_backoff,
+            allow_private=self.settings.webhook_allow_private,
+        )
+        self._webhook_task = loop.create_task(self._webhooks.run_forever())
         if self.serves_admin:  # one process of the relay (the first worker) says it once
             for warning in start_warnings(self.settings):
                 log.warning("%s", warning)
@@ -241,7 +251,13 @@ class Relay:
         self._admin = admin.AdminServer(
             sock,
             self.readiness,
-            api.ApiContext(self.store, settings.auth_failure_limit, settings.default_send_balance),
+            api.ApiContext(
+                self.store,
+                settings.auth_failure_limit,
+                settings.default_send_balance,
+                settings.webhook_allow_private,
+                settings.resend_webhook_secret,
+            ),
             admin.Console(settings.hostname, self.port),
             tls,
             lambda: self.queue_state,
@@ -332,6 +348,14 @@ class Relay:
             await self.store.upkeep(lambda s: s.prune_refusals())
         except RelayError as exc:
             self._trouble("refusal pruning", exc)
+        # Expired suppressions, and webhook events settled (delivered or failed)
+        # longer ago than the delivery log keeps its records (at least a day).
+        keep = max(1, self.settings.log_retention_days) * 86400
+        try:
+            await self.store.upkeep(lambda s: s.prune_suppressions())
+            await self.store.upkeep(lambda s: s.prune_webhook_events(keep))
+        except RelayError as exc:
+            self._trouble("suppression and webhook pruning", exc)
 
     async def _sweep_forever(self) -> None:
         while True:
@@ -468,10 +492,13 @@ class Relay:
         await self.queue.stop()  # its attempts end, its leases go back
         if self._admin is not None:
             await self._admin.stop()
-        tasks = [*self._tasks, *([self._sweeper] if self._sweeper else [])]
+        background = [t for t in (self._sweeper, self._webhook_task) if t is not None]
+        tasks = [*self._tasks, *background]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self._webhooks is not None:
+            await self._webhooks.aclose()
         await asyncio.gather(*(c.aclose() for c in self.channels.values()), return_exceptions=True)
         await self.store.aclose()
 

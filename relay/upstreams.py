@@ -32,7 +32,9 @@ class SmtpUpstream:
     port: int
     secure: bool = False  # implicit TLS from the first byte (port 465)
     start_tls: bool = True  # upgrade when the upstream offers STARTTLS
-    auth_types: tuple[str, ...] = ("plain", "login")
+    # worker-mailer's default is no authType at all (src/mailer.ts: `[]`); empty
+    # here means "not given": the first of UPSTREAM_AUTH_TYPES the upstream offers.
+    auth_types: tuple[str, ...] = ()
     username: str | None = None
     password: Secret | None = None
     verify_tls: bool = True
@@ -40,6 +42,8 @@ class SmtpUpstream:
     # Credentials go only over TLS unless the entry says `tls.allowPlaintextAuth`.
     allow_plaintext_auth: bool = False
     rate: float | None = None  # messages per second this upstream takes (None: no pacing)
+    # Keys neither worker-mailer nor the relay knows (a typo?): named at start.
+    unknown_keys: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -47,10 +51,14 @@ class ResendConfig:
     token: Secret | None = None
     domain_tokens: Mapping[str, Secret] = field(default_factory=dict)
     api_url: str = "https://api.resend.com"
-    # Requests per second per API key. Resend's documented default is 5 per
-    # second per team (resend.com/docs/api-reference/rate-limit.md; earlier
-    # versions of that page said 2). Keys of one team share it.
+    # Requests per second per team. Resend's documented default is 5 per second
+    # per team, across all of its API keys (resend.com/docs/api-reference/rate-limit;
+    # earlier versions of that page said 2). Keys of one team share it.
     rate_limit: float = 5.0
+    # RESEND_TEAMS: the team of each key, by its setting's suffix ("" for
+    # RESEND_TOKEN, "EXAMPLE_COM" for RESEND_TOKEN_EXAMPLE_COM). A key named in
+    # no team shares the default one: by default every key is of one team.
+    teams: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def configured(self) -> bool:
@@ -60,6 +68,46 @@ class ResendConfig:
         """`RESEND_TOKEN_<DOMAIN>` (upper-cased, dots to `_`) wins over `RESEND_TOKEN`."""
         return self.domain_tokens.get(resend_domain_key(domain)) or self.token
 
+    def team_for(self, domain: str) -> str:
+        """The team whose rate the key for `domain` spends (never the key itself)."""
+        key = resend_domain_key(domain)
+        suffix = key if self.domain_tokens.get(key) else ""
+        return self.teams.get(suffix, DEFAULT_TEAM)
+
+
+DEFAULT_TEAM = "default"
+
+
+def resend_teams(value: Any, domain_tokens: Mapping[str, str], token: bool) -> dict[str, str]:
+    """`RESEND_TEAMS`: teams separated by `;`, each the comma-separated names of
+    the key settings of one Resend team, e.g.
+    `RESEND_TOKEN,RESEND_TOKEN_A_COM;RESEND_TOKEN_B_ORG`. Names only, never keys.
+
+        >>> resend_teams("RESEND_TOKEN_A_COM;RESEND_TOKEN", {"A_COM": "k"}, True)
+        {'A_COM': 'team-1', '': 'team-2'}
+    """
+    if value is None or str(value).strip() == "":
+        return {}
+    teams: dict[str, str] = {}
+    for index, group in enumerate(str(value).split(";"), start=1):
+        for name in (n.strip() for n in group.split(",")):
+            if not name:
+                continue
+            upper = name.upper()
+            if upper == "RESEND_TOKEN" and token:
+                suffix = ""
+            elif (
+                upper.startswith(RESEND_DOMAIN_PREFIX)
+                and upper[len(RESEND_DOMAIN_PREFIX) :] in domain_tokens
+            ):
+                suffix = upper[len(RESEND_DOMAIN_PREFIX) :]
+            else:
+                raise ConfigError(f"RESEND_TEAMS: {name[:60]!r} names no configured Resend key")
+            if suffix in teams:
+                raise ConfigError(f"RESEND_TEAMS: {name[:60]!r} is in two teams")
+            teams[suffix] = f"team-{index}"
+    return teams
+
 
 @dataclass(frozen=True)
 class CloudflareConfig:
@@ -68,7 +116,20 @@ class CloudflareConfig:
     api_url: str = "https://api.cloudflare.com/client/v4"
 
 
+# worker-mailer's AuthType, in the order its `auth()` prefers them (src/mailer.ts).
 UPSTREAM_AUTH_TYPES = ("plain", "login", "cram-md5")
+# The keys worker-mailer's WorkerMailerOptions takes (src/mailer.ts) that the relay
+# reads no value from: `dsn` (the relay passes the client's own DSN parameters as
+# they came, or none), `logLevel` (the relay's log has its own level) and the
+# timeouts (RELAY_UPSTREAM_TIMEOUT bounds every call). Accepted and ignored, so an
+# entry pasted from a worker-mailer setup starts unchanged.
+WORKER_MAILER_IGNORED = frozenset({"dsn", "logLevel", "socketTimeoutMs", "responseTimeoutMs"})
+# What the relay adds to worker-mailer's format: `tls` (rejectUnauthorized, ca,
+# allowPlaintextAuth) and `rate`.
+KNOWN_KEYS = (
+    frozenset({"host", "port", "secure", "startTls", "authType", "credentials", "tls", "rate"})
+    | WORKER_MAILER_IGNORED
+)
 RESEND_DOMAIN_PREFIX = "RESEND_TOKEN_"
 
 
@@ -115,7 +176,9 @@ def _smtp_entry(domain: str, entry: Any) -> SmtpUpstream:
         raise ConfigError(f"{where}.host: required")
     if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
         raise ConfigError(f"{where}.port: expected a port number, got {port!r}")
-    auth = entry.get("authType", ["plain", "login"])
+    auth = entry.get("authType")
+    if auth is None:
+        auth = []
     if isinstance(auth, str):
         auth = [auth]
     if not isinstance(auth, list) or not all(isinstance(a, str) for a in auth):
@@ -149,6 +212,7 @@ def _smtp_entry(domain: str, entry: Any) -> SmtpUpstream:
         ca=ca or None,
         allow_plaintext_auth=_flag(tls, "allowPlaintextAuth", False, f"{where}.tls"),
         rate=rate(entry.get("rate"), f"{where}.rate"),
+        unknown_keys=tuple(sorted(str(k) for k in entry if k not in KNOWN_KEYS)),
     )
 
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any, Self
+from urllib.parse import parse_qs
 
 
 @dataclass(frozen=True)
@@ -280,6 +281,10 @@ RESEND_TESTING_ONLY = (
 )
 
 
+# SendEmailRequest's required fields (resend-openapi resend.yaml, components/schemas).
+RESEND_REQUIRED = ("from", "to", "subject")
+
+
 @dataclass(frozen=True)
 class SentEmail:
     id: str
@@ -331,23 +336,28 @@ class FakeResend(FakeUpstream):
     def answer(self, request: Recorded) -> Scripted:
         if request.method != "POST" or request.path != "/emails":
             return _resend_failure(404, "not_found")
-        auth = request.headers.get("authorization", "")
-        if not auth.startswith("Bearer ") or not auth[7:]:
+        auth = request.headers.get("authorization")
+        if auth is None:
             return _resend_failure(401, "missing_api_key")
+        if not re.fullmatch(r"Bearer \S+", auth):
+            # A malformed Authorization header: 400 `validation_error`, "API key is
+            # invalid" (resend.com/docs/api-reference/errors), not a 401 or 403.
+            return _resend_failure(400, "validation_error", "API key is invalid")
         if self.tokens is not None and auth[7:] not in self.tokens:
             return _resend_failure(403, "invalid_api_key")
         body = request.json
         if not isinstance(body, dict):
             return _resend_failure(400, "validation_error", "Invalid JSON body.")
-        for required in ("from", "to", "subject"):
-            if not body.get(required) and not (required == "subject" and "subject" in body):
+        # SendEmailRequest's `required` (resend-openapi resend.yaml); an empty
+        # string counts as missing, as Resend's validation reads it.
+        for required in RESEND_REQUIRED:
+            if not body.get(required):
                 return _resend_failure(
                     422, "missing_required_field", f"Missing `{required}` field."
                 )
-        # resend-node CreateEmailOptions: RequireAtLeastOne of react, html, text
-        # (a template aside). An empty `text` is a present one.
-        if not any(key in body for key in ("html", "text", "template")):
-            return _resend_failure(422, "missing_required_field", "Missing `html` or `text` field.")
+        for name in ("subject", "text", "html"):
+            if name in body and not isinstance(body[name], str):
+                return _resend_failure(422, "validation_error", f"Invalid `{name}` field.")
         for attachment in body.get("attachments") or []:
             if (
                 not isinstance(attachment, dict)
@@ -460,10 +470,21 @@ class FakeCloudflare(FakeUpstream):
         self.replace_message_id = False
         self._bounces: set[str] = set()
         self._queued: set[str] = set()
+        self._suppressed: dict[str, str] = {}  # address -> reason
+        self.suppression_body: dict[str, Any] = SUPPRESSED_BODY
 
     @property
     def path(self) -> str:
         return f"/accounts/{self.account_id}/email/sending/send_raw"
+
+    @property
+    def suppressions_path(self) -> str:
+        return f"/accounts/{self.account_id}/email/sending/suppressions"
+
+    def suppress(self, address: str, reason: str = "hard_bounce") -> None:
+        """Put `address` on the account's suppression list (`reason` as the API names it)."""
+        with self._lock:
+            self._suppressed[address.lower()] = reason
 
     def bounce(self, *addresses: str) -> None:
         """These recipients come back in `permanent_bounces`."""
@@ -492,10 +513,13 @@ class FakeCloudflare(FakeUpstream):
         return cloudflare_failure(10004, {"retry-after": str(reset)})
 
     def answer(self, request: Recorded) -> Scripted:
-        if request.method != "POST" or request.path != self.path:
-            return cloudflare_failure(10000)
         if request.headers.get("authorization") != f"Bearer {self.token}":
             return cloudflare_failure(10101)
+        path, _, query = request.path.partition("?")
+        if request.method == "GET" and path == self.suppressions_path:
+            return self._suppressions(parse_qs(query))
+        if request.method != "POST" or request.path != self.path:
+            return cloudflare_failure(10000)
         body = request.json
         recipients = body.get("recipients") if isinstance(body, dict) else None
         if (
@@ -509,6 +533,10 @@ class FakeCloudflare(FakeUpstream):
             or not all(isinstance(a, str) and "@" in a for a in recipients)
         ):
             return cloudflare_failure(10001)
+        if any(r.lower() in self._suppressed for r in recipients):
+            # concepts/suppressions.mdx: through the REST API "Returns 400. If any
+            # recipient is suppressed, Email Service rejects the entire request."
+            return Scripted(400, self.suppression_body)
         mime = body["mime_message"]
         if len(mime.encode()) > CLOUDFLARE_MAX_BYTES:
             return cloudflare_failure(10200)
@@ -537,3 +565,42 @@ class FakeCloudflare(FakeUpstream):
         if result["delivered"] or result["queued"]:
             self.sent.append(request)
         return Scripted(200, {"success": True, "errors": [], "messages": [], "result": result})
+
+    def _suppressions(self, query: dict[str, list[str]]) -> Scripted:
+        """`GET .../suppressions?email=ADDRESS`: the active entry for one complete
+        address, or an empty `result` (configuration/suppressions.mdx)."""
+        email = (query.get("email") or [""])[0].lower()
+        entries = [
+            {
+                "id": hashlib.sha256(address.encode()).hexdigest()[:32],
+                "email": address,
+                "reason": reason,
+                "created_at": "2026-01-01T00:00:00Z",
+                # A soft bounce lasts 24 hours, a hard bounce 7 days (concepts/suppressions.mdx).
+                "expires_at": None if reason in ("manual", "complaint") else "2026-01-08T00:00:00Z",
+                "read_only": reason == "policy",
+            }
+            for address, reason in self._suppressed.items()
+            if address == email
+        ]
+        return Scripted(
+            200,
+            {
+                "success": True,
+                "errors": [],
+                "messages": [],
+                "result": entries,
+                "result_info": {"next_cursor": None, "per_page": 100},
+            },
+        )
+
+
+# The suppression 400 has no code of its own in the published error table
+# (concepts/suppressions.mdx, api/send-emails/rest-api.mdx); its words here are
+# the fake's.
+SUPPRESSED_BODY: dict[str, Any] = {
+    "success": False,
+    "errors": [{"message": "recipient is suppressed"}],
+    "messages": [],
+    "result": None,
+}

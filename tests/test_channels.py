@@ -601,7 +601,7 @@ CLOUDFLARE_OUTCOMES = [
     ),
     pytest.param(
         lambda f: f.fail(200, 10203),
-        "550 5.7.1 cloudflare: sending disabled for this domain or account",
+        "451 4.3.0 cloudflare: sending disabled for this domain or account",
         10,
         id="200-success-false",
     ),
@@ -1027,3 +1027,77 @@ def test_a_forward_cancelled_while_the_upstream_greets_closes_its_connection():
             await server.wait_closed()
 
     assert asyncio.run(run()) == b"EHLO relay.test\r\n"  # and then the end
+
+
+# --- worker-mailer's format (zou-yu/worker-mailer src/mailer.ts) -----------------
+
+
+@pytest.mark.parametrize("mode", ["plain", "tls"])
+def test_no_auth_where_the_upstream_offers_none(relay_factory, sink_factory, caplog, mode):
+    # worker-mailer authenticates only when EHLO names AUTH; its other keys
+    # (dsn, logLevel, the timeouts) are accepted and have no effect here.
+    upstream = sink_factory(mode)
+    config = upstream.smtp_config(
+        credentials={"username": "relay-user", "password": "s3cret"},
+        dsn={"RET": {"HEADERS": True}},
+        logLevel="DEBUG",
+        socketTimeoutMs=60000,
+        responseTimeoutMs=30000,
+    )
+    relay = relay_factory(SMTP_CONFIG=config, DEFAULT_SEND_BALANCE="10")
+    with caplog.at_level(logging.WARNING, logger="relay.smtp"):
+        assert send(relay, mail("<m1@example.com>")) == "250 2.0.0 Ok <m1@example.com>"
+        assert send(relay, mail("<m2@example.com>")) == "250 2.0.0 Ok <m2@example.com>"
+    assert len(upstream.messages) == 2
+    assert balance(relay) == 8
+    logged = [r for r in caplog.records if "advertises no AUTH" in r.getMessage()]
+    assert len(logged) == 1  # once per upstream
+    assert "s3cret" not in caplog.text
+
+
+@sink_auth_without_starttls
+def test_no_auth_type_offered_of_those_named_is_451(relay_factory, sink_factory, caplog):
+    upstream = sink_factory("tls", username="relay-user", password="s3cret")
+    relay = relay_factory(
+        SMTP_CONFIG=upstream.smtp_config(authType="cram-md5"), DEFAULT_SEND_BALANCE="10"
+    )
+    with caplog.at_level(logging.ERROR, logger="relay.smtp"):
+        reply = send(relay)
+    assert reply == "451 4.3.0 smtp: upstream offers none of authType cram-md5"
+    assert upstream.messages == [] and upstream.recorder.auth_logins == []
+    assert balance(relay) == 10
+    assert "s3cret" not in caplog.text
+
+
+@sink_auth_without_starttls
+def test_without_auth_type_the_first_offered_is_used(relay_factory, sink_factory):
+    upstream = sink_factory("tls", username="relay-user", password="s3cret")
+    entry = json.loads(upstream.smtp_config())
+    del entry[DOMAIN]["authType"]
+    relay = relay_factory(SMTP_CONFIG=json.dumps(entry), DEFAULT_SEND_BALANCE="10")
+    assert send(relay) == DELIVERED
+    assert upstream.recorder.auth_logins == [b"relay-user"]
+
+
+def test_cloudflare_size_as_sent_is_checked_before_the_request(relay_factory, cloudflare):
+    # Under the relay's 5 MiB as MIME; over Cloudflare's 5 MiB once its line
+    # ends travel escaped in the JSON string (email-service/platform/limits.mdx).
+    relay = relay_factory(**cloudflare_env(cloudflare), DEFAULT_SEND_BALANCE="10")
+    body = "abcdefgh\r\n" * ((5 * 1024 * 1024 - 8192) // 10)
+    reply = send(relay, mail(body=body))
+    assert reply.startswith("552 5.3.4 cloudflare: message too big as sent (")
+    assert cloudflare.requests == []
+    assert balance(relay) == 10
+
+
+def test_cloudflare_suppression_400_delivers_the_other_recipients(relay_factory, cloudflare):
+    cloudflare.suppress(OTHER)
+    relay = relay_factory(**cloudflare_env(cloudflare), DEFAULT_SEND_BALANCE="10")
+    assert send(relay, recipients=(RCPT, OTHER)) == DELIVERED
+    [sent] = cloudflare.sent
+    assert sent.json["recipients"] == [RCPT]
+    assert balance(relay) == 9  # the suppressed recipient is not charged
+    # Recorded as the provider's suppression, for a day (Cloudflare's shortest).
+    [entry] = relay.store.list_suppressions("acme")
+    assert (entry["address"], entry["reason"]) == (OTHER, "provider")
+    assert entry["expires"] is not None and entry["expires"] - entry["created"] == 86400

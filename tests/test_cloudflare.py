@@ -138,7 +138,7 @@ ERROR_TABLE: dict[int, tuple[int, str, str, bool]] = {
     10200: (552, "5.3.4", "cloudflare: message too big", False),
     10201: (451, "4.3.0", "cloudflare: request without content length", True),
     10202: (554, "5.6.0", "cloudflare: invalid email content", False),
-    10203: (550, "5.7.1", "cloudflare: sending disabled for this domain or account", False),
+    10203: (451, "4.3.0", "cloudflare: sending disabled for this domain or account", True),
 }
 
 
@@ -171,8 +171,8 @@ ERRORS: list[tuple[str, int, int | None, str, str | None, int, str, str]] = [
         10203,
         "Sending disabled",
         None,
-        550,
-        "5.7.1",
+        451,
+        "4.3.0",
         "cloudflare: sending disabled for this domain or account",
     ),
     (
@@ -467,3 +467,108 @@ def test_what_max_forwardable_allows_cloudflare_takes(fake: FakeCloudflare) -> N
     assert isinstance(result, Delivery)
     [over] = deliver(config_for(fake.url), outbound(content=added + head + body + b"x" * 1024))
     assert str(getattr(over, "reply", "")) == "552 5.3.4 cloudflare: message too big"
+
+
+LIMIT = 5 * 1024 * 1024  # email-service/platform/limits.mdx, "Total message size"
+
+
+def limited(content: bytes) -> Outbound:
+    return Outbound(
+        "alice@example.com", ("bob@example.org",), content, "<m1@example.com>", "k", LIMIT
+    )
+
+
+def test_size_is_measured_as_sent_crlf_escaped(fake: FakeCloudflare) -> None:
+    # Under 5 MiB as MIME, over it once each CRLF travels as \r\n in the JSON string.
+    head = b"From: alice@example.com\r\nTo: bob@example.org\r\nSubject: s\r\n\r\n"
+    lines = (LIMIT - len(head) - 4096) // 10
+    content = head + b"abcdefgh\r\n" * lines
+    assert len(content) < LIMIT
+    [result] = deliver(config_for(fake.url), limited(content))
+    assert isinstance(result, PermanentDelivery)
+    assert result.reply.code == 552 and result.reply.enhanced == "5.3.4"
+    assert result.reply.text.startswith("cloudflare: message too big as sent (")
+    assert fake.requests == []  # refused before the request, not after the upload
+
+
+def test_size_counts_the_seven_bit_re_encoding(fake: FakeCloudflare) -> None:
+    # 8-bit Latin-1 text is re-encoded quoted-printable for JSON: each octet
+    # above 127 becomes three, so 2 MiB of it is over 5 MiB as sent.
+    head = (
+        b"From: alice@example.com\r\nTo: bob@example.org\r\nSubject: s\r\n"
+        b"Content-Type: text/plain; charset=iso-8859-1\r\n"
+        b"Content-Transfer-Encoding: 8bit\r\n\r\n"
+    )
+    content = head + (b"\xe9" * 70 + b"\r\n") * (2 * 1024 * 1024 // 72)
+    [result] = deliver(config_for(fake.url), limited(content))
+    assert isinstance(result, PermanentDelivery)
+    assert result.reply.code == 552
+    assert fake.requests == []
+
+
+def test_a_message_that_fits_as_sent_goes(fake: FakeCloudflare) -> None:
+    head = b"From: alice@example.com\r\nTo: bob@example.org\r\nSubject: s\r\n\r\n"
+    content = head + b"x" * 900 + b"\r\n"
+    [result] = deliver(config_for(fake.url), limited(content * 1))
+    assert isinstance(result, Delivery)
+    assert len(fake.sent) == 1
+
+
+# --- the account's suppression list (concepts/suppressions.mdx) -------------------
+
+SUPPRESSED_REPLY = "550 5.1.1 cloudflare: recipient on the provider's suppression list"
+
+
+def test_a_suppressed_recipient_is_refused_and_the_rest_sent_once(fake: FakeCloudflare) -> None:
+    fake.suppress("Carol@example.org", "soft_bounce")
+    [result] = deliver(config_for(fake.url), outbound(("bob@example.org", "carol@example.org")))
+    assert isinstance(result, Delivery)
+    assert result.accepted == ("bob@example.org",)
+    assert {r: str(v) for r, v in result.refused.items()} == {
+        "carol@example.org": f"{SUPPRESSED_REPLY} (soft_bounce)"
+    }
+    assert [(r.method, r.path.split("?")[0].rsplit("/", 1)[1]) for r in fake.requests] == [
+        ("POST", "send_raw"),
+        ("GET", "suppressions"),
+        ("GET", "suppressions"),
+        ("POST", "send_raw"),
+    ]
+    [sent] = fake.sent
+    assert sent.json["recipients"] == ["bob@example.org"]
+
+
+def test_every_recipient_suppressed(fake: FakeCloudflare) -> None:
+    fake.suppress("bob@example.org")
+    fake.suppress("carol@example.org", "complaint")
+    [result] = deliver(config_for(fake.url), outbound(("bob@example.org", "carol@example.org")))
+    assert isinstance(result, PermanentDelivery)
+    assert str(result.reply) == f"{SUPPRESSED_REPLY} (hard_bounce)"
+    assert {r: str(v) for r, v in result.refused.items()} == {
+        "bob@example.org": f"{SUPPRESSED_REPLY} (hard_bounce)",
+        "carol@example.org": f"{SUPPRESSED_REPLY} (complaint)",
+    }
+    assert fake.sent == []
+
+
+def test_suppression_list_unreadable(fake: FakeCloudflare) -> None:
+    fake.suppress("bob@example.org")
+    fake.script(400, fake.suppression_body)
+    fake.script(403, cloudflare_error(10102))  # a token without the read permission
+    [result] = deliver(config_for(fake.url), outbound())
+    assert isinstance(result, PermanentDelivery)
+    assert str(result.reply) == (
+        "550 5.1.1 cloudflare: request refused; a recipient may be on the account's"
+        " suppression list"
+    )
+    assert result.refused == {}  # no recipient named: none is recorded as suppressed
+    assert fake.sent == []
+
+
+def test_a_schema_400_with_no_suppressed_recipient_stays_a_content_error(
+    fake: FakeCloudflare,
+) -> None:
+    fake.fail(400, 10001)
+    [result] = deliver(config_for(fake.url), outbound())
+    assert isinstance(result, PermanentDelivery)
+    assert str(result.reply) == "554 5.6.0 cloudflare: invalid request"
+    assert [r.method for r in fake.requests] == ["POST", "GET"]

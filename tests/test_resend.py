@@ -12,6 +12,7 @@ from email.message import EmailMessage
 from email.policy import SMTP
 from typing import Any
 
+import httpx
 import pytest
 
 from relay.channels.base import Delivery, Outbound
@@ -121,7 +122,7 @@ ADDRESS_CASES: list[tuple[str, str, tuple[str, ...], dict[str, Any]]] = [
         "subject missing",
         "From: alice@example.com\nTo: bob@example.org",
         ("bob@example.org",),
-        {"subject": ""},
+        {"subject": "(no subject)"},
     ),
     (
         "encoded, folded subject",
@@ -942,6 +943,98 @@ def test_attachments_only_and_no_subject_are_sent_as_composed(fake: FakeResend) 
     [result] = deliver(config_for(fake.url), outbound(content))
     assert isinstance(result, Delivery)
     sent = fake.sent[0].json
-    assert (sent["subject"], sent["text"]) == ("", "")
-    assert "html" not in sent
+    # SendEmailRequest requires from, to and subject only (resend-openapi).
+    assert sent["subject"] == "(no subject)"
+    assert "html" not in sent and "text" not in sent
     assert [(a["filename"], a["content"]) for a in sent["attachments"]] == [("a.pdf", attachment)]
+
+
+def test_a_malformed_key_is_the_operators_fault(
+    fake: FakeResend, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Resend answers a malformed Authorization header 400 `validation_error`,
+    # "API key is invalid": the relay's key, so 451 and an error, not 554 5.6.0.
+    config = replace(config_for(fake.url), token=Secret("re_half pasted"))
+    with caplog.at_level(logging.WARNING, logger="relay.resend"):
+        [result] = deliver(config, outbound(MESSAGE))
+    assert isinstance(result, TransientDelivery), result
+    assert fake.requests, result.reply
+    assert str(result.reply) == "451 4.3.0 resend: upstream rejected relay credentials"
+    assert [r.levelname for r in caplog.records] == ["ERROR"]
+    assert fake.sent == []
+    body = resend_error(400, "validation_error", "API key is invalid")
+    assert is_config_fault(400, body)
+    # Any other 400 validation_error stays the message's.
+    assert not is_config_fault(400, resend_error(400, "validation_error"))
+
+
+@pytest.mark.parametrize("missing", ["from", "to", "subject"])
+def test_the_fake_requires_what_the_schema_requires(fake: FakeResend, missing: str) -> None:
+    # resend-openapi resend.yaml SendEmailRequest: required [from, to, subject].
+    body = {"from": "a@example.com", "to": ["b@example.org"], "subject": "s"}
+    for absent in ({k: v for k, v in body.items() if k != missing}, {**body, missing: ""}):
+        response = httpx.post(
+            f"{fake.url}/emails", json=absent, headers={"Authorization": "Bearer re_x"}
+        )
+        assert response.status_code == 422
+        assert response.json()["name"] == "missing_required_field"
+    assert httpx.post(
+        f"{fake.url}/emails", json=body, headers={"Authorization": "Bearer re_x"}
+    ).is_success
+    assert fake.sent[0].json == body  # neither text nor html is required
+
+
+def test_keys_of_one_team_share_its_rate(fake: FakeResend) -> None:
+    # Resend limits a team across all its API keys (api-reference/rate-limit); the
+    # fake counts every request alike. By default every key is of one team.
+    fake.rate = 10
+    config = replace(config_for(fake.url, EXAMPLE_ORG="re_org"), rate_limit=10)
+    messages = keyed(10) + [
+        outbound(MESSAGE, sender="alice@example.org", key=f"{i + 100:064x}") for i in range(10)
+    ]
+    results = deliver_together(config, messages, timeout=5)
+    assert all(isinstance(r, Delivery) for r in results)
+    assert {e.request.headers["authorization"] for e in fake.sent} == {
+        "Bearer re_global",
+        "Bearer re_org",
+    }
+
+
+def test_resend_teams_setting() -> None:
+    from relay.config import load_settings
+    from relay.errors import ConfigError
+
+    env = {"RESEND_TOKEN": "re_a", "RESEND_TOKEN_EXAMPLE_ORG": "re_b", "RESEND_TOKEN_B_COM": "c"}
+    default = load_settings(env).resend
+    assert {default.team_for(d) for d in ("example.com", "example.org", "b.com")} == {"default"}
+    teams = load_settings({**env, "RESEND_TEAMS": "RESEND_TOKEN, resend_token_b_com;"
+                           "RESEND_TOKEN_EXAMPLE_ORG"}).resend  # fmt: skip
+    assert [teams.team_for(d) for d in ("example.com", "b.com", "example.org")] == [
+        "team-1",
+        "team-1",
+        "team-2",
+    ]
+    for bad, words in [
+        ("RESEND_TOKEN_NOPE", "names no configured Resend key"),
+        ("RESEND_TOKEN;RESEND_TOKEN", "is in two teams"),
+    ]:
+        with pytest.raises(ConfigError, match=words) as caught:
+            load_settings({**env, "RESEND_TEAMS": bad})
+        assert "re_a" not in str(caught.value)
+
+
+def test_one_bucket_per_team_not_per_key(fake: FakeResend) -> None:
+    config = config_for(fake.url, EXAMPLE_ORG="re_org")
+    separate = replace(config, teams={"": "team-1", "EXAMPLE_ORG": "team-2"})
+    for teams, expected in ((config, {"default"}), (separate, {"team-1", "team-2"})):
+
+        async def run(c: ResendConfig = teams) -> set[str]:
+            channel = ResendChannel(c, timeout=5)
+            try:
+                await channel.deliver(outbound(MESSAGE, key="a" * 64))
+                await channel.deliver(outbound(MESSAGE, sender="al@example.org", key="b" * 64))
+                return set(channel._buckets)
+            finally:
+                await channel.aclose()
+
+        assert asyncio.run(run()) == expected

@@ -382,3 +382,45 @@ def test_a_configured_channel_warns_of_nothing_and_is_ready(tmp_path, cert_dir, 
     ready = httpx.get(f"http://127.0.0.1:{admin}/readyz", timeout=10)
     empty = {"mode": "off", "queued": 0, "held": 0, "oldest_seconds": 0}
     assert (ready.status_code, ready.json()) == (200, {"ready": True, "queue": empty})
+
+
+def test_worker_mailer_entries_start_unchanged() -> None:
+    # Every key of worker-mailer's WorkerMailerOptions (zou-yu/worker-mailer
+    # src/mailer.ts), so an entry pasted from a worker-mailer setup starts as it is.
+    from relay.config import start_warnings
+
+    entry = {
+        "host": "smtp.example.net",
+        "port": 465,
+        "secure": True,
+        "startTls": True,
+        "credentials": {"username": "u", "password": "p"},
+        "logLevel": "DEBUG",
+        "dsn": {"RET": {"HEADERS": True}, "NOTIFY": {"FAILURE": True}},
+        "socketTimeoutMs": 60000,
+        "responseTimeoutMs": 30000,
+        "startTLS": False,  # a typo: not worker-mailer's key, named at start
+    }
+    settings = load_settings({"SMTP_CONFIG": json.dumps({"a.test": entry})})
+    upstream = settings.smtp_config["a.test"]
+    assert upstream.auth_types == ()  # worker-mailer's default: none named
+    assert upstream.unknown_keys == ("startTLS",)
+    assert "SMTP_CONFIG['a.test']: unknown key(s) ignored: startTLS" in start_warnings(settings)
+
+
+@pytest.mark.parametrize(
+    ("env", "line"),
+    [
+        (
+            {"RELAY_WEBHOOK_ALLOW_PRIVATE": "yes"},
+            "RELAY_WEBHOOK_ALLOW_PRIVATE: expected true or false",
+        ),
+        ({"RELAY_WEBHOOK_BACKOFF": "0"}, "RELAY_WEBHOOK_BACKOFF"),
+        ({"RESEND_WEBHOOK_SECRET": "s3cret-not-whsec"}, "RESEND_WEBHOOK_SECRET: expected"),
+    ],
+)
+def test_bad_webhook_settings_stop_the_start(env: dict[str, str], line: str) -> None:
+    with pytest.raises(ConfigError, match=line) as caught:
+        load_settings(env)
+    assert "s3cret" not in str(caught.value)
+    assert "\n" not in str(caught.value)

@@ -31,7 +31,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from relay.admin import operations
+from relay.admin import events_api, operations, provider_hooks
 from relay.admin.openapi import PREFIX, Endpoint, Field, Param, check_body, check_query, document
 from relay.errors import AdminError, Invalid, StoreError
 from relay.network import client_key
@@ -58,6 +58,10 @@ class ApiContext:
     store: AsyncStore
     auth_failure_limit: int
     default_send_balance: int = 0
+    # RELAY_WEBHOOK_ALLOW_PRIVATE: a webhook endpoint may resolve to a private address.
+    webhook_allow_private: bool = False
+    # RESEND_WEBHOOK_SECRET: POST /hooks/resend takes Resend's events signed with it.
+    resend_webhook_secret: str | None = None
 
 
 @dataclass(frozen=True)
@@ -682,6 +686,7 @@ ENDPOINTS: list[Endpoint] = [
         errors={**NO_QUEUED, "409": "an attempt holds it now (`attempt_running`)"},
     ),
 ]
+ENDPOINTS += events_api.ENDPOINTS
 OPENAPI_PATH = f"{PREFIX}/openapi.json"
 # Routes that take no token: the document, the console's files, and what
 # Prometheus and orchestrators poll (relay.admin.app says why).
@@ -690,6 +695,7 @@ PUBLIC = [
     ("GET", "/metrics", "Prometheus metrics (no token: scrapers poll it)"),
     ("GET", "/healthz", "liveness (no token)"),
     ("GET", "/readyz", "readiness (no token)"),
+    ("POST", "/hooks/resend", "Resend's signed webhooks (no token: the signature is the key)"),
 ]
 
 
@@ -699,4 +705,8 @@ def routes(context: ApiContext) -> list[Route]:
     async def openapi(request: Request) -> Response:
         return JSONResponse(spec)
 
-    return [Route(OPENAPI_PATH, openapi), *(_route(ep, context) for ep in ENDPOINTS)]
+    return [
+        Route(OPENAPI_PATH, openapi),
+        provider_hooks.route(context),
+        *(_route(ep, context) for ep in ENDPOINTS),
+    ]

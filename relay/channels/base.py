@@ -33,6 +33,9 @@ class Outbound:
     content: bytes  # RFC 5322, CRLF line endings, Message-ID and Date present
     message_id: str
     idempotency_key: str
+    # The most the upstream takes for this message's route (relay.policy
+    # `upstream_limit`), measured as the channel sends it; None: no known limit.
+    size_limit: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,8 +69,11 @@ class Channel(Protocol):
 
 
 def all_refused(channel: str, refused: Mapping[str, Reply]) -> DeliveryError:
-    """The error for an upstream that took no recipient: the first refusal decides."""
-    return delivery_error(channel, next(iter(refused.values()), replies.UPSTREAM_REFUSED))
+    """The error for an upstream that took no recipient: the first refusal decides;
+    each recipient's refusal goes with it (`DeliveryError.refused`)."""
+    error = delivery_error(channel, next(iter(refused.values()), replies.UPSTREAM_REFUSED))
+    error.refused = dict(refused)
+    return error
 
 
 def partial_delivery(

@@ -8,19 +8,22 @@ recipient (`delivered`, `queued`, `permanent_bounces`) and may say
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import json
 import logging
 import quopri
 from collections.abc import Mapping
+from dataclasses import replace
 from email.parser import BytesParser
 from email.policy import compat32
 from urllib.parse import quote
 
 from relay import replies
 from relay.channels import httpapi
-from relay.channels.base import Delivery, Outbound, partial_delivery
+from relay.channels.base import Delivery, Outbound, all_refused, partial_delivery
 from relay.channels.httpapi import ErrorRow, Kind
-from relay.errors import PermanentDelivery
+from relay.errors import DeliveryError, PermanentDelivery
 from relay.replies import Refusal, Reply, one_line
 from relay.upstreams import CloudflareConfig
 
@@ -33,6 +36,8 @@ TOO_BIG = replies.upstream_refused(NAME, Refusal.TOO_BIG, "message too big")
 NOT_UTF8 = replies.upstream_refused(
     NAME, Refusal.CONTENT, "header is neither ASCII nor UTF-8 (use RFC 2047 encoded words)"
 )
+
+SUPPRESSION_UNKNOWN = "request refused; a recipient may be on the account's suppression list"
 
 # send_raw's error codes and what each means for the message. Codes, statuses and
 # meanings: cloudflare-docs src/content/docs/email-service/api/send-emails/rest-api.mdx
@@ -71,9 +76,10 @@ ERRORS: Mapping[int, ErrorRow] = {
     # httpx always sends a Content-Length: this would be a relay fault.
     NO_CONTENT_LENGTH: ErrorRow(Kind.CONFIG, words="request without content length"),
     INVALID_EMAIL: ErrorRow(Kind.REFUSED, Refusal.CONTENT, "invalid email content"),
-    SENDING_DISABLED: ErrorRow(
-        Kind.REFUSED, Refusal.NOT_AUTHORIZED, "sending disabled for this domain or account"
-    ),
+    # "Sending disabled for this zone or account" (HTTP 403): the account's or the
+    # zone's state, which only the operator can change; the message itself is fine
+    # and goes once sending is enabled again, so a 451 and an operator error.
+    SENDING_DISABLED: ErrorRow(Kind.CONFIG, words="sending disabled for this domain or account"),
 }
 
 
@@ -91,6 +97,10 @@ def error_row(status: int, body: object) -> ErrorRow | None:
         return ERRORS[TOO_BIG_ERROR]
     if status == 400 and code is not None:
         return ErrorRow(Kind.REFUSED, Refusal.CONTENT, "message refused")
+    if status == 400:
+        # A 400 without a code: the suppression list's refusal, when the list
+        # could not say which recipient (concepts/suppressions.mdx).
+        return ErrorRow(Kind.REFUSED, Refusal.BOUNCE, SUPPRESSION_UNKNOWN)
     if status >= 500:
         return ErrorRow(Kind.DEFERRED)
     return None
@@ -106,6 +116,16 @@ def outcome(status: int, body: object, retry_after: str | None) -> Reply:
     if row is None:
         return httpapi.unexpected_reply(NAME, status)
     return httpapi.row_reply(NAME, row, status=status, detail="", retry_after=retry_after)
+
+
+# The 400s that say what is wrong with the message itself; any other 400 may be
+# the suppression list's, which has no code of its own.
+_MESSAGE_FAULTS = frozenset({TOO_BIG_ERROR, NO_CONTENT_LENGTH, INVALID_EMAIL})
+
+
+def _suppression_refusal(answer: httpapi.Answer) -> bool:
+    code, _ = _first_error(answer.body)
+    return answer.status == 400 and code not in _MESSAGE_FAULTS
 
 
 def is_config_fault(status: int, body: object) -> bool:
@@ -210,9 +230,50 @@ class CloudflareChannel:
     def __init__(self, config: CloudflareConfig, *, timeout: float) -> None:
         self.config = config
         account = quote(config.account_id, safe="")
-        self.url = f"{config.api_url.rstrip('/')}/accounts/{account}/email/sending/send_raw"
+        base = f"{config.api_url.rstrip('/')}/accounts/{account}/email/sending"
+        self.url = f"{base}/send_raw"
+        self.suppressions_url = f"{base}/suppressions"
         # One client for every message: its pool keeps the TLS connection alive.
         self._client = httpapi.client(timeout)
+
+    async def _suppressed(self, recipients: tuple[str, ...]) -> dict[str, str] | None:
+        """Which recipients the account's suppression list holds, with Cloudflare's
+        reason; None when the list could not be read.
+
+        `GET /accounts/{id}/email/sending/suppressions?email=ADDRESS` answers the
+        active entry for one complete address, an empty `result` for none
+        (email-service/configuration/suppressions.mdx, "Find an exact address").
+        """
+
+        async def one(address: str) -> tuple[str, str | None]:
+            answer = await httpapi.get(
+                self._client,
+                self.suppressions_url,
+                params={"email": address},
+                channel=NAME,
+                url_setting="CLOUDFLARE_API_URL",
+                headers={"Authorization": f"Bearer {self.config.api_token}"},
+            )
+            body = answer.body
+            if not answer.is_success or not isinstance(body, dict) or body.get("success") is False:
+                raise LookupError(answer.status)
+            entries = body.get("result")
+            if not isinstance(entries, list):
+                raise LookupError(answer.status)
+            for entry in entries:
+                if (
+                    isinstance(entry, dict)
+                    and str(entry.get("email", "")).lower() == address.lower()
+                ):
+                    return address, one_line(str(entry.get("reason") or "suppressed"), 40)
+            return address, None
+
+        try:
+            found = await asyncio.gather(*(one(r) for r in dict.fromkeys(recipients)))
+        except (LookupError, DeliveryError) as exc:
+            log.warning("cloudflare: suppression list not readable (%s)", exc)
+            return None
+        return {address: reason for address, reason in found if reason is not None}
 
     async def deliver(self, message: Outbound) -> Delivery:
         content = message.content
@@ -223,12 +284,45 @@ class CloudflareChannel:
             log.info("cloudflare: %s: 8-bit parts re-encoded for JSON", message.message_id)
             content = downgraded
         mime = content.decode("utf-8")
-        body = {
-            "from": message.sender,
-            "recipients": list(message.recipients),
-            "mime_message": mime,
+        self._check_size(message, mime)
+        answer = await self._send(message, message.recipients, mime)
+        if not _suppression_refusal(answer):
+            return self._delivery(message, answer)
+        # Through the REST API, one suppressed recipient gets the whole request
+        # a 400 with no code of its own (email-service/concepts/suppressions.mdx,
+        # "Enforcement by sending method"); the docs advise filtering before
+        # sending. The relay finds which, refuses those, and sends the rest once.
+        suppressed = await self._suppressed(message.recipients)
+        if not suppressed:
+            return self._delivery(message, answer)
+        refused = {
+            r: replies.upstream_refused(
+                NAME, Refusal.BOUNCE, f"{replies.PROVIDER_SUPPRESSED} ({suppressed[r]})"
+            )
+            for r in message.recipients
+            if r in suppressed
         }
-        answer = await httpapi.post(
+        log.warning(
+            "cloudflare: %d of %d recipients of %s are on the account's suppression list",
+            len(refused),
+            len(message.recipients),
+            message.message_id,
+        )
+        rest = tuple(r for r in message.recipients if r not in suppressed)
+        if not rest:
+            raise all_refused(NAME, refused)
+        try:
+            delivery = self._delivery(message, await self._send(message, rest, mime), rest)
+        except DeliveryError as exc:
+            exc.refused = {**refused, **exc.refused}
+            raise
+        return replace(delivery, refused={**refused, **delivery.refused})
+
+    async def _send(
+        self, message: Outbound, recipients: tuple[str, ...], mime: str
+    ) -> httpapi.Answer:
+        body = {"from": message.sender, "recipients": list(recipients), "mime_message": mime}
+        return await httpapi.post(
             self._client,
             self.url,
             channel=NAME,
@@ -236,19 +330,47 @@ class CloudflareChannel:
             headers={"Authorization": f"Bearer {self.config.api_token}"},
             json=body,
         )
-        return self._delivery(message, answer)
 
-    def _delivery(self, message: Outbound, answer: httpapi.Answer) -> Delivery:
+    @staticmethod
+    def _check_size(message: Outbound, mime: str) -> None:
+        """552 before the request when what goes is over the limit.
+
+        Cloudflare counts "total message size" (email-service/platform/limits.mdx)
+        and does not say whether the JSON's escaping counts; the relay measures
+        the `mime_message` string as it travels (its re-encoded 8-bit parts, the
+        headers the relay added, CRLF escaped as \\r\\n), so a message Cloudflare
+        would refuse as 10200 after the upload is refused here, without a request.
+        """
+        limit = message.size_limit
+        if limit is None:
+            return
+        size = len(json.dumps(mime, ensure_ascii=False).encode("utf-8")) - 2
+        if size > limit:
+            log.info("cloudflare: %s is %d octets as sent, over %d", message.message_id,
+                     size, limit)  # fmt: skip
+            raise PermanentDelivery(
+                NAME,
+                replies.upstream_refused(
+                    NAME,
+                    Refusal.TOO_BIG,
+                    f"message too big as sent ({size} octets, at most {limit})",
+                ),
+            )
+
+    def _delivery(
+        self, message: Outbound, answer: httpapi.Answer, recipients: tuple[str, ...] | None = None
+    ) -> Delivery:
         body = answer.body
         if answer.is_success and isinstance(body, dict) and body.get("success") is True:
-            delivery = per_recipient(message, body.get("result"))
+            sent = message if recipients is None else replace(message, recipients=recipients)
+            delivery = per_recipient(sent, body.get("result"))
             if delivery.message_id:
                 log.info("cloudflare sent %s as %s", message.message_id, delivery.message_id)
             if delivery.refused:
                 log.warning(
                     "cloudflare bounced %d of %d recipients of %s",
                     len(delivery.refused),
-                    len(message.recipients),
+                    len(sent.recipients),
                     message.message_id,
                 )
             return partial_delivery(

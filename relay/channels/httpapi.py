@@ -87,6 +87,28 @@ async def post(
     )
 
 
+async def get(
+    http: httpx.AsyncClient,
+    url: str,
+    *,
+    params: Mapping[str, str],
+    channel: str,
+    url_setting: str,
+    headers: Mapping[str, str],
+) -> Answer:
+    """One GET; its answer, or a `TransientDelivery` when no answer came."""
+    try:
+        response = await http.get(url, params=params, headers=headers)
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
+        why = describe(exc, url_setting)
+        raise TransientDelivery(channel, replies.upstream_unavailable(channel, why)) from exc
+    try:
+        body: object = response.json()
+    except ValueError:
+        body = None
+    return Answer(response.status_code, body, response.headers.get("retry-after"))
+
+
 def pause_seconds(answer: Answer) -> int | None:
     """How long the upstream asks every sender to hold off, if it says.
 

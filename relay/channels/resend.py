@@ -43,6 +43,7 @@ NAME = "resend"
 # Resend accepts an Idempotency-Key of 1 to 256 characters (docs, "Idempotency keys").
 MAX_IDEMPOTENCY_KEY = 256
 IDEMPOTENCY_PREFIX = "relay-"
+NO_SUBJECT = "(no subject)"
 
 # Headers the relay does not copy into Resend's `headers` object; every other
 # header passes (Auto-Submitted, List-Id, Precedence, Sender, ...). Resend's API
@@ -155,7 +156,10 @@ def _translate(message: Outbound) -> tuple[dict[str, Any], bool]:
     body: dict[str, Any] = {
         "from": _from_field(parsed, message.sender),
         "to": to_field,
-        "subject": _header_text(parsed, "Subject"),
+        # SendEmailRequest requires `subject` (resend-openapi resend.yaml), and
+        # Resend's validation takes an empty one as missing: a message without a
+        # Subject goes under the words mail clients show for one.
+        "subject": _header_text(parsed, "Subject") or NO_SUBJECT,
     }
     if cc:
         body["cc"] = [str(a) for a in cc]
@@ -171,11 +175,11 @@ def _translate(message: Outbound) -> tuple[dict[str, Any], bool]:
         body["text"] = _text_of(text_part)
     if html_part is not None:
         body["html"] = _text_of(html_part)
-    if text_part is None:
+    if text_part is None and html_part is not None:
         # Without `text`, Resend writes a plain-text version of the HTML; an
         # empty `text` opts out (resend.com/docs/api-reference/emails/send-email,
-        # `text`). It also stands in for the body Resend requires (resend-node
-        # CreateEmailOptions: html or text) when the client sent attachments only.
+        # `text`). A message of attachments only sends neither: SendEmailRequest
+        # requires only from, to and subject (resend-openapi resend.yaml).
         body["text"] = ""
     bodies = [p for p in (text_part, html_part) if p is not None]
     others = [(p, related) for p, related in _leaves(parsed) if not any(p is b for b in bodies)]
@@ -325,10 +329,20 @@ def _fallback_filename(content_type: str, index: int) -> str:
 # --- outcomes (pure) ---------------------------------------------------------
 
 
+# A malformed Authorization header is answered 400 `validation_error` with the
+# message "API key is invalid" (resend.com/docs/api-reference/errors), not 403
+# `invalid_api_key`: the relay's own key, so a 451 and an operator error, never a
+# permanent refusal of the client's message.
+_KEY_REFUSED = re.compile(r"\bapi key\b", re.IGNORECASE)
+KEY_MALFORMED = ErrorRow(Kind.CREDENTIALS)
+
+
 def error_row(status: int, body: object) -> ErrorRow | None:
     """The table's row for an answer; by status alone for a name Resend adds later."""
     error = body if isinstance(body, dict) else {}
     name = str(error.get("name") or "")
+    if name == "validation_error" and _KEY_REFUSED.search(str(error.get("message") or "")):
+        return KEY_MALFORMED
     row = ERRORS.get((status, name))
     if row is not None:
         return row
@@ -400,12 +414,14 @@ class ResendChannel:
         self.rate = config.rate_limit / max(1, workers)
         # One client for every message: its pool keeps the TLS connection alive.
         self._client = httpapi.client(timeout)
-        self._buckets: dict[str, pacing.TokenBucket] = {}  # per API key
+        # Per team (RESEND_TEAMS): Resend limits a team across all its API keys
+        # (resend.com/docs/api-reference/rate-limit), so keys of one team share.
+        self._buckets: dict[str, pacing.TokenBucket] = {}
 
-    def _bucket(self, token: str) -> pacing.TokenBucket:
-        bucket = self._buckets.get(token)
+    def _bucket(self, team: str) -> pacing.TokenBucket:
+        bucket = self._buckets.get(team)
         if bucket is None:
-            bucket = self._buckets[token] = pacing.TokenBucket(self.rate)
+            bucket = self._buckets[team] = pacing.TokenBucket(self.rate)
         return bucket
 
     async def deliver(self, message: Outbound) -> Delivery:
@@ -477,7 +493,7 @@ class ResendChannel:
         names while the budget allows: the idempotency key makes the retry
         safe even if the first request did go through.
         """
-        bucket = self._bucket(token)
+        bucket = self._bucket(self.config.team_for(domain))
         content = json.dumps(body, ensure_ascii=False).encode("utf-8")
         while True:
             try:

@@ -30,7 +30,7 @@ from relay.channels.base import Delivery, Outbound, partial_delivery
 from relay.errors import ConfigError, DeliveryError, TransientDelivery, delivery_error
 from relay.message import domain_of
 from relay.replies import Reply, one_line
-from relay.upstreams import SmtpUpstream
+from relay.upstreams import UPSTREAM_AUTH_TYPES, SmtpUpstream
 
 log = logging.getLogger("relay.smtp")
 
@@ -107,6 +107,8 @@ class SmtpChannel:
         self._tls = {domain: tls_context(domain, u) for domain, u in upstreams.items()}
         # Upstreams already logged as refusing cleartext credentials: once each.
         self._cleartext_logged: set[str] = set()
+        # Upstreams already logged as advertising no AUTH: once each.
+        self._no_auth_logged: set[str] = set()
 
     async def deliver(self, message: Outbound) -> Delivery:
         domain = domain_of(message.sender)
@@ -267,8 +269,11 @@ class SmtpChannel:
             # extensions (8BITMIME, PIPELINING) must be known before MAIL.
             await _greet(client)
             if upstream.username and upstream.password:
-                self._refuse_cleartext_credentials(domain, upstream, client)
-                await self._login(client, upstream)
+                if client.supports_extension("auth"):
+                    self._refuse_cleartext_credentials(domain, upstream, client)
+                    await self._login(client, upstream)
+                else:
+                    self._note_no_auth(domain, upstream)
         except aiosmtplib.SMTPAuthenticationError as exc:
             client.close()
             # The relay's own credentials: a configuration fault, not the client's.
@@ -314,16 +319,38 @@ class SmtpChannel:
             )
         raise TransientDelivery(NAME, replies.upstream_unavailable(NAME, why), not_taken=True)
 
-    @staticmethod
-    async def _login(client: aiosmtplib.SMTP, upstream: SmtpUpstream) -> None:
+    def _note_no_auth(self, domain: str, upstream: SmtpUpstream) -> None:
+        """An upstream that advertises no AUTH gets none, as worker-mailer does
+        (src/mailer.ts `auth()`: no AUTH keyword in EHLO, no authentication).
+        Logged once per upstream: the credentials in its entry go unused."""
+        if domain in self._no_auth_logged:
+            return
+        self._no_auth_logged.add(domain)
+        log.warning(
+            "smtp upstream %s:%d for %s advertises no AUTH: sending without authenticating",
+            upstream.host,
+            upstream.port,
+            domain,
+        )
+
+    async def _login(self, client: aiosmtplib.SMTP, upstream: SmtpUpstream) -> None:
+        """The first of the entry's `authType` the upstream offers, in the entry's
+        order; without `authType`, the first of PLAIN, LOGIN, CRAM-MD5 offered
+        (worker-mailer's order of preference, src/mailer.ts `auth()`). None
+        offered: 451, as worker-mailer fails ("No supported auth method found")."""
         assert upstream.username and upstream.password
         offered = set(client.server_auth_methods)
-        for kind in upstream.auth_types:
+        wanted = upstream.auth_types or UPSTREAM_AUTH_TYPES
+        for kind in wanted:
             method = _AUTH.get(kind)
             if method and kind in offered:
                 await getattr(client, method)(upstream.username, str(upstream.password))
                 return
-        await client.login(upstream.username, str(upstream.password))
+        client.close()
+        why = f"upstream offers none of authType {', '.join(wanted)}"
+        log.error("smtp upstream %s: %s (it offers %s)", upstream.host, why,
+                  ", ".join(sorted(offered)) or "none")  # fmt: skip
+        raise TransientDelivery(NAME, replies.upstream_unavailable(NAME, why))
 
     async def aclose(self) -> None:
         conns = [c for idle in self._idle.values() for c in idle]

@@ -6,8 +6,8 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
+from relay.cli import events, manage
 from relay.cli import log as deliveries
-from relay.cli import manage
 from relay.cli import queue as queued
 from relay.cli import serve as running
 from relay.config import QUEUE_MODES
@@ -206,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     command(
         admin_token, "revoke", manage.cmd_admin_token_revoke, "revoke an admin token"
     ).add_argument("token_id")
+
+    events.add_commands(command, group)
 
     audit = command(
         commands, "audit", manage.cmd_audit, "the audit log of changes, newest first", True

@@ -83,7 +83,8 @@ async def walk(
     for index, route in enumerate(routes):
         channel = channels[route.channel]
         out.route = route
-        message = outbound if left == outbound.recipients else replace(outbound, recipients=left)
+        # Each channel's own size limit, measured as it sends (policy.upstream_limit).
+        message = replace(outbound, recipients=left, size_limit=policy.upstream_limit(route))
         began = time.perf_counter()
         error: DeliveryError | None = None
         try:
@@ -126,6 +127,12 @@ async def walk(
         out.reply, out.left, out.not_taken = error.reply, left, error.not_taken
         following = routes[index + 1] if index + 1 < len(routes) else None
         if not error.not_taken or following is None:
+            # The upstream's own answer for recipients it refused for good: those
+            # are done (and a mailbox refusal suppresses its address, store/outbox).
+            gone = {r: v for r, v in error.refused.items() if r in left and v.is_permanent}
+            if gone:
+                out.refused.update(gone)
+                out.left = tuple(r for r in left if r not in gone)
             result = (
                 "not_taken"
                 if error.not_taken

@@ -12,6 +12,7 @@ import asyncio
 import functools
 import logging
 import secrets
+import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -149,6 +150,9 @@ class Submission:
         early = policy.rcpt_before_lookup(self.settings.limits, tx.keys, rcpt)
         if early is not None:
             return str(early)
+        suppressed = await self._suppression(session, rcpt)
+        if suppressed is not None:
+            return str(suppressed)
         if self.settings.cloudflare is not None:
             try:
                 tx.verified |= await self.store.verified_among((rcpt,))
@@ -175,6 +179,22 @@ class Submission:
         if reply == replies.RECIPIENT_OK:
             tx.add(address, rcpt)
         return str(reply)
+
+    async def _suppression(self, session: RelaySession, rcpt: str) -> Reply | None:
+        """550 5.1.1 for an address on the account's suppression list, before any
+        charge; `recipient.suppressed` goes to its webhooks (relay.store.outbox,
+        at most once an hour per address)."""
+        principal = session.principal
+        assert principal is not None
+        try:
+            found = await self.store.suppression_for(principal.account_id, rcpt)
+            if found is None:
+                return None
+            await self.store.suppressed_rcpt_event(principal.account_id, rcpt, found.reason)
+        except StoreError:
+            return replies.LOCAL_ERROR
+        since = time.strftime("%Y-%m-%d", time.gmtime(found.created))
+        return replies.recipient_suppressed(rcpt, found.reason, since)
 
     def data_refusal(self, envelope: RelayEnvelope) -> Reply | None:
         """Before 354: a SIZE= the chosen channel cannot carry is refused before the upload."""

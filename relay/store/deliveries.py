@@ -30,13 +30,15 @@ import enum
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from relay.errors import RelayError
 from relay.replies import Reply
+from relay.store import outbox
 from relay.store.db import Connection, Database, Row, read_only
+from relay.store.suppressions import is_mailbox_refusal, record_refusals
 
 # Records a prune deletes per transaction: each holds the write lock for a few
 # milliseconds, so sessions never queue behind a long delete.
@@ -71,6 +73,10 @@ class RecipientOutcome:
     outcome: Outcome  # delivered, refused or deferred
     code: int  # the upstream's reply code, or the relay's
     enhanced: str
+    # The reply's text where the channel answered for this recipient ("" when it
+    # shares the message's): not kept in the log's rows, it reaches the
+    # suppression list and the webhook events written with them.
+    text: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +177,8 @@ class DeliveryRecord:
             "enhanced": self.reply.enhanced,
             "text": self.reply.text,
         }
+        for recipient in out["recipients"]:
+            recipient.pop("text", None)
         out["duration"] = round(self.duration, 3)
         out["recipient_count"] = self.total_recipients
         out["attempts"] = [a.as_json() for a in self.tries]
@@ -205,7 +213,10 @@ def recipient_outcomes(
             kind = Outcome.DELIVERED
         else:
             kind = Outcome.REFUSED if why.is_permanent else Outcome.DEFERRED
-        out.append(RecipientOutcome(key, kind, why.code, why.enhanced))
+        # The text only where the upstream answered for this recipient: a refusal
+        # of the whole message must not suppress each of its recipients.
+        own = why.text if written in refused else ""
+        out.append(RecipientOutcome(key, kind, why.code, why.enhanced, own))
     return tuple(out)
 
 
@@ -341,7 +352,83 @@ def insert(db: Connection, record: DeliveryRecord, charged: int | None = None) -
         " VALUES (?, ?, ?, ?, ?) ON CONFLICT (delivery_id, recipient) DO NOTHING",
         [(delivery_id, r.address, str(r.outcome), r.code, r.enhanced) for r in record.recipients],
     )
+    after_record(db, record, delivery_id)
     return delivery_id
+
+
+def after_record(db: Connection, record: DeliveryRecord, delivery_id: int) -> None:
+    """What a record implies, in its own transaction: the recipients an upstream
+    refused as mailbox errors join the account's suppression list, and the
+    account's webhooks get the events that describe the message."""
+    refusals = [
+        (r.address, r.enhanced, r.text)
+        for r in record.recipients
+        if r.outcome is Outcome.REFUSED
+        and record.channel
+        and r.text.startswith(f"{record.channel}:")  # the upstream's words, not the relay's
+        and is_mailbox_refusal(r.code, r.enhanced)
+    ]
+    account_id = None
+    if refusals:
+        account_id = _account_id(db, record.account)
+    suppressed = (
+        record_refusals(db, account_id, refusals, record.time) if account_id is not None else []
+    )
+    events = [(EVENT_BY_OUTCOME[record.outcome], message_data(record, delivery_id))]
+    events += [
+        (
+            "recipient.suppressed",
+            {
+                "account": record.account,
+                "address": address,
+                "reason": reason,
+                "message_id": record.message_id,
+                "source": "upstream",
+            },
+        )
+        for address, reason in suppressed
+    ]
+    outbox.account_events(db, record.account, events, record.time)
+
+
+# The delivery log's outcomes as webhook events (relay.store.outbox).
+EVENT_BY_OUTCOME = {
+    Outcome.DELIVERED: "message.delivered",
+    Outcome.PARTIAL: "message.delivered",
+    Outcome.REFUSED: "message.refused",
+    Outcome.DEFERRED: "message.deferred",
+}
+
+
+def message_data(record: DeliveryRecord, delivery_id: int) -> dict[str, Any]:
+    """The `data` of a message event: the message and what became of each recipient."""
+    return {
+        "message_id": record.message_id,
+        "delivery_id": delivery_id,
+        "account": record.account,
+        "token_id": record.token_id,
+        "sender": record.sender,
+        "recipients": [
+            {
+                "address": r.address,
+                "outcome": str(r.outcome),
+                "reply": f"{r.code} {r.enhanced} {r.text}".strip(),
+            }
+            for r in record.recipients
+        ],
+        "recipient_count": record.total_recipients,
+        "outcome": str(record.outcome),
+        "reply": str(record.reply),
+        "channel": record.channel,
+        "upstream_id": record.upstream_id,
+        "attempts": 1,
+        "time": datetime.fromtimestamp(record.time, UTC).isoformat().replace("+00:00", "Z"),
+    }
+
+
+def _account_id(db: Connection, name: str) -> int | None:
+    row = db.execute("SELECT id FROM accounts WHERE name = ?", (name,)).fetchone()
+    return None if row is None else int(row["id"])
 
 
 class Deliveries(Database):

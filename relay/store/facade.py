@@ -21,6 +21,8 @@ Each concept has its own module, which states its guarantees:
 - `relay.store.admins`: the admin API's tokens, apart from the sending tokens
 - `relay.store.audit`: the audit log of operators' changes
 - `relay.store.browse`: paged reads for the admin API (senders by prefix)
+- `relay.store.suppressions`: each account's suppression list, fed by upstream refusals
+- `relay.store.outbox`: each account's webhook endpoints and the outbox of their events
 
 `Store` combines them, so admin commands and tests use one object. The runtime
 calls go through `AsyncStore`, so a slow disk or a lock held by another
@@ -38,9 +40,11 @@ from relay.store.deliveries import Deliveries
 from relay.store.idempotency import IDEMPOTENCY_WINDOW
 from relay.store.ledger import Ledger, MailCheck, Reservation
 from relay.store.limits import RELAY_SCOPE, SendLimits
+from relay.store.outbox import Webhooks
 from relay.store.queue import Queue
 from relay.store.refusals import Refusals
 from relay.store.senders import Senders
+from relay.store.suppressions import Suppressions
 from relay.store.throttle import Throttle
 from relay.store.tokens import TOKEN_PREFIX, Principal, Tokens, hash_token
 
@@ -71,5 +75,7 @@ class Store(
     Audit,
     Browse,
     Queue,
+    Suppressions,
+    Webhooks,
 ):
     """The synchronous store. Admin commands use it directly; the server via `AsyncStore`."""

@@ -91,7 +91,9 @@ class PendingSettle:
 
 def _record_json(record: DeliveryRecord) -> dict[str, Any]:
     out = {name: getattr(record, name) for name in DeliveryRecord.__slots__}
-    out["recipients"] = [[r.address, str(r.outcome), r.code, r.enhanced] for r in record.recipients]
+    out["recipients"] = [
+        [r.address, str(r.outcome), r.code, r.enhanced, r.text] for r in record.recipients
+    ]
     out["outcome"] = str(record.outcome)
     out["reply"] = [record.reply.code, record.reply.enhanced, record.reply.text]
     out["attempts"] = attempts_text(record.attempts)
@@ -100,9 +102,10 @@ def _record_json(record: DeliveryRecord) -> dict[str, Any]:
 
 def _record_from(raw: dict[str, Any]) -> DeliveryRecord:
     fields = dict(raw)
+    # A line an older relay wrote has no reply text (4 fields).
     fields["recipients"] = tuple(
-        RecipientOutcome(address, Outcome(outcome), code, enhanced)
-        for address, outcome, code, enhanced in raw["recipients"]
+        RecipientOutcome(address, Outcome(outcome), code, enhanced, str(rest[0]) if rest else "")
+        for address, outcome, code, enhanced, *rest in raw["recipients"]
     )
     fields["outcome"] = Outcome(raw["outcome"])
     fields["reply"] = Reply(*raw["reply"])

@@ -26,7 +26,9 @@ from relay.store.facade import Store
 from relay.store.group import GROUP_MAX, GROUP_TURNS, Write, answer, commit_group
 from relay.store.journal import PendingSettle, SettleJournal
 from relay.store.ledger import MailCheck, Reservation
+from relay.store.outbox import DueEvent
 from relay.store.queue import QueuedMessage
+from relay.store.suppressions import Suppression
 from relay.store.tokens import Principal
 
 P = ParamSpec("P")
@@ -273,6 +275,38 @@ class AsyncStore:
 
     async def owned_domains(self, account_id: int, domains: tuple[str, ...]) -> frozenset[str]:
         return await self._call(Store.owned_domains, account_id, domains)
+
+    async def suppression_for(self, account_id: int, address: str) -> Suppression | None:
+        return await self._call(Store.suppression_for, account_id, address)
+
+    async def suppressed_rcpt_event(self, account_id: int, address: str, reason: str) -> None:
+        return await self._call(Store.suppressed_rcpt_event, account_id, address, reason)
+
+    async def due_webhook_events(self, limit: int = 50) -> list[DueEvent]:
+        return await self._call(Store.due_webhook_events, limit)
+
+    async def claim_webhook_events(self, due: list[DueEvent]) -> list[DueEvent]:
+        return await self._call(Store.claim_webhook_events, due)
+
+    async def record_webhook_attempt(
+        self,
+        outbox_id: int,
+        endpoint_id: str,
+        *,
+        status: int | None,
+        duration_ms: int,
+        answer: str,
+        next_attempt: int | None,
+    ) -> bool:
+        return await self._call(
+            Store.record_webhook_attempt,
+            outbox_id,
+            endpoint_id,
+            status=status,
+            duration_ms=duration_ms,
+            answer=answer,
+            next_attempt=next_attempt,
+        )
 
     async def reserve(
         self,

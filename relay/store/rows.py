@@ -105,3 +105,43 @@ class TokenView(TokenRow):
 
 class AdminTokenView(AdminTokenRow):
     status: str
+
+
+class SuppressionRow(TypedDict):
+    """An entry of an account's suppression list."""
+
+    address: str  # the address, or `*@domain`
+    reason: str  # hard-bounce, complaint, manual, provider
+    source: str
+    created: int
+    expires: int | None  # None: until removed
+
+
+class NewWebhook(TypedDict):
+    """A new endpoint: the only answer that holds its secret."""
+
+    id: str
+    account: str
+    url: str
+    events: list[str]  # empty: every type
+    secret: str  # whsec_...
+
+
+class WebhookRow(TypedDict):
+    id: str
+    account: str
+    url: str
+    events: list[str]  # empty: every type
+    created: int
+    enabled: bool
+    failing_since: int | None
+
+
+class WebhookAttemptRow(TypedDict):
+    created: int
+    event_id: str
+    type: str
+    status: int | None  # None: no answer came
+    duration_ms: int
+    answer: str  # the first 1 KiB of the answer, or why none came
+    state: str  # the event's: pending, delivered, failed

@@ -214,4 +214,53 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE accounts ADD COLUMN queue TEXT;
     """,
+    # 15: each account's suppression list (relay.store.suppressions), and its webhooks
+    #     (relay.store.outbox): endpoints, the outbox of events written in the same
+    #     transaction as the record they describe, and each attempt to send one
+    """
+    CREATE TABLE suppressions (
+        account_id INTEGER NOT NULL REFERENCES accounts(id) ON DELETE CASCADE,
+        address TEXT NOT NULL,              -- lower-cased, '*@domain' for a whole domain
+        reason TEXT NOT NULL,               -- hard-bounce, complaint, manual, provider
+        source TEXT NOT NULL,               -- who or what added it (never a secret)
+        created INTEGER NOT NULL,
+        expires INTEGER,                    -- NULL: until removed
+        PRIMARY KEY (account_id, address)
+    ) WITHOUT ROWID;
+    CREATE TABLE webhook_endpoints (
+        id TEXT PRIMARY KEY,
+        account_id INTEGER NOT NULL REFERENCES accounts(id) ON DELETE CASCADE,
+        url TEXT NOT NULL,
+        secret TEXT NOT NULL,               -- whsec_...: the relay signs with it, shown once
+        events TEXT NOT NULL,               -- comma-separated event types, '' for every type
+        created INTEGER NOT NULL,
+        enabled INTEGER NOT NULL DEFAULT 1,
+        failing_since INTEGER               -- the first failed attempt since the last success
+    );
+    CREATE INDEX webhook_endpoints_account ON webhook_endpoints (account_id);
+    CREATE TABLE webhook_outbox (
+        id INTEGER PRIMARY KEY,
+        event_id TEXT NOT NULL,             -- the webhook-id: the same on every retry
+        endpoint_id TEXT NOT NULL REFERENCES webhook_endpoints(id) ON DELETE CASCADE,
+        type TEXT NOT NULL,
+        payload TEXT NOT NULL,              -- the JSON body, exactly as signed
+        created INTEGER NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt INTEGER NOT NULL,
+        state TEXT NOT NULL                 -- pending, delivered, failed
+    );
+    CREATE INDEX webhook_outbox_due ON webhook_outbox (state, next_attempt);
+    CREATE INDEX webhook_outbox_endpoint ON webhook_outbox (endpoint_id, id);
+    CREATE TABLE webhook_attempts (
+        id INTEGER PRIMARY KEY,
+        outbox_id INTEGER NOT NULL REFERENCES webhook_outbox(id) ON DELETE CASCADE,
+        endpoint_id TEXT NOT NULL,
+        created INTEGER NOT NULL,
+        status INTEGER,                     -- the HTTP status, NULL: no answer
+        duration_ms INTEGER NOT NULL,
+        answer TEXT NOT NULL                -- the first 1 KiB of the answer, or why none came
+    );
+    CREATE INDEX webhook_attempts_endpoint ON webhook_attempts (endpoint_id, id);
+    CREATE INDEX webhook_attempts_outbox ON webhook_attempts (outbox_id);
+    """,
 )
