@@ -216,7 +216,9 @@ class SmtpChannel:
             if client.is_connected:
                 await client.rset()
             permanent = any(r.is_permanent for r in refused.values())
-            raise delivery_error(NAME, exc.reply, not_taken=not permanent) from exc
+            error = delivery_error(NAME, exc.reply, not_taken=not permanent)
+            error.refused = exc.refused  # each recipient's own answer goes on
+            raise error from exc
         try:
             response = await compat.data(client, message.content, self.timeout)
         except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as exc:
