@@ -125,7 +125,7 @@ def test_admin_commands_never_create_a_missing_database(tmp_path):
     assert relay_cli("account", "create", "acme", env=env).returncode == 0
     again = relay_cli("db", "init", env=env)
     assert again.stdout.startswith(f"migrated {database} (schema version ")
-    assert relay_cli("account", "list", env=env).stdout.split()[-1] == "acme"
+    assert relay_cli("account", "list", env=env).stdout.splitlines()[-1].split()[1] == "acme"
 
 
 # --- the write-ahead log stays bounded ------------------------------------------

@@ -221,22 +221,28 @@ def test_header_sender_refusal(senders, owned, reply):
     assert (None if got is None else str(got)) == reply
 
 
+# A single channel configured: its route is the whole chain (nothing to fail over to).
+SMTP_ROUTE = Route(Channel.SMTP, charges=True, rule=3)
+FREE_CF = Route(Channel.CLOUDFLARE, charges=False, rule=1)
+PAID_CF = Route(Channel.CLOUDFLARE, charges=True, rule=4)
+
+
 @pytest.mark.parametrize(
     ("settings", "verified", "unlimited", "plan"),
     [
-        (SMTP, (), False, MessagePlan(Route(Channel.SMTP, charges=True, rule=3), unit=1)),
-        (SMTP, (), True, MessagePlan(Route(Channel.SMTP, charges=True, rule=3), unit=0)),
+        (SMTP, (), False, MessagePlan(SMTP_ROUTE, unit=1, chain=(SMTP_ROUTE,))),
+        (SMTP, (), True, MessagePlan(SMTP_ROUTE, unit=0, chain=(SMTP_ROUTE,))),
         (
             CLOUDFLARE,
             ("a@dest.test",),
             False,
-            MessagePlan(Route(Channel.CLOUDFLARE, charges=False, rule=1), unit=0),
+            MessagePlan(FREE_CF, unit=0, chain=(FREE_CF,)),
         ),
         (
             CLOUDFLARE,
             (),
             False,
-            MessagePlan(Route(Channel.CLOUDFLARE, charges=True, rule=4), unit=1),
+            MessagePlan(PAID_CF, unit=1, chain=(PAID_CF,)),
         ),
         (NOTHING, (), False, policy.no_channel("example.com")),
     ],
