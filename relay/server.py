@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from relay import metrics, replies
-from relay.admin import api
 from relay.admin import app as admin
+from relay.admin import calls
 from relay.channels import build_channels
 from relay.channels.base import Channel
 from relay.config import Settings, no_channel, start_warnings
@@ -251,7 +251,7 @@ class Relay:
         self._admin = admin.AdminServer(
             sock,
             self.readiness,
-            api.ApiContext(
+            calls.ApiContext(
                 self.store,
                 settings.auth_failure_limit,
                 settings.default_send_balance,

@@ -18,8 +18,9 @@ import pytest
 from support import DOMAIN, SENDER, message
 
 from relay import cli
-from relay.admin.api import ENDPOINTS, MAX_BODY
+from relay.admin.calls import MAX_BODY
 from relay.admin.openapi import Endpoint, Field, check_body, check_query
+from relay.admin.routes import ENDPOINTS
 from relay.errors import Invalid
 from relay.store.facade import Store
 

@@ -51,7 +51,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from relay import metrics
-from relay.admin import api
+from relay.admin import api, calls
 from relay.admin.openapi import PREFIX
 from relay.errors import ConfigError
 from relay.network import is_loopback
@@ -144,18 +144,18 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if request.url.path.startswith(PREFIX):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
-        return api.error(exc.status_code, code, str(exc.detail), dict(exc.headers or {}))
+        return calls.error(exc.status_code, code, str(exc.detail), dict(exc.headers or {}))
     return PlainTextResponse(str(exc.detail), status_code=exc.status_code, headers=exc.headers)
 
 
 async def _crash(request: Request, exc: Exception) -> Response:
     log.error("admin listener: %s %s failed", request.method, request.url.path, exc_info=exc)
-    return api.error(500, "internal", "the relay failed to answer; see its log")
+    return calls.error(500, "internal", "the relay failed to answer; see its log")
 
 
 def application(
     readiness: Readiness,
-    context: api.ApiContext | None = None,
+    context: calls.ApiContext | None = None,
     console: Console | None = None,
     details: Details | None = None,
 ) -> Starlette:
@@ -229,7 +229,7 @@ class AdminServer:
         self,
         sock: socket.socket,
         readiness: Readiness,
-        context: api.ApiContext | None = None,
+        context: calls.ApiContext | None = None,
         console: Console | None = None,
         tls: tuple[Path, Path] | None = None,
         details: Details | None = None,

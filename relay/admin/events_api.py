@@ -1,5 +1,5 @@
 """The admin API's routes for suppressions and webhooks (`relay.events.manage`, the
-operations the CLI calls), appended to `relay.admin.api.ENDPOINTS`.
+operations the CLI calls), appended to `relay.admin.routes.ENDPOINTS`.
 
 A webhook's URL is resolved and checked here, on the event loop (relay.events.urls),
 before the operation runs on the store's thread; its secret is in the answer to
@@ -18,7 +18,7 @@ from relay.store.outbox import EVENT_TYPES
 
 
 class Call(Protocol):
-    """What a handler gets (relay.admin.api.Call)."""
+    """What a handler gets (relay.admin.calls.Call)."""
 
     path: dict[str, str]
     query: dict[str, Any]

@@ -1,6 +1,6 @@
 """The admin API's routes as data: each route's method, path, parameters and body schema.
 
-One table (`relay.admin.api.ENDPOINTS`) is both what the API serves and what its
+One table (`relay.admin.routes.ENDPOINTS`) is both what the API serves and what its
 OpenAPI document (`/api/v1/openapi.json`) says, so they cannot disagree. The
 same schemas check the requests: `check_body` and `check_query` accept what
 the document promises and nothing else (unknown fields are refused, so a typo

@@ -19,15 +19,13 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from relay.config import QUEUE_MODES, SQLITE_MAX_INT
+from relay.config import QUEUE_MODES
 from relay.errors import AdminError, Conflict, Invalid, NotFound, RelayError, StoreError
 from relay.message import normalize_address, parse_address
 from relay.store.audit import MAX_AUDIT_PAGE, Actor
-from relay.store.browse import MAX_PAGE, LogPage
+from relay.store.browse import LogPage
 from relay.store.deliveries import MAX_LIMIT, DeliveryRecord, Outcome, parse_when
 from relay.store.facade import Store
-from relay.store.limits import LimitsRow
-from relay.store.queue import STATES as QUEUE_STATES
 from relay.store.rows import (
     AccountRow,
     AddressRow,
@@ -42,7 +40,6 @@ from relay.store.rows import (
     TokenRow,
     TokenView,
 )
-from relay.store.senders import SenderRow, SenderView
 from relay.tokenrules import (
     NO_RULES,
     BadRule,
@@ -52,7 +49,6 @@ from relay.tokenrules import (
     parse_senders,
     rules_of,
 )
-from relay.windows import UNLIMITED
 
 # A token's lifetime, at most: beyond, the expiry is a typo (and past SQLite's integers).
 MAX_EXPIRY_DAYS = 36_500
@@ -62,7 +58,7 @@ LIST_KINDS = ("verified", "nolimit")
 
 
 @contextmanager
-def _refusal(kind: type[AdminError], code: str) -> Iterator[None]:
+def refused_as(kind: type[AdminError], code: str) -> Iterator[None]:
     """Turn the store's plain `RelayError` (a refused change) into `kind` with `code`."""
     try:
         yield
@@ -88,7 +84,7 @@ def _name(value: str, what: str, *, empty: bool = False) -> str:
     return text
 
 
-def _account(store: Store, name: str) -> None:
+def require_account(store: Store, name: str) -> None:
     if name not in {a["name"] for a in store.list_accounts()}:
         raise NotFound(f"no account named {name!r}", code="no_such_account")
 
@@ -116,7 +112,7 @@ def _status(row: TokenRow | AdminTokenRow) -> str:
 
 def create_account(store: Store, actor: Actor, name: str) -> NewAccount:
     name = _name(name, "name")
-    with _refusal(Conflict, "account_exists"):
+    with refused_as(Conflict, "account_exists"):
         value = store.create_account(name)
     store.record_audit(actor, "account.create", name)
     return value
@@ -128,11 +124,11 @@ def list_accounts(store: Store) -> list[AccountRow]:
 
 def set_account(store: Store, actor: Actor, name: str, *, queue: str | None = None) -> AccountRow:
     """An account's own settings: `queue`, its RELAY_QUEUE mode (`default`: the relay's)."""
-    _account(store, name)
+    require_account(store, name)
     if queue is not None:
         if queue not in (*QUEUE_MODES, "default"):
             raise Invalid(f"queue: one of {', '.join(QUEUE_MODES)} or default", code="bad_queue")
-        with _refusal(NotFound, "no_such_account"):
+        with refused_as(NotFound, "no_such_account"):
             store.set_account_queue(name, None if queue == "default" else queue)
         store.record_audit(actor, "account.set", name, {"queue": queue})
     return next(a for a in store.list_accounts() if a["name"] == name)
@@ -142,8 +138,8 @@ def add_domain(store: Store, actor: Actor, account: str, domain: str) -> NewDoma
     domain = domain.strip().lower()
     if parse_address(f"x@{domain}") is None:
         raise Invalid(f"not a usable domain: {domain!r}", code="bad_domain")
-    _account(store, account)
-    with _refusal(Conflict, "domain_taken"):
+    require_account(store, account)
+    with refused_as(Conflict, "domain_taken"):
         value = store.add_domain(account, domain)
     store.record_audit(actor, "domain.add", account, {"domain": domain})
     return value
@@ -151,8 +147,8 @@ def add_domain(store: Store, actor: Actor, account: str, domain: str) -> NewDoma
 
 def remove_domain(store: Store, actor: Actor, account: str, domain: str) -> dict[str, Any]:
     domain = domain.strip().lower()
-    _account(store, account)
-    with _refusal(NotFound, "no_such_domain"):
+    require_account(store, account)
+    with refused_as(NotFound, "no_such_domain"):
         store.remove_domain(account, domain)
     store.record_audit(actor, "domain.remove", account, {"domain": domain})
     return {"account": account, "domain": domain, "removed": True}
@@ -160,7 +156,7 @@ def remove_domain(store: Store, actor: Actor, account: str, domain: str) -> dict
 
 def list_domains(store: Store, account: str | None = None) -> list[DomainRow]:
     if account is not None:
-        _account(store, account)
+        require_account(store, account)
     return store.list_domains(account)
 
 
@@ -219,7 +215,7 @@ def create_token(
 ) -> NewToken:
     """A token for `account`; the value holds the token itself, shown this once."""
     name, role = _name(name, "name", empty=True), _name(role, "role", empty=True)
-    _account(store, account)
+    require_account(store, account)
     rules = _rules(
         store,
         account,
@@ -245,7 +241,7 @@ def create_token(
 
 def show_token(store: Store, token_id: str) -> TokenView:
     """One token, never its secret: its row, its rules and its `status`."""
-    with _refusal(NotFound, "no_such_token"):
+    with refused_as(NotFound, "no_such_token"):
         row = store.show_token(token_id)
     return TokenView(**row, status=_status(row))
 
@@ -289,7 +285,7 @@ def set_token(
         rates=rates,
         rcpt_rates=rcpt_rates,
     )
-    with _refusal(NotFound, "no_such_token"):
+    with refused_as(NotFound, "no_such_token"):
         row = store.set_token_rules(token_id, rules)
     shown = rules.as_json()
     store.record_audit(actor, "token.set", token_id, {k: shown[k] for k in changes})
@@ -299,12 +295,12 @@ def set_token(
 def list_tokens(store: Store, account: str | None = None) -> list[TokenView]:
     """Tokens, never their secrets, each with its `status`: active, revoked or expired."""
     if account is not None:
-        _account(store, account)
+        require_account(store, account)
     return [TokenView(**row, status=_status(row)) for row in store.list_tokens(account)]
 
 
 def revoke_token(store: Store, actor: Actor, token_id: str) -> dict[str, Any]:
-    with _refusal(NotFound, "no_such_token"):
+    with refused_as(NotFound, "no_such_token"):
         store.revoke_token(token_id)
     store.record_audit(actor, "token.revoke", token_id)
     return {"id": token_id, "revoked": True}
@@ -328,7 +324,7 @@ def add_to_list(store: Store, actor: Actor, kind: str, value: str) -> dict[str, 
 
 def remove_from_list(store: Store, actor: Actor, kind: str, value: str) -> dict[str, Any]:
     normalized = address(value)
-    with _refusal(NotFound, "not_on_list"):
+    with refused_as(NotFound, "not_on_list"):
         _LISTS[kind][1](store, normalized)
     store.record_audit(actor, f"{kind}.remove", normalized)
     return {"address": normalized, "removed": True}
@@ -336,138 +332,6 @@ def remove_from_list(store: Store, actor: Actor, kind: str, value: str) -> dict[
 
 def list_addresses(store: Store, kind: str) -> list[AddressRow]:
     return store.list_verified() if kind == "verified" else store.list_nolimit()
-
-
-# --- senders' balances ---------------------------------------------------------------
-
-
-def _balance(value: int, what: str, minimum: int = 0, below: str = "") -> int:
-    """A whole number from `minimum` to the largest SQLite integer; `below`: the
-    message when it is under `minimum`."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise Invalid(f"{what}: a whole number", code=f"bad_{what}")
-    if value < minimum:
-        raise Invalid(below or f"{what}: at least {minimum}", code=f"bad_{what}")
-    if value > SQLITE_MAX_INT:
-        raise Invalid(f"{what}: at most {SQLITE_MAX_INT}", code=f"bad_{what}")
-    return value
-
-
-def list_senders(
-    store: Store, *, prefix: str = "", limit: int | None = None, cursor: str | None = None
-) -> tuple[list[SenderRow], str | None]:
-    """Sender rows by address, starting with `prefix`, after `cursor`; and the next cursor.
-
-    `limit=None`: every row (the CLI); else one page of at most `limit` (at most
-    MAX_PAGE), and the cursor for the next page, or None on the last.
-    """
-    prefix = prefix.strip().lower()
-    if limit is None:
-        rows: list[SenderRow] = []
-        while page := store.page_senders(prefix=prefix, limit=MAX_PAGE, after=cursor):
-            rows += page
-            cursor = page[-1]["address"]
-        return rows, None
-    if not 1 <= limit <= MAX_PAGE:
-        raise Invalid(f"limit: from 1 to {MAX_PAGE}", code="bad_limit")
-    rows = store.page_senders(prefix=prefix, limit=limit, after=cursor)
-    return rows, rows[-1]["address"] if len(rows) == limit else None
-
-
-def _sender_view(store: Store, row: SenderRow, *, stored: bool = True) -> SenderView:
-    """A sender as the CLI and API show it: the row's fields, `unlimited` (on the
-    no-limit list: sends without balance) and `stored` (whether the row exists)."""
-    nolimit = {r["address"] for r in store.list_nolimit()}
-    return SenderView(**row, unlimited=row["address"] in nolimit, stored=stored)
-
-
-def show_sender(store: Store, value: str, *, default_balance: int = 0) -> SenderView:
-    """The balance `value` sends with. An address never charged (nor set or topped
-    up) has no row yet: it shows `default_balance` (DEFAULT_SEND_BALANCE), enabled,
-    `stored: false`, as MAIL FROM reads it (relay.store.ledger `check_mail`)."""
-    normalized = address(value)
-    try:
-        row = store.show_sender(normalized)
-    except StoreError:
-        raise
-    except RelayError:
-        never = SenderRow(
-            address=normalized, balance=default_balance, enabled=True, created=None, updated=None
-        )
-        return _sender_view(store, never, stored=False)
-    return _sender_view(store, row)
-
-
-def set_sender(
-    store: Store, actor: Actor, value: str, *, balance: int | None, enabled: bool | None
-) -> SenderView:
-    """Create or edit a sender row: its balance, whether it may send."""
-    normalized = address(value)
-    if balance is not None:
-        _balance(balance, "balance", below="a balance cannot be negative")
-    if enabled is not None and not isinstance(enabled, bool):
-        raise Invalid("enabled: true or false", code="bad_enabled")
-    row = store.set_sender(normalized, balance=balance, enabled=enabled)
-    detail = {k: v for k, v in (("balance", balance), ("enabled", enabled)) if v is not None}
-    store.record_audit(actor, "sender.set", normalized, detail)
-    return _sender_view(store, row)
-
-
-def topup_sender(store: Store, actor: Actor, value: str, amount: int) -> SenderView:
-    """Add `amount` (negative: take away) to a balance; creates the row if missing."""
-    normalized = address(value)
-    _balance(amount, "amount", minimum=-SQLITE_MAX_INT)
-    current = {r["address"]: r["balance"] for r in store.page_senders(prefix=normalized)}
-    if current.get(normalized, 0) + amount > SQLITE_MAX_INT:
-        raise Conflict(f"a top-up of {amount} would pass the largest balance", code="too_large")
-    with _refusal(Conflict, "balance_negative"):
-        row = store.topup_sender(normalized, amount)
-    store.record_audit(actor, "sender.topup", normalized, {"amount": amount})
-    return _sender_view(store, row)
-
-
-def delete_sender(store: Store, actor: Actor, value: str) -> dict[str, Any]:
-    normalized = address(value)
-    with _refusal(NotFound, "no_such_sender"):
-        store.delete_sender(normalized)
-    store.record_audit(actor, "sender.delete", normalized)
-    return {"address": normalized, "deleted": True}
-
-
-# --- send limits ---------------------------------------------------------------------
-
-
-def show_limits(store: Store) -> list[LimitsRow]:
-    """Each scope's limits, its counts in the current UTC day and month, and their resets."""
-    return store.show_limits()
-
-
-def set_limits(
-    store: Store,
-    actor: Actor,
-    *,
-    account: str | None = None,
-    daily: int | None = None,
-    monthly: int | None = None,
-) -> LimitsRow:
-    if daily is None and monthly is None:
-        raise Invalid(
-            "give daily and/or monthly (-1 unlimited, 0 blocks sending)", code="bad_limits"
-        )
-    for what, number in (("daily", daily), ("monthly", monthly)):
-        if number is not None:
-            _balance(
-                number,
-                what,
-                minimum=UNLIMITED,
-                below="a limit is -1 (unlimited), 0 (blocks sending) or more",
-            )
-    if account:
-        _account(store, account)
-    value = store.set_limits(account=account or None, daily=daily, monthly=monthly)
-    detail = {k: v for k, v in (("daily", daily), ("monthly", monthly)) if v is not None}
-    store.record_audit(actor, "limits.set", account or "relay", detail)
-    return value
 
 
 # --- the delivery log ----------------------------------------------------------------
@@ -559,62 +423,3 @@ def audit(
         raise Invalid(f"limit: from 1 to {MAX_AUDIT_PAGE}", code="bad_limit")
     rows = store.list_audit(limit=limit, before=cursor)
     return rows, rows[-1]["id"] if rows and len(rows) == limit else None
-
-
-# --- the durable queue (docs/queue.md) -------------------------------------------------
-
-QUEUE_ALL = "all"
-
-
-def _queue_id(value: int | str) -> int:
-    """A queued message's id (a positive integer, as `relay queue list` shows it)."""
-    text = str(value).strip()
-    if not text.isdigit() or not 0 < int(text) <= SQLITE_MAX_INT:
-        raise Invalid(f"not a queued message's id: {value!r}", code="bad_id")
-    return int(text)
-
-
-def queue_list(
-    store: Store, *, state: str | None = None, account: str | None = None
-) -> list[dict[str, Any]]:
-    """Queued messages, oldest first, with their attempts, next try and recipients done."""
-    if state is not None and state not in QUEUE_STATES:
-        raise Invalid(f"state: one of {', '.join(QUEUE_STATES)}", code="bad_state")
-    return store.queue_list(state, account)
-
-
-def queue_show(store: Store, queue_id: int | str) -> dict[str, Any]:
-    row = store.queue_get(_queue_id(queue_id))
-    if row is None:
-        raise NotFound(f"no queued message {queue_id}", code="no_such_message")
-    return row
-
-
-def queue_set(store: Store, actor: Actor, target: int | str | None, action: str) -> dict[str, Any]:
-    """`retry` (due now), `hold` or `release` one queued message, or all (`target` None
-    or "all"); the count changed. One id that matches nothing is `NotFound`."""
-    ids = None if target is None or target == QUEUE_ALL else [_queue_id(target)]
-    if action == "retry":
-        changed = store.queue_set(ids, due_now=True)
-    else:
-        changed = store.queue_set(ids, state="held" if action == "hold" else "queued")
-    if ids is not None and not changed:
-        raise NotFound(f"no queued message {ids[0]}", code="no_such_message")
-    store.record_audit(actor, f"queue.{action}", QUEUE_ALL if ids is None else str(ids[0]))
-    return {"action": action, "changed": changed}
-
-
-def queue_cancel(store: Store, actor: Actor, queue_id: int | str) -> dict[str, Any]:
-    """End a queued message: what was delivered stays charged, the rest is refunded, a
-    final record says `550 5.0.0`. Refused (`Conflict`) while an attempt holds it."""
-    number = _queue_id(queue_id)
-    refund = store.cancel(number)
-    if refund is None:
-        if store.queue_get(number) is None:
-            raise NotFound(f"no queued message {number}", code="no_such_message")
-        raise Conflict(
-            f"queued message {number} is being attempted; try again when it is done",
-            code="attempt_running",
-        )
-    store.record_audit(actor, "queue.cancel", str(number), {"refunded": refund})
-    return {"id": number, "cancelled": True, "refunded": refund}

@@ -10,7 +10,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from relay.admin import operations
+from relay.admin import balances, operations
 from relay.cli.output import emit, open_store, table, when
 from relay.config import load_settings
 from relay.errors import RelayError
@@ -180,44 +180,44 @@ def _sender_text(v: dict[str, Any]) -> str:
 
 
 def cmd_sender_list(args: argparse.Namespace) -> None:
-    rows, _ = operations.list_senders(open_store(), prefix=args.prefix or "")
+    rows, _ = balances.list_senders(open_store(), prefix=args.prefix or "")
     emit(args, rows, lambda v: table(v, ["address", "balance", "enabled"]))
 
 
 def cmd_sender_show(args: argparse.Namespace) -> None:
     default = load_settings().default_send_balance
-    value = operations.show_sender(open_store(), args.address, default_balance=default)
+    value = balances.show_sender(open_store(), args.address, default_balance=default)
     emit(args, value, _sender_text)
 
 
 def cmd_sender_set(args: argparse.Namespace) -> None:
-    value = operations.set_sender(
+    value = balances.set_sender(
         open_store(), CLI_ACTOR, args.address, balance=args.balance, enabled=args.enabled
     )
     emit(args, value, _sender_text)
 
 
 def cmd_sender_topup(args: argparse.Namespace) -> None:
-    value = operations.topup_sender(open_store(), CLI_ACTOR, args.address, args.amount)
+    value = balances.topup_sender(open_store(), CLI_ACTOR, args.address, args.amount)
     emit(args, value, _sender_text)
 
 
 def cmd_sender_delete(args: argparse.Namespace) -> None:
-    value = operations.delete_sender(open_store(), CLI_ACTOR, args.address)
+    value = balances.delete_sender(open_store(), CLI_ACTOR, args.address)
     emit(args, value, lambda v: f"deleted the sender row of {v['address']}")
 
 
 def cmd_limits_set(args: argparse.Namespace) -> None:
     if args.daily is None and args.monthly is None:
         raise RelayError("give --daily N and/or --monthly N (-1 unlimited, 0 blocks sending)")
-    value = operations.set_limits(
+    value = balances.set_limits(
         open_store(), CLI_ACTOR, account=args.account, daily=args.daily, monthly=args.monthly
     )
     emit(args, value, lambda v: _limits_text([v]))
 
 
 def cmd_limits_show(args: argparse.Namespace) -> None:
-    emit(args, operations.show_limits(open_store()), _limits_text)
+    emit(args, balances.show_limits(open_store()), _limits_text)
 
 
 def cmd_admin_token_create(args: argparse.Namespace) -> None:

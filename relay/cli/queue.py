@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
-from relay.admin import operations
+from relay.admin import queue as queue_ops
 from relay.cli.output import open_store, table, when
 from relay.errors import NotFound
 from relay.store.audit import CLI_ACTOR
 
 
 def cmd_queue_list(args: argparse.Namespace) -> None:
-    rows = operations.queue_list(open_store(), state=args.state, account=args.account)
+    rows = queue_ops.queue_list(open_store(), state=args.state, account=args.account)
     if args.json:
         for row in rows:
             print(json.dumps(row, sort_keys=True))
@@ -36,7 +36,7 @@ def cmd_queue_list(args: argparse.Namespace) -> None:
 
 
 def cmd_queue_show(args: argparse.Namespace) -> None:
-    row = operations.queue_show(open_store(), args.id)
+    row = queue_ops.queue_show(open_store(), args.id)
     if args.json:
         print(json.dumps(row, sort_keys=True))
         return
@@ -66,7 +66,7 @@ def _set(args: argparse.Namespace, action: str) -> int:
     if not args.all and args.id is None:
         raise NotFound("name a queued message's ID, or --all")
     target = None if args.all else args.id
-    return int(operations.queue_set(open_store(), CLI_ACTOR, target, action)["changed"])
+    return int(queue_ops.queue_set(open_store(), CLI_ACTOR, target, action)["changed"])
 
 
 def cmd_queue_retry(args: argparse.Namespace) -> None:
@@ -82,5 +82,5 @@ def cmd_queue_release(args: argparse.Namespace) -> None:
 
 
 def cmd_queue_cancel(args: argparse.Namespace) -> None:
-    value = operations.queue_cancel(open_store(), CLI_ACTOR, args.id)
+    value = queue_ops.queue_cancel(open_store(), CLI_ACTOR, args.id)
     print(f"cancelled {value['id']}; refunded {value['refunded']}")
