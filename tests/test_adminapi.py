@@ -419,7 +419,8 @@ def test_bad_bodies_are_json_errors_never_500(admin):
 
 
 def test_headers_keep_the_console_and_api_safe(admin):
-    for path in ("/", "/console/app.js", "/api/v1/accounts", "/metrics"):
+    vendored = ("/console/vendor/uPlot.iife.min.js", "/console/vendor/uPlot.min.css")
+    for path in ("/", "/console/app.js", *vendored, "/api/v1/accounts", "/metrics"):
         response = admin.http.get(path, headers={"Authorization": f"Bearer {admin.token}"})
         assert response.status_code == 200, path
         csp = response.headers["content-security-policy"]

@@ -84,6 +84,12 @@ SECURITY_HEADERS = [
 CONSOLE_FILES = {
     "/console/app.js": ("app.js", "text/javascript; charset=utf-8"),
     "/console/style.css": ("style.css", "text/css; charset=utf-8"),
+    # uPlot, the overview's charts (vendor/README.md: its version and license).
+    "/console/vendor/uPlot.iife.min.js": (
+        "vendor/uPlot.iife.min.js",
+        "text/javascript; charset=utf-8",
+    ),
+    "/console/vendor/uPlot.min.css": ("vendor/uPlot.min.css", "text/css; charset=utf-8"),
 }
 
 
@@ -129,7 +135,7 @@ def _console_routes(console: Console) -> list[Route]:
         return Response(page, media_type="text/html; charset=utf-8")
 
     def static(name: str, media_type: str) -> Route:
-        body = (files / name).read_bytes()
+        body = files.joinpath(*name.split("/")).read_bytes()
 
         async def serve(request: Request) -> Response:
             return Response(body, media_type=media_type)
