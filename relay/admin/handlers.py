@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from relay.admin import balances, operations
+from relay.admin import balances, operations, overview
 from relay.admin import queue as queue_ops
 from relay.admin.calls import DEFAULT_PAGE, Call
 
@@ -190,3 +190,14 @@ def queue_action(action: str) -> Callable[[Call], Awaitable[Any]]:
 
 async def queue_cancel(call: Call) -> Any:
     return await call.run(queue_ops.queue_cancel, call.actor, call.path["id"])
+
+
+# --- the console's overview (relay.admin.overview) ------------------------------------
+
+
+async def stats_overview(call: Call) -> Any:
+    return await call.run(
+        overview.overview,
+        window=call.query.get("window", "1h"),
+        low=call.query.get("low", overview.LOW_BALANCE),
+    )

@@ -3,7 +3,7 @@ which both check the request and make the OpenAPI document (relay.admin.openapi)
 
 from __future__ import annotations
 
-from relay.admin import events_api, handlers
+from relay.admin import events_api, handlers, overview
 from relay.admin.openapi import PREFIX, Endpoint, Field, Param
 from relay.store.deliveries import Outcome
 from relay.store.queue import STATES as QUEUE_STATES
@@ -346,6 +346,29 @@ ENDPOINTS: list[Endpoint] = [
         handlers.queue_cancel,
         returns="`id`, `cancelled`, `refunded`: the units given back",
         errors={**NO_QUEUED, "409": "an attempt holds it now (`attempt_running`)"},
+    ),
+    # --- the console's overview (relay.admin.overview, relay.store.stats)
+    Endpoint(
+        "GET",
+        f"{PREFIX}/stats/overview",
+        "what the relay did over a window, aggregated in the store: messages per bucket"
+        " by outcome, refusals by reply, each channel's messages, errors and forward"
+        " times, the top senders today, the senders running low, and the queue",
+        handlers.stats_overview,
+        query=(
+            Param("window", "1h (minutes), 24h or 7d (hours)", enum=tuple(overview.WINDOWS)),
+            Param("low", "a balance at or under this is running low (default 10)", "integer"),
+        ),
+        returns=(
+            "`window`, `now`, `start`, `step` (seconds), `buckets`; `series`: per outcome"
+            " a count per bucket; `totals`: per outcome; `refusals`: `outcome`, `code`,"
+            " `enhanced`, `messages` (the 10 most frequent); `channels`: `channel`,"
+            " `messages`, `errors` (refused or deferred), `error_rate`, `p50_ms`, `p90_ms`,"
+            " `p99_ms` (the upper bound of the forward-time band, null past 60 s);"
+            " `top_senders`: `sender`, `messages` (today, UTC); `low_balances`: `address`,"
+            " `balance`; `queue`: `states`, `depth`, `oldest_age` (seconds)"
+        ),
+        errors={"422": "a bad query parameter (`bad_query`, `bad_window`)"},
     ),
 ]
 ENDPOINTS += events_api.ENDPOINTS

@@ -23,6 +23,7 @@ Each concept has its own module, which states its guarantees:
 - `relay.store.browse`: paged reads for the admin API (senders by prefix)
 - `relay.store.suppressions`: each account's suppression list, fed by upstream refusals
 - `relay.store.outbox`: each account's webhook endpoints and the outbox of their events
+- `relay.store.stats`: the console's overview, aggregated by time bucket in the database
 
 `Store` combines them, so admin commands and tests use one object. The runtime
 calls go through `AsyncStore`, so a slow disk or a lock held by another
@@ -44,6 +45,7 @@ from relay.store.outbox import Webhooks
 from relay.store.queue import Queue
 from relay.store.refusals import Refusals
 from relay.store.senders import Senders
+from relay.store.stats import Stats
 from relay.store.suppressions import Suppressions
 from relay.store.throttle import Throttle
 from relay.store.tokens import TOKEN_PREFIX, Principal, Tokens, hash_token
@@ -77,5 +79,6 @@ class Store(
     Queue,
     Suppressions,
     Webhooks,
+    Stats,
 ):
     """The synchronous store. Admin commands use it directly; the server via `AsyncStore`."""
