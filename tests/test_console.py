@@ -10,8 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
-from support import SENDER, message, missing_tool
+from support import DOMAIN, SENDER, message, missing_tool
 
 from relay.replies import Reply
 from relay.store.deliveries import DeliveryRecord, Outcome, RecipientOutcome
@@ -79,10 +80,69 @@ def test_the_console(relay_factory, sink, browser):
     def text_in(selector: str, text: str) -> None:
         wait.until(ec.text_to_be_present_in_element((By.CSS_SELECTOR, selector), text))
 
-    browser.get(f"http://127.0.0.1:{relay.relay.admin_port}/")
+    base = f"http://127.0.0.1:{relay.relay.admin_port}"
+    http = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {admin_token}"})
+    browser.get(base + "/")
     visible("#token-input").send_keys(admin_token)
     find(By.ID, "sign-in").click()
+
+    # The overview, the first page: a chart drawn, and the numbers the API gives.
+    visible("#view-overview")
+    text_in("#status-overview", "Signed in.")
+    visible("#overview-chart canvas")
+    wanted = http.get("/api/v1/stats/overview", params={"window": "1h"}).json()
+    assert wanted["totals"] == {"delivered": 1}
+    cell = '#overview-totals tr[data-outcome="{}"] td:nth-child(2)'
+    text_in(cell.format("delivered"), "1")
+    for outcome in ("delivered", "partial", "deferred", "refused"):
+        shown = find(By.CSS_SELECTOR, cell.format(outcome)).text
+        assert int(shown) == wanted["totals"].get(outcome, 0), outcome
+    text_in('#overview-channels tr[data-channel="smtp"]', "smtp 1 0 (0.0%)")
+    text_in("#overview-senders", SENDER)
+    text_in("#overview-low", PROBE)  # its balance, 1, is under 10: shown as text
+
+    # Accounts and domains: create one, add a domain, see both listed, and the API agrees.
+    find(By.ID, "nav-accounts").click()
+    visible("#view-accounts")
+    assert find(By.ID, "status-overview").text == ""  # a message stays with its page
+    find(By.ID, "create-account").click()  # blank: the form says so, nothing is sent
+    text_in("#status-accounts", "Account: a name")
+    find(By.ID, "account-name").send_keys("beta")
+    find(By.ID, "create-account").click()
+    text_in("#status-accounts", "Created the account beta.")
+    text_in("#accounts-table", "beta")
+    find(By.ID, "domain-name").send_keys("not a domain")
+    find(By.ID, "add-domain").click()
+    text_in("#status-accounts", "Domain: a name such as example.com.")
+    find(By.ID, "domain-name").clear()
+    find(By.ID, "domain-name").send_keys("beta.example")
+    find(By.ID, "add-domain").click()
+    text_in("#domains-table", "beta.example")
+    domains = http.get("/api/v1/accounts/beta/domains").json()["domains"]
+    assert "beta.example" in str(domains)
+    # The API's own error text: a domain another account holds.
+    find(By.ID, "domain-name").send_keys(DOMAIN)
+    find(By.ID, "add-domain").click()
+    wait.until(lambda _: "error" in find(By.ID, "status-accounts").get_attribute("class"))
+    assert DOMAIN in find(By.ID, "status-accounts").text
+
+    # The verified list: add, see listed.
+    find(By.ID, "nav-lists").click()
+    find(By.ID, "list-address").send_keys("friend@dest.test")
+    find(By.ID, "list-add").click()
+    text_in("#list-table", "friend@dest.test")
+    assert "friend@dest.test" in str(http.get("/api/v1/verified").json())
+
+    # Limits: set the relay's daily limit.
+    find(By.ID, "nav-limits").click()
+    visible("#view-limits")
+    find(By.ID, "limits-daily").send_keys("500")
+    find(By.ID, "limits-save").click()
+    text_in("#limits-table", "1 / 500")
+
+    find(By.ID, "nav-tokens").click()
     visible("#view-tokens")
+    assert find(By.ID, "status-tokens").text == ""
     text_in("#account-select", "acme")
 
     # Tokens: create one, see it once with the client settings, see it listed.
@@ -108,10 +168,6 @@ def test_the_console(relay_factory, sink, browser):
     text_in(f"{row} .balance", "16")
     assert store.show_sender(SENDER)["balance"] == 16
 
-    # Limits: counts against the day and the month, with their resets.
-    find(By.ID, "nav-limits").click()
-    text_in("#limits-table", "1 / unlimited")
-
     # The delivery log: find the message, open it.
     find(By.ID, "nav-log").click()
     visible("#view-log")
@@ -119,17 +175,26 @@ def test_the_console(relay_factory, sink, browser):
     find(By.ID, "log-search").click()
     text_in("#log-table", "<console@example.com>")
     find(By.CSS_SELECTOR, "#log-table tbody tr").click()
-    text_in("#log-detail", "ok@dest.test")
-    assert "250 2.0.0" in find(By.ID, "log-detail").text
+    # The detail opens in place: right under the row, within the window.
+    text_in("#log-table tr.detail", "ok@dest.test")
+    detail = find(By.CSS_SELECTOR, "#log-table tr.detail")
+    assert "250 2.0.0" in detail.text
+    top, bottom = browser.execute_script(
+        "const r = arguments[0].getBoundingClientRect(); return [r.top, window.innerHeight];",
+        detail,
+    )
+    assert 0 <= top < bottom
+    find(By.CSS_SELECTOR, "#log-table tbody tr.clickable").click()  # closes it
+    wait.until(lambda _: not browser.find_elements(By.CSS_SELECTOR, "#log-table tr.detail"))
 
     # The probes show as text: no alert, no element made from them.
     find(By.ID, "log-sender").clear()
     find(By.ID, "log-search").click()
     text_in("#log-table", PROBE_ID)
     find(By.CSS_SELECTOR, "#log-table tbody tr").click()  # the newest: the probe
-    text_in("#log-detail", "<b>no</b>")
+    text_in("#log-table tr.detail", "<b>no</b>")
     # A Message-ID pasted without its angle brackets finds its record (of the two shown).
-    rows = "#log-table tbody tr"
+    rows = "#log-table tbody tr.clickable"
     assert len(browser.find_elements(By.CSS_SELECTOR, rows)) == 2
     find(By.ID, "log-message-id").send_keys("console@example.com")
     find(By.ID, "log-search").click()
@@ -145,6 +210,7 @@ def test_the_console(relay_factory, sink, browser):
     with pytest.raises(NoAlertPresentException):
         browser.switch_to.alert.text  # noqa: B018 - reading it raises when none is open
     assert browser.get_cookies() == []
+    http.close()
 
 
 def test_the_delivery_log_screenshot(relay_factory, sink, browser, tmp_path):
@@ -196,7 +262,7 @@ def test_the_delivery_log_screenshot(relay_factory, sink, browser, tmp_path):
     browser.get(f"http://127.0.0.1:{relay.relay.admin_port}/")
     wait.until(ec.visibility_of_element_located((By.ID, "token-input"))).send_keys(admin_token)
     browser.find_element(By.ID, "sign-in").click()
-    wait.until(ec.visibility_of_element_located((By.ID, "view-tokens")))
+    wait.until(ec.visibility_of_element_located((By.ID, "view-overview")))
     browser.find_element(By.ID, "nav-log").click()
     browser.find_element(By.ID, "log-search").click()
     wait.until(ec.text_to_be_present_in_element((By.ID, "log-table"), "<welcome-7732@example.com>"))
