@@ -262,14 +262,20 @@ def test_the_delivery_log_screenshot(relay_factory, sink, browser, tmp_path):
     browser.get(f"http://127.0.0.1:{relay.relay.admin_port}/")
     wait.until(ec.visibility_of_element_located((By.ID, "token-input"))).send_keys(admin_token)
     browser.find_element(By.ID, "sign-in").click()
-    wait.until(ec.visibility_of_element_located((By.ID, "view-overview")))
+    wait.until(ec.visibility_of_element_located((By.CSS_SELECTOR, "#overview-chart canvas")))
+    wait.until(ec.text_to_be_present_in_element((By.ID, "overview-senders"), "welcome@"))
+    shot = Path(os.environ.get("RELAY_CONSOLE_SCREENSHOT") or tmp_path / "console.png")
+    overview = shot.with_name("console-overview.png")
+    browser.set_window_size(1280, 900)
+    assert browser.save_screenshot(str(overview))
     browser.find_element(By.ID, "nav-log").click()
     browser.find_element(By.ID, "log-search").click()
     wait.until(ec.text_to_be_present_in_element((By.ID, "log-table"), "<welcome-7732@example.com>"))
     table = browser.find_element(By.ID, "log-table").text
     for outcome in ("delivered", "partial", "deferred"):
         assert outcome in table
-    shot = Path(os.environ.get("RELAY_CONSOLE_SCREENSHOT") or tmp_path / "console.png")
-    browser.set_window_size(1280, 680)  # the table, without a blank half-page
+    browser.find_element(By.CSS_SELECTOR, "#log-table tbody tr.clickable").click()
+    wait.until(ec.visibility_of_element_located((By.CSS_SELECTOR, "#log-table tr.detail")))
+    browser.set_window_size(1280, 900)
     assert browser.save_screenshot(str(shot))
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -397,6 +397,7 @@ function drawChart(o) {
       stroke: OUTCOMES[k][1],
       fill: OUTCOMES[k][1],
       paths: bars,
+      points: { show: false },
       value: (u, v, si, i) => (i === null || i === undefined ? "-" : raw[k][i]),
     }))],
     axes: [{}, { size: 50 }],
@@ -623,14 +624,15 @@ async function loadLog() {
       const addresses = r.recipients.map((x) => x.address);
       const more = r.recipient_count - 1;
       const rcpt = addresses.length ? (more > 0 ? `${addresses[0]} + ${more} more` : addresses[0]) : "-";
-      const copy = el("button", { type: "button", className: "copy", title: "Copy the Message-ID" }, "⧉");
+      const copy = el("button", { type: "button", className: "copy", title: "Copy the Message-ID" }, "Copy");
       copy.addEventListener("click", guarded(async (event) => {
         event.stopPropagation();
         await copyText(r.message_id);
       }));
       const row = el("tr", { className: "clickable", tabIndex: 0 },
         el("td", { className: "time" }, r.time.replace("T", " ").slice(0, 19)),
-        el("td", { className: "message-id" }, el("span", { className: "clip", title: r.message_id }, r.message_id || "-"), copy),
+        el("td", { className: "message-id" }, el("div", { className: "idcell" },
+          el("span", { className: "clip", title: r.message_id }, r.message_id || "-"), copy)),
         el("td", { className: "clip", title: r.sender }, r.sender),
         el("td", { className: "rcpt", title: addresses.join(", ") + kept(r) }, rcpt),
         el("td", {}, r.channel || "-"), el("td", {}, r.outcome), el("td", {}, `${r.reply.code} ${r.reply.enhanced}`));
