@@ -44,10 +44,13 @@ def test_the_console(relay_factory, sink, browser):
     from selenium.common.exceptions import NoAlertPresentException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
-    from selenium.webdriver.support.ui import WebDriverWait
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     relay = relay_factory(
-        SMTP_CONFIG=sink.smtp_config(), DEFAULT_SEND_BALANCE="10", RELAY_ADMIN_LISTEN="127.0.0.1:0"
+        SMTP_CONFIG=sink.smtp_config(),
+        DEFAULT_SEND_BALANCE="10",
+        RELAY_ADMIN_LISTEN="127.0.0.1:0",
+        RELAY_WEBHOOK_ALLOW_PRIVATE="true",  # the test's endpoint is on loopback
     )
     store = relay.store
     admin_token = store.create_admin_token(name="browser")["token"]
@@ -132,6 +135,25 @@ def test_the_console(relay_factory, sink, browser):
     find(By.ID, "list-add").click()
     text_in("#list-table", "friend@dest.test")
     assert "friend@dest.test" in str(http.get("/api/v1/verified").json())
+
+    # Suppressions and webhooks of acme: add one of each; the secret is shown once.
+    find(By.ID, "nav-events").click()
+    visible("#view-events")
+    text_in("#events-account", "acme")
+    Select(find(By.ID, "events-account")).select_by_value("acme")
+    find(By.ID, "suppression-address").send_keys("gone@dest.test")
+    find(By.ID, "suppression-add").click()
+    text_in("#suppressions-table", "gone@dest.test")
+    assert "gone@dest.test" in str(http.get("/api/v1/accounts/acme/suppressions").json())
+    find(By.ID, "webhook-url").send_keys("http://hooks.example/plain")
+    find(By.ID, "webhook-add").click()
+    text_in("#status-events", "URL: https://")
+    find(By.ID, "webhook-url").clear()
+    find(By.ID, "webhook-url").send_keys("https://127.0.0.1:9/relay")
+    find(By.ID, "webhook-add").click()
+    text_in("#webhooks-table", "https://127.0.0.1:9/relay")
+    assert find(By.ID, "new-webhook-secret").text
+    assert "127.0.0.1:9" in str(http.get("/api/v1/accounts/acme/webhooks").json())
 
     # Limits: set the relay's daily limit.
     find(By.ID, "nav-limits").click()
