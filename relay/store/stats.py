@@ -19,7 +19,7 @@ Guarantees:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypedDict
 
 from relay.store.db import Database, read_only
 
@@ -27,7 +27,6 @@ from relay.store.db import Database, read_only
 TOP_ROWS = 10
 # The upper bounds (milliseconds) of the forward-time bands; the last is open.
 LATENCY_BANDS = (10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000)
-PERCENTILES = (50, 90, 99)
 
 # Each statement as the test explains it (EXPLAIN QUERY PLAN): the window's bounds first.
 SERIES_SQL = (
@@ -77,6 +76,33 @@ def percentile(bands: dict[int | None, int], share: int) -> int | None:
     return None
 
 
+class RefusalReason(TypedDict):
+    outcome: str
+    code: int
+    enhanced: str
+    messages: int
+
+
+class ChannelStat(TypedDict):
+    channel: str
+    messages: int
+    errors: int
+    error_rate: float
+    p50_ms: int | None  # the upper edge of the band the percentile falls in
+    p90_ms: int | None
+    p99_ms: int | None
+
+
+class TopSender(TypedDict):
+    sender: str
+    messages: int
+
+
+class LowBalance(TypedDict):
+    address: str
+    balance: int
+
+
 class Stats(Database):
     @read_only
     def delivery_series(self, start: int, step: int, count: int) -> dict[str, list[int]]:
@@ -89,21 +115,21 @@ class Stats(Database):
         return series
 
     @read_only
-    def refusal_reasons(self, start: int, end: int) -> list[dict[str, Any]]:
+    def refusal_reasons(self, start: int, end: int) -> list[RefusalReason]:
         """The most frequent replies of refused and deferred messages, most first."""
         rows = self._read(REASONS_SQL, (start, end, TOP_ROWS))
         return [
-            {
-                "outcome": r["outcome"],
-                "code": int(r["reply_code"]),
-                "enhanced": r["reply_enhanced"],
-                "messages": int(r["n"]),
-            }
+            RefusalReason(
+                outcome=r["outcome"],
+                code=int(r["reply_code"]),
+                enhanced=r["reply_enhanced"],
+                messages=int(r["n"]),
+            )
             for r in rows
         ]
 
     @read_only
-    def channel_stats(self, start: int, end: int) -> list[dict[str, Any]]:
+    def channel_stats(self, start: int, end: int) -> list[ChannelStat]:
         """Per channel (the one each record names: the last tried): messages, those
         refused or deferred, their share, and forward-time percentiles (ms)."""
         channels: dict[str, dict[str, Any]] = {}
@@ -114,28 +140,30 @@ class Stats(Database):
             band = None if r["band"] is None else int(r["band"])
             entry["bands"][band] = entry["bands"].get(band, 0) + int(r["n"])
         return [
-            {
-                "channel": name,
-                "messages": e["messages"],
-                "errors": e["errors"],
-                "error_rate": round(e["errors"] / e["messages"], 4),
-                **{f"p{p}_ms": percentile(e["bands"], p) for p in PERCENTILES},
-            }
+            ChannelStat(
+                channel=name,
+                messages=e["messages"],
+                errors=e["errors"],
+                error_rate=round(e["errors"] / e["messages"], 4),
+                p50_ms=percentile(e["bands"], 50),
+                p90_ms=percentile(e["bands"], 90),
+                p99_ms=percentile(e["bands"], 99),
+            )
             for name, e in sorted(channels.items())
         ]
 
     @read_only
-    def top_senders(self, start: int, end: int) -> list[dict[str, Any]]:
+    def top_senders(self, start: int, end: int) -> list[TopSender]:
         return [
-            {"sender": r["sender"], "messages": int(r["n"])}
+            TopSender(sender=r["sender"], messages=int(r["n"]))
             for r in self._read(SENDERS_SQL, (start, end, TOP_ROWS))
         ]
 
     @read_only
-    def low_balances(self, at_most: int) -> list[dict[str, Any]]:
+    def low_balances(self, at_most: int) -> list[LowBalance]:
         """Enabled senders (not on the no-limit list) whose balance is `at_most` or less,
         lowest first. The senders table is one row per sender, far smaller than the log."""
         return [
-            {"address": r["address"], "balance": int(r["balance"])}
+            LowBalance(address=r["address"], balance=int(r["balance"]))
             for r in self._read(LOW_SQL, (at_most, TOP_ROWS))
         ]

@@ -1,0 +1,266 @@
+"""The durable queue's two halves on the relay: keeping a message, and delivering it later.
+
+`keep` is called by the forward (RELAY_QUEUE on-failure: after a walk no channel
+could take the message for a transient reason; always: right after the charge):
+the message, its envelope, its route and its reservation are committed to disk
+together (relay.store.queue) before the 250 is written.
+
+`QueueWorker` claims due messages with a lease, walks their route chain again
+(an outage of one channel is routed around), and ends each: delivered (settled,
+charged for what was delivered), refused for good, or failed at
+RELAY_QUEUE_MAX_AGE (the undelivered part refunded); every end has its final
+record with every attempt. Otherwise the message waits: exponential backoff
+from RELAY_QUEUE_BACKOFF, doubling to an hour, with jitter, or the upstream's
+Retry-After when longer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from relay import policy, replies
+from relay.channels.base import Channel, Delivery, Outbound
+from relay.config import QUEUE_BACKOFF_CAP, Settings
+from relay.delivery.chain import walk
+from relay.delivery.submitted import Submitted, count
+from relay.errors import StoreError
+from relay.replies import Reply
+from relay.store.deliveries import Attempt, attempts_text
+from relay.store.facade import Principal, Reservation
+from relay.store.loop import AsyncStore
+from relay.store.queue import QueuedMessage
+
+log = logging.getLogger("relay.queue")
+# Messages one claim leases; how often an idle worker looks for due ones.
+CLAIM_BATCH = 20
+POLL_SECONDS = 1.0
+_RETRY_AFTER = re.compile(r"retry after (\d+) s")
+
+
+def backoff(settings: Settings, tries: int, reply: Reply | None = None) -> float:
+    """Seconds before the next attempt: RELAY_QUEUE_BACKOFF doubling per try to an hour,
+    within ±20% (so messages queued together do not retry together), never sooner
+    than the upstream's Retry-After."""
+    base = min(settings.queue_backoff * 2 ** max(tries - 1, 0), QUEUE_BACKOFF_CAP)
+    delay: float = base * random.uniform(0.8, 1.2)
+    if reply is not None and (m := _RETRY_AFTER.search(reply.text)):
+        delay = max(delay, float(m.group(1)))
+    return delay
+
+
+async def keep(
+    settings: Settings,
+    store: AsyncStore,
+    plan: policy.MessagePlan,
+    outbound: Outbound,
+    reservation: Reservation,
+    submitted: Submitted,
+    attempts: Sequence[Attempt] = (),
+    last: Reply | None = None,
+) -> bool:
+    """Commit the message to the queue, durably; False when the queue is full (or the
+    store failed): the caller answers in session as it would without a queue."""
+    message = QueuedMessage(
+        submitted.message_id,
+        submitted.principal.account,
+        submitted.principal.account_id,
+        submitted.principal.token_id,
+        submitted.client,
+        submitted.sender,
+        outbound.sender,
+        tuple(zip(submitted.recipients, submitted.keys, strict=True)),
+        outbound.content,
+        submitted.size,
+        outbound.idempotency_key,
+        tuple((str(r.channel), r.charges, r.rule) for r in plan.routes),
+        reservation.id,
+        reservation.created,
+    )
+    now = store.now()
+    delay = 0 if not attempts else backoff(settings, 1, last)
+    try:
+        queued = await store.enqueue(
+            message,
+            next_try=int(now + delay),
+            attempts=attempts_text(attempts, keep_one=True) or "[]",
+            last_code=last.code if last else None,
+            last_text=last.text if last else "",
+            max_messages=settings.queue_max_messages,
+            max_bytes=settings.queue_max_bytes,
+        )
+    except StoreError as exc:
+        if not store.logged(exc):
+            log.warning("could not queue %s: %s", submitted.message_id, exc)
+        return False
+    if queued is None:
+        log.warning("queue full: %s answered in session", submitted.message_id)
+        return False
+    log.info("message %s queued as %d", submitted.message_id, queued)
+    return True
+
+
+class QueueWorker:
+    """Delivers the queue's due messages, one attempt each per claim."""
+
+    def __init__(
+        self, settings: Settings, store: AsyncStore, channels: Mapping[policy.Channel, Channel]
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.channels = channels
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        # A lease outlives one attempt's forward budget with room to spare.
+        self.lease_seconds = int(settings.forward_budget * 2 + 30)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="relay-queue")
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def stop(self) -> None:
+        """End the attempts in flight within the drain timeout, and give back every lease."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await asyncio.wait_for(self._task, self.settings.drain_timeout)
+            except (asyncio.CancelledError, TimeoutError):
+                pass
+            self._task = None
+        try:
+            await self.store.release_leases()
+        except StoreError as exc:
+            log.warning("could not release the queue's leases: %s (they run out)", exc)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                rows = await self.store.claim(
+                    self.lease_seconds, CLAIM_BATCH, self.settings.upkeep.owner_dead_after
+                )
+            except StoreError as exc:
+                if not self.store.logged(exc):
+                    log.warning("queue claim failed: %s", exc)
+                rows = []
+            if rows:
+                await asyncio.gather(*(self._attempt(row) for row in rows))
+                continue
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), POLL_SECONDS)
+            except TimeoutError:
+                pass
+
+    async def _attempt(self, row: Any) -> None:
+        try:
+            await self._deliver(row)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # The lease runs out and the message is tried again.
+            log.exception("queued message %s: attempt failed unexpectedly", row["message_id"])
+
+    async def _deliver(self, row: Any) -> None:
+        pairs = [(str(w), str(k)) for w, k in json.loads(row["recipients"])]
+        done: dict[str, list[Any]] = json.loads(row["done"])
+        attempts = [Attempt(*a) for a in json.loads(row["attempts"])]
+        left = tuple(w for w, _ in pairs if w not in done)
+        routes = tuple(
+            policy.Route(policy.Channel(c), bool(ch), int(rule))
+            for c, ch, rule in json.loads(row["routes"])
+        )
+        content = bytes(row["content"])
+        outbound = Outbound(
+            row["envelope_from"], left, content, row["message_id"], row["idempotency_key"]
+        )
+        result = await walk(self.channels, routes, outbound, self.settings.forward_budget)
+        attempts += result.attempts
+        for rcpt in result.accepted:
+            done[rcpt] = [250, "2.0.0", "Ok"]
+        for rcpt, why in result.refused.items():
+            done[rcpt] = [why.code, why.enhanced, why.text]
+        reply = result.reply
+        rest = tuple(w for w in left if w not in done)
+        if rest and reply.is_permanent:
+            for rcpt in rest:
+                done[rcpt] = [reply.code, reply.enhanced, reply.text]
+            rest = ()
+        now = self.store.now()
+        if rest and now - int(row["created"]) < self.settings.queue_max_age:
+            delay = backoff(self.settings, int(row["tries"]) + 1, reply)
+            await self.store.requeue(
+                row["id"],
+                done=json.dumps(done),
+                attempts=attempts_text(attempts, keep_one=True) or "[]",
+                next_try=int(now + delay),
+                last_code=reply.code,
+                last_text=reply.text,
+            )
+            log.info(
+                "queued message %s: %s; next attempt in %.0f s", row["message_id"], reply, delay
+            )
+            return
+        if rest:
+            expired = replies.QUEUE_EXPIRED.but(
+                f"Delivery time expired after {now - int(row['created'])} s; last: {reply}"
+            )
+            for rcpt in rest:
+                done[rcpt] = [expired.code, expired.enhanced, expired.text]
+        await self._end(row, pairs, done, attempts, result.route, takers=result.takers)
+
+    async def _end(
+        self,
+        row: Any,
+        pairs: list[tuple[str, str]],
+        done: dict[str, list[Any]],
+        attempts: list[Attempt],
+        route: policy.Route,
+        takers: Sequence[str],
+    ) -> None:
+        accepted = tuple(w for w, _ in pairs if done.get(w, [0])[0] == 250)
+        refused = {
+            w: Reply(int(v[0]), str(v[1]), str(v[2])) for w, v in done.items() if int(v[0]) >= 400
+        }
+        delivery = Delivery(accepted, refused)
+        if accepted:
+            reply = replies.delivered(row["message_id"])
+        else:
+            reply = next(iter(refused.values()), replies.LOCAL_ERROR)
+        submitted = Submitted(
+            Principal(row["token_id"], int(row["account_id"]), row["account"], ""),
+            row["client"],
+            row["sender"],
+            tuple(w for w, _ in pairs),
+            tuple(k for _, k in pairs),
+            int(row["size"]),
+            row["message_id"],
+        )
+        record = submitted.record(
+            reply,
+            self.store.now(),
+            route=route,
+            channel=self.channels[route.channel].name,
+            delivery=delivery,
+            duration=sum(a.duration for a in attempts),
+            attempts=tuple(attempts),
+        )
+        idempotent = {c.name for c in self.channels.values() if c.idempotent}
+        key = row["idempotency_key"] if takers and all(t in idempotent for t in takers) else None
+        kept = record if self.settings.log_retention_days else None
+        refund = await self.store.finish(row["id"], len(accepted), key, kept)
+        count(record)
+        log.info(
+            "queued message %s ended: %s delivered=%d refunded=%s attempts=%d",
+            row["message_id"],
+            record.outcome,
+            len(accepted),
+            refund,
+            len(attempts),
+        )

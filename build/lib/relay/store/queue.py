@@ -1,0 +1,343 @@
+"""The durable queue: messages the relay answered 250 for and delivers in the background.
+
+Guarantees:
+- `enqueue` commits the message (its content, envelope and route) and hands its
+  reservation to the queue in one transaction, on disk before the caller writes
+  the 250: SQLite's `synchronous = FULL` for that commit (the WAL is fsync'd),
+  PostgreSQL's normal commit. The content is kept in the database (no file
+  beside it to lose or to orphan): one commit covers all of it.
+- A queued message's reservation is the queue's (`pending.owner = 'queue'`):
+  the stale sweep never refunds it; `finish` settles it, with the final record,
+  in the same transaction that deletes the message.
+- One owner at a time: an attempt claims a message with a lease (one UPDATE of
+  due rows, `FOR UPDATE SKIP LOCKED` on PostgreSQL, under SQLite's write lock);
+  a lease runs out after `lease_seconds`, so a relay that died mid-attempt
+  loses it and another (or the next start) retries the message. `finish` and
+  `requeue` act only while the caller still holds the lease.
+- Bounded: `enqueue` refuses (returns None) when the queue holds
+  `max_messages` messages or `max_bytes` octets of content already.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from relay import replies
+from relay.store.db import Database, Row, read_only
+from relay.store.deliveries import (
+    DeliveryRecord,
+    Outcome,
+    RecipientOutcome,
+    attempts_from,
+    insert,
+)
+from relay.store.idempotency import remember_delivered
+from relay.store.ledger import QUEUED_OWNER as QUEUE_OWNER
+from relay.store.ledger import _settle
+
+STATES = ("queued", "held")
+CANCELLED = replies.QUEUE_CANCELLED
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedMessage:
+    """A message as `enqueue` keeps it."""
+
+    message_id: str
+    account: str
+    account_id: int
+    token_id: str
+    client: str
+    sender: str
+    envelope_from: str
+    recipients: tuple[tuple[str, str], ...]  # (as written, normalized)
+    content: bytes
+    size: int
+    idempotency_key: str
+    routes: tuple[tuple[str, bool, int], ...]  # (channel, charges, rule)
+    reservation_id: int
+    reservation_created: int | None
+
+
+class Queue(Database):
+    def enqueue(
+        self,
+        message: QueuedMessage,
+        *,
+        next_try: int,
+        attempts: str = "[]",
+        last_code: int | None = None,
+        last_text: str = "",
+        max_messages: int,
+        max_bytes: int,
+    ) -> int | None:
+        """Keep `message` and take its reservation; its id, or None when the queue is full
+        (or the reservation was swept meanwhile): then nothing changed."""
+        now = self._now()
+        durable = not self.is_postgres
+        if durable:
+            self.db.execute("PRAGMA synchronous = FULL")
+        try:
+            with self._write() as db:
+                row = db.execute(
+                    "SELECT count(*) AS n, COALESCE(sum(length(content)), 0) AS bytes FROM queue"
+                ).fetchone()
+                if row["n"] >= max_messages or row["bytes"] + len(message.content) > max_bytes:
+                    return None
+                taken = db.execute(
+                    "UPDATE pending SET owner = ? WHERE id = ? AND created = ?",
+                    (QUEUE_OWNER, message.reservation_id, message.reservation_created),
+                )
+                if taken.rowcount != 1:
+                    return None
+                inserted = db.execute(
+                    "INSERT INTO queue (created, message_id, account, account_id, token_id,"
+                    " client, sender, envelope_from, recipients, done, content, size,"
+                    " idempotency_key, routes, reservation_id, reservation_created, state,"
+                    " attempts, tries, next_try, last_code, last_text)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, '{}', ?, ?, ?, ?, ?, ?, 'queued', ?,"
+                    " ?, ?, ?, ?) RETURNING id",
+                    (
+                        now,
+                        message.message_id,
+                        message.account,
+                        message.account_id,
+                        message.token_id,
+                        message.client,
+                        message.sender,
+                        message.envelope_from,
+                        json.dumps(message.recipients),
+                        message.content,
+                        message.size,
+                        message.idempotency_key,
+                        json.dumps(message.routes),
+                        message.reservation_id,
+                        message.reservation_created,
+                        attempts,
+                        0 if attempts == "[]" else len(json.loads(attempts)),
+                        next_try,
+                        last_code,
+                        last_text,
+                    ),
+                ).fetchone()
+                return int(inserted["id"])
+        finally:
+            if durable:
+                self.db.execute("PRAGMA synchronous = NORMAL")
+
+    def claim(
+        self, owner: str, lease_seconds: int, limit: int, dead_after: float = 60
+    ) -> list[Row]:
+        """Lease up to `limit` due messages to `owner`; their rows. A lease whose holder
+        is gone (no heartbeat for `dead_after` seconds, or retired) is free at once,
+        not only when it runs out: a relay killed mid-attempt holds nothing."""
+        now = self._now()
+        lock = " FOR UPDATE SKIP LOCKED" if self.is_postgres else ""
+        with self._write() as db:
+            return list(
+                db.execute(
+                    "UPDATE queue SET lease_owner = ?, lease_until = ? WHERE id IN"  # noqa: S608 - constants only
+                    " (SELECT id FROM queue WHERE state = 'queued' AND next_try <= ?"
+                    " AND (lease_until IS NULL OR lease_until < ? OR NOT EXISTS"
+                    " (SELECT 1 FROM processes p WHERE p.id = queue.lease_owner"
+                    " AND p.heartbeat > ?))"
+                    f" ORDER BY next_try, id LIMIT ?{lock}) RETURNING *",
+                    (owner, now + lease_seconds, now, now, now - dead_after, limit),
+                ).fetchall()
+            )
+
+    def requeue(
+        self,
+        queue_id: int,
+        owner: str,
+        *,
+        done: str,
+        attempts: str,
+        next_try: int,
+        last_code: int,
+        last_text: str,
+    ) -> bool:
+        """An attempt that left recipients to retry: its progress, the next try, the lease gone."""
+        with self._write() as db:
+            cur = db.execute(
+                "UPDATE queue SET done = ?, attempts = ?, tries = tries + 1, next_try = ?,"
+                " last_code = ?, last_text = ?, lease_owner = NULL, lease_until = NULL"
+                " WHERE id = ? AND lease_owner = ?",
+                (done, attempts, next_try, last_code, last_text, queue_id, owner),
+            )
+            return cur.rowcount == 1
+
+    def finish(
+        self,
+        queue_id: int,
+        owner: str | None,
+        delivered: int,
+        idempotency_key: str | None,
+        record: DeliveryRecord | None,
+    ) -> int | None:
+        """The end of a queued message: deleted, its charge kept for `delivered` recipients
+        and the rest refunded, its final record written, in one transaction. `owner`:
+        the lease holder (None: an operator's cancel, only while no attempt runs).
+        Returns the refund, or None when the message was not this caller's to end."""
+        now = self._now()
+        with self._write() as db:
+            if owner is None:
+                row = db.execute(
+                    "DELETE FROM queue WHERE id = ? AND (lease_owner IS NULL OR lease_until < ?)"
+                    " RETURNING reservation_id, reservation_created",
+                    (queue_id, now),
+                ).fetchone()
+            else:
+                row = db.execute(
+                    "DELETE FROM queue WHERE id = ? AND lease_owner = ?"
+                    " RETURNING reservation_id, reservation_created",
+                    (queue_id, owner),
+                ).fetchone()
+            if row is None:
+                return None
+            if idempotency_key and delivered:
+                remember_delivered(db, idempotency_key, now)
+            settled = _settle(
+                db, row["reservation_id"], delivered, now, row["reservation_created"]
+            ) or (0, 0)
+            if record is not None:
+                insert(db, record, settled[1])
+            return settled[0]
+
+    def release_leases(self, owner: str) -> int:
+        """A stopping relay gives its leases back: the next attempt is anyone's."""
+        with self._write() as db:
+            cur = db.execute(
+                "UPDATE queue SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = ?",
+                (owner,),
+            )
+            return int(cur.rowcount)
+
+    # --- operators ---------------------------------------------------------------
+
+    @read_only
+    def queue_list(
+        self, state: str | None = None, account: str | None = None, limit: int = 1000
+    ) -> list[dict[str, Any]]:
+        clauses, args = [], []
+        if state:
+            clauses.append("state = ?")
+            args.append(state)
+        if account:
+            clauses.append("account = ?")
+            args.append(account)
+        where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
+        rows = self._read(
+            "SELECT id, created, message_id, account, sender, recipients, done, size, state,"  # noqa: S608 - placeholders only
+            " tries, next_try, last_code, last_text, lease_owner, lease_until, attempts"
+            f" FROM queue{where} ORDER BY id LIMIT ?",
+            (*args, limit),
+        )
+        return [_item(r) for r in rows]
+
+    @read_only
+    def queue_get(self, queue_id: int) -> dict[str, Any] | None:
+        rows = self._read(
+            "SELECT id, created, message_id, account, sender, recipients, done, size, state,"
+            " tries, next_try, last_code, last_text, lease_owner, lease_until, attempts"
+            " FROM queue WHERE id = ?",
+            (queue_id,),
+        )
+        return _item(rows[0]) if rows else None
+
+    def queue_set(
+        self, ids: Sequence[int] | None, *, state: str | None = None, due_now: bool = False
+    ) -> int:
+        """Hold, release (`state`) or retry now (`due_now`) the messages `ids` (None: all)."""
+        now = self._now()
+        sets: list[str] = []
+        args: list[Any] = []
+        if state is not None:
+            assert state in STATES
+            sets.append("state = ?")
+            args.append(state)
+        if due_now:
+            sets.append("next_try = ?")
+            args.append(now)
+        where = ""
+        if ids is not None:
+            where = f" WHERE id IN ({','.join('?' * len(ids))})" if ids else " WHERE 0 = 1"
+            args += list(ids)
+        with self._write() as db:
+            cur = db.execute(f"UPDATE queue SET {', '.join(sets)}{where}", tuple(args))  # noqa: S608
+            return int(cur.rowcount)
+
+    def cancel(self, queue_id: int) -> int | None:
+        """An operator ends a queued message (not while an attempt holds it): what was
+        delivered stays charged, the rest is refunded, a final record says so.
+        Returns the refund, or None when there is no such message free to cancel."""
+        rows = self._read("SELECT * FROM queue WHERE id = ?", (queue_id,))
+        if not rows:
+            return None
+        row = rows[0]
+        pairs = [(str(w), str(k)) for w, k in json.loads(row["recipients"])]
+        done = json.loads(row["done"])
+        reply = CANCELLED
+        outcomes = []
+        for written, key in pairs:
+            code, enhanced = done.get(written, [reply.code, reply.enhanced])[:2]
+            kind = (
+                Outcome.DELIVERED
+                if int(code) < 400
+                else (Outcome.REFUSED if int(code) >= 500 else Outcome.DEFERRED)
+            )
+            outcomes.append(RecipientOutcome(key, kind, int(code), str(enhanced)))
+        delivered = sum(1 for o in outcomes if o.outcome == Outcome.DELIVERED)
+        record = DeliveryRecord(
+            time=self._now(),
+            message_id=row["message_id"],
+            account=row["account"],
+            token_id=row["token_id"],
+            sender=row["sender"],
+            recipients=tuple(outcomes),
+            size=int(row["size"]),
+            channel="",
+            rule=None,
+            outcome=Outcome.PARTIAL if delivered else Outcome.REFUSED,
+            reply=replies.delivered(row["message_id"]) if delivered else reply,
+            attempts=attempts_from(row["attempts"]),
+        )
+        return self.finish(queue_id, None, delivered, None, record)
+
+    @read_only
+    def queue_stats(self) -> dict[str, Any]:
+        rows = self._read(
+            "SELECT state, count(*) AS n, min(created) AS oldest FROM queue GROUP BY state"
+        )
+        return {
+            "states": {r["state"]: int(r["n"]) for r in rows},
+            "oldest": min((int(r["oldest"]) for r in rows), default=None),
+        }
+
+
+def _item(row: Row) -> dict[str, Any]:
+    out = {
+        key: row[key]
+        for key in (
+            "id",
+            "created",
+            "message_id",
+            "account",
+            "sender",
+            "size",
+            "state",
+            "tries",
+            "next_try",
+            "last_code",
+            "last_text",
+            "lease_owner",
+            "lease_until",
+        )
+    }
+    out["recipients"] = [written for written, _ in json.loads(row["recipients"])]
+    out["done"] = json.loads(row["done"])
+    out["attempts"] = json.loads(row["attempts"])
+    return out
