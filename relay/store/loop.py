@@ -365,6 +365,9 @@ class AsyncStore:
             )
         )
 
+    async def queue_due(self, dead_after: float) -> bool:
+        return await self.upkeep(lambda store: store.queue_due(dead_after))
+
     async def claim(self, lease_seconds: int, limit: int, dead_after: float) -> list[Any]:
         owner = self.owner
         return await self.upkeep(lambda store: store.claim(owner, lease_seconds, limit, dead_after))

@@ -128,6 +128,20 @@ class Queue(Database):
             if durable:
                 self.db.execute("PRAGMA synchronous = NORMAL")
 
+    @read_only
+    def queue_due(self, dead_after: float = 60) -> bool:
+        """Whether `claim` would find a message now: a read, so an idle worker's
+        look costs no write transaction (and no write lock) in any process."""
+        now = self._now()
+        rows = self._read(
+            "SELECT 1 FROM queue WHERE state = 'queued' AND next_try <= ?"
+            " AND (lease_until IS NULL OR lease_until < ? OR NOT EXISTS"
+            " (SELECT 1 FROM processes p WHERE p.id = queue.lease_owner"
+            " AND p.heartbeat > ?)) LIMIT 1",
+            (now, now, now - dead_after),
+        )
+        return bool(rows)
+
     def claim(
         self, owner: str, lease_seconds: int, limit: int, dead_after: float = 60
     ) -> list[Row]:
