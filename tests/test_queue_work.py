@@ -3,13 +3,44 @@ events the queue sends (docs/events.md), and Resend's batch sending (docs/queue.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from test_channels import balance, send
+import standardwebhooks
+from test_channels import MESSAGE_ID, RCPT, balance, resend_env, send
+from test_events import WEBHOOK_ENV, Receiver
 from test_queue import QUEUED, queue_empty, records, until
 
+from tests.fake_upstreams import FakeResend
+
 pytestmark = pytest.mark.backends
+
+
+@pytest.fixture
+def resend() -> Iterator[FakeResend]:
+    with FakeResend() as fake:
+        yield fake
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    yield r
+    r.close()
+
+
+def events(receiver: Receiver, secret: str, *types: str) -> list[dict[str, Any]]:
+    """The events of `types` the receiver got, each verified once, in that order (the
+    sender sends due events together: they may come in any order)."""
+    until(lambda: len(receiver.requests) >= len(types))
+    verifier = standardwebhooks.Webhook(secret)
+    got = {}
+    for headers, body in receiver.requests:
+        event = verifier.verify(body, headers)
+        assert event["type"] not in got, event["type"]
+        got[event["type"]] = event
+    return [got[t] for t in types]
 
 
 def count_calls(relay: Any, *names: str) -> dict[str, int]:
@@ -55,3 +86,98 @@ def test_an_idle_queue_takes_no_write_lock_and_still_finds_others_messages(
     [record] = records(idle)
     assert (record.outcome, record.charged) == ("delivered", 1)
     assert idle.store.pending_count() == 0
+
+
+def test_a_queued_message_is_told_queued_then_delivered(relay_factory, sink, receiver):
+    relay = relay_factory(
+        SMTP_CONFIG=sink.smtp_config(),
+        DEFAULT_SEND_BALANCE="10",
+        RELAY_QUEUE="always",
+        **WEBHOOK_ENV,
+    )
+    token = relay.token()
+    hook = relay.store.add_webhook("acme", receiver.url, None)
+    assert send(relay, token=token) == QUEUED
+    queued, delivered = events(receiver, hook["secret"], "message.queued", "message.delivered")
+    data = queued["data"]
+    assert (data["message_id"], data["account"], data["outcome"]) == (MESSAGE_ID, "acme", "queued")
+    assert data["recipients"] == [{"address": RCPT, "outcome": "queued", "reply": ""}]
+    assert data["attempts"] == 0 and data["reply"] == QUEUED
+    assert delivered["type"] == "message.delivered"
+    assert delivered["data"]["attempts"] == 1
+    assert delivered["data"]["recipients"][0]["outcome"] == "delivered"
+    assert len(receiver.requests) == 2
+
+
+def test_a_queued_message_past_its_max_age_is_told_failed(relay_factory, resend, receiver):
+    relay = relay_factory(
+        **resend_env(resend),
+        DEFAULT_SEND_BALANCE="10",
+        RELAY_QUEUE="on-failure",
+        RELAY_QUEUE_BACKOFF="0.2",
+        RELAY_QUEUE_MAX_AGE="1.5",
+        **WEBHOOK_ENV,
+    )
+    token = relay.token()
+    hook = relay.store.add_webhook("acme", receiver.url, "message.queued,message.failed")
+    for _ in range(50):
+        resend.fail(503, "internal_server_error")
+    assert send(relay, token=token) == QUEUED
+    until(lambda: queue_empty(relay))
+    queued, failed = events(receiver, hook["secret"], "message.queued", "message.failed")
+    assert queued["type"] == "message.queued"
+    [rcpt] = queued["data"]["recipients"]
+    assert rcpt["outcome"] == "queued" and rcpt["reply"].startswith("451 resend: ")
+    assert queued["data"]["attempts"] == 1  # the in-session attempt
+    assert failed["type"] == "message.failed"
+    [record] = records(relay)
+    data = failed["data"]
+    assert data["attempts"] == len(record.attempts) >= 2
+    assert data["outcome"] == "refused" and data["delivery_id"] is not None
+    [rcpt] = data["recipients"]
+    assert rcpt["outcome"] == "refused" and rcpt["reply"].startswith("550 5.4.7")
+    assert balance(relay) == 10
+    assert len(receiver.requests) == 2  # no message.refused beside it
+
+
+def test_a_cancelled_message_is_told_failed(relay_factory, resend, receiver):
+    relay = relay_factory(
+        **resend_env(resend),
+        DEFAULT_SEND_BALANCE="10",
+        RELAY_QUEUE="on-failure",
+        RELAY_QUEUE_BACKOFF="3600",
+        **WEBHOOK_ENV,
+    )
+    token = relay.token()
+    hook = relay.store.add_webhook("acme", receiver.url, "message.failed")
+    resend.fail(500, "internal_server_error")
+    assert send(relay, token=token) == QUEUED
+    [item] = relay.store.queue_list()
+    assert relay.store.cancel(item["id"]) == 1
+    [failed] = events(receiver, hook["secret"], "message.failed")
+    assert failed["type"] == "message.failed"
+    assert failed["data"]["recipients"][0]["outcome"] == "refused"
+    assert balance(relay) == 10
+
+
+def test_a_full_queue_tells_no_queued_event(relay_factory, resend, receiver):
+    from test_channels import mail
+
+    relay = relay_factory(
+        **resend_env(resend),
+        DEFAULT_SEND_BALANCE="10",
+        RELAY_QUEUE="on-failure",
+        RELAY_QUEUE_BACKOFF="3600",
+        RELAY_QUEUE_MAX_MESSAGES="1",
+        **WEBHOOK_ENV,
+    )
+    token = relay.token()
+    hook = relay.store.add_webhook("acme", receiver.url, None)
+    resend.fail(500, "internal_server_error")
+    resend.fail(500, "internal_server_error")
+    assert send(relay, token=token) == QUEUED
+    assert send(relay, mail("<two@example.com>"), token=token).startswith("451 4.3.0")
+    queued, deferred = events(receiver, hook["secret"], "message.queued", "message.deferred")
+    assert queued["data"]["message_id"] == MESSAGE_ID
+    assert deferred["data"]["message_id"] == "<two@example.com>"
+    assert len(receiver.requests) == 2

@@ -31,8 +31,8 @@ from relay.store.db import Connection, Database, read_only
 from relay.store.rows import NewWebhook, WebhookAttemptRow, WebhookRow
 
 # The event types an endpoint may ask for. message.queued and message.failed
-# come from the delivery queue, message.bounced and message.complained from
-# provider events: listed so an endpoint can subscribe before they are sent.
+# come from the delivery queue (relay.store.queue), message.bounced and
+# message.complained from provider events.
 EVENT_TYPES = (
     "message.delivered",
     "message.deferred",

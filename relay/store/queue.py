@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from relay import replies
@@ -37,6 +38,7 @@ from relay.store.deliveries import (
 from relay.store.idempotency import remember_delivered
 from relay.store.ledger import QUEUED_OWNER as QUEUE_OWNER
 from relay.store.ledger import _settle
+from relay.store.outbox import emit
 
 STATES = ("queued", "held")
 CANCELLED = replies.QUEUE_CANCELLED
@@ -123,6 +125,13 @@ class Queue(Database):
                         last_text,
                     ),
                 ).fetchone()
+                emit(
+                    db,
+                    message.account_id,
+                    "message.queued",
+                    queued_data(message, attempts, last_code, last_text, now),
+                    now,
+                )
                 return int(inserted["id"])
         finally:
             if durable:
@@ -218,7 +227,7 @@ class Queue(Database):
                 db, row["reservation_id"], delivered, now, row["reservation_created"]
             ) or (0, 0)
             if record is not None:
-                insert(db, record, settled[1])
+                insert(db, record, settled[1], queued=True)
             return settled[0]
 
     def release_leases(self, owner: str) -> int:
@@ -330,6 +339,31 @@ class Queue(Database):
             "states": {r["state"]: int(r["n"]) for r in rows},
             "oldest": min((int(r["oldest"]) for r in rows), default=None),
         }
+
+
+def queued_data(
+    message: QueuedMessage, attempts: str, last_code: int | None, last_text: str, now: int
+) -> dict[str, Any]:
+    """`message.queued`'s data: a message event's shape (docs/events.md), each
+    recipient `queued` with the last reply that deferred it (none under `always`)."""
+    last = f"{last_code} {last_text}".strip() if last_code is not None else ""
+    return {
+        "message_id": message.message_id,
+        "delivery_id": None,
+        "account": message.account,
+        "token_id": message.token_id,
+        "sender": message.sender,
+        "recipients": [
+            {"address": key, "outcome": "queued", "reply": last} for _, key in message.recipients
+        ],
+        "recipient_count": len(message.recipients),
+        "outcome": "queued",
+        "reply": str(replies.queued(message.message_id)),
+        "channel": "",
+        "upstream_id": None,
+        "attempts": len(json.loads(attempts)),
+        "time": datetime.fromtimestamp(now, UTC).isoformat().replace("+00:00", "Z"),
+    }
 
 
 def _item(row: Row) -> dict[str, Any]:
