@@ -153,6 +153,10 @@ class DeliveryRecord:
     # The port the message came in on: "smtps" (implicit TLS, RELAY_LISTEN) or
     # "submission" (STARTTLS, RELAY_STARTTLS_LISTEN).
     listener: str = "smtps"
+    # What a provider told of the message after taking it (Resend's events:
+    # relay.events.provider), oldest first: {"time", "provider", "type",
+    # "recipients", "detail"}. The relay's own outcome above is left as it was.
+    provider_events: tuple[dict[str, Any], ...] = ()
 
     @property
     def total_recipients(self) -> int:
@@ -182,6 +186,7 @@ class DeliveryRecord:
         out["duration"] = round(self.duration, 3)
         out["recipient_count"] = self.total_recipients
         out["attempts"] = [a.as_json() for a in self.tries]
+        out["provider_events"] = list(self.provider_events)
         return out
 
 
@@ -559,4 +564,5 @@ def _record(row: Row, recipients: list[RecipientOutcome]) -> DeliveryRecord:
         recipient_count=row["recipient_count"] or len(recipients),
         attempts=attempts_from(row["attempts"]),
         listener=row["listener"],
+        provider_events=tuple(json.loads(row["provider_events"] or "[]")),
     )
