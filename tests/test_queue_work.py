@@ -12,6 +12,7 @@ from test_channels import MESSAGE_ID, RCPT, balance, resend_env, send
 from test_events import WEBHOOK_ENV, Receiver
 from test_queue import QUEUED, queue_empty, records, until
 
+from relay.store.deliveries import Query
 from tests.fake_upstreams import FakeResend
 
 pytestmark = pytest.mark.backends
@@ -181,3 +182,48 @@ def test_a_full_queue_tells_no_queued_event(relay_factory, resend, receiver):
     assert queued["data"]["message_id"] == MESSAGE_ID
     assert deferred["data"]["message_id"] == "<two@example.com>"
     assert len(receiver.requests) == 2
+
+
+def test_messages_queued_for_resend_go_out_in_one_batch(relay_factory, resend, receiver):
+    from test_channels import mail
+
+    relay = relay_factory(
+        **resend_env(resend),
+        DEFAULT_SEND_BALANCE="100",
+        RELAY_QUEUE="on-failure",
+        RELAY_QUEUE_BACKOFF="3600",
+        **WEBHOOK_ENV,
+    )
+    token = relay.token()
+    hook = relay.store.add_webhook("acme", receiver.url, "message.failed")
+    resend.invalid_to = {"bad@dest.test"}
+    ids = [f"<m{n}@example.com>" for n in range(50)]
+    for n, message_id in enumerate(ids):
+        resend.fail(500, "internal_server_error")  # the outage: each in-session try
+        to = "bad@dest.test" if n == 7 else RCPT
+        assert send(relay, mail(message_id, to=to), (to,), token=token).startswith("250 2.0.0 Q")
+    assert len(relay.store.queue_list()) == 50 and balance(relay) == 50
+    # The outage ends: every message is due at once.
+    relay.store.queue_set(None, due_now=True)
+    until(lambda: queue_empty(relay), 30)
+
+    [batch] = resend.batches
+    assert batch.headers["x-batch-validation"] == "permissive"
+    assert batch.headers["idempotency-key"].startswith("relay-batch-")
+    assert len(batch.json) == 50
+    sent = sorted(e.json["headers"]["Message-ID"] for e in resend.sent)
+    assert len(resend.sent) == 49 and sent == sorted(set(sent))  # each once
+    assert ids[7] not in sent
+    assert balance(relay) == 51  # 49 charged, the refused one refunded
+    assert relay.store.pending_count() == 0
+    by_id = {e.json["headers"]["Message-ID"]: e.id for e in resend.sent}
+    for message_id in ids:
+        [record] = relay.store.find_deliveries(Query(message_id=message_id))
+        if message_id == ids[7]:
+            assert record.outcome == "refused" and record.charged == 0
+            assert record.reply.code == 550
+        else:
+            assert (record.outcome, record.charged) == ("delivered", 1)
+            assert record.upstream_id == by_id[message_id]
+    [failed] = events(receiver, hook["secret"], "message.failed")
+    assert failed["data"]["message_id"] == ids[7]
