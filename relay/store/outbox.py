@@ -28,6 +28,7 @@ from typing import Any
 from relay.errors import Invalid, NotFound
 from relay.store.accounts import account_id_of
 from relay.store.db import Connection, Database, read_only
+from relay.store.provider_notes import note_on_record
 from relay.store.rows import NewWebhook, WebhookAttemptRow, WebhookRow
 
 # The event types an endpoint may ask for. message.queued and message.failed
@@ -56,9 +57,6 @@ MAX_ENDPOINTS = 20  # per account
 # How long a claimed event is left to its sender (longer than an attempt's 10 s).
 LEASE = 60
 MAX_PAGE = 1000
-# A delivery record keeps at most this many provider events (one per recipient and
-# kind is the usual; a provider resending many cannot grow a record without bound).
-MAX_PROVIDER_NOTES = 50
 
 
 @dataclass(frozen=True, slots=True)
@@ -437,8 +435,8 @@ class Webhooks(Database):
             ).fetchone()
             if seen is not None:
                 return "duplicate"
-            noted = self._note_on_record(
-                db, account_id, event_id, event_type, recipients, data, now
+            noted = note_on_record(
+                db, self.is_postgres, account_id, event_id, event_type, recipients, data, now
             )
             if noted is not None:
                 data = {**data, "message_id": noted[0], "delivery_id": noted[1]}
@@ -463,51 +461,6 @@ class Webhooks(Database):
                     _enqueue(db, endpoints, "recipient.suppressed",
                              _payload("recipient.suppressed", now, event), now)  # fmt: skip
             return "applied"
-
-    def _note_on_record(
-        self,
-        db: Connection,
-        account_id: int,
-        event_id: str,
-        event_type: str,
-        recipients: Sequence[str],
-        data: dict[str, Any],
-        now: int,
-    ) -> tuple[str, int] | None:
-        """Append a provider's event to the delivery record of the message it names (by
-        the provider's id for it, within the account owning the sender's domain: an
-        event cannot touch another account's record), once per event (a provider's
-        retry is noted once, with or without webhook endpoints to find it by);
-        that record's Message-ID and id."""
-        upstream_id = str(data.get("upstream_id") or "")
-        if not upstream_id:
-            return None
-        lock = " FOR UPDATE OF d" if self.is_postgres else ""
-        row = db.execute(
-            "SELECT d.id AS id, d.message_id AS message_id, d.provider_events AS events"  # noqa: S608 - constants only
-            " FROM deliveries AS d JOIN accounts AS a ON a.name = d.account"
-            " WHERE d.upstream_id = ? AND a.id = ? ORDER BY d.id DESC LIMIT 1" + lock,
-            (upstream_id, account_id),
-        ).fetchone()
-        if row is None:
-            return None
-        notes = json.loads(row["events"] or "[]")
-        if len(notes) < MAX_PROVIDER_NOTES and all(n.get("id") != event_id for n in notes):
-            notes.append(
-                {
-                    "id": event_id,
-                    "time": now,
-                    "provider": str(data.get("provider") or ""),
-                    "type": str(data.get("provider_type") or event_type),
-                    "recipients": list(recipients),
-                    "detail": str(data.get("detail") or ""),
-                }
-            )
-            db.execute(
-                "UPDATE deliveries SET provider_events = ? WHERE id = ?",
-                (json.dumps(notes, separators=(",", ":")), row["id"]),
-            )
-        return str(row["message_id"]), int(row["id"])
 
     def prune_webhook_events(self, keep_seconds: int) -> int:
         """Delete events settled (delivered or failed) and made over `keep_seconds`
