@@ -227,3 +227,29 @@ def test_messages_queued_for_resend_go_out_in_one_batch(relay_factory, resend, r
             assert record.upstream_id == by_id[message_id]
     [failed] = events(receiver, hook["secret"], "message.failed")
     assert failed["data"]["message_id"] == ids[7]
+
+
+def test_each_retry_scheduled_is_told_deferred(relay_factory, resend, receiver):
+    relay = relay_factory(
+        **resend_env(resend),
+        DEFAULT_SEND_BALANCE="10",
+        RELAY_QUEUE="on-failure",
+        RELAY_QUEUE_BACKOFF="0.2",
+        **WEBHOOK_ENV,
+    )
+    token = relay.token()
+    hook = relay.store.add_webhook("acme", receiver.url, None)
+    resend.fail(500, "internal_server_error")  # in session
+    resend.fail(503, "internal_server_error")  # the first retry
+    assert send(relay, token=token) == QUEUED
+    until(lambda: queue_empty(relay))
+    queued, deferred, delivered = events(
+        receiver, hook["secret"], "message.queued", "message.deferred", "message.delivered"
+    )
+    data = deferred["data"]
+    assert data["message_id"] == MESSAGE_ID and data["outcome"] == "deferred"
+    assert data["attempts"] == 2 and data["next_try"].endswith("Z")
+    [rcpt] = data["recipients"]
+    assert rcpt["outcome"] == "deferred" and rcpt["reply"].startswith("451 ")
+    assert delivered["data"]["attempts"] == 3
+    assert len(receiver.requests) == 3 and balance(relay) == 9

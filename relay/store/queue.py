@@ -184,14 +184,26 @@ class Queue(Database):
         last_text: str,
     ) -> bool:
         """An attempt that left recipients to retry: its progress, the next try, the lease gone."""
+        now = self._now()
         with self._write() as db:
-            cur = db.execute(
+            row = db.execute(
                 "UPDATE queue SET done = ?, attempts = ?, tries = tries + 1, next_try = ?,"
                 " last_code = ?, last_text = ?, lease_owner = NULL, lease_until = NULL"
-                " WHERE id = ? AND lease_owner = ?",
+                " WHERE id = ? AND lease_owner = ?"
+                " RETURNING account_id, message_id, account, token_id, sender, recipients",
                 (done, attempts, next_try, last_code, last_text, queue_id, owner),
+            ).fetchone()
+            if row is None:
+                return False
+            # message.deferred: each retry scheduled, with the write that schedules it.
+            emit(
+                db,
+                int(row["account_id"]),
+                "message.deferred",
+                deferred_data(row, done, attempts, last_code, last_text, next_try, now),
+                now,
             )
-            return cur.rowcount == 1
+            return True
 
     def finish(
         self,
@@ -362,6 +374,47 @@ def queued_data(
         "channel": "",
         "upstream_id": None,
         "attempts": len(json.loads(attempts)),
+        "time": datetime.fromtimestamp(now, UTC).isoformat().replace("+00:00", "Z"),
+    }
+
+
+def deferred_data(
+    row: Row,
+    done: str,
+    attempts: str,
+    last_code: int,
+    last_text: str,
+    next_try: int,
+    now: int,
+) -> dict[str, Any]:
+    """`message.deferred`'s data for a queued message whose retry is scheduled: each
+    recipient's outcome so far (`deferred` for those that wait), and `next_try`."""
+    ended = json.loads(done)
+    last = f"{last_code} {last_text}".strip()
+    recipients = []
+    for written, key in json.loads(row["recipients"]):
+        if written in ended:
+            code, enhanced, text = ended[written]
+            outcome = "delivered" if int(code) < 400 else "refused"
+            recipients.append(
+                {"address": key, "outcome": outcome, "reply": f"{code} {enhanced} {text}".strip()}
+            )
+        else:
+            recipients.append({"address": key, "outcome": "deferred", "reply": last})
+    return {
+        "message_id": row["message_id"],
+        "delivery_id": None,
+        "account": row["account"],
+        "token_id": row["token_id"],
+        "sender": row["sender"],
+        "recipients": recipients,
+        "recipient_count": len(recipients),
+        "outcome": "deferred",
+        "reply": last,
+        "channel": "",
+        "upstream_id": None,
+        "attempts": len(json.loads(attempts)),
+        "next_try": datetime.fromtimestamp(next_try, UTC).isoformat().replace("+00:00", "Z"),
         "time": datetime.fromtimestamp(now, UTC).isoformat().replace("+00:00", "Z"),
     }
 
