@@ -246,6 +246,7 @@ def test_each_retry_scheduled_is_told_deferred(relay_factory, resend, receiver):
     queued, deferred, delivered = events(
         receiver, hook["secret"], "message.queued", "message.deferred", "message.delivered"
     )
+    assert queued["data"]["attempts"] == 1
     data = deferred["data"]
     assert data["message_id"] == MESSAGE_ID and data["outcome"] == "deferred"
     assert data["attempts"] == 2 and data["next_try"].endswith("Z")
