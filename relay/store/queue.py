@@ -64,6 +64,71 @@ class QueuedMessage:
     reservation_created: int | None
 
 
+@dataclass(frozen=True, slots=True)
+class Keep:
+    """One `enqueue`: the message and how it waits."""
+
+    message: QueuedMessage
+    next_try: int
+    attempts: str = "[]"
+    last_code: int | None = None
+    last_text: str = ""
+    max_messages: int = 0
+    max_bytes: int = 0
+
+
+def _keep_one(db: Any, keep: Keep, now: int, count: int, size: int) -> int | None:
+    """Keep one message inside the caller's transaction; its id, or None (full, or its
+    reservation swept meanwhile: nothing of it written)."""
+    message = keep.message
+    if count >= keep.max_messages or size + len(message.content) > keep.max_bytes:
+        return None
+    taken = db.execute(
+        "UPDATE pending SET owner = ? WHERE id = ? AND created = ?",
+        (QUEUE_OWNER, message.reservation_id, message.reservation_created),
+    )
+    if taken.rowcount != 1:
+        return None
+    inserted = db.execute(
+        "INSERT INTO queue (created, message_id, account, account_id, token_id,"
+        " client, sender, envelope_from, recipients, done, content, size,"
+        " idempotency_key, routes, reservation_id, reservation_created, state,"
+        " attempts, tries, next_try, last_code, last_text)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, '{}', ?, ?, ?, ?, ?, ?, 'queued', ?,"
+        " ?, ?, ?, ?) RETURNING id",
+        (
+            now,
+            message.message_id,
+            message.account,
+            message.account_id,
+            message.token_id,
+            message.client,
+            message.sender,
+            message.envelope_from,
+            json.dumps(message.recipients),
+            message.content,
+            message.size,
+            message.idempotency_key,
+            json.dumps(message.routes),
+            message.reservation_id,
+            message.reservation_created,
+            keep.attempts,
+            0 if keep.attempts == "[]" else len(json.loads(keep.attempts)),
+            keep.next_try,
+            keep.last_code,
+            keep.last_text,
+        ),
+    ).fetchone()
+    emit(
+        db,
+        message.account_id,
+        "message.queued",
+        queued_data(message, keep.attempts, keep.last_code, keep.last_text, now),
+        now,
+    )
+    return int(inserted["id"])
+
+
 class Queue(Database):
     def enqueue(
         self,
@@ -78,61 +143,30 @@ class Queue(Database):
     ) -> int | None:
         """Keep `message` and take its reservation; its id, or None when the queue is full
         (or the reservation was swept meanwhile): then nothing changed."""
+        keep = Keep(message, next_try, attempts, last_code, last_text, max_messages, max_bytes)
+        return self.enqueue_many([keep])[0]
+
+    def enqueue_many(self, keeps: Sequence[Keep]) -> list[int | None]:
+        """`enqueue` for each of `keeps`, in one transaction: one commit (one fsync on
+        SQLite) for all, so messages queued together cost one disk flush (the
+        caller writes no 250 before it returns). Each is kept or refused alone."""
         now = self._now()
         durable = not self.is_postgres
         if durable:
             self.db.execute("PRAGMA synchronous = FULL")
+        out: list[int | None] = []
         try:
             with self._write() as db:
                 row = db.execute(
                     "SELECT count(*) AS n, COALESCE(sum(length(content)), 0) AS bytes FROM queue"
                 ).fetchone()
-                if row["n"] >= max_messages or row["bytes"] + len(message.content) > max_bytes:
-                    return None
-                taken = db.execute(
-                    "UPDATE pending SET owner = ? WHERE id = ? AND created = ?",
-                    (QUEUE_OWNER, message.reservation_id, message.reservation_created),
-                )
-                if taken.rowcount != 1:
-                    return None
-                inserted = db.execute(
-                    "INSERT INTO queue (created, message_id, account, account_id, token_id,"
-                    " client, sender, envelope_from, recipients, done, content, size,"
-                    " idempotency_key, routes, reservation_id, reservation_created, state,"
-                    " attempts, tries, next_try, last_code, last_text)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, '{}', ?, ?, ?, ?, ?, ?, 'queued', ?,"
-                    " ?, ?, ?, ?) RETURNING id",
-                    (
-                        now,
-                        message.message_id,
-                        message.account,
-                        message.account_id,
-                        message.token_id,
-                        message.client,
-                        message.sender,
-                        message.envelope_from,
-                        json.dumps(message.recipients),
-                        message.content,
-                        message.size,
-                        message.idempotency_key,
-                        json.dumps(message.routes),
-                        message.reservation_id,
-                        message.reservation_created,
-                        attempts,
-                        0 if attempts == "[]" else len(json.loads(attempts)),
-                        next_try,
-                        last_code,
-                        last_text,
-                    ),
-                ).fetchone()
-                emit(
-                    db,
-                    message.account_id,
-                    "message.queued",
-                    queued_data(message, attempts, last_code, last_text, now),
-                    now,
-                )
-                return int(inserted["id"])
+                count, size = int(row["n"]), int(row["bytes"])
+                for keep in keeps:
+                    kept = _keep_one(db, keep, now, count, size)
+                    out.append(kept)
+                    if kept is not None:
+                        count, size = count + 1, size + len(keep.message.content)
+            return out
         finally:
             if durable:
                 self.db.execute("PRAGMA synchronous = NORMAL")
