@@ -29,6 +29,9 @@ MAX_FLOOR_RATIO = 1.15
 # the worst message the bounds accept.
 # The delivery log may cost at most 5% of the 2 KiB throughput.
 MIN_LOG_ON_OVER_OFF = 0.95
+# RELAY_QUEUE=always: the queue's durable commit replaces the forward on the
+# client's path; its accept rate should stay near the bare receive's.
+MIN_QUEUE_ACCEPT_OVER_CEILING = 0.6
 MAX_WAL_PEAK = 64 * MIB
 MAX_WAL_AFTER = 4 * MIB
 MAX_BURST_GROWTH = 1.10
@@ -168,6 +171,26 @@ def checks(result: dict[str, Any]) -> list[Check]:
                 f">= {MIN_LOG_ON_OVER_OFF}",
                 value,
                 None if value is None else value >= MIN_LOG_ON_OVER_OFF,
+            )
+        )
+    queue = result.get("queue")
+    if queue is not None:
+        value = queue["accept_over_ceiling"]
+        out.append(
+            Check(
+                f"2 KiB accept rate with RELAY_QUEUE=always / ceiling, {queue['label']}",
+                f">= {MIN_QUEUE_ACCEPT_OVER_CEILING}",
+                value,
+                None if value is None else value >= MIN_QUEUE_ACCEPT_OVER_CEILING,
+            )
+        )
+        out.append(
+            Check(
+                "every message the queue accepted reached the sink",
+                "sink count = 250s, no failures",
+                queue["drained"],
+                queue["delivered_all"],
+                f"drain {_fmt(queue['drain_messages_per_s'], 0)} msg/s",
             )
         )
     out += _hardening_checks(result.get("hardening", {}))
@@ -470,6 +493,14 @@ def table(result: dict[str, Any]) -> str:
             f" {_fmt(log['on']['messages_per_s'], 0)} msg/s, cpu"
             f" {_fmt(log['on']['server_cpu_s_per_1000'], 3)} ms/msg; on/off"
             f" {_fmt(log['on_over_off'], 2, 'x')}"
+        )
+    queue = result.get("queue")
+    if queue is not None:
+        lines.append(
+            f"queue always ({queue['label']}): accepted"
+            f" {_fmt(queue['accept_messages_per_s'], 0)} msg/s"
+            f" ({_fmt(queue['accept_over_ceiling'], 2, 'x')} the ceiling), drained"
+            f" {_fmt(queue['drain_messages_per_s'], 0)} msg/s to the sink"
         )
     lines += _hardening_lines(result.get("hardening", {}))
     targets = result.get("targets", [])

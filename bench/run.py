@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import platform
 import resource
@@ -547,6 +548,63 @@ class Runner:
         )
         self.result["delivery_log"] = entry
 
+    async def queue(self, setup: stack.Setup, sink: stack.ReferenceServer) -> None:
+        """2 KiB through a fresh relay with RELAY_QUEUE=always: the rate it accepts
+        (the queue's durable commit replacing the forward on the client's path),
+        against the ceiling's, and the rate the queue drains to the sink, from the
+        phase's first message to the sink's last."""
+        head = self.headline()
+        if head is None:
+            return
+        sessions, per = head["sessions"], head["messages_per_session"]
+        directory = setup.directory / "queue-always"
+        directory.mkdir()
+        own = await stack.configure(directory)
+        async with stack.Relay.start(
+            own,
+            sink.port,
+            workers=1,
+            max_connections=self.max_connections,
+            extra_env={"RELAY_QUEUE": "always"},
+        ) as relay:
+            # Not "relay": the run's forwarding count compares the sink with each
+            # phase's 250s, and a queued message reaches the sink after its phase.
+            side = dataclasses.replace(relay_side(own, relay, sink), name="queue")
+            warm = await self.closed(side, HEADLINE_SIZE, 2, WARMUP_MESSAGES // 2)
+            await self._drained(sink, warm["messages_ok"], (await sink.stats())["messages"])
+            before = (await sink.stats())["messages"]
+            started = time.monotonic()
+            record = await self.closed(side, HEADLINE_SIZE, sessions, per)
+            drained = await self._drained(sink, before + record["messages_ok"], before)
+            seconds = time.monotonic() - started
+        ceiling = head.get("ceiling", {}).get("messages_per_s")
+        accepted = record["messages_ok"]
+        self.result["queue"] = {
+            "label": f"{report.size_label(HEADLINE_SIZE)} x {sessions} sessions",
+            "messages": accepted,
+            "failed": record["messages_failed"],
+            "accept_messages_per_s": record["messages_per_s"],
+            "ceiling_messages_per_s": ceiling,
+            "accept_over_ceiling": report.ratio(record["messages_per_s"], ceiling),
+            "drained": drained - before,
+            "drain_messages_per_s": (drained - before) / seconds if seconds > 0 else None,
+            "delivered_all": drained - before == accepted and record["messages_failed"] == 0,
+        }
+        self.log(
+            f"queue always: accepted {record['messages_per_s'] or 0:.0f} msg/s,"
+            f" drained {self.result['queue']['drain_messages_per_s'] or 0:.0f} msg/s"
+        )
+
+    async def _drained(self, sink: stack.ReferenceServer, until: int, before: int) -> int:
+        """Wait (at most the phase timeout) for the sink to count `until` messages;
+        the count it reached."""
+        deadline = time.monotonic() + self.plan.phase_timeout
+        while True:
+            count = int((await sink.stats())["messages"])
+            if count >= until or time.monotonic() > deadline:
+                return count
+            await asyncio.sleep(0.02)
+
     async def pipelining(self, setup: stack.Setup, off: Side) -> None:
         """2 KiB through a relay whose sink advertises PIPELINING, against `off`, same run."""
         head = self.headline()
@@ -790,6 +848,7 @@ async def run_relay(plan: Plan) -> dict[str, Any]:
                         await runner.floor(sink)
                         await runner.pipelining(setup, sides[1])
                         await runner.delivery_log(setup, sink)
+                        await runner.queue(setup, sink)
             await runner.workers(setup, sink)
             if plan.wal_seconds:
                 await runner.hostile(setup, sink)

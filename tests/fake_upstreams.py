@@ -289,10 +289,11 @@ RESEND_REQUIRED = ("from", "to", "subject")
 class SentEmail:
     id: str
     request: Recorded
+    item: Any = None  # its SendEmailRequest, when it came in a batch
 
     @property
     def json(self) -> Any:
-        return self.request.json
+        return self.item if self.item is not None else self.request.json
 
 
 class FakeResend(FakeUpstream):
@@ -307,7 +308,11 @@ class FakeResend(FakeUpstream):
         super().__init__()
         self.tokens = tokens
         self.sent: list[SentEmail] = []
+        self.batches: list[Recorded] = []  # each POST /emails/batch
+        # Addresses a batch's validation refuses (a test's invalid `to`).
+        self.invalid_to: set[str] = set()
         self._keys: dict[str, tuple[str, str]] = {}  # key -> (body digest, id)
+        self._batch_keys: dict[str, tuple[str, Any]] = {}  # key -> (body digest, answer)
 
     def fail(
         self,
@@ -334,7 +339,7 @@ class FakeResend(FakeUpstream):
         return Scripted(429, resend_error(429, "rate_limit_exceeded"), headers)
 
     def answer(self, request: Recorded) -> Scripted:
-        if request.method != "POST" or request.path != "/emails":
+        if request.method != "POST" or request.path not in ("/emails", "/emails/batch"):
             return _resend_failure(404, "not_found")
         auth = request.headers.get("authorization")
         if auth is None:
@@ -346,25 +351,13 @@ class FakeResend(FakeUpstream):
         if self.tokens is not None and auth[7:] not in self.tokens:
             return _resend_failure(403, "invalid_api_key")
         body = request.json
+        if request.path == "/emails/batch":
+            return self._batch(request)
         if not isinstance(body, dict):
             return _resend_failure(400, "validation_error", "Invalid JSON body.")
-        # SendEmailRequest's `required` (resend-openapi resend.yaml); an empty
-        # string counts as missing, as Resend's validation reads it.
-        for required in RESEND_REQUIRED:
-            if not body.get(required):
-                return _resend_failure(
-                    422, "missing_required_field", f"Missing `{required}` field."
-                )
-        for name in ("subject", "text", "html"):
-            if name in body and not isinstance(body[name], str):
-                return _resend_failure(422, "validation_error", f"Invalid `{name}` field.")
-        for attachment in body.get("attachments") or []:
-            if (
-                not isinstance(attachment, dict)
-                or not _valid_base64(attachment.get("content"))
-                or not attachment.get("filename")
-            ):
-                return _resend_failure(422, "invalid_attachment")
+        invalid = _resend_invalid(body)
+        if invalid is not None:
+            return invalid
 
         key = request.headers.get("idempotency-key")
         digest = hashlib.sha256(request.body).hexdigest()
@@ -382,6 +375,59 @@ class FakeResend(FakeUpstream):
         self.sent.append(SentEmail(email_id, request))
         return Scripted(200, {"id": email_id}, self._ratelimit_headers())
 
+    def _batch(self, request: Recorded) -> Scripted:
+        """`POST /emails/batch` (resend-openapi resend.yaml `emails/send-batch`): an
+        array of up to 100 SendEmailRequest, answered `{"data": [{"id"}]}`. No
+        attachments or scheduled_at in a batch (resend.com/docs/api-reference/emails/
+        send-batch-emails). `x-batch-validation: permissive` (resend.com/changelog/
+        batch-validation-modes) sends the valid emails and lists the others in
+        `errors` by index; strict, the default, refuses the whole batch for one."""
+        self.batches.append(request)
+        items = request.json
+        if not isinstance(items, list) or not 1 <= len(items) <= 100:
+            return _resend_failure(422, "validation_error", "Batch must have 1 to 100 emails.")
+        errors = []
+        for index, item in enumerate(items):
+            if not isinstance(item, dict):
+                errors.append({"index": index, "message": "Invalid email."})
+                continue
+            if item.get("attachments") or item.get("scheduled_at"):
+                message = "Attachments and scheduling are not supported in batch sending."
+                errors.append({"index": index, "message": message})
+                continue
+            invalid = _resend_invalid(item)
+            if invalid is None and set(item.get("to") or ()) & self.invalid_to:
+                invalid = _resend_failure(422, "invalid_parameter", "Invalid `to` field.")
+            if invalid is not None:
+                errors.append({"index": index, "message": invalid.body["message"]})
+        permissive = request.headers.get("x-batch-validation") == "permissive"
+        if errors and not permissive:
+            return _resend_failure(422, "validation_error", errors[0]["message"])
+        key = request.headers.get("idempotency-key")
+        digest = hashlib.sha256(request.body).hexdigest()
+        if key is not None:
+            if not 1 <= len(key) <= 256:
+                return _resend_failure(400, "invalid_idempotency_key")
+            if key in self._batch_keys:
+                first_digest, first_answer = self._batch_keys[key]
+                if first_digest != digest:
+                    return _resend_failure(409, "invalid_idempotent_request")
+                return Scripted(200, first_answer)
+        refused = {e["index"] for e in errors}
+        data = []
+        for index, item in enumerate(items):
+            if index in refused:
+                continue
+            email_id = str(uuid.uuid4())
+            self.sent.append(SentEmail(email_id, request, item))
+            data.append({"id": email_id})
+        answer: dict[str, Any] = {"data": data}
+        if permissive:
+            answer["errors"] = errors
+        if key is not None:
+            self._batch_keys[key] = (digest, answer)
+        return Scripted(200, answer, self._ratelimit_headers())
+
     def _ratelimit_headers(self) -> dict[str, str]:
         if self.rate is None:
             return {}
@@ -391,6 +437,26 @@ class FakeResend(FakeUpstream):
             "ratelimit-remaining": str(max(0, limit - self._window_count)),
             "ratelimit-reset": "1",
         }
+
+
+def _resend_invalid(body: dict[str, Any]) -> Scripted | None:
+    """A SendEmailRequest's validation, as Resend answers a bad one; None when valid."""
+    # SendEmailRequest's `required` (resend-openapi resend.yaml); an empty
+    # string counts as missing, as Resend's validation reads it.
+    for required in RESEND_REQUIRED:
+        if not body.get(required):
+            return _resend_failure(422, "missing_required_field", f"Missing `{required}` field.")
+    for name in ("subject", "text", "html"):
+        if name in body and not isinstance(body[name], str):
+            return _resend_failure(422, "validation_error", f"Invalid `{name}` field.")
+    for attachment in body.get("attachments") or []:
+        if (
+            not isinstance(attachment, dict)
+            or not _valid_base64(attachment.get("content"))
+            or not attachment.get("filename")
+        ):
+            return _resend_failure(422, "invalid_attachment")
+    return None
 
 
 def _resend_failure(status: int, name: str, message: str | None = None) -> Scripted:

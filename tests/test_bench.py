@@ -122,8 +122,11 @@ def test_the_hardening_phases_report_their_figures(result: dict[str, Any]) -> No
     assert stalled["rss_stalled"] > 0 and stalled["per_stalled_upload"] is not None
     log = result["delivery_log"]
     assert log["on"]["forwarded_all"] is True and log["off"]["forwarded_all"] is True
+    queue = result["queue"]
+    assert queue["delivered_all"] is True and queue["messages"] == SESSIONS * MESSAGES
+    assert queue["accept_messages_per_s"] and queue["drain_messages_per_s"]
     names = " ".join(t["name"] for t in result["targets"])
-    assert "delivery log" in names
+    assert "delivery log" in names and "RELAY_QUEUE=always" in names
     assert "write-ahead log" in names and "bursts" in names and "NOOP" in names
     assert "refused messages" in names
     assert "RSS per stalled upload" in names

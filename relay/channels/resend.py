@@ -487,11 +487,34 @@ class ResendChannel:
         key: str,
         deadline: pacing.Deadline,
     ) -> str:
-        """One send, paced per API key; the upstream id, or a DeliveryError.
+        """One send, paced per API key; the upstream id, or a DeliveryError."""
+        answer = await self.request(
+            self.url, body, key, domain, token, deadline, message.message_id
+        )
+        upstream_id = answer.get("id") if isinstance(answer, dict) else None
+        if isinstance(upstream_id, str) and upstream_id:
+            return one_line(upstream_id, 120)
+        # A 2xx means Resend may well have sent it; only a 4xx lets the
+        # client retry, and the idempotency key keeps that retry harmless.
+        raise TransientDelivery(NAME, httpapi.unexpected_reply(NAME, 200))
+
+    async def request(
+        self,
+        url: str,
+        body: Any,
+        key: str,
+        domain: str,
+        token: str,
+        deadline: pacing.Deadline,
+        label: str,
+        headers: Mapping[str, str] | None = None,
+    ) -> Any:
+        """One request, paced per team; the 2xx answer's body, or a DeliveryError.
 
         A 429 for the rate (not a quota) is retried after the wait Resend
         names while the budget allows: the idempotency key makes the retry
-        safe even if the first request did go through.
+        safe even if the first request did go through. `label`: what the log
+        names (a Message-ID, or a batch).
         """
         bucket = self._bucket(self.config.team_for(domain))
         content = json.dumps(body, ensure_ascii=False).encode("utf-8")
@@ -500,17 +523,18 @@ class ResendChannel:
                 await pacing.take_slot(bucket, deadline)
             except pacing.BudgetExceeded as exc:
                 reply = replies.upstream_throttled(NAME, "rate limited", exc.seconds)
-                log.warning("resend: %s not sent: %s", message.message_id, reply)
+                log.warning("resend: %s not sent: %s", label, reply)
                 raise TransientDelivery(NAME, reply, not_taken=True) from None
             answer = await httpapi.post(
                 self._client,
-                self.url,
+                url,
                 channel=NAME,
                 url_setting="RESEND_API_URL",
                 headers={
                     "Authorization": f"Bearer {token}",
                     "Content-Type": "application/json",
                     "Idempotency-Key": key,
+                    **(headers or {}),
                 },
                 content=content,
             )
@@ -518,18 +542,13 @@ class ResendChannel:
             if pause:
                 bucket.hold(pause)
             if answer.is_success:
-                upstream_id = answer.body.get("id") if isinstance(answer.body, dict) else None
-                if isinstance(upstream_id, str) and upstream_id:
-                    return one_line(upstream_id, 120)
-                # A 2xx means Resend may well have sent it; only a 4xx lets the
-                # client retry, and the idempotency key keeps that retry harmless.
-                raise TransientDelivery(NAME, httpapi.unexpected_reply(NAME, answer.status))
+                return answer.body
             row = error_row(answer.status, answer.body)
             retry_after = answer.retry_after
             if row is not None and row.kind is Kind.THROTTLED:
                 wait = float(pause) if pause is not None else 1 / bucket.rate
                 if deadline.fits(wait):
-                    log.info("resend: %s throttled, retrying in %.1f s", message.message_id, wait)
+                    log.info("resend: %s throttled, retrying in %.1f s", label, wait)
                     continue
                 retry_after = str(pacing.BudgetExceeded(wait).seconds)
             reply = outcome(answer.status, answer.body, retry_after)
@@ -538,7 +557,7 @@ class ResendChannel:
                 NAME,
                 answer,
                 reply,
-                message_id=message.message_id,
+                message_id=label,
                 credential=f"token for sender domain {domain}",
                 config_fault=is_config_fault(answer.status, answer.body),
             )

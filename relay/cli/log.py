@@ -89,4 +89,12 @@ def _record_text(record: DeliveryRecord) -> str:
             f" {a.accepted} taken)"
             for n, a in enumerate(tries, 1)
         ]
+    if record.provider_events:
+        lines.append("provider events")
+        lines += [
+            f"  {when(int(e.get('time', 0)))}  {e.get('provider')} {e.get('type')}"
+            f"  {', '.join(e.get('recipients') or []) or '-'}"
+            + (f"  ({e['detail']})" if e.get("detail") else "")
+            for e in record.provider_events
+        ]
     return "\n".join(lines)

@@ -71,9 +71,11 @@ async def walk(
     routes: Sequence[policy.Route],
     outbound: Outbound,
     budget: float,
+    first: Delivery | DeliveryError | None = None,
 ) -> Walk:
     """Deliver `outbound` down `routes` within `budget` seconds in all; never raises
-    for an upstream's failure (it is in the walk)."""
+    for an upstream's failure (it is in the walk). `first`: the first route's
+    outcome when it is known already (the queue's batch send to Resend)."""
     assert routes
     loop = asyncio.get_running_loop()
     deadline = loop.time() + budget
@@ -88,8 +90,13 @@ async def walk(
         began = time.perf_counter()
         error: DeliveryError | None = None
         try:
-            async with asyncio.timeout_at(deadline):
-                delivery = await channel.deliver(message)
+            if index == 0 and first is not None:
+                if isinstance(first, DeliveryError):
+                    raise first
+                delivery = first
+            else:
+                async with asyncio.timeout_at(deadline):
+                    delivery = await channel.deliver(message)
         except DeliveryError as exc:
             error = exc
         except TimeoutError:

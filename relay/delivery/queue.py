@@ -25,11 +25,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from relay import policy, replies
+from relay.channels import resend_batch
 from relay.channels.base import Channel, Delivery, Outbound
+from relay.channels.resend import ResendChannel
 from relay.config import QUEUE_BACKOFF_CAP, Settings
 from relay.delivery.chain import walk
 from relay.delivery.submitted import Submitted, count
-from relay.errors import StoreError
+from relay.errors import DeliveryError, StoreError
 from relay.replies import Reply
 from relay.store.deliveries import Attempt, attempts_text
 from relay.store.facade import Principal, Reservation
@@ -37,8 +39,9 @@ from relay.store.loop import AsyncStore
 from relay.store.queue import QueuedMessage
 
 log = logging.getLogger("relay.queue")
-# Messages one claim leases; how often an idle worker looks for due ones.
-CLAIM_BATCH = 20
+# Messages one claim leases (as many as one Resend batch request carries:
+# resend-openapi, /emails/batch); how often an idle worker looks for due ones.
+CLAIM_BATCH = 100
 POLL_SECONDS = 1.0
 _RETRY_AFTER = re.compile(r"retry after (\d+) s")
 
@@ -105,6 +108,15 @@ async def keep(
     return True
 
 
+def _outbound(row: Any) -> Outbound:
+    """A claimed row's message, to the recipients not done yet."""
+    done = json.loads(row["done"])
+    left = tuple(str(w) for w, _ in json.loads(row["recipients"]) if w not in done)
+    return Outbound(
+        row["envelope_from"], left, bytes(row["content"]), row["message_id"], row["idempotency_key"]
+    )
+
+
 class QueueWorker:
     """Delivers the queue's due messages, one attempt each per claim."""
 
@@ -140,34 +152,67 @@ class QueueWorker:
             log.warning("could not release the queue's leases: %s (they run out)", exc)
 
     async def _run(self) -> None:
+        # Claim at once when this process queued a message (woken) or the last claim
+        # found work; otherwise a read first: an idle queue costs each process one
+        # cheap read a second, never a write transaction (the claim's UPDATE takes
+        # the database's write lock, even when it matches nothing).
+        look = False
+        dead_after = self.settings.upkeep.owner_dead_after
         while True:
+            rows = []
             try:
-                rows = await self.store.claim(
-                    self.lease_seconds, CLAIM_BATCH, self.settings.upkeep.owner_dead_after
-                )
+                if not look or await self.store.queue_due(dead_after):
+                    rows = await self.store.claim(self.lease_seconds, CLAIM_BATCH, dead_after)
             except StoreError as exc:
                 if not self.store.logged(exc):
                     log.warning("queue claim failed: %s", exc)
-                rows = []
             if rows:
-                await asyncio.gather(*(self._attempt(row) for row in rows))
+                firsts = await self._batched(rows)
+                await asyncio.gather(
+                    *(self._attempt(row, first) for row, first in zip(rows, firsts, strict=True))
+                )
+                look = False
                 continue
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), POLL_SECONDS)
+                look = False
             except TimeoutError:
-                pass
+                look = True
 
-    async def _attempt(self, row: Any) -> None:
+    async def _batched(self, rows: Sequence[Any]) -> list[Delivery | DeliveryError | None]:
+        """The first channel's outcome for each row whose route starts at Resend, sent
+        together through its batch endpoint (relay.channels.resend_batch); None
+        for a row that goes the usual way."""
+        firsts: list[Delivery | DeliveryError | None] = [None] * len(rows)
+        picked = []
+        for index, row in enumerate(rows):
+            routes = json.loads(row["routes"])
+            channel = self.channels.get(policy.Channel(routes[0][0])) if routes else None
+            if isinstance(channel, ResendChannel):
+                picked.append((index, channel, _outbound(row)))
+        if len(picked) < 2:
+            return firsts
+        channel = picked[0][1]
         try:
-            await self._deliver(row)
+            results = await resend_batch.deliver_batch(channel, [o for _, _, o in picked])
+        except Exception:
+            log.exception("queue: Resend batch failed unexpectedly; sending singly")
+            return firsts
+        for (index, _, _), result in zip(picked, results, strict=True):
+            firsts[index] = result
+        return firsts
+
+    async def _attempt(self, row: Any, first: Delivery | DeliveryError | None = None) -> None:
+        try:
+            await self._deliver(row, first)
         except asyncio.CancelledError:
             raise
         except Exception:
             # The lease runs out and the message is tried again.
             log.exception("queued message %s: attempt failed unexpectedly", row["message_id"])
 
-    async def _deliver(self, row: Any) -> None:
+    async def _deliver(self, row: Any, first: Delivery | DeliveryError | None = None) -> None:
         pairs = [(str(w), str(k)) for w, k in json.loads(row["recipients"])]
         done: dict[str, list[Any]] = json.loads(row["done"])
         attempts = [Attempt(*a) for a in json.loads(row["attempts"])]
@@ -176,11 +221,8 @@ class QueueWorker:
             policy.Route(policy.Channel(c), bool(ch), int(rule))
             for c, ch, rule in json.loads(row["routes"])
         )
-        content = bytes(row["content"])
-        outbound = Outbound(
-            row["envelope_from"], left, content, row["message_id"], row["idempotency_key"]
-        )
-        result = await walk(self.channels, routes, outbound, self.settings.forward_budget)
+        outbound = _outbound(row)
+        result = await walk(self.channels, routes, outbound, self.settings.forward_budget, first)
         attempts += result.attempts
         for rcpt in result.accepted:
             done[rcpt] = [250, "2.0.0", "Ok"]
@@ -213,7 +255,15 @@ class QueueWorker:
             )
             for rcpt in rest:
                 done[rcpt] = [expired.code, expired.enhanced, expired.text]
-        await self._end(row, pairs, done, attempts, result.route, takers=result.takers)
+        await self._end(
+            row,
+            pairs,
+            done,
+            attempts,
+            result.route,
+            takers=result.takers,
+            upstream_id=result.delivery.upstream_id,
+        )
 
     async def _end(
         self,
@@ -223,12 +273,14 @@ class QueueWorker:
         attempts: list[Attempt],
         route: policy.Route,
         takers: Sequence[str],
+        upstream_id: str = "",
     ) -> None:
         accepted = tuple(w for w, _ in pairs if done.get(w, [0])[0] == 250)
         refused = {
             w: Reply(int(v[0]), str(v[1]), str(v[2])) for w, v in done.items() if int(v[0]) >= 400
         }
-        delivery = Delivery(accepted, refused)
+        # The provider's id for it (the last attempt's): its later events find the record.
+        delivery = Delivery(accepted, refused, upstream_id)
         if accepted:
             reply = replies.delivered(row["message_id"])
         else:

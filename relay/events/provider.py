@@ -86,6 +86,7 @@ def parse(headers: dict[str, str], body: bytes) -> ProviderEvent | None:
     )[:50]
     sender = parseaddr(str(data.get("from") or ""))[1]
     suppress = None
+    detail = ""
     if kind == "email.complained":
         suppress = "complaint"
     elif kind == "email.bounced":
@@ -93,6 +94,9 @@ def parse(headers: dict[str, str], body: bytes) -> ProviderEvent | None:
         # Only a permanent bounce suppresses: a transient one is retried upstream.
         if str(bounce.get("type", "")).lower() == "permanent":
             suppress = "hard-bounce"
+        # Resend's bounce object: type, subType, message (its email.bounced payload).
+        kinds = " ".join(str(bounce.get(k) or "") for k in ("type", "subType")).strip()
+        detail = ": ".join(p for p in (kinds, str(bounce.get("message") or "")) if p)[:200]
     digest = hmac.new(b"resend", headers["svix-id"].encode(), "sha256").hexdigest()[:24]
     event = {
         "provider": "resend",
@@ -102,6 +106,7 @@ def parse(headers: dict[str, str], body: bytes) -> ProviderEvent | None:
         "recipients": list(recipients),
         "subject": str(data.get("subject") or "")[:200],
         "time": str(payload.get("created_at") or "")[:40],
+        "detail": detail,
     }
     return ProviderEvent(
         f"evt_rs_{digest}", EVENTS[kind], domain_of(sender), recipients, suppress, event

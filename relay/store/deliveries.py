@@ -153,6 +153,10 @@ class DeliveryRecord:
     # The port the message came in on: "smtps" (implicit TLS, RELAY_LISTEN) or
     # "submission" (STARTTLS, RELAY_STARTTLS_LISTEN).
     listener: str = "smtps"
+    # What a provider told of the message after taking it (Resend's events:
+    # relay.events.provider), oldest first: {"time", "provider", "type",
+    # "recipients", "detail"}. The relay's own outcome above is left as it was.
+    provider_events: tuple[dict[str, Any], ...] = ()
 
     @property
     def total_recipients(self) -> int:
@@ -182,6 +186,7 @@ class DeliveryRecord:
         out["duration"] = round(self.duration, 3)
         out["recipient_count"] = self.total_recipients
         out["attempts"] = [a.as_json() for a in self.tries]
+        out["provider_events"] = list(self.provider_events)
         return out
 
 
@@ -312,10 +317,13 @@ class Query:
         return (" WHERE " + " AND ".join(clauses) if clauses else ""), args
 
 
-def insert(db: Connection, record: DeliveryRecord, charged: int | None = None) -> int:
+def insert(
+    db: Connection, record: DeliveryRecord, charged: int | None = None, *, queued: bool = False
+) -> int:
     """Write `record` inside the caller's write transaction; returns its id.
 
-    `charged`, when given, is the units the settle kept (instead of the record's).
+    `charged`, when given, is the units the settle kept (instead of the record's);
+    `queued`: the final record of a queued message (its events: `QUEUE_EVENTS`).
     """
     row = db.execute(
         "INSERT INTO deliveries (created, message_id, account, token_id, sender, size, channel,"
@@ -352,11 +360,13 @@ def insert(db: Connection, record: DeliveryRecord, charged: int | None = None) -
         " VALUES (?, ?, ?, ?, ?) ON CONFLICT (delivery_id, recipient) DO NOTHING",
         [(delivery_id, r.address, str(r.outcome), r.code, r.enhanced) for r in record.recipients],
     )
-    after_record(db, record, delivery_id)
+    after_record(db, record, delivery_id, queued=queued)
     return delivery_id
 
 
-def after_record(db: Connection, record: DeliveryRecord, delivery_id: int) -> None:
+def after_record(
+    db: Connection, record: DeliveryRecord, delivery_id: int, *, queued: bool = False
+) -> None:
     """What a record implies, in its own transaction: the recipients an upstream
     refused as mailbox errors join the account's suppression list, and the
     account's webhooks get the events that describe the message."""
@@ -374,7 +384,9 @@ def after_record(db: Connection, record: DeliveryRecord, delivery_id: int) -> No
     suppressed = (
         record_refusals(db, account_id, refusals, record.time) if account_id is not None else []
     )
-    events = [(EVENT_BY_OUTCOME[record.outcome], message_data(record, delivery_id))]
+    data = message_data(record, delivery_id)
+    by_outcome = QUEUE_EVENTS[record.outcome] if queued else (EVENT_BY_OUTCOME[record.outcome],)
+    events = [(event_type, data) for event_type in by_outcome]
     events += [
         (
             "recipient.suppressed",
@@ -397,6 +409,15 @@ EVENT_BY_OUTCOME = {
     Outcome.PARTIAL: "message.delivered",
     Outcome.REFUSED: "message.refused",
     Outcome.DEFERRED: "message.deferred",
+}
+# A queued message's end: the app was told 250 (queued), so a recipient the queue
+# could not deliver is a final failure (message.failed), whatever its last reply;
+# a partial end tells both.
+QUEUE_EVENTS: dict[Outcome, tuple[str, ...]] = {
+    Outcome.DELIVERED: ("message.delivered",),
+    Outcome.PARTIAL: ("message.delivered", "message.failed"),
+    Outcome.REFUSED: ("message.failed",),
+    Outcome.DEFERRED: ("message.failed",),
 }
 
 
@@ -421,7 +442,8 @@ def message_data(record: DeliveryRecord, delivery_id: int) -> dict[str, Any]:
         "reply": str(record.reply),
         "channel": record.channel,
         "upstream_id": record.upstream_id,
-        "attempts": 1,
+        # Each channel tried counts one (a failover's, a queue's retries).
+        "attempts": max(len(record.attempts), 1),
         "time": datetime.fromtimestamp(record.time, UTC).isoformat().replace("+00:00", "Z"),
     }
 
@@ -542,4 +564,5 @@ def _record(row: Row, recipients: list[RecipientOutcome]) -> DeliveryRecord:
         recipient_count=row["recipient_count"] or len(recipients),
         attempts=attempts_from(row["attempts"]),
         listener=row["listener"],
+        provider_events=tuple(json.loads(row["provider_events"] or "[]")),
     )

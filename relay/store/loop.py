@@ -9,6 +9,7 @@ group commit of writes, stay inside this module.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import secrets
@@ -27,7 +28,7 @@ from relay.store.group import GROUP_MAX, GROUP_TURNS, Write, answer, commit_grou
 from relay.store.journal import PendingSettle, SettleJournal
 from relay.store.ledger import MailCheck, Reservation
 from relay.store.outbox import DueEvent
-from relay.store.queue import QueuedMessage
+from relay.store.queue import Keep, QueuedMessage
 from relay.store.suppressions import Suppression
 from relay.store.tokens import Principal
 
@@ -40,6 +41,9 @@ SETTLE_RETRY_MAX = 30.0
 # While the database is unavailable (a full disk, PostgreSQL down or away), the
 # failing calls are logged at most this often; every message still gets 451.
 OUTAGE_LOG_INTERVAL = 60.0
+
+# At most this many queued messages commit together (one transaction, one fsync).
+KEEP_GROUP = 200
 
 
 class AsyncStore:
@@ -101,6 +105,9 @@ class AsyncStore:
         self._upkeep_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-upkeep")
         for each in (self.sync, self._inline, self._reader, self._upkeep):
             each.owner = self.owner
+        # `enqueue`s waiting for the next group commit, and the task committing them.
+        self._keeps: list[tuple[Keep, asyncio.Future[int | None]]] = []
+        self._keeping: asyncio.Task[None] | None = None
         self._settling: dict[int, asyncio.Task[None]] = {}
         self._deferred: set[int] = set()  # settles deferred and not taken yet
         self._group: list[Write] = []  # writes for the next group commit
@@ -353,17 +360,41 @@ class AsyncStore:
         max_messages: int,
         max_bytes: int,
     ) -> int | None:
-        return await self.upkeep(
-            lambda store: store.enqueue(
-                message,
-                next_try=next_try,
-                attempts=attempts,
-                last_code=last_code,
-                last_text=last_text,
-                max_messages=max_messages,
-                max_bytes=max_bytes,
-            )
-        )
+        """Queue `message` durably; its id, or None. Messages queued while a commit runs
+        go in the next one together (a group commit: one fsync for all of them)."""
+        keep = Keep(message, next_try, attempts, last_code, last_text, max_messages, max_bytes)
+        future: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        self._keeps.append((keep, future))
+        if self._keeping is None:
+            self._keeping = asyncio.get_running_loop().create_task(self._keep_all())
+        return await future
+
+    async def _keep_all(self) -> None:
+        """Commit the waiting `enqueue`s, a group at a time, until none waits."""
+        try:
+            while self._keeps:
+                group, self._keeps = self._keeps[:KEEP_GROUP], self._keeps[KEEP_GROUP:]
+                keeps = [k for k, _ in group]
+                try:
+                    ids = await self.upkeep(functools.partial(Store.enqueue_many, keeps=keeps))
+                except Exception as exc:
+                    for _, future in group:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                for (_, future), kept in zip(group, ids, strict=True):
+                    if not future.done():
+                        future.set_result(kept)
+        finally:
+            self._keeping = None
+            # Cancelled (the relay stops): nothing waiting is left without an answer.
+            for _, future in self._keeps:
+                if not future.done():
+                    future.set_exception(StoreError("the store is closing"))
+            self._keeps = []
+
+    async def queue_due(self, dead_after: float) -> bool:
+        return await self.upkeep(lambda store: store.queue_due(dead_after))
 
     async def claim(self, lease_seconds: int, limit: int, dead_after: float) -> list[Any]:
         owner = self.owner

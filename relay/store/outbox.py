@@ -28,11 +28,12 @@ from typing import Any
 from relay.errors import Invalid, NotFound
 from relay.store.accounts import account_id_of
 from relay.store.db import Connection, Database, read_only
+from relay.store.provider_notes import note_on_record
 from relay.store.rows import NewWebhook, WebhookAttemptRow, WebhookRow
 
 # The event types an endpoint may ask for. message.queued and message.failed
-# come from the delivery queue, message.bounced and message.complained from
-# provider events: listed so an endpoint can subscribe before they are sent.
+# come from the delivery queue (relay.store.queue), message.bounced and
+# message.complained from provider events.
 EVENT_TYPES = (
     "message.delivered",
     "message.deferred",
@@ -434,6 +435,11 @@ class Webhooks(Database):
             ).fetchone()
             if seen is not None:
                 return "duplicate"
+            noted = note_on_record(
+                db, self.is_postgres, account_id, event_id, event_type, recipients, data, now
+            )
+            if noted is not None:
+                data = {**data, "message_id": noted[0], "delivery_id": noted[1]}
             added = []
             for address in recipients if suppress else ():
                 kept = db.execute(

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from relay import replies
@@ -37,6 +38,7 @@ from relay.store.deliveries import (
 from relay.store.idempotency import remember_delivered
 from relay.store.ledger import QUEUED_OWNER as QUEUE_OWNER
 from relay.store.ledger import _settle
+from relay.store.outbox import emit
 
 STATES = ("queued", "held")
 CANCELLED = replies.QUEUE_CANCELLED
@@ -62,6 +64,71 @@ class QueuedMessage:
     reservation_created: int | None
 
 
+@dataclass(frozen=True, slots=True)
+class Keep:
+    """One `enqueue`: the message and how it waits."""
+
+    message: QueuedMessage
+    next_try: int
+    attempts: str = "[]"
+    last_code: int | None = None
+    last_text: str = ""
+    max_messages: int = 0
+    max_bytes: int = 0
+
+
+def _keep_one(db: Any, keep: Keep, now: int, count: int, size: int) -> int | None:
+    """Keep one message inside the caller's transaction; its id, or None (full, or its
+    reservation swept meanwhile: nothing of it written)."""
+    message = keep.message
+    if count >= keep.max_messages or size + len(message.content) > keep.max_bytes:
+        return None
+    taken = db.execute(
+        "UPDATE pending SET owner = ? WHERE id = ? AND created = ?",
+        (QUEUE_OWNER, message.reservation_id, message.reservation_created),
+    )
+    if taken.rowcount != 1:
+        return None
+    inserted = db.execute(
+        "INSERT INTO queue (created, message_id, account, account_id, token_id,"
+        " client, sender, envelope_from, recipients, done, content, size,"
+        " idempotency_key, routes, reservation_id, reservation_created, state,"
+        " attempts, tries, next_try, last_code, last_text)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, '{}', ?, ?, ?, ?, ?, ?, 'queued', ?,"
+        " ?, ?, ?, ?) RETURNING id",
+        (
+            now,
+            message.message_id,
+            message.account,
+            message.account_id,
+            message.token_id,
+            message.client,
+            message.sender,
+            message.envelope_from,
+            json.dumps(message.recipients),
+            message.content,
+            message.size,
+            message.idempotency_key,
+            json.dumps(message.routes),
+            message.reservation_id,
+            message.reservation_created,
+            keep.attempts,
+            0 if keep.attempts == "[]" else len(json.loads(keep.attempts)),
+            keep.next_try,
+            keep.last_code,
+            keep.last_text,
+        ),
+    ).fetchone()
+    emit(
+        db,
+        message.account_id,
+        "message.queued",
+        queued_data(message, keep.attempts, keep.last_code, keep.last_text, now),
+        now,
+    )
+    return int(inserted["id"])
+
+
 class Queue(Database):
     def enqueue(
         self,
@@ -76,57 +143,47 @@ class Queue(Database):
     ) -> int | None:
         """Keep `message` and take its reservation; its id, or None when the queue is full
         (or the reservation was swept meanwhile): then nothing changed."""
+        keep = Keep(message, next_try, attempts, last_code, last_text, max_messages, max_bytes)
+        return self.enqueue_many([keep])[0]
+
+    def enqueue_many(self, keeps: Sequence[Keep]) -> list[int | None]:
+        """`enqueue` for each of `keeps`, in one transaction: one commit (one fsync on
+        SQLite) for all, so messages queued together cost one disk flush (the
+        caller writes no 250 before it returns). Each is kept or refused alone."""
         now = self._now()
         durable = not self.is_postgres
         if durable:
             self.db.execute("PRAGMA synchronous = FULL")
+        out: list[int | None] = []
         try:
             with self._write() as db:
                 row = db.execute(
                     "SELECT count(*) AS n, COALESCE(sum(length(content)), 0) AS bytes FROM queue"
                 ).fetchone()
-                if row["n"] >= max_messages or row["bytes"] + len(message.content) > max_bytes:
-                    return None
-                taken = db.execute(
-                    "UPDATE pending SET owner = ? WHERE id = ? AND created = ?",
-                    (QUEUE_OWNER, message.reservation_id, message.reservation_created),
-                )
-                if taken.rowcount != 1:
-                    return None
-                inserted = db.execute(
-                    "INSERT INTO queue (created, message_id, account, account_id, token_id,"
-                    " client, sender, envelope_from, recipients, done, content, size,"
-                    " idempotency_key, routes, reservation_id, reservation_created, state,"
-                    " attempts, tries, next_try, last_code, last_text)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, '{}', ?, ?, ?, ?, ?, ?, 'queued', ?,"
-                    " ?, ?, ?, ?) RETURNING id",
-                    (
-                        now,
-                        message.message_id,
-                        message.account,
-                        message.account_id,
-                        message.token_id,
-                        message.client,
-                        message.sender,
-                        message.envelope_from,
-                        json.dumps(message.recipients),
-                        message.content,
-                        message.size,
-                        message.idempotency_key,
-                        json.dumps(message.routes),
-                        message.reservation_id,
-                        message.reservation_created,
-                        attempts,
-                        0 if attempts == "[]" else len(json.loads(attempts)),
-                        next_try,
-                        last_code,
-                        last_text,
-                    ),
-                ).fetchone()
-                return int(inserted["id"])
+                count, size = int(row["n"]), int(row["bytes"])
+                for keep in keeps:
+                    kept = _keep_one(db, keep, now, count, size)
+                    out.append(kept)
+                    if kept is not None:
+                        count, size = count + 1, size + len(keep.message.content)
+            return out
         finally:
             if durable:
                 self.db.execute("PRAGMA synchronous = NORMAL")
+
+    @read_only
+    def queue_due(self, dead_after: float = 60) -> bool:
+        """Whether `claim` would find a message now: a read, so an idle worker's
+        look costs no write transaction (and no write lock) in any process."""
+        now = self._now()
+        rows = self._read(
+            "SELECT 1 FROM queue WHERE state = 'queued' AND next_try <= ?"
+            " AND (lease_until IS NULL OR lease_until < ? OR NOT EXISTS"
+            " (SELECT 1 FROM processes p WHERE p.id = queue.lease_owner"
+            " AND p.heartbeat > ?)) LIMIT 1",
+            (now, now, now - dead_after),
+        )
+        return bool(rows)
 
     def claim(
         self, owner: str, lease_seconds: int, limit: int, dead_after: float = 60
@@ -161,14 +218,26 @@ class Queue(Database):
         last_text: str,
     ) -> bool:
         """An attempt that left recipients to retry: its progress, the next try, the lease gone."""
+        now = self._now()
         with self._write() as db:
-            cur = db.execute(
+            row = db.execute(
                 "UPDATE queue SET done = ?, attempts = ?, tries = tries + 1, next_try = ?,"
                 " last_code = ?, last_text = ?, lease_owner = NULL, lease_until = NULL"
-                " WHERE id = ? AND lease_owner = ?",
+                " WHERE id = ? AND lease_owner = ?"
+                " RETURNING account_id, message_id, account, token_id, sender, recipients",
                 (done, attempts, next_try, last_code, last_text, queue_id, owner),
+            ).fetchone()
+            if row is None:
+                return False
+            # message.deferred: each retry scheduled, with the write that schedules it.
+            emit(
+                db,
+                int(row["account_id"]),
+                "message.deferred",
+                deferred_data(row, done, attempts, last_code, last_text, next_try, now),
+                now,
             )
-            return cur.rowcount == 1
+            return True
 
     def finish(
         self,
@@ -204,7 +273,7 @@ class Queue(Database):
                 db, row["reservation_id"], delivered, now, row["reservation_created"]
             ) or (0, 0)
             if record is not None:
-                insert(db, record, settled[1])
+                insert(db, record, settled[1], queued=True)
             return settled[0]
 
     def release_leases(self, owner: str) -> int:
@@ -316,6 +385,72 @@ class Queue(Database):
             "states": {r["state"]: int(r["n"]) for r in rows},
             "oldest": min((int(r["oldest"]) for r in rows), default=None),
         }
+
+
+def queued_data(
+    message: QueuedMessage, attempts: str, last_code: int | None, last_text: str, now: int
+) -> dict[str, Any]:
+    """`message.queued`'s data: a message event's shape (docs/events.md), each
+    recipient `queued` with the last reply that deferred it (none under `always`)."""
+    last = f"{last_code} {last_text}".strip() if last_code is not None else ""
+    return {
+        "message_id": message.message_id,
+        "delivery_id": None,
+        "account": message.account,
+        "token_id": message.token_id,
+        "sender": message.sender,
+        "recipients": [
+            {"address": key, "outcome": "queued", "reply": last} for _, key in message.recipients
+        ],
+        "recipient_count": len(message.recipients),
+        "outcome": "queued",
+        "reply": str(replies.queued(message.message_id)),
+        "channel": "",
+        "upstream_id": None,
+        "attempts": len(json.loads(attempts)),
+        "time": datetime.fromtimestamp(now, UTC).isoformat().replace("+00:00", "Z"),
+    }
+
+
+def deferred_data(
+    row: Row,
+    done: str,
+    attempts: str,
+    last_code: int,
+    last_text: str,
+    next_try: int,
+    now: int,
+) -> dict[str, Any]:
+    """`message.deferred`'s data for a queued message whose retry is scheduled: each
+    recipient's outcome so far (`deferred` for those that wait), and `next_try`."""
+    ended = json.loads(done)
+    last = f"{last_code} {last_text}".strip()
+    recipients = []
+    for written, key in json.loads(row["recipients"]):
+        if written in ended:
+            code, enhanced, text = ended[written]
+            outcome = "delivered" if int(code) < 400 else "refused"
+            recipients.append(
+                {"address": key, "outcome": outcome, "reply": f"{code} {enhanced} {text}".strip()}
+            )
+        else:
+            recipients.append({"address": key, "outcome": "deferred", "reply": last})
+    return {
+        "message_id": row["message_id"],
+        "delivery_id": None,
+        "account": row["account"],
+        "token_id": row["token_id"],
+        "sender": row["sender"],
+        "recipients": recipients,
+        "recipient_count": len(recipients),
+        "outcome": "deferred",
+        "reply": last,
+        "channel": "",
+        "upstream_id": None,
+        "attempts": len(json.loads(attempts)),
+        "next_try": datetime.fromtimestamp(next_try, UTC).isoformat().replace("+00:00", "Z"),
+        "time": datetime.fromtimestamp(now, UTC).isoformat().replace("+00:00", "Z"),
+    }
 
 
 def _item(row: Row) -> dict[str, Any]:

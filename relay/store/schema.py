@@ -263,4 +263,11 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX webhook_attempts_endpoint ON webhook_attempts (endpoint_id, id);
     CREATE INDEX webhook_attempts_outbox ON webhook_attempts (outbox_id);
     """,
+    # 16: what a provider said of a message after it took it (Resend's email.delivered,
+    #     email.bounced, ...: relay.events.provider), on the message's delivery record,
+    #     found by the provider's id for it
+    """
+    ALTER TABLE deliveries ADD COLUMN provider_events TEXT;  -- JSON list, NULL: none
+    CREATE INDEX deliveries_upstream_id ON deliveries (upstream_id) WHERE upstream_id <> '';
+    """,
 )
