@@ -10,6 +10,7 @@ from relay.errors import Conflict, Invalid, NotFound
 from relay.store.audit import Actor
 from relay.store.facade import Store
 from relay.store.queue import STATES as QUEUE_STATES
+from relay.store.queue import QueueItem
 
 QUEUE_ALL = "all"
 
@@ -24,14 +25,14 @@ def _queue_id(value: int | str) -> int:
 
 def queue_list(
     store: Store, *, state: str | None = None, account: str | None = None
-) -> list[dict[str, Any]]:
+) -> list[QueueItem]:
     """Queued messages, oldest first, with their attempts, next try and recipients done."""
     if state is not None and state not in QUEUE_STATES:
         raise Invalid(f"state: one of {', '.join(QUEUE_STATES)}", code="bad_state")
     return store.queue_list(state, account)
 
 
-def queue_show(store: Store, queue_id: int | str) -> dict[str, Any]:
+def queue_show(store: Store, queue_id: int | str) -> QueueItem:
     row = store.queue_get(_queue_id(queue_id))
     if row is None:
         raise NotFound(f"no queued message {queue_id}", code="no_such_message")

@@ -28,7 +28,7 @@ from relay.store.group import GROUP_MAX, GROUP_TURNS, Write, answer, commit_grou
 from relay.store.journal import PendingSettle, SettleJournal
 from relay.store.ledger import MailCheck, Reservation
 from relay.store.outbox import DueEvent
-from relay.store.queue import Keep, QueuedMessage
+from relay.store.queue import Keep, QueuedMessage, QueueStats
 from relay.store.suppressions import Suppression
 from relay.store.tokens import Principal
 
@@ -439,7 +439,7 @@ class AsyncStore:
         owner = self.owner
         return await self.upkeep(lambda store: store.release_leases(owner))
 
-    async def queue_stats(self) -> dict[str, Any]:
+    async def queue_stats(self) -> QueueStats:
         return await self.upkeep(lambda store: store.queue_stats())
 
     async def ping(self) -> None:

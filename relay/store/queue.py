@@ -24,7 +24,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypedDict
 
 from relay import replies
 from relay.store.db import Database, Row, read_only
@@ -127,6 +127,32 @@ def _keep_one(db: Any, keep: Keep, now: int, count: int, size: int) -> int | Non
         now,
     )
     return int(inserted["id"])
+
+
+class QueueItem(TypedDict):
+    """A queued message as `relay queue list|show` and `/api/v1/queue` show it."""
+
+    id: int
+    created: int
+    message_id: str
+    account: str
+    sender: str
+    size: int
+    state: str
+    tries: int
+    next_try: int
+    last_code: int | None
+    last_text: str
+    lease_owner: str | None
+    lease_until: int | None
+    recipients: list[str]
+    done: dict[str, Any]
+    attempts: list[Any]
+
+
+class QueueStats(TypedDict):
+    states: dict[str, int]  # messages by state
+    oldest: int | None  # when the oldest was queued (unix seconds)
 
 
 class Queue(Database):
@@ -290,7 +316,7 @@ class Queue(Database):
     @read_only
     def queue_list(
         self, state: str | None = None, account: str | None = None, limit: int = 1000
-    ) -> list[dict[str, Any]]:
+    ) -> list[QueueItem]:
         clauses, args = [], []
         if state:
             clauses.append("state = ?")
@@ -308,7 +334,7 @@ class Queue(Database):
         return [_item(r) for r in rows]
 
     @read_only
-    def queue_get(self, queue_id: int) -> dict[str, Any] | None:
+    def queue_get(self, queue_id: int) -> QueueItem | None:
         rows = self._read(
             "SELECT id, created, message_id, account, sender, recipients, done, size, state,"
             " tries, next_try, last_code, last_text, lease_owner, lease_until, attempts"
@@ -377,14 +403,14 @@ class Queue(Database):
         return self.finish(queue_id, None, delivered, None, record)
 
     @read_only
-    def queue_stats(self) -> dict[str, Any]:
+    def queue_stats(self) -> QueueStats:
         rows = self._read(
             "SELECT state, count(*) AS n, min(created) AS oldest FROM queue GROUP BY state"
         )
-        return {
-            "states": {r["state"]: int(r["n"]) for r in rows},
-            "oldest": min((int(r["oldest"]) for r in rows), default=None),
-        }
+        return QueueStats(
+            states={r["state"]: int(r["n"]) for r in rows},
+            oldest=min((int(r["oldest"]) for r in rows), default=None),
+        )
 
 
 def queued_data(
@@ -453,26 +479,22 @@ def deferred_data(
     }
 
 
-def _item(row: Row) -> dict[str, Any]:
-    out = {
-        key: row[key]
-        for key in (
-            "id",
-            "created",
-            "message_id",
-            "account",
-            "sender",
-            "size",
-            "state",
-            "tries",
-            "next_try",
-            "last_code",
-            "last_text",
-            "lease_owner",
-            "lease_until",
-        )
-    }
-    out["recipients"] = [written for written, _ in json.loads(row["recipients"])]
-    out["done"] = json.loads(row["done"])
-    out["attempts"] = json.loads(row["attempts"])
-    return out
+def _item(row: Row) -> QueueItem:
+    return QueueItem(
+        id=int(row["id"]),
+        created=int(row["created"]),
+        message_id=row["message_id"],
+        account=row["account"],
+        sender=row["sender"],
+        size=int(row["size"]),
+        state=row["state"],
+        tries=int(row["tries"]),
+        next_try=int(row["next_try"]),
+        last_code=row["last_code"],
+        last_text=row["last_text"],
+        lease_owner=row["lease_owner"],
+        lease_until=row["lease_until"],
+        recipients=[written for written, _ in json.loads(row["recipients"])],
+        done=json.loads(row["done"]),
+        attempts=json.loads(row["attempts"]),
+    )
