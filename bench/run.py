@@ -570,12 +570,12 @@ class Runner:
             # Not "relay": the run's forwarding count compares the sink with each
             # phase's 250s, and a queued message reaches the sink after its phase.
             side = dataclasses.replace(relay_side(own, relay, sink), name="queue")
+            start = int((await sink.stats())["messages"])
             warm = await self.closed(side, HEADLINE_SIZE, 2, WARMUP_MESSAGES // 2)
-            await self._drained(sink, warm["messages_ok"], (await sink.stats())["messages"])
-            before = (await sink.stats())["messages"]
+            before = await self._drained(sink, start + warm["messages_ok"])
             started = time.monotonic()
             record = await self.closed(side, HEADLINE_SIZE, sessions, per)
-            drained = await self._drained(sink, before + record["messages_ok"], before)
+            drained = await self._drained(sink, before + record["messages_ok"])
             seconds = time.monotonic() - started
         ceiling = head.get("ceiling", {}).get("messages_per_s")
         accepted = record["messages_ok"]
@@ -595,7 +595,7 @@ class Runner:
             f" drained {self.result['queue']['drain_messages_per_s'] or 0:.0f} msg/s"
         )
 
-    async def _drained(self, sink: stack.ReferenceServer, until: int, before: int) -> int:
+    async def _drained(self, sink: stack.ReferenceServer, until: int) -> int:
         """Wait (at most the phase timeout) for the sink to count `until` messages;
         the count it reached."""
         deadline = time.monotonic() + self.plan.phase_timeout
