@@ -702,6 +702,7 @@ def test_the_console_creates_and_edits_a_tokens_rules(relay_factory, sink, brows
     browser.get(f"http://127.0.0.1:{relay.relay.admin_port}/")
     visible("#token-input").send_keys(admin_token)
     find(By.ID, "sign-in").click()
+    visible("#nav-tokens").click()  # the console opens on its overview
     text_in("#account-select", "acme")
     find(By.ID, "token-name").send_keys("billing")
     find(By.ID, "token-senders").send_keys(BILLING)
@@ -732,5 +733,5 @@ def test_the_console_creates_and_edits_a_tokens_rules(relay_factory, sink, brows
     find(By.ID, "rules-rates").clear()
     find(By.ID, "rules-rates").send_keys("0/min")
     find(By.ID, "rules-save").click()
-    text_in("#status.error", "rate '0/min'")
+    text_in("#status-tokens.error", "rate '0/min'")
     assert relay.store.show_token(made["id"])["rates"] == ["2/minute", "100/day"]
