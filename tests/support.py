@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import base64
+import os
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import IO
+from pathlib import Path
+from typing import IO, Any
 
 import pytest
 
@@ -174,3 +178,53 @@ class Lines:
         self._thread.join(timeout)
         with self._changed:
             return "".join(self.lines)
+
+
+# --- a relay as its own process, for the tests that stop it hard ----------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def onboarded(database: Path, balance: int = 5) -> tuple[Any, str]:
+    """A new database at `database`: account acme with example.com, SENDER holding
+    `balance`; the store and a token of acme."""
+    from relay.store.facade import Store
+
+    store = Store(database)
+    store.migrate()
+    store.create_account("acme")
+    store.add_domain("acme", DOMAIN)
+    token = store.create_token("acme")["token"]
+    store.set_sender(SENDER, balance=balance)
+    return store, token
+
+
+def serve_env(database: Path, cert_dir: Path, port: int, **settings: str) -> dict[str, str]:
+    """The environment of a `relay serve` process on `port` over `database`."""
+    return {
+        "PATH": os.environ["PATH"],
+        "PYTHONPATH": str(ROOT),
+        "RELAY_LISTEN": f"127.0.0.1:{port}",
+        "RELAY_TLS_CERT": str(cert_dir / "relay.crt"),
+        "RELAY_TLS_KEY": str(cert_dir / "relay.key"),
+        "RELAY_DATABASE": str(database),
+        "RELAY_HOSTNAME": "relay.test",
+        **settings,
+    }
+
+
+def serve(env: dict[str, str]) -> tuple[subprocess.Popen[str], Lines]:
+    """`relay serve` with `env`, once it listens; its log lines as they come."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "relay", "serve"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    log = Lines(proc.stderr)
+    assert log.wait_for(lambda lines: any("relay listening on" in x for x in lines)), "".join(
+        log.lines
+    )
+    return proc, log

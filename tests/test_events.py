@@ -22,11 +22,10 @@ import httpx
 import pytest
 import standardwebhooks
 import standardwebhooks.webhooks
-from support import SENDER, Lines, free_port, message
+from support import SENDER, free_port, message, onboarded, serve, serve_env
 
 from relay.errors import Invalid
 from relay.events import manage
-from relay.store.facade import Store
 
 RCPT = "rcpt@dest.test"
 GONE = "gone@dest.test"
@@ -489,39 +488,23 @@ def test_kill_9_while_an_event_is_in_flight_loses_nothing(
     holds the request): the event is still in the outbox, claimed for a lease; the
     next relay on the database sends it when the lease ends."""
     database = tmp_path / "relay.db"
-    store = Store(database)
-    store.migrate()
-    store.create_account("acme")
-    store.add_domain("acme", "example.com")
-    token = store.create_token("acme")["token"]
-    store.set_sender(SENDER, balance=5)
+    store, token = onboarded(database)
     hanging = threading.Event()
     held = Receiver()
     held.hold = hanging
     hook = store.add_webhook("acme", held.url, None)
     port = free_port()
-    env = {
-        "PATH": os.environ["PATH"],
-        "PYTHONPATH": str(ROOT),
-        "RELAY_LISTEN": f"127.0.0.1:{port}",
-        "RELAY_TLS_CERT": str(cert_dir / "relay.crt"),
-        "RELAY_TLS_KEY": str(cert_dir / "relay.key"),
-        "RELAY_DATABASE": str(database),
-        "RELAY_HOSTNAME": "relay.test",
-        "SMTP_CONFIG": sink.smtp_config(),
-        **WEBHOOK_ENV,
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "relay", "serve"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+    env = serve_env(
+        database,
+        cert_dir,
+        port,
+        **{
+            "SMTP_CONFIG": sink.smtp_config(),
+            **WEBHOOK_ENV,
+        },
     )
-    assert proc.stderr is not None
-    log = Lines(proc.stderr)
+    proc, log = serve(env)
     try:
-        assert log.wait_for(lambda lines: any("relay listening on" in x for x in lines))
         with smtplib.SMTP_SSL("127.0.0.1", port, context=client_tls, timeout=30) as client:
             client.login("api_token", token)
             assert client.sendmail(SENDER, ["a@dest.test"], message(to="a@dest.test")) == {}

@@ -200,40 +200,29 @@ def test_operators_hold_release_retry_and_cancel_from_the_cli(relay_factory, res
 
 @pytest.mark.sqlite_only
 def test_kill_9_right_after_the_queued_250_loses_nothing(tmp_path, cert_dir, sink, client_tls):
-    import os
     import signal
     import smtplib
 
-    from support import SENDER, free_port, message
-    from test_settle_journal import ROOT, serve
-
-    from relay.store.facade import Store
+    from support import SENDER, free_port, message, onboarded, serve, serve_env
 
     database = tmp_path / "relay.db"
-    store = Store(database)
-    store.migrate()
-    store.create_account("acme")
-    store.add_domain("acme", "example.com")
-    token = store.create_token("acme")["token"]
-    store.set_sender(SENDER, balance=5)
+    store, token = onboarded(database)
     port = free_port()
-    env = {
-        "PATH": os.environ["PATH"],
-        "PYTHONPATH": str(ROOT),
-        "RELAY_LISTEN": f"127.0.0.1:{port}",
-        "RELAY_TLS_CERT": str(cert_dir / "relay.crt"),
-        "RELAY_TLS_KEY": str(cert_dir / "relay.key"),
-        "RELAY_DATABASE": str(database),
-        "RELAY_HOSTNAME": "relay.test",
-        "SMTP_CONFIG": sink.smtp_config(),
-        "RELAY_QUEUE": "always",
-        "RELAY_QUEUE_BACKOFF": "0.2",
-        # A charge pending 4 s after its process is gone would be any start's to
-        # refund, were it not the queue's.
-        "RELAY_UPSTREAM_TIMEOUT": "1",
-        "RELAY_HEARTBEAT_INTERVAL": "1",
-        "RELAY_OWNER_DEAD_AFTER": "2",
-    }
+    env = serve_env(
+        database,
+        cert_dir,
+        port,
+        **{
+            "SMTP_CONFIG": sink.smtp_config(),
+            "RELAY_QUEUE": "always",
+            "RELAY_QUEUE_BACKOFF": "0.2",
+            # A charge pending 4 s after its process is gone would be any start's to
+            # refund, were it not the queue's.
+            "RELAY_UPSTREAM_TIMEOUT": "1",
+            "RELAY_HEARTBEAT_INTERVAL": "1",
+            "RELAY_OWNER_DEAD_AFTER": "2",
+        },
+    )
     down = [True]
     wrap_hook(sink, "MAIL", lambda server: "421 4.3.2 down" if down[0] else None)
     proc, _ = serve(env)
@@ -401,36 +390,25 @@ def _killable_relay(
 ) -> tuple[Any, str, int, dict[str, str]]:
     """A relay process's store, token, port and environment (RELAY_QUEUE=always: the
     worker makes every attempt), for tests that kill -9 it."""
-    import os
 
-    from support import SENDER, free_port
-    from test_settle_journal import ROOT
-
-    from relay.store.facade import Store
+    from support import free_port, onboarded, serve_env
 
     database = tmp_path / "relay.db"
-    store = Store(database)
-    store.migrate()
-    store.create_account("acme")
-    store.add_domain("acme", "example.com")
-    token = store.create_token("acme")["token"]
-    store.set_sender(SENDER, balance=5)
+    store, token = onboarded(database)
     port = free_port()
-    env = {
-        "PATH": os.environ["PATH"],
-        "PYTHONPATH": str(ROOT),
-        "RELAY_LISTEN": f"127.0.0.1:{port}",
-        "RELAY_TLS_CERT": str(cert_dir / "relay.crt"),
-        "RELAY_TLS_KEY": str(cert_dir / "relay.key"),
-        "RELAY_DATABASE": str(database),
-        "RELAY_HOSTNAME": "relay.test",
-        "SMTP_CONFIG": sink.smtp_config(),
-        "RELAY_QUEUE": "always",
-        "RELAY_QUEUE_BACKOFF": "0.2",
-        "RELAY_UPSTREAM_TIMEOUT": "1",
-        "RELAY_HEARTBEAT_INTERVAL": "1",
-        "RELAY_OWNER_DEAD_AFTER": "2",
-    }
+    env = serve_env(
+        database,
+        cert_dir,
+        port,
+        **{
+            "SMTP_CONFIG": sink.smtp_config(),
+            "RELAY_QUEUE": "always",
+            "RELAY_QUEUE_BACKOFF": "0.2",
+            "RELAY_UPSTREAM_TIMEOUT": "1",
+            "RELAY_HEARTBEAT_INTERVAL": "1",
+            "RELAY_OWNER_DEAD_AFTER": "2",
+        },
+    )
     return store, token, port, env
 
 

@@ -8,23 +8,18 @@ journal before its stale-charge sweep, which then finds nothing to refund.
 
 from __future__ import annotations
 
-import os
 import signal
 import sqlite3
-import subprocess
-import sys
 import threading
-from pathlib import Path
 
 import pytest
-from support import SENDER, Lines, attempt, free_port, message
+from support import SENDER, attempt, free_port, message, onboarded, serve, serve_env
 from test_database import allow_settles, fail_settles, wait_for
 from test_lifecycle import HeldData
 
 from relay.store.deliveries import Query
 from relay.store.facade import Store
 
-ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.backends
 
 
@@ -76,50 +71,27 @@ def test_a_settle_pending_at_stop_is_applied_by_the_next_start(relay_factory, si
 # --- a real relay process, a real lock held by another connection --------------------------
 
 
-def serve(env: dict[str, str]) -> tuple[subprocess.Popen[str], Lines]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "relay", "serve"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stderr is not None
-    log = Lines(proc.stderr)
-    assert log.wait_for(lambda lines: any("relay listening on" in x for x in lines)), "".join(
-        log.lines
-    )
-    return proc, log
-
-
 @pytest.mark.sqlite_only
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "kill-9"])
 def test_a_relay_stopped_during_a_database_lock_keeps_the_charge(
     stop, tmp_path, cert_dir, sink, client_tls
 ):
     database = tmp_path / "relay.db"
-    store = Store(database)
-    store.migrate()
-    store.create_account("acme")
-    store.add_domain("acme", "example.com")
-    token = store.create_token("acme")["token"]
-    store.set_sender(SENDER, balance=5)
+    store, token = onboarded(database)
     port = free_port()
-    env = {
-        "PATH": os.environ["PATH"],
-        "PYTHONPATH": str(ROOT),
-        "RELAY_LISTEN": f"127.0.0.1:{port}",
-        "RELAY_TLS_CERT": str(cert_dir / "relay.crt"),
-        "RELAY_TLS_KEY": str(cert_dir / "relay.key"),
-        "RELAY_DATABASE": str(database),
-        "RELAY_HOSTNAME": "relay.test",
-        "SMTP_CONFIG": sink.smtp_config(),
-        # A charge pending 6 s after its process is gone is any start's to refund
-        # (stale_after: twice the 2 s forward budget plus the owner's 2 s).
-        "RELAY_UPSTREAM_TIMEOUT": "1",
-        "RELAY_HEARTBEAT_INTERVAL": "1",
-        "RELAY_OWNER_DEAD_AFTER": "2",
-    }
+    env = serve_env(
+        database,
+        cert_dir,
+        port,
+        **{
+            "SMTP_CONFIG": sink.smtp_config(),
+            # A charge pending 6 s after its process is gone is any start's to refund
+            # (stale_after: twice the 2 s forward budget plus the owner's 2 s).
+            "RELAY_UPSTREAM_TIMEOUT": "1",
+            "RELAY_HEARTBEAT_INTERVAL": "1",
+            "RELAY_OWNER_DEAD_AFTER": "2",
+        },
+    )
     held = HeldData(sink)
     proc, log = serve(env)
     replies: list[tuple[int, bytes]] = []
