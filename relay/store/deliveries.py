@@ -384,22 +384,26 @@ def after_record(
     suppressed = (
         record_refusals(db, account_id, refusals, record.time) if account_id is not None else []
     )
-    data = message_data(record, delivery_id)
-    by_outcome = QUEUE_EVENTS[record.outcome] if queued else (EVENT_BY_OUTCOME[record.outcome],)
-    events = [(event_type, data) for event_type in by_outcome]
-    events += [
-        (
-            "recipient.suppressed",
-            {
-                "account": record.account,
-                "address": address,
-                "reason": reason,
-                "message_id": record.message_id,
-                "source": "upstream",
-            },
-        )
-        for address, reason in suppressed
-    ]
+
+    def events() -> list[tuple[str, dict[str, Any]]]:
+        data = message_data(record, delivery_id)
+        by_outcome = QUEUE_EVENTS[record.outcome] if queued else (EVENT_BY_OUTCOME[record.outcome],)
+        made = [(event_type, data) for event_type in by_outcome]
+        made += [
+            (
+                "recipient.suppressed",
+                {
+                    "account": record.account,
+                    "address": address,
+                    "reason": reason,
+                    "message_id": record.message_id,
+                    "source": "upstream",
+                },
+            )
+            for address, reason in suppressed
+        ]
+        return made
+
     outbox.account_events(db, record.account, events, record.time)
 
 

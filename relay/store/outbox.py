@@ -20,7 +20,7 @@ from __future__ import annotations
 import base64
 import json
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -147,12 +147,17 @@ def emit(db: Connection, account_id: int, event_type: str, data: dict[str, Any],
 
 
 def account_events(
-    db: Connection, account: str, events: list[tuple[str, dict[str, Any]]], now: int
+    db: Connection,
+    account: str,
+    events: Callable[[], list[tuple[str, dict[str, Any]]]],
+    now: int,
 ) -> None:
-    """Queue `events` (type, data) for the endpoints of the account named `account`,
-    inside the caller's transaction; with no endpoint, one read and nothing else."""
+    """Queue the events `events()` makes (type, data) for the endpoints of the
+    account named `account`, inside the caller's transaction. With no endpoint:
+    one indexed read, and the events are never built (every delivery record
+    comes here, and most accounts have no webhook)."""
     endpoints = _endpoints(db, "a.name = ?", account)
-    for event_type, data in events if endpoints else ():
+    for event_type, data in events() if endpoints else ():
         _enqueue(db, endpoints, event_type, _payload(event_type, now, data), now)
 
 
