@@ -298,6 +298,26 @@ def is_known_setting(name: str) -> bool:
     )
 
 
+# RFC 5321 section 4.1.2's Domain: dot-separated labels of letters, digits and
+# hyphens (RFC 1035 section 2.3.1), each at most 63 octets (RFC 1035 section
+# 2.3.4), the whole at most 255 (RFC 5321 section 4.5.3.1.2). The name is written
+# into the greeting and every EHLO reply: a space or CR LF there would be read
+# by clients as the end of the reply, or as another one.
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def _hostname(value: str | None) -> str | None:
+    """RELAY_HOSTNAME, checked; None when unset (the machine's FQDN is used)."""
+    if not value:
+        return None
+    labels = value.split(".")
+    if len(value) > 255 or not all(_LABEL.fullmatch(label) for label in labels):
+        raise ConfigError(
+            f"RELAY_HOSTNAME: expected a domain name such as smtp.example.com, got {value!r}"
+        )
+    return value
+
+
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     """Build the settings from the environment (default `os.environ`) and `RELAY_CONFIG`."""
     env = dict(os.environ if environ is None else environ)
@@ -360,7 +380,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         if k.startswith(RESEND_DOMAIN_PREFIX) and v
     }
     return Settings(
-        hostname=text("RELAY_HOSTNAME") or socket.getfqdn(),
+        hostname=_hostname(text("RELAY_HOSTNAME")) or socket.getfqdn(),
         listen=listen,
         starttls_listen=starttls_listen,
         tls_cert=Path(text("RELAY_TLS_CERT", "certs/relay.crt") or ""),

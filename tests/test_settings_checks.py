@@ -89,6 +89,21 @@ def one_line(result: subprocess.CompletedProcess[str]) -> str:
             f"relay: RELAY_WORKERS: must be at most {max_workers()}, got {max_workers() + 1}",
         ),
         (
+            {"RELAY_HOSTNAME": "relay.test\r\n250 forged"},
+            "relay: RELAY_HOSTNAME: expected a domain name such as smtp.example.com,"
+            " got 'relay.test\\r\\n250 forged'",
+        ),
+        (
+            {"RELAY_HOSTNAME": "smtp example.com"},
+            "relay: RELAY_HOSTNAME: expected a domain name such as smtp.example.com,"
+            " got 'smtp example.com'",
+        ),
+        (
+            {"RELAY_HOSTNAME": "-smtp.example.com"},
+            "relay: RELAY_HOSTNAME: expected a domain name such as smtp.example.com,"
+            " got '-smtp.example.com'",
+        ),
+        (
             {"RELAY_LISTEN_BACKLOG": "0"},
             "relay: RELAY_LISTEN_BACKLOG: must be at least 1, got 0",
         ),
@@ -124,6 +139,14 @@ def test_workers_option_is_bounded_too(tmp_path):
 def test_the_session_idle_limit_is_600_seconds_and_settable_from_1():
     assert load_settings({}).session_idle_max == 600.0
     assert load_settings({"RELAY_SESSION_IDLE_MAX": "1"}).session_idle_max == 1.0
+
+
+def test_a_hostname_is_one_rfc_5321_domain():
+    assert load_settings({"RELAY_HOSTNAME": "smtp-1.Example.com"}).hostname == "smtp-1.Example.com"
+    assert load_settings({"RELAY_HOSTNAME": "a" * 63 + ".test"}).hostname == "a" * 63 + ".test"
+    for bad in ("a" * 64 + ".test", "smtp..example.com", "smtp.example.com.", "smtp_1.test"):
+        with pytest.raises(ConfigError):
+            load_settings({"RELAY_HOSTNAME": bad})
 
 
 def test_the_smallest_upstream_timeout_is_accepted():
