@@ -329,6 +329,7 @@ ENDPOINTS: list[Endpoint] = [
             Param("recipient", "one of the recipients"),
             Param("account", "the account's name"),
             Param("outcome", "the message's outcome", enum=tuple(str(o) for o in Outcome)),
+            Param("channel", "the channel that answered (`none`: refused before any)"),
             Param("message_id", "the Message-ID, with or without its angle brackets"),
             Param("limit", "records at most (default 50)", "integer"),
             Param("cursor", "the `next_cursor` of the previous page", "integer"),

@@ -272,7 +272,8 @@ MIGRATIONS: tuple[str, ...] = (
     """,
     # 17: an account disabled by its admin (relay.store.accounts): the time it was
     #     disabled, NULL while enabled; and the delivery log's filters by account and
-    #     by channel, newest first, each a range of its own index (relay.store.browse)
+    #     by channel, newest first, each a range of its own index (relay.store.browse),
+    #     so a filter that matches little reads little
     """
     ALTER TABLE accounts ADD COLUMN disabled INTEGER;
     CREATE INDEX deliveries_account ON deliveries (account, id);
