@@ -35,7 +35,8 @@ class LogPage(Query):
     def where(self) -> tuple[str, list[Any]]:
         # Query.where by name: a slotted dataclass has no `super()` cell.
         where, args = Query.where(self)
-        clauses, extra = [], []
+        clauses: list[str] = []
+        extra: list[Any] = []
         if self.channel is not None:
             clauses.append("d.channel = ?")
             extra.append(self.channel)
