@@ -111,6 +111,7 @@ function guarded(action) {
 const views = ["signin", "overview", "accounts", "tokens", "senders", "limits", "lists", "queue", "events", "log"];
 
 async function show(view) {
+  if (view !== "log") dropLink();
   current = view;
   clearTimeout(fading);
   for (const name of views) {
@@ -141,7 +142,7 @@ async function signIn() {
   sessionStorage.setItem(TOKEN_KEY, token);
   $("token-input").value = "";
   await api("GET", "/accounts");
-  await show("overview");
+  if (!(await openLink())) await show("overview");
   say("Signed in.");
 }
 
@@ -411,23 +412,54 @@ function drawChart(o) {
 
 // --- accounts and domains -------------------------------------------------------
 
+let accountNames = [];
+
 async function loadAccountsView() {
   const { accounts } = await api("GET", "/accounts");
+  accountNames = accounts.map((a) => a.name);
   $("accounts-table").tBodies[0].replaceChildren(
     ...accounts.map((a) => {
-      const pick = el("button", { type: "button" }, "Domains");
+      const pick = el("button", { type: "button", className: "domains" }, "Domains");
       pick.addEventListener("click", guarded(async () => {
         $("domain-account").value = a.name;
         await loadDomains();
       }));
+      const toggle = el("button", { type: "button", className: "toggle" }, a.disabled ? "Enable" : "Disable");
+      toggle.addEventListener("click", guarded(async () => {
+        await api("POST", `/accounts/${q(a.name)}/${a.disabled ? "enable" : "disable"}`);
+        await loadAccountsView();
+        say(`${a.disabled ? "Enabled" : "Disabled"} the account ${a.name}.`);
+      }));
+      const remove = el("button", { type: "button", className: "danger delete" }, "Delete");
+      remove.addEventListener("click", () => askDelete(a.name));
       const tr = el("tr", {}, el("td", {}, a.name), el("td", {}, when(a.created)),
-        el("td", {}, a.queue || "relay's"), el("td", {}, pick));
+        el("td", {}, a.queue || "relay's"),
+        el("td", { className: "state" }, a.disabled ? `disabled since ${when(a.disabled)}` : "enabled"),
+        el("td", { className: "actions" }, pick, " ", toggle, " ", remove));
       tr.dataset.account = a.name;
       return tr;
     }),
   );
   fillAccounts($("domain-account"), accounts);
   await loadDomains();
+}
+
+// Deleting asks for the account's name, typed: a second press is too easy for this.
+function askDelete(name) {
+  $("delete-name").textContent = name;
+  $("delete-confirm").value = "";
+  $("delete-form").hidden = false;
+  $("delete-confirm").focus();
+}
+
+async function deleteAccount() {
+  const name = $("delete-name").textContent;
+  need($("delete-confirm").value.trim() === name, `Type ${name} exactly to delete it.`);
+  const gone = await api("DELETE", `/accounts/${q(name)}`);
+  $("delete-form").hidden = true;
+  await loadAccountsView();
+  say(`Deleted the account ${name}: ${gone.tokens.length} token(s), ${gone.domains.length} domain(s),` +
+    ` ${gone.webhooks} webhook(s), ${gone.suppressions} suppression(s).`);
 }
 
 async function loadDomains() {
@@ -438,7 +470,18 @@ async function loadDomains() {
   body.replaceChildren(
     ...domains.map((d) => {
       const name = typeof d === "string" ? d : d.domain;
-      const tr = el("tr", {}, el("td", {}, name), el("td", {}, confirming("Remove", async () => {
+      const others = accountNames.filter((n) => n !== account);
+      const target = el("select", { className: "move-to", ariaLabel: `Move ${name} to the account` },
+        ...others.map((n) => el("option", { value: n }, n)));
+      const move = el("button", { type: "button", className: "move" }, "Move");
+      target.disabled = move.disabled = !others.length;
+      move.addEventListener("click", guarded(async () => {
+        const to = target.value;
+        await api("POST", `/domains/${q(name)}/move`, { account: to });
+        await loadDomains();
+        say(`Moved ${name} from ${account} to ${to}.`);
+      }));
+      const tr = el("tr", {}, el("td", {}, name), el("td", {}, target, " ", move), el("td", {}, confirming("Remove", async () => {
         await api("DELETE", `/accounts/${q(account)}/domains/${q(name)}`);
         await loadDomains();
         say(`Removed ${name} from ${account}.`);
@@ -568,10 +611,17 @@ async function loadEvents() {
   );
   $("webhooks-table").tBodies[0].replaceChildren(
     ...rowsOf(webhooks, "webhooks").map((w) => {
+      const test = el("button", { type: "button", className: "test" }, "Send a test");
+      test.addEventListener("click", guarded(async () => {
+        await api("POST", `${base}/webhooks/${q(w.id)}/test`);
+        say(`Queued a test event for ${w.id}; its attempts show under Attempts.`);
+      }));
+      const history = el("button", { type: "button", className: "attempts" }, "Attempts");
+      history.addEventListener("click", guarded(() => toggleAttempts(tr, base, w)));
       const tr = el("tr", {}, el("td", {}, w.id), el("td", { className: "clip", title: w.url }, w.url),
         el("td", {}, w.events.length ? w.events.join(" ") : "all"),
         el("td", {}, w.enabled ? (w.failing_since ? `failing since ${when(w.failing_since)}` : "enabled") : "disabled"),
-        el("td", {}, confirming("Remove", async () => {
+        el("td", { className: "actions" }, test, " ", history, " ", confirming("Remove", async () => {
           await api("DELETE", `${base}/webhooks/${q(w.id)}`);
           await loadEvents();
           say(`Removed the webhook ${w.id}.`);
@@ -580,6 +630,30 @@ async function loadEvents() {
       return tr;
     }),
   );
+}
+
+// An endpoint's recent attempts, opened under its row: the answer is the receiver's
+// text (its first 1 KiB), shown as text in a <pre>, never as HTML.
+async function toggleAttempts(tr, base, w, keep) {
+  const next = tr.nextElementSibling;
+  if (next && next.classList.contains("detail")) {
+    next.remove();
+    if (!keep) return;
+  }
+  const attempts = rowsOf(await api("GET", `${base}/webhooks/${q(w.id)}/attempts?limit=20`), "attempts");
+  const refresh = el("button", { type: "button", className: "refresh" }, "Refresh");
+  refresh.addEventListener("click", guarded(() => toggleAttempts(tr, base, w, true)));
+  const body = attempts.length
+    ? el("table", { className: "attempts" },
+      el("thead", {}, el("tr", {}, ...["Time", "Event", "Status", "Took", "State", "Answer"].map((h) => el("th", {}, h)))),
+      el("tbody", {}, ...attempts.map((a) => el("tr", {}, el("td", {}, when(a.created)),
+        el("td", { title: a.event_id }, a.type), el("td", { className: "status-code" }, a.status === null ? "no answer" : a.status),
+        el("td", {}, `${a.duration_ms} ms`), el("td", {}, a.state),
+        el("td", {}, el("pre", { className: "answer" }, String(a.answer || "").slice(0, 1024)))))))
+    : el("p", {}, "No attempts yet.");
+  const holder = el("tr", { className: "detail" }, el("td", { colSpan: 5 },
+    el("div", { className: "scroll" }, el("h3", {}, `Attempts of ${w.id}, newest first`), body), refresh));
+  tr.after(holder);
 }
 
 async function addSuppression() {
@@ -611,14 +685,18 @@ async function addWebhook() {
 
 // --- the delivery log -----------------------------------------------------------
 
+const LOG_FILTERS = [["since", "log-since"], ["until", "log-until"], ["account", "log-account"],
+  ["channel", "log-channel"], ["outcome", "log-outcome"], ["sender", "log-sender"],
+  ["recipient", "log-recipient"], ["message_id", "log-message-id"]];
+
 async function loadLog() {
   const params = new URLSearchParams({ limit: "100" });
-  for (const [name, id] of [["sender", "log-sender"], ["recipient", "log-recipient"],
-    ["message_id", "log-message-id"], ["outcome", "log-outcome"]]) {
+  for (const [name, id] of LOG_FILTERS) {
     const value = $(id).value.trim();
     if (value) params.set(name, value);
   }
-  const { records } = await api("GET", "/log?" + params);
+  const [{ records }, { accounts }] = await Promise.all([api("GET", "/log?" + params), api("GET", "/accounts")]);
+  fillAccounts($("log-account"), accounts, el("option", { value: "" }, "any"));
   $("log-table").tBodies[0].replaceChildren(
     ...records.map((r) => {
       const addresses = r.recipients.map((x) => x.address);
@@ -639,7 +717,7 @@ async function loadLog() {
       row.dataset.messageId = r.message_id;
       const open = guarded(() => toggleRecord(row, r.message_id));
       row.addEventListener("click", open);
-      row.addEventListener("keydown", (event) => { if (event.key === "Enter") open(event); });
+      row.addEventListener("keydown", (event) => { if (event.key === "Enter" && event.target === row) open(event); });
       return row;
     }),
   );
@@ -664,10 +742,16 @@ async function toggleRecord(row, messageId) {
   const next = row.nextElementSibling;
   if (next && next.classList.contains("detail")) {
     next.remove();
+    dropLink();
     return;
   }
   const { records } = await api("GET", `/log/${q(messageId)}`);
-  const detail = el("div", { className: "log-detail" }, el("h3", {}, messageId));
+  for (const open of $("log-table").querySelectorAll("tr.detail")) open.remove();
+  const link = el("a", { href: linkOf(messageId), className: "permalink" }, "Link to this record");
+  const copyLink = el("button", { type: "button", className: "copy-link" }, "Copy the link");
+  copyLink.addEventListener("click", guarded(() => copyText(location.origin + location.pathname + linkOf(messageId))));
+  const detail = el("div", { className: "log-detail" }, el("h3", {}, messageId),
+    el("p", {}, link, " ", copyLink, " (the admin token is never in it)"));
   for (const r of records) {
     const facts = [["time", r.time], ["account", `${r.account} (token ${r.token_id})`], ["client", r.client],
       ["port", r.listener], ["sender", r.sender], ["size", `${r.size} octets`], ["channel", r.channel || "-"],
@@ -690,7 +774,57 @@ async function toggleRecord(row, messageId) {
   const cell = el("td", { colSpan: 7 }, detail);
   const holder = el("tr", { className: "detail" }, cell);
   row.after(holder);
+  history.replaceState(null, "", linkOf(messageId));
   holder.scrollIntoView({ block: "nearest" });
+}
+
+// A record's shareable link: #log/<Message-ID>. Opened (on load, after sign-in, or
+// when the fragment changes), it shows the log filtered to that message with its
+// record open. Only the Message-ID is in it, never the token (that stays in the tab).
+function linkOf(messageId) {
+  return "#log/" + encodeURIComponent(messageId);
+}
+
+function dropLink() {
+  if (location.hash.startsWith("#log/")) history.replaceState(null, "", location.pathname + location.search);
+}
+
+async function openLink() {
+  const match = /^#log\/(.+)$/.exec(location.hash);
+  if (!match) return false;
+  let messageId;
+  try {
+    messageId = decodeURIComponent(match[1]);
+  } catch {
+    return false;
+  }
+  for (const [, id] of LOG_FILTERS) $(id).value = "";
+  $("log-message-id").value = messageId;
+  await show("log");
+  const row = $("log-table").tBodies[0].querySelector("tr.clickable");
+  if (!row) {
+    say(`No record of ${messageId}.`, true);
+    return true;
+  }
+  await guarded(() => toggleRecord(row, row.dataset.messageId))();
+  row.focus();
+  return true;
+}
+
+// Escape closes what Enter (or a click) opened: the log's record, the delete form.
+function onEscape(event) {
+  if (event.key !== "Escape") return;
+  const open = current === "log" && $("log-table").querySelector("tr.detail");
+  if (open) {
+    const row = open.previousElementSibling;
+    open.remove();
+    dropLink();
+    if (row) row.focus();
+    event.preventDefault();
+  } else if (!$("delete-form").hidden) {
+    $("delete-form").hidden = true;
+    event.preventDefault();
+  }
 }
 
 // --- wiring ---------------------------------------------------------------------
@@ -724,6 +858,12 @@ document.addEventListener("DOMContentLoaded", () => {
   $("events-account").addEventListener("change", guarded(loadEvents));
   $("suppression-form").addEventListener("submit", guarded(addSuppression));
   $("webhook-form").addEventListener("submit", guarded(addWebhook));
-  if (sessionStorage.getItem(TOKEN_KEY)) show("overview");
+  $("delete-form").addEventListener("submit", guarded(deleteAccount));
+  $("delete-cancel").addEventListener("click", () => { $("delete-form").hidden = true; });
+  document.addEventListener("keydown", onEscape);
+  window.addEventListener("hashchange", () => {
+    if (sessionStorage.getItem(TOKEN_KEY)) guarded(openLink)();
+  });
+  if (sessionStorage.getItem(TOKEN_KEY)) guarded(async () => (await openLink()) || show("overview"))();
   else signOut();
 });
