@@ -90,7 +90,9 @@ class Accounts(Database):
                 raise RelayError(f"no account named {name!r}")
             account_id = int(row["id"])
             # Read in the write transaction: on SQLite no message can be queued
-            # meanwhile; on PostgreSQL the delete takes the account's row first.
+            # meanwhile. On PostgreSQL another host may queue one of a session that
+            # passed its charge just before; the queue's worker still delivers it
+            # (it needs no account row: the queued row carries what it needs).
             queued = db.execute(
                 "SELECT count(*) AS n FROM queue WHERE account_id = ?", (account_id,)
             ).fetchone()["n"]
