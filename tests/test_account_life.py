@@ -212,3 +212,37 @@ def test_the_commands(db_env):  # noqa: F811 - the fixture imported above
     ] == ["beta"]
     audit = ok(relay_cli("audit", "--json", env=db_env))
     assert all(a in audit for a in ("account.disable", "domain.move", "account.delete"))
+
+
+@pytest.mark.parametrize(("typed", "deleted"), [("acme", True), ("acm", False)])
+def test_delete_in_a_terminal_asks_for_the_name(db_env, typed, deleted):  # noqa: F811
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    from test_cli import ROOT
+
+    ok(relay_cli("account", "create", "acme", env=db_env))
+    leader, follower = pty.openpty()
+    try:
+        os.write(leader, f"{typed}\n".encode())
+        done = subprocess.run(
+            [sys.executable, "-m", "relay", "account", "delete", "acme"],
+            env={"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT), **db_env},
+            stdin=follower,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(leader)
+        os.close(follower)
+    assert "Type its name to confirm" in done.stdout
+    names = [a["name"] for a in json.loads(ok(relay_cli("account", "list", "--json", env=db_env)))]
+    if deleted:
+        assert done.returncode == 0 and names == []
+    else:
+        assert done.returncode == 1 and "the name did not match" in done.stderr
+        assert names == ["acme"]
