@@ -613,6 +613,15 @@ def test_the_log_by_keyboard_and_a_shared_link(relay_factory, sink, browser):
             element = c.browser.execute_script(focused)
             reached.add(element.get_attribute("id"))
         assert {f"nav-{p}" for p in PAGES} <= reached, reached
+        # On the accounts page, Tab reaches each row's and each domain's actions.
+        relay.store.create_account("beta")
+        c.page("accounts")
+        c.text_in("#domains-table", DOMAIN)
+        classes = set()
+        for _ in range(40):
+            ActionChains(c.browser).send_keys(Keys.TAB).perform()
+            classes.update(c.browser.execute_script(focused).get_attribute("class").split())
+        assert {"domains", "toggle", "delete", "move-to", "move", "danger"} <= classes, classes
         # Enter on the focused nav button opens the log; Tab to its Search, Enter.
         c.find("#nav-log").send_keys(Keys.ENTER)
         c.visible("#view-log")
