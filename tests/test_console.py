@@ -21,6 +21,8 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 PROBE = '"<img src=x onerror=alert(1)>"@example.com'
 PROBE_ID = "<script>alert(2)</script>"
+# A deadline, not a pause: generous, as the browser shares two cores with the suite.
+WAIT = 30
 
 
 @pytest.fixture
@@ -74,7 +76,7 @@ def test_the_console(relay_factory, sink, browser):
             reply=Reply(550, "5.1.1", "<b>no</b>"),
         )
     )
-    wait = WebDriverWait(browser, 15)
+    wait = WebDriverWait(browser, WAIT)
     find = browser.find_element
 
     def visible(selector: str) -> Any:
@@ -280,7 +282,7 @@ def test_the_delivery_log_screenshot(relay_factory, sink, browser, tmp_path):
     sink.recorder.data_reply = None
     admin_token = relay.store.create_admin_token(name="screenshot")["token"]
 
-    wait = WebDriverWait(browser, 15)
+    wait = WebDriverWait(browser, WAIT)
     browser.get(f"http://127.0.0.1:{relay.relay.admin_port}/")
     wait.until(ec.visibility_of_element_located((By.ID, "token-input"))).send_keys(admin_token)
     browser.find_element(By.ID, "sign-in").click()
@@ -344,7 +346,7 @@ class Console:
         from selenium.webdriver.support.ui import WebDriverWait
 
         self.by, self.ec, self.browser = By, ec, browser
-        self.wait = WebDriverWait(browser, 15)
+        self.wait = WebDriverWait(browser, WAIT)
         token = relay.store.create_admin_token(name="browser")["token"]
         self.base = f"http://127.0.0.1:{relay.relay.admin_port}"
         self.http = httpx.Client(
