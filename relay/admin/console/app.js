@@ -551,8 +551,13 @@ function summary(list) {
 }
 
 async function loadQueue() {
-  const state = $("queue-state").value;
-  const { messages } = await api("GET", "/queue" + (state ? "?state=" + q(state) : ""));
+  const params = new URLSearchParams();
+  for (const name of ["state", "account"]) {
+    const value = $("queue-" + name).value;
+    if (value) params.set(name, value);
+  }
+  const [{ messages }, { accounts }] = await Promise.all([api("GET", "/queue?" + params), api("GET", "/accounts")]);
+  fillAccounts($("queue-account"), accounts, el("option", { value: "" }, "any"));
   $("queue-table").tBodies[0].replaceChildren(
     ...messages.map((m) => {
       const act = (action) => {
