@@ -384,6 +384,17 @@ def test_the_delivery_log_with_filters_and_pages(admin, sink):
         admin.fails("GET", "/log", 422, "bad_time", params={name: value})
     admin.fails("GET", "/log", 422, "bad_query", params={"outcome": "lost"})
     admin.fails("GET", "/log", 422, "bad_query", params={"cursor": "x"})
+    # By channel: the one that answered, or `none` for messages refused before any.
+    assert len(admin.ok("GET", "/log", params={"channel": "smtp"})["records"]) == 4
+    assert admin.ok("GET", "/log", params={"channel": "resend"})["records"] == []
+    with admin.relay.login(token) as client:
+        with pytest.raises(smtplib.SMTPDataError):  # From: a domain not the account's
+            client.sendmail(SENDER, ["ok@dest.test"], message(sender="app@elsewhere.test"))
+    refused = admin.ok("GET", "/log", params={"channel": "none", "account": "acme"})["records"]
+    assert [(r["channel"], r["outcome"]) for r in refused] == [("", "refused")]
+    two = admin.ok("GET", "/log", params={"channel": "smtp", "limit": 2})
+    rest = admin.ok("GET", "/log", params={"channel": "smtp", "cursor": two["next_cursor"]})
+    assert [r["message_id"] for r in rest["records"]] == ["<m1@x>", "<m0@x>"]
 
 
 # --- bad input -----------------------------------------------------------------------
