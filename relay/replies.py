@@ -81,6 +81,8 @@ TOO_MANY_REFUSALS = Reply(421, "4.7.0", "Too many refused messages, try again la
 
 # --- AUTH (RFC 4954) -------------------------------------------------------
 AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
+# Also a token of a disabled or deleted account: the same reply as an unknown
+# token, so AUTH tells a token holder nothing about the account (no oracle).
 AUTH_FAILED = Reply(535, "5.7.8", "Authentication failed")
 AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
 AUTH_ALREADY = Reply(503, "5.5.1", "Already authenticated")
@@ -91,7 +93,8 @@ AUTH_PLAIN_UNSPLITTABLE = AUTH_BAD_BASE64.but("Cannot split AUTH PLAIN response"
 AUTH_ABORTED = Reply(501, "5.7.0", "Authentication aborted")
 AUTH_UNKNOWN_MECHANISM = Reply(504, "5.5.4", "Unrecognized authentication type")
 AUTH_NEEDS_EHLO = Reply(503, "5.5.1", "Send EHLO first")
-# RFC 4954 section 6: 530 asks the client to authenticate (again).
+# RFC 4954 section 6: 530 asks the client to authenticate (again). Also when the
+# token's account was disabled or deleted after AUTH (docs/admin.md).
 TOKEN_NO_LONGER_VALID = Reply(
     530, "5.7.0", "Authentication required: the token was revoked or expired"
 )

@@ -384,6 +384,17 @@ def test_the_delivery_log_with_filters_and_pages(admin, sink):
         admin.fails("GET", "/log", 422, "bad_time", params={name: value})
     admin.fails("GET", "/log", 422, "bad_query", params={"outcome": "lost"})
     admin.fails("GET", "/log", 422, "bad_query", params={"cursor": "x"})
+    # By channel: the one that answered, or `none` for messages refused before any.
+    assert len(admin.ok("GET", "/log", params={"channel": "smtp"})["records"]) == 4
+    assert admin.ok("GET", "/log", params={"channel": "resend"})["records"] == []
+    with admin.relay.login(token) as client:
+        with pytest.raises(smtplib.SMTPDataError):  # From: a domain not the account's
+            client.sendmail(SENDER, ["ok@dest.test"], message(sender="app@elsewhere.test"))
+    refused = admin.ok("GET", "/log", params={"channel": "none", "account": "acme"})["records"]
+    assert [(r["channel"], r["outcome"]) for r in refused] == [("", "refused")]
+    two = admin.ok("GET", "/log", params={"channel": "smtp", "limit": 2})
+    rest = admin.ok("GET", "/log", params={"channel": "smtp", "cursor": two["next_cursor"]})
+    assert [r["message_id"] for r in rest["records"]] == ["<m1@x>", "<m0@x>"]
 
 
 # --- bad input -----------------------------------------------------------------------
@@ -420,7 +431,8 @@ def test_bad_bodies_are_json_errors_never_500(admin):
 
 def test_headers_keep_the_console_and_api_safe(admin):
     vendored = ("/console/vendor/uPlot.iife.min.js", "/console/vendor/uPlot.min.css")
-    for path in ("/", "/console/app.js", *vendored, "/api/v1/accounts", "/metrics"):
+    scripts = tuple(f"/console/{n}.js" for n in ("app", "overview", "accounts", "log"))
+    for path in ("/", *scripts, *vendored, "/api/v1/accounts", "/metrics"):
         response = admin.http.get(path, headers={"Authorization": f"Bearer {admin.token}"})
         assert response.status_code == 200, path
         csp = response.headers["content-security-policy"]
@@ -428,8 +440,14 @@ def test_headers_keep_the_console_and_api_safe(admin):
         assert "unsafe-inline" not in csp
         assert response.headers["x-content-type-options"] == "nosniff"
         assert "set-cookie" not in response.headers
+    # What comes from outside is set as text: no script builds markup from a string.
+    markup = re.compile(
+        r"\.(innerHTML|outerHTML)\s*=|insertAdjacentHTML|document\.write|\beval\(|new Function"
+    )
+    for path in scripts:
+        assert not markup.search(admin.http.get(path).text), path
     page = admin.http.get("/").text
-    assert "<script>" not in page.replace('<script src="/console/app.js" defer></script>', "")
+    assert "<script>" not in page and "<script " not in page.replace('<script src="/console/', "")
     assert 'content="relay.test"' in page  # the SMTP host for the client settings
 
 

@@ -21,6 +21,8 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 PROBE = '"<img src=x onerror=alert(1)>"@example.com'
 PROBE_ID = "<script>alert(2)</script>"
+# A deadline, not a pause: generous, as the browser shares two cores with the suite.
+WAIT = 30
 
 
 @pytest.fixture
@@ -74,7 +76,7 @@ def test_the_console(relay_factory, sink, browser):
             reply=Reply(550, "5.1.1", "<b>no</b>"),
         )
     )
-    wait = WebDriverWait(browser, 15)
+    wait = WebDriverWait(browser, WAIT)
     find = browser.find_element
 
     def visible(selector: str) -> Any:
@@ -280,7 +282,7 @@ def test_the_delivery_log_screenshot(relay_factory, sink, browser, tmp_path):
     sink.recorder.data_reply = None
     admin_token = relay.store.create_admin_token(name="screenshot")["token"]
 
-    wait = WebDriverWait(browser, 15)
+    wait = WebDriverWait(browser, WAIT)
     browser.get(f"http://127.0.0.1:{relay.relay.admin_port}/")
     wait.until(ec.visibility_of_element_located((By.ID, "token-input"))).send_keys(admin_token)
     browser.find_element(By.ID, "sign-in").click()
@@ -301,3 +303,369 @@ def test_the_delivery_log_screenshot(relay_factory, sink, browser, tmp_path):
     browser.set_window_size(1280, 900)
     assert browser.save_screenshot(str(shot))
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- every admin task, at 390 px, and by keyboard ----------------------------------
+
+
+class Receiver:
+    """A webhook receiver on loopback that answers 500 with markup in its body."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("content-length") or 0))
+                body = b"<b>nope</b> " + b"x" * 3000
+                self.send_response(500)
+                self.send_header("content-type", "text/html")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class Console:
+    """The browser signed in to one relay's console, and an HTTP client of its API."""
+
+    def __init__(self, relay: Any, browser: Any) -> None:
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support import expected_conditions as ec
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        self.by, self.ec, self.browser = By, ec, browser
+        self.wait = WebDriverWait(browser, WAIT)
+        token = relay.store.create_admin_token(name="browser")["token"]
+        self.base = f"http://127.0.0.1:{relay.relay.admin_port}"
+        self.http = httpx.Client(
+            base_url=self.base + "/api/v1", headers={"Authorization": f"Bearer {token}"}
+        )
+        browser.get(self.base + "/")
+        self.visible("#token-input").send_keys(token)
+        self.find("#sign-in").click()
+        self.visible("#overview-chart canvas")
+
+    def find(self, selector: str) -> Any:
+        return self.browser.find_element(self.by.CSS_SELECTOR, selector)
+
+    def visible(self, selector: str) -> Any:
+        return self.wait.until(
+            self.ec.visibility_of_element_located((self.by.CSS_SELECTOR, selector))
+        )
+
+    def text_in(self, selector: str, text: str) -> None:
+        self.wait.until(
+            self.ec.text_to_be_present_in_element((self.by.CSS_SELECTOR, selector), text)
+        )
+
+    def page(self, name: str) -> None:
+        self.find(f"#nav-{name}").click()
+        self.visible(f"#view-{name}")
+
+    def type(self, selector: str, text: str) -> None:
+        field = self.find(selector)
+        field.clear()
+        field.send_keys(text)
+
+    def choose(self, selector: str, value: str) -> None:
+        from selenium.webdriver.support.ui import Select
+
+        self.wait.until(
+            lambda _: (
+                value in [o.get_attribute("value") for o in Select(self.find(selector)).options]
+            )
+        )
+        Select(self.find(selector)).select_by_value(value)
+
+    def get(self, path: str) -> Any:
+        answer = self.http.get(path)
+        assert answer.status_code == 200, answer.text
+        return answer.json()
+
+    def until(self, check: Any) -> None:
+        self.wait.until(lambda _: check())
+
+
+def test_every_task_in_the_console(relay_factory, sink, browser):
+    """An admin's walk through the tasks, each checked by what the API then holds:
+    an account and a domain, a token with a scope, a top-up, a limit, a suppression,
+    a webhook and its attempts, retrying a queued message, disabling, moving a domain,
+    and deleting an account by typing its name."""
+    from test_channels import wrap_hook
+
+    relay = relay_factory(
+        SMTP_CONFIG=sink.smtp_config(),
+        DEFAULT_SEND_BALANCE="10",
+        RELAY_ADMIN_LISTEN="127.0.0.1:0",
+        RELAY_WEBHOOK_ALLOW_PRIVATE="true",  # the receiver is on loopback
+        RELAY_QUEUE="on-failure",
+        RELAY_QUEUE_BACKOFF="3600",  # no retry but the console's
+    )
+    down = [1]  # the upstream defers the first MAIL: the message is queued
+
+    def defer(server: Any) -> str | None:
+        if down[0]:
+            down[0] -= 1
+            return "421 4.3.2 service not available"
+        return None
+
+    wrap_hook(sink, "MAIL", defer)
+    with relay.login(relay.token()) as client:
+        client.sendmail(SENDER, ["ok@dest.test"], message(extra="Message-ID: <q@example.com>\r\n"))
+    assert len(relay.store.queue_list()) == 1 and sink.messages == []
+    receiver = Receiver()
+    c = Console(relay, browser)
+    try:
+        # An account and a domain.
+        c.page("accounts")
+        c.type("#account-name", "gamma")
+        c.find("#create-account").click()
+        c.text_in("#status-accounts", "Created the account gamma.")
+        c.type("#domain-name", "gamma.example")
+        c.find("#add-domain").click()
+        c.text_in("#domains-table", "gamma.example")
+        assert [d["domain"] for d in c.get("/accounts/gamma/domains")["domains"]] == [
+            "gamma.example"
+        ]
+
+        # A token with a scope: its senders and networks.
+        c.page("tokens")
+        c.choose("#account-select", "gamma")
+        c.type("#token-name", "billing")
+        c.type("#token-senders", "billing@gamma.example")
+        c.type("#token-networks", "127.0.0.0/8")
+        c.type("#token-rates", "60/minute")
+        c.find("#create-token").click()
+        c.text_in("#new-token", "rlt_")
+        [token] = c.get("/accounts/gamma/tokens")["tokens"]
+        assert (token["name"], token["senders"], token["networks"], token["rates"]) == (
+            "billing",
+            ["billing@gamma.example"],
+            ["127.0.0.0/8"],
+            ["60/minute"],
+        )
+
+        # A top-up.
+        c.page("senders")
+        c.type("#sender-prefix", "app@")
+        c.find("#sender-search").click()
+        row = f'#senders-table tr[data-address="{SENDER}"]'
+        c.text_in(f"{row} .balance", "9")  # 10, less the queued message's charge
+        c.type(f"{row} input.amount", "5")
+        c.find(f"{row} button.topup").click()
+        c.text_in(f"{row} .balance", "14")
+        assert c.get(f"/senders/{SENDER}")["balance"] == 14
+
+        # A limit of the new account.
+        c.page("limits")
+        c.choose("#limits-account", "gamma")
+        c.type("#limits-daily", "50")
+        c.find("#limits-save").click()
+        c.text_in("#limits-table", "0 / 50")
+        [gamma] = [x for x in c.get("/limits")["limits"] if x["scope"] == "gamma"]
+        assert (gamma["daily"], gamma["monthly"]) == (50, -1)
+
+        # A suppression and a webhook of the new account.
+        c.page("events")
+        c.choose("#events-account", "gamma")
+        c.type("#suppression-address", "gone@dest.test")
+        c.find("#suppression-add").click()
+        c.text_in("#suppressions-table", "gone@dest.test")
+        assert [s["address"] for s in c.get("/accounts/gamma/suppressions")] == ["gone@dest.test"]
+        c.type("#webhook-url", "https://127.0.0.1:9/relay")
+        c.find("#webhook-add").click()
+        c.text_in("#webhooks-table", "https://127.0.0.1:9/relay")
+        assert [w["url"] for w in c.get("/accounts/gamma/webhooks")] == [
+            "https://127.0.0.1:9/relay"
+        ]
+
+        # A webhook's attempts: a test event to a receiver answering 500 with markup,
+        # shown as text, cut to its first 1 KiB.
+        made = c.http.post("/accounts/acme/webhooks", json={"url": receiver.url})
+        assert made.status_code == 201, made.text
+        hook = made.json()["id"]
+        c.choose("#events-account", "acme")
+        c.text_in("#webhooks-table", receiver.url)
+        c.find(f'#webhooks-table tr[data-id="{hook}"] button.test').click()
+        c.text_in("#status-events", "Queued a test event")
+        c.until(lambda: c.get(f"/accounts/acme/webhooks/{hook}/attempts"))
+        c.find(f'#webhooks-table tr[data-id="{hook}"] button.attempts').click()
+        c.text_in("#webhooks-table tr.detail", "<b>nope</b>")
+        c.text_in("#webhooks-table tr.detail .status-code", "500")
+        answer = c.find("#webhooks-table tr.detail pre.answer").text
+        assert answer.startswith("<b>nope</b> xxx") and len(answer) <= 1024
+        assert c.browser.find_elements(c.by.CSS_SELECTOR, "main b") == []
+
+        # Retry the queued message: delivered, the queue empty.
+        c.page("queue")
+        c.choose("#queue-account", "gamma")
+        c.find("#queue-search").click()
+        c.until(lambda: c.find("#queue-table tbody").text == "")  # none of gamma's
+        c.choose("#queue-account", "acme")
+        c.find("#queue-search").click()
+        c.text_in("#queue-table", SENDER)
+        c.find("#queue-table tbody tr button.retry").click()
+        c.until(lambda: c.get("/queue")["messages"] == [] and len(sink.messages) == 1)
+        [record] = c.get("/log?message_id=q@example.com")["records"]
+        assert record["outcome"] == "delivered"
+
+        # Disable and enable the account; move its domain; delete it by its name.
+        c.page("accounts")
+        gamma_row = '#accounts-table tr[data-account="gamma"]'
+        c.find(f"{gamma_row} button.toggle").click()
+        c.text_in(f"{gamma_row} .state", "disabled since")
+        assert [
+            a["disabled"] is not None
+            for a in c.get("/accounts")["accounts"]
+            if a["name"] == "gamma"
+        ] == [True]
+        c.find(f"{gamma_row} button.toggle").click()
+        c.text_in(f"{gamma_row} .state", "enabled")
+        c.find(f"{gamma_row} button.domains").click()
+        c.text_in("#domains-table", "gamma.example")
+        domain_row = '#domains-table tr[data-domain="gamma.example"]'
+        c.choose(f"{domain_row} select.move-to", "acme")
+        c.find(f"{domain_row} button.move").click()
+        c.text_in("#status-accounts", "Moved gamma.example from gamma to acme.")
+        acme = [d["domain"] for d in c.get("/accounts/acme/domains")["domains"]]
+        assert "gamma.example" in acme and c.get("/accounts/gamma/domains")["domains"] == []
+        c.find(f"{gamma_row} button.delete").click()
+        c.visible("#delete-form")
+        c.type("#delete-confirm", "gamm")
+        c.find("#delete-account").click()
+        c.text_in("#status-accounts", "Type gamma exactly to delete it.")
+        assert "gamma" in [a["name"] for a in c.get("/accounts")["accounts"]]
+        c.type("#delete-confirm", "gamma")
+        c.find("#delete-account").click()
+        c.text_in(
+            "#status-accounts",
+            "Deleted the account gamma: 1 token(s), 0 domain(s), 1 webhook(s), 1 suppression(s).",
+        )
+        assert "gamma" not in [a["name"] for a in c.get("/accounts")["accounts"]]
+        assert c.get("/audit")["records"][0]["action"] == "account.delete"
+    finally:
+        c.http.close()
+        receiver.close()
+
+
+PAGES = ("overview", "accounts", "tokens", "senders", "limits", "lists", "queue", "events", "log")
+
+
+def test_every_page_is_readable_at_390_px_wide(relay_factory, sink, browser):
+    """At a phone's 390 px the page never scrolls sideways; a table may, in its box."""
+    relay = relay_factory(
+        SMTP_CONFIG=sink.smtp_config(), DEFAULT_SEND_BALANCE="10", RELAY_ADMIN_LISTEN="127.0.0.1:0"
+    )
+    with relay.login(relay.token()) as client:
+        client.sendmail(
+            SENDER,
+            [f"r{i}@a-rather-long-recipient-domain.example" for i in range(3)],
+            message(extra="Message-ID: <a-long-message-id-0123456789abcdef@example.com>\r\n"),
+        )
+    browser.set_window_size(390, 844)
+    c = Console(relay, browser)
+    try:
+        width = "return [document.documentElement.scrollWidth, window.innerWidth];"
+        for name in PAGES:
+            c.page(name)
+            if name == "log":
+                c.find("#log-search").click()
+                c.text_in("#log-table", "a-long-message-id")
+                c.find("#log-table tbody tr.clickable td.time").click()
+                c.visible("#log-table tr.detail")
+            if name == "tokens":
+                c.find("#create-token").click()
+                c.text_in("#new-token", "rlt_")
+            scroll, inner = c.browser.execute_script(width)
+            assert inner <= 390 and scroll <= inner, (name, scroll, inner)
+    finally:
+        c.http.close()
+
+
+def test_the_log_by_keyboard_and_a_shared_link(relay_factory, sink, browser):
+    """Tab reaches the actions; Enter on a focused row opens its record in place,
+    Escape closes it; the record's link (#log/<Message-ID>, no token in it) opens the
+    same record in another signed-in tab."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+
+    relay = relay_factory(
+        SMTP_CONFIG=sink.smtp_config(), DEFAULT_SEND_BALANCE="10", RELAY_ADMIN_LISTEN="127.0.0.1:0"
+    )
+    with relay.login(relay.token()) as client:
+        for n in (1, 2):
+            client.sendmail(
+                SENDER, ["ok@dest.test"], message(extra=f"Message-ID: <k{n}@example.com>\r\n")
+            )
+    c = Console(relay, browser)
+    try:
+        focused = "return document.activeElement;"
+        # Tab from the page's start walks the nav, each a button: every page is reachable.
+        c.browser.execute_script("document.activeElement.blur(); window.focus();")
+        reached = set()
+        for _ in range(30):
+            ActionChains(c.browser).send_keys(Keys.TAB).perform()
+            element = c.browser.execute_script(focused)
+            reached.add(element.get_attribute("id"))
+        assert {f"nav-{p}" for p in PAGES} <= reached, reached
+        # On the accounts page, Tab reaches each row's and each domain's actions.
+        relay.store.create_account("beta")
+        c.page("accounts")
+        c.text_in("#domains-table", DOMAIN)
+        classes = set()
+        for _ in range(40):
+            ActionChains(c.browser).send_keys(Keys.TAB).perform()
+            classes.update(c.browser.execute_script(focused).get_attribute("class").split())
+        assert {"domains", "toggle", "delete", "move-to", "move", "danger"} <= classes, classes
+        # Enter on the focused nav button opens the log; Tab to its Search, Enter.
+        c.find("#nav-log").send_keys(Keys.ENTER)
+        c.visible("#view-log")
+        c.find("#log-search").send_keys(Keys.ENTER)
+        c.text_in("#log-table", "<k2@example.com>")
+        # Tab through the filters and the search reaches the first row.
+        c.find("#log-search").click()
+        c.text_in("#log-table", "<k2@example.com>")
+        for _ in range(5):
+            ActionChains(c.browser).send_keys(Keys.TAB).perform()
+            if c.browser.execute_script(focused).get_attribute("class") == "clickable":
+                break
+        row = c.browser.execute_script(focused)
+        assert row.get_attribute("data-message-id") == "<k2@example.com>"
+        ActionChains(c.browser).send_keys(Keys.ENTER).perform()
+        c.text_in("#log-table tr.detail", "ok@dest.test")
+        link = c.find("#log-table tr.detail a.permalink").get_attribute("href")
+        assert link.endswith("#log/%3Ck2%40example.com%3E")
+        assert c.browser.current_url == link  # the address bar holds it while open
+        ActionChains(c.browser).send_keys(Keys.ESCAPE).perform()
+        c.until(lambda: not c.browser.find_elements(c.by.CSS_SELECTOR, "#log-table tr.detail"))
+        assert (
+            c.browser.execute_script(focused).get_attribute("data-message-id") == "<k2@example.com>"
+        )
+        assert "#" not in c.browser.current_url
+
+        # The link of the older message, opened in a new tab: sign in, and it opens.
+        shared = c.base + "/#log/" + "%3Ck1%40example.com%3E"
+        assert "rla_" not in shared
+        c.browser.switch_to.new_window("tab")
+        c.browser.get(shared)
+        token = relay.store.create_admin_token(name="second")["token"]
+        c.visible("#token-input").send_keys(token)
+        c.find("#sign-in").click()
+        c.visible("#view-log")
+        c.text_in("#log-table tr.detail", "<k1@example.com>")
+        assert len(c.browser.find_elements(c.by.CSS_SELECTOR, "#log-table tbody tr.clickable")) == 1
+        assert c.find("#log-message-id").get_attribute("value") == "<k1@example.com>"
+    finally:
+        c.http.close()

@@ -13,6 +13,7 @@ import pytest
 
 from relay.admin import overview
 from relay.replies import Reply
+from relay.store.browse import LogPage
 from relay.store.deliveries import DeliveryRecord, Outcome, RecipientOutcome
 from relay.store.facade import Store
 from relay.store.stats import (
@@ -91,6 +92,30 @@ def test_each_query_is_a_range_of_the_time_index(big, sql, args):
     shown = plan(store.path, sql, args)
     assert "USING INDEX deliveries_created (created>? AND created<?)" in shown, shown
     assert "SCAN deliveries" not in shown.replace("SCAN deliveries USING INDEX", ""), shown
+
+
+@pytest.mark.parametrize(
+    ("page", "index", "column", "value"),
+    [
+        (LogPage(account="acme"), "deliveries_account", 2, "acme"),
+        (LogPage(account="nobody"), "deliveries_account", 2, "nobody"),
+        (LogPage(channel="resend", before=500_000), "deliveries_channel", 6, "resend"),
+        (LogPage(channel=""), "deliveries_channel", 6, ""),
+    ],
+)
+def test_each_log_filter_is_a_range_of_its_index(big, page, index, column, value):
+    """The console's log filters by account and channel read one index newest
+    first, a page at a time: a filter matching nothing at 1M records reads nothing."""
+    store, rows = big
+    where, args = page.where()
+    sql = f"SELECT * FROM deliveries AS d{where} ORDER BY d.id DESC LIMIT ?"
+    shown = plan(store.path, sql, (*args, 50))
+    assert f"USING INDEX {index} (" in shown, shown
+    assert "SCAN" not in shown and "TEMP B-TREE" not in shown, shown
+    ids = [r.id for r in store.find_deliveries(page)]
+    below = page.before or len(rows) + 1
+    expected = [i + 1 for i in reversed(range(len(rows))) if rows[i][column] == value]
+    assert ids == [i for i in expected if i < below][:50]
 
 
 @pytest.mark.parametrize("window", ["1h", "24h", "7d"])

@@ -82,7 +82,10 @@ SECURITY_HEADERS = [
     (b"cache-control", b"no-store"),
 ]
 CONSOLE_FILES = {
-    "/console/app.js": ("app.js", "text/javascript; charset=utf-8"),
+    **{
+        f"/console/{name}": (name, "text/javascript; charset=utf-8")
+        for name in ("app.js", "overview.js", "accounts.js", "log.js")
+    },
     "/console/style.css": ("style.css", "text/css; charset=utf-8"),
     # uPlot, the overview's charts (vendor/README.md: its version and license).
     "/console/vendor/uPlot.iife.min.js": (

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from relay.admin import balances, operations, overview
+from relay.admin import accounts, balances, operations, overview
 from relay.admin import queue as queue_ops
 from relay.admin.calls import DEFAULT_PAGE, Call
 
@@ -31,6 +31,23 @@ async def create_account(call: Call) -> Any:
 async def set_account(call: Call) -> Any:
     return await call.run(
         operations.set_account, call.actor, call.path["name"], queue=call.body.get("queue")
+    )
+
+
+def account_switch(disabled: bool) -> Callable[[Call], Awaitable[Any]]:
+    async def handler(call: Call) -> Any:
+        return await call.run(accounts.set_disabled, call.actor, call.path["name"], disabled)
+
+    return handler
+
+
+async def delete_account(call: Call) -> Any:
+    return await call.run(accounts.delete_account, call.actor, call.path["name"])
+
+
+async def move_domain(call: Call) -> Any:
+    return await call.run(
+        accounts.move_domain, call.actor, call.path["domain"], call.body["account"]
     )
 
 

@@ -346,6 +346,7 @@ def log_query(
     account: str | None = None,
     outcome: str | None = None,
     message_id: str | None = None,
+    channel: str | None = None,
     limit: int = 50,
     cursor: int | None = None,
 ) -> LogPage:
@@ -362,6 +363,7 @@ def log_query(
             message_id=message_id,
             limit=limit,
             before=cursor,
+            channel=None if channel is None else ("" if channel == "none" else channel),
         )
     except ValueError:
         raise Invalid(

@@ -8,6 +8,10 @@ from relay.admin.openapi import PREFIX, Endpoint, Field, Param
 from relay.store.deliveries import Outcome
 from relay.store.queue import STATES as QUEUE_STATES
 
+ACCOUNT_FIELDS = (
+    "the account: `id`, `name`, `created`, `queue` (null: the relay's RELAY_QUEUE),"
+    " `disabled` (unix seconds it was disabled; null: enabled)"
+)
 NO_ACCOUNT = {"404": "no such account (`no_such_account`)"}
 BAD_BODY = {"400": "the body is not JSON (`bad_json`)", "422": "a field is missing or wrong"}
 BAD_ADDRESS = {"422": "not a usable email address (`bad_address`)"}
@@ -82,7 +86,7 @@ ENDPOINTS: list[Endpoint] = [
         f"{PREFIX}/accounts/{{name}}",
         "set an account's own settings",
         handlers.set_account,
-        returns="the account: `id`, `name`, `created`, `queue` (null: the relay's RELAY_QUEUE)",
+        returns=ACCOUNT_FIELDS,
         body=(
             Field(
                 "queue",
@@ -92,6 +96,55 @@ ENDPOINTS: list[Endpoint] = [
             ),
         ),
         errors={**NO_ACCOUNT, **BAD_BODY},
+    ),
+    *(
+        Endpoint(
+            "POST",
+            f"{PREFIX}/accounts/{{name}}/{action}",
+            summary,
+            handlers.account_switch(action == "disable"),
+            returns=ACCOUNT_FIELDS,
+            errors=NO_ACCOUNT,
+        )
+        for action, summary in (
+            (
+                "disable",
+                "disable an account: its tokens fail AUTH as unknown ones do, its open"
+                " sessions stop at their next MAIL; what is queued is still delivered",
+            ),
+            ("enable", "enable a disabled account: its tokens work again"),
+        )
+    ),
+    Endpoint(
+        "DELETE",
+        f"{PREFIX}/accounts/{{name}}",
+        "delete an account: its tokens, domains, webhooks, suppressions and limits go;"
+        " its delivery records and audit entries stay",
+        handlers.delete_account,
+        returns="`name`, `tokens` (the ids gone), `domains`, `webhooks`, `suppressions`"
+        " (how many went)",
+        errors={
+            **NO_ACCOUNT,
+            "409": "the queue holds messages of the account: cancel them or let them"
+            " finish first (`account_has_queued`)",
+        },
+    ),
+    Endpoint(
+        "POST",
+        f"{PREFIX}/domains/{{domain}}/move",
+        "move a sender domain to another account: from the next MAIL FROM only that"
+        " account's tokens may send as it",
+        handlers.move_domain,
+        returns="`domain`, `from` (the account it left), `account` (the one it is on)",
+        body=(
+            Field("account", "string", "the account to move it to", required=True, max_length=100),
+        ),
+        errors={
+            **BAD_BODY,
+            "404": "no such account (`no_such_account`), or the domain is on none"
+            " (`no_such_domain`)",
+            "409": "the domain is on that account already (`same_account`)",
+        },
     ),
     Endpoint(
         "GET",
@@ -276,6 +329,7 @@ ENDPOINTS: list[Endpoint] = [
             Param("recipient", "one of the recipients"),
             Param("account", "the account's name"),
             Param("outcome", "the message's outcome", enum=tuple(str(o) for o in Outcome)),
+            Param("channel", "the channel that answered (`none`: refused before any)"),
             Param("message_id", "the Message-ID, with or without its angle brackets"),
             Param("limit", "records at most (default 50)", "integer"),
             Param("cursor", "the `next_cursor` of the previous page", "integer"),

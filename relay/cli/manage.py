@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Callable
 from typing import Any
 
-from relay.admin import balances, operations
+from relay.admin import accounts, balances, operations
 from relay.cli.output import emit, open_store, table, when
 from relay.config import load_settings
 from relay.errors import RelayError
@@ -25,7 +26,15 @@ def cmd_account_create(args: argparse.Namespace) -> None:
 def cmd_account_list(args: argparse.Namespace) -> None:
     rows = operations.list_accounts(open_store())
     shown = lambda v: table(  # noqa: E731
-        [{**a, "queue": a["queue"] or "default"} for a in v], ["id", "name", "queue"]
+        [
+            {
+                **a,
+                "queue": a["queue"] or "default",
+                "state": "disabled" if a["disabled"] else "enabled",
+            }
+            for a in v
+        ],
+        ["id", "name", "queue", "state"],
     )
     emit(args, rows, shown)
 
@@ -33,6 +42,42 @@ def cmd_account_list(args: argparse.Namespace) -> None:
 def cmd_account_set(args: argparse.Namespace) -> None:
     value = operations.set_account(open_store(), CLI_ACTOR, args.name, queue=args.queue)
     emit(args, value, lambda v: f"account {v['name']}: queue {v['queue'] or 'default'}")
+
+
+def cmd_account_disable(args: argparse.Namespace) -> None:
+    value = accounts.set_disabled(open_store(), CLI_ACTOR, args.name, True)
+    emit(args, value, lambda v: f"account {v['name']}: disabled (its tokens no longer work)")
+
+
+def cmd_account_enable(args: argparse.Namespace) -> None:
+    value = accounts.set_disabled(open_store(), CLI_ACTOR, args.name, False)
+    emit(args, value, lambda v: f"account {v['name']}: enabled")
+
+
+def cmd_account_delete(args: argparse.Namespace) -> None:
+    if not args.yes:
+        # Deleting drops its tokens, domains, webhooks and suppressions: ask for the
+        # name, as the console does; no terminal (a script) must say --yes.
+        if not sys.stdin.isatty():
+            raise RelayError("deleting an account: add --yes, or run it in a terminal")
+        typed = input(f"Delete account {args.name!r}? Type its name to confirm: ")
+        if typed.strip() != args.name:
+            raise RelayError("not deleted: the name did not match")
+    value = accounts.delete_account(open_store(), CLI_ACTOR, args.name)
+    emit(
+        args,
+        value,
+        lambda v: (
+            f"deleted account {v['name']}: {len(v['tokens'])} token(s),"
+            f" {len(v['domains'])} domain(s), {v['webhooks']} webhook(s),"
+            f" {v['suppressions']} suppression(s); its delivery records stay"
+        ),
+    )
+
+
+def cmd_domain_move(args: argparse.Namespace) -> None:
+    value = accounts.move_domain(open_store(), CLI_ACTOR, args.domain, args.account)
+    emit(args, value, lambda v: f"moved {v['domain']} from account {v['from']} to {v['account']}")
 
 
 def cmd_domain_add(args: argparse.Namespace) -> None:

@@ -122,6 +122,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="its own RELAY_QUEUE (default: the relay's setting)",
     )
 
+    for name, handler, what in (
+        ("disable", manage.cmd_account_disable, "disable an account (its tokens stop working)"),
+        ("enable", manage.cmd_account_enable, "enable a disabled account"),
+    ):
+        command(account, name, handler, what, True).add_argument("name")
+    adelete = command(
+        account,
+        "delete",
+        manage.cmd_account_delete,
+        "delete an account, its tokens, domains, webhooks and suppressions",
+        True,
+    )
+    adelete.add_argument("name")
+    adelete.add_argument("--yes", action="store_true", help="do not ask: delete")
+
     domain = group("domain", "sender domains onboarded on an account")
     for name, handler in (("add", manage.cmd_domain_add), ("remove", manage.cmd_domain_remove)):
         p = command(domain, name, handler, f"{name} a domain", True)
@@ -130,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     command(domain, "list", manage.cmd_domain_list, "list domains", True).add_argument(
         "account", nargs="?"
     )
+    move = command(domain, "move", manage.cmd_domain_move, "move a domain to another account", True)
+    move.add_argument("domain")
+    move.add_argument("account", help="the account it moves to")
 
     token = group("token", "API tokens (the SMTP password)")
     create = command(token, "create", manage.cmd_token_create, "issue a token (shown once)", True)

@@ -389,12 +389,13 @@ def _charge(db: Connection, address: str, charge: int, ts: int) -> Cursor:
 
 
 # The domain's owner, whether a token is still valid (not revoked, not
-# expired), and its rules; parameters: the domain, the time now, the token's
-# id twice.
+# expired, its account not disabled or deleted), and its rules; parameters: the
+# domain, the time now, the token's id twice.
 _OWNER_AND_VALIDITY = (
     "(SELECT account_id FROM domains WHERE domain = ?) AS owner,"
-    " (SELECT revoked IS NULL AND (expires IS NULL OR expires > ?) FROM tokens"
-    " WHERE id = ?) AS token_ok,"
+    " (SELECT t.revoked IS NULL AND (t.expires IS NULL OR t.expires > ?)"
+    " AND a.disabled IS NULL FROM tokens t JOIN accounts a ON a.id = t.account_id"
+    " WHERE t.id = ?) AS token_ok,"
     " (SELECT rules FROM tokens WHERE id = ?) AS rules"
 )
 _OWNER_SQL = f"SELECT {_OWNER_AND_VALIDITY}"

@@ -15,6 +15,17 @@ class AccountRow(TypedDict):
     name: str
     created: int
     queue: str | None  # its own RELAY_QUEUE; None: the relay's
+    disabled: int | None  # unix seconds it was disabled; None: enabled
+
+
+class DeletedAccount(TypedDict):
+    """What deleting an account removed (its delivery and audit records stay)."""
+
+    name: str
+    tokens: list[str]  # the ids of its tokens, gone with it
+    domains: list[str]
+    webhooks: int
+    suppressions: int
 
 
 class NewAccount(TypedDict):

@@ -270,4 +270,13 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE deliveries ADD COLUMN provider_events TEXT;  -- JSON list, NULL: none
     CREATE INDEX deliveries_upstream_id ON deliveries (upstream_id) WHERE upstream_id <> '';
     """,
+    # 17: an account disabled by its admin (relay.store.accounts): the time it was
+    #     disabled, NULL while enabled; and the delivery log's filters by account and
+    #     by channel, newest first, each a range of its own index (relay.store.browse),
+    #     so a filter that matches little reads little
+    """
+    ALTER TABLE accounts ADD COLUMN disabled INTEGER;
+    CREATE INDEX deliveries_account ON deliveries (account, id);
+    CREATE INDEX deliveries_channel ON deliveries (channel, id);
+    """,
 )

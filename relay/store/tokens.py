@@ -109,11 +109,13 @@ class Tokens(Database):
 
     @read_only
     def authenticate(self, token: str) -> Principal | None:
-        """The principal of a valid token: not unknown, revoked or expired."""
+        """The principal of a valid token: not unknown, revoked or expired, and of an
+        account that is not disabled."""
         digest = hash_token(token)
         rows = self._read(
-            "SELECT t.id, t.hash, t.role, t.expires, t.revoked, t.rules, a.id AS account_id, a.name"
-            " FROM tokens t JOIN accounts a ON a.id = t.account_id WHERE t.hash = ?",
+            "SELECT t.id, t.hash, t.role, t.expires, t.revoked, t.rules, a.id AS account_id,"
+            " a.name, a.disabled FROM tokens t JOIN accounts a ON a.id = t.account_id"
+            " WHERE t.hash = ?",
             (digest,),
         )
         if not rows:
@@ -122,6 +124,9 @@ class Tokens(Database):
         if not hmac.compare_digest(row["hash"], digest):
             return None
         if row["revoked"] is not None:
+            return None
+        if row["disabled"] is not None:
+            # The same None as an unknown token: AUTH answers alike (no oracle).
             return None
         if row["expires"] is not None and row["expires"] <= self._now():
             return None

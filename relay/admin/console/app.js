@@ -111,6 +111,7 @@ function guarded(action) {
 const views = ["signin", "overview", "accounts", "tokens", "senders", "limits", "lists", "queue", "events", "log"];
 
 async function show(view) {
+  if (view !== "log") dropLink();
   current = view;
   clearTimeout(fading);
   for (const name of views) {
@@ -141,7 +142,7 @@ async function signIn() {
   sessionStorage.setItem(TOKEN_KEY, token);
   $("token-input").value = "";
   await api("GET", "/accounts");
-  await show("overview");
+  if (!(await openLink())) await show("overview");
   say("Signed in.");
 }
 
@@ -334,143 +335,6 @@ async function setLimits() {
   say(`Set the limits of ${account || "the relay"}.`);
 }
 
-// --- the overview ---------------------------------------------------------------
-
-// The log's outcomes, bottom of the stack first, and their colours.
-const OUTCOMES = [["delivered", "#2e7d32"], ["partial", "#9ccc65"], ["deferred", "#f9a825"], ["refused", "#c62828"]];
-let chart = null;
-
-function ms(value) {
-  return value === null ? "> 60 s" : value >= 1000 ? `≤ ${value / 1000} s` : `≤ ${value} ms`;
-}
-
-function percent(part, whole) {
-  return whole ? `${(100 * part / whole).toFixed(1)}%` : "-";
-}
-
-async function loadOverview() {
-  const o = await api("GET", "/stats/overview?window=" + q($("overview-window").value));
-  drawChart(o);
-  const total = Object.values(o.totals).reduce((a, b) => a + b, 0);
-  const row = (cells, data) => {
-    const tr = el("tr", {}, ...cells.map((c) => el("td", {}, c)));
-    Object.assign(tr.dataset, data || {});
-    return tr;
-  };
-  $("overview-totals").tBodies[0].replaceChildren(
-    ...OUTCOMES.map(([name]) => row([name, o.totals[name] || 0, percent(o.totals[name] || 0, total)], { outcome: name })),
-    row(["all", total, ""], { outcome: "all" }),
-  );
-  const refused = o.refusals.reduce((a, r) => a + r.messages, 0);
-  $("overview-refusals").tBodies[0].replaceChildren(
-    ...o.refusals.map((r) => row([r.outcome, `${r.code} ${r.enhanced}`, r.messages, percent(r.messages, refused)])),
-  );
-  $("overview-channels").tBodies[0].replaceChildren(
-    ...o.channels.map((c) => row([c.channel, c.messages, `${c.errors} (${percent(c.errors, c.messages)})`,
-      ms(c.p50_ms), ms(c.p90_ms), ms(c.p99_ms)], { channel: c.channel })),
-  );
-  const age = o.queue.oldest_age;
-  $("overview-queue").tBodies[0].replaceChildren(
-    row(["messages", o.queue.depth], { what: "depth" }),
-    ...Object.entries(o.queue.states).map(([state, n]) => row([state, n])),
-    row(["oldest", age === null ? "-" : `${age} s`], { what: "oldest" }),
-  );
-  $("overview-senders").tBodies[0].replaceChildren(...o.top_senders.map((s) => row([s.sender, s.messages])));
-  $("overview-low").tBodies[0].replaceChildren(...o.low_balances.map((s) => row([s.address, s.balance])));
-}
-
-function drawChart(o) {
-  const box = $("overview-chart");
-  const times = Array.from({ length: o.buckets }, (_, i) => o.start + i * o.step);
-  const raw = OUTCOMES.map(([name]) => o.series[name] || new Array(o.buckets).fill(0));
-  // Stacked: each series is the sum of itself and those below it, drawn top first so
-  // the lower ones paint over it; the legend shows each outcome's own count.
-  const stacked = raw.map((_, k) => times.map((__, i) => raw.slice(0, k + 1).reduce((a, s) => a + s[i], 0)));
-  const order = OUTCOMES.map((_, k) => k).reverse();
-  const bars = uPlot.paths.bars({ size: [0.9, 40] });
-  const options = {
-    width: Math.max(300, box.clientWidth),
-    height: 260,
-    title: `Messages per ${o.step === 60 ? "minute" : "hour"} (UTC)`,
-    series: [{}, ...order.map((k) => ({
-      label: OUTCOMES[k][0],
-      stroke: OUTCOMES[k][1],
-      fill: OUTCOMES[k][1],
-      paths: bars,
-      points: { show: false },
-      value: (u, v, si, i) => (i === null || i === undefined ? "-" : raw[k][i]),
-    }))],
-    axes: [{}, { size: 50 }],
-    scales: { x: { time: true } },
-  };
-  const data = [times, ...order.map((k) => stacked[k])];
-  if (chart) chart.destroy();
-  box.replaceChildren();
-  chart = new uPlot(options, data, box);
-}
-
-// --- accounts and domains -------------------------------------------------------
-
-async function loadAccountsView() {
-  const { accounts } = await api("GET", "/accounts");
-  $("accounts-table").tBodies[0].replaceChildren(
-    ...accounts.map((a) => {
-      const pick = el("button", { type: "button" }, "Domains");
-      pick.addEventListener("click", guarded(async () => {
-        $("domain-account").value = a.name;
-        await loadDomains();
-      }));
-      const tr = el("tr", {}, el("td", {}, a.name), el("td", {}, when(a.created)),
-        el("td", {}, a.queue || "relay's"), el("td", {}, pick));
-      tr.dataset.account = a.name;
-      return tr;
-    }),
-  );
-  fillAccounts($("domain-account"), accounts);
-  await loadDomains();
-}
-
-async function loadDomains() {
-  const account = $("domain-account").value;
-  const body = $("domains-table").tBodies[0];
-  if (!account) return body.replaceChildren();
-  const { domains } = await api("GET", `/accounts/${q(account)}/domains`);
-  body.replaceChildren(
-    ...domains.map((d) => {
-      const name = typeof d === "string" ? d : d.domain;
-      const tr = el("tr", {}, el("td", {}, name), el("td", {}, confirming("Remove", async () => {
-        await api("DELETE", `/accounts/${q(account)}/domains/${q(name)}`);
-        await loadDomains();
-        say(`Removed ${name} from ${account}.`);
-      })));
-      tr.dataset.domain = name;
-      return tr;
-    }),
-  );
-}
-
-async function createAccount() {
-  const name = $("account-name").value.trim();
-  need(name && name.length <= 100, "Account: a name of 1 to 100 characters.");
-  await api("POST", "/accounts", { name });
-  $("account-name").value = "";
-  await loadAccountsView();
-  $("domain-account").value = name;
-  await loadDomains();
-  say(`Created the account ${name}.`);
-}
-
-async function addDomain() {
-  const account = $("domain-account").value;
-  const domain = $("domain-name").value.trim().toLowerCase();
-  need(account, "Choose an account first.");
-  need(looksLikeDomain(domain), "Domain: a name such as example.com.");
-  await api("POST", `/accounts/${q(account)}/domains`, { domain });
-  $("domain-name").value = "";
-  await loadDomains();
-  say(`Added ${domain} to ${account}.`);
-}
-
 // --- the verified and no-limit lists --------------------------------------------
 
 async function loadList() {
@@ -508,8 +372,13 @@ function summary(list) {
 }
 
 async function loadQueue() {
-  const state = $("queue-state").value;
-  const { messages } = await api("GET", "/queue" + (state ? "?state=" + q(state) : ""));
+  const params = new URLSearchParams();
+  for (const name of ["state", "account"]) {
+    const value = $("queue-" + name).value;
+    if (value) params.set(name, value);
+  }
+  const [{ messages }, { accounts }] = await Promise.all([api("GET", "/queue?" + params), api("GET", "/accounts")]);
+  fillAccounts($("queue-account"), accounts, el("option", { value: "" }, "any"));
   $("queue-table").tBodies[0].replaceChildren(
     ...messages.map((m) => {
       const act = (action) => {
@@ -536,161 +405,6 @@ async function loadQueue() {
       return tr;
     }),
   );
-}
-
-// --- suppressions and webhooks ----------------------------------------------------
-
-async function loadEventsView() {
-  const { accounts } = await api("GET", "/accounts");
-  fillAccounts($("events-account"), accounts);
-  await loadEvents();
-}
-
-const rowsOf = (value, key) => (Array.isArray(value) ? value : value[key] || []);
-
-async function loadEvents() {
-  const account = $("events-account").value;
-  if (!account) return;
-  const base = `/accounts/${q(account)}`;
-  const [suppressions, webhooks] = await Promise.all([api("GET", base + "/suppressions"), api("GET", base + "/webhooks")]);
-  $("suppressions-table").tBodies[0].replaceChildren(
-    ...rowsOf(suppressions, "suppressions").map((s) => {
-      const tr = el("tr", {}, el("td", {}, s.address), el("td", {}, s.reason), el("td", {}, s.source),
-        el("td", {}, when(s.created)), el("td", {}, s.expires ? when(s.expires) : "never"),
-        el("td", {}, confirming("Remove", async () => {
-          await api("DELETE", `${base}/suppressions/${q(s.address)}`);
-          await loadEvents();
-          say(`Removed ${s.address} from the suppressions.`);
-        })));
-      tr.dataset.address = s.address;
-      return tr;
-    }),
-  );
-  $("webhooks-table").tBodies[0].replaceChildren(
-    ...rowsOf(webhooks, "webhooks").map((w) => {
-      const tr = el("tr", {}, el("td", {}, w.id), el("td", { className: "clip", title: w.url }, w.url),
-        el("td", {}, w.events.length ? w.events.join(" ") : "all"),
-        el("td", {}, w.enabled ? (w.failing_since ? `failing since ${when(w.failing_since)}` : "enabled") : "disabled"),
-        el("td", {}, confirming("Remove", async () => {
-          await api("DELETE", `${base}/webhooks/${q(w.id)}`);
-          await loadEvents();
-          say(`Removed the webhook ${w.id}.`);
-        })));
-      tr.dataset.id = w.id;
-      return tr;
-    }),
-  );
-}
-
-async function addSuppression() {
-  const account = $("events-account").value;
-  const address = $("suppression-address").value.trim();
-  need(account, "Choose an account first.");
-  need(looksLikeAddress(address), "Address: an email address, or *@domain.");
-  await api("POST", `/accounts/${q(account)}/suppressions`, { address });
-  $("suppression-address").value = "";
-  await loadEvents();
-  say(`Suppressed ${address} for ${account}.`);
-}
-
-async function addWebhook() {
-  const account = $("events-account").value;
-  const url = $("webhook-url").value.trim();
-  need(account, "Choose an account first.");
-  need(/^https:\/\/[^\s/]+/.test(url), "URL: https://... (the endpoint).");
-  const body = { url };
-  const events = words($("webhook-events").value).filter((e) => e !== "all");
-  if (events.length) body.events = events;
-  const made = await api("POST", `/accounts/${q(account)}/webhooks`, body);
-  $("new-webhook-secret").textContent = made.secret;
-  $("new-webhook-box").hidden = false;
-  $("webhook-url").value = "";
-  await loadEvents();
-  say(`Added the webhook ${made.id}; its secret is shown once, above.`);
-}
-
-// --- the delivery log -----------------------------------------------------------
-
-async function loadLog() {
-  const params = new URLSearchParams({ limit: "100" });
-  for (const [name, id] of [["sender", "log-sender"], ["recipient", "log-recipient"],
-    ["message_id", "log-message-id"], ["outcome", "log-outcome"]]) {
-    const value = $(id).value.trim();
-    if (value) params.set(name, value);
-  }
-  const { records } = await api("GET", "/log?" + params);
-  $("log-table").tBodies[0].replaceChildren(
-    ...records.map((r) => {
-      const addresses = r.recipients.map((x) => x.address);
-      const more = r.recipient_count - 1;
-      const rcpt = addresses.length ? (more > 0 ? `${addresses[0]} + ${more} more` : addresses[0]) : "-";
-      const copy = el("button", { type: "button", className: "copy", title: "Copy the Message-ID" }, "Copy");
-      copy.addEventListener("click", guarded(async (event) => {
-        event.stopPropagation();
-        await copyText(r.message_id);
-      }));
-      const row = el("tr", { className: "clickable", tabIndex: 0 },
-        el("td", { className: "time" }, r.time.replace("T", " ").slice(0, 19)),
-        el("td", { className: "message-id" }, el("div", { className: "idcell" },
-          el("span", { className: "clip", title: r.message_id }, r.message_id || "-"), copy)),
-        el("td", { className: "clip", title: r.sender }, r.sender),
-        el("td", { className: "rcpt", title: addresses.join(", ") + kept(r) }, rcpt),
-        el("td", {}, r.channel || "-"), el("td", {}, r.outcome), el("td", {}, `${r.reply.code} ${r.reply.enhanced}`));
-      row.dataset.messageId = r.message_id;
-      const open = guarded(() => toggleRecord(row, r.message_id));
-      row.addEventListener("click", open);
-      row.addEventListener("keydown", (event) => { if (event.key === "Enter") open(event); });
-      return row;
-    }),
-  );
-}
-
-async function copyText(text) {
-  try {
-    await navigator.clipboard.writeText(text);
-    say("Copied.");
-  } catch {
-    say(`Copy it by hand: ${text}`);
-  }
-}
-
-// A refused message's record keeps only its first recipients, and their count.
-function kept(r) {
-  return r.recipient_count > r.recipients.length ? ` (${r.recipients.length} of ${r.recipient_count} kept)` : "";
-}
-
-// The detail opens in place: a row right under the one clicked, every record and attempt.
-async function toggleRecord(row, messageId) {
-  const next = row.nextElementSibling;
-  if (next && next.classList.contains("detail")) {
-    next.remove();
-    return;
-  }
-  const { records } = await api("GET", `/log/${q(messageId)}`);
-  const detail = el("div", { className: "log-detail" }, el("h3", {}, messageId));
-  for (const r of records) {
-    const facts = [["time", r.time], ["account", `${r.account} (token ${r.token_id})`], ["client", r.client],
-      ["port", r.listener], ["sender", r.sender], ["size", `${r.size} octets`], ["channel", r.channel || "-"],
-      ["outcome", r.outcome + (r.replay ? " (replay, not charged)" : "")],
-      ["reply", `${r.reply.code} ${r.reply.enhanced} ${r.reply.text}`], ["upstream id", r.upstream_id || "-"],
-      ["charged", r.charged], ["forward", `${r.duration} s`],
-      ["recipients", `${r.recipient_count}${kept(r)}`]];
-    detail.append(
-      el("table", { className: "facts" }, el("tbody", {}, ...facts.map(([k, v]) => el("tr", {}, el("th", {}, k), el("td", {}, v))))),
-      el("table", { className: "attempts" },
-        el("thead", {}, el("tr", {}, el("th", {}, "Attempt"), el("th", {}, "Channel"), el("th", {}, "Reply"), el("th", {}, "Seconds"), el("th", {}, "Taken"))),
-        el("tbody", {}, ...r.attempts.map((a, i) => el("tr", {}, el("td", {}, i + 1), el("td", {}, a.channel),
-          el("td", {}, `${a.reply.code} ${a.reply.enhanced} ${a.reply.text}`), el("td", {}, a.duration), el("td", {}, a.accepted))))),
-      el("table", { className: "recipients" },
-        el("thead", {}, el("tr", {}, el("th", {}, "Recipient"), el("th", {}, "Outcome"), el("th", {}, "Upstream reply"))),
-        el("tbody", {}, ...r.recipients.map((x) => el("tr", {}, el("td", {}, x.address), el("td", {}, x.outcome),
-          el("td", {}, `${x.code} ${x.enhanced}`))))),
-    );
-  }
-  const cell = el("td", { colSpan: 7 }, detail);
-  const holder = el("tr", { className: "detail" }, cell);
-  row.after(holder);
-  holder.scrollIntoView({ block: "nearest" });
 }
 
 // --- wiring ---------------------------------------------------------------------
@@ -724,6 +438,12 @@ document.addEventListener("DOMContentLoaded", () => {
   $("events-account").addEventListener("change", guarded(loadEvents));
   $("suppression-form").addEventListener("submit", guarded(addSuppression));
   $("webhook-form").addEventListener("submit", guarded(addWebhook));
-  if (sessionStorage.getItem(TOKEN_KEY)) show("overview");
+  $("delete-form").addEventListener("submit", guarded(deleteAccount));
+  $("delete-cancel").addEventListener("click", () => { $("delete-form").hidden = true; });
+  document.addEventListener("keydown", onEscape);
+  window.addEventListener("hashchange", () => {
+    if (sessionStorage.getItem(TOKEN_KEY)) guarded(openLink)();
+  });
+  if (sessionStorage.getItem(TOKEN_KEY)) guarded(async () => (await openLink()) || show("overview"))();
   else signOut();
 });
