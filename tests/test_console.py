@@ -476,6 +476,12 @@ def test_every_task_in_the_console(relay_factory, sink, browser):
         c.text_in("#limits-table", "0 / 50")
         [gamma] = [x for x in c.get("/limits")["limits"] if x["scope"] == "gamma"]
         assert (gamma["daily"], gamma["monthly"]) == (50, -1)
+        # ... and reset: unlimited again.
+        c.find('#limits-table tr[data-scope="gamma"] button').click()
+        c.find('#limits-table tr[data-scope="gamma"] button').click()  # the confirmation
+        c.text_in('#limits-table tr[data-scope="gamma"]', "0 / unlimited")
+        [gamma] = [x for x in c.get("/limits")["limits"] if x["scope"] == "gamma"]
+        assert (gamma["daily"], gamma["monthly"]) == (-1, -1)
 
         # A suppression and a webhook of the new account.
         c.page("events")

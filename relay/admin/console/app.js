@@ -305,9 +305,23 @@ async function loadLimits() {
   const [{ limits }, { accounts }] = await Promise.all([api("GET", "/limits"), api("GET", "/accounts")]);
   const of = (count, limit) => `${count} / ${limit === -1 ? "unlimited" : limit}`;
   $("limits-table").tBodies[0].replaceChildren(
-    ...limits.map((l) => el("tr", {}, el("td", {}, l.scope), el("td", {}, of(l.daily_count, l.daily)),
-      el("td", {}, l.daily_resets_at), el("td", {}, of(l.monthly_count, l.monthly)),
-      el("td", {}, l.monthly_resets_at))),
+    ...limits.map((l) => {
+      const tr = el("tr", {}, el("td", {}, l.scope), el("td", {}, of(l.daily_count, l.daily)),
+        el("td", {}, l.daily_resets_at), el("td", {}, of(l.monthly_count, l.monthly)),
+        el("td", {}, l.monthly_resets_at));
+      tr.dataset.scope = l.scope;
+      // Reset: both windows back to unlimited (-1); the counts stay, as they are
+      // what was sent. Offered only where a limit is set.
+      const set = l.daily !== -1 || l.monthly !== -1;
+      tr.append(el("td", {}, set ? confirming("Reset", async () => {
+        const body = { daily: -1, monthly: -1 };
+        if (l.scope !== "relay") body.account = l.scope;
+        await api("PUT", "/limits", body);
+        await loadLimits();
+        say(`Reset the limits of ${l.scope === "relay" ? "the relay" : l.scope}: unlimited.`);
+      }) : ""));
+      return tr;
+    }),
   );
   fillAccounts($("limits-account"), accounts, el("option", { value: "" }, "the relay"));
 }
