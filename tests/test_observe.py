@@ -126,6 +126,9 @@ def test_each_outcome_leaves_its_record(relay, sink, monkeypatch, capsys):
     [only] = log_json(relay, monkeypatch, capsys, "--outcome", "deferred", "--since", "1h")
     assert only["message_id"] == "<f@example.com>"
     assert log_json(relay, monkeypatch, capsys, "--account", "other") == []
+    by_channel = log_json(relay, monkeypatch, capsys, "--channel", "smtp")
+    assert [r["message_id"] for r in by_channel] == [r["message_id"] for r in by_sender]
+    assert log_json(relay, monkeypatch, capsys, "--channel", "resend") == []
     assert log_json(relay, monkeypatch, capsys, "--until", "1h") == []
 
     # The readable forms.

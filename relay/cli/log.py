@@ -21,6 +21,7 @@ def cmd_log(args: argparse.Namespace) -> None:
         account=args.account,
         outcome=args.outcome,
         message_id=args.message_id,
+        channel=args.channel,
         limit=args.limit,
     )
     records, _ = operations.find_log(open_store(), query)

@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     log.add_argument("--recipient", metavar="ADDRESS")
     log.add_argument("--account", metavar="NAME")
     log.add_argument("--outcome", choices=[str(o) for o in Outcome])
+    log.add_argument(
+        "--channel", metavar="NAME", help="the channel that answered; none: refused before any"
+    )
     log.add_argument("--message-id", metavar="ID")
     log.add_argument("--limit", type=int, default=50, help="records at most (default 50)")
     log_actions = log.add_subparsers(metavar="ACTION")
