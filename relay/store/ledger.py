@@ -50,6 +50,7 @@ from typing import Any
 
 from relay.errors import Refused
 from relay.policy import SenderState
+from relay.store.charge import ChargeMissed, lock_rows, reserve_pipelined
 from relay.store.db import Connection, Cursor, Database, read_only
 from relay.store.deliveries import DeliveryRecord, insert
 from relay.store.idempotency import delivered_recently, forget_expired, remember_delivered
@@ -215,6 +216,27 @@ class Ledger(Database):
         relay's (the module docstring says why).
         """
         now = self.clock()
+        if self.in_batch:
+            # PostgreSQL's group commit: the same charge in two round trips
+            # (`relay.store.charge`); a sender that cannot pay, or has no row
+            # yet, is rolled back there and charged the way below.
+            try:
+                with self._write() as db:
+                    return reserve_pipelined(
+                        db,
+                        now=now,
+                        sender=sender,
+                        account_id=account_id,
+                        recipients=recipients,
+                        unit=unit,
+                        idempotency_key=idempotency_key,
+                        domain=domain,
+                        token_id=token_id,
+                        owner=self.owner,
+                        owner_sql=_OWNER_SQL,
+                    )
+            except ChargeMissed:
+                pass
         ts = int(now.timestamp())
         day, month = period_key(Window.DAY, now), period_key(Window.MONTH, now)
         scopes = (RELAY_SCOPE, str(account_id))
@@ -360,6 +382,15 @@ class Ledger(Database):
             forget_expired(db, now)
             db.execute("DELETE FROM processes WHERE heartbeat <= ?", (now - 86400,))
         return settled
+
+    def lock_rows(
+        self, charges: list[tuple[str, int, str | None]], settles: list[tuple[int, int]]
+    ) -> None:
+        """A PostgreSQL group's first step (`relay.store.group`): lock the rows its
+        charges (sender, account, token) and its settles (reservation id, delivered)
+        change, in the global order."""
+        with self._write() as db:
+            lock_rows(db, self.clock(), charges, settles)
 
     def heartbeat(self) -> None:
         """Record that this process (`owner`) lives; also proves the database writable."""

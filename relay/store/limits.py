@@ -7,12 +7,13 @@ same transaction as the balance, the settle gives back what was not delivered.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
-from typing import TypedDict
+from typing import Any, TypedDict
 
 from relay.errors import RelayError
 from relay.store.accounts import account_id_of
-from relay.store.db import Connection, Database
+from relay.store.db import Connection, Cursor, Database
 from relay.windows import UNLIMITED, Window, period_key, window_reset
 
 RELAY_SCOPE = "*"
@@ -84,8 +85,16 @@ def read_windows(
     db: Connection, account_id: int, now: datetime
 ) -> list[tuple[str, Window, int, int]]:
     """(label, window, limit, used) for the relay's and the account's day and month, one query."""
+    return windows_of(start_read_windows(db, account_id, now).fetchall())
+
+
+def start_read_windows(db: Connection, account_id: int, now: datetime) -> Cursor:
+    """`read_windows`' statement, executed (in a pipeline: queued); `windows_of` reads it."""
     day, month = period_key(Window.DAY, now), period_key(Window.MONTH, now)
-    rows = db.execute(_WINDOWS_SQL, (day, month, RELAY_SCOPE, str(account_id))).fetchall()
+    return db.execute(_WINDOWS_SQL, (day, month, RELAY_SCOPE, str(account_id)))
+
+
+def windows_of(rows: list[Any]) -> list[tuple[str, Window, int, int]]:
     out = []
     for row in rows:
         label = "relay" if row["scope"] == RELAY_SCOPE else "account"
@@ -131,6 +140,19 @@ def count_windows(
     `read_windows`' order, is returned, and the caller rolls back. A window with no
     row yet is inserted unconditionally: `reserve` checked `recipients <= limit`.
     """
+    return start_count_windows(db, account_id, day, month, recipients, windows)()
+
+
+def start_count_windows(
+    db: Connection,
+    account_id: int,
+    day: str,
+    month: str,
+    recipients: int,
+    windows: list[tuple[str, Window, int, int]],
+) -> Callable[[], tuple[str, Window, int, int] | None]:
+    """`count_windows` in two steps: the statement is executed (in a pipeline,
+    queued), and what reads its answer is returned."""
     limits = {(label, window): limit for label, window, limit, _ in windows}
 
     def limit(label: str, window: Window) -> int:
@@ -138,7 +160,7 @@ def count_windows(
         return _NO_LIMIT if value == UNLIMITED else value
 
     account = str(account_id)
-    returned = db.execute(
+    cursor = db.execute(
         "INSERT INTO counters (scope, period, count) VALUES (?, ?, ?), (?, ?, ?), (?, ?, ?),"
         " (?, ?, ?) ON CONFLICT (scope, period) DO UPDATE"
         " SET count = counters.count + excluded.count"
@@ -153,15 +175,19 @@ def count_windows(
             *(f"{RELAY_SCOPE} {day}", limit("relay", Window.DAY)),
             *(f"{RELAY_SCOPE} {month}", limit("relay", Window.MONTH)),
         ),
-    ).fetchall()
-    counted = {(r["scope"], r["period"]) for r in returned}
+    )
     keys = {
         ("relay", Window.DAY): (RELAY_SCOPE, day),
         ("relay", Window.MONTH): (RELAY_SCOPE, month),
         ("account", Window.DAY): (account, day),
         ("account", Window.MONTH): (account, month),
     }
-    for entry in windows:
-        if keys[(entry[0], entry[1])] not in counted:
-            return entry
-    return None
+
+    def finish() -> tuple[str, Window, int, int] | None:
+        counted = {(r["scope"], r["period"]) for r in cursor.fetchall()}
+        for entry in windows:
+            if keys[(entry[0], entry[1])] not in counted:
+                return entry
+        return None
+
+    return finish

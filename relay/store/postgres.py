@@ -14,6 +14,11 @@ Transactions are READ COMMITTED, PostgreSQL's default: every guarantee the
 store states is kept by the statement that needs it (a conditional UPDATE
 that locks the row it checks, a conditional upsert per window, a `DELETE ...
 RETURNING` that one transaction alone can win), not by a table-wide lock.
+
+A group commit (`batch`, `relay.store.group`) is one transaction in psycopg's
+pipeline mode: statements whose results nobody reads yet (a savepoint, its
+release, an INSERT) go out with the next one that must be answered, so a
+write costs the round trips its reads need, and the group one COMMIT.
 """
 
 from __future__ import annotations
@@ -82,22 +87,80 @@ def pg_sql(sql: str) -> str:
     return sql.replace("%", "%%").replace("?", "%s")
 
 
+# Deadlock detected, serialization failure: the transaction was rolled back by
+# the server and may simply be run again (PostgreSQL's documentation, "Serialization
+# Failure Handling").
+RETRYABLE = ("40P01", "40001")
+
+
+class GroupAborted(Exception):
+    """A statement of a group commit failed: the whole transaction is rolled back and
+    nothing of it was written. `retry`: a deadlock or serialization failure, worth
+    running the group again."""
+
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__(str(exc))
+        self.retry = getattr(exc, "sqlstate", None) in RETRYABLE
+
+
 class PgConnection:
     """A psycopg connection that speaks the concept modules' dialect
-    (`relay.store.db.Connection`)."""
+    (`relay.store.db.Connection`). In a pipeline (`Postgres.batch`, `Postgres.pipelined`),
+    a statement is sent when a result is read, with all those queued before it."""
 
-    def __init__(self, conn: psycopg.Connection[PgRow]) -> None:
+    __slots__ = ("conn", "pipeline")
+
+    def __init__(
+        self, conn: psycopg.Connection[PgRow], pipeline: psycopg.Pipeline | None = None
+    ) -> None:
         self.conn = conn
+        self.pipeline = pipeline
 
-    def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> psycopg.Cursor[PgRow]:
+    def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> Any:
         if not parameters:
-            return self.conn.execute(sql.encode())
-        return self.conn.execute(pg_sql(sql).encode(), parameters)
+            cursor = self.conn.execute(sql.encode())
+        else:
+            cursor = self.conn.execute(pg_sql(sql).encode(), parameters)
+        if self.pipeline is None:
+            return cursor
+        return _Pipelined(cursor, self.pipeline)
+
+    @contextmanager
+    def savepoint(self) -> Iterator[PgConnection]:
+        """One write of a group: rolled back alone when its body raises (a refusal); a
+        failed statement aborts the whole group (`GroupAborted`), since in a pipeline
+        its error may surface in a later write's statement."""
+        try:
+            with self.conn.transaction():
+                yield self
+        except psycopg.Error as exc:
+            raise GroupAborted(exc) from exc
 
     def executemany(self, sql: str, parameters: Any, /) -> psycopg.Cursor[PgRow]:
         cursor = self.conn.cursor()
         cursor.executemany(pg_sql(sql).encode(), parameters)
         return cursor
+
+
+class _Pipelined:
+    """A cursor whose statement may not have been sent yet: reading it sends the pipeline."""
+
+    __slots__ = ("cursor", "pipeline")
+
+    def __init__(self, cursor: psycopg.Cursor[PgRow], pipeline: psycopg.Pipeline) -> None:
+        self.cursor, self.pipeline = cursor, pipeline
+
+    @property
+    def rowcount(self) -> int:
+        if self.cursor.pgresult is None:
+            self.pipeline.sync()
+        return self.cursor.rowcount
+
+    def fetchone(self) -> Any:
+        return self.cursor.fetchone()
+
+    def fetchall(self) -> list[Any]:
+        return self.cursor.fetchall()
 
 
 class Autocommit:
@@ -203,6 +266,40 @@ class Postgres:
         try:
             with self.pool.connection(timeout=self._wait()) as conn, conn.transaction():
                 yield PgConnection(conn)
+        except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+            raise self._failed(exc) from exc
+        self._down = False
+
+    @contextmanager
+    def pipelined(self) -> Iterator[PgConnection]:
+        """A pooled connection in autocommit and pipeline mode: several reads whose
+        statements are all sent before the first result is read cost one round trip."""
+        try:
+            with self.pool.connection(timeout=self._wait()) as conn, conn.pipeline() as pipe:
+                yield PgConnection(conn, pipe)
+        except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+            raise self._failed(exc) from exc
+        self._down = False
+
+    @contextmanager
+    def batch(self) -> Iterator[PgConnection]:
+        """One transaction in pipeline mode for a group commit; each write in it a
+        savepoint (`PgConnection.savepoint`).
+
+        Every statement is answered before COMMIT is sent (one sync), so an error
+        raised by the COMMIT itself is the commit's, and one raised before it is a
+        statement's, after which the transaction is rolled back: `GroupAborted`,
+        nothing written."""
+        try:
+            with self.pool.connection(timeout=self._wait()) as conn, conn.pipeline() as pipe:
+                with conn.transaction():
+                    yield PgConnection(conn, pipe)
+                    try:
+                        pipe.sync()
+                    except psycopg.Error as exc:
+                        raise GroupAborted(exc) from exc
+        except GroupAborted:
+            raise
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
             raise self._failed(exc) from exc
         self._down = False

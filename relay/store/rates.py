@@ -17,6 +17,8 @@ settle alike.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from relay.store.db import Connection
 from relay.tokenrules import SECONDS, RateHit, RateUse, TokenRules, Unit, rate_hit, window_start
 
@@ -45,6 +47,15 @@ def count_rates(
     message that alone is over a limit is refused before the statement. When
     the upsert did not return a window, the caller rolls the transaction back.
     """
+    started = start_count_rates(db, token_id, rules, recipients, now)
+    return started if isinstance(started, RateHit) else started()
+
+
+def start_count_rates(
+    db: Connection, token_id: str, rules: TokenRules, recipients: int, now: int
+) -> RateHit | Callable[[], RateHit | None]:
+    """`count_rates` in two steps: the statement is executed (in a pipeline, queued)
+    and what reads its answer is returned, or the hit when the message alone is over."""
     alone = rate_hit(rules, {}, 1, recipients, now)
     if alone is not None:
         return alone
@@ -54,7 +65,7 @@ def count_rates(
             limits.setdefault(rate.unit, [_NO_LIMIT, _NO_LIMIT])[index] = rate.limit
     units = [u for u in Unit if u in limits]  # the lock order: minute, hour, day
     if not units:
-        return None
+        return lambda: None
     values = ", ".join("(?, ?, ?, 1, ?)" for _ in units)
     cases = " ".join("WHEN ? THEN ?" for _ in units)
     params: list[object] = []
@@ -63,7 +74,7 @@ def count_rates(
     for index in (0, 1):
         for unit in units:
             params += [str(unit), limits[unit][index]]
-    returned = db.execute(
+    cursor = db.execute(
         "INSERT INTO token_rates (token_id, unit, start, messages, recipients)"  # noqa: S608
         f" VALUES {values} ON CONFLICT (token_id, unit) DO UPDATE SET"
         " messages = CASE WHEN token_rates.start = excluded.start"
@@ -79,22 +90,27 @@ def count_rates(
         f" <= CASE token_rates.unit {cases} END"
         " RETURNING unit",
         params,
-    ).fetchall()
-    if len(returned) == len(units):
-        return None
-    # The windows not returned were full. Their rows are locked now and this
-    # statement did not change them, so their counts say which limit.
-    full = set(units) - {Unit(r["unit"]) for r in returned}
-    narrowed = TokenRules(
-        rates=tuple(r for r in rules.rates if r.unit in full),
-        rcpt_rates=tuple(r for r in rules.rcpt_rates if r.unit in full),
     )
-    hit = rate_hit(narrowed, read_rates(db, token_id), 1, recipients, now)
-    if hit is not None:
-        return hit
-    unit = max(full, key=SECONDS.__getitem__)
-    rate = next(r for r in (*narrowed.rates, *narrowed.rcpt_rates) if r.unit == unit)
-    return RateHit("messages", rate, window_start(unit, now) + SECONDS[unit] - now)
+
+    def finish() -> RateHit | None:
+        returned = cursor.fetchall()
+        if len(returned) == len(units):
+            return None
+        # The windows not returned were full. Their rows are locked now and this
+        # statement did not change them, so their counts say which limit.
+        full = set(units) - {Unit(r["unit"]) for r in returned}
+        narrowed = TokenRules(
+            rates=tuple(r for r in rules.rates if r.unit in full),
+            rcpt_rates=tuple(r for r in rules.rcpt_rates if r.unit in full),
+        )
+        hit = rate_hit(narrowed, read_rates(db, token_id), 1, recipients, now)
+        if hit is not None:
+            return hit
+        unit = max(full, key=SECONDS.__getitem__)
+        rate = next(r for r in (*narrowed.rates, *narrowed.rcpt_rates) if r.unit == unit)
+        return RateHit("messages", rate, window_start(unit, now) + SECONDS[unit] - now)
+
+    return finish
 
 
 def give_back(db: Connection, token_id: str, created: int, messages: int, recipients: int) -> None:

@@ -1,0 +1,183 @@
+"""The charge on PostgreSQL inside a group commit: few round trips, locks in one order.
+
+`relay.store.ledger.reserve` states the guarantees; this is the same charge
+with its statements sent together (psycopg's pipeline mode), so a message
+costs two round trips instead of one per statement:
+
+1. the reads: the domain's owner and the token (one statement), the
+   idempotency key, the send-limit windows and their limits;
+2. the writes, in the lock order: the sender's conditional charge, the
+   token's rate windows, the pending row, the send-limit windows.
+
+A refusal found in the answers of (2) (a window full) raises inside the
+write's savepoint, which rolls all four back. A sender that could not pay, or
+has no row yet, is `ChargeMissed`: rolled back too, and the caller takes the
+statement-by-statement way, which makes the row and says why it refuses.
+
+`lock_rows` is what a group runs first (`relay.store.group`): the rows its
+charges and refunds will change, locked in one global order.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from relay.errors import Refused
+from relay.store.db import Connection
+from relay.store.limits import RELAY_SCOPE, UNLIMITED, start_count_windows, start_read_windows
+from relay.store.limits import windows_of as parse_windows
+from relay.store.rates import start_count_rates
+from relay.tokenrules import NO_RULES, RateHit, load_rules, sender_allowed
+from relay.windows import LimitHit, Window, period_key, window_reset
+
+if TYPE_CHECKING:
+    from relay.store.ledger import Reservation
+
+
+class ChargeMissed(Exception):
+    """The sender's row is missing or cannot pay: take the statement-by-statement way."""
+
+
+def reserve_pipelined(
+    db: Connection,
+    *,
+    now: datetime,
+    sender: str,
+    account_id: int,
+    recipients: int,
+    unit: int,
+    idempotency_key: str | None,
+    domain: str | None,
+    token_id: str | None,
+    owner: str | None,
+    owner_sql: str,
+) -> Reservation:
+    from relay.store.idempotency import IDEMPOTENCY_WINDOW
+    from relay.store.ledger import Reservation
+
+    ts = int(now.timestamp())
+    day, month = period_key(Window.DAY, now), period_key(Window.MONTH, now)
+    checked = token_id is not None or domain is not None
+    # (1) the reads, in one round trip.
+    who = (
+        db.execute(owner_sql, (domain or "", ts, token_id or "", token_id or ""))
+        if checked
+        else None
+    )
+    seen = (
+        db.execute(
+            "SELECT 1 FROM delivered_keys WHERE key = ? AND created > ?",
+            (idempotency_key, ts - IDEMPOTENCY_WINDOW),
+        )
+        if idempotency_key
+        else None
+    )
+    windows_cursor = start_read_windows(db, account_id, now)
+    rules = NO_RULES
+    if who is not None:
+        row = who.fetchone()
+        owner_id = None if row["owner"] is None else int(row["owner"])
+        rules = load_rules(row["rules"])
+        if token_id is not None and not row["token_ok"]:
+            raise Refused("the session's token was revoked or expired", token_invalid=True)
+        if domain is not None and owner_id != account_id:
+            raise Refused(f"domain {domain} left the account", domain_lost=True)
+        if not sender_allowed(rules.senders, sender):
+            raise Refused(f"{sender} left the token's scope", out_of_scope=True)
+    windows = parse_windows(windows_cursor.fetchall())
+    if seen is not None and seen.fetchone() is not None:
+        return Reservation(0, 0, replay=True)
+    for label, window, limit, used in windows:
+        if limit != UNLIMITED and used + recipients > limit:
+            hit = LimitHit(label, window, limit, window_reset(window, now))
+            raise Refused(f"{label} {window.value} limit {limit} reached", hit=hit)
+    # (2) the writes, in the lock order, in one round trip.
+    charge = unit * recipients
+    charged = (
+        db.execute(
+            "UPDATE senders SET balance = balance - ?, updated = ?"
+            " WHERE address = ? AND enabled = 1 AND balance >= ?",
+            (charge, ts, sender, charge),
+        )
+        if unit
+        else None
+    )
+    counted = token_id if token_id is not None and rules.counted else None
+    rates = start_count_rates(db, counted, rules, recipients, ts) if counted is not None else None
+    if isinstance(rates, RateHit):
+        raise Refused(f"token {rates.what} rate {rates.rate} reached", rate=rates)
+    scopes = (RELAY_SCOPE, str(account_id))
+    pending = db.execute(
+        "INSERT INTO pending (sender, unit, count, scopes, day, month, created, owner, token)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+        (sender, unit, recipients, ",".join(scopes), day, month, ts, owner, counted),
+    )
+    full = start_count_windows(db, account_id, day, month, recipients, windows)
+    if charged is not None and charged.rowcount != 1:
+        raise ChargeMissed(sender)
+    rate = rates() if rates is not None else None
+    if rate is not None:
+        raise Refused(f"token {rate.what} rate {rate.rate} reached", rate=rate)
+    hit_window = full()
+    if hit_window is not None:
+        label, window, limit, _ = hit_window
+        hit = LimitHit(label, window, limit, window_reset(window, now))
+        raise Refused(f"{label} {window.value} limit {limit} reached", hit=hit)
+    return Reservation(int(pending.fetchone()["id"]), charge, created=ts)
+
+
+# The group's locks, one statement per kind of row, in the order every charge and
+# settle takes them (the module docstring of relay.store.ledger): senders by
+# address, token rate windows by token and minute, hour, day, send-limit windows
+# by scope and period with the relay-wide ones last. A settle's rows count only
+# when it will refund (fewer delivered than reserved); parameters: the charges'
+# keys, then the settles' ids and delivered counts.
+_SETTLING = (
+    " FROM pending p JOIN unnest(?::bigint[], ?::bigint[]) AS s(id, delivered)"
+    " ON p.id = s.id WHERE p.count > s.delivered"
+)
+LOCK_SENDERS = (
+    "SELECT 1 FROM senders WHERE address IN (SELECT unnest(?::text[])"  # noqa: S608
+    f" UNION SELECT p.sender{_SETTLING} AND p.unit > 0) ORDER BY address FOR UPDATE"
+)
+LOCK_RATES = (
+    "SELECT 1 FROM token_rates WHERE token_id IN (SELECT unnest(?::text[])"  # noqa: S608
+    f" UNION SELECT p.token{_SETTLING} AND p.token IS NOT NULL)"
+    " ORDER BY token_id, CASE unit WHEN 'minute' THEN 0 WHEN 'hour' THEN 1 ELSE 2 END"
+    " FOR UPDATE"
+)
+LOCK_WINDOWS = (
+    "SELECT 1 FROM counters WHERE (scope, period) IN"
+    " (SELECT * FROM unnest(?::text[], ?::text[]) UNION SELECT sc.scope, v.period"
+    " FROM pending p JOIN unnest(?::bigint[], ?::bigint[]) AS s(id, delivered) ON p.id = s.id"
+    " CROSS JOIN LATERAL unnest(string_to_array(p.scopes, ',')) AS sc(scope)"
+    " CROSS JOIN LATERAL (VALUES (p.day), (p.month)) AS v(period)"
+    " WHERE p.count > s.delivered)"
+    " ORDER BY left(scope, 1) = '*', scope, period FOR UPDATE"
+)
+
+
+def lock_rows(
+    db: Connection,
+    now: datetime,
+    charges: list[tuple[str, int, str | None]],
+    settles: list[tuple[int, int]],
+) -> None:
+    """Lock the rows a group's charges (sender, account, token) and settles
+    (reservation id, delivered) will change, in the global order. The statements
+    are queued: their answers are read with the first write's."""
+    day, month = period_key(Window.DAY, now), period_key(Window.MONTH, now)
+    ids = [s[0] for s in settles]
+    delivered = [s[1] for s in settles]
+    senders = sorted({c[0] for c in charges})
+    tokens = sorted({c[2] for c in charges if c[2] is not None})
+    scopes, periods = [], []
+    for scope in [*sorted({str(c[1]) for c in charges}), RELAY_SCOPE]:
+        scopes += [scope, scope]
+        periods += [day, month]
+    if not charges:
+        scopes, periods = [], []
+    db.execute(LOCK_SENDERS, (senders, ids, delivered))
+    db.execute(LOCK_RATES, (tokens, ids, delivered))
+    db.execute(LOCK_WINDOWS, (scopes, periods, ids, delivered))
