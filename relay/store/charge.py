@@ -25,11 +25,11 @@ from typing import TYPE_CHECKING
 
 from relay.errors import Refused
 from relay.store.db import Connection
-from relay.store.limits import RELAY_SCOPE, UNLIMITED, start_count_windows, start_read_windows
+from relay.store.limits import RELAY_SCOPE, start_count_windows, start_read_windows
 from relay.store.limits import windows_of as parse_windows
 from relay.store.rates import start_count_rates
 from relay.tokenrules import NO_RULES, RateHit, load_rules, sender_allowed
-from relay.windows import LimitHit, Window, period_key, window_reset
+from relay.windows import UNLIMITED, LimitHit, Window, period_key, window_reset
 
 if TYPE_CHECKING:
     from relay.store.ledger import Reservation

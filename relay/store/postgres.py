@@ -317,7 +317,8 @@ class Postgres:
 
     def read(self, sql: str, args: Sequence[Any]) -> list[Any]:
         with self.connection() as conn:
-            return conn.execute(sql, args).fetchall()
+            rows: list[Any] = conn.execute(sql, args).fetchall()
+            return rows
 
     def autocommit(self) -> Autocommit:
         return Autocommit(self)

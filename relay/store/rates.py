@@ -18,8 +18,9 @@ settle alike.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
-from relay.store.db import Connection
+from relay.store.db import Connection, Cursor
 from relay.tokenrules import SECONDS, RateHit, RateUse, TokenRules, Unit, rate_hit, window_start
 
 # A limit for the upsert's condition when a window has none of that kind.
@@ -28,10 +29,18 @@ _NO_LIMIT = 2**62
 
 def read_rates(db: Connection, token_id: str) -> dict[Unit, RateUse]:
     """The token's counts, by unit (the caller judges whether a window is current)."""
-    rows = db.execute(
+    return rates_of(start_read_rates(db, token_id).fetchall())
+
+
+def start_read_rates(db: Connection, token_id: str) -> Cursor:
+    """`read_rates`' statement, executed (in a pipeline: queued); `rates_of` reads it."""
+    return db.execute(
         "SELECT unit, start, messages, recipients FROM token_rates WHERE token_id = ?",
         (token_id,),
-    ).fetchall()
+    )
+
+
+def rates_of(rows: list[Any]) -> dict[Unit, RateUse]:
     return {
         Unit(r["unit"]): RateUse(int(r["start"]), int(r["messages"]), int(r["recipients"]))
         for r in rows
