@@ -129,10 +129,27 @@ class PgConnection:
     def savepoint(self) -> Iterator[PgConnection]:
         """One write of a group: rolled back alone when its body raises (a refusal); a
         failed statement aborts the whole group (`GroupAborted`), since in a pipeline
-        its error may surface in a later write's statement."""
+        its error may surface in a later write's statement. The savepoint's own
+        statements are queued, not waited for (psycopg's nested `transaction()`
+        would send the pipeline at its start and its end)."""
+        conn = self.conn
         try:
-            with self.conn.transaction():
-                yield self
+            conn.execute(b"SAVEPOINT w")
+        except psycopg.Error as exc:
+            raise GroupAborted(exc) from exc
+        try:
+            yield self
+        except psycopg.Error as exc:
+            raise GroupAborted(exc) from exc
+        except BaseException:
+            try:
+                conn.execute(b"ROLLBACK TO SAVEPOINT w")
+                conn.execute(b"RELEASE SAVEPOINT w")
+            except psycopg.Error as exc:
+                raise GroupAborted(exc) from exc
+            raise
+        try:
+            conn.execute(b"RELEASE SAVEPOINT w")
         except psycopg.Error as exc:
             raise GroupAborted(exc) from exc
 
@@ -284,23 +301,24 @@ class Postgres:
     @contextmanager
     def batch(self) -> Iterator[PgConnection]:
         """One transaction in pipeline mode for a group commit; each write in it a
-        savepoint (`PgConnection.savepoint`).
+        savepoint (`PgConnection.savepoint`). COMMIT goes with the last writes'
+        queued statements: one round trip.
 
-        Every statement is answered before COMMIT is sent (one sync), so an error
-        raised by the COMMIT itself is the commit's, and one raised before it is a
-        statement's, after which the transaction is rolled back: `GroupAborted`,
-        nothing written."""
+        A deadlock or serialization failure raised there is a statement's (READ
+        COMMITTED's COMMIT raises neither): the transaction was rolled back,
+        `GroupAborted`, worth running again. Any other failure of the commit
+        fails the whole group (`StoreError`)."""
         try:
             with self.pool.connection(timeout=self._wait()) as conn, conn.pipeline() as pipe:
                 with conn.transaction():
                     yield PgConnection(conn, pipe)
-                    try:
-                        pipe.sync()
-                    except psycopg.Error as exc:
-                        raise GroupAborted(exc) from exc
         except GroupAborted:
             raise
-        except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+        except psycopg.Error as exc:
+            if getattr(exc, "sqlstate", None) in RETRYABLE:
+                raise GroupAborted(exc) from exc
+            raise self._failed(exc) from exc
+        except psycopg_pool.PoolTimeout as exc:
             raise self._failed(exc) from exc
         self._down = False
 
