@@ -21,7 +21,7 @@ charges and refunds will change, locked in one global order.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from relay.errors import Refused
 from relay.store.db import Connection
@@ -39,27 +39,33 @@ class ChargeMissed(Exception):
     """The sender's row is missing or cannot pay: take the statement-by-statement way."""
 
 
-def reserve_pipelined(
+class Reads:
+    """A charge's reads, executed (in a pipeline: queued) and not yet read."""
+
+    __slots__ = ("key", "seen", "who", "windows")
+
+    def __init__(self, key: tuple[object, ...], who: Any, seen: Any, windows: Any) -> None:
+        self.key, self.who, self.seen, self.windows = key, who, seen, windows
+
+
+def start_reads(
     db: Connection,
-    *,
     now: datetime,
-    sender: str,
+    *,
     account_id: int,
-    recipients: int,
-    unit: int,
     idempotency_key: str | None,
     domain: str | None,
     token_id: str | None,
-    owner: str | None,
     owner_sql: str,
-) -> Reservation:
+) -> Reads:
+    """Step (1)'s statements. A group executes those of all its charges at its start,
+    in one round trip with its locks (`Ledger.prefetch_charges`): the counts read
+    may then miss the group's own earlier charges, which on PostgreSQL only the
+    conditional upserts of step (2) decide anyway."""
     from relay.store.idempotency import IDEMPOTENCY_WINDOW
-    from relay.store.ledger import Reservation
 
     ts = int(now.timestamp())
-    day, month = period_key(Window.DAY, now), period_key(Window.MONTH, now)
     checked = token_id is not None or domain is not None
-    # (1) the reads, in one round trip.
     who = (
         db.execute(owner_sql, (domain or "", ts, token_id or "", token_id or ""))
         if checked
@@ -73,7 +79,40 @@ def reserve_pipelined(
         if idempotency_key
         else None
     )
-    windows_cursor = start_read_windows(db, account_id, now)
+    key = (account_id, idempotency_key, domain, token_id)
+    return Reads(key, who, seen, start_read_windows(db, account_id, now))
+
+
+def reserve_pipelined(
+    db: Connection,
+    *,
+    now: datetime,
+    sender: str,
+    account_id: int,
+    recipients: int,
+    unit: int,
+    idempotency_key: str | None,
+    domain: str | None,
+    token_id: str | None,
+    owner: str | None,
+    owner_sql: str,
+    reads: Reads | None = None,
+) -> Reservation:
+    from relay.store.ledger import Reservation
+
+    ts = int(now.timestamp())
+    day, month = period_key(Window.DAY, now), period_key(Window.MONTH, now)
+    if reads is None or reads.key != (account_id, idempotency_key, domain, token_id):
+        reads = start_reads(
+            db,
+            now,
+            account_id=account_id,
+            idempotency_key=idempotency_key,
+            domain=domain,
+            token_id=token_id,
+            owner_sql=owner_sql,
+        )
+    who, seen, windows_cursor = reads.who, reads.seen, reads.windows
     rules = NO_RULES
     if who is not None:
         row = who.fetchone()

@@ -149,6 +149,9 @@ class Database:
         self._page = 0  # the database's page size, read once
         self._batch = False  # inside `batch()`: each `_write` is a savepoint
         self._pg_batch: PgConnection | None = None  # PostgreSQL's group transaction
+        # In a PostgreSQL group: the next write gets a savepoint of its own (one that
+        # may refuse, a charge); without, a write that raises aborts the group.
+        self.savepoint = True
 
     @property
     def is_postgres(self) -> bool:
@@ -218,6 +221,10 @@ class Database:
         connection. Rolled back when the body raises."""
         if self._pg is not None:
             if self._pg_batch is not None:
+                if not self.savepoint:
+                    with self._pg_batch.bare() as conn:
+                        yield conn
+                    return
                 with self._pg_batch.savepoint() as conn:
                     yield conn
                 return

@@ -116,8 +116,14 @@ def _commit_group(
     try:
         with store.batch():
             if prelock:
+                store.savepoint = False  # reads and locks: nothing to roll back alone
                 store.lock_rows(*_lock_keys(group))
+                store.prefetch_charges(
+                    [write.kwargs for write in group if write.fn is Store.reserve]
+                )
             for write in group:
+                # A charge may refuse after its first statements: its own savepoint.
+                store.savepoint = not prelock or write.fn is Store.reserve
                 try:
                     result = write.fn(store, *write.args, **write.kwargs)
                 except aborted:
@@ -133,6 +139,8 @@ def _commit_group(
     except StoreError as exc:
         outcomes += [(True, None)] * (len(group) - len(outcomes))
         return [(False, exc) if ok else (ok, value) for ok, value in outcomes]
+    finally:
+        store.savepoint = True
     return outcomes
 
 

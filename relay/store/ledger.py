@@ -43,6 +43,7 @@ database:
 from __future__ import annotations
 
 import os
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -50,7 +51,7 @@ from typing import Any
 
 from relay.errors import Refused
 from relay.policy import SenderState
-from relay.store.charge import ChargeMissed, lock_rows, reserve_pipelined
+from relay.store.charge import ChargeMissed, Reads, lock_rows, reserve_pipelined, start_reads
 from relay.store.db import Connection, Cursor, Database, read_only
 from relay.store.deliveries import DeliveryRecord, insert
 from relay.store.idempotency import delivered_recently, forget_expired, remember_delivered
@@ -114,6 +115,8 @@ class Reservation:
 
 class Ledger(Database):
     owner: str | None = None  # the live process's id, recorded on each reservation
+    # A PostgreSQL group's charges' reads, executed at its start (`prefetch_charges`).
+    _prefetched: deque[Reads] = deque()  # replaced, never changed in place
 
     # --- the runtime path --------------------------------------------------------
 
@@ -251,6 +254,7 @@ class Ledger(Database):
                         token_id=token_id,
                         owner=self.owner,
                         owner_sql=_OWNER_SQL,
+                        reads=self._prefetched.popleft() if self._prefetched else None,
                     )
             except ChargeMissed:
                 pass
@@ -408,6 +412,25 @@ class Ledger(Database):
         change, in the global order."""
         with self._write() as db:
             lock_rows(db, self.clock(), charges, settles)
+
+    def prefetch_charges(self, charges: list[dict[str, Any]]) -> None:
+        """A PostgreSQL group's charges' reads, queued at its start in its order
+        (`relay.store.charge.start_reads`); each `reserve` takes the first."""
+        now = self.clock()
+        self._prefetched = deque()
+        with self._write() as db:
+            for charge in charges:
+                self._prefetched.append(
+                    start_reads(
+                        db,
+                        now,
+                        account_id=charge["account_id"],
+                        idempotency_key=charge.get("idempotency_key"),
+                        domain=charge.get("domain"),
+                        token_id=charge.get("token_id"),
+                        owner_sql=_OWNER_SQL,
+                    )
+                )
 
     def heartbeat(self) -> None:
         """Record that this process (`owner`) lives; also proves the database writable."""

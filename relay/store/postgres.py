@@ -153,6 +153,16 @@ class PgConnection:
         except psycopg.Error as exc:
             raise GroupAborted(exc) from exc
 
+    @contextmanager
+    def bare(self) -> Iterator[PgConnection]:
+        """One write of a group that is not expected to raise (a settle, a log
+        record): no savepoint; if it raises after all, the whole group is aborted
+        (`GroupAborted`) and `relay.store.group` runs its writes one at a time."""
+        try:
+            yield self
+        except Exception as exc:
+            raise GroupAborted(exc) from exc
+
     def executemany(self, sql: str, parameters: Any, /) -> psycopg.Cursor[PgRow]:
         cursor = self.conn.cursor()
         cursor.executemany(pg_sql(sql).encode(), parameters)
