@@ -201,3 +201,52 @@ def test_two_hosts_run_a_balance_and_a_daily_limit_to_their_edge_at_once(
         assert (rows["relay"]["daily_count"], rows["relay"]["monthly_count"]) == (DAILY, DAILY)
     finally:
         store.close()
+
+
+def test_an_unlimited_window_is_counted_in_each_relays_own_rows_a_limited_one_shared(
+    database_url,
+):
+    """No relay waits for another's commit to count an unlimited window; once a limit
+    is set, the shared row's check counts what the relays' own rows hold."""
+    first, _ = seeded(database_url)
+    second = Store(database_url)
+    try:
+        account = account_id_of(first, "acme")
+        first.owner, second.owner = "relay-a", "relay-b"
+        first.set_sender(SENDER, balance=10)
+        kwargs = {"account_id": account, "recipients": 1, "unit": 1, "default_balance": 0}
+        a = first.reserve(SENDER, **kwargs)
+        second.reserve(SENDER, **kwargs)
+
+        own = first.db.execute(
+            "SELECT scope, relay, count FROM relay_counters ORDER BY relay, scope, period"
+        ).fetchall()
+        assert {(r["scope"], r["relay"]) for r in own} == {
+            ("*", "relay-a"),
+            (str(account), "relay-a"),
+            ("*", "relay-b"),
+            (str(account), "relay-b"),
+        }
+        assert first.db.execute("SELECT count(*) FROM counters").fetchone()[0] == 0
+        relay = next(r for r in first.show_limits() if r["scope"] == "relay")
+        assert (relay["daily_count"], relay["monthly_count"]) == (2, 2)
+
+        first.settle(a.id, 0, created=a.created)  # undelivered: its own rows give it back
+        relay = next(r for r in first.show_limits() if r["scope"] == "relay")
+        assert relay["daily_count"] == 1
+
+        first.set_limits(account=None, daily=3, monthly=None)
+        first.reserve(SENDER, **kwargs)
+        second.reserve(SENDER, **kwargs)
+        with pytest.raises(Refused) as refused:
+            first.reserve(SENDER, **kwargs)
+        assert refused.value.hit is not None and refused.value.hit.limit == 3
+        shared = first.db.execute("SELECT scope, count FROM counters ORDER BY scope").fetchall()
+        # The relay's day and month both shared now (one has a limit); the account's not.
+        assert [(r["scope"], r["count"]) for r in shared] == [("*", 2), ("*", 2)]
+        relay = next(r for r in first.show_limits() if r["scope"] == "relay")
+        assert relay["daily_count"] == 3
+        assert first.show_sender(SENDER)["balance"] == 10 - 4 + 1
+    finally:
+        second.close()
+        first.close()

@@ -25,7 +25,13 @@ from typing import TYPE_CHECKING, Any
 
 from relay.errors import Refused
 from relay.store.db import Connection
-from relay.store.limits import RELAY_SCOPE, start_count_windows, start_read_windows
+from relay.store.limits import (
+    RELAY_SCOPE,
+    plain,
+    start_count_windows,
+    start_read_windows,
+    window_scopes,
+)
 from relay.store.limits import windows_of as parse_windows
 from relay.store.rates import start_count_rates
 from relay.tokenrules import NO_RULES, RateHit, load_rules, sender_allowed
@@ -146,13 +152,13 @@ def reserve_pipelined(
     rates = start_count_rates(db, counted, rules, recipients, ts) if counted is not None else None
     if isinstance(rates, RateHit):
         raise Refused(f"token {rates.what} rate {rates.rate} reached", rate=rates)
-    scopes = (RELAY_SCOPE, str(account_id))
+    scopes = window_scopes(account_id, windows, owner)
     pending = db.execute(
         "INSERT INTO pending (sender, unit, count, scopes, day, month, created, owner, token)"
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-        (sender, unit, recipients, ",".join(scopes), day, month, ts, owner, counted),
+        (sender, unit, recipients, plain(scopes), day, month, ts, owner, counted),
     )
-    full = start_count_windows(db, account_id, day, month, recipients, windows)
+    full = start_count_windows(db, account_id, day, month, recipients, windows, scopes)
     if charged is not None and charged.rowcount != 1:
         raise ChargeMissed(sender)
     rate = rates() if rates is not None else None
@@ -193,6 +199,8 @@ LOCK_WINDOWS = (
     " CROSS JOIN LATERAL unnest(string_to_array(p.scopes, ',')) AS sc(scope)"
     " CROSS JOIN LATERAL (VALUES (p.day), (p.month)) AS v(period)"
     " WHERE p.count > s.delivered)"
+    # Only windows with a limit: an unlimited one is counted in each relay's own rows.
+    " AND scope IN (SELECT scope FROM limits WHERE daily <> -1 OR monthly <> -1)"
     " ORDER BY left(scope, 1) = '*', scope, period FOR UPDATE"
 )
 

@@ -60,10 +60,13 @@ from relay.store.limits import (
     RELAY_SCOPE,
     add_to_windows,
     count_windows,
+    plain,
     read_windows,
     start_read_windows,
+    window_scopes,
     windows_of,
 )
+from relay.store.limits import give_back as give_back_window
 from relay.store.rates import count_rates, give_back, rates_of, read_rates, start_read_rates
 from relay.store.refusals import REFUSAL_WINDOW
 from relay.store.senders import ensure_sender
@@ -260,7 +263,7 @@ class Ledger(Database):
                 pass
         ts = int(now.timestamp())
         day, month = period_key(Window.DAY, now), period_key(Window.MONTH, now)
-        scopes = (RELAY_SCOPE, str(account_id))
+        scopes: tuple[str, ...] = (RELAY_SCOPE, str(account_id))
         charge = unit * recipients
         rules = NO_RULES
         with self._write() as db:
@@ -304,14 +307,16 @@ class Ledger(Database):
                 if limit != UNLIMITED and used + recipients > limit:
                     hit = LimitHit(label, window, limit, window_reset(window, now))
                     raise Refused(f"{label} {window.value} limit {limit} reached", hit=hit)
+            if self.is_postgres:
+                scopes = tuple(window_scopes(account_id, windows, self.owner))
             pending = db.execute(
                 "INSERT INTO pending"
                 " (sender, unit, count, scopes, day, month, created, owner, token)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-                (sender, unit, recipients, ",".join(scopes), day, month, ts, self.owner, counted),
+                (sender, unit, recipients, plain(scopes), day, month, ts, self.owner, counted),
             ).fetchone()
             if self.is_postgres:
-                full = count_windows(db, account_id, day, month, recipients, windows)
+                full = count_windows(db, account_id, day, month, recipients, windows, scopes)
                 if full is not None:
                     label, window, limit, _ = full
                     hit = LimitHit(label, window, limit, window_reset(window, now))
@@ -526,11 +531,9 @@ def _settle(
         messages = 1 if undelivered >= row["count"] else 0
         give_back(db, row["token"], int(row["created"]), messages, undelivered)
     if undelivered:
+        # The account's before the relay's (the lock order); each to the row that
+        # counted it (`relay.store.limits.give_back`).
         for scope in sorted(row["scopes"].split(","), key=lambda s: s == RELAY_SCOPE):
             for period in (row["day"], row["month"]):
-                db.execute(
-                    "UPDATE counters SET count = CASE WHEN count > ? THEN count - ? ELSE 0 END"
-                    " WHERE scope = ? AND period = ?",
-                    (undelivered, undelivered, scope, period),
-                )
+                give_back_window(db, scope, period, row["owner"], undelivered)
     return int(refund), int(row["unit"] * min(delivered, row["count"]))

@@ -270,4 +270,16 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE deliveries ADD COLUMN provider_events TEXT;  -- JSON list, NULL: none
     CREATE INDEX deliveries_upstream_id ON deliveries (upstream_id) WHERE upstream_id <> '';
     """,
+    # 17: an unlimited send-limit window's count kept per relay process, summed on
+    #     read, so relays on several hosts (PostgreSQL) never wait for each other's
+    #     commit to count a message (relay.store.limits)
+    """
+    CREATE TABLE relay_counters (
+        scope TEXT NOT NULL,
+        period TEXT NOT NULL,
+        relay TEXT NOT NULL,                -- the relay process that counted
+        count INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (scope, period, relay)
+    ) WITHOUT ROWID;
+    """,
 )
