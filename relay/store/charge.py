@@ -21,7 +21,7 @@ charges and refunds will change, locked in one global order.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from relay.errors import Refused
 from relay.store.db import Connection
@@ -36,9 +36,6 @@ from relay.store.limits import windows_of as parse_windows
 from relay.store.rates import start_count_rates
 from relay.tokenrules import NO_RULES, RateHit, load_rules, sender_allowed
 from relay.windows import UNLIMITED, LimitHit, Window, period_key, window_reset
-
-if TYPE_CHECKING:
-    from relay.store.ledger import Reservation
 
 
 class ChargeMissed(Exception):
@@ -103,9 +100,9 @@ def reserve_pipelined(
     owner: str | None,
     owner_sql: str,
     reads: Reads | None = None,
-) -> Reservation:
-    from relay.store.ledger import Reservation
-
+) -> tuple[int, int, int] | None:
+    """The reservation's (id, units charged, time), or None: the upstream took
+    this message already (its idempotency key), nothing charged."""
     ts = int(now.timestamp())
     day, month = period_key(Window.DAY, now), period_key(Window.MONTH, now)
     if reads is None or reads.key != (account_id, idempotency_key, domain, token_id):
@@ -132,7 +129,7 @@ def reserve_pipelined(
             raise Refused(f"{sender} left the token's scope", out_of_scope=True)
     windows = parse_windows(windows_cursor.fetchall())
     if seen is not None and seen.fetchone() is not None:
-        return Reservation(0, 0, replay=True)
+        return None
     for label, window, limit, used in windows:
         if limit != UNLIMITED and used + recipients > limit:
             hit = LimitHit(label, window, limit, window_reset(window, now))
@@ -169,7 +166,7 @@ def reserve_pipelined(
         label, window, limit, _ = hit_window
         hit = LimitHit(label, window, limit, window_reset(window, now))
         raise Refused(f"{label} {window.value} limit {limit} reached", hit=hit)
-    return Reservation(int(pending.fetchone()["id"]), charge, created=ts)
+    return int(pending.fetchone()["id"]), charge, ts
 
 
 # The group's locks, one statement per kind of row, in the order every charge and

@@ -66,6 +66,10 @@ def commit_group(store: Store, group: list[Write]) -> list[tuple[bool, Any]]:
         try:
             return _commit_group(store, group, prelock=True)
         except GroupAborted as exc:
+            if exc.unavailable:
+                failure = StoreError(f"database unavailable: {exc}")
+                failure.__cause__ = exc.__cause__  # an outage, logged as one
+                return [(False, failure)] * len(group)
             if not exc.retry:
                 log.warning("a group commit failed (%s); its writes run one at a time", exc)
                 break

@@ -25,9 +25,10 @@ database:
   windows are counted the same way (`relay.store.rates`). Every transaction
   locks rows in one order (the sender, the token's rate windows, the account's
   windows, then the relay's), so none waits on another in a cycle.
-  The relay-wide windows are the hot rows every message updates: they are
-  locked last, so each transaction holds them for one statement and its
-  commit (docs/postgres.md, "The hot rows", for what that costs).
+  A window without a limit is counted in the relay process's own rows
+  instead (`relay.store.limits.window_scopes`), which no other host waits
+  for; a group commit takes all its shared rows first, in this same order
+  (`relay.store.group`; docs/postgres.md, "Group commit").
 - Every reservation is recorded as a pending row until `settle` refunds what the
   upstream did not take; a crash leaves the row, and `settle_stale` (on start and
   periodically) refunds it. A settle begins by deleting its pending row
@@ -245,7 +246,7 @@ class Ledger(Database):
             # yet, is rolled back there and charged the way below.
             try:
                 with self._write() as db:
-                    return reserve_pipelined(
+                    made = reserve_pipelined(
                         db,
                         now=now,
                         sender=sender,
@@ -259,6 +260,9 @@ class Ledger(Database):
                         owner_sql=_OWNER_SQL,
                         reads=self._prefetched.popleft() if self._prefetched else None,
                     )
+                if made is None:
+                    return Reservation(0, 0, replay=True)
+                return Reservation(made[0], made[1], created=made[2])
             except ChargeMissed:
                 pass
         ts = int(now.timestamp())

@@ -101,6 +101,8 @@ class GroupAborted(Exception):
     def __init__(self, exc: BaseException) -> None:
         super().__init__(str(exc))
         self.retry = getattr(exc, "sqlstate", None) in RETRYABLE
+        # The connection broke (not a conflict, which psycopg also calls operational).
+        self.unavailable = not self.retry and unavailable(exc)
 
 
 class PgConnection:
