@@ -68,7 +68,7 @@ from relay.store.limits import (
     windows_of,
 )
 from relay.store.limits import give_back as give_back_window
-from relay.store.rates import count_rates, give_back, rates_of, read_rates, start_read_rates
+from relay.store.rates import count_rates, give_back, read_rates
 from relay.store.refusals import REFUSAL_WINDOW
 from relay.store.senders import ensure_sender
 from relay.tokenrules import (
@@ -147,8 +147,8 @@ class Ledger(Database):
         (0: not counted), so the count costs the same however many there were.
         """
         now = self.clock()
-        # PostgreSQL: the three statements in one round trip (a pipeline; the
-        # token's rate windows are read whether or not its rules count them).
+        # PostgreSQL: the statements in one round trip (a pipeline); a token whose
+        # rules count rates has its rate windows read after, in a second.
         with self._connection(pipelined=True) as db:
             # The domain's owner, the token, the no-limit list and the sender's
             # row, and the token's refusals, in one statement: MAIL FROM asks
@@ -169,16 +169,10 @@ class Ledger(Database):
                 ),
             )
             windows = start_read_windows(db, account_id, now)
-            rates = start_read_rates(db, token_id) if self.is_postgres and token_id else None
             row = check.fetchone()
             room, hit = self._headroom(windows_of(windows.fetchall()), now)
             rules = load_rules(row["rules"])
-            if not rules.counted:
-                use = {}
-            elif rates is not None:
-                use = rates_of(rates.fetchall())
-            else:
-                use = read_rates(db, token_id)
+            use = read_rates(db, token_id) if rules.counted else {}
         owner, known = row["owner"], row["balance"] is not None
         state = SenderState(
             address=address,
