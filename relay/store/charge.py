@@ -24,7 +24,7 @@ from datetime import datetime
 from typing import Any
 
 from relay.errors import Refused
-from relay.store.db import Connection
+from relay.store.db import Connection, Cursor
 from relay.store.limits import (
     RELAY_SCOPE,
     plain,
@@ -34,8 +34,31 @@ from relay.store.limits import (
 )
 from relay.store.limits import windows_of as parse_windows
 from relay.store.rates import start_count_rates
-from relay.tokenrules import NO_RULES, RateHit, load_rules, sender_allowed
+from relay.tokenrules import NO_RULES, RateHit, TokenRules, load_rules, sender_allowed
 from relay.windows import UNLIMITED, LimitHit, Window, period_key, window_reset
+
+# The domain's owner, whether a token is still valid (not revoked, not
+# expired), and its rules; parameters: the domain, the time now, the token's
+# id twice.
+_OWNER_AND_VALIDITY = (
+    "(SELECT account_id FROM domains WHERE domain = ?) AS owner,"
+    " (SELECT revoked IS NULL AND (expires IS NULL OR expires > ?) FROM tokens"
+    " WHERE id = ?) AS token_ok,"
+    " (SELECT rules FROM tokens WHERE id = ?) AS rules"
+)
+OWNER_SQL = f"SELECT {_OWNER_AND_VALIDITY}"
+# MAIL FROM's check: with them, the no-limit list, the sender's row and the
+# token's refusals within the window, counted no further than the limit, and the
+# account's own queue mode.
+MAIL_CHECK_SQL = (
+    f"SELECT {_OWNER_AND_VALIDITY},"  # noqa: S608 - constants; placeholders only
+    " EXISTS (SELECT 1 FROM nolimit WHERE address = ?) AS nolimit,"
+    " (SELECT balance FROM senders WHERE address = ?) AS balance,"
+    " (SELECT enabled FROM senders WHERE address = ?) AS enabled,"
+    " (SELECT count(*) FROM (SELECT 1 FROM refusals WHERE token_id = ? AND created > ?"
+    " LIMIT ?) AS r) AS refusals,"
+    " (SELECT queue FROM accounts WHERE id = ?) AS queue"
+)
 
 
 class ChargeMissed(Exception):
@@ -59,7 +82,6 @@ def start_reads(
     idempotency_key: str | None,
     domain: str | None,
     token_id: str | None,
-    owner_sql: str,
 ) -> Reads:
     """Step (1)'s statements. A group executes those of all its charges at its start,
     in one round trip with its locks (`Ledger.prefetch_charges`): the counts read
@@ -70,7 +92,7 @@ def start_reads(
     ts = int(now.timestamp())
     checked = token_id is not None or domain is not None
     who = (
-        db.execute(owner_sql, (domain or "", ts, token_id or "", token_id or ""))
+        db.execute(OWNER_SQL, (domain or "", ts, token_id or "", token_id or ""))
         if checked
         else None
     )
@@ -98,7 +120,6 @@ def reserve_pipelined(
     domain: str | None,
     token_id: str | None,
     owner: str | None,
-    owner_sql: str,
     reads: Reads | None = None,
 ) -> tuple[int, int, int] | None:
     """The reservation's (id, units charged, time), or None: the upstream took
@@ -113,7 +134,6 @@ def reserve_pipelined(
             idempotency_key=idempotency_key,
             domain=domain,
             token_id=token_id,
-            owner_sql=owner_sql,
         )
     who, seen, windows_cursor = reads.who, reads.seen, reads.windows
     rules = NO_RULES
@@ -136,15 +156,7 @@ def reserve_pipelined(
             raise Refused(f"{label} {window.value} limit {limit} reached", hit=hit)
     # (2) the writes, in the lock order, in one round trip.
     charge = unit * recipients
-    charged = (
-        db.execute(
-            "UPDATE senders SET balance = balance - ?, updated = ?"
-            " WHERE address = ? AND enabled = 1 AND balance >= ?",
-            (charge, ts, sender, charge),
-        )
-        if unit
-        else None
-    )
+    charged = charge_sender(db, sender, charge, ts) if unit else None
     counted = token_id if token_id is not None and rules.counted else None
     rates = start_count_rates(db, counted, rules, recipients, ts) if counted is not None else None
     if isinstance(rates, RateHit):
@@ -225,3 +237,23 @@ def lock_rows(
     db.execute(LOCK_SENDERS, (senders, ids, delivered))
     db.execute(LOCK_RATES, (tokens, ids, delivered))
     db.execute(LOCK_WINDOWS, (scopes, periods, ids, delivered))
+
+
+def charge_sender(db: Connection, address: str, charge: int, ts: int) -> Cursor:
+    """Take `charge` from an enabled sender's balance if it covers it (rowcount 1), or nothing."""
+    return db.execute(
+        "UPDATE senders SET balance = balance - ?, updated = ?"
+        " WHERE address = ? AND enabled = 1 AND balance >= ?",
+        (charge, ts, address, charge),
+    )
+
+
+def owner_and_token(
+    db: Connection, domain: str, token_id: str, now: int
+) -> tuple[int | None, bool, TokenRules]:
+    """The account owning `domain`, whether token `token_id` is still valid
+    (not revoked, not expired), and its rules, in one statement: the charge
+    asks them of every message (MAIL FROM's check reads them with more)."""
+    row = db.execute(OWNER_SQL, (domain, now, token_id, token_id)).fetchone()
+    owner = row["owner"]
+    return (None if owner is None else int(owner)), bool(row["token_ok"]), load_rules(row["rules"])

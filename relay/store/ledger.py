@@ -52,8 +52,17 @@ from typing import Any
 
 from relay.errors import Refused
 from relay.policy import SenderState
-from relay.store.charge import ChargeMissed, Reads, lock_rows, reserve_pipelined, start_reads
-from relay.store.db import Connection, Cursor, Database, read_only
+from relay.store.charge import (
+    MAIL_CHECK_SQL,
+    ChargeMissed,
+    Reads,
+    charge_sender,
+    lock_rows,
+    owner_and_token,
+    reserve_pipelined,
+    start_reads,
+)
+from relay.store.db import Connection, Database, read_only
 from relay.store.deliveries import DeliveryRecord, insert
 from relay.store.idempotency import delivered_recently, forget_expired, remember_delivered
 from relay.store.journal import PendingSettle
@@ -155,7 +164,7 @@ class Ledger(Database):
             # all five of every message.
             ts = int(now.timestamp())
             check = db.execute(
-                _MAIL_CHECK_SQL,
+                MAIL_CHECK_SQL,
                 (
                     domain,
                     ts,
@@ -251,7 +260,6 @@ class Ledger(Database):
                         domain=domain,
                         token_id=token_id,
                         owner=self.owner,
-                        owner_sql=_OWNER_SQL,
                         reads=self._prefetched.popleft() if self._prefetched else None,
                     )
                 if made is None:
@@ -266,7 +274,7 @@ class Ledger(Database):
         rules = NO_RULES
         with self._write() as db:
             if token_id is not None or domain is not None:
-                owner, token_valid, rules = _owner_and_token(db, domain or "", token_id or "", ts)
+                owner, token_valid, rules = owner_and_token(db, domain or "", token_id or "", ts)
                 if token_id is not None and not token_valid:
                     raise Refused("the session's token was revoked or expired", token_invalid=True)
                 if domain is not None and owner != account_id:
@@ -276,14 +284,14 @@ class Ledger(Database):
             if idempotency_key and delivered_recently(db, idempotency_key, ts):
                 return Reservation(0, 0, replay=True)
             if unit:
-                cur = _charge(db, sender, charge, ts)
+                cur = charge_sender(db, sender, charge, ts)
                 if cur.rowcount != 1:
                     # No row yet (its first charge), or one that cannot pay. The
                     # charge is tried again after the row is made, whoever made it:
                     # on PostgreSQL another host's first charge may have made it
                     # since, and its balance decides, not the miss above.
                     ensure_sender(db, sender, default_balance, ts)
-                    cur = _charge(db, sender, charge, ts)
+                    cur = charge_sender(db, sender, charge, ts)
                 if cur.rowcount != 1:
                     row = db.execute(
                         "SELECT balance, enabled FROM senders WHERE address = ?", (sender,)
@@ -431,7 +439,6 @@ class Ledger(Database):
                         idempotency_key=charge.get("idempotency_key"),
                         domain=charge.get("domain"),
                         token_id=charge.get("token_id"),
-                        owner_sql=_OWNER_SQL,
                     )
                 )
 
@@ -451,50 +458,6 @@ class Ledger(Database):
 
     def pending_count(self) -> int:
         return int(self._read("SELECT count(*) FROM pending")[0][0])
-
-
-def _charge(db: Connection, address: str, charge: int, ts: int) -> Cursor:
-    """Take `charge` from an enabled sender's balance if it covers it (rowcount 1), or nothing."""
-    return db.execute(
-        "UPDATE senders SET balance = balance - ?, updated = ?"
-        " WHERE address = ? AND enabled = 1 AND balance >= ?",
-        (charge, ts, address, charge),
-    )
-
-
-# The domain's owner, whether a token is still valid (not revoked, not
-# expired), and its rules; parameters: the domain, the time now, the token's
-# id twice.
-_OWNER_AND_VALIDITY = (
-    "(SELECT account_id FROM domains WHERE domain = ?) AS owner,"
-    " (SELECT revoked IS NULL AND (expires IS NULL OR expires > ?) FROM tokens"
-    " WHERE id = ?) AS token_ok,"
-    " (SELECT rules FROM tokens WHERE id = ?) AS rules"
-)
-_OWNER_SQL = f"SELECT {_OWNER_AND_VALIDITY}"
-# MAIL FROM's check: with them, the no-limit list, the sender's row and the
-# token's refusals within the window, counted no further than the limit, and the
-# account's own queue mode.
-_MAIL_CHECK_SQL = (
-    f"SELECT {_OWNER_AND_VALIDITY},"  # noqa: S608 - constants; placeholders only
-    " EXISTS (SELECT 1 FROM nolimit WHERE address = ?) AS nolimit,"
-    " (SELECT balance FROM senders WHERE address = ?) AS balance,"
-    " (SELECT enabled FROM senders WHERE address = ?) AS enabled,"
-    " (SELECT count(*) FROM (SELECT 1 FROM refusals WHERE token_id = ? AND created > ?"
-    " LIMIT ?) AS r) AS refusals,"
-    " (SELECT queue FROM accounts WHERE id = ?) AS queue"
-)
-
-
-def _owner_and_token(
-    db: Connection, domain: str, token_id: str, now: int
-) -> tuple[int | None, bool, TokenRules]:
-    """The account owning `domain`, whether token `token_id` is still valid
-    (not revoked, not expired), and its rules, in one statement: the charge
-    asks them of every message (MAIL FROM's check reads them with more)."""
-    row = db.execute(_OWNER_SQL, (domain, now, token_id, token_id)).fetchone()
-    owner = row["owner"]
-    return (None if owner is None else int(owner)), bool(row["token_ok"]), load_rules(row["rules"])
 
 
 def _settle(
