@@ -12,6 +12,12 @@ process samples `pg_stat_activity` every 10 ms and reports how many of the
 relays' backends wait on a lock (`wait_event_type = 'Lock'`): the serialisation
 the hot rows cost. CPU is shared by the client, the relays, the sink and
 PostgreSQL on this machine, so the throughput is a floor, not a cluster's.
+
+The CPU each message cost is read from /proc around the measured load: the
+relay processes' (user + system, all threads), and on PostgreSQL the server's
+(the postmaster and every process it forked: the relays' backends, the WAL
+writer, the checkpointer), so the two backends compare in what a message costs
+the machine, whoever spends it.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
-from bench import stack
+from bench import proc, stack
 from bench.client import Message, Pool, Target
 
 SIZE = 2048
@@ -68,9 +74,24 @@ async def _sample_lock_waits(url: str, samples: list[int], stop: asyncio.Event) 
             await asyncio.sleep(SAMPLE_EVERY)
 
 
+def _cpu(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            total += proc.cpu_seconds(pid)
+        except (OSError, ValueError, IndexError):  # exited meanwhile
+            continue
+    return total
+
+
 async def _measure(
-    setup: stack.Setup, sink: stack.ReferenceServer, count: int, url: str | None
+    setup: stack.Setup,
+    sink: stack.ReferenceServer,
+    count: int,
+    url: str | None,
+    server: int | None = None,
 ) -> dict[str, Any]:
+    """`server`: the postmaster's pid (its tree's CPU counts as the database's)."""
     async with AsyncExitStack() as stack_:
         relays = [
             await stack_.enter_async_context(
@@ -83,7 +104,11 @@ async def _measure(
         samples: list[int] = []
         stop = asyncio.Event()
         sampler = asyncio.create_task(_sample_lock_waits(url, samples, stop)) if url else None
+        relay_pids = [pid for r in relays for pid in r.pids]
+        server_pids = proc.tree(server) if server else []
+        relay_cpu, server_cpu = _cpu(relay_pids), _cpu(server_pids)
         ok, failed, seconds = await _load(setup, ports)
+        relay_cpu, server_cpu = _cpu(relay_pids) - relay_cpu, _cpu(server_pids) - server_cpu
         stop.set()
         if sampler is not None:
             await sampler
@@ -93,6 +118,10 @@ async def _measure(
         "messages_per_s": round(ok / seconds, 1) if seconds else None,
         "ok": ok,
         "failed": failed,
+        # CPU milliseconds per message: the relays', the database server's, both.
+        "relay_cpu_ms": round(relay_cpu * 1000 / ok, 3) if ok else None,
+        "server_cpu_ms": round(server_cpu * 1000 / ok, 3) if ok else None,
+        "cpu_ms": round((relay_cpu + server_cpu) * 1000 / ok, 3) if ok else None,
     }
     if samples:
         figure["lock_waiting_mean"] = round(statistics.fmean(samples), 3)
@@ -117,8 +146,9 @@ async def measure(counts: list[int]) -> dict[str, Any]:
                     print(_line(figures[-1]), file=sys.stderr)
                 url = cluster.new_database()
                 postgres = await stack.configure(Path(directory) / "postgres", url)
+                server = int((cluster.data / "postmaster.pid").read_text().split()[0])
                 for count in counts:
-                    figures.append(await _measure(postgres, sink, count, url))
+                    figures.append(await _measure(postgres, sink, count, url, server))
                     print(_line(figures[-1]), file=sys.stderr)
     finally:
         cluster.remove()
@@ -132,9 +162,15 @@ def _line(f: dict[str, Any]) -> str:
         if "lock_waiting_mean" in f
         else ""
     )
+    cpu = (
+        f"  CPU/msg {f['cpu_ms']:.2f} ms (relays {f['relay_cpu_ms']:.2f}"
+        f" + database {f['server_cpu_ms']:.2f})"
+        if f.get("cpu_ms") is not None
+        else ""
+    )
     return (
         f"{f['backend']:<10} {f['relays']} relay(s)  {f['messages_per_s'] or 0:>7,.0f} msg/s"
-        f"  ok {f['ok']} failed {f['failed']}{waits}"
+        f"{cpu}  ok {f['ok']} failed {f['failed']}{waits}"
     )
 
 

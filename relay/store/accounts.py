@@ -138,6 +138,7 @@ class Accounts(Database):
             db.execute("DELETE FROM domains WHERE account_id = ?", (account_id,))
             db.execute("DELETE FROM limits WHERE scope = ?", (str(account_id),))
             db.execute("DELETE FROM counters WHERE scope = ?", (str(account_id),))
+            db.execute("DELETE FROM relay_counters WHERE scope = ?", (str(account_id),))
             db.execute("DELETE FROM accounts WHERE id = ?", (account_id,))
         return DeletedAccount(
             name=name,

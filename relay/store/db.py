@@ -31,7 +31,7 @@ from relay.errors import BatchBroken, StoreBusy, StoreError
 from relay.store.schema import MIGRATIONS
 
 if TYPE_CHECKING:
-    from relay.store.postgres import Postgres
+    from relay.store.postgres import PgConnection, Postgres
 
 # The write-ahead log is copied back into the database file by `checkpoint`, on
 # the upkeep thread, once a second, without waiting for anyone (PASSIVE). Under
@@ -148,6 +148,10 @@ class Database:
         self._frames_seen = 0  # the log's frame count at the last checkpoint
         self._page = 0  # the database's page size, read once
         self._batch = False  # inside `batch()`: each `_write` is a savepoint
+        self._pg_batch: PgConnection | None = None  # PostgreSQL's group transaction
+        # In a PostgreSQL group: the next write gets a savepoint of its own (one that
+        # may refuse, a charge); without, a write that raises aborts the group.
+        self.savepoint = True
 
     @property
     def is_postgres(self) -> bool:
@@ -216,6 +220,14 @@ class Database:
         IMMEDIATE`), or a PostgreSQL READ COMMITTED transaction on one pooled
         connection. Rolled back when the body raises."""
         if self._pg is not None:
+            if self._pg_batch is not None:
+                if not self.savepoint:
+                    with self._pg_batch.bare() as conn:
+                        yield conn
+                    return
+                with self._pg_batch.savepoint() as conn:
+                    yield conn
+                return
             with self._pg.transaction() as conn:
                 yield conn
             return
@@ -236,9 +248,19 @@ class Database:
         else:
             _commit(db)
 
+    @property
+    def in_batch(self) -> bool:
+        """Inside `batch()`: a write's statements may be pipelined (PostgreSQL)."""
+        return self._pg_batch is not None
+
     @contextmanager
     def batch(self) -> Iterator[None]:
-        """One SQLite write transaction around several writes (a group commit).
+        """One write transaction around several writes (a group commit).
+
+        PostgreSQL: one READ COMMITTED transaction in pipeline mode, each write a
+        savepoint; a statement that fails aborts the whole batch
+        (`relay.store.postgres.GroupAborted`: nothing written; `relay.store.group`
+        runs it again or one write at a time). SQLite:
 
         Each `_write` inside it is a savepoint: a write that raises is rolled
         back alone, and the others commit together at the end. A batch costs
@@ -251,7 +273,14 @@ class Database:
         still to come raise `BatchBroken`, and so does the end of the batch:
         nothing of it was committed.
         """
-        assert self._pg is None, "a batch is SQLite's: PostgreSQL commits each write"
+        if self._pg is not None:
+            with self._pg.batch() as conn:
+                self._pg_batch = conn
+                try:
+                    yield
+                finally:
+                    self._pg_batch = None
+            return
         db = self.db
         _begin(db)
         self._batch = True
@@ -289,10 +318,12 @@ class Database:
                 raise translate(exc) from exc
 
     @contextmanager
-    def _connection(self) -> Iterator[Connection]:
-        """A connection for a few reads in autocommit, each statement its own snapshot."""
+    def _connection(self, pipelined: bool = False) -> Iterator[Connection]:
+        """A connection for a few reads in autocommit, each statement its own snapshot.
+        `pipelined` (PostgreSQL): the statements executed before the first result is
+        read go in one round trip."""
         if self._pg is not None:
-            with self._pg.connection() as conn:
+            with self._pg.pipelined() if pipelined else self._pg.connection() as conn:
                 yield conn
             return
         try:

@@ -25,9 +25,10 @@ database:
   windows are counted the same way (`relay.store.rates`). Every transaction
   locks rows in one order (the sender, the token's rate windows, the account's
   windows, then the relay's), so none waits on another in a cycle.
-  The relay-wide windows are the hot rows every message updates: they are
-  locked last, so each transaction holds them for one statement and its
-  commit (docs/postgres.md, "The hot rows", for what that costs).
+  A window without a limit is counted in the relay process's own rows
+  instead (`relay.store.limits.window_scopes`), which no other host waits
+  for; a group commit takes all its shared rows first, in this same order
+  (`relay.store.group`; docs/postgres.md, "Group commit").
 - Every reservation is recorded as a pending row until `settle` refunds what the
   upstream did not take; a crash leaves the row, and `settle_stale` (on start and
   periodically) refunds it. A settle begins by deleting its pending row
@@ -43,6 +44,7 @@ database:
 from __future__ import annotations
 
 import os
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -50,11 +52,31 @@ from typing import Any
 
 from relay.errors import Refused
 from relay.policy import SenderState
-from relay.store.db import Connection, Cursor, Database, read_only
+from relay.store.charge import (
+    MAIL_CHECK_SQL,
+    ChargeMissed,
+    Reads,
+    charge_sender,
+    lock_rows,
+    owner_and_token,
+    reserve_pipelined,
+    start_reads,
+)
+from relay.store.db import Connection, Database, read_only
 from relay.store.deliveries import DeliveryRecord, insert
 from relay.store.idempotency import delivered_recently, forget_expired, remember_delivered
 from relay.store.journal import PendingSettle
-from relay.store.limits import RELAY_SCOPE, add_to_windows, count_windows, read_windows
+from relay.store.limits import (
+    RELAY_SCOPE,
+    add_to_windows,
+    count_windows,
+    plain,
+    read_windows,
+    start_read_windows,
+    window_scopes,
+    windows_of,
+)
+from relay.store.limits import give_back as give_back_window
 from relay.store.rates import count_rates, give_back, read_rates
 from relay.store.refusals import REFUSAL_WINDOW
 from relay.store.senders import ensure_sender
@@ -106,6 +128,8 @@ class Reservation:
 
 class Ledger(Database):
     owner: str | None = None  # the live process's id, recorded on each reservation
+    # A PostgreSQL group's charges' reads, executed at its start (`prefetch_charges`).
+    _prefetched: deque[Reads] = deque()  # replaced, never changed in place
 
     # --- the runtime path --------------------------------------------------------
 
@@ -132,13 +156,15 @@ class Ledger(Database):
         (0: not counted), so the count costs the same however many there were.
         """
         now = self.clock()
-        with self._connection() as db:
+        # PostgreSQL: the statements in one round trip (a pipeline); a token whose
+        # rules count rates has its rate windows read after, in a second.
+        with self._connection(pipelined=True) as db:
             # The domain's owner, the token, the no-limit list and the sender's
             # row, and the token's refusals, in one statement: MAIL FROM asks
             # all five of every message.
             ts = int(now.timestamp())
-            row = db.execute(
-                _MAIL_CHECK_SQL,
+            check = db.execute(
+                MAIL_CHECK_SQL,
                 (
                     domain,
                     ts,
@@ -150,8 +176,10 @@ class Ledger(Database):
                     refusal_limit,
                     account_id,
                 ),
-            ).fetchone()
-            room, hit = self._headroom(db, account_id, now)
+            )
+            windows = start_read_windows(db, account_id, now)
+            row = check.fetchone()
+            room, hit = self._headroom(windows_of(windows.fetchall()), now)
             rules = load_rules(row["rules"])
             use = read_rates(db, token_id) if rules.counted else {}
         owner, known = row["owner"], row["balance"] is not None
@@ -176,11 +204,11 @@ class Ledger(Database):
         )
 
     def _headroom(
-        self, db: Connection, account_id: int, now: datetime
+        self, windows: list[tuple[str, Window, int, int]], now: datetime
     ) -> tuple[int | None, LimitHit | None]:
         """The tightest window's remaining room, and the first exhausted window if any."""
         tightest: int | None = None
-        for label, window, limit, used in read_windows(db, account_id, now):
+        for label, window, limit, used in windows:
             room = headroom(limit, used)
             if room is None:
                 continue
@@ -215,14 +243,38 @@ class Ledger(Database):
         relay's (the module docstring says why).
         """
         now = self.clock()
+        if self.in_batch:
+            # PostgreSQL's group commit: the same charge in two round trips
+            # (`relay.store.charge`); a sender that cannot pay, or has no row
+            # yet, is rolled back there and charged the way below.
+            try:
+                with self._write() as db:
+                    made = reserve_pipelined(
+                        db,
+                        now=now,
+                        sender=sender,
+                        account_id=account_id,
+                        recipients=recipients,
+                        unit=unit,
+                        idempotency_key=idempotency_key,
+                        domain=domain,
+                        token_id=token_id,
+                        owner=self.owner,
+                        reads=self._prefetched.popleft() if self._prefetched else None,
+                    )
+                if made is None:
+                    return Reservation(0, 0, replay=True)
+                return Reservation(made[0], made[1], created=made[2])
+            except ChargeMissed:
+                pass
         ts = int(now.timestamp())
         day, month = period_key(Window.DAY, now), period_key(Window.MONTH, now)
-        scopes = (RELAY_SCOPE, str(account_id))
+        scopes: tuple[str, ...] = (RELAY_SCOPE, str(account_id))
         charge = unit * recipients
         rules = NO_RULES
         with self._write() as db:
             if token_id is not None or domain is not None:
-                owner, token_valid, rules = _owner_and_token(db, domain or "", token_id or "", ts)
+                owner, token_valid, rules = owner_and_token(db, domain or "", token_id or "", ts)
                 if token_id is not None and not token_valid:
                     raise Refused("the session's token was revoked or expired", token_invalid=True)
                 if domain is not None and owner != account_id:
@@ -232,14 +284,14 @@ class Ledger(Database):
             if idempotency_key and delivered_recently(db, idempotency_key, ts):
                 return Reservation(0, 0, replay=True)
             if unit:
-                cur = _charge(db, sender, charge, ts)
+                cur = charge_sender(db, sender, charge, ts)
                 if cur.rowcount != 1:
                     # No row yet (its first charge), or one that cannot pay. The
                     # charge is tried again after the row is made, whoever made it:
                     # on PostgreSQL another host's first charge may have made it
                     # since, and its balance decides, not the miss above.
                     ensure_sender(db, sender, default_balance, ts)
-                    cur = _charge(db, sender, charge, ts)
+                    cur = charge_sender(db, sender, charge, ts)
                 if cur.rowcount != 1:
                     row = db.execute(
                         "SELECT balance, enabled FROM senders WHERE address = ?", (sender,)
@@ -261,14 +313,16 @@ class Ledger(Database):
                 if limit != UNLIMITED and used + recipients > limit:
                     hit = LimitHit(label, window, limit, window_reset(window, now))
                     raise Refused(f"{label} {window.value} limit {limit} reached", hit=hit)
+            if self.is_postgres:
+                scopes = tuple(window_scopes(account_id, windows, self.owner))
             pending = db.execute(
                 "INSERT INTO pending"
                 " (sender, unit, count, scopes, day, month, created, owner, token)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-                (sender, unit, recipients, ",".join(scopes), day, month, ts, self.owner, counted),
+                (sender, unit, recipients, plain(scopes), day, month, ts, self.owner, counted),
             ).fetchone()
             if self.is_postgres:
-                full = count_windows(db, account_id, day, month, recipients, windows)
+                full = count_windows(db, account_id, day, month, recipients, windows, scopes)
                 if full is not None:
                     label, window, limit, _ = full
                     hit = LimitHit(label, window, limit, window_reset(window, now))
@@ -361,6 +415,33 @@ class Ledger(Database):
             db.execute("DELETE FROM processes WHERE heartbeat <= ?", (now - 86400,))
         return settled
 
+    def lock_rows(
+        self, charges: list[tuple[str, int, str | None]], settles: list[tuple[int, int]]
+    ) -> None:
+        """A PostgreSQL group's first step (`relay.store.group`): lock the rows its
+        charges (sender, account, token) and its settles (reservation id, delivered)
+        change, in the global order."""
+        with self._write() as db:
+            lock_rows(db, self.clock(), charges, settles)
+
+    def prefetch_charges(self, charges: list[dict[str, Any]]) -> None:
+        """A PostgreSQL group's charges' reads, queued at its start in its order
+        (`relay.store.charge.start_reads`); each `reserve` takes the first."""
+        now = self.clock()
+        self._prefetched = deque()
+        with self._write() as db:
+            for charge in charges:
+                self._prefetched.append(
+                    start_reads(
+                        db,
+                        now,
+                        account_id=charge["account_id"],
+                        idempotency_key=charge.get("idempotency_key"),
+                        domain=charge.get("domain"),
+                        token_id=charge.get("token_id"),
+                    )
+                )
+
     def heartbeat(self) -> None:
         """Record that this process (`owner`) lives; also proves the database writable."""
         with self._write() as db:
@@ -377,51 +458,6 @@ class Ledger(Database):
 
     def pending_count(self) -> int:
         return int(self._read("SELECT count(*) FROM pending")[0][0])
-
-
-def _charge(db: Connection, address: str, charge: int, ts: int) -> Cursor:
-    """Take `charge` from an enabled sender's balance if it covers it (rowcount 1), or nothing."""
-    return db.execute(
-        "UPDATE senders SET balance = balance - ?, updated = ?"
-        " WHERE address = ? AND enabled = 1 AND balance >= ?",
-        (charge, ts, address, charge),
-    )
-
-
-# The domain's owner, whether a token is still valid (not revoked, not
-# expired, its account not disabled or deleted), and its rules; parameters: the
-# domain, the time now, the token's id twice.
-_OWNER_AND_VALIDITY = (
-    "(SELECT account_id FROM domains WHERE domain = ?) AS owner,"
-    " (SELECT t.revoked IS NULL AND (t.expires IS NULL OR t.expires > ?)"
-    " AND a.disabled IS NULL FROM tokens t JOIN accounts a ON a.id = t.account_id"
-    " WHERE t.id = ?) AS token_ok,"
-    " (SELECT rules FROM tokens WHERE id = ?) AS rules"
-)
-_OWNER_SQL = f"SELECT {_OWNER_AND_VALIDITY}"
-# MAIL FROM's check: with them, the no-limit list, the sender's row and the
-# token's refusals within the window, counted no further than the limit, and the
-# account's own queue mode.
-_MAIL_CHECK_SQL = (
-    f"SELECT {_OWNER_AND_VALIDITY},"  # noqa: S608 - constants; placeholders only
-    " EXISTS (SELECT 1 FROM nolimit WHERE address = ?) AS nolimit,"
-    " (SELECT balance FROM senders WHERE address = ?) AS balance,"
-    " (SELECT enabled FROM senders WHERE address = ?) AS enabled,"
-    " (SELECT count(*) FROM (SELECT 1 FROM refusals WHERE token_id = ? AND created > ?"
-    " LIMIT ?) AS r) AS refusals,"
-    " (SELECT queue FROM accounts WHERE id = ?) AS queue"
-)
-
-
-def _owner_and_token(
-    db: Connection, domain: str, token_id: str, now: int
-) -> tuple[int | None, bool, TokenRules]:
-    """The account owning `domain`, whether token `token_id` is still valid
-    (not revoked, not expired), and its rules, in one statement: the charge
-    asks them of every message (MAIL FROM's check reads them with more)."""
-    row = db.execute(_OWNER_SQL, (domain, now, token_id, token_id)).fetchone()
-    owner = row["owner"]
-    return (None if owner is None else int(owner)), bool(row["token_ok"]), load_rules(row["rules"])
 
 
 def _settle(
@@ -456,11 +492,9 @@ def _settle(
         messages = 1 if undelivered >= row["count"] else 0
         give_back(db, row["token"], int(row["created"]), messages, undelivered)
     if undelivered:
+        # The account's before the relay's (the lock order); each to the row that
+        # counted it (`relay.store.limits.give_back`).
         for scope in sorted(row["scopes"].split(","), key=lambda s: s == RELAY_SCOPE):
             for period in (row["day"], row["month"]):
-                db.execute(
-                    "UPDATE counters SET count = CASE WHEN count > ? THEN count - ? ELSE 0 END"
-                    " WHERE scope = ? AND period = ?",
-                    (undelivered, undelivered, scope, period),
-                )
+                give_back_window(db, scope, period, row["owner"], undelivered)
     return int(refund), int(row["unit"] * min(delivered, row["count"]))

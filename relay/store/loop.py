@@ -78,6 +78,10 @@ class AsyncStore:
     wait for a row lock another relay holds: nothing runs inline. Reads go to
     the read thread, writes to the store's thread, each with its own pooled
     connection, so AUTH and MAIL FROM still never queue behind a charge.
+    Writes are grouped there too: one group at a time runs on the store's
+    thread while the next gathers every write asked for meanwhile (up to
+    GROUP_MAX), so a busy relay commits many writes per transaction and an
+    idle one commits each at once (`relay.store.group` for the lock order).
 
     Each process has an owner id (pid and a random instance id) recorded on its
     reservations; `start()` writes its heartbeat, the upkeep refreshes it.
@@ -95,6 +99,8 @@ class AsyncStore:
         where = store.location
         self._inline = Store(where, clock=store.clock, busy_timeout_ms=0, autocheckpoint=False)
         self._inlines = store.inline_writes  # reads and writes inline, when nothing is queued
+        self._postgres = store.is_postgres  # writes grouped on the store's thread
+        self._committing = False  # a PostgreSQL group is on the store's thread
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-store")
         self._queued = 0
         self._reader = Store(where, clock=store.clock, autocheckpoint=False)
@@ -170,6 +176,8 @@ class AsyncStore:
         self, fn: Callable[Concatenate[Store, P], T], *args: P.args, **kwargs: P.kwargs
     ) -> T:
         read = is_read_only(fn)
+        if self._postgres and not read:
+            return cast(T, await self._grouped(fn, args, kwargs))
         if self._inlines:
             if not read:
                 return cast(T, await self._grouped(fn, args, kwargs))
@@ -206,8 +214,8 @@ class AsyncStore:
         """Commit the waiting writes: inline when the thread is idle and the lock is
         free, else on the store's thread (after what is queued there, in order).
         While `restart_log` runs they wait, and it commits them after."""
-        if self._restarting:
-            return
+        if self._restarting or self._committing:
+            return  # the group in flight commits this one when it ends
         group, self._group = self._group[:GROUP_MAX], self._group[GROUP_MAX:]
         loop = asyncio.get_running_loop()
         if self._group:
@@ -215,7 +223,9 @@ class AsyncStore:
         group = [write for write in group if not write.future.done()]  # a caller gone
         if not group:
             return
-        if self._queued == 0:
+        if self._postgres:
+            self._committing = True
+        elif self._queued == 0:
             try:
                 outcomes = commit_group(self._inline, group)
             except StoreBusy:
@@ -234,6 +244,10 @@ class AsyncStore:
 
     def _group_done(self, group: list[Write], future: asyncio.Future[Any]) -> None:
         self._queued -= 1
+        if self._committing:
+            self._committing = False
+            if self._group:
+                self._commit_group()
         exc = future.exception()
         if exc is None:
             answer(group, future.result())

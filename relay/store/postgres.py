@@ -14,6 +14,11 @@ Transactions are READ COMMITTED, PostgreSQL's default: every guarantee the
 store states is kept by the statement that needs it (a conditional UPDATE
 that locks the row it checks, a conditional upsert per window, a `DELETE ...
 RETURNING` that one transaction alone can win), not by a table-wide lock.
+
+A group commit (`batch`, `relay.store.group`) is one transaction in psycopg's
+pipeline mode: statements whose results nobody reads yet (a savepoint, its
+release, an INSERT) go out with the next one that must be answered, so a
+write costs the round trips its reads need, and the group one COMMIT.
 """
 
 from __future__ import annotations
@@ -82,22 +87,109 @@ def pg_sql(sql: str) -> str:
     return sql.replace("%", "%%").replace("?", "%s")
 
 
+# Deadlock detected, serialization failure: the transaction was rolled back by
+# the server and may simply be run again (PostgreSQL's documentation, "Serialization
+# Failure Handling").
+RETRYABLE = ("40P01", "40001")
+
+
+class GroupAborted(Exception):
+    """A statement of a group commit failed: the whole transaction is rolled back and
+    nothing of it was written. `retry`: a deadlock or serialization failure, worth
+    running the group again."""
+
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__(str(exc))
+        self.retry = getattr(exc, "sqlstate", None) in RETRYABLE
+        # The connection broke (not a conflict, which psycopg also calls operational).
+        self.unavailable = not self.retry and unavailable(exc)
+
+
 class PgConnection:
     """A psycopg connection that speaks the concept modules' dialect
-    (`relay.store.db.Connection`)."""
+    (`relay.store.db.Connection`). In a pipeline (`Postgres.batch`, `Postgres.pipelined`),
+    a statement is sent when a result is read, with all those queued before it."""
 
-    def __init__(self, conn: psycopg.Connection[PgRow]) -> None:
+    __slots__ = ("conn", "pipeline")
+
+    def __init__(
+        self, conn: psycopg.Connection[PgRow], pipeline: psycopg.Pipeline | None = None
+    ) -> None:
         self.conn = conn
+        self.pipeline = pipeline
 
-    def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> psycopg.Cursor[PgRow]:
+    def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> Any:
         if not parameters:
-            return self.conn.execute(sql.encode())
-        return self.conn.execute(pg_sql(sql).encode(), parameters)
+            cursor = self.conn.execute(sql.encode())
+        else:
+            cursor = self.conn.execute(pg_sql(sql).encode(), parameters)
+        if self.pipeline is None:
+            return cursor
+        return _Pipelined(cursor, self.pipeline)
+
+    @contextmanager
+    def savepoint(self) -> Iterator[PgConnection]:
+        """One write of a group: rolled back alone when its body raises (a refusal); a
+        failed statement aborts the whole group (`GroupAborted`), since in a pipeline
+        its error may surface in a later write's statement. The savepoint's own
+        statements are queued, not waited for (psycopg's nested `transaction()`
+        would send the pipeline at its start and its end)."""
+        conn = self.conn
+        try:
+            conn.execute(b"SAVEPOINT w")
+        except psycopg.Error as exc:
+            raise GroupAborted(exc) from exc
+        try:
+            yield self
+        except psycopg.Error as exc:
+            raise GroupAborted(exc) from exc
+        except BaseException:
+            try:
+                conn.execute(b"ROLLBACK TO SAVEPOINT w")
+                conn.execute(b"RELEASE SAVEPOINT w")
+            except psycopg.Error as exc:
+                raise GroupAborted(exc) from exc
+            raise
+        try:
+            conn.execute(b"RELEASE SAVEPOINT w")
+        except psycopg.Error as exc:
+            raise GroupAborted(exc) from exc
+
+    @contextmanager
+    def bare(self) -> Iterator[PgConnection]:
+        """One write of a group that is not expected to raise (a settle, a log
+        record): no savepoint; if it raises after all, the whole group is aborted
+        (`GroupAborted`) and `relay.store.group` runs its writes one at a time."""
+        try:
+            yield self
+        except Exception as exc:
+            raise GroupAborted(exc) from exc
 
     def executemany(self, sql: str, parameters: Any, /) -> psycopg.Cursor[PgRow]:
         cursor = self.conn.cursor()
         cursor.executemany(pg_sql(sql).encode(), parameters)
         return cursor
+
+
+class _Pipelined:
+    """A cursor whose statement may not have been sent yet: reading it sends the pipeline."""
+
+    __slots__ = ("cursor", "pipeline")
+
+    def __init__(self, cursor: psycopg.Cursor[PgRow], pipeline: psycopg.Pipeline) -> None:
+        self.cursor, self.pipeline = cursor, pipeline
+
+    @property
+    def rowcount(self) -> int:
+        if self.cursor.pgresult is None:
+            self.pipeline.sync()
+        return self.cursor.rowcount
+
+    def fetchone(self) -> Any:
+        return self.cursor.fetchone()
+
+    def fetchall(self) -> list[Any]:
+        return self.cursor.fetchall()
 
 
 class Autocommit:
@@ -207,6 +299,41 @@ class Postgres:
             raise self._failed(exc) from exc
         self._down = False
 
+    @contextmanager
+    def pipelined(self) -> Iterator[PgConnection]:
+        """A pooled connection in autocommit and pipeline mode: several reads whose
+        statements are all sent before the first result is read cost one round trip."""
+        try:
+            with self.pool.connection(timeout=self._wait()) as conn, conn.pipeline() as pipe:
+                yield PgConnection(conn, pipe)
+        except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+            raise self._failed(exc) from exc
+        self._down = False
+
+    @contextmanager
+    def batch(self) -> Iterator[PgConnection]:
+        """One transaction in pipeline mode for a group commit; each write in it a
+        savepoint (`PgConnection.savepoint`). COMMIT goes with the last writes'
+        queued statements: one round trip.
+
+        A deadlock or serialization failure raised there is a statement's (READ
+        COMMITTED's COMMIT raises neither): the transaction was rolled back,
+        `GroupAborted`, worth running again. Any other failure of the commit
+        fails the whole group (`StoreError`)."""
+        try:
+            with self.pool.connection(timeout=self._wait()) as conn, conn.pipeline() as pipe:
+                with conn.transaction():
+                    yield PgConnection(conn, pipe)
+        except GroupAborted:
+            raise
+        except psycopg.Error as exc:
+            if getattr(exc, "sqlstate", None) in RETRYABLE:
+                raise GroupAborted(exc) from exc
+            raise self._failed(exc) from exc
+        except psycopg_pool.PoolTimeout as exc:
+            raise self._failed(exc) from exc
+        self._down = False
+
     def _wait(self) -> float:
         """How long to wait for a connection: briefly while the database is known
         down (the pool reconnects in the background), so sessions get their 451 at
@@ -220,7 +347,8 @@ class Postgres:
 
     def read(self, sql: str, args: Sequence[Any]) -> list[Any]:
         with self.connection() as conn:
-            return conn.execute(sql, args).fetchall()
+            rows: list[Any] = conn.execute(sql, args).fetchall()
+            return rows
 
     def autocommit(self) -> Autocommit:
         return Autocommit(self)

@@ -17,7 +17,10 @@ settle alike.
 
 from __future__ import annotations
 
-from relay.store.db import Connection
+from collections.abc import Callable
+from typing import Any
+
+from relay.store.db import Connection, Cursor
 from relay.tokenrules import SECONDS, RateHit, RateUse, TokenRules, Unit, rate_hit, window_start
 
 # A limit for the upsert's condition when a window has none of that kind.
@@ -26,10 +29,18 @@ _NO_LIMIT = 2**62
 
 def read_rates(db: Connection, token_id: str) -> dict[Unit, RateUse]:
     """The token's counts, by unit (the caller judges whether a window is current)."""
-    rows = db.execute(
+    return rates_of(start_read_rates(db, token_id).fetchall())
+
+
+def start_read_rates(db: Connection, token_id: str) -> Cursor:
+    """`read_rates`' statement, executed (in a pipeline: queued); `rates_of` reads it."""
+    return db.execute(
         "SELECT unit, start, messages, recipients FROM token_rates WHERE token_id = ?",
         (token_id,),
-    ).fetchall()
+    )
+
+
+def rates_of(rows: list[Any]) -> dict[Unit, RateUse]:
     return {
         Unit(r["unit"]): RateUse(int(r["start"]), int(r["messages"]), int(r["recipients"]))
         for r in rows
@@ -45,6 +56,15 @@ def count_rates(
     message that alone is over a limit is refused before the statement. When
     the upsert did not return a window, the caller rolls the transaction back.
     """
+    started = start_count_rates(db, token_id, rules, recipients, now)
+    return started if isinstance(started, RateHit) else started()
+
+
+def start_count_rates(
+    db: Connection, token_id: str, rules: TokenRules, recipients: int, now: int
+) -> RateHit | Callable[[], RateHit | None]:
+    """`count_rates` in two steps: the statement is executed (in a pipeline, queued)
+    and what reads its answer is returned, or the hit when the message alone is over."""
     alone = rate_hit(rules, {}, 1, recipients, now)
     if alone is not None:
         return alone
@@ -54,7 +74,7 @@ def count_rates(
             limits.setdefault(rate.unit, [_NO_LIMIT, _NO_LIMIT])[index] = rate.limit
     units = [u for u in Unit if u in limits]  # the lock order: minute, hour, day
     if not units:
-        return None
+        return lambda: None
     values = ", ".join("(?, ?, ?, 1, ?)" for _ in units)
     cases = " ".join("WHEN ? THEN ?" for _ in units)
     params: list[object] = []
@@ -63,7 +83,7 @@ def count_rates(
     for index in (0, 1):
         for unit in units:
             params += [str(unit), limits[unit][index]]
-    returned = db.execute(
+    cursor = db.execute(
         "INSERT INTO token_rates (token_id, unit, start, messages, recipients)"  # noqa: S608
         f" VALUES {values} ON CONFLICT (token_id, unit) DO UPDATE SET"
         " messages = CASE WHEN token_rates.start = excluded.start"
@@ -79,22 +99,27 @@ def count_rates(
         f" <= CASE token_rates.unit {cases} END"
         " RETURNING unit",
         params,
-    ).fetchall()
-    if len(returned) == len(units):
-        return None
-    # The windows not returned were full. Their rows are locked now and this
-    # statement did not change them, so their counts say which limit.
-    full = set(units) - {Unit(r["unit"]) for r in returned}
-    narrowed = TokenRules(
-        rates=tuple(r for r in rules.rates if r.unit in full),
-        rcpt_rates=tuple(r for r in rules.rcpt_rates if r.unit in full),
     )
-    hit = rate_hit(narrowed, read_rates(db, token_id), 1, recipients, now)
-    if hit is not None:
-        return hit
-    unit = max(full, key=SECONDS.__getitem__)
-    rate = next(r for r in (*narrowed.rates, *narrowed.rcpt_rates) if r.unit == unit)
-    return RateHit("messages", rate, window_start(unit, now) + SECONDS[unit] - now)
+
+    def finish() -> RateHit | None:
+        returned = cursor.fetchall()
+        if len(returned) == len(units):
+            return None
+        # The windows not returned were full. Their rows are locked now and this
+        # statement did not change them, so their counts say which limit.
+        full = set(units) - {Unit(r["unit"]) for r in returned}
+        narrowed = TokenRules(
+            rates=tuple(r for r in rules.rates if r.unit in full),
+            rcpt_rates=tuple(r for r in rules.rcpt_rates if r.unit in full),
+        )
+        hit = rate_hit(narrowed, read_rates(db, token_id), 1, recipients, now)
+        if hit is not None:
+            return hit
+        unit = max(full, key=SECONDS.__getitem__)
+        rate = next(r for r in (*narrowed.rates, *narrowed.rcpt_rates) if r.unit == unit)
+        return RateHit("messages", rate, window_start(unit, now) + SECONDS[unit] - now)
+
+    return finish
 
 
 def give_back(db: Connection, token_id: str, created: int, messages: int, recipients: int) -> None:

@@ -279,4 +279,16 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX deliveries_account ON deliveries (account, id);
     CREATE INDEX deliveries_channel ON deliveries (channel, id);
     """,
+    # 18: an unlimited send-limit window's count kept per relay process, summed on
+    #     read, so relays on several hosts (PostgreSQL) never wait for each other's
+    #     commit to count a message (relay.store.limits)
+    """
+    CREATE TABLE relay_counters (
+        scope TEXT NOT NULL,
+        period TEXT NOT NULL,
+        relay TEXT NOT NULL,                -- the relay process that counted
+        count INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (scope, period, relay)
+    ) WITHOUT ROWID;
+    """,
 )
