@@ -28,7 +28,7 @@ from relay.store.group import GROUP_MAX, GROUP_TURNS, Write, answer, commit_grou
 from relay.store.journal import PendingSettle, SettleJournal
 from relay.store.ledger import MailCheck, Reservation
 from relay.store.outbox import DueEvent
-from relay.store.queue import Keep, QueuedMessage, QueueStats
+from relay.store.queue import Keep, QueueBatch, QueuedMessage, QueueStats
 from relay.store.suppressions import Suppression
 from relay.store.tokens import Principal
 
@@ -409,6 +409,7 @@ class AsyncStore:
         next_try: int,
         last_code: int,
         last_text: str,
+        events: bool = True,
     ) -> bool:
         owner = self.owner
         return await self.upkeep(
@@ -420,8 +421,19 @@ class AsyncStore:
                 next_try=next_try,
                 last_code=last_code,
                 last_text=last_text,
+                events=events,
             )
         )
+
+    async def mark_batch(self, key: str, domain: str, ids: list[int], body: str) -> bool:
+        owner = self.owner
+        return await self.upkeep(lambda store: store.mark_batch(owner, key, domain, ids, body))
+
+    async def queue_batch(self, key: str) -> QueueBatch | None:
+        return await self.upkeep(lambda store: store.queue_batch(key))
+
+    async def end_batch(self, key: str, members: list[int] | None = None) -> None:
+        return await self.upkeep(lambda store: store.end_batch(key, members or ()))
 
     async def finish(
         self,

@@ -270,4 +270,20 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE deliveries ADD COLUMN provider_events TEXT;  -- JSON list, NULL: none
     CREATE INDEX deliveries_upstream_id ON deliveries (upstream_id) WHERE upstream_id <> '';
     """,
+    # 17: the delivery queue keeps the listener a message came in on (its final record
+    #     names it), and each Resend batch from before its request is sent until every
+    #     member ended (relay.store.queue): after a crash the same batch, with the same
+    #     key and the same body, is what is sent again, never a batch formed anew
+    """
+    ALTER TABLE queue ADD COLUMN listener TEXT NOT NULL DEFAULT 'smtps';
+    ALTER TABLE queue ADD COLUMN batch_key TEXT;  -- the Resend batch it went out in, if unsettled
+    CREATE INDEX queue_batch ON queue (batch_key) WHERE batch_key IS NOT NULL;
+    CREATE TABLE queue_batches (
+        key TEXT PRIMARY KEY,               -- the request's Idempotency-Key
+        created INTEGER NOT NULL,
+        domain TEXT NOT NULL,               -- the senders' domain: which API token sends it
+        members TEXT NOT NULL,              -- JSON: the queue ids, in the body's order
+        body TEXT NOT NULL                  -- the request body, exactly as sent
+    );
+    """,
 )
