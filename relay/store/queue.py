@@ -39,7 +39,8 @@ from relay.store.ledger import QUEUED_OWNER as QUEUE_OWNER
 from relay.store.ledger import _settle
 from relay.store.outbox import emit
 from relay.store.queue_events import QueuedMessage as QueuedMessage
-from relay.store.queue_events import deferred_data, queued_data
+from relay.store.queue_events import QueueItem as QueueItem
+from relay.store.queue_events import deferred_data, item_of, queued_data
 
 STATES = ("queued", "held")
 CANCELLED = replies.QUEUE_CANCELLED
@@ -110,27 +111,6 @@ def _keep_one(db: Any, keep: Keep, now: int, count: int, size: int) -> int | Non
             now,
         )
     return int(inserted["id"])
-
-
-class QueueItem(TypedDict):
-    """A queued message as `relay queue list|show` and `/api/v1/queue` show it."""
-
-    id: int
-    created: int
-    message_id: str
-    account: str
-    sender: str
-    size: int
-    state: str
-    tries: int
-    next_try: int
-    last_code: int | None
-    last_text: str
-    lease_owner: str | None
-    lease_until: int | None
-    recipients: list[str]
-    done: dict[str, Any]
-    attempts: list[Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -416,7 +396,7 @@ class Queue(Database):
             f" FROM queue{where} ORDER BY id LIMIT ?",
             (*args, limit),
         )
-        return [_item(r) for r in rows]
+        return [item_of(r) for r in rows]
 
     @read_only
     def queue_get(self, queue_id: int) -> QueueItem | None:
@@ -426,7 +406,7 @@ class Queue(Database):
             " FROM queue WHERE id = ?",
             (queue_id,),
         )
-        return _item(rows[0]) if rows else None
+        return item_of(rows[0]) if rows else None
 
     def queue_set(
         self, ids: Sequence[int] | None, *, state: str | None = None, due_now: bool = False
@@ -496,24 +476,3 @@ class Queue(Database):
             states={r["state"]: int(r["n"]) for r in rows},
             oldest=min((int(r["oldest"]) for r in rows), default=None),
         )
-
-
-def _item(row: Row) -> QueueItem:
-    return QueueItem(
-        id=int(row["id"]),
-        created=int(row["created"]),
-        message_id=row["message_id"],
-        account=row["account"],
-        sender=row["sender"],
-        size=int(row["size"]),
-        state=row["state"],
-        tries=int(row["tries"]),
-        next_try=int(row["next_try"]),
-        last_code=row["last_code"],
-        last_text=row["last_text"],
-        lease_owner=row["lease_owner"],
-        lease_until=row["lease_until"],
-        recipients=[written for written, _ in json.loads(row["recipients"])],
-        done=json.loads(row["done"]),
-        attempts=json.loads(row["attempts"]),
-    )

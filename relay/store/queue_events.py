@@ -1,13 +1,13 @@
-"""A queued message as the delivery queue keeps it, and the data of its message events
-(docs/events.md): `message.queued` when it is kept, `message.deferred` for each
-retry scheduled."""
+"""A queued message as the delivery queue keeps it and as operators see it, and the
+data of its message events (docs/events.md): `message.queued` when it is kept,
+`message.deferred` for each retry scheduled."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypedDict
 
 from relay import replies
 from relay.store.db import Row
@@ -100,3 +100,46 @@ def deferred_data(
         "next_try": datetime.fromtimestamp(next_try, UTC).isoformat().replace("+00:00", "Z"),
         "time": datetime.fromtimestamp(now, UTC).isoformat().replace("+00:00", "Z"),
     }
+
+
+class QueueItem(TypedDict):
+    """A queued message as `relay queue list|show` and `/api/v1/queue` show it."""
+
+    id: int
+    created: int
+    message_id: str
+    account: str
+    sender: str
+    size: int
+    state: str
+    tries: int
+    next_try: int
+    last_code: int | None
+    last_text: str
+    lease_owner: str | None
+    lease_until: int | None
+    recipients: list[str]
+    done: dict[str, Any]
+    attempts: list[Any]
+
+
+def item_of(row: Row) -> QueueItem:
+    """A queue row as `relay queue list|show` and the API show it."""
+    return QueueItem(
+        id=int(row["id"]),
+        created=int(row["created"]),
+        message_id=row["message_id"],
+        account=row["account"],
+        sender=row["sender"],
+        size=int(row["size"]),
+        state=row["state"],
+        tries=int(row["tries"]),
+        next_try=int(row["next_try"]),
+        last_code=row["last_code"],
+        last_text=row["last_text"],
+        lease_owner=row["lease_owner"],
+        lease_until=row["lease_until"],
+        recipients=[written for written, _ in json.loads(row["recipients"])],
+        done=json.loads(row["done"]),
+        attempts=json.loads(row["attempts"]),
+    )
