@@ -37,6 +37,9 @@ def test_a_queued_message_keeps_the_port_it_came_in_on(relay_factory, sink, clie
     until(lambda: queue_empty(relay) and len(records(relay)) == 1)
     [record] = records(relay)
     assert (record.outcome, record.listener) == ("delivered", "submission")
+    # The queue's totals (its bounds' count) follow it back to empty.
+    [totals] = relay.store._read("SELECT messages, bytes FROM queue_totals", ())
+    assert (totals["messages"], totals["bytes"]) == (0, 0)
 
 
 def test_an_end_the_store_refuses_is_written_later_never_sent_again(relay_factory, sink):

@@ -25,7 +25,7 @@ GROUP_TURNS = 3
 class Write:
     """A write waiting for the next group commit."""
 
-    __slots__ = ("args", "fn", "future", "kwargs")
+    __slots__ = ("args", "durable", "fn", "future", "kwargs")
 
     def __init__(
         self,
@@ -33,8 +33,12 @@ class Write:
         args: Any,
         kwargs: dict[str, Any],
         future: asyncio.Future[Any],
+        durable: bool = False,
     ) -> None:
         self.fn, self.args, self.kwargs, self.future = fn, args, kwargs, future
+        # Its commit must be on disk before its caller answers (a queued message's
+        # 250): the group commits with SQLite's synchronous=FULL (the WAL fsync'd).
+        self.durable = durable
 
 
 def commit_group(store: Store, group: list[Write]) -> list[tuple[bool, Any]]:
@@ -47,6 +51,9 @@ def commit_group(store: Store, group: list[Write]) -> list[tuple[bool, Any]]:
     Raises `StoreBusy`, having run nothing, when the lock is held elsewhere.
     """
     outcomes: list[tuple[bool, Any]] = []
+    durable = any(write.durable for write in group)
+    if durable:
+        store.db.execute("PRAGMA synchronous = FULL")
     try:
         with store.batch():
             for write in group:
@@ -63,6 +70,9 @@ def commit_group(store: Store, group: list[Write]) -> list[tuple[bool, Any]]:
     except StoreError as exc:
         outcomes += [(True, None)] * (len(group) - len(outcomes))
         return [(False, exc) if ok else (ok, value) for ok, value in outcomes]
+    finally:
+        if durable:
+            store.db.execute("PRAGMA synchronous = NORMAL")
     return outcomes
 
 

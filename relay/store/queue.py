@@ -149,26 +149,32 @@ class Queue(Database):
         keep = Keep(message, next_try, attempts, last_code, last_text, max_messages, max_bytes)
         return self.enqueue_many([keep])[0]
 
-    def enqueue_many(self, keeps: Sequence[Keep]) -> list[int | None]:
+    def enqueue_many(self, keeps: Sequence[Keep], durable: bool = True) -> list[int | None]:
         """`enqueue` for each of `keeps`, in one transaction: one commit (one fsync on
         SQLite) for all, so messages queued together cost one disk flush (the
-        caller writes no 250 before it returns). Each is kept or refused alone."""
+        caller writes no 250 before it returns). Each is kept or refused alone.
+        `durable` False: the caller's group commit makes the commit durable
+        (`relay.store.group`), the transaction is its."""
         now = self._now()
-        durable = not self.is_postgres
+        durable = durable and not self.is_postgres
         if durable:
             self.db.execute("PRAGMA synchronous = FULL")
         out: list[int | None] = []
         try:
             with self._write() as db:
-                row = db.execute(
-                    "SELECT count(*) AS n, COALESCE(sum(length(content)), 0) AS bytes FROM queue"
-                ).fetchone()
-                count, size = int(row["n"]), int(row["bytes"])
+                row = db.execute("SELECT messages, bytes FROM queue_totals").fetchone()
+                count, size = int(row["messages"]), int(row["bytes"])
+                added, octets = 0, 0
                 for keep in keeps:
-                    kept = _keep_one(db, keep, now, count, size)
+                    kept = _keep_one(db, keep, now, count + added, size + octets)
                     out.append(kept)
                     if kept is not None:
-                        count, size = count + 1, size + len(keep.message.content)
+                        added, octets = added + 1, octets + len(keep.message.content)
+                if added:
+                    db.execute(
+                        "UPDATE queue_totals SET messages = messages + ?, bytes = bytes + ?",
+                        (added, octets),
+                    )
             return out
         finally:
             if durable:
@@ -347,17 +353,22 @@ class Queue(Database):
                 # Nor while in a batch whose answer is not known: it may have been sent.
                 row = db.execute(
                     "DELETE FROM queue WHERE id = ? AND (lease_owner IS NULL OR lease_until < ?)"
-                    " AND batch_key IS NULL RETURNING reservation_id, reservation_created",
+                    " AND batch_key IS NULL"
+                    " RETURNING reservation_id, reservation_created, length(content) AS octets",
                     (queue_id, now),
                 ).fetchone()
             else:
                 row = db.execute(
                     "DELETE FROM queue WHERE id = ? AND lease_owner = ?"
-                    " RETURNING reservation_id, reservation_created",
+                    " RETURNING reservation_id, reservation_created, length(content) AS octets",
                     (queue_id, owner),
                 ).fetchone()
             if row is None:
                 return None
+            db.execute(
+                "UPDATE queue_totals SET messages = messages - 1, bytes = bytes - ?",
+                (int(row["octets"]),),
+            )
             if idempotency_key and delivered:
                 remember_delivered(db, idempotency_key, now)
             settled = _settle(

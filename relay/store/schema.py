@@ -273,7 +273,9 @@ MIGRATIONS: tuple[str, ...] = (
     # 17: the delivery queue keeps the listener a message came in on (its final record
     #     names it), and each Resend batch from before its request is sent until every
     #     member ended (relay.store.queue): after a crash the same batch, with the same
-    #     key and the same body, is what is sent again, never a batch formed anew
+    #     key and the same body, is what is sent again, never a batch formed anew; and
+    #     its totals, kept as messages come and go (a count of the queue per message
+    #     read every message's content)
     """
     ALTER TABLE queue ADD COLUMN listener TEXT NOT NULL DEFAULT 'smtps';
     ALTER TABLE queue ADD COLUMN batch_key TEXT;  -- the Resend batch it went out in, if unsettled
@@ -285,5 +287,11 @@ MIGRATIONS: tuple[str, ...] = (
         members TEXT NOT NULL,              -- JSON: the queue ids, in the body's order
         body TEXT NOT NULL                  -- the request body, exactly as sent
     );
+    CREATE TABLE queue_totals (             -- one row: the queue's bounds, read per message
+        messages INTEGER NOT NULL,
+        bytes INTEGER NOT NULL              -- octets of content
+    );
+    INSERT INTO queue_totals (messages, bytes)
+        SELECT count(*), COALESCE(sum(length(content)), 0) FROM queue;
     """,
 )
