@@ -6,6 +6,7 @@ send; and with the delivery log off no message event is written (docs/events.md:
 from __future__ import annotations
 
 import smtplib
+import time
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ from test_events import WEBHOOK_ENV
 from test_queue import QUEUED, queue_empty, records, until
 
 from relay.errors import StoreError
+from relay.store.deliveries import Query
 
 pytestmark = pytest.mark.backends
 
@@ -89,3 +91,55 @@ def test_with_the_delivery_log_off_the_queue_writes_no_message_event(relay_facto
     [row] = relay.store._read("SELECT count(*) AS n FROM webhook_outbox", ())
     assert int(row["n"]) == 0
     assert records(relay) == [] and balance(relay) == 9
+
+
+def test_a_kept_resend_batch_is_sent_again_as_it_was(relay_factory):
+    """A batch kept by a relay that died (its lease holder gone) is claimed whole and
+    sent again: the same key, the same body; each message ends with its answer."""
+    import json
+
+    from test_channels import resend_env
+
+    from tests.fake_upstreams import FakeResend
+
+    with FakeResend() as resend:
+        relay = relay_factory(
+            **resend_env(resend),
+            DEFAULT_SEND_BALANCE="10",
+            RELAY_QUEUE="on-failure",
+            RELAY_QUEUE_BACKOFF="3600",
+        )
+        token = relay.token()
+        ids = [f"<k{n}@example.com>" for n in range(3)]
+        for message_id in ids:
+            resend.fail(500, "internal_server_error")
+            reply = send(relay, message(extra=f"Message-ID: {message_id}\r\n"), token=token)
+            assert reply.startswith("250 2.0.0 Queued")
+        store = relay.store
+        # Another relay, alive while it leases them and keeps its batch, then gone.
+        now = int(time.time())
+        with store._write() as db:
+            db.execute("INSERT INTO processes (id, pid, heartbeat) VALUES ('gone-1', 1, ?)", (now,))
+            db.execute("UPDATE queue SET next_try = 0")
+        rows = store.claim("gone-1", 60, 10)
+        assert len(rows) == 3
+        items = [
+            {"from": SENDER, "to": [RCPT], "subject": "Hi", "text": n, "headers": {"Message-ID": n}}
+            for n in ids
+        ]
+        body = json.dumps(items, ensure_ascii=False)
+        queue_ids = [int(r["id"]) for r in sorted(rows, key=lambda r: r["message_id"])]
+        assert store.mark_batch("gone-1", "relay-batch-kept", "example.com", queue_ids, body)
+        assert store.queue_batch("relay-batch-kept").members == queue_ids
+        with store._write() as db:
+            db.execute("UPDATE processes SET heartbeat = 0 WHERE id = 'gone-1'")
+        until(lambda: queue_empty(relay))
+        [batch] = resend.batches
+        assert batch.headers["idempotency-key"] == "relay-batch-kept"
+        assert batch.body == body.encode()
+        assert [e.json["text"] for e in resend.sent] == ids
+        for message_id, email in zip(ids, resend.sent, strict=True):
+            [record] = relay.store.find_deliveries(Query(message_id=message_id))
+            assert (record.outcome, record.upstream_id) == ("delivered", email.id)
+        assert store.queue_batch("relay-batch-kept") is None
+        assert balance(relay) == 7

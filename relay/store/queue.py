@@ -229,9 +229,9 @@ class Queue(Database):
             for member in free_members:
                 batches.setdefault(member["batch_key"], []).append(member)
             for key, members in batches.items():
-                (total,) = db.execute(
-                    "SELECT count(*) FROM queue WHERE batch_key = ?", (key,)
-                ).fetchone()
+                total = db.execute(
+                    "SELECT count(*) AS n FROM queue WHERE batch_key = ?", (key,)
+                ).fetchone()["n"]
                 if int(total) != len(members) or min(int(m["next_try"]) for m in members) > now:
                     continue  # not due, or a member held or leased elsewhere: not yet
                 rows += db.execute(
