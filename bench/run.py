@@ -12,7 +12,10 @@ an earlier block would be reused and hide the growth the next block measures.
    that client's;
 5. pipelining: the 2 KiB load through a relay whose sink advertises PIPELINING
    against the one whose sink does not, alternating, then at the paced rate;
-6. workers: a relay with 2 (or more) workers under the 2 KiB load.
+6. the queue and delivery (bench.delivery): RELAY_QUEUE=always at 2 KiB; the
+   drain after an upstream outage, the drain to a Resend allowing 5 requests a
+   second, the added p99 of a failover at half load, on SQLite and PostgreSQL;
+7. workers: a relay with 2 (or more) workers under the 2 KiB load.
 Each block starts with a few warm-up messages, so first-use costs (imports,
 the upstream pool) are not measured. Throughput runs are closed loops, ceiling
 and relay alternating for `rounds` rounds so drift on a shared machine hits
