@@ -93,9 +93,11 @@ def test_with_the_delivery_log_off_the_queue_writes_no_message_event(relay_facto
     assert records(relay) == [] and balance(relay) == 9
 
 
-def test_a_kept_resend_batch_is_sent_again_as_it_was(relay_factory):
+@pytest.mark.parametrize("unreadable", [False, True], ids=["read", "unreadable-once"])
+def test_a_kept_resend_batch_is_sent_again_as_it_was(relay_factory, unreadable):
     """A batch kept by a relay that died (its lease holder gone) is claimed whole and
-    sent again: the same key, the same body; each message ends with its answer."""
+    sent again: the same key, the same body; each message ends with its answer. A
+    batch that cannot be read at first leaves its messages waiting, never sent alone."""
     import json
 
     from test_channels import resend_env
@@ -131,9 +133,26 @@ def test_a_kept_resend_batch_is_sent_again_as_it_was(relay_factory):
         queue_ids = [int(r["id"]) for r in sorted(rows, key=lambda r: r["message_id"])]
         assert store.mark_batch("gone-1", "relay-batch-kept", "example.com", queue_ids, body)
         assert store.queue_batch("relay-batch-kept").members == queue_ids
+        worker = relay.relay.queue.store
+        real = worker.queue_batch
+        failures = [1] if unreadable else []
+
+        async def flaky(key: str) -> Any:
+            if failures:
+                failures.pop()
+                raise StoreError("database is locked")
+            return await real(key)
+
+        worker.queue_batch = flaky
+        resend.requests.clear()
         with store._write() as db:
             db.execute("UPDATE processes SET heartbeat = 0 WHERE id = 'gone-1'")
+        if unreadable:
+            until(lambda: all(m["tries"] == 2 for m in store.queue_list()))  # they waited
+            assert resend.requests == []
+            store.queue_set(None, due_now=True)
         until(lambda: queue_empty(relay))
+        assert [r.path for r in resend.requests] == ["/emails/batch"]
         [batch] = resend.batches
         assert batch.headers["idempotency-key"] == "relay-batch-kept"
         assert batch.body == body.encode()

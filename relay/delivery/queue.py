@@ -207,9 +207,11 @@ class QueueWorker:
                 self.channels.get(policy.Channel(routes[0][0])), ResendChannel
             ):
                 picked.append(index)
+        bound = [i for indexes in kept.values() for i in indexes]  # never sent alone
         try:
             for key, indexes in kept.items():
-                await self._resend_kept(resend, key, rows, indexes, firsts)
+                if not await self._resend_kept(resend, key, rows, indexes, firsts):
+                    bound = [i for i in bound if i not in indexes]
             outbounds = [_outbound(rows[i]) for i in picked]
             for batch in resend_batch.form_batches(resend, outbounds):
                 indexes = [picked[m] for m in batch.members]
@@ -217,6 +219,7 @@ class QueueWorker:
                 # Kept on disk before the request goes out (see `_resend_kept`).
                 if not await self.store.mark_batch(batch.key, batch.domain, ids, batch.body):
                     continue  # a lease lost meanwhile: these go singly, if still ours
+                bound += indexes
                 members = [outbounds[m] for m in batch.members]
                 results = await resend_batch.send_batch(resend, batch, members)
                 await self._answered(batch.key, ids, results, indexes, firsts)
@@ -224,7 +227,12 @@ class QueueWorker:
             if not self.store.logged(exc):
                 log.warning("queue: a Resend batch could not be kept: %s", exc)
         except Exception:
-            log.exception("queue: Resend batch failed unexpectedly; sending singly")
+            log.exception("queue: Resend batch failed unexpectedly")
+        # A message in a kept batch with no answer from it waits (its batch is sent
+        # again later): sent alone, under its own key, it could go out twice.
+        for index in bound:
+            if firsts[index] is None:
+                firsts[index] = TransientDelivery(ResendChannel.name, replies.LOCAL_ERROR)
         return firsts
 
     async def _resend_kept(
@@ -234,14 +242,15 @@ class QueueWorker:
         rows: Sequence[Any],
         indexes: list[int],
         firsts: list[Delivery | DeliveryError | None],
-    ) -> None:
+    ) -> bool:
         """Send a kept batch again, exactly as it was; each member still queued gets its
-        outcome from the answer (Resend's first answer, when it had one)."""
+        outcome from the answer (Resend's first answer, when it had one). False when
+        the batch was forgotten meanwhile: its members go on as any message."""
         batch = await self.store.queue_batch(key)
         by_id = {int(rows[i]["id"]): i for i in indexes}
         if batch is None:
             await self.store.end_batch(key, list(by_id))
-            return
+            return False
         members = [by_id.get(queue_id) for queue_id in batch.members]
         outbounds = [_outbound(rows[i]) if i is not None else None for i in members]
         kept = resend_batch.Batch(batch.key, batch.domain, batch.members, batch.body)
@@ -250,6 +259,7 @@ class QueueWorker:
         await self._answered(
             key, list(by_id), [r for _, r in present], [i for i, _ in present], firsts
         )
+        return True
 
     async def _answered(
         self,
