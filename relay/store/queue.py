@@ -132,6 +132,22 @@ class QueueStats(TypedDict):
     oldest: int | None  # when the oldest was queued (unix seconds)
 
 
+def _totals(db: Any) -> tuple[int, int]:
+    """The queue's messages and octets: its totals row, made from a count if none yet."""
+    row = db.execute("SELECT messages, bytes FROM queue_totals").fetchone()
+    if row is None:
+        row = db.execute(
+            "SELECT count(*) AS messages, COALESCE(sum(length(content)), 0) AS bytes FROM queue"
+        ).fetchone()
+        db.execute(
+            "INSERT INTO queue_totals (one, messages, bytes) VALUES (1, ?, ?)"
+            " ON CONFLICT DO NOTHING",
+            (int(row["messages"]), int(row["bytes"])),
+        )
+        row = db.execute("SELECT messages, bytes FROM queue_totals").fetchone()
+    return int(row["messages"]), int(row["bytes"])
+
+
 class Queue(Database):
     def enqueue(
         self,
@@ -162,8 +178,7 @@ class Queue(Database):
         out: list[int | None] = []
         try:
             with self._write() as db:
-                row = db.execute("SELECT messages, bytes FROM queue_totals").fetchone()
-                count, size = int(row["messages"]), int(row["bytes"])
+                count, size = _totals(db)
                 added, octets = 0, 0
                 for keep in keeps:
                     kept = _keep_one(db, keep, now, count + added, size + octets)

@@ -287,11 +287,10 @@ MIGRATIONS: tuple[str, ...] = (
         members TEXT NOT NULL,              -- JSON: the queue ids, in the body's order
         body TEXT NOT NULL                  -- the request body, exactly as sent
     );
-    CREATE TABLE queue_totals (             -- one row: the queue's bounds, read per message
+    CREATE TABLE queue_totals (             -- one row, made by the first enqueue from a count
+        one INTEGER NOT NULL UNIQUE CHECK (one = 1),
         messages INTEGER NOT NULL,
         bytes INTEGER NOT NULL              -- octets of content
     );
-    INSERT INTO queue_totals (messages, bytes)
-        SELECT count(*), COALESCE(sum(length(content)), 0) FROM queue;
     """,
 )
