@@ -35,6 +35,12 @@ QUICK = {
     "burst_connections": 200,
     "stall_noops": 100,
     "stalled_uploads": 50,
+    # The delivery rows small and on SQLite only: PostgreSQL's start and the rows
+    # again there would double their share of a quick run.
+    "outage_messages": 300,
+    "outage_seconds": 2.0,
+    "resend_messages": 300,
+    "delivery_postgres": False,
 }
 
 
@@ -155,6 +161,30 @@ def parser() -> argparse.ArgumentParser:
         default=str(DEFAULT_JSON),
         help=f"where the JSON goes; '-' for stdout (default {DEFAULT_JSON})",
     )
+    p.add_argument(
+        "--outage-messages",
+        type=int,
+        help="messages queued through the upstream outage (default 10000, 300 with --quick;"
+        " 0 skips the delivery rows)",
+    )
+    p.add_argument(
+        "--outage-seconds",
+        type=float,
+        help="the upstream outage's length (default 60, 2 with --quick)",
+    )
+    p.add_argument(
+        "--resend-messages",
+        type=positive,
+        help="messages drained to the rate-limited Resend (default 3000, 300 with --quick)",
+    )
+    p.add_argument(
+        "--no-delivery-postgres",
+        dest="delivery_postgres",
+        action="store_const",
+        const=False,
+        help="the delivery rows on SQLite only (not also on a throwaway PostgreSQL;"
+        " --quick runs them on SQLite only)",
+    )
     target = p.add_argument_group("another server (no relay, sink or ceiling is started)")
     target.add_argument("--target", type=parse_target, metavar="HOST:PORT", help="loopback only")
     target.add_argument("--token", help="AUTH PLAIN password (username api_token)")
@@ -183,6 +213,10 @@ def plan_from(args: argparse.Namespace) -> run.Plan:
         "burst_connections",
         "stall_noops",
         "stalled_uploads",
+        "outage_messages",
+        "outage_seconds",
+        "resend_messages",
+        "delivery_postgres",
     ):
         value = getattr(args, name)
         if value is not None:

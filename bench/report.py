@@ -32,6 +32,11 @@ MIN_LOG_ON_OVER_OFF = 0.95
 # RELAY_QUEUE=always: the queue's durable commit replaces the forward on the
 # client's path; its accept rate should stay near the bare receive's.
 MIN_QUEUE_ACCEPT_OVER_CEILING = 0.6
+# Resend allows 5 requests a second (resend.com/docs/api-reference/rate-limit): one
+# message each unbatched; the queue's batches (up to 100 emails a request,
+# resend-openapi /emails/batch) should carry at least 100 times that.
+UNBATCHED_RESEND_RATE = 5.0
+MIN_RESEND_BATCH_GAIN = 100
 MAX_WAL_PEAK = 64 * MIB
 MAX_WAL_AFTER = 4 * MIB
 MAX_BURST_GROWTH = 1.10
@@ -193,6 +198,7 @@ def checks(result: dict[str, Any]) -> list[Check]:
                 f"drain {_fmt(queue['drain_messages_per_s'], 0)} msg/s",
             )
         )
+    out += _delivery_checks(result.get("delivery", {}))
     out += _hardening_checks(result.get("hardening", {}))
     forwarded = result.get("forwarding")
     if forwarded is not None:
@@ -205,6 +211,53 @@ def checks(result: dict[str, Any]) -> list[Check]:
                 f"sent {forwarded['sent']}, 250 {forwarded['accepted']}",
             )
         )
+    return out
+
+
+BACKENDS = {"sqlite": "SQLite", "postgresql": "PostgreSQL"}
+
+
+def _delivery_checks(rows: dict[str, Any]) -> list[Check]:
+    """The delivery rows (bench.delivery), one set per backend."""
+    out: list[Check] = []
+    for backend, row in rows.items():
+        name = BACKENDS.get(backend, backend)
+        outage = row.get("outage")
+        if outage is not None:
+            out.append(
+                Check(
+                    f"s to drain {outage['messages']:,} queued after a {outage['outage_s']:g} s"
+                    f" upstream outage ({name})",
+                    "every message delivered",
+                    outage["drain_s"],
+                    outage["delivered_all"],
+                    f"{_fmt(outage['drain_messages_per_s'], 0)} msg/s",
+                )
+            )
+        resend = row.get("resend")
+        if resend is not None:
+            floor = UNBATCHED_RESEND_RATE * MIN_RESEND_BATCH_GAIN
+            value = resend["messages_per_s"]
+            out.append(
+                Check(
+                    f"queue drain to Resend at {UNBATCHED_RESEND_RATE:g} req/s, msg/s ({name})",
+                    f">= {floor:g} (100x unbatched)",
+                    value,
+                    resend["delivered_all"] and value is not None and value >= floor,
+                    f"{resend['requests']} requests, {resend['throttled']} answered 429",
+                )
+            )
+        failover = row.get("failover")
+        if failover is not None:
+            out.append(
+                Check(
+                    f"added p99 ms of a failover (first channel refusing) at half load ({name})",
+                    "reported; every message forwarded",
+                    failover["added_p99_ms"],
+                    failover["forwarded_all"],
+                    f"p99 {_fmt(failover['latency_ms']['p99'], 2)} ms",
+                )
+            )
     return out
 
 
@@ -502,6 +555,30 @@ def table(result: dict[str, Any]) -> str:
             f" ({_fmt(queue['accept_over_ceiling'], 2, 'x')} the ceiling), drained"
             f" {_fmt(queue['drain_messages_per_s'], 0)} msg/s to the sink"
         )
+    for backend, row in result.get("delivery", {}).items():
+        name = BACKENDS.get(backend, backend)
+        if "outage" in row:
+            o = row["outage"]
+            lines.append(
+                f"queue after a {o['outage_s']:g} s outage ({name}): {o['messages']:,} accepted"
+                f" in {o['accepted_in_s']:.1f} s, drained in {o['drain_s']:.1f} s"
+                f" ({_fmt(o['drain_messages_per_s'], 0)} msg/s) once the sink was back"
+            )
+        if "resend" in row:
+            r = row["resend"]
+            lines.append(
+                f"queue to Resend at {UNBATCHED_RESEND_RATE:g} requests/s ({name}):"
+                f" {r['sent']:,} sent in {r['seconds']:.1f} s ="
+                f" {_fmt(r['messages_per_s'], 0)} msg/s, {r['batches']} batches,"
+                f" {r['requests']} requests, {r['throttled']} answered 429"
+            )
+        if "failover" in row:
+            f = row["failover"]
+            lines.append(
+                f"failover at {f['rate']:.0f} msg/s ({name}): p50"
+                f" {_fmt(f['latency_ms']['p50'], 2)} p99 {_fmt(f['latency_ms']['p99'], 2)} ms,"
+                f" added p99 {_fmt(f['added_p99_ms'], 2)} ms against the relay's"
+            )
     lines += _hardening_lines(result.get("hardening", {}))
     targets = result.get("targets", [])
     if targets:

@@ -12,7 +12,10 @@ an earlier block would be reused and hide the growth the next block measures.
    that client's;
 5. pipelining: the 2 KiB load through a relay whose sink advertises PIPELINING
    against the one whose sink does not, alternating, then at the paced rate;
-6. workers: a relay with 2 (or more) workers under the 2 KiB load.
+6. the queue and delivery (bench.delivery): RELAY_QUEUE=always at 2 KiB; the
+   drain after an upstream outage, the drain to a Resend allowing 5 requests a
+   second, the added p99 of a failover at half load, on SQLite and PostgreSQL;
+7. workers: a relay with 2 (or more) workers under the 2 KiB load.
 Each block starts with a few warm-up messages, so first-use costs (imports,
 the upstream pool) are not measured. Throughput runs are closed loops, ceiling
 and relay alternating for `rounds` rounds so drift on a shared machine hits
@@ -72,6 +75,13 @@ class Plan:
     burst_connections: int = 2000
     stall_noops: int = 400
     stalled_uploads: int = 150
+    # The delivery rows (bench.delivery): messages queued through an upstream outage
+    # of `outage_seconds`, messages drained to a rate-limited Resend; and whether
+    # they (and the failover's) run on PostgreSQL too.
+    outage_messages: int = 10_000
+    outage_seconds: float = 60.0
+    resend_messages: int = 3_000
+    delivery_postgres: bool = True
 
     def sessions_for(self, size: int) -> int:
         return self.large_sessions if size >= LARGE else self.sessions
@@ -595,6 +605,58 @@ class Runner:
             f" drained {self.result['queue']['drain_messages_per_s'] or 0:.0f} msg/s"
         )
 
+    async def delivery(self, setup: stack.Setup, sink: stack.ReferenceServer) -> None:
+        """The delivery rows (bench.delivery), on SQLite and, when it is installed,
+        on a throwaway PostgreSQL: the drain after an upstream outage, the drain to
+        a rate-limited Resend, the added p99 of a failover at half load."""
+        from bench import delivery
+
+        plan = self.plan
+        if not plan.outage_messages:
+            return
+        rows: dict[str, Any] = {}
+        backends: list[tuple[str, stack.Setup | None]] = [("sqlite", None)]
+        async with contextlib.AsyncExitStack() as stack_:
+            if plan.delivery_postgres:
+                directory = setup.directory / "delivery-postgres"
+                directory.mkdir()
+                backends.append(
+                    ("postgresql", await stack_.enter_async_context(delivery.postgres(directory)))
+                )
+            for name, own in backends:
+                if name == "sqlite":
+                    directory = setup.directory / "delivery-sqlite"
+                    directory.mkdir()
+                    own = await stack.configure(directory)
+                if own is None:
+                    continue
+                row: dict[str, Any] = {}
+                row["outage"] = await delivery.outage(
+                    own,
+                    plan.outage_messages,
+                    plan.outage_seconds,
+                    plan.sessions,
+                    plan.phase_timeout,
+                )
+                self.log(f"{name} outage: {row['outage']}")
+                row["resend"] = await delivery.resend(
+                    own, plan.resend_messages, plan.sessions, plan.phase_timeout
+                )
+                self.log(f"{name} resend: {row['resend']}")
+                top = self.max_rate("relay")
+                if top and plan.latency_seconds > 0:
+                    rate = top / 2
+                    count = max(int(rate * plan.latency_seconds), 1)
+                    row["failover"] = await delivery.failover(self, own, sink, rate, count)
+                    plain = self.result.get("latency_at_half_max", {}).get("relay", {})
+                    row["failover"]["added_p99_ms"] = report.difference(
+                        row["failover"]["latency_ms"]["p99"],
+                        plain.get("latency_ms", {}).get("p99"),
+                    )
+                    self.log(f"{name} failover: {row['failover']}")
+                rows[name] = row
+        self.result["delivery"] = rows
+
     async def _drained(self, sink: stack.ReferenceServer, until: int) -> int:
         """Wait (at most the phase timeout) for the sink to count `until` messages;
         the count it reached."""
@@ -849,6 +911,7 @@ async def run_relay(plan: Plan) -> dict[str, Any]:
                         await runner.pipelining(setup, sides[1])
                         await runner.delivery_log(setup, sink)
                         await runner.queue(setup, sink)
+                        await runner.delivery(setup, sink)
             await runner.workers(setup, sink)
             if plan.wal_seconds:
                 await runner.hostile(setup, sink)

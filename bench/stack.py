@@ -108,6 +108,12 @@ async def configure(directory: Path, database: Path | str | None = None) -> Setu
     return Setup(directory, certs / "relay.crt", certs / "relay.key", database, token)
 
 
+async def run_cli(setup: Setup, *args: str) -> str:
+    """`python -m relay ARGS` on `setup`'s database; its output."""
+    env = child_env({"RELAY_DATABASE": str(setup.database)})
+    return await _run(sys.executable, "-m", "relay", *args, env=env)
+
+
 def free_port() -> int:
     # The relay must be told its port up front: at log level WARNING it never prints it.
     with socket.socket() as sock:

@@ -29,7 +29,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
@@ -58,6 +58,10 @@ class Scripted:
     headers: Mapping[str, str] = field(default_factory=dict)
     # Hold the answer this long (a slow upstream); `stop` releases it early.
     delay: float = 0.0
+    # Hold the answer until this is set (a request in flight), then call `then`
+    # (the request is done, whether or not the client is still there to read it).
+    wait: threading.Event | None = None
+    then: Callable[[], None] | None = None
 
 
 class FakeUpstream:
@@ -201,6 +205,10 @@ class _Handler(BaseHTTPRequestHandler):
         reply = fake._respond(request)
         if reply.delay:
             fake._stopping.wait(reply.delay)
+        if reply.wait is not None:
+            reply.wait.wait(30)
+        if reply.then is not None:
+            reply.then()
         if isinstance(reply.body, bytes | str):
             payload = reply.body.encode() if isinstance(reply.body, str) else reply.body
             content_type = "text/html; charset=utf-8"
@@ -285,6 +293,21 @@ RESEND_TESTING_ONLY = (
 RESEND_REQUIRED = ("from", "to", "subject")
 
 
+# resend.com/docs/dashboard/emails/idempotency-keys: "We keep idempotency keys in our
+# system for 24 hours."
+RESEND_IDEMPOTENCY_TTL = 24 * 3600
+
+
+@dataclass
+class _Kept:
+    """A request kept under its idempotency key."""
+
+    digest: str  # of its body
+    answer: Scripted
+    created: float  # time.monotonic()
+    in_progress: bool = False
+
+
 @dataclass(frozen=True)
 class SentEmail:
     id: str
@@ -299,9 +322,20 @@ class SentEmail:
 class FakeResend(FakeUpstream):
     """`POST /emails` as Resend answers it.
 
-    `tokens`: the API keys it accepts (None: any). Honours `Idempotency-Key`:
-    the same key and body return the first id and send nothing; the same key
-    with another body is a 409.
+    `tokens`: the API keys it accepts (None: any). Honours `Idempotency-Key` on
+    `POST /emails` and `POST /emails/batch` as resend.com/docs/dashboard/emails/
+    idempotency-keys documents: a key (1-256 characters, else 400
+    `invalid_idempotency_key`) of a request that sent is kept 24 hours; the same
+    key with the same body is answered the original answer and sends nothing;
+    with another body, 409 `invalid_idempotent_request`; while the first request
+    is still in progress, 409 `concurrent_idempotent_requests`. A request that
+    sent nothing (an error) keeps no key. The docs do not say whether keys are
+    shared between the two endpoints; the fake keeps them apart (the relay never
+    uses one key on both).
+
+    `hold`: while set to an unset Event, each request that sends is held in
+    progress (its emails counted as sent, its answer not yet written) until the
+    Event is set: a relay killed with a request in flight.
     """
 
     def __init__(self, tokens: set[str] | None = None) -> None:
@@ -311,8 +345,8 @@ class FakeResend(FakeUpstream):
         self.batches: list[Recorded] = []  # each POST /emails/batch
         # Addresses a batch's validation refuses (a test's invalid `to`).
         self.invalid_to: set[str] = set()
-        self._keys: dict[str, tuple[str, str]] = {}  # key -> (body digest, id)
-        self._batch_keys: dict[str, tuple[str, Any]] = {}  # key -> (body digest, answer)
+        self._keys: dict[tuple[str, str], _Kept] = {}  # (path, key) -> its request
+        self.hold: threading.Event | None = None
 
     def fail(
         self,
@@ -359,21 +393,44 @@ class FakeResend(FakeUpstream):
         if invalid is not None:
             return invalid
 
-        key = request.headers.get("idempotency-key")
-        digest = hashlib.sha256(request.body).hexdigest()
-        if key is not None:
-            if not 1 <= len(key) <= 256:
-                return _resend_failure(400, "invalid_idempotency_key")
-            if key in self._keys:
-                first_digest, first_id = self._keys[key]
-                if first_digest != digest:
-                    return _resend_failure(409, "invalid_idempotent_request")
-                return Scripted(200, {"id": first_id})
+        return self._idempotent(request, self._send)
+
+    def _send(self, request: Recorded) -> Scripted:
         email_id = str(uuid.uuid4())
-        if key is not None:
-            self._keys[key] = (digest, email_id)
         self.sent.append(SentEmail(email_id, request))
         return Scripted(200, {"id": email_id}, self._ratelimit_headers())
+
+    def _idempotent(self, request: Recorded, send: Callable[[Recorded], Scripted]) -> Scripted:
+        """`send(request)` under the request's Idempotency-Key, as the class says."""
+        key = request.headers.get("idempotency-key")
+        if key is None:
+            return send(request)
+        if not 1 <= len(key) <= 256:
+            return _resend_failure(400, "invalid_idempotency_key")
+        digest = hashlib.sha256(request.body).hexdigest()
+        kept = self._keys.get((request.path, key))
+        if kept is not None and time.monotonic() - kept.created >= RESEND_IDEMPOTENCY_TTL:
+            del self._keys[(request.path, key)]  # kept 24 hours, then a new request
+            kept = None
+        if kept is not None:
+            if kept.digest != digest:
+                return _resend_failure(409, "invalid_idempotent_request")
+            if kept.in_progress:
+                return _resend_failure(409, "concurrent_idempotent_requests")
+            return Scripted(kept.answer.status, kept.answer.body)
+        answer = send(request)
+        if answer.status != 200:
+            return answer
+        kept = _Kept(digest, answer, time.monotonic(), in_progress=self.hold is not None)
+        self._keys[(request.path, key)] = kept
+        if self.hold is None:
+            return answer
+
+        def done(kept: _Kept = kept) -> None:
+            with self._lock:
+                kept.in_progress = False
+
+        return Scripted(answer.status, answer.body, answer.headers, wait=self.hold, then=done)
 
     def _batch(self, request: Recorded) -> Scripted:
         """`POST /emails/batch` (resend-openapi resend.yaml `emails/send-batch`): an
@@ -403,29 +460,20 @@ class FakeResend(FakeUpstream):
         permissive = request.headers.get("x-batch-validation") == "permissive"
         if errors and not permissive:
             return _resend_failure(422, "validation_error", errors[0]["message"])
-        key = request.headers.get("idempotency-key")
-        digest = hashlib.sha256(request.body).hexdigest()
-        if key is not None:
-            if not 1 <= len(key) <= 256:
-                return _resend_failure(400, "invalid_idempotency_key")
-            if key in self._batch_keys:
-                first_digest, first_answer = self._batch_keys[key]
-                if first_digest != digest:
-                    return _resend_failure(409, "invalid_idempotent_request")
-                return Scripted(200, first_answer)
+        return self._idempotent(request, lambda request: self._send_batch(request, errors))
+
+    def _send_batch(self, request: Recorded, errors: list[dict[str, Any]]) -> Scripted:
         refused = {e["index"] for e in errors}
         data = []
-        for index, item in enumerate(items):
+        for index, item in enumerate(request.json):
             if index in refused:
                 continue
             email_id = str(uuid.uuid4())
             self.sent.append(SentEmail(email_id, request, item))
             data.append({"id": email_id})
         answer: dict[str, Any] = {"data": data}
-        if permissive:
+        if request.headers.get("x-batch-validation") == "permissive":
             answer["errors"] = errors
-        if key is not None:
-            self._batch_keys[key] = (digest, answer)
         return Scripted(200, answer, self._ratelimit_headers())
 
     def _ratelimit_headers(self) -> dict[str, str]:

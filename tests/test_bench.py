@@ -52,6 +52,13 @@ def result(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "10",
         "--stalled-uploads",
         "3",
+        "--outage-messages",
+        "20",
+        "--outage-seconds",
+        "0.5",
+        "--resend-messages",
+        "20",
+        "--no-delivery-postgres",
         "--json-out",
         str(out),
     ]
@@ -130,3 +137,15 @@ def test_the_hardening_phases_report_their_figures(result: dict[str, Any]) -> No
     assert "write-ahead log" in names and "bursts" in names and "NOOP" in names
     assert "refused messages" in names
     assert "RSS per stalled upload" in names
+
+
+@pytest.mark.slow
+def test_the_delivery_rows_report_their_figures(result: dict[str, Any]) -> None:
+    row = result["delivery"]["sqlite"]
+    outage, resend, failover = row["outage"], row["resend"], row["failover"]
+    assert outage["delivered_all"] is True and outage["messages"] == 20
+    assert outage["drain_s"] > 0
+    assert resend["delivered_all"] is True and resend["sent"] == 20 and resend["batches"] >= 1
+    assert failover["forwarded_all"] is True and failover["latency_ms"]["p99"] is not None
+    names = " ".join(t["name"] for t in result["targets"])
+    assert "upstream outage (SQLite)" in names and "Resend" in names and "failover" in names

@@ -11,19 +11,25 @@ send-batch-emails): such a message, and a Bcc-only message with several recipien
 The relay asks for `x-batch-validation: permissive` (resend.com/changelog/
 batch-validation-modes): the valid emails are sent and each invalid one is named
 in `errors` by its index, so a refusal refuses only that message; `data` lists
-the ids of the emails sent, in order. One Idempotency-Key per batch, derived
-from its messages' own keys: a batch formed again of the same messages (a retry
-after a lost answer) is the same request to Resend, which sends nothing twice.
-An answer refusing the whole request (a 429, a 5xx, a rejected key) is each
-message's answer.
+the ids of the emails sent, in order. One Idempotency-Key per batch: Resend keeps
+a key 24 hours, answers the same key and the same body with its first answer and
+sends nothing, refuses the same key with another body (409
+`invalid_idempotent_request`) and a key whose request is still in progress (409
+`concurrent_idempotent_requests`) (resend.com/docs/dashboard/emails/
+idempotency-keys). So a batch is formed once (`form_batches`), kept by the
+caller before it is sent, and after a crash sent again as it was (`send_batch`):
+same members, same order, same body, same key. An answer refusing the whole
+request (a 429, a 5xx, a rejected key) is each message's answer.
 """
 
 from __future__ import annotations
 
-import hashlib
+import json
 import logging
+import secrets
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from relay import replies
@@ -64,47 +70,73 @@ def batch_body(channel: ResendChannel, message: Outbound) -> tuple[str, dict[str
     return token, body
 
 
-async def deliver_batch(
-    channel: ResendChannel, messages: Sequence[Outbound]
-) -> list[Result | None]:
-    """Send `messages` in as few batch requests as Resend allows; per message, its
-    Delivery or DeliveryError, or None when it must go singly (`batch_body`)."""
-    results: list[Result | None] = [None] * len(messages)
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """One batch request, formed before it is sent: the caller keeps it (its key, its
+    members in order, its body) so a retry after a crash sends exactly it again."""
+
+    key: str
+    domain: str  # the senders' domain: which API token sends it
+    members: list[int]  # indexes into the messages it was formed from, in order
+    body: str  # the JSON request body
+
+
+def form_batches(channel: ResendChannel, messages: Sequence[Outbound]) -> list[Batch]:
+    """The batches `messages` go out in: by API token, up to MAX_BATCH each, of at least
+    two (one message goes singly, with its own key). The messages left out go
+    singly (`batch_body`). Each batch has a fresh key: a batch is never formed
+    twice, it is kept and sent again as it was."""
     groups: dict[str, list[tuple[int, dict[str, Any]]]] = {}
     for index, message in enumerate(messages):
         item = batch_body(channel, message)
         if item is not None:
             groups.setdefault(item[0], []).append((index, item[1]))
-    for token, items in groups.items():
+    batches = []
+    for items in groups.values():
         for start in range(0, len(items), MAX_BATCH):
             chunk = items[start : start + MAX_BATCH]
-            if len(chunk) == 1:
-                continue  # one message: the single send, with its own key
-            answers = await _send(channel, token, [messages[i] for i, _ in chunk], chunk)
-            for (index, _), answer in zip(chunk, answers, strict=True):
-                results[index] = answer
-    return results
+            if len(chunk) < 2:
+                continue
+            batches.append(
+                Batch(
+                    f"{IDEMPOTENCY_PREFIX}batch-{secrets.token_hex(20)}",
+                    domain_of(messages[chunk[0][0]].sender),
+                    [i for i, _ in chunk],
+                    json.dumps([body for _, body in chunk], ensure_ascii=False),
+                )
+            )
+    return batches
 
 
-async def _send(
-    channel: ResendChannel,
-    token: str,
-    messages: list[Outbound],
-    chunk: list[tuple[int, dict[str, Any]]],
+def known(results: Sequence[Result | None]) -> bool:
+    """Whether a batch's answer is known: Resend answered it (each email sent or
+    refused), or refused the request as a whole in a way that proves nothing was
+    sent. Otherwise (a timeout, `concurrent_idempotent_requests`, an answer that
+    does not add up) only the same request under the same key may follow."""
+    return all(
+        not isinstance(r, DeliveryError) or r.not_taken or r.reply.is_permanent for r in results
+    )
+
+
+async def send_batch(
+    channel: ResendChannel, batch: Batch, messages: Sequence[Outbound | None]
 ) -> list[Result]:
-    keys = sorted(m.idempotency_key for m in messages)
-    digest = hashlib.sha256("\n".join(keys).encode()).hexdigest()[:48]
-    key = f"{IDEMPOTENCY_PREFIX}batch-{digest}"
-    label = f"a batch of {len(messages)}"
+    """Send `batch` (again, after a crash: the same body under the same key, so Resend
+    answers as it did and sends nothing twice); per member, in order, its Delivery
+    or DeliveryError. `messages[i]`: member i, or None when it ended already."""
+    token = channel.config.token_for(batch.domain)
+    label = f"a batch of {len(batch.members)}"
+    if not token:
+        reply = replies.upstream_unavailable(NAME, f"no API token for {batch.domain}")
+        return [TransientDelivery(NAME, reply, not_taken=True)] * len(messages)
     deadline = pacing.Deadline(channel.budget, channel.timeout)
-    domain = domain_of(messages[0].sender)
     started = time.perf_counter()
     try:
         answer = await channel.request(
             channel.url + "/batch",
-            [body for _, body in chunk],
-            key,
-            domain,
+            json.loads(batch.body),
+            batch.key,
+            batch.domain,
             token,
             deadline,
             label,
@@ -113,6 +145,11 @@ async def _send(
     except DeliveryError as exc:
         return [exc] * len(messages)
     log.info("resend: %s sent in %.3f s", label, time.perf_counter() - started)
+    return _answers(answer, messages, label)
+
+
+def _answers(answer: Any, messages: Sequence[Outbound | None], label: str) -> list[Result]:
+    """Each member's outcome in a batch's 200 answer."""
     data = answer.get("data") if isinstance(answer, dict) else None
     errors = answer.get("errors") if isinstance(answer, dict) else None
     refused: dict[int, str] = {}
@@ -135,9 +172,10 @@ async def _send(
             # The per-email validation error, read as the same error of a single send.
             body = {"statusCode": 422, "name": "validation_error", "message": refused[index]}
             reply = outcome(422, body, None)
-            log.warning("resend refused %s in a batch: %s", message.message_id, reply)
+            log.warning("resend refused %s in a batch: %s", message and message.message_id, reply)
             out.append(PermanentDelivery(NAME, reply))
         else:
             upstream_id = one_line(next(sent), 120)
-            out.append(Delivery(accepted=message.recipients, upstream_id=upstream_id))
+            recipients = message.recipients if message is not None else ()
+            out.append(Delivery(accepted=recipients, upstream_id=upstream_id))
     return out

@@ -31,9 +31,9 @@ from relay.channels.resend import ResendChannel
 from relay.config import QUEUE_BACKOFF_CAP, Settings
 from relay.delivery.chain import walk
 from relay.delivery.submitted import Submitted, count
-from relay.errors import DeliveryError, StoreError
+from relay.errors import DeliveryError, StoreError, TransientDelivery
 from relay.replies import Reply
-from relay.store.deliveries import Attempt, attempts_text
+from relay.store.deliveries import Attempt, DeliveryRecord, attempts_text
 from relay.store.facade import Principal, Reservation
 from relay.store.loop import AsyncStore
 from relay.store.queue import QueuedMessage
@@ -43,6 +43,9 @@ log = logging.getLogger("relay.queue")
 # resend-openapi, /emails/batch); how often an idle worker looks for due ones.
 CLAIM_BATCH = 100
 POLL_SECONDS = 1.0
+# A final write the store refused is tried again after this long, doubling to the max.
+FINISH_RETRY_FIRST = 0.5
+FINISH_RETRY_MAX = 30.0
 _RETRY_AFTER = re.compile(r"retry after (\d+) s")
 
 
@@ -84,6 +87,8 @@ async def keep(
         tuple((str(r.channel), r.charges, r.rule) for r in plan.routes),
         reservation.id,
         reservation.created,
+        submitted.listener,
+        events=bool(settings.log_retention_days),
     )
     now = store.now()
     delay = 0 if not attempts else backoff(settings, 1, last)
@@ -128,6 +133,7 @@ class QueueWorker:
         self.channels = channels
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._answered_batches: set[str] = set()  # keys Resend answered, forgotten after
         # A lease outlives one attempt's forward budget with room to spare.
         self.lease_seconds = int(settings.forward_budget * 2 + 30)
 
@@ -171,6 +177,7 @@ class QueueWorker:
                 await asyncio.gather(
                     *(self._attempt(row, first) for row, first in zip(rows, firsts, strict=True))
                 )
+                await self._forget_batches()
                 look = False
                 continue
             self._wake.clear()
@@ -183,25 +190,112 @@ class QueueWorker:
     async def _batched(self, rows: Sequence[Any]) -> list[Delivery | DeliveryError | None]:
         """The first channel's outcome for each row whose route starts at Resend, sent
         together through its batch endpoint (relay.channels.resend_batch); None
-        for a row that goes the usual way."""
+        for a row that goes the usual way. A batch whose answer is not known (the
+        relay stopped, or the answer was lost) is sent again as it was kept."""
         firsts: list[Delivery | DeliveryError | None] = [None] * len(rows)
+        resend = next((c for c in self.channels.values() if isinstance(c, ResendChannel)), None)
+        if resend is None:
+            return firsts
+        kept: dict[str, list[int]] = {}
         picked = []
         for index, row in enumerate(rows):
+            if row["batch_key"]:
+                kept.setdefault(row["batch_key"], []).append(index)
+                continue
             routes = json.loads(row["routes"])
-            channel = self.channels.get(policy.Channel(routes[0][0])) if routes else None
-            if isinstance(channel, ResendChannel):
-                picked.append((index, channel, _outbound(row)))
-        if len(picked) < 2:
-            return firsts
-        channel = picked[0][1]
+            if routes and isinstance(
+                self.channels.get(policy.Channel(routes[0][0])), ResendChannel
+            ):
+                picked.append(index)
+        bound = [i for indexes in kept.values() for i in indexes]  # never sent alone
         try:
-            results = await resend_batch.deliver_batch(channel, [o for _, _, o in picked])
+            for key, indexes in kept.items():
+                if not await self._resend_kept(resend, key, rows, indexes, firsts):
+                    bound = [i for i in bound if i not in indexes]
+            outbounds = [_outbound(rows[i]) for i in picked]
+            for batch in resend_batch.form_batches(resend, outbounds):
+                indexes = [picked[m] for m in batch.members]
+                ids = [int(rows[i]["id"]) for i in indexes]
+                # Kept on disk before the request goes out (see `_resend_kept`).
+                if not await self.store.mark_batch(batch.key, batch.domain, ids, batch.body):
+                    continue  # a lease lost meanwhile: these go singly, if still ours
+                bound += indexes
+                members = [outbounds[m] for m in batch.members]
+                results = await resend_batch.send_batch(resend, batch, members)
+                await self._answered(batch.key, ids, results, indexes, firsts)
+        except StoreError as exc:
+            if not self.store.logged(exc):
+                log.warning("queue: a Resend batch could not be kept: %s", exc)
         except Exception:
-            log.exception("queue: Resend batch failed unexpectedly; sending singly")
-            return firsts
-        for (index, _, _), result in zip(picked, results, strict=True):
-            firsts[index] = result
+            log.exception("queue: Resend batch failed unexpectedly")
+        # A message in a kept batch with no answer from it waits (its batch is sent
+        # again later): sent alone, under its own key, it could go out twice.
+        for index in bound:
+            if firsts[index] is None:
+                firsts[index] = TransientDelivery(ResendChannel.name, replies.LOCAL_ERROR)
         return firsts
+
+    async def _resend_kept(
+        self,
+        resend: ResendChannel,
+        key: str,
+        rows: Sequence[Any],
+        indexes: list[int],
+        firsts: list[Delivery | DeliveryError | None],
+    ) -> bool:
+        """Send a kept batch again, exactly as it was; each member still queued gets its
+        outcome from the answer (Resend's first answer, when it had one). False when
+        the batch was forgotten meanwhile: its members go on as any message."""
+        batch = await self.store.queue_batch(key)
+        by_id = {int(rows[i]["id"]): i for i in indexes}
+        if batch is None:
+            await self.store.end_batch(key, list(by_id))
+            return False
+        members = [by_id.get(queue_id) for queue_id in batch.members]
+        outbounds = [_outbound(rows[i]) if i is not None else None for i in members]
+        kept = resend_batch.Batch(batch.key, batch.domain, batch.members, batch.body)
+        results = await resend_batch.send_batch(resend, kept, outbounds)
+        present = [(i, r) for i, r in zip(members, results, strict=True) if i is not None]
+        await self._answered(
+            key, list(by_id), [r for _, r in present], [i for i, _ in present], firsts
+        )
+        return True
+
+    async def _answered(
+        self,
+        key: str,
+        ids: list[int],
+        results: Sequence[Delivery | DeliveryError],
+        indexes: list[int],
+        firsts: list[Delivery | DeliveryError | None],
+    ) -> None:
+        """Each member's first outcome from its batch's answer. A batch refused as a
+        whole, provably unsent, is forgotten before its members walk on (another
+        channel may deliver them); if that cannot be written they wait, still in it.
+        Any other answer keeps the batch until its members ended
+        (`_forget_batches`): an answer Resend gave is the one it gives again."""
+        if any(isinstance(r, DeliveryError) and r.not_taken for r in results):
+            try:
+                await self.store.end_batch(key, ids)
+            except StoreError:
+                wait = TransientDelivery(ResendChannel.name, replies.LOCAL_ERROR)
+                results = [wait] * len(results)
+        elif resend_batch.known(results):
+            self._answered_batches.add(key)
+        for index, result in zip(indexes, results, strict=True):
+            firsts[index] = result
+
+    async def _forget_batches(self) -> None:
+        """Forget each batch answered this round once its members ended; a member still
+        queued (its end could not be written) keeps it: the same batch is sent
+        again, and Resend gives the same answer."""
+        while self._answered_batches:
+            key = self._answered_batches.pop()
+            try:
+                await self.store.end_batch(key)
+            except StoreError as exc:
+                if not self.store.logged(exc):
+                    log.warning("queue: could not forget Resend batch %s: %s", key, exc)
 
     async def _attempt(self, row: Any, first: Delivery | DeliveryError | None = None) -> None:
         try:
@@ -244,6 +338,7 @@ class QueueWorker:
                 next_try=int(now + delay),
                 last_code=reply.code,
                 last_text=reply.text,
+                events=bool(self.settings.log_retention_days),
             )
             log.info(
                 "queued message %s: %s; next attempt in %.0f s", row["message_id"], reply, delay
@@ -293,6 +388,7 @@ class QueueWorker:
             tuple(k for _, k in pairs),
             int(row["size"]),
             row["message_id"],
+            row["listener"],
         )
         record = submitted.record(
             reply,
@@ -306,7 +402,7 @@ class QueueWorker:
         idempotent = {c.name for c in self.channels.values() if c.idempotent}
         key = row["idempotency_key"] if takers and all(t in idempotent for t in takers) else None
         kept = record if self.settings.log_retention_days else None
-        refund = await self.store.finish(row["id"], len(accepted), key, kept)
+        refund = await self._finish(row, len(accepted), key, kept)
         count(record)
         log.info(
             "queued message %s ended: %s delivered=%d refunded=%s attempts=%d",
@@ -316,3 +412,27 @@ class QueueWorker:
             refund,
             len(attempts),
         )
+
+    async def _finish(
+        self, row: Any, delivered: int, key: str | None, record: DeliveryRecord | None
+    ) -> int | None:
+        """The message's end, written: tried again until the store takes it (the worker
+        claims nothing meanwhile, so nothing here attempts the message again).
+        Never another attempt for a message already delivered: an SMTP upstream
+        has no idempotency key, the copy would be a duplicate. Only a relay that
+        stops (or dies) first leaves it to the next attempt."""
+        wait = FINISH_RETRY_FIRST
+        while True:
+            try:
+                return await self.store.finish(int(row["id"]), delivered, key, record)
+            except StoreError as exc:
+                if not self.store.logged(exc):
+                    log.warning(
+                        "queued message %s: its end could not be written (%s);"
+                        " trying again in %.1f s",
+                        row["message_id"],
+                        exc,
+                        wait,
+                    )
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, FINISH_RETRY_MAX)

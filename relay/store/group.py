@@ -38,7 +38,7 @@ GROUP_TURNS = 3
 class Write:
     """A write waiting for the next group commit."""
 
-    __slots__ = ("args", "fn", "future", "kwargs")
+    __slots__ = ("args", "durable", "fn", "future", "kwargs")
 
     def __init__(
         self,
@@ -46,8 +46,12 @@ class Write:
         args: Any,
         kwargs: dict[str, Any],
         future: asyncio.Future[Any],
+        durable: bool = False,
     ) -> None:
         self.fn, self.args, self.kwargs, self.future = fn, args, kwargs, future
+        # Its commit must be on disk before its caller answers (a queued message's
+        # 250): the group commits with SQLite's synchronous=FULL (the WAL fsync'd).
+        self.durable = durable
 
 
 # A PostgreSQL group aborted by a deadlock or serialization failure runs again this
@@ -117,6 +121,11 @@ def _commit_group(
         from relay.store.postgres import GroupAborted
 
         aborted = (GroupAborted,)
+    # SQLite's fsync of the log for a group holding a durable write (PostgreSQL's
+    # commit is always durable).
+    durable = not store.is_postgres and any(write.durable for write in group)
+    if durable:
+        store.db.execute("PRAGMA synchronous = FULL")
     try:
         with store.batch():
             if prelock:
@@ -145,6 +154,8 @@ def _commit_group(
         return [(False, exc) if ok else (ok, value) for ok, value in outcomes]
     finally:
         store.savepoint = True
+        if durable:
+            store.db.execute("PRAGMA synchronous = NORMAL")
     return outcomes
 
 

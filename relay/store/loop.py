@@ -28,7 +28,7 @@ from relay.store.group import GROUP_MAX, GROUP_TURNS, Write, answer, commit_grou
 from relay.store.journal import PendingSettle, SettleJournal
 from relay.store.ledger import MailCheck, Reservation
 from relay.store.outbox import DueEvent
-from relay.store.queue import Keep, QueuedMessage, QueueStats
+from relay.store.queue import Keep, QueueBatch, QueuedMessage, QueueStats
 from relay.store.suppressions import Suppression
 from relay.store.tokens import Principal
 
@@ -194,11 +194,11 @@ class AsyncStore:
         return await self.in_thread(fn, self.sync, *args, **kwargs)
 
     def _grouped(
-        self, fn: Callable[..., Any], args: Any, kwargs: dict[str, Any]
+        self, fn: Callable[..., Any], args: Any, kwargs: dict[str, Any], durable: bool = False
     ) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._group.append(Write(fn, args, kwargs, future))
+        self._group.append(Write(fn, args, kwargs, future, durable))
         if len(self._group) == 1:
             loop.call_soon(self._gather, GROUP_TURNS)
         return future
@@ -225,7 +225,8 @@ class AsyncStore:
             return
         if self._postgres:
             self._committing = True
-        elif self._queued == 0:
+        # A durable group's fsync is the thread's wait, never the loop's.
+        elif self._queued == 0 and not any(write.durable for write in group):
             try:
                 outcomes = commit_group(self._inline, group)
             except StoreBusy:
@@ -359,9 +360,9 @@ class AsyncStore:
     async def record_refused(self, record: DeliveryRecord | None, token_id: str | None) -> None:
         return await self._call(Store.record_refused, record, token_id)
 
-    # --- the durable queue (relay.store.queue): on the upkeep thread's connection,
-    # never in a session's group commit, so `enqueue` can commit with
-    # synchronous=FULL in a transaction of its own.
+    # --- the durable queue (relay.store.queue): `enqueue` in the sessions' group
+    # commit on SQLite (a durable one: synchronous=FULL), in groups of its own on
+    # the upkeep thread on PostgreSQL; the worker's calls on the upkeep thread.
 
     async def enqueue(
         self,
@@ -377,6 +378,11 @@ class AsyncStore:
         """Queue `message` durably; its id, or None. Messages queued while a commit runs
         go in the next one together (a group commit: one fsync for all of them)."""
         keep = Keep(message, next_try, attempts, last_code, last_text, max_messages, max_bytes)
+        if self._inlines:
+            # SQLite: in the sessions' group commit, which commits durably when a
+            # write asks for it: one fsync for the queued messages of a group.
+            kept = self._grouped(Store.enqueue_many, ([keep],), {"durable": False}, durable=True)
+            return cast(list[int | None], await kept)[0]
         future: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
         self._keeps.append((keep, future))
         if self._keeping is None:
@@ -423,6 +429,7 @@ class AsyncStore:
         next_try: int,
         last_code: int,
         last_text: str,
+        events: bool = True,
     ) -> bool:
         owner = self.owner
         return await self.upkeep(
@@ -434,8 +441,19 @@ class AsyncStore:
                 next_try=next_try,
                 last_code=last_code,
                 last_text=last_text,
+                events=events,
             )
         )
+
+    async def mark_batch(self, key: str, domain: str, ids: list[int], body: str) -> bool:
+        owner = self.owner
+        return await self.upkeep(lambda store: store.mark_batch(owner, key, domain, ids, body))
+
+    async def queue_batch(self, key: str) -> QueueBatch | None:
+        return await self.upkeep(lambda store: store.queue_batch(key))
+
+    async def end_batch(self, key: str, members: list[int] | None = None) -> None:
+        return await self.upkeep(lambda store: store.end_batch(key, members or ()))
 
     async def finish(
         self,

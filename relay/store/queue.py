@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, TypedDict
 
 from relay import replies
@@ -39,29 +38,12 @@ from relay.store.idempotency import remember_delivered
 from relay.store.ledger import QUEUED_OWNER as QUEUE_OWNER
 from relay.store.ledger import _settle
 from relay.store.outbox import emit
+from relay.store.queue_events import QueuedMessage as QueuedMessage
+from relay.store.queue_events import QueueItem as QueueItem
+from relay.store.queue_events import deferred_data, item_of, queued_data
 
 STATES = ("queued", "held")
 CANCELLED = replies.QUEUE_CANCELLED
-
-
-@dataclass(frozen=True, slots=True)
-class QueuedMessage:
-    """A message as `enqueue` keeps it."""
-
-    message_id: str
-    account: str
-    account_id: int
-    token_id: str
-    client: str
-    sender: str
-    envelope_from: str
-    recipients: tuple[tuple[str, str], ...]  # (as written, normalized)
-    content: bytes
-    size: int
-    idempotency_key: str
-    routes: tuple[tuple[str, bool, int], ...]  # (channel, charges, rule)
-    reservation_id: int
-    reservation_created: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,9 +75,9 @@ def _keep_one(db: Any, keep: Keep, now: int, count: int, size: int) -> int | Non
         "INSERT INTO queue (created, message_id, account, account_id, token_id,"
         " client, sender, envelope_from, recipients, done, content, size,"
         " idempotency_key, routes, reservation_id, reservation_created, state,"
-        " attempts, tries, next_try, last_code, last_text)"
+        " attempts, tries, next_try, last_code, last_text, listener)"
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, '{}', ?, ?, ?, ?, ?, ?, 'queued', ?,"
-        " ?, ?, ?, ?) RETURNING id",
+        " ?, ?, ?, ?, ?) RETURNING id",
         (
             now,
             message.message_id,
@@ -117,42 +99,53 @@ def _keep_one(db: Any, keep: Keep, now: int, count: int, size: int) -> int | Non
             keep.next_try,
             keep.last_code,
             keep.last_text,
+            message.listener,
         ),
     ).fetchone()
-    emit(
-        db,
-        message.account_id,
-        "message.queued",
-        queued_data(message, keep.attempts, keep.last_code, keep.last_text, now),
-        now,
-    )
+    if message.events:
+        emit(
+            db,
+            message.account_id,
+            "message.queued",
+            queued_data(message, keep.attempts, keep.last_code, keep.last_text, now),
+            now,
+        )
     return int(inserted["id"])
 
 
-class QueueItem(TypedDict):
-    """A queued message as `relay queue list|show` and `/api/v1/queue` show it."""
+@dataclass(frozen=True, slots=True)
+class QueueBatch:
+    """A Resend batch kept from before its request until every member ended."""
 
-    id: int
-    created: int
-    message_id: str
-    account: str
-    sender: str
-    size: int
-    state: str
-    tries: int
-    next_try: int
-    last_code: int | None
-    last_text: str
-    lease_owner: str | None
-    lease_until: int | None
-    recipients: list[str]
-    done: dict[str, Any]
-    attempts: list[Any]
+    key: str
+    domain: str
+    members: list[int]  # queue ids, in the body's order
+    body: str  # the JSON request body, exactly as sent
+
+
+class _Unmarked(Exception):
+    """A batch member is no longer the caller's: nothing of the batch is written."""
 
 
 class QueueStats(TypedDict):
     states: dict[str, int]  # messages by state
     oldest: int | None  # when the oldest was queued (unix seconds)
+
+
+def _totals(db: Any) -> tuple[int, int]:
+    """The queue's messages and octets: its totals row, made from a count if none yet."""
+    row = db.execute("SELECT messages, bytes FROM queue_totals").fetchone()
+    if row is None:
+        row = db.execute(
+            "SELECT count(*) AS messages, COALESCE(sum(length(content)), 0) AS bytes FROM queue"
+        ).fetchone()
+        db.execute(
+            "INSERT INTO queue_totals (one, messages, bytes) VALUES (1, ?, ?)"
+            " ON CONFLICT DO NOTHING",
+            (int(row["messages"]), int(row["bytes"])),
+        )
+        row = db.execute("SELECT messages, bytes FROM queue_totals").fetchone()
+    return int(row["messages"]), int(row["bytes"])
 
 
 class Queue(Database):
@@ -172,26 +165,31 @@ class Queue(Database):
         keep = Keep(message, next_try, attempts, last_code, last_text, max_messages, max_bytes)
         return self.enqueue_many([keep])[0]
 
-    def enqueue_many(self, keeps: Sequence[Keep]) -> list[int | None]:
+    def enqueue_many(self, keeps: Sequence[Keep], durable: bool = True) -> list[int | None]:
         """`enqueue` for each of `keeps`, in one transaction: one commit (one fsync on
         SQLite) for all, so messages queued together cost one disk flush (the
-        caller writes no 250 before it returns). Each is kept or refused alone."""
+        caller writes no 250 before it returns). Each is kept or refused alone.
+        `durable` False: the caller's group commit makes the commit durable
+        (`relay.store.group`), the transaction is its."""
         now = self._now()
-        durable = not self.is_postgres
+        durable = durable and not self.is_postgres
         if durable:
             self.db.execute("PRAGMA synchronous = FULL")
         out: list[int | None] = []
         try:
             with self._write() as db:
-                row = db.execute(
-                    "SELECT count(*) AS n, COALESCE(sum(length(content)), 0) AS bytes FROM queue"
-                ).fetchone()
-                count, size = int(row["n"]), int(row["bytes"])
+                count, size = _totals(db)
+                added, octets = 0, 0
                 for keep in keeps:
-                    kept = _keep_one(db, keep, now, count, size)
+                    kept = _keep_one(db, keep, now, count + added, size + octets)
                     out.append(kept)
                     if kept is not None:
-                        count, size = count + 1, size + len(keep.message.content)
+                        added, octets = added + 1, octets + len(keep.message.content)
+                if added:
+                    db.execute(
+                        "UPDATE queue_totals SET messages = messages + ?, bytes = bytes + ?",
+                        (added, octets),
+                    )
             return out
         finally:
             if durable:
@@ -216,20 +214,104 @@ class Queue(Database):
     ) -> list[Row]:
         """Lease up to `limit` due messages to `owner`; their rows. A lease whose holder
         is gone (no heartbeat for `dead_after` seconds, or retired) is free at once,
-        not only when it runs out: a relay killed mid-attempt holds nothing."""
+        not only when it runs out: a relay killed mid-attempt holds nothing.
+
+        The members of a Resend batch that has not ended (`mark_batch`) are leased
+        together or not at all, once one of them is due: that batch is sent again
+        as it was (`queue_batch`), never one of its members alone."""
         now = self._now()
         lock = " FOR UPDATE SKIP LOCKED" if self.is_postgres else ""
+        free = (
+            "(lease_until IS NULL OR lease_until < ? OR NOT EXISTS"
+            " (SELECT 1 FROM processes p WHERE p.id = queue.lease_owner AND p.heartbeat > ?))"
+        )
         with self._write() as db:
-            return list(
+            rows = list(
                 db.execute(
                     "UPDATE queue SET lease_owner = ?, lease_until = ? WHERE id IN"  # noqa: S608 - constants only
                     " (SELECT id FROM queue WHERE state = 'queued' AND next_try <= ?"
-                    " AND (lease_until IS NULL OR lease_until < ? OR NOT EXISTS"
-                    " (SELECT 1 FROM processes p WHERE p.id = queue.lease_owner"
-                    " AND p.heartbeat > ?))"
+                    f" AND batch_key IS NULL AND {free}"
                     f" ORDER BY next_try, id LIMIT ?{lock}) RETURNING *",
                     (owner, now + lease_seconds, now, now, now - dead_after, limit),
                 ).fetchall()
+            )
+            free_members = db.execute(
+                "SELECT id, batch_key, next_try FROM queue"  # noqa: S608 - constants only
+                f" WHERE batch_key IS NOT NULL AND state = 'queued' AND {free}{lock}",
+                (now, now - dead_after),
+            ).fetchall()
+            batches: dict[str, list[Row]] = {}
+            for member in free_members:
+                batches.setdefault(member["batch_key"], []).append(member)
+            for key, members in batches.items():
+                total = db.execute(
+                    "SELECT count(*) AS n FROM queue WHERE batch_key = ?", (key,)
+                ).fetchone()["n"]
+                if int(total) != len(members) or min(int(m["next_try"]) for m in members) > now:
+                    continue  # not due, or a member held or leased elsewhere: not yet
+                rows += db.execute(
+                    "UPDATE queue SET lease_owner = ?, lease_until = ? WHERE batch_key = ?"
+                    " RETURNING *",
+                    (owner, now + lease_seconds, key),
+                ).fetchall()
+            return rows
+
+    def mark_batch(self, owner: str, key: str, domain: str, ids: Sequence[int], body: str) -> bool:
+        """Keep a Resend batch before its request goes out: its key, its members in the
+        body's order, the body itself; committed to disk (synchronous=FULL on SQLite).
+        False, with nothing written, when `owner` no longer holds every member."""
+        durable = not self.is_postgres
+        if durable:
+            self.db.execute("PRAGMA synchronous = FULL")
+        try:
+            with self._write() as db:
+                marks = [
+                    db.execute(
+                        "UPDATE queue SET batch_key = ? WHERE id = ? AND lease_owner = ?"
+                        " AND batch_key IS NULL",
+                        (key, queue_id, owner),
+                    ).rowcount
+                    for queue_id in ids
+                ]
+                if sum(marks) != len(ids):
+                    raise _Unmarked
+                db.execute(
+                    "INSERT INTO queue_batches (key, created, domain, members, body)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (key, self._now(), domain, json.dumps(list(ids)), body),
+                )
+            return True
+        except _Unmarked:
+            return False
+        finally:
+            if durable:
+                self.db.execute("PRAGMA synchronous = NORMAL")
+
+    @read_only
+    def queue_batch(self, key: str) -> QueueBatch | None:
+        """A batch `mark_batch` kept: its domain, its members in order, its body."""
+        rows = self._read("SELECT domain, members, body FROM queue_batches WHERE key = ?", (key,))
+        if not rows:
+            return None
+        row = rows[0]
+        return QueueBatch(
+            key, row["domain"], [int(i) for i in json.loads(row["members"])], row["body"]
+        )
+
+    def end_batch(self, key: str, members: Sequence[int] = ()) -> None:
+        """The batch's answer is known (it was sent, or provably refused as a whole):
+        its `members` still queued go singly or in new batches from now on, and the
+        batch is forgotten once no message refers to it."""
+        with self._write() as db:
+            for queue_id in members:
+                db.execute(
+                    "UPDATE queue SET batch_key = NULL WHERE id = ? AND batch_key = ?",
+                    (queue_id, key),
+                )
+            db.execute(
+                "DELETE FROM queue_batches WHERE key = ?"
+                " AND NOT EXISTS (SELECT 1 FROM queue WHERE batch_key = ?)",
+                (key, key),
             )
 
     def requeue(
@@ -242,8 +324,10 @@ class Queue(Database):
         next_try: int,
         last_code: int,
         last_text: str,
+        events: bool = True,
     ) -> bool:
-        """An attempt that left recipients to retry: its progress, the next try, the lease gone."""
+        """An attempt that left recipients to retry: its progress, the next try, the lease
+        gone. `events`: whether message events are written (the delivery log is on)."""
         now = self._now()
         with self._write() as db:
             row = db.execute(
@@ -255,14 +339,15 @@ class Queue(Database):
             ).fetchone()
             if row is None:
                 return False
-            # message.deferred: each retry scheduled, with the write that schedules it.
-            emit(
-                db,
-                int(row["account_id"]),
-                "message.deferred",
-                deferred_data(row, done, attempts, last_code, last_text, next_try, now),
-                now,
-            )
+            if events:
+                # message.deferred: each retry scheduled, with the write that schedules it.
+                emit(
+                    db,
+                    int(row["account_id"]),
+                    "message.deferred",
+                    deferred_data(row, done, attempts, last_code, last_text, next_try, now),
+                    now,
+                )
             return True
 
     def finish(
@@ -280,19 +365,25 @@ class Queue(Database):
         now = self._now()
         with self._write() as db:
             if owner is None:
+                # Nor while in a batch whose answer is not known: it may have been sent.
                 row = db.execute(
                     "DELETE FROM queue WHERE id = ? AND (lease_owner IS NULL OR lease_until < ?)"
-                    " RETURNING reservation_id, reservation_created",
+                    " AND batch_key IS NULL"
+                    " RETURNING reservation_id, reservation_created, length(content) AS octets",
                     (queue_id, now),
                 ).fetchone()
             else:
                 row = db.execute(
                     "DELETE FROM queue WHERE id = ? AND lease_owner = ?"
-                    " RETURNING reservation_id, reservation_created",
+                    " RETURNING reservation_id, reservation_created, length(content) AS octets",
                     (queue_id, owner),
                 ).fetchone()
             if row is None:
                 return None
+            db.execute(
+                "UPDATE queue_totals SET messages = messages - 1, bytes = bytes - ?",
+                (int(row["octets"]),),
+            )
             if idempotency_key and delivered:
                 remember_delivered(db, idempotency_key, now)
             settled = _settle(
@@ -331,7 +422,7 @@ class Queue(Database):
             f" FROM queue{where} ORDER BY id LIMIT ?",
             (*args, limit),
         )
-        return [_item(r) for r in rows]
+        return [item_of(r) for r in rows]
 
     @read_only
     def queue_get(self, queue_id: int) -> QueueItem | None:
@@ -341,7 +432,7 @@ class Queue(Database):
             " FROM queue WHERE id = ?",
             (queue_id,),
         )
-        return _item(rows[0]) if rows else None
+        return item_of(rows[0]) if rows else None
 
     def queue_set(
         self, ids: Sequence[int] | None, *, state: str | None = None, due_now: bool = False
@@ -411,90 +502,3 @@ class Queue(Database):
             states={r["state"]: int(r["n"]) for r in rows},
             oldest=min((int(r["oldest"]) for r in rows), default=None),
         )
-
-
-def queued_data(
-    message: QueuedMessage, attempts: str, last_code: int | None, last_text: str, now: int
-) -> dict[str, Any]:
-    """`message.queued`'s data: a message event's shape (docs/events.md), each
-    recipient `queued` with the last reply that deferred it (none under `always`)."""
-    last = f"{last_code} {last_text}".strip() if last_code is not None else ""
-    return {
-        "message_id": message.message_id,
-        "delivery_id": None,
-        "account": message.account,
-        "token_id": message.token_id,
-        "sender": message.sender,
-        "recipients": [
-            {"address": key, "outcome": "queued", "reply": last} for _, key in message.recipients
-        ],
-        "recipient_count": len(message.recipients),
-        "outcome": "queued",
-        "reply": str(replies.queued(message.message_id)),
-        "channel": "",
-        "upstream_id": None,
-        "attempts": len(json.loads(attempts)),
-        "time": datetime.fromtimestamp(now, UTC).isoformat().replace("+00:00", "Z"),
-    }
-
-
-def deferred_data(
-    row: Row,
-    done: str,
-    attempts: str,
-    last_code: int,
-    last_text: str,
-    next_try: int,
-    now: int,
-) -> dict[str, Any]:
-    """`message.deferred`'s data for a queued message whose retry is scheduled: each
-    recipient's outcome so far (`deferred` for those that wait), and `next_try`."""
-    ended = json.loads(done)
-    last = f"{last_code} {last_text}".strip()
-    recipients = []
-    for written, key in json.loads(row["recipients"]):
-        if written in ended:
-            code, enhanced, text = ended[written]
-            outcome = "delivered" if int(code) < 400 else "refused"
-            recipients.append(
-                {"address": key, "outcome": outcome, "reply": f"{code} {enhanced} {text}".strip()}
-            )
-        else:
-            recipients.append({"address": key, "outcome": "deferred", "reply": last})
-    return {
-        "message_id": row["message_id"],
-        "delivery_id": None,
-        "account": row["account"],
-        "token_id": row["token_id"],
-        "sender": row["sender"],
-        "recipients": recipients,
-        "recipient_count": len(recipients),
-        "outcome": "deferred",
-        "reply": last,
-        "channel": "",
-        "upstream_id": None,
-        "attempts": len(json.loads(attempts)),
-        "next_try": datetime.fromtimestamp(next_try, UTC).isoformat().replace("+00:00", "Z"),
-        "time": datetime.fromtimestamp(now, UTC).isoformat().replace("+00:00", "Z"),
-    }
-
-
-def _item(row: Row) -> QueueItem:
-    return QueueItem(
-        id=int(row["id"]),
-        created=int(row["created"]),
-        message_id=row["message_id"],
-        account=row["account"],
-        sender=row["sender"],
-        size=int(row["size"]),
-        state=row["state"],
-        tries=int(row["tries"]),
-        next_try=int(row["next_try"]),
-        last_code=row["last_code"],
-        last_text=row["last_text"],
-        lease_owner=row["lease_owner"],
-        lease_until=row["lease_until"],
-        recipients=[written for written, _ in json.loads(row["recipients"])],
-        done=json.loads(row["done"]),
-        attempts=json.loads(row["attempts"]),
-    )

@@ -291,4 +291,27 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (scope, period, relay)
     ) WITHOUT ROWID;
     """,
+    # 19: the delivery queue keeps the listener a message came in on (its final record
+    #     names it), and each Resend batch from before its request is sent until every
+    #     member ended (relay.store.queue): after a crash the same batch, with the same
+    #     key and the same body, is what is sent again, never a batch formed anew; and
+    #     its totals, kept as messages come and go (a count of the queue per message
+    #     read every message's content)
+    """
+    ALTER TABLE queue ADD COLUMN listener TEXT NOT NULL DEFAULT 'smtps';
+    ALTER TABLE queue ADD COLUMN batch_key TEXT;  -- the Resend batch it went out in, if unsettled
+    CREATE INDEX queue_batch ON queue (batch_key) WHERE batch_key IS NOT NULL;
+    CREATE TABLE queue_batches (
+        key TEXT PRIMARY KEY,               -- the request's Idempotency-Key
+        created INTEGER NOT NULL,
+        domain TEXT NOT NULL,               -- the senders' domain: which API token sends it
+        members TEXT NOT NULL,              -- JSON: the queue ids, in the body's order
+        body TEXT NOT NULL                  -- the request body, exactly as sent
+    );
+    CREATE TABLE queue_totals (             -- one row, made by the first enqueue from a count
+        one INTEGER NOT NULL UNIQUE CHECK (one = 1),
+        messages INTEGER NOT NULL,
+        bytes INTEGER NOT NULL              -- octets of content
+    );
+    """,
 )
