@@ -41,6 +41,7 @@ QUICK = {
     "outage_seconds": 2.0,
     "resend_messages": 300,
     "delivery_postgres": False,
+    "baseline": "",  # the earlier relay's pair: two more relays and their rounds
 }
 
 
@@ -185,6 +186,12 @@ def parser() -> argparse.ArgumentParser:
         help="the delivery rows on SQLite only (not also on a throwaway PostgreSQL;"
         " --quick runs them on SQLite only)",
     )
+    p.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="the git revision of the relay the queue-off pair compares with (default"
+        f" {run.Plan.baseline}, the last before failover and the queue; '' skips the pair)",
+    )
     target = p.add_argument_group("another server (no relay, sink or ceiling is started)")
     target.add_argument("--target", type=parse_target, metavar="HOST:PORT", help="loopback only")
     target.add_argument("--token", help="AUTH PLAIN password (username api_token)")
@@ -217,6 +224,7 @@ def plan_from(args: argparse.Namespace) -> run.Plan:
         "outage_seconds",
         "resend_messages",
         "delivery_postgres",
+        "baseline",
     ):
         value = getattr(args, name)
         if value is not None:

@@ -29,6 +29,11 @@ MAX_FLOOR_RATIO = 1.15
 # the worst message the bounds accept.
 # The delivery log may cost at most 5% of the 2 KiB throughput.
 MIN_LOG_ON_OVER_OFF = 0.95
+# With RELAY_QUEUE=off, failover and the queue cost no more than the noise of one
+# same-run pair on a shared 2-core machine (about 3% a side): this relay's 2 KiB
+# rate and CPU per message against the relay before them (bench.baseline).
+MIN_BASELINE_RATE = 0.95
+MAX_BASELINE_CPU = 1.05
 # RELAY_QUEUE=always: the queue's durable commit replaces the forward on the
 # client's path; its accept rate should stay near the bare receive's.
 MIN_QUEUE_ACCEPT_OVER_CEILING = 0.6
@@ -176,6 +181,25 @@ def checks(result: dict[str, Any]) -> list[Check]:
                 f">= {MIN_LOG_ON_OVER_OFF}",
                 value,
                 None if value is None else value >= MIN_LOG_ON_OVER_OFF,
+            )
+        )
+    base = result.get("baseline")
+    if base is not None and "skipped" not in base:
+        rate, cpu = base["rate_ratio"], base["cpu_ratio"]
+        out.append(
+            Check(
+                f"2 KiB msg/s, queue off / the relay at {base['revision']}, {base['label']}",
+                f">= {MIN_BASELINE_RATE}",
+                rate,
+                None if rate is None else rate >= MIN_BASELINE_RATE,
+            )
+        )
+        out.append(
+            Check(
+                f"relay CPU per message, queue off / the relay at {base['revision']}",
+                f"<= {MAX_BASELINE_CPU}x",
+                cpu,
+                None if cpu is None else cpu <= MAX_BASELINE_CPU,
             )
         )
     queue = result.get("queue")
@@ -546,6 +570,18 @@ def table(result: dict[str, Any]) -> str:
             f" {_fmt(log['on']['messages_per_s'], 0)} msg/s, cpu"
             f" {_fmt(log['on']['server_cpu_s_per_1000'], 3)} ms/msg; on/off"
             f" {_fmt(log['on_over_off'], 2, 'x')}"
+        )
+    base = result.get("baseline")
+    if base is not None and "skipped" in base:
+        lines.append(f"queue off against {base['revision']}: skipped, {base['skipped']}")
+    elif base is not None:
+        lines.append(
+            f"queue off against the relay at {base['revision']} ({base['label']}):"
+            f" {base['revision']} {_fmt(base['baseline']['messages_per_s'], 0)} msg/s,"
+            f" cpu {_fmt(base['baseline']['server_cpu_s_per_1000'], 3)} ms/msg; this relay"
+            f" {_fmt(base['relay']['messages_per_s'], 0)} msg/s, cpu"
+            f" {_fmt(base['relay']['server_cpu_s_per_1000'], 3)} ms/msg; rate"
+            f" {_fmt(base['rate_ratio'], 2, 'x')}, cpu {_fmt(base['cpu_ratio'], 2, 'x')}"
         )
     queue = result.get("queue")
     if queue is not None:

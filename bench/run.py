@@ -12,6 +12,8 @@ an earlier block would be reused and hide the growth the next block measures.
    that client's;
 5. pipelining: the 2 KiB load through a relay whose sink advertises PIPELINING
    against the one whose sink does not, alternating, then at the paced rate;
+   the delivery log on against off; this relay (queue off) against the relay
+   before failover and the queue (bench.baseline), alternating;
 6. the queue and delivery (bench.delivery): RELAY_QUEUE=always at 2 KiB; the
    drain after an upstream outage, the drain to a Resend allowing 5 requests a
    second, the added p99 of a failover at half load, on SQLite and PostgreSQL;
@@ -42,6 +44,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench import baseline as baseline_module
 from bench import hostile, proc, report, stack
 from bench.client import Message, Outcome, Pool, SmtpFailure, Target
 from bench.report import HEADLINE_SIZE, KIB, MIB
@@ -82,6 +85,9 @@ class Plan:
     outage_seconds: float = 60.0
     resend_messages: int = 3_000
     delivery_postgres: bool = True
+    # The relay before failover and the queue, paired with this one (queue off) in
+    # one run (bench.baseline); "" skips the pair.
+    baseline: str = baseline_module.BASELINE
 
     def sessions_for(self, size: int) -> int:
         return self.large_sessions if size >= LARGE else self.sessions
@@ -910,6 +916,7 @@ async def run_relay(plan: Plan) -> dict[str, Any]:
                         await runner.floor(sink)
                         await runner.pipelining(setup, sides[1])
                         await runner.delivery_log(setup, sink)
+                        await baseline_module.pair(runner, setup, sink)
                         await runner.queue(setup, sink)
                         await runner.delivery(setup, sink)
             await runner.workers(setup, sink)

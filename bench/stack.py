@@ -62,18 +62,19 @@ class Setup:
         return ssl.create_default_context(cafile=str(self.cert))
 
 
-def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+def child_env(extra: dict[str, str] | None = None, *, repo: Path = REPO) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(RELAY_PREFIXES)}
-    # The children import `relay` and `bench` from this checkout, whatever the cwd.
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    # The children import `relay` and `bench` from this checkout (or `repo`, an
+    # earlier relay's source: bench.baseline), whatever the cwd.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo), env.get("PYTHONPATH")]))
     env.update(extra or {})
     return env
 
 
-async def _run(*args: str, env: dict[str, str]) -> str:
+async def _run(*args: str, env: dict[str, str], repo: Path = REPO) -> str:
     process = await asyncio.create_subprocess_exec(
         *args,
-        cwd=REPO,
+        cwd=repo,
         env=env,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
@@ -91,20 +92,27 @@ async def _run(*args: str, env: dict[str, str]) -> str:
     return out.decode()
 
 
-async def configure(directory: Path, database: Path | str | None = None) -> Setup:
-    """A fresh relay configuration in `directory`, made with the relay's own admin CLI;
-    its database there, or `database` (an empty PostgreSQL database's URL, say)."""
+async def configure(
+    directory: Path, database: Path | str | None = None, *, repo: Path = REPO
+) -> Setup:
+    """A fresh relay configuration in `directory`, made with the relay's own admin CLI
+    (the one in `repo`); its database there, or `database` (an empty PostgreSQL
+    database's URL, say)."""
     database = database or directory / "relay.db"
-    env = child_env({"RELAY_DATABASE": str(database)})
+    env = child_env({"RELAY_DATABASE": str(database)}, repo=repo)
     relay = (sys.executable, "-m", "relay")
     certs = directory / "certs"
-    await _run(*relay, "certs", "generate", "--dir", str(certs), "--hostname", "localhost", env=env)
-    await _run(*relay, "db", "init", env=env)
-    await _run(*relay, "account", "create", ACCOUNT, env=env)
-    await _run(*relay, "domain", "add", ACCOUNT, DOMAIN, env=env)
-    token = json.loads(await _run(*relay, "token", "create", ACCOUNT, "--json", env=env))["token"]
+
+    async def cli(*args: str) -> str:
+        return await _run(*relay, *args, env=env, repo=repo)
+
+    await cli("certs", "generate", "--dir", str(certs), "--hostname", "localhost")
+    await cli("db", "init")
+    await cli("account", "create", ACCOUNT)
+    await cli("domain", "add", ACCOUNT, DOMAIN)
+    token = json.loads(await cli("token", "create", ACCOUNT, "--json"))["token"]
     # No balance to run out mid-benchmark: the sender sends without limit.
-    await _run(*relay, "nolimit", "add", SENDER, env=env)
+    await cli("nolimit", "add", SENDER)
     return Setup(directory, certs / "relay.crt", certs / "relay.key", database, token)
 
 
@@ -262,6 +270,7 @@ class Relay:
         workers: int,
         max_connections: int,
         extra_env: dict[str, str] | None = None,
+        repo: Path = REPO,
     ) -> AsyncIterator[Relay]:
         port = free_port()
         upstream = {DOMAIN: {"host": HOST, "port": sink_port, "secure": False, "startTls": False}}
@@ -281,7 +290,8 @@ class Relay:
                 "RELAY_LOG_LEVEL": "WARNING",
                 "SMTP_CONFIG": json.dumps(upstream),
                 **(extra_env or {}),
-            }
+            },
+            repo=repo,
         )
         log = setup.directory / f"relay-{workers}w-{port}.log"
         with log.open("wb") as stderr:
@@ -292,7 +302,7 @@ class Relay:
                 "serve",
                 "--workers",
                 str(workers),
-                cwd=REPO,
+                cwd=repo,
                 env=env,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=stderr,
