@@ -553,6 +553,8 @@ def test_every_task_in_the_console(relay_factory, sink, browser):
         event = attempts[0]["event_id"]
         c.find(f'#webhooks-table tr.detail tr[data-event-id="{event}"] button.replay').click()
         c.text_in("#status-events", f"Replayed webhook.test ({event}): 1 delivery(ies) queued.")
+        newest = c.get("/audit?limit=1")["records"][0]
+        assert (newest["action"], newest["detail"]) == ("webhook.replay", {"event_id": event})
         c.until(lambda: len(c.get(f"/accounts/acme/webhooks/{hook}/attempts")) > len(attempts))
 
         # Retry the queued message: delivered, the queue empty.
@@ -567,13 +569,18 @@ def test_every_task_in_the_console(relay_factory, sink, browser):
         c.text_in("#queue-table", SENDER)
         c.find("#queue-hold-all").click()
         c.text_in("#status-queue", "hold: 1 message(s) changed.")
-        assert [m["state"] for m in c.get("/queue")["messages"]] == ["held"]
+        [held] = c.get("/queue")["messages"]
+        assert held["state"] == "held"
+        newest = c.get("/audit?limit=1")["records"][0]
+        assert (newest["action"], newest["target"]) == ("queue.hold", "all")
         c.choose("#queue-account", "acme")
         c.find("#queue-search").click()
         c.text_in("#queue-table .state", "held")
         c.find("#queue-release-all").click()
         c.text_in("#status-queue", "release: 1 message(s) changed.")
         assert [m["state"] for m in c.get("/queue")["messages"]] == ["queued"]
+        newest = c.get("/audit?limit=1")["records"][0]
+        assert (newest["action"], newest["target"]) == ("queue.release", str(held["id"]))
         c.text_in("#queue-table .state", "queued")
         c.find("#queue-table tbody tr button.retry").click()
         c.until(lambda: c.get("/queue")["messages"] == [] and len(sink.messages) == 1)
