@@ -461,15 +461,17 @@ def test_every_task_in_the_console(relay_factory, sink, browser):
         c.type("#token-senders", "billing@gamma.example")
         c.type("#token-networks", "127.0.0.0/8")
         c.type("#token-rates", "60/minute")
+        c.type("#token-role", "bulk")
         c.find("#create-token").click()
         c.text_in("#new-token", "rlt_")
         [token] = c.get("/accounts/gamma/tokens")["tokens"]
-        assert (token["name"], token["senders"], token["networks"], token["rates"]) == (
-            "billing",
-            ["billing@gamma.example"],
-            ["127.0.0.0/8"],
-            ["60/minute"],
-        )
+        assert (
+            token["name"],
+            token["senders"],
+            token["networks"],
+            token["rates"],
+            token["role"],
+        ) == ("billing", ["billing@gamma.example"], ["127.0.0.0/8"], ["60/minute"], "bulk")
 
         # A top-up.
         c.page("senders")
@@ -522,9 +524,16 @@ def test_every_task_in_the_console(relay_factory, sink, browser):
         c.page("events")
         c.choose("#events-account", "gamma")
         c.type("#suppression-address", "gone@dest.test")
+        c.choose("#suppression-reason", "hard-bounce")
+        c.type("#suppression-expires", "0")
+        c.find("#suppression-add").click()
+        c.text_in("#status-events", "Expires in days: more than 0")
+        c.type("#suppression-expires", "2")
         c.find("#suppression-add").click()
         c.text_in("#suppressions-table", "gone@dest.test")
-        assert [s["address"] for s in c.get("/accounts/gamma/suppressions")] == ["gone@dest.test"]
+        [entry] = c.get("/accounts/gamma/suppressions")
+        assert (entry["address"], entry["reason"]) == ("gone@dest.test", "hard-bounce")
+        assert entry["expires"] - entry["created"] == 2 * 86400
         c.type("#webhook-url", "https://127.0.0.1:9/relay")
         c.find("#webhook-add").click()
         c.text_in("#webhooks-table", "https://127.0.0.1:9/relay")

@@ -220,8 +220,16 @@ async function addSuppression() {
   const address = $("suppression-address").value.trim();
   need(account, "Choose an account first.");
   need(looksLikeAddress(address), "Address: an email address, or *@domain.");
-  await api("POST", `/accounts/${q(account)}/suppressions`, { address });
+  const body = { address, reason: $("suppression-reason").value };
+  const days = $("suppression-expires").value.trim();
+  if (days) {
+    const seconds = Math.round(Number(days) * 86400);
+    need(Number.isSafeInteger(seconds) && seconds > 0, "Expires in days: more than 0 (blank: never).");
+    body.expires_in = seconds;
+  }
+  await api("POST", `/accounts/${q(account)}/suppressions`, body);
   $("suppression-address").value = "";
+  $("suppression-expires").value = "";
   await loadEvents();
   say(`Suppressed ${address} for ${account}.`);
 }

@@ -228,6 +228,8 @@ async function createToken() {
   const body = { name: $("token-name").value };
   const days = $("token-expires").value;
   if (days) body.expires_in_days = Number(days);
+  const role = $("token-role").value.trim();
+  if (role) body.role = role;
   for (const [key, input] of RULES) {
     const values = words($("token-" + input).value);
     if (values.length) body[key] = values;
