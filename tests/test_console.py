@@ -591,6 +591,11 @@ def test_every_task_in_the_console(relay_factory, sink, browser):
         newest = c.get("/audit?limit=1")["records"][0]
         assert (newest["action"], newest["target"]) == ("queue.release", str(held["id"]))
         c.text_in("#queue-table .state", "queued")
+        # Its detail (`relay queue show`): the recipient waiting, the upstream's 421.
+        c.find("#queue-table tbody tr button.details").click()
+        c.text_in("#queue-table tr.detail", "<q@example.com>")
+        detail = c.find("#queue-table tr.detail").text
+        assert "ok@dest.test waiting" in detail and "421 4.3.2" in detail, detail
         c.find("#queue-table tbody tr button.retry").click()
         c.until(lambda: c.get("/queue")["messages"] == [] and len(sink.messages) == 1)
         [record] = c.get("/log?message_id=q@example.com")["records"]

@@ -180,15 +180,40 @@ async function loadQueue() {
         say(`Cancelled message ${m.id}; refunded ${done.refunded}.`);
       });
       const recipients = (m.recipients || []).map((r) => (typeof r === "string" ? r : r.address));
+      const details = el("button", { type: "button", className: "details" }, "Details");
+      details.addEventListener("click", guarded(() => toggleQueued(tr, m.id)));
       const tr = el("tr", {}, el("td", {}, m.id), el("td", {}, when(m.created)), el("td", {}, m.account),
         el("td", { className: "clip", title: m.sender }, m.sender), el("td", { title: recipients.join(", ") }, summary(recipients)),
         el("td", { className: "state" }, m.state), el("td", {}, m.tries), el("td", { className: "next" }, when(m.next_try)),
         el("td", {}, m.last_code ? `${m.last_code} ${m.last_text || ""}` : "-"),
-        el("td", { className: "actions" }, act("retry"), " ", m.state === "held" ? act("release") : act("hold"), " ", cancel));
+        el("td", { className: "actions" }, details, " ", act("retry"), " ", m.state === "held" ? act("release") : act("hold"), " ", cancel));
       tr.dataset.id = m.id;
       return tr;
     }),
   );
+}
+
+// One queued message as `relay queue show` prints it, opened under its row: each
+// recipient done (its reply) or waiting, and every attempt so far.
+async function toggleQueued(tr, id) {
+  const next = tr.nextElementSibling;
+  if (next && next.classList.contains("detail")) return next.remove();
+  const m = await api("GET", `/queue/${q(id)}`);
+  const done = m.done || {};
+  const pairs = [["Message-ID", m.message_id || "-"], ["Size", `${m.size} bytes`],
+    ["State", m.state + (m.lease_owner ? " (an attempt runs)" : "")], ["Next try", when(m.next_try)]];
+  const holder = el("tr", { className: "detail" }, el("td", { colSpan: 10 }, el("div", { className: "scroll" },
+    el("table", { className: "settings" }, ...pairs.map(([k, v]) => el("tr", {}, el("th", {}, k), el("td", {}, v)))),
+    el("h3", {}, "Recipients"),
+    el("table", { className: "recipients" }, el("tbody", {}, ...m.recipients.map((r) => el("tr", {}, el("td", {}, r),
+      el("td", {}, r in done ? done[r].slice(0, 2).join(" ") : "waiting"))))),
+    el("h3", {}, "Attempts"),
+    m.attempts.length
+      ? el("table", { className: "attempts" }, el("tbody", {}, ...m.attempts.map((a, n) => el("tr", {},
+        el("td", {}, `${n + 1}.`), el("td", {}, a[0]), el("td", {}, `${a[1]} ${a[2]} ${a[3]}`),
+        el("td", {}, `${Number(a[4]).toFixed(3)} s`)))))
+      : el("p", {}, "None yet."))));
+  tr.after(holder);
 }
 
 // Retry, hold or release every listed message. Unfiltered, the list is the whole
