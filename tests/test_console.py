@@ -747,7 +747,15 @@ def test_the_log_by_keyboard_and_a_shared_link(relay_factory, sink, browser):
         for _ in range(40):
             ActionChains(c.browser).send_keys(Keys.TAB).perform()
             classes.update(c.browser.execute_script(focused).get_attribute("class").split())
-        assert {"domains", "toggle", "delete", "move-to", "move", "danger"} <= classes, classes
+        assert {
+            "domains",
+            "toggle",
+            "delete",
+            "move-to",
+            "move",
+            "danger",
+            "queue-mode",
+        } <= classes, classes
         # Enter on the focused nav button opens the log; Tab to its Search, Enter.
         c.find("#nav-log").send_keys(Keys.ENTER)
         c.visible("#view-log")
