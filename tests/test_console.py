@@ -15,6 +15,7 @@ import pytest
 from support import DOMAIN, SENDER, message, missing_tool
 
 from relay.replies import Reply
+from relay.store.audit import Actor
 from relay.store.deliveries import DeliveryRecord, Outcome, RecipientOutcome
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -440,6 +441,19 @@ def test_every_task_in_the_console(relay_factory, sink, browser):
             "gamma.example"
         ]
 
+        # Its own queue mode (`relay account set gamma --queue always`), and back.
+        gamma_mode = '#accounts-table tr[data-account="gamma"] select.queue-mode'
+
+        def queue_of(name: str) -> str | None:
+            return next(a["queue"] for a in c.get("/accounts")["accounts"] if a["name"] == name)
+
+        c.choose(gamma_mode, "always")
+        c.text_in("#status-accounts", "The queue mode of gamma: always.")
+        assert queue_of("gamma") == "always"
+        c.choose(gamma_mode, "default")
+        c.text_in("#status-accounts", "The queue mode of gamma: the relay's.")
+        assert queue_of("gamma") is None
+
         # A token with a scope: its senders and networks.
         c.page("tokens")
         c.choose("#account-select", "gamma")
@@ -447,15 +461,17 @@ def test_every_task_in_the_console(relay_factory, sink, browser):
         c.type("#token-senders", "billing@gamma.example")
         c.type("#token-networks", "127.0.0.0/8")
         c.type("#token-rates", "60/minute")
+        c.type("#token-role", "bulk")
         c.find("#create-token").click()
         c.text_in("#new-token", "rlt_")
         [token] = c.get("/accounts/gamma/tokens")["tokens"]
-        assert (token["name"], token["senders"], token["networks"], token["rates"]) == (
-            "billing",
-            ["billing@gamma.example"],
-            ["127.0.0.0/8"],
-            ["60/minute"],
-        )
+        assert (
+            token["name"],
+            token["senders"],
+            token["networks"],
+            token["rates"],
+            token["role"],
+        ) == ("billing", ["billing@gamma.example"], ["127.0.0.0/8"], ["60/minute"], "bulk")
 
         # A top-up.
         c.page("senders")
@@ -467,6 +483,27 @@ def test_every_task_in_the_console(relay_factory, sink, browser):
         c.find(f"{row} button.topup").click()
         c.text_in(f"{row} .balance", "14")
         assert c.get(f"/senders/{SENDER}")["balance"] == 14
+        # An exact balance (`relay sender set --balance`); a bad one is refused unsent.
+        c.type(f"{row} input.exact", "-2")
+        c.find(f"{row} button.set").click()
+        c.text_in("#status-senders", "Set balance: a whole number, 0 or more.")
+        c.type(f"{row} input.exact", "12")
+        c.find(f"{row} button.set").click()
+        c.text_in(f"{row} .balance", "12")
+        assert c.get(f"/senders/{SENDER}")["balance"] == 12
+        # A new sender row with its balance, then deleted (confirmed): the default again.
+        c.type("#sender-new-address", "new@dest.test")
+        c.type("#sender-new-balance", "42")
+        c.find("#sender-create").click()
+        new_row = '#senders-table tr[data-address="new@dest.test"]'
+        c.text_in(f"{new_row} .balance", "42")
+        made = c.get("/senders/new@dest.test")
+        assert (made["balance"], made["stored"]) == (42, True)
+        c.find(f"{new_row} button.delete").click()
+        c.find(f"{new_row} button.delete").click()  # the confirmation
+        c.text_in("#status-senders", "Deleted the sender row of new@dest.test")
+        gone = c.get("/senders/new@dest.test")
+        assert (gone["balance"], gone["stored"]) == (10, False)  # DEFAULT_SEND_BALANCE
 
         # A limit of the new account.
         c.page("limits")
@@ -487,9 +524,16 @@ def test_every_task_in_the_console(relay_factory, sink, browser):
         c.page("events")
         c.choose("#events-account", "gamma")
         c.type("#suppression-address", "gone@dest.test")
+        c.choose("#suppression-reason", "hard-bounce")
+        c.type("#suppression-expires", "0")
+        c.find("#suppression-add").click()
+        c.text_in("#status-events", "Expires in days: more than 0")
+        c.type("#suppression-expires", "2")
         c.find("#suppression-add").click()
         c.text_in("#suppressions-table", "gone@dest.test")
-        assert [s["address"] for s in c.get("/accounts/gamma/suppressions")] == ["gone@dest.test"]
+        [entry] = c.get("/accounts/gamma/suppressions")
+        assert (entry["address"], entry["reason"]) == ("gone@dest.test", "hard-bounce")
+        assert entry["expires"] - entry["created"] == 2 * 86400
         c.type("#webhook-url", "https://127.0.0.1:9/relay")
         c.find("#webhook-add").click()
         c.text_in("#webhooks-table", "https://127.0.0.1:9/relay")
@@ -513,15 +557,45 @@ def test_every_task_in_the_console(relay_factory, sink, browser):
         answer = c.find("#webhooks-table tr.detail pre.answer").text
         assert answer.startswith("<b>nope</b> xxx") and len(answer) <= 1024
         assert c.browser.find_elements(c.by.CSS_SELECTOR, "main b") == []
+        # Replay that event (`relay webhook replay`): it is tried again at once.
+        attempts = c.get(f"/accounts/acme/webhooks/{hook}/attempts")
+        event = attempts[0]["event_id"]
+        c.find(f'#webhooks-table tr.detail tr[data-event-id="{event}"] button.replay').click()
+        c.text_in("#status-events", f"Replayed webhook.test ({event}): 1 delivery(ies) queued.")
+        newest = c.get("/audit?limit=1")["records"][0]
+        assert (newest["action"], newest["detail"]) == ("webhook.replay", {"event_id": event})
+        c.until(lambda: len(c.get(f"/accounts/acme/webhooks/{hook}/attempts")) > len(attempts))
 
         # Retry the queued message: delivered, the queue empty.
         c.page("queue")
         c.choose("#queue-account", "gamma")
         c.find("#queue-search").click()
         c.until(lambda: c.find("#queue-table tbody").text == "")  # none of gamma's
-        c.choose("#queue-account", "acme")
+        # Hold every message (no filter: the API's `all` form), then release each of
+        # acme's listed (filtered: one call per message).
+        c.choose("#queue-account", "")
         c.find("#queue-search").click()
         c.text_in("#queue-table", SENDER)
+        c.find("#queue-hold-all").click()
+        c.text_in("#status-queue", "hold: 1 message(s) changed.")
+        [held] = c.get("/queue")["messages"]
+        assert held["state"] == "held"
+        newest = c.get("/audit?limit=1")["records"][0]
+        assert (newest["action"], newest["target"]) == ("queue.hold", "all")
+        c.choose("#queue-account", "acme")
+        c.find("#queue-search").click()
+        c.text_in("#queue-table .state", "held")
+        c.find("#queue-release-all").click()
+        c.text_in("#status-queue", "release: 1 message(s) changed.")
+        assert [m["state"] for m in c.get("/queue")["messages"]] == ["queued"]
+        newest = c.get("/audit?limit=1")["records"][0]
+        assert (newest["action"], newest["target"]) == ("queue.release", str(held["id"]))
+        c.text_in("#queue-table .state", "queued")
+        # Its detail (`relay queue show`): the recipient waiting, the upstream's 421.
+        c.find("#queue-table tbody tr button.details").click()
+        c.text_in("#queue-table tr.detail", "<q@example.com>")
+        detail = c.find("#queue-table tr.detail").text
+        assert "ok@dest.test waiting" in detail and "421 4.3.2" in detail, detail
         c.find("#queue-table tbody tr button.retry").click()
         c.until(lambda: c.get("/queue")["messages"] == [] and len(sink.messages) == 1)
         [record] = c.get("/log?message_id=q@example.com")["records"]
@@ -561,12 +635,51 @@ def test_every_task_in_the_console(relay_factory, sink, browser):
         )
         assert "gamma" not in [a["name"] for a in c.get("/accounts")["accounts"]]
         assert c.get("/audit")["records"][0]["action"] == "account.delete"
+
+        # The audit log (`relay audit`): newest first, as text, a page at a time.
+        for n in range(150):
+            relay.store.record_audit(Actor("adm_x", "<i>here</i>"), "test.entry", f"<b>{n}</b>")
+        c.page("audit")
+        first = c.get("/audit?limit=100")
+        c.text_in("#audit-table tbody tr:first-child .target", "<b>149</b>")
+        rows = "#audit-table tbody tr"
+        c.until(lambda: len(c.browser.find_elements(c.by.CSS_SELECTOR, rows)) == 100)
+        c.find("#audit-more").click()
+        second = c.get(f"/audit?limit=100&cursor={first['next_cursor']}")
+        wanted = [str(r["id"]) for r in first["records"] + second["records"]]
+        c.until(lambda: len(c.browser.find_elements(c.by.CSS_SELECTOR, rows)) == len(wanted))
+        shown = [
+            r.get_attribute("data-id") for r in c.browser.find_elements(c.by.CSS_SELECTOR, rows)
+        ]
+        assert shown == wanted
+        assert c.find("#audit-more").is_displayed() == (second["next_cursor"] is not None)
+        text = c.find("#audit-table").text
+        for action in (
+            "account.set",
+            "sender.set",
+            "sender.delete",
+            "webhook.replay",
+            "queue.hold",
+        ):
+            assert action in text, action
+        assert c.browser.find_elements(c.by.CSS_SELECTOR, "main b, main i") == []
     finally:
         c.http.close()
         receiver.close()
 
 
-PAGES = ("overview", "accounts", "tokens", "senders", "limits", "lists", "queue", "events", "log")
+PAGES = (
+    "overview",
+    "accounts",
+    "tokens",
+    "senders",
+    "limits",
+    "lists",
+    "queue",
+    "events",
+    "log",
+    "audit",
+)
 
 
 def test_every_page_is_readable_at_390_px_wide(relay_factory, sink, browser):
@@ -634,7 +747,15 @@ def test_the_log_by_keyboard_and_a_shared_link(relay_factory, sink, browser):
         for _ in range(40):
             ActionChains(c.browser).send_keys(Keys.TAB).perform()
             classes.update(c.browser.execute_script(focused).get_attribute("class").split())
-        assert {"domains", "toggle", "delete", "move-to", "move", "danger"} <= classes, classes
+        assert {
+            "domains",
+            "toggle",
+            "delete",
+            "move-to",
+            "move",
+            "danger",
+            "queue-mode",
+        } <= classes, classes
         # Enter on the focused nav button opens the log; Tab to its Search, Enter.
         c.find("#nav-log").send_keys(Keys.ENTER)
         c.visible("#view-log")

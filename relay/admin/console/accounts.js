@@ -26,7 +26,7 @@ async function loadAccountsView() {
       const remove = el("button", { type: "button", className: "danger delete" }, "Delete");
       remove.addEventListener("click", () => askDelete(a.name));
       const tr = el("tr", {}, el("td", {}, a.name), el("td", {}, when(a.created)),
-        el("td", {}, a.queue || "relay's"),
+        el("td", {}, queueMode(a)),
         el("td", { className: "state" }, a.disabled ? `disabled since ${when(a.disabled)}` : "enabled"),
         el("td", { className: "actions" }, pick, " ", toggle, " ", remove));
       tr.dataset.account = a.name;
@@ -35,6 +35,23 @@ async function loadAccountsView() {
   );
   fillAccounts($("domain-account"), accounts);
   await loadDomains();
+}
+
+// An account's own RELAY_QUEUE (`relay account set NAME --queue MODE|default`): set
+// as soon as another is chosen; "default" follows the relay's setting.
+const QUEUE_MODES = [["default", "the relay's"], ["off", "off"], ["on-failure", "on-failure"], ["always", "always"]];
+
+function queueMode(a) {
+  const select = el("select", { className: "queue-mode", ariaLabel: `Queue mode of ${a.name}` },
+    ...QUEUE_MODES.map(([value, label]) => el("option", { value }, label)));
+  select.value = a.queue || "default";
+  select.addEventListener("change", guarded(async () => {
+    const queue = select.value;
+    await api("PATCH", `/accounts/${q(a.name)}`, { queue });
+    await loadAccountsView();
+    say(`The queue mode of ${a.name}: ${queue === "default" ? "the relay's" : queue}.`);
+  }));
+  return select;
 }
 
 // Deleting asks for the account's name, typed: a second press is too easy for this.
@@ -171,15 +188,31 @@ async function toggleAttempts(tr, base, w, keep) {
   refresh.addEventListener("click", guarded(() => toggleAttempts(tr, base, w, true)));
   const body = attempts.length
     ? el("table", { className: "attempts" },
-      el("thead", {}, el("tr", {}, ...["Time", "Event", "Status", "Took", "State", "Answer"].map((h) => el("th", {}, h)))),
-      el("tbody", {}, ...attempts.map((a) => el("tr", {}, el("td", {}, when(a.created)),
-        el("td", { title: a.event_id }, a.type), el("td", { className: "status-code" }, a.status === null ? "no answer" : a.status),
-        el("td", {}, `${a.duration_ms} ms`), el("td", {}, a.state),
-        el("td", {}, el("pre", { className: "answer" }, String(a.answer || "").slice(0, 1024)))))))
+      el("thead", {}, el("tr", {}, ...["Time", "Event", "Status", "Took", "State", "Answer", ""].map((h) => el("th", {}, h)))),
+      el("tbody", {}, ...attempts.map((a) => {
+        const row = el("tr", {}, el("td", {}, when(a.created)),
+          el("td", { title: a.event_id }, a.type), el("td", { className: "status-code" }, a.status === null ? "no answer" : a.status),
+          el("td", {}, `${a.duration_ms} ms`), el("td", {}, a.state),
+          el("td", {}, el("pre", { className: "answer" }, String(a.answer || "").slice(0, 1024))),
+          el("td", {}, replayButton(base, a)));
+        row.dataset.eventId = a.event_id;
+        return row;
+      })))
     : el("p", {}, "No attempts yet.");
   const holder = el("tr", { className: "detail" }, el("td", { colSpan: 5 },
     el("div", { className: "scroll" }, el("h3", {}, `Attempts of ${w.id}, newest first`), body), refresh));
   tr.after(holder);
+}
+
+// Send one event again (`relay webhook replay`): to each of the account's endpoints
+// that had it, from its first try; the new attempts show under Refresh.
+function replayButton(base, a) {
+  const button = el("button", { type: "button", className: "replay", title: `Send ${a.event_id} again` }, "Replay");
+  button.addEventListener("click", guarded(async () => {
+    const done = await api("POST", `${base}/events/${q(a.event_id)}/replay`);
+    say(`Replayed ${a.type} (${done.event_id}): ${done.queued} delivery(ies) queued.`);
+  }));
+  return button;
 }
 
 async function addSuppression() {
@@ -187,8 +220,16 @@ async function addSuppression() {
   const address = $("suppression-address").value.trim();
   need(account, "Choose an account first.");
   need(looksLikeAddress(address), "Address: an email address, or *@domain.");
-  await api("POST", `/accounts/${q(account)}/suppressions`, { address });
+  const body = { address, reason: $("suppression-reason").value };
+  const days = $("suppression-expires").value.trim();
+  if (days) {
+    const seconds = Math.round(Number(days) * 86400);
+    need(Number.isSafeInteger(seconds) && seconds > 0, "Expires in days: more than 0 (blank: never).");
+    body.expires_in = seconds;
+  }
+  await api("POST", `/accounts/${q(account)}/suppressions`, body);
   $("suppression-address").value = "";
+  $("suppression-expires").value = "";
   await loadEvents();
   say(`Suppressed ${address} for ${account}.`);
 }

@@ -108,7 +108,7 @@ function guarded(action) {
 
 // --- views ----------------------------------------------------------------------
 
-const views = ["signin", "overview", "accounts", "tokens", "senders", "limits", "lists", "queue", "events", "log"];
+const views = ["signin", "overview", "accounts", "tokens", "senders", "limits", "lists", "queue", "events", "log", "audit"];
 
 async function show(view) {
   if (view !== "log") dropLink();
@@ -125,7 +125,7 @@ async function show(view) {
   const load = {
     overview: loadOverview, accounts: loadAccountsView, tokens: loadAccounts,
     senders: () => loadSenders(false), limits: loadLimits, lists: loadList, queue: loadQueue,
-    events: loadEventsView, log: loadLog,
+    events: loadEventsView, log: loadLog, audit: () => loadAudit(false),
   };
   if (load[view]) await guarded(load[view])();
 }
@@ -228,6 +228,8 @@ async function createToken() {
   const body = { name: $("token-name").value };
   const days = $("token-expires").value;
   if (days) body.expires_in_days = Number(days);
+  const role = $("token-role").value.trim();
+  if (role) body.role = role;
   for (const [key, input] of RULES) {
     const values = words($("token-" + input).value);
     if (values.length) body[key] = values;
@@ -271,15 +273,32 @@ async function loadSenders(more) {
 }
 
 function senderRow(s) {
-  const amount = el("input", { type: "number", className: "amount", step: "1" });
+  const amount = el("input", { type: "number", className: "amount", step: "1", ariaLabel: `Top up ${s.address} by` });
   const topup = el("button", { type: "button", className: "topup" }, "Top up");
+  const exact = el("input", { type: "number", className: "amount exact", min: "0", step: "1", ariaLabel: `New balance of ${s.address}` });
+  const set = el("button", { type: "button", className: "set" }, "Set");
   const toggle = el("button", { type: "button", className: "toggle" }, s.enabled ? "Disable" : "Enable");
+  const remove = confirming("Delete", async () => {
+    await api("DELETE", `/senders/${q(s.address)}`);
+    row.remove();
+    say(`Deleted the sender row of ${s.address}; it starts from the default balance again.`);
+  });
+  remove.classList.add("delete");
   const row = el("tr", {}, el("td", { className: "address" }, s.address),
     el("td", { className: "balance" }, s.balance),
     el("td", { className: "state" }, s.enabled ? "enabled" : "disabled"),
-    el("td", {}, amount, topup), el("td", {}, toggle));
+    el("td", {}, amount, topup), el("td", {}, exact, set), el("td", { className: "actions" }, toggle, " ", remove));
   row.dataset.address = s.address;
   const update = (value) => row.replaceWith(senderRow(value));
+  set.addEventListener(
+    "click",
+    guarded(async () => {
+      const value = wholeNumber(exact.value);
+      need(value !== null, "Set balance: a whole number, 0 or more.");
+      update(await api("PATCH", `/senders/${q(s.address)}`, { balance: value }));
+      say(`Set the balance of ${s.address} to ${value}.`);
+    }),
+  );
   topup.addEventListener(
     "click",
     guarded(async () => {
@@ -297,6 +316,26 @@ function senderRow(s) {
     }),
   );
   return row;
+}
+
+// A whole number of 0 or more typed in a field, or null.
+function wholeNumber(text) {
+  const value = Number(String(text).trim());
+  return String(text).trim() !== "" && Number.isSafeInteger(value) && value >= 0 ? value : null;
+}
+
+// A sender row made with its balance (PATCH creates the row when missing).
+async function createSender() {
+  const address = $("sender-new-address").value.trim();
+  const balance = wholeNumber($("sender-new-balance").value);
+  need(looksLikeAddress(address), "New sender: an email address such as someone@example.com.");
+  need(balance !== null, "Balance: a whole number, 0 or more.");
+  const made = await api("PATCH", `/senders/${q(address)}`, { balance });
+  $("sender-new-address").value = "";
+  $("sender-new-balance").value = "";
+  $("senders-table").tBodies[0].querySelector(`tr[data-address="${CSS.escape(made.address)}"]`)?.remove();
+  $("senders-table").tBodies[0].prepend(senderRow(made));
+  say(`Set the sender ${made.address}: balance ${made.balance}.`);
 }
 
 // --- limits ---------------------------------------------------------------------
@@ -378,49 +417,6 @@ async function addToList() {
   say(`Added ${address}.`);
 }
 
-// --- the queue ------------------------------------------------------------------
-
-function summary(list) {
-  const items = list || [];
-  return items.length > 1 ? `${items[0]} + ${items.length - 1} more` : items[0] || "-";
-}
-
-async function loadQueue() {
-  const params = new URLSearchParams();
-  for (const name of ["state", "account"]) {
-    const value = $("queue-" + name).value;
-    if (value) params.set(name, value);
-  }
-  const [{ messages }, { accounts }] = await Promise.all([api("GET", "/queue?" + params), api("GET", "/accounts")]);
-  fillAccounts($("queue-account"), accounts, el("option", { value: "" }, "any"));
-  $("queue-table").tBodies[0].replaceChildren(
-    ...messages.map((m) => {
-      const act = (action) => {
-        const button = el("button", { type: "button", className: action }, action[0].toUpperCase() + action.slice(1));
-        button.addEventListener("click", guarded(async () => {
-          await api("POST", `/queue/${m.id}/${action}`);
-          await loadQueue();
-          say(`${action}: message ${m.id}.`);
-        }));
-        return button;
-      };
-      const cancel = confirming("Cancel", async () => {
-        const done = await api("POST", `/queue/${m.id}/cancel`);
-        await loadQueue();
-        say(`Cancelled message ${m.id}; refunded ${done.refunded}.`);
-      });
-      const recipients = (m.recipients || []).map((r) => (typeof r === "string" ? r : r.address));
-      const tr = el("tr", {}, el("td", {}, m.id), el("td", {}, when(m.created)), el("td", {}, m.account),
-        el("td", { className: "clip", title: m.sender }, m.sender), el("td", { title: recipients.join(", ") }, summary(recipients)),
-        el("td", { className: "state" }, m.state), el("td", {}, m.tries), el("td", { className: "next" }, when(m.next_try)),
-        el("td", {}, m.last_code ? `${m.last_code} ${m.last_text || ""}` : "-"),
-        el("td", { className: "actions" }, act("retry"), " ", m.state === "held" ? act("release") : act("hold"), " ", cancel));
-      tr.dataset.id = m.id;
-      return tr;
-    }),
-  );
-}
-
 // --- wiring ---------------------------------------------------------------------
 
 document.addEventListener("DOMContentLoaded", () => {
@@ -439,6 +435,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("rules-cancel").addEventListener("click", () => { $("rules-form").hidden = true; });
   $("sender-form").addEventListener("submit", guarded(() => loadSenders(false)));
   $("senders-more").addEventListener("click", guarded(() => loadSenders(true)));
+  $("sender-new-form").addEventListener("submit", guarded(createSender));
   $("log-form").addEventListener("submit", guarded(loadLog));
   $("limits-form").addEventListener("submit", guarded(setLimits));
   $("overview-form").addEventListener("submit", guarded(loadOverview));
@@ -449,6 +446,11 @@ document.addEventListener("DOMContentLoaded", () => {
   $("list-form").addEventListener("submit", guarded(addToList));
   $("list-kind").addEventListener("change", guarded(loadList));
   $("queue-form").addEventListener("submit", guarded(loadQueue));
+  $("audit-form").addEventListener("submit", guarded(() => loadAudit(false)));
+  $("audit-more").addEventListener("click", guarded(() => loadAudit(true)));
+  for (const action of ["retry", "hold", "release"]) {
+    $(`queue-${action}-all`).addEventListener("click", guarded(() => queueAll(action)));
+  }
   $("events-account").addEventListener("change", guarded(loadEvents));
   $("suppression-form").addEventListener("submit", guarded(addSuppression));
   $("webhook-form").addEventListener("submit", guarded(addWebhook));

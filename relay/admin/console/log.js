@@ -1,4 +1,4 @@
-// The relay's web console, the delivery log and its shareable links: loaded after app.js, whose helpers
+// The relay's web console, the delivery log and its shareable links, the queue, the audit log: loaded after app.js, whose helpers
 // (el, api, say, guarded, need, ...) it calls. Everything shown is built with
 // textContent, never innerHTML.
 "use strict";
@@ -145,4 +145,122 @@ function onEscape(event) {
     $("delete-form").hidden = true;
     event.preventDefault();
   }
+}
+
+// --- the queue ------------------------------------------------------------------
+
+function summary(list) {
+  const items = list || [];
+  return items.length > 1 ? `${items[0]} + ${items.length - 1} more` : items[0] || "-";
+}
+
+async function loadQueue() {
+  const params = new URLSearchParams();
+  for (const name of ["state", "account"]) {
+    const value = $("queue-" + name).value;
+    if (value) params.set(name, value);
+  }
+  const [{ messages }, { accounts }] = await Promise.all([api("GET", "/queue?" + params), api("GET", "/accounts")]);
+  queueListed = { messages, filtered: [...params].length > 0 };
+  fillAccounts($("queue-account"), accounts, el("option", { value: "" }, "any"));
+  $("queue-table").tBodies[0].replaceChildren(
+    ...messages.map((m) => {
+      const act = (action) => {
+        const button = el("button", { type: "button", className: action }, action[0].toUpperCase() + action.slice(1));
+        button.addEventListener("click", guarded(async () => {
+          await api("POST", `/queue/${m.id}/${action}`);
+          await loadQueue();
+          say(`${action}: message ${m.id}.`);
+        }));
+        return button;
+      };
+      const cancel = confirming("Cancel", async () => {
+        const done = await api("POST", `/queue/${m.id}/cancel`);
+        await loadQueue();
+        say(`Cancelled message ${m.id}; refunded ${done.refunded}.`);
+      });
+      const recipients = (m.recipients || []).map((r) => (typeof r === "string" ? r : r.address));
+      const details = el("button", { type: "button", className: "details" }, "Details");
+      details.addEventListener("click", guarded(() => toggleQueued(tr, m.id)));
+      const tr = el("tr", {}, el("td", {}, m.id), el("td", {}, when(m.created)), el("td", {}, m.account),
+        el("td", { className: "clip", title: m.sender }, m.sender), el("td", { title: recipients.join(", ") }, summary(recipients)),
+        el("td", { className: "state" }, m.state), el("td", {}, m.tries), el("td", { className: "next" }, when(m.next_try)),
+        el("td", {}, m.last_code ? `${m.last_code} ${m.last_text || ""}` : "-"),
+        el("td", { className: "actions" }, details, " ", act("retry"), " ", m.state === "held" ? act("release") : act("hold"), " ", cancel));
+      tr.dataset.id = m.id;
+      return tr;
+    }),
+  );
+}
+
+// One queued message as `relay queue show` prints it, opened under its row: each
+// recipient done (its reply) or waiting, and every attempt so far.
+async function toggleQueued(tr, id) {
+  const next = tr.nextElementSibling;
+  if (next && next.classList.contains("detail")) return next.remove();
+  const m = await api("GET", `/queue/${q(id)}`);
+  const done = m.done || {};
+  const pairs = [["Message-ID", m.message_id || "-"], ["Size", `${m.size} bytes`],
+    ["State", m.state + (m.lease_owner ? " (an attempt runs)" : "")], ["Next try", when(m.next_try)]];
+  const holder = el("tr", { className: "detail" }, el("td", { colSpan: 10 }, el("div", { className: "scroll" },
+    el("table", { className: "settings" }, ...pairs.map(([k, v]) => el("tr", {}, el("th", {}, k), el("td", {}, v)))),
+    el("h3", {}, "Recipients"),
+    el("table", { className: "recipients" }, el("tbody", {}, ...m.recipients.map((r) => el("tr", {}, el("td", {}, r),
+      el("td", {}, r in done ? done[r].slice(0, 2).join(" ") : "waiting"))))),
+    el("h3", {}, "Attempts"),
+    m.attempts.length
+      ? el("table", { className: "attempts" }, el("tbody", {}, ...m.attempts.map((a, n) => el("tr", {},
+        el("td", {}, `${n + 1}.`), el("td", {}, a[0]), el("td", {}, `${a[1]} ${a[2]} ${a[3]}`),
+        el("td", {}, `${Number(a[4]).toFixed(3)} s`)))))
+      : el("p", {}, "None yet."))));
+  tr.after(holder);
+}
+
+// Retry, hold or release every listed message. Unfiltered, the list is the whole
+// queue: one call, the API's `all` form (as `relay queue ACTION --all`). Filtered,
+// each listed message it applies to, one call each, so nothing unlisted changes.
+let queueListed = { messages: [], filtered: false };
+
+async function queueAll(action) {
+  const { messages, filtered } = queueListed;
+  need(messages.length, "No message listed.");
+  let changed = 0;
+  if (!filtered) {
+    changed = (await api("POST", `/queue/all/${action}`)).changed;
+  } else {
+    const wanted = { retry: () => true, hold: (m) => m.state !== "held", release: (m) => m.state === "held" };
+    for (const m of messages.filter(wanted[action])) {
+      try {
+        changed += (await api("POST", `/queue/${m.id}/${action}`)).changed;
+      } catch (err) {
+        if (!(err instanceof ApiError && err.status === 404)) throw err; // done meanwhile
+      }
+    }
+  }
+  await loadQueue();
+  say(`${action}: ${changed} message(s) changed.`);
+}
+
+// --- the audit log --------------------------------------------------------------
+
+// Newest first, 100 a page; More asks for the page after the last one shown (the
+// API's cursor), so entries made meanwhile never shift what is listed.
+let auditCursor = null;
+
+async function loadAudit(more) {
+  const params = new URLSearchParams({ limit: "100" });
+  if (more && auditCursor !== null) params.set("cursor", auditCursor);
+  const { records, next_cursor } = await api("GET", "/audit?" + params);
+  auditCursor = next_cursor;
+  $("audit-more").hidden = next_cursor === null || next_cursor === undefined;
+  const rows = records.map((r) => {
+    const detail = r.detail && Object.keys(r.detail).length ? JSON.stringify(r.detail) : "";
+    const tr = el("tr", {}, el("td", { className: "time" }, when(r.created)), el("td", {}, r.actor),
+      el("td", {}, r.address), el("td", { className: "action" }, r.action), el("td", { className: "target" }, r.target),
+      el("td", { className: "detail-text" }, detail));
+    tr.dataset.id = r.id;
+    return tr;
+  });
+  if (more) $("audit-table").tBodies[0].append(...rows);
+  else $("audit-table").tBodies[0].replaceChildren(...rows);
 }
