@@ -238,6 +238,47 @@ def test_the_console(relay_factory, sink, browser):
     http.close()
 
 
+def an_hour_of_history(store: Any) -> None:
+    """Delivery records for each minute of the last hour, as an app's steady traffic
+    with a burst and an upstream's bad quarter of an hour would leave them."""
+    import random
+    import time
+
+    chance = random.Random(1042)
+    now = int(time.time())
+    senders = ["billing@example.com", "welcome@example.com", "alerts@example.com"]
+    for minute in range(60, 0, -1):
+        when = now - minute * 60
+        count = 4 + chance.randrange(5) + (14 if 38 <= minute <= 41 else 0)
+        for n in range(count):
+            roll = chance.random()
+            troubled = 20 <= minute <= 34  # the upstream's bad quarter of an hour
+            if roll < (0.25 if troubled else 0.03):
+                outcome, reply = Outcome.DEFERRED, Reply(451, "4.3.0", "Try again later")
+            elif roll < (0.30 if troubled else 0.06):
+                outcome, reply = Outcome.REFUSED, Reply(550, "5.1.1", "User unknown")
+            else:
+                outcome, reply = Outcome.DELIVERED, Reply(250, "2.0.0", "Ok")
+            rcpt = f"user{n}@customer.example"
+            store.record_delivery(
+                DeliveryRecord(
+                    time=when + n,
+                    message_id=f"<history-{minute}-{n}@example.com>",
+                    account="acme",
+                    token_id="tok_history",
+                    sender=chance.choice(senders),
+                    recipients=(RecipientOutcome(rcpt, outcome, reply.code, reply.enhanced),),
+                    size=2048,
+                    channel="smtp" if n % 3 else "resend",
+                    rule=3,
+                    outcome=outcome,
+                    reply=reply,
+                    charged=1 if outcome is Outcome.DELIVERED else 0,
+                    duration=0.04 + chance.random() * (0.4 if troubled else 0.08),
+                )
+            )
+
+
 def test_the_delivery_log_screenshot(relay_factory, sink, browser, tmp_path):
     """The picture in the README: the delivery log after a few ordinary sends.
 
@@ -252,6 +293,9 @@ def test_the_delivery_log_screenshot(relay_factory, sink, browser, tmp_path):
     relay = relay_factory(
         SMTP_CONFIG=sink.smtp_config(), DEFAULT_SEND_BALANCE="100", RELAY_ADMIN_LISTEN="127.0.0.1:0"
     )
+    # The overview's charts need a past: an hour of records the test writes into
+    # the relay's store, older than the real sends below.
+    an_hour_of_history(relay.store)
     sink.recorder.rcpt_replies["old.contact@customer.example"] = "550 5.1.1 User unknown"
     sends = [
         ("billing@example.com", ["ana@customer.example"], "invoice-1042", "Invoice 1042"),
