@@ -326,7 +326,7 @@ def insert(
     `queued`: the final record of a queued message (its events: `QUEUE_EVENTS`).
     """
     if getattr(db, "is_postgres", False):
-        return _insert_pg(db, record, charged, queued=queued)
+        return int(_insert_pg(db, record, charged, queued=queued)["delivery_id"])
     row = db.execute(
         "INSERT INTO deliveries (created, message_id, account, token_id, sender, size, channel,"
         " rule, outcome, reply_code, reply_enhanced, reply_text, upstream_id, charged,"
@@ -370,30 +370,52 @@ def insert(
 # has an enabled webhook endpoint, in one statement: one round trip, where the
 # three statements (and one per recipient) each cost the relay a send and the
 # record's id a wait. The endpoint lookup is `outbox.account_events`' own.
+# `{pending}`: the settle's DELETE of its pending row, when the record is a
+# settle's (`insert_settled`), `{charged}` then the units it kept.
 _INSERT_PG = (
-    "WITH d AS (INSERT INTO deliveries (created, message_id, account, token_id, sender, size,"
-    " channel, rule, outcome, reply_code, reply_enhanced, reply_text, upstream_id, charged,"
-    " duration_ms, client, replay, recipient_count, attempts, listener)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id),"
+    "WITH {pending}d AS (INSERT INTO deliveries (created, message_id, account, token_id, sender,"
+    " size, channel, rule, outcome, reply_code, reply_enhanced, reply_text, upstream_id,"
+    " charged, duration_ms, client, replay, recipient_count, attempts, listener)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, {charged}, ?, ?, ?, ?, ?, ?) RETURNING id),"
     " r AS (INSERT INTO delivery_recipients (delivery_id, recipient, outcome, code, enhanced)"
     " SELECT d.id, x.recipient, x.outcome, x.code, x.enhanced FROM d,"
     " unnest(?::text[], ?::text[], ?::bigint[], ?::text[])"
     " AS x (recipient, outcome, code, enhanced)"
     " ON CONFLICT (delivery_id, recipient) DO NOTHING)"
-    " SELECT d.id AS id, EXISTS (SELECT 1 FROM webhook_endpoints AS e"
+    " SELECT d.id AS delivery_id, EXISTS (SELECT 1 FROM webhook_endpoints AS e"
     " JOIN accounts AS a ON a.id = e.account_id WHERE a.name = ? AND e.enabled = 1) AS hooked"
-    " FROM d"
+    "{columns} FROM d{join}"
+)
+INSERT_PG = _INSERT_PG.format(pending="", charged="?", columns="", join="")
+# The pending row's DELETE comes first in the statement and takes the row (as
+# `relay.store.ledger._settle`'s own): of two settles, the second finds it gone.
+INSERT_SETTLED_PG = _INSERT_PG.format(
+    pending="p AS (DELETE FROM pending WHERE id = ? AND created = ? RETURNING *), ",
+    charged="COALESCE((SELECT p.unit * LEAST(?, p.count) FROM p), 0)",
+    columns=", p.*",
+    join=" LEFT JOIN p ON true",
 )
 
 
-def _insert_pg(db: Connection, record: DeliveryRecord, charged: int | None, *, queued: bool) -> int:
-    """`insert` on PostgreSQL (`_INSERT_PG`): what follows a record (`after_record`)
+def _insert_pg(
+    db: Connection,
+    record: DeliveryRecord,
+    charged: int | None,
+    *,
+    queued: bool,
+    settle: tuple[int, int] | None = None,
+) -> Any:
+    """`insert` on PostgreSQL (`INSERT_PG`): what follows a record (`after_record`)
     runs only when its account has an endpoint or a recipient is to be suppressed,
-    where it does all it does on SQLite."""
+    where it does all it does on SQLite. `settle` (reservation id, created): the
+    record's settle deletes its pending row in the same statement, `charged` the
+    recipients delivered; returns the row (its `delivery_id`, and the pending
+    row's columns, None if it was gone)."""
     recipients = record.recipients
     row = db.execute(
-        _INSERT_PG,
+        INSERT_PG if settle is None else INSERT_SETTLED_PG,
         (
+            *(settle or ()),
             record.time,
             record.message_id,
             record.account,
@@ -421,10 +443,22 @@ def _insert_pg(db: Connection, record: DeliveryRecord, charged: int | None, *, q
             record.account,
         ),
     ).fetchone()
-    delivery_id = int(row[0])
-    if row[1] or _refusals(record):
-        after_record(db, record, delivery_id, queued=queued)
-    return delivery_id
+    if row["hooked"] or _refusals(record):
+        after_record(db, record, int(row["delivery_id"]), queued=queued)
+    return row
+
+
+def insert_settled(
+    db: Connection,
+    record: DeliveryRecord,
+    reservation_id: int,
+    created: int,
+    delivered: int,
+) -> Any:
+    """PostgreSQL: a settle's DELETE of its pending row and its delivery record in one
+    statement (`INSERT_SETTLED_PG`); the pending row as deleted, or None if it was gone."""
+    row = _insert_pg(db, record, delivered, queued=False, settle=(reservation_id, created))
+    return None if row["id"] is None else row
 
 
 def _refusals(record: DeliveryRecord) -> list[tuple[str, str, str]]:

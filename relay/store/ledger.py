@@ -63,7 +63,7 @@ from relay.store.charge import (
     start_reads,
 )
 from relay.store.db import Connection, Database, read_only
-from relay.store.deliveries import DeliveryRecord, insert
+from relay.store.deliveries import DeliveryRecord, insert, insert_settled
 from relay.store.idempotency import delivered_recently, forget_expired, remember_delivered
 from relay.store.journal import PendingSettle
 from relay.store.limits import (
@@ -354,6 +354,10 @@ class Ledger(Database):
         with self._write() as db:
             if idempotency_key and delivered:
                 remember_delivered(db, idempotency_key, now)
+            if record is not None and created is not None and getattr(db, "is_postgres", False):
+                # One statement, one round trip (`insert_settled`).
+                row = insert_settled(db, record, reservation_id, created, delivered)
+                return 0 if row is None else _refund(db, row, delivered, now)[0]
             refund, kept = _settle(db, reservation_id, delivered, now, created) or (0, 0)
             if record is not None:
                 insert(db, record, kept)
@@ -481,6 +485,11 @@ def _settle(
         ).fetchone()
     if row is None:
         return None  # settled already (by a sweep that judged it stale)
+    return _refund(db, row, delivered, ts)
+
+
+def _refund(db: Connection, row: Any, delivered: int, ts: int) -> tuple[int, int]:
+    """A deleted pending `row`'s refund: (units refunded, units kept)."""
     undelivered = max(row["count"] - delivered, 0)
     refund = row["unit"] * undelivered
     if refund:
