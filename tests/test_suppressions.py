@@ -9,7 +9,7 @@ from support import FrozenClock
 
 from relay.errors import Invalid, NotFound
 from relay.replies import Reply
-from relay.store.deliveries import DeliveryRecord, Outcome, RecipientOutcome
+from relay.store.deliveries import DeliveryRecord, Outcome, Query, RecipientOutcome
 from relay.store.facade import Store
 
 pytestmark = pytest.mark.backends
@@ -194,3 +194,26 @@ def test_settled_events_are_pruned_with_their_attempts(store: Store) -> None:
     clock(store).advance(days=2)
     assert store.prune_webhook_events(86400) == 1
     assert store.list_webhook_attempts("acme", hook["id"]) == []
+
+
+def test_a_settle_writes_its_record_suppression_and_events_with_it(store: Store) -> None:
+    # The settle's own path (on PostgreSQL one statement with its record): the
+    # units kept in the record, the refund, the suppression and the events; a
+    # second settle of the same reservation changes and records nothing more.
+    store.add_webhook("acme", "https://hooks.example/x", None)
+    aid = account_id(store)
+    held = store.reserve(
+        "alice@example.com", account_id=aid, recipients=2, unit=3, default_balance=100
+    )
+    assert store.show_sender("alice@example.com")["balance"] == 94
+    refund = store.settle(held.id, 1, None, record(OK, BOUNCED), held.created)
+    assert refund == 3
+    assert store.show_sender("alice@example.com")["balance"] == 97
+    [kept] = store.find_deliveries(Query())
+    assert kept.charged == 3
+    assert {r.address for r in kept.recipients} == {"ok@dest.test", "gone@dest.test"}
+    assert store.suppression_for(aid, "gone@dest.test") is not None
+    assert [d.type for d in claim(store)] == ["message.delivered", "recipient.suppressed"]
+    assert store.settle(held.id, 1, None, record(OK), held.created) == 0
+    assert store.show_sender("alice@example.com")["balance"] == 97
+    assert [r.charged for r in store.find_deliveries(Query())] == [0, 3]

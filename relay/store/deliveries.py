@@ -325,6 +325,8 @@ def insert(
     `charged`, when given, is the units the settle kept (instead of the record's);
     `queued`: the final record of a queued message (its events: `QUEUE_EVENTS`).
     """
+    if getattr(db, "is_postgres", False):
+        return int(_insert_pg(db, record, charged, queued=queued)["delivery_id"])
     row = db.execute(
         "INSERT INTO deliveries (created, message_id, account, token_id, sender, size, channel,"
         " rule, outcome, reply_code, reply_enhanced, reply_text, upstream_id, charged,"
@@ -364,13 +366,104 @@ def insert(
     return delivery_id
 
 
-def after_record(
-    db: Connection, record: DeliveryRecord, delivery_id: int, *, queued: bool = False
-) -> None:
-    """What a record implies, in its own transaction: the recipients an upstream
-    refused as mailbox errors join the account's suppression list, and the
-    account's webhooks get the events that describe the message."""
-    refusals = [
+# PostgreSQL: the record, its recipients (arrays unnested) and whether its account
+# has an enabled webhook endpoint, in one statement: one round trip, where the
+# three statements (and one per recipient) each cost the relay a send and the
+# record's id a wait. The endpoint lookup is `outbox.account_events`' own.
+# `{pending}`: the settle's DELETE of its pending row, when the record is a
+# settle's (`insert_settled`), `{charged}` then the units it kept.
+_INSERT_PG = (
+    "WITH {pending}d AS (INSERT INTO deliveries (created, message_id, account, token_id, sender,"
+    " size, channel, rule, outcome, reply_code, reply_enhanced, reply_text, upstream_id,"
+    " charged, duration_ms, client, replay, recipient_count, attempts, listener)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, {charged}, ?, ?, ?, ?, ?, ?) RETURNING id),"
+    " r AS (INSERT INTO delivery_recipients (delivery_id, recipient, outcome, code, enhanced)"
+    " SELECT d.id, x.recipient, x.outcome, x.code, x.enhanced FROM d,"
+    " unnest(?::text[], ?::text[], ?::bigint[], ?::text[])"
+    " AS x (recipient, outcome, code, enhanced)"
+    " ON CONFLICT (delivery_id, recipient) DO NOTHING)"
+    " SELECT d.id AS delivery_id, EXISTS (SELECT 1 FROM webhook_endpoints AS e"
+    " JOIN accounts AS a ON a.id = e.account_id WHERE a.name = ? AND e.enabled = 1) AS hooked"
+    "{columns} FROM d{join}"
+)
+INSERT_PG = _INSERT_PG.format(pending="", charged="?", columns="", join="")
+# The pending row's DELETE comes first in the statement and takes the row (as
+# `relay.store.ledger._settle`'s own): of two settles, the second finds it gone.
+INSERT_SETTLED_PG = _INSERT_PG.format(
+    pending="p AS (DELETE FROM pending WHERE id = ? AND created = ? RETURNING *), ",
+    charged="COALESCE((SELECT p.unit * LEAST(?, p.count) FROM p), 0)",
+    columns=", p.*",
+    join=" LEFT JOIN p ON true",
+)
+
+
+def _insert_pg(
+    db: Connection,
+    record: DeliveryRecord,
+    charged: int | None,
+    *,
+    queued: bool,
+    settle: tuple[int, int] | None = None,
+) -> Any:
+    """`insert` on PostgreSQL (`INSERT_PG`): what follows a record (`after_record`)
+    runs only when its account has an endpoint or a recipient is to be suppressed,
+    where it does all it does on SQLite. `settle` (reservation id, created): the
+    record's settle deletes its pending row in the same statement, `charged` the
+    recipients delivered; returns the row (its `delivery_id`, and the pending
+    row's columns, None if it was gone)."""
+    recipients = record.recipients
+    row = db.execute(
+        INSERT_PG if settle is None else INSERT_SETTLED_PG,
+        (
+            *(settle or ()),
+            record.time,
+            record.message_id,
+            record.account,
+            record.token_id,
+            record.sender,
+            record.size,
+            record.channel,
+            record.rule,
+            str(record.outcome),
+            record.reply.code,
+            record.reply.enhanced,
+            record.reply.text,
+            record.upstream_id,
+            record.charged if charged is None else charged,
+            round(record.duration * 1000),
+            record.client,
+            int(record.replay),
+            record.total_recipients,
+            attempts_text(record.attempts),
+            record.listener,
+            [r.address for r in recipients],
+            [str(r.outcome) for r in recipients],
+            [r.code for r in recipients],
+            [r.enhanced for r in recipients],
+            record.account,
+        ),
+    ).fetchone()
+    if row["hooked"] or _refusals(record):
+        after_record(db, record, int(row["delivery_id"]), queued=queued)
+    return row
+
+
+def insert_settled(
+    db: Connection,
+    record: DeliveryRecord,
+    reservation_id: int,
+    created: int,
+    delivered: int,
+) -> Any:
+    """PostgreSQL: a settle's DELETE of its pending row and its delivery record in one
+    statement (`INSERT_SETTLED_PG`); the pending row as deleted, or None if it was gone."""
+    row = _insert_pg(db, record, delivered, queued=False, settle=(reservation_id, created))
+    return None if row["id"] is None else row
+
+
+def _refusals(record: DeliveryRecord) -> list[tuple[str, str, str]]:
+    """The recipients an upstream refused as mailbox errors: (address, enhanced, text)."""
+    return [
         (r.address, r.enhanced, r.text)
         for r in record.recipients
         if r.outcome is Outcome.REFUSED
@@ -378,6 +471,15 @@ def after_record(
         and r.text.startswith(f"{record.channel}:")  # the upstream's words, not the relay's
         and is_mailbox_refusal(r.code, r.enhanced)
     ]
+
+
+def after_record(
+    db: Connection, record: DeliveryRecord, delivery_id: int, *, queued: bool = False
+) -> None:
+    """What a record implies, in its own transaction: the recipients an upstream
+    refused as mailbox errors join the account's suppression list, and the
+    account's webhooks get the events that describe the message."""
+    refusals = _refusals(record)
     account_id = None
     if refusals:
         account_id = _account_id(db, record.account)

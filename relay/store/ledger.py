@@ -54,6 +54,7 @@ from relay.errors import Refused
 from relay.policy import SenderState
 from relay.store.charge import (
     MAIL_CHECK_SQL,
+    MAIL_CHECK_WINDOWS_SQL,
     ChargeMissed,
     Reads,
     charge_sender,
@@ -61,9 +62,10 @@ from relay.store.charge import (
     owner_and_token,
     reserve_pipelined,
     start_reads,
+    windows_args,
 )
 from relay.store.db import Connection, Database, read_only
-from relay.store.deliveries import DeliveryRecord, insert
+from relay.store.deliveries import DeliveryRecord, insert, insert_settled
 from relay.store.idempotency import delivered_recently, forget_expired, remember_delivered
 from relay.store.journal import PendingSettle
 from relay.store.limits import (
@@ -156,30 +158,36 @@ class Ledger(Database):
         (0: not counted), so the count costs the same however many there were.
         """
         now = self.clock()
-        # PostgreSQL: the statements in one round trip (a pipeline); a token whose
-        # rules count rates has its rate windows read after, in a second.
-        with self._connection(pipelined=True) as db:
+        # PostgreSQL: one statement with the windows (`MAIL_CHECK_WINDOWS_SQL`); a
+        # token whose rules count rates has its rate windows read after, in a second.
+        pg = self.is_postgres
+        with self._connection(pipelined=not pg) as db:
             # The domain's owner, the token, the no-limit list and the sender's
             # row, and the token's refusals, in one statement: MAIL FROM asks
             # all five of every message.
             ts = int(now.timestamp())
-            check = db.execute(
-                MAIL_CHECK_SQL,
-                (
-                    domain,
-                    ts,
-                    token_id,
-                    token_id,
-                    *(address,) * 3,
-                    token_id,
-                    ts - REFUSAL_WINDOW,
-                    refusal_limit,
-                    account_id,
-                ),
+            args = (
+                domain,
+                ts,
+                token_id,
+                token_id,
+                *(address,) * 3,
+                token_id,
+                ts - REFUSAL_WINDOW,
+                refusal_limit,
+                account_id,
             )
-            windows = start_read_windows(db, account_id, now)
-            row = check.fetchone()
-            room, hit = self._headroom(windows_of(windows.fetchall()), now)
+            if pg:  # with the windows: one statement (`MAIL_CHECK_WINDOWS_SQL`)
+                rows = db.execute(
+                    MAIL_CHECK_WINDOWS_SQL, (*args, *windows_args(account_id, now))
+                ).fetchall()
+                row = rows[0]
+            else:
+                check = db.execute(MAIL_CHECK_SQL, args)
+                windows = start_read_windows(db, account_id, now)
+                row = check.fetchone()
+                rows = windows.fetchall()
+            room, hit = self._headroom(windows_of(rows), now)
             rules = load_rules(row["rules"])
             use = read_rates(db, token_id) if rules.counted else {}
         owner, known = row["owner"], row["balance"] is not None
@@ -354,6 +362,10 @@ class Ledger(Database):
         with self._write() as db:
             if idempotency_key and delivered:
                 remember_delivered(db, idempotency_key, now)
+            if record is not None and created is not None and getattr(db, "is_postgres", False):
+                # One statement, one round trip (`insert_settled`).
+                row = insert_settled(db, record, reservation_id, created, delivered)
+                return 0 if row is None else _refund(db, row, delivered, now)[0]
             refund, kept = _settle(db, reservation_id, delivered, now, created) or (0, 0)
             if record is not None:
                 insert(db, record, kept)
@@ -481,6 +493,11 @@ def _settle(
         ).fetchone()
     if row is None:
         return None  # settled already (by a sweep that judged it stale)
+    return _refund(db, row, delivered, ts)
+
+
+def _refund(db: Connection, row: Any, delivered: int, ts: int) -> tuple[int, int]:
+    """A deleted pending `row`'s refund: (units refunded, units kept)."""
     undelivered = max(row["count"] - delivered, 0)
     refund = row["unit"] * undelivered
     if refund:

@@ -111,6 +111,8 @@ class PgConnection:
     a statement is sent when a result is read, with all those queued before it."""
 
     __slots__ = ("conn", "pipeline")
+    # The concept modules' test for a statement only PostgreSQL speaks.
+    is_postgres = True
 
     def __init__(
         self, conn: psycopg.Connection[PgRow], pipeline: psycopg.Pipeline | None = None
