@@ -52,7 +52,7 @@ def test_an_end_the_store_refuses_is_written_later_never_sent_again(relay_factor
     # A lease that runs out at once: were the message attempted again after its
     # end failed to be written, it would be now.
     worker.lease_seconds = 1
-    real = worker.store.finish
+    real = worker.store.finish_many
     calls: list[int] = []
 
     async def failing(*args: Any, **kwargs: Any) -> Any:
@@ -61,7 +61,7 @@ def test_an_end_the_store_refuses_is_written_later_never_sent_again(relay_factor
             raise StoreError("database is locked")
         return await real(*args, **kwargs)
 
-    worker.store.finish = failing
+    worker.store.finish_many = failing  # the worker writes its ends in groups
     assert send(relay, token=relay.token()) == QUEUED
     until(lambda: queue_empty(relay) and len(records(relay)) == 1)
     assert len(calls) == 4

@@ -1,10 +1,16 @@
-"""Pacing an upstream: a token bucket, and waiting only within the forward budget.
+"""Pacing an upstream: a sliding window of requests, and waiting only within the forward budget.
 
 An upstream that limits its request rate (Resend: per API key; an SMTP
 upstream with a `rate` in its entry) is sent to no faster than that rate, so a
 burst of client messages queues here for a moment instead of meeting 429s.
 When the upstream asks for a pause anyway (Retry-After, `ratelimit-reset`), the
 bucket holds every sender for that long.
+
+"N requests a second" is kept in every second, not on average: a token bucket
+whose burst is one second's worth lets twice the rate through in the second
+after an idle one, and an upstream that counts a fixed one-second window
+(Resend's 5 a second: resend.com/docs/api-reference/rate-limit) answers the
+excess 429 and a Retry-After that stops every sender for a whole second.
 
 A wait is taken only when it fits in what is left of the message's forward
 budget with the request's own timeout after it; otherwise the caller answers
@@ -14,19 +20,26 @@ reply never waits longer than the budget the session allows.
     >>> clock = lambda: 0.0
     >>> bucket = TokenBucket(rate=2.0, clock=clock)
     >>> bucket.reserve(), bucket.reserve(), bucket.reserve()
-    (0.0, 0.0, 0.5)
+    (0.0, 0.0, 1.01)
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import math
 import time
 from collections.abc import Callable
 
+# Room between a request and the one `burst` requests later beyond the window itself:
+# the upstream counts arrivals, which the network may bring closer than they left.
+MARGIN = 0.01
+
 
 class TokenBucket:
-    """`rate` requests per second, bursts of up to `burst` (default: one second's worth).
+    """`rate` requests per second: at most `burst` (default: one second's worth, at
+    least one) in any `burst / rate` seconds, so a burst goes at once and no
+    window of that length ever holds more.
 
     `reserve` takes a slot and says how long to wait before using it; slots
     are handed out in order, so waiters go in the order they came. `release`
@@ -41,27 +54,33 @@ class TokenBucket:
     ) -> None:
         assert rate > 0, rate
         self.rate = rate
-        self.burst = max(1.0, burst if burst is not None else rate)
+        self.burst = max(1, int(burst if burst is not None else rate))
+        self.window = self.burst / rate + MARGIN
         self.clock = clock
-        self._tokens = self.burst
-        self._updated = clock()
+        self._slots: list[float] = []  # the slots handed out within a window, in order
         self._held_until = 0.0
-
-    def _refill(self, now: float) -> None:
-        self._tokens = min(self.burst, self._tokens + (now - self._updated) * self.rate)
-        self._updated = now
+        self.last = 0.0  # the slot the last `reserve` handed out (for `release`)
 
     def reserve(self) -> float:
         """Take a slot; the seconds to wait before the request may go."""
         now = self.clock()
-        self._refill(now)
-        self._tokens -= 1.0
-        wait = 0.0 if self._tokens >= 0 else -self._tokens / self.rate
-        return max(wait, self._held_until - now)
+        # A slot a window ago or earlier binds no later one.
+        del self._slots[: bisect.bisect_left(self._slots, now - self.window)]
+        slot = max(now, self._held_until)
+        if len(self._slots) >= self.burst:
+            slot = max(slot, self._slots[-self.burst] + self.window)
+        self._slots.append(slot)
+        self.last = slot
+        return round(slot - now, 6)
 
-    def release(self) -> None:
-        """Give back a slot `reserve` handed out and the caller will not use."""
-        self._tokens = min(self.burst, self._tokens + 1.0)
+    def release(self, slot: float | None = None) -> None:
+        """Give back a slot `reserve` handed out (`last` then) and the caller will not
+        use; without one, the latest."""
+        if not self._slots:
+            return
+        at = bisect.bisect_left(self._slots, slot) if slot is not None else len(self._slots) - 1
+        if at < len(self._slots) and (slot is None or self._slots[at] == slot):
+            del self._slots[at]
 
     def hold(self, seconds: float) -> None:
         """The upstream asked for a pause: nothing goes before it is over."""
@@ -108,8 +127,9 @@ async def take_slot(bucket: TokenBucket | None, deadline: Deadline) -> None:
     if bucket is None:
         return
     wait = bucket.reserve()
+    slot = bucket.last
     try:
         await deadline.wait(wait)
     except BaseException:
-        bucket.release()
+        bucket.release(slot)
         raise

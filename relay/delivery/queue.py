@@ -17,6 +17,7 @@ Retry-After when longer.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import random
@@ -36,13 +37,17 @@ from relay.replies import Reply
 from relay.store.deliveries import Attempt, DeliveryRecord, attempts_text
 from relay.store.facade import Principal, Reservation
 from relay.store.loop import AsyncStore
-from relay.store.queue import QueuedMessage
+from relay.store.queue import End, QueuedMessage
 
 log = logging.getLogger("relay.queue")
 # Messages one claim leases (as many as one Resend batch request carries:
 # resend-openapi, /emails/batch); how often an idle worker looks for due ones.
 CLAIM_BATCH = 100
 POLL_SECONDS = 1.0
+# Claims whose messages are in flight at once (`QueueWorker._run`).
+ROUNDS_IN_FLIGHT = 2
+# The most message ends one transaction writes (`QueueWorker._write_ends`).
+ENDS_MAX = 2 * CLAIM_BATCH
 # A final write the store refused is tried again after this long, doubling to the max.
 FINISH_RETRY_FIRST = 0.5
 FINISH_RETRY_MAX = 30.0
@@ -133,7 +138,9 @@ class QueueWorker:
         self.channels = channels
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._answered_batches: set[str] = set()  # keys Resend answered, forgotten after
+        # Ends waiting for the next `finish_many`, and the task writing them.
+        self._ends: list[tuple[End, asyncio.Future[int | None]]] = []
+        self._ending: asyncio.Task[None] | None = None
         # A lease outlives one attempt's forward budget with room to spare.
         self.lease_seconds = int(settings.forward_budget * 2 + 30)
 
@@ -162,40 +169,66 @@ class QueueWorker:
         # found work; otherwise a read first: an idle queue costs each process one
         # cheap read a second, never a write transaction (the claim's UPDATE takes
         # the database's write lock, even when it matches nothing).
+        #
+        # Two claims in flight: the next one is claimed, and its Resend batch kept
+        # and sent, while the last one's messages end. Never a third before the
+        # older one ended, so an end the store keeps refusing (`_finish`) stops
+        # the claims after at most one more: nothing of it is attempted again.
         look = False
         dead_after = self.settings.upkeep.owner_dead_after
-        while True:
-            rows = []
-            try:
-                if not look or await self.store.queue_due(dead_after):
-                    rows = await self.store.claim(self.lease_seconds, CLAIM_BATCH, dead_after)
-            except StoreError as exc:
-                if not self.store.logged(exc):
-                    log.warning("queue claim failed: %s", exc)
-            if rows:
-                firsts = await self._batched(rows)
-                await asyncio.gather(
-                    *(self._attempt(row, first) for row, first in zip(rows, firsts, strict=True))
-                )
-                await self._forget_batches()
-                look = False
-                continue
-            self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), POLL_SECONDS)
-                look = False
-            except TimeoutError:
-                look = True
+        rounds: collections.deque[asyncio.Task[None]] = collections.deque()
+        try:
+            while True:
+                if len(rounds) >= ROUNDS_IN_FLIGHT:
+                    await rounds.popleft()
+                rows = []
+                try:
+                    if not look or await self.store.queue_due(dead_after):
+                        rows = await self.store.claim(self.lease_seconds, CLAIM_BATCH, dead_after)
+                except StoreError as exc:
+                    if not self.store.logged(exc):
+                        log.warning("queue claim failed: %s", exc)
+                if rows:
+                    rounds.append(asyncio.get_running_loop().create_task(self._round(rows)))
+                    look = False
+                    continue
+                if rounds:
+                    await rounds.popleft()  # its end may leave more due: claim again
+                    look = False
+                    continue
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), POLL_SECONDS)
+                    look = False
+                except TimeoutError:
+                    look = True
+        finally:
+            for task in rounds:
+                task.cancel()
+            if rounds:
+                await asyncio.gather(*rounds, return_exceptions=True)
 
-    async def _batched(self, rows: Sequence[Any]) -> list[Delivery | DeliveryError | None]:
+    async def _round(self, rows: Sequence[Any]) -> None:
+        """One claim's messages: their Resend batches first, then each one's walk."""
+        firsts, answered = await self._batched(rows)
+        await asyncio.gather(
+            *(self._attempt(row, first) for row, first in zip(rows, firsts, strict=True))
+        )
+        await self._forget_batches(answered)
+
+    async def _batched(
+        self, rows: Sequence[Any]
+    ) -> tuple[list[Delivery | DeliveryError | None], set[str]]:
         """The first channel's outcome for each row whose route starts at Resend, sent
         together through its batch endpoint (relay.channels.resend_batch); None
         for a row that goes the usual way. A batch whose answer is not known (the
-        relay stopped, or the answer was lost) is sent again as it was kept."""
+        relay stopped, or the answer was lost) is sent again as it was kept.
+        And the keys of the batches answered, forgotten once their members ended."""
         firsts: list[Delivery | DeliveryError | None] = [None] * len(rows)
+        answered: set[str] = set()
         resend = next((c for c in self.channels.values() if isinstance(c, ResendChannel)), None)
         if resend is None:
-            return firsts
+            return firsts, answered
         kept: dict[str, list[int]] = {}
         picked = []
         for index, row in enumerate(rows):
@@ -210,7 +243,7 @@ class QueueWorker:
         bound = [i for indexes in kept.values() for i in indexes]  # never sent alone
         try:
             for key, indexes in kept.items():
-                if not await self._resend_kept(resend, key, rows, indexes, firsts):
+                if not await self._resend_kept(resend, key, rows, indexes, firsts, answered):
                     bound = [i for i in bound if i not in indexes]
             outbounds = [_outbound(rows[i]) for i in picked]
             for batch in resend_batch.form_batches(resend, outbounds):
@@ -222,7 +255,7 @@ class QueueWorker:
                 bound += indexes
                 members = [outbounds[m] for m in batch.members]
                 results = await resend_batch.send_batch(resend, batch, members)
-                await self._answered(batch.key, ids, results, indexes, firsts)
+                await self._answered(batch.key, ids, results, indexes, firsts, answered)
         except StoreError as exc:
             if not self.store.logged(exc):
                 log.warning("queue: a Resend batch could not be kept: %s", exc)
@@ -233,7 +266,7 @@ class QueueWorker:
         for index in bound:
             if firsts[index] is None:
                 firsts[index] = TransientDelivery(ResendChannel.name, replies.LOCAL_ERROR)
-        return firsts
+        return firsts, answered
 
     async def _resend_kept(
         self,
@@ -242,6 +275,7 @@ class QueueWorker:
         rows: Sequence[Any],
         indexes: list[int],
         firsts: list[Delivery | DeliveryError | None],
+        answered: set[str],
     ) -> bool:
         """Send a kept batch again, exactly as it was; each member still queued gets its
         outcome from the answer (Resend's first answer, when it had one). False when
@@ -257,7 +291,7 @@ class QueueWorker:
         results = await resend_batch.send_batch(resend, kept, outbounds)
         present = [(i, r) for i, r in zip(members, results, strict=True) if i is not None]
         await self._answered(
-            key, list(by_id), [r for _, r in present], [i for i, _ in present], firsts
+            key, list(by_id), [r for _, r in present], [i for i, _ in present], firsts, answered
         )
         return True
 
@@ -268,6 +302,7 @@ class QueueWorker:
         results: Sequence[Delivery | DeliveryError],
         indexes: list[int],
         firsts: list[Delivery | DeliveryError | None],
+        answered: set[str],
     ) -> None:
         """Each member's first outcome from its batch's answer. A batch refused as a
         whole, provably unsent, is forgotten before its members walk on (another
@@ -281,16 +316,15 @@ class QueueWorker:
                 wait = TransientDelivery(ResendChannel.name, replies.LOCAL_ERROR)
                 results = [wait] * len(results)
         elif resend_batch.known(results):
-            self._answered_batches.add(key)
+            answered.add(key)
         for index, result in zip(indexes, results, strict=True):
             firsts[index] = result
 
-    async def _forget_batches(self) -> None:
+    async def _forget_batches(self, answered: set[str]) -> None:
         """Forget each batch answered this round once its members ended; a member still
         queued (its end could not be written) keeps it: the same batch is sent
         again, and Resend gives the same answer."""
-        while self._answered_batches:
-            key = self._answered_batches.pop()
+        for key in answered:
             try:
                 await self.store.end_batch(key)
             except StoreError as exc:
@@ -424,7 +458,7 @@ class QueueWorker:
         wait = FINISH_RETRY_FIRST
         while True:
             try:
-                return await self.store.finish(int(row["id"]), delivered, key, record)
+                return await self._write_end(End(int(row["id"]), delivered, key, record))
             except StoreError as exc:
                 if not self.store.logged(exc):
                     log.warning(
@@ -436,3 +470,36 @@ class QueueWorker:
                     )
             await asyncio.sleep(wait)
             wait = min(wait * 2, FINISH_RETRY_MAX)
+
+    async def _write_end(self, end: End) -> int | None:
+        """Write one message's end with the others that end meanwhile: one transaction
+        (`Store.finish_many`) while the last one is written, not one per message.
+        Its refund, or None when the message was no longer this relay's; raises
+        the store's error (for this end and every end written with it)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[int | None] = loop.create_future()
+        self._ends.append((end, future))
+        if self._ending is None:
+            self._ending = loop.create_task(self._write_ends(), name="relay-queue-ends")
+        return await future
+
+    async def _write_ends(self) -> None:
+        try:
+            while self._ends:
+                group, self._ends = self._ends[:ENDS_MAX], self._ends[ENDS_MAX:]
+                try:
+                    refunds = await self.store.finish_many([end for end, _ in group])
+                except Exception as exc:
+                    for _, future in group:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                for (_, future), refund in zip(group, refunds, strict=True):
+                    if not future.done():
+                        future.set_result(refund)
+        finally:
+            self._ending = None
+            for _, future in self._ends:
+                if not future.done():
+                    future.set_exception(StoreError("the queue worker is stopping"))
+            self._ends = []
