@@ -96,8 +96,9 @@ class BudgetExceeded(Exception):
 
     @property
     def seconds(self) -> int:
-        """The wait in whole seconds, for the client's reply."""
-        return max(1, math.ceil(self.wait))
+        """The wait in whole seconds, for the client's reply (the margin is the relay's
+        own caution: a client retrying that much later finds the window free)."""
+        return max(1, math.ceil(round(self.wait - MARGIN, 6)))
 
 
 class Deadline:
