@@ -73,14 +73,45 @@ class TokenBucket:
         self.last = slot
         return round(slot - now, 6)
 
+    def go(self, slot: float) -> float:
+        """The request that reserved `slot` is about to go: 0, its send time kept in the
+        slot's place, or the seconds it must still wait (then `go` again with
+        `last`). A request goes later than its slot when the loop was busy, and
+        the upstream counts when requests arrive: so each is checked against
+        when the others went, not when they were meant to."""
+        now = self.clock()
+        self._drop(slot)
+        recent = self._slots[
+            bisect.bisect_right(self._slots, now - self.window) : bisect.bisect_right(
+                self._slots, now
+            )
+        ]
+        ready = max(now, self._held_until)
+        if len(recent) >= self.burst:
+            ready = max(ready, recent[len(recent) - self.burst] + self.window)
+        bisect.insort(self._slots, ready)
+        self.last = ready
+        return round(ready - now, 6)
+
+    def done(self, slot: float) -> None:
+        """The request that went at `slot` has its answer: counted from now on, when
+        the upstream has surely counted it (the network and a busy loop can bring
+        two requests closer on arrival than they left)."""
+        self._drop(slot)
+        bisect.insort(self._slots, max(slot, self.clock()))
+
+    def _drop(self, slot: float) -> None:
+        at = bisect.bisect_left(self._slots, slot)
+        if at < len(self._slots) and self._slots[at] == slot:
+            del self._slots[at]
+
     def release(self, slot: float | None = None) -> None:
         """Give back a slot `reserve` handed out (`last` then) and the caller will not
         use; without one, the latest."""
-        if not self._slots:
-            return
-        at = bisect.bisect_left(self._slots, slot) if slot is not None else len(self._slots) - 1
-        if at < len(self._slots) and (slot is None or self._slots[at] == slot):
-            del self._slots[at]
+        if slot is not None:
+            self._drop(slot)
+        elif self._slots:
+            self._slots.pop()
 
     def hold(self, seconds: float) -> None:
         """The upstream asked for a pause: nothing goes before it is over."""
@@ -122,15 +153,20 @@ class Deadline:
         await asyncio.sleep(seconds)
 
 
-async def take_slot(bucket: TokenBucket | None, deadline: Deadline) -> None:
+async def take_slot(bucket: TokenBucket | None, deadline: Deadline) -> float | None:
     """Wait for the bucket's next slot within the deadline; the slot is given
-    back when the wait does not fit (or is cancelled)."""
+    back when the wait does not fit (or is cancelled). The slot taken, for
+    `TokenBucket.done` (None without a bucket)."""
     if bucket is None:
-        return
+        return None
     wait = bucket.reserve()
     slot = bucket.last
     try:
-        await deadline.wait(wait)
+        while True:
+            await deadline.wait(wait)
+            wait, slot = bucket.go(slot), bucket.last
+            if wait <= 0:
+                return slot
     except BaseException:
         bucket.release(slot)
         raise

@@ -45,7 +45,9 @@ log = logging.getLogger("relay.queue")
 CLAIM_BATCH = 100
 POLL_SECONDS = 1.0
 # Claims whose messages are in flight at once (`QueueWorker._run`).
-ROUNDS_IN_FLIGHT = 2
+ROUNDS_IN_FLIGHT = 4
+# The content those may hold together (one claim is always taken, whatever its size).
+ROUNDS_BYTES = 16 * 1024 * 1024
 # The most message ends one transaction writes (`QueueWorker._write_ends`).
 ENDS_MAX = 2 * CLAIM_BATCH
 # A final write the store refused is tried again after this long, doubling to the max.
@@ -118,6 +120,14 @@ async def keep(
     return True
 
 
+async def _ended(task: asyncio.Task[None]) -> None:
+    """Wait for a round; one that failed unexpectedly is logged, its leases run out."""
+    try:
+        await task
+    except Exception:
+        log.exception("queue: a round failed unexpectedly")
+
+
 def _outbound(row: Any) -> Outbound:
     """A claimed row's message, to the recipients not done yet."""
     done = json.loads(row["done"])
@@ -170,17 +180,21 @@ class QueueWorker:
         # cheap read a second, never a write transaction (the claim's UPDATE takes
         # the database's write lock, even when it matches nothing).
         #
-        # Two claims in flight: the next one is claimed, and its Resend batch kept
-        # and sent, while the last one's messages end. Never a third before the
-        # older one ended, so an end the store keeps refusing (`_finish`) stops
-        # the claims after at most one more: nothing of it is attempted again.
+        # Claims overlap: the next ones are claimed, and their Resend batches kept
+        # and sent, while the older ones' messages end (a batch's request waits
+        # for Resend's pace, its messages' translation and ends need the CPU).
+        # At most ROUNDS_IN_FLIGHT, and another only while those hold less than
+        # ROUNDS_BYTES of content (one always). Once that many are out, nothing
+        # more is claimed before the oldest ended, so an end the store keeps
+        # refusing (`_finish`) stops the claims after the few made right after
+        # its own: none of its messages is attempted again meanwhile.
         look = False
         dead_after = self.settings.upkeep.owner_dead_after
-        rounds: collections.deque[asyncio.Task[None]] = collections.deque()
+        rounds: collections.deque[tuple[asyncio.Task[None], int]] = collections.deque()
         try:
             while True:
-                if len(rounds) >= ROUNDS_IN_FLIGHT:
-                    await rounds.popleft()
+                if len(rounds) >= ROUNDS_IN_FLIGHT or sum(n for _, n in rounds) >= ROUNDS_BYTES:
+                    await _ended(rounds.popleft()[0])
                 rows = []
                 try:
                     if not look or await self.store.queue_due(dead_after):
@@ -189,11 +203,12 @@ class QueueWorker:
                     if not self.store.logged(exc):
                         log.warning("queue claim failed: %s", exc)
                 if rows:
-                    rounds.append(asyncio.get_running_loop().create_task(self._round(rows)))
+                    task = asyncio.get_running_loop().create_task(self._round(rows))
+                    rounds.append((task, sum(len(row["content"]) for row in rows)))
                     look = False
                     continue
                 if rounds:
-                    await rounds.popleft()  # its end may leave more due: claim again
+                    await _ended(rounds.popleft()[0])  # it may leave more due: claim again
                     look = False
                     continue
                 self._wake.clear()
@@ -203,10 +218,10 @@ class QueueWorker:
                 except TimeoutError:
                     look = True
         finally:
-            for task in rounds:
+            for task, _ in rounds:
                 task.cancel()
             if rounds:
-                await asyncio.gather(*rounds, return_exceptions=True)
+                await asyncio.gather(*(task for task, _ in rounds), return_exceptions=True)
 
     async def _round(self, rows: Sequence[Any]) -> None:
         """One claim's messages: their Resend batches first, then each one's walk."""
@@ -246,7 +261,10 @@ class QueueWorker:
                 if not await self._resend_kept(resend, key, rows, indexes, firsts, answered):
                     bound = [i for i in bound if i not in indexes]
             outbounds = [_outbound(rows[i]) for i in picked]
-            for batch in resend_batch.form_batches(resend, outbounds):
+            # The translation of a hundred messages takes a while: off the loop, so
+            # the requests of the rounds before go out on time meanwhile.
+            batches = await asyncio.to_thread(resend_batch.form_batches, resend, outbounds)
+            for batch in batches:
                 indexes = [picked[m] for m in batch.members]
                 ids = [int(rows[i]["id"]) for i in indexes]
                 # Kept on disk before the request goes out (see `_resend_kept`).
