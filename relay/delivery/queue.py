@@ -44,6 +44,8 @@ log = logging.getLogger("relay.queue")
 # resend-openapi, /emails/batch); how often an idle worker looks for due ones.
 CLAIM_BATCH = 100
 POLL_SECONDS = 1.0
+# After a claim that took fewer than CLAIM_BATCH, how long the next one waits for more.
+CLAIM_GATHER = 0.05
 # Claims whose messages are in flight at once (`QueueWorker._run`).
 ROUNDS_IN_FLIGHT = 4
 # The content those may hold together (one claim is always taken, whatever its size).
@@ -188,13 +190,19 @@ class QueueWorker:
         # more is claimed before the oldest ended, so an end the store keeps
         # refusing (`_finish`) stops the claims after the few made right after
         # its own: none of its messages is attempted again meanwhile.
-        look = False
+        look = gather = False
         dead_after = self.settings.upkeep.owner_dead_after
         rounds: collections.deque[tuple[asyncio.Task[None], int]] = collections.deque()
         try:
             while True:
                 if len(rounds) >= ROUNDS_IN_FLIGHT or sum(n for _, n in rounds) >= ROUNDS_BYTES:
                     await _ended(rounds.popleft()[0])
+                elif gather:
+                    # The last claim took every due message: the next one waits for
+                    # a few more, so messages queued one by one (sessions at full
+                    # speed) cost a claim and a transaction of ends per handful,
+                    # not per message, and leave the write lock to the sessions.
+                    await asyncio.sleep(CLAIM_GATHER)
                 rows = []
                 try:
                     if not look or await self.store.queue_due(dead_after):
@@ -202,6 +210,7 @@ class QueueWorker:
                 except StoreError as exc:
                     if not self.store.logged(exc):
                         log.warning("queue claim failed: %s", exc)
+                gather = 0 < len(rows) < CLAIM_BATCH
                 if rows:
                     task = asyncio.get_running_loop().create_task(self._round(rows))
                     rounds.append((task, sum(len(row["content"]) for row in rows)))
