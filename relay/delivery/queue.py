@@ -31,6 +31,7 @@ from relay.channels.base import Channel, Delivery, Outbound
 from relay.channels.resend import ResendChannel
 from relay.config import QUEUE_BACKOFF_CAP, Settings
 from relay.delivery.chain import walk
+from relay.delivery.ends import Ends
 from relay.delivery.submitted import Submitted, count
 from relay.errors import DeliveryError, StoreError, TransientDelivery
 from relay.replies import Reply
@@ -50,8 +51,6 @@ CLAIM_GATHER = 0.05
 ROUNDS_IN_FLIGHT = 4
 # The content those may hold together (one claim is always taken, whatever its size).
 ROUNDS_BYTES = 16 * 1024 * 1024
-# The most message ends one transaction writes (`QueueWorker._write_ends`).
-ENDS_MAX = 2 * CLAIM_BATCH
 # A final write the store refused is tried again after this long, doubling to the max.
 FINISH_RETRY_FIRST = 0.5
 FINISH_RETRY_MAX = 30.0
@@ -150,9 +149,8 @@ class QueueWorker:
         self.channels = channels
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        # Ends waiting for the next `finish_many`, and the task writing them.
-        self._ends: list[tuple[End, asyncio.Future[int | None]]] = []
-        self._ending: asyncio.Task[None] | None = None
+        # Messages' ends, written a group at a time.
+        self._ends = Ends(store, 2 * CLAIM_BATCH)
         # A lease outlives one attempt's forward budget with room to spare.
         self.lease_seconds = int(settings.forward_budget * 2 + 30)
 
@@ -485,7 +483,7 @@ class QueueWorker:
         wait = FINISH_RETRY_FIRST
         while True:
             try:
-                return await self._write_end(End(int(row["id"]), delivered, key, record))
+                return await self._ends.write(End(int(row["id"]), delivered, key, record))
             except StoreError as exc:
                 if not self.store.logged(exc):
                     log.warning(
@@ -497,36 +495,3 @@ class QueueWorker:
                     )
             await asyncio.sleep(wait)
             wait = min(wait * 2, FINISH_RETRY_MAX)
-
-    async def _write_end(self, end: End) -> int | None:
-        """Write one message's end with the others that end meanwhile: one transaction
-        (`Store.finish_many`) while the last one is written, not one per message.
-        Its refund, or None when the message was no longer this relay's; raises
-        the store's error (for this end and every end written with it)."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[int | None] = loop.create_future()
-        self._ends.append((end, future))
-        if self._ending is None:
-            self._ending = loop.create_task(self._write_ends(), name="relay-queue-ends")
-        return await future
-
-    async def _write_ends(self) -> None:
-        try:
-            while self._ends:
-                group, self._ends = self._ends[:ENDS_MAX], self._ends[ENDS_MAX:]
-                try:
-                    refunds = await self.store.finish_many([end for end, _ in group])
-                except Exception as exc:
-                    for _, future in group:
-                        if not future.done():
-                            future.set_exception(exc)
-                    continue
-                for (_, future), refund in zip(group, refunds, strict=True):
-                    if not future.done():
-                        future.set_result(refund)
-        finally:
-            self._ending = None
-            for _, future in self._ends:
-                if not future.done():
-                    future.set_exception(StoreError("the queue worker is stopping"))
-            self._ends = []
