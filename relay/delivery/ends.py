@@ -24,6 +24,13 @@ class Ends:
         self._ends: list[tuple[End, asyncio.Future[int | None]]] = []
         self._ending: asyncio.Task[None] | None = None
 
+    async def flush(self) -> None:
+        """Wait until every end asked for is written, even those whose caller was
+        cancelled meanwhile (the relay stops): a message delivered and ended is
+        not left to be attempted again."""
+        if self._ending is not None:
+            await asyncio.wait([self._ending])
+
     async def write(self, end: End) -> int | None:
         """Write one message's end with the others that end meanwhile: one transaction
         (`Store.finish_many`) while the last one is written, not one per message.

@@ -170,6 +170,11 @@ class QueueWorker:
                 pass
             self._task = None
         try:
+            async with asyncio.timeout(self.settings.drain_timeout):
+                await self._ends.flush()
+        except TimeoutError:
+            log.warning("queue: ends not written within the drain timeout (leases run out)")
+        try:
             await self.store.release_leases()
         except StoreError as exc:
             log.warning("could not release the queue's leases: %s (they run out)", exc)
