@@ -5,6 +5,7 @@ send; and with the delivery log off no message event is written (docs/events.md:
 
 from __future__ import annotations
 
+import asyncio
 import smtplib
 import time
 from typing import Any
@@ -69,6 +70,33 @@ def test_an_end_the_store_refuses_is_written_later_never_sent_again(relay_factor
     [record] = records(relay)
     assert (record.outcome, record.charged) == ("delivered", 1)
     assert balance(relay) == 9 and relay.store.pending_count() == 0
+
+
+def test_messages_that_end_meanwhile_are_written_in_one_transaction(relay_factory, sink):
+    relay = relay_factory(
+        SMTP_CONFIG=sink.smtp_config(), DEFAULT_SEND_BALANCE="10", RELAY_QUEUE="always"
+    )
+    worker = relay.relay.queue
+    real = worker.store.finish_many
+    groups: list[int] = []
+
+    async def held(ends: Any) -> Any:
+        if not groups:  # the first end is written once the next four wait for it
+            deadline = time.monotonic() + 10
+            while len(worker._ends._ends) < 4 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+        groups.append(len(ends))
+        return await real(ends)
+
+    worker.store.finish_many = held
+    token = relay.token()
+    for _ in range(5):
+        assert send(relay, token=token) == QUEUED
+    until(lambda: queue_empty(relay) and len(records(relay)) == 5)
+    assert groups == [1, 4]
+    assert len(sink.messages) == 5
+    assert {r.outcome for r in records(relay)} == {"delivered"}
+    assert balance(relay) == 5 and relay.store.pending_count() == 0
 
 
 def test_with_the_delivery_log_off_the_queue_writes_no_message_event(relay_factory, sink):
