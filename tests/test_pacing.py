@@ -85,3 +85,39 @@ def test_a_wait_beyond_the_budget_is_refused_and_its_slot_returned() -> None:
     wait, seconds = asyncio.run(run())
     assert seconds == 1  # the relay's margin (relay.channels.pacing.MARGIN) aside
     assert wait == 1.01  # the refused slot was given back: still the second one
+
+
+def test_a_request_that_went_late_is_counted_from_when_it_went() -> None:
+    clock = Clock()
+    bucket = TokenBucket(rate=1.0, clock=clock)
+    assert bucket.reserve() == 0.0
+    first = bucket.last
+    assert bucket.reserve() == 1.01
+    second = bucket.last
+    clock.now = 0.5  # the loop was busy: the first goes half a second late
+    assert bucket.go(first) == 0.0
+    clock.now = 1.01
+    assert bucket.go(second) == 0.5  # a second (and the margin) after the first went
+
+
+def test_a_request_is_counted_from_its_answer() -> None:
+    clock = Clock()
+    bucket = TokenBucket(rate=1.0, clock=clock)
+    assert bucket.reserve() == 0.0
+    slot = bucket.last
+    assert bucket.go(slot) == 0.0
+    clock.now = 0.4  # the answer: the upstream counted it by then at the latest
+    bucket.done(bucket.last)
+    clock.now = 0.5
+    assert bucket.reserve() == 0.91
+
+
+def test_a_hold_stops_a_request_waiting_for_its_slot() -> None:
+    clock = Clock()
+    bucket = TokenBucket(rate=1.0, clock=clock)
+    bucket.reserve()
+    assert bucket.reserve() == 1.01
+    waiting = bucket.last
+    bucket.hold(3.0)  # a 429 meanwhile: Retry-After 3
+    clock.now = 1.01
+    assert bucket.go(waiting) == 1.99
