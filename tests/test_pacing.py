@@ -1,4 +1,4 @@
-"""Pacing: the token bucket as a pure value, and the forward budget's rule."""
+"""Pacing: the request window as a pure value, and the forward budget's rule."""
 
 from __future__ import annotations
 
@@ -18,20 +18,33 @@ class Clock:
         return self.now
 
 
-def test_a_burst_of_one_seconds_worth_then_the_rate() -> None:
+def test_a_burst_of_one_seconds_worth_then_never_more_in_any_second() -> None:
     clock = Clock()
     bucket = TokenBucket(rate=2.0, clock=clock)
-    assert [bucket.reserve() for _ in range(4)] == [0.0, 0.0, 0.5, 1.0]
-    clock.now = 1.0  # two slots refilled, both already promised
-    assert bucket.reserve() == 0.5
+    # The third a second (and the margin) after the first, never sooner: an upstream
+    # counting a fixed window of one second from the first would refuse it.
+    assert [bucket.reserve() for _ in range(4)] == [0.0, 0.0, 1.01, 1.01]
+    clock.now = 1.0  # the next window's two slots are promised already
+    assert bucket.reserve() == 1.02
+
+
+def test_the_rate_after_an_idle_second_is_the_rate() -> None:
+    clock = Clock()
+    bucket = TokenBucket(rate=5.0, clock=clock)
+    sent = []
+    for tick in range(40):  # a sender asking every 50 ms, after an idle start
+        clock.now = tick * 0.05
+        sent.append(clock.now + bucket.reserve())
+    for first in sent:
+        assert sum(1 for t in sent if first <= t < first + 1.0) <= 5
 
 
 def test_released_slot_is_handed_out_again() -> None:
     bucket = TokenBucket(rate=1.0, clock=Clock())
     assert bucket.reserve() == 0.0
-    assert bucket.reserve() == 1.0
+    assert bucket.reserve() == 1.01
     bucket.release()
-    assert bucket.reserve() == 1.0
+    assert bucket.reserve() == 1.01
 
 
 def test_a_hold_delays_every_sender() -> None:
@@ -70,5 +83,41 @@ def test_a_wait_beyond_the_budget_is_refused_and_its_slot_returned() -> None:
         return bucket.reserve(), caught.value.seconds
 
     wait, seconds = asyncio.run(run())
-    assert seconds == 1
-    assert wait == 1.0  # the refused slot was given back: still the second one
+    assert seconds == 1  # the relay's margin (relay.channels.pacing.MARGIN) aside
+    assert wait == 1.01  # the refused slot was given back: still the second one
+
+
+def test_a_request_that_went_late_is_counted_from_when_it_went() -> None:
+    clock = Clock()
+    bucket = TokenBucket(rate=1.0, clock=clock)
+    assert bucket.reserve() == 0.0
+    first = bucket.last
+    assert bucket.reserve() == 1.01
+    second = bucket.last
+    clock.now = 0.5  # the loop was busy: the first goes half a second late
+    assert bucket.go(first) == 0.0
+    clock.now = 1.01
+    assert bucket.go(second) == 0.5  # a second (and the margin) after the first went
+
+
+def test_a_request_is_counted_from_its_answer() -> None:
+    clock = Clock()
+    bucket = TokenBucket(rate=1.0, clock=clock)
+    assert bucket.reserve() == 0.0
+    slot = bucket.last
+    assert bucket.go(slot) == 0.0
+    clock.now = 0.4  # the answer: the upstream counted it by then at the latest
+    bucket.done(bucket.last)
+    clock.now = 0.5
+    assert bucket.reserve() == 0.91
+
+
+def test_a_hold_stops_a_request_waiting_for_its_slot() -> None:
+    clock = Clock()
+    bucket = TokenBucket(rate=1.0, clock=clock)
+    bucket.reserve()
+    assert bucket.reserve() == 1.01
+    waiting = bucket.last
+    bucket.hold(3.0)  # a 429 meanwhile: Retry-After 3
+    clock.now = 1.01
+    assert bucket.go(waiting) == 1.99

@@ -5,6 +5,7 @@ send; and with the delivery log off no message event is written (docs/events.md:
 
 from __future__ import annotations
 
+import asyncio
 import smtplib
 import time
 from typing import Any
@@ -52,7 +53,7 @@ def test_an_end_the_store_refuses_is_written_later_never_sent_again(relay_factor
     # A lease that runs out at once: were the message attempted again after its
     # end failed to be written, it would be now.
     worker.lease_seconds = 1
-    real = worker.store.finish
+    real = worker.store.finish_many
     calls: list[int] = []
 
     async def failing(*args: Any, **kwargs: Any) -> Any:
@@ -61,7 +62,7 @@ def test_an_end_the_store_refuses_is_written_later_never_sent_again(relay_factor
             raise StoreError("database is locked")
         return await real(*args, **kwargs)
 
-    worker.store.finish = failing
+    worker.store.finish_many = failing  # the worker writes its ends in groups
     assert send(relay, token=relay.token()) == QUEUED
     until(lambda: queue_empty(relay) and len(records(relay)) == 1)
     assert len(calls) == 4
@@ -69,6 +70,42 @@ def test_an_end_the_store_refuses_is_written_later_never_sent_again(relay_factor
     [record] = records(relay)
     assert (record.outcome, record.charged) == ("delivered", 1)
     assert balance(relay) == 9 and relay.store.pending_count() == 0
+
+
+def test_messages_that_end_meanwhile_are_written_in_one_transaction(relay_factory, sink):
+    relay = relay_factory(
+        SMTP_CONFIG=sink.smtp_config(), DEFAULT_SEND_BALANCE="10", RELAY_QUEUE="always"
+    )
+    worker = relay.relay.queue
+    real, real_write = worker.store.finish_many, worker._ends.write
+    groups: list[int] = []
+    asked: list[int] = []
+    all_asked = asyncio.Event()
+
+    async def counted(end: Any) -> Any:
+        asked.append(1)
+        if len(asked) == 4:
+            all_asked.set()
+        return await real_write(end)
+
+    async def held(ends: Any) -> Any:
+        # The first end is written once the next three wait for it (four messages:
+        # claimed together or apart, never more claims than the worker keeps out).
+        if not groups:
+            await asyncio.wait_for(all_asked.wait(), 10)
+        groups.append(len(ends))
+        return await real(ends)
+
+    worker._ends.write = counted
+    worker.store.finish_many = held
+    token = relay.token()
+    for _ in range(4):
+        assert send(relay, token=token) == QUEUED
+    until(lambda: queue_empty(relay) and len(records(relay)) == 4)
+    assert groups == [1, 3]
+    assert len(sink.messages) == 4
+    assert {r.outcome for r in records(relay)} == {"delivered"}
+    assert balance(relay) == 6 and relay.store.pending_count() == 0
 
 
 def test_with_the_delivery_log_off_the_queue_writes_no_message_event(relay_factory, sink):

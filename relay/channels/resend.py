@@ -520,24 +520,28 @@ class ResendChannel:
         content = json.dumps(body, ensure_ascii=False).encode("utf-8")
         while True:
             try:
-                await pacing.take_slot(bucket, deadline)
+                slot = await pacing.take_slot(bucket, deadline)
             except pacing.BudgetExceeded as exc:
                 reply = replies.upstream_throttled(NAME, "rate limited", exc.seconds)
                 log.warning("resend: %s not sent: %s", label, reply)
                 raise TransientDelivery(NAME, reply, not_taken=True) from None
-            answer = await httpapi.post(
-                self._client,
-                url,
-                channel=NAME,
-                url_setting="RESEND_API_URL",
-                headers={
-                    "Authorization": f"Bearer {token}",
-                    "Content-Type": "application/json",
-                    "Idempotency-Key": key,
-                    **(headers or {}),
-                },
-                content=content,
-            )
+            try:
+                answer = await httpapi.post(
+                    self._client,
+                    url,
+                    channel=NAME,
+                    url_setting="RESEND_API_URL",
+                    headers={
+                        "Authorization": f"Bearer {token}",
+                        "Content-Type": "application/json",
+                        "Idempotency-Key": key,
+                        **(headers or {}),
+                    },
+                    content=content,
+                )
+            finally:
+                if slot is not None:
+                    bucket.done(slot)
             pause = httpapi.pause_seconds(answer)
             if pause:
                 bucket.hold(pause)

@@ -17,6 +17,7 @@ Retry-After when longer.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import random
@@ -30,19 +31,26 @@ from relay.channels.base import Channel, Delivery, Outbound
 from relay.channels.resend import ResendChannel
 from relay.config import QUEUE_BACKOFF_CAP, Settings
 from relay.delivery.chain import walk
+from relay.delivery.ends import Ends
 from relay.delivery.submitted import Submitted, count
 from relay.errors import DeliveryError, StoreError, TransientDelivery
 from relay.replies import Reply
 from relay.store.deliveries import Attempt, DeliveryRecord, attempts_text
 from relay.store.facade import Principal, Reservation
 from relay.store.loop import AsyncStore
-from relay.store.queue import QueuedMessage
+from relay.store.queue import End, QueuedMessage
 
 log = logging.getLogger("relay.queue")
 # Messages one claim leases (as many as one Resend batch request carries:
 # resend-openapi, /emails/batch); how often an idle worker looks for due ones.
 CLAIM_BATCH = 100
 POLL_SECONDS = 1.0
+# After a claim that took fewer than CLAIM_BATCH, how long the next one waits for more.
+CLAIM_GATHER = 0.05
+# Claims whose messages are in flight at once (`QueueWorker._run`).
+ROUNDS_IN_FLIGHT = 4
+# The content those may hold together (one claim is always taken, whatever its size).
+ROUNDS_BYTES = 16 * 1024 * 1024
 # A final write the store refused is tried again after this long, doubling to the max.
 FINISH_RETRY_FIRST = 0.5
 FINISH_RETRY_MAX = 30.0
@@ -113,6 +121,14 @@ async def keep(
     return True
 
 
+async def _ended(task: asyncio.Task[None]) -> None:
+    """Wait for a round; one that failed unexpectedly is logged, its leases run out."""
+    try:
+        await task
+    except Exception:
+        log.exception("queue: a round failed unexpectedly")
+
+
 def _outbound(row: Any) -> Outbound:
     """A claimed row's message, to the recipients not done yet."""
     done = json.loads(row["done"])
@@ -133,7 +149,8 @@ class QueueWorker:
         self.channels = channels
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._answered_batches: set[str] = set()  # keys Resend answered, forgotten after
+        # Messages' ends, written a group at a time.
+        self._ends = Ends(store, 2 * CLAIM_BATCH)
         # A lease outlives one attempt's forward budget with room to spare.
         self.lease_seconds = int(settings.forward_budget * 2 + 30)
 
@@ -153,6 +170,11 @@ class QueueWorker:
                 pass
             self._task = None
         try:
+            async with asyncio.timeout(self.settings.drain_timeout):
+                await self._ends.flush()
+        except TimeoutError:
+            log.warning("queue: ends not written within the drain timeout (leases run out)")
+        try:
             await self.store.release_leases()
         except StoreError as exc:
             log.warning("could not release the queue's leases: %s (they run out)", exc)
@@ -162,40 +184,78 @@ class QueueWorker:
         # found work; otherwise a read first: an idle queue costs each process one
         # cheap read a second, never a write transaction (the claim's UPDATE takes
         # the database's write lock, even when it matches nothing).
-        look = False
+        #
+        # Claims overlap: the next ones are claimed, and their Resend batches kept
+        # and sent, while the older ones' messages end (a batch's request waits
+        # for Resend's pace, its messages' translation and ends need the CPU).
+        # At most ROUNDS_IN_FLIGHT, and another only while those hold less than
+        # ROUNDS_BYTES of content (one always). Once that many are out, nothing
+        # more is claimed before the oldest ended, so an end the store keeps
+        # refusing (`_finish`) stops the claims after the few made right after
+        # its own: none of its messages is attempted again meanwhile.
+        look = gather = False
         dead_after = self.settings.upkeep.owner_dead_after
-        while True:
-            rows = []
-            try:
-                if not look or await self.store.queue_due(dead_after):
-                    rows = await self.store.claim(self.lease_seconds, CLAIM_BATCH, dead_after)
-            except StoreError as exc:
-                if not self.store.logged(exc):
-                    log.warning("queue claim failed: %s", exc)
-            if rows:
-                firsts = await self._batched(rows)
-                await asyncio.gather(
-                    *(self._attempt(row, first) for row, first in zip(rows, firsts, strict=True))
-                )
-                await self._forget_batches()
-                look = False
-                continue
-            self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), POLL_SECONDS)
-                look = False
-            except TimeoutError:
-                look = True
+        rounds: collections.deque[tuple[asyncio.Task[None], int]] = collections.deque()
+        try:
+            while True:
+                if len(rounds) >= ROUNDS_IN_FLIGHT or sum(n for _, n in rounds) >= ROUNDS_BYTES:
+                    await _ended(rounds.popleft()[0])
+                elif gather:
+                    # The last claim took every due message: the next one waits for
+                    # a few more, so messages queued one by one (sessions at full
+                    # speed) cost a claim and a transaction of ends per handful,
+                    # not per message, and leave the write lock to the sessions.
+                    await asyncio.sleep(CLAIM_GATHER)
+                rows = []
+                try:
+                    if not look or await self.store.queue_due(dead_after):
+                        rows = await self.store.claim(self.lease_seconds, CLAIM_BATCH, dead_after)
+                except StoreError as exc:
+                    if not self.store.logged(exc):
+                        log.warning("queue claim failed: %s", exc)
+                gather = 0 < len(rows) < CLAIM_BATCH
+                if rows:
+                    task = asyncio.get_running_loop().create_task(self._round(rows))
+                    rounds.append((task, sum(len(row["content"]) for row in rows)))
+                    look = False
+                    continue
+                if rounds:
+                    await _ended(rounds.popleft()[0])  # it may leave more due: claim again
+                    look = False
+                    continue
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), POLL_SECONDS)
+                    look = False
+                except TimeoutError:
+                    look = True
+        finally:
+            for task, _ in rounds:
+                task.cancel()
+            if rounds:
+                await asyncio.gather(*(task for task, _ in rounds), return_exceptions=True)
 
-    async def _batched(self, rows: Sequence[Any]) -> list[Delivery | DeliveryError | None]:
+    async def _round(self, rows: Sequence[Any]) -> None:
+        """One claim's messages: their Resend batches first, then each one's walk."""
+        firsts, answered = await self._batched(rows)
+        await asyncio.gather(
+            *(self._attempt(row, first) for row, first in zip(rows, firsts, strict=True))
+        )
+        await self._forget_batches(answered)
+
+    async def _batched(
+        self, rows: Sequence[Any]
+    ) -> tuple[list[Delivery | DeliveryError | None], set[str]]:
         """The first channel's outcome for each row whose route starts at Resend, sent
         together through its batch endpoint (relay.channels.resend_batch); None
         for a row that goes the usual way. A batch whose answer is not known (the
-        relay stopped, or the answer was lost) is sent again as it was kept."""
+        relay stopped, or the answer was lost) is sent again as it was kept.
+        And the keys of the batches answered, forgotten once their members ended."""
         firsts: list[Delivery | DeliveryError | None] = [None] * len(rows)
+        answered: set[str] = set()
         resend = next((c for c in self.channels.values() if isinstance(c, ResendChannel)), None)
         if resend is None:
-            return firsts
+            return firsts, answered
         kept: dict[str, list[int]] = {}
         picked = []
         for index, row in enumerate(rows):
@@ -210,10 +270,13 @@ class QueueWorker:
         bound = [i for indexes in kept.values() for i in indexes]  # never sent alone
         try:
             for key, indexes in kept.items():
-                if not await self._resend_kept(resend, key, rows, indexes, firsts):
+                if not await self._resend_kept(resend, key, rows, indexes, firsts, answered):
                     bound = [i for i in bound if i not in indexes]
             outbounds = [_outbound(rows[i]) for i in picked]
-            for batch in resend_batch.form_batches(resend, outbounds):
+            # The translation of a hundred messages takes a while: off the loop, so
+            # the requests of the rounds before go out on time meanwhile.
+            batches = await asyncio.to_thread(resend_batch.form_batches, resend, outbounds)
+            for batch in batches:
                 indexes = [picked[m] for m in batch.members]
                 ids = [int(rows[i]["id"]) for i in indexes]
                 # Kept on disk before the request goes out (see `_resend_kept`).
@@ -222,7 +285,7 @@ class QueueWorker:
                 bound += indexes
                 members = [outbounds[m] for m in batch.members]
                 results = await resend_batch.send_batch(resend, batch, members)
-                await self._answered(batch.key, ids, results, indexes, firsts)
+                await self._answered(batch.key, ids, results, indexes, firsts, answered)
         except StoreError as exc:
             if not self.store.logged(exc):
                 log.warning("queue: a Resend batch could not be kept: %s", exc)
@@ -233,7 +296,7 @@ class QueueWorker:
         for index in bound:
             if firsts[index] is None:
                 firsts[index] = TransientDelivery(ResendChannel.name, replies.LOCAL_ERROR)
-        return firsts
+        return firsts, answered
 
     async def _resend_kept(
         self,
@@ -242,6 +305,7 @@ class QueueWorker:
         rows: Sequence[Any],
         indexes: list[int],
         firsts: list[Delivery | DeliveryError | None],
+        answered: set[str],
     ) -> bool:
         """Send a kept batch again, exactly as it was; each member still queued gets its
         outcome from the answer (Resend's first answer, when it had one). False when
@@ -257,7 +321,7 @@ class QueueWorker:
         results = await resend_batch.send_batch(resend, kept, outbounds)
         present = [(i, r) for i, r in zip(members, results, strict=True) if i is not None]
         await self._answered(
-            key, list(by_id), [r for _, r in present], [i for i, _ in present], firsts
+            key, list(by_id), [r for _, r in present], [i for i, _ in present], firsts, answered
         )
         return True
 
@@ -268,6 +332,7 @@ class QueueWorker:
         results: Sequence[Delivery | DeliveryError],
         indexes: list[int],
         firsts: list[Delivery | DeliveryError | None],
+        answered: set[str],
     ) -> None:
         """Each member's first outcome from its batch's answer. A batch refused as a
         whole, provably unsent, is forgotten before its members walk on (another
@@ -281,16 +346,15 @@ class QueueWorker:
                 wait = TransientDelivery(ResendChannel.name, replies.LOCAL_ERROR)
                 results = [wait] * len(results)
         elif resend_batch.known(results):
-            self._answered_batches.add(key)
+            answered.add(key)
         for index, result in zip(indexes, results, strict=True):
             firsts[index] = result
 
-    async def _forget_batches(self) -> None:
+    async def _forget_batches(self, answered: set[str]) -> None:
         """Forget each batch answered this round once its members ended; a member still
         queued (its end could not be written) keeps it: the same batch is sent
         again, and Resend gives the same answer."""
-        while self._answered_batches:
-            key = self._answered_batches.pop()
+        for key in answered:
             try:
                 await self.store.end_batch(key)
             except StoreError as exc:
@@ -424,7 +488,7 @@ class QueueWorker:
         wait = FINISH_RETRY_FIRST
         while True:
             try:
-                return await self.store.finish(int(row["id"]), delivered, key, record)
+                return await self._ends.write(End(int(row["id"]), delivered, key, record))
             except StoreError as exc:
                 if not self.store.logged(exc):
                     log.warning(

@@ -28,7 +28,7 @@ from relay.store.group import GROUP_MAX, GROUP_TURNS, Write, answer, commit_grou
 from relay.store.journal import PendingSettle, SettleJournal
 from relay.store.ledger import MailCheck, Reservation
 from relay.store.outbox import DueEvent
-from relay.store.queue import Keep, QueueBatch, QueuedMessage, QueueStats
+from relay.store.queue import End, Keep, QueueBatch, QueuedMessage, QueueStats
 from relay.store.suppressions import Suppression
 from relay.store.tokens import Principal
 
@@ -466,6 +466,10 @@ class AsyncStore:
         return await self.upkeep(
             lambda store: store.finish(queue_id, owner, delivered, idempotency_key, record)
         )
+
+    async def finish_many(self, ends: list[End]) -> list[int | None]:
+        owner = self.owner
+        return await self.upkeep(lambda store: store.finish_many(owner, ends))
 
     async def release_leases(self) -> int:
         owner = self.owner

@@ -148,6 +148,57 @@ def _totals(db: Any) -> tuple[int, int]:
     return int(row["messages"]), int(row["bytes"])
 
 
+@dataclass(frozen=True, slots=True)
+class End:
+    """One queued message's end (`Queue.finish_many`)."""
+
+    queue_id: int
+    delivered: int
+    idempotency_key: str | None
+    record: DeliveryRecord | None
+
+
+def _finish_one(
+    db: Any,
+    now: int,
+    queue_id: int,
+    owner: str | None,
+    delivered: int,
+    idempotency_key: str | None,
+    record: DeliveryRecord | None,
+) -> int | None:
+    """`Queue.finish` inside the caller's transaction."""
+    if owner is None:
+        # Nor while in a batch whose answer is not known: it may have been sent.
+        row = db.execute(
+            "DELETE FROM queue WHERE id = ? AND (lease_owner IS NULL OR lease_until < ?)"
+            " AND batch_key IS NULL"
+            " RETURNING reservation_id, reservation_created, length(content) AS octets",
+            (queue_id, now),
+        ).fetchone()
+    else:
+        row = db.execute(
+            "DELETE FROM queue WHERE id = ? AND lease_owner = ?"
+            " RETURNING reservation_id, reservation_created, length(content) AS octets",
+            (queue_id, owner),
+        ).fetchone()
+    if row is None:
+        return None
+    db.execute(
+        "UPDATE queue_totals SET messages = messages - 1, bytes = bytes - ?",
+        (int(row["octets"]),),
+    )
+    if idempotency_key and delivered:
+        remember_delivered(db, idempotency_key, now)
+    settled = _settle(db, row["reservation_id"], delivered, now, row["reservation_created"]) or (
+        0,
+        0,
+    )
+    if record is not None:
+        insert(db, record, settled[1], queued=True)
+    return settled[0]
+
+
 class Queue(Database):
     def enqueue(
         self,
@@ -362,36 +413,20 @@ class Queue(Database):
         and the rest refunded, its final record written, in one transaction. `owner`:
         the lease holder (None: an operator's cancel, only while no attempt runs).
         Returns the refund, or None when the message was not this caller's to end."""
+        with self._write() as db:
+            return _finish_one(db, self._now(), queue_id, owner, delivered, idempotency_key, record)
+
+    def finish_many(self, owner: str, ends: Sequence[End]) -> list[int | None]:
+        """`finish` for each of `ends` (all leased to `owner`), in one transaction: the
+        queue worker's ends of several messages cost one commit, not one each, and
+        hold the write lock the sessions' group commits need once. Each end acts,
+        or not, as `finish` alone would; a failure writes none of them."""
         now = self._now()
         with self._write() as db:
-            if owner is None:
-                # Nor while in a batch whose answer is not known: it may have been sent.
-                row = db.execute(
-                    "DELETE FROM queue WHERE id = ? AND (lease_owner IS NULL OR lease_until < ?)"
-                    " AND batch_key IS NULL"
-                    " RETURNING reservation_id, reservation_created, length(content) AS octets",
-                    (queue_id, now),
-                ).fetchone()
-            else:
-                row = db.execute(
-                    "DELETE FROM queue WHERE id = ? AND lease_owner = ?"
-                    " RETURNING reservation_id, reservation_created, length(content) AS octets",
-                    (queue_id, owner),
-                ).fetchone()
-            if row is None:
-                return None
-            db.execute(
-                "UPDATE queue_totals SET messages = messages - 1, bytes = bytes - ?",
-                (int(row["octets"]),),
-            )
-            if idempotency_key and delivered:
-                remember_delivered(db, idempotency_key, now)
-            settled = _settle(
-                db, row["reservation_id"], delivered, now, row["reservation_created"]
-            ) or (0, 0)
-            if record is not None:
-                insert(db, record, settled[1], queued=True)
-            return settled[0]
+            return [
+                _finish_one(db, now, e.queue_id, owner, e.delivered, e.idempotency_key, e.record)
+                for e in ends
+            ]
 
     def release_leases(self, owner: str) -> int:
         """A stopping relay gives its leases back: the next attempt is anyone's."""
