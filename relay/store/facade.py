@@ -10,7 +10,8 @@ Each concept has its own module, which states its guarantees:
 - `relay.store.rates`: each token's rate windows, counted by the charge
 - `relay.store.senders`: senders' balances; `relay.store.limits`: the send-limit windows
 - `relay.store.ledger`: the atomic, never-negative charge (`reserve`), its
-  `settle`, and the sweep of charges a dead process left
+  `settle`, and the sweep of charges a dead process left (`relay.store.charge`:
+  the statements they share with MAIL FROM's check)
 - `relay.store.journal`: settles the database could not take, fsync'd to a file so
   they outlive the process, applied before any sweep
 - `relay.store.idempotency`: messages an idempotent upstream took, so a retry is not
