@@ -24,7 +24,7 @@ from bench.client import SmtpFailure, Target
 
 DEFAULT_JSON = stack.REPO / "bench" / "results" / "latest.json"
 UNITS = {"": 1, "b": 1, "k": report.KIB, "kib": report.KIB, "m": report.MIB, "mib": report.MIB}
-# Small enough to finish in about 20 seconds, large enough to exercise every phase.
+# Small enough to finish in about 2 minutes, large enough to exercise every phase.
 QUICK = {
     "sessions": 10,
     "large_sessions": 2,
@@ -106,7 +106,9 @@ def parser() -> argparse.ArgumentParser:
         prog="python -m bench",
         description="Load benchmark: the relay against a bare aiosmtpd ceiling, on loopback.",
     )
-    p.add_argument("--quick", action="store_true", help="a short run (about 20 s) of every phase")
+    p.add_argument(
+        "--quick", action="store_true", help="a short run (about 2 minutes) of every phase"
+    )
     p.add_argument("--sizes", type=parse_sizes, help="message sizes (default 2k,100k,5m)")
     p.add_argument("--sessions", type=positive, help="concurrent sessions (default 50)")
     p.add_argument(
