@@ -172,6 +172,12 @@ def test_the_queue_off_pair_against_an_earlier_relay(result: dict[str, Any]) -> 
         return
     assert "skipped" not in base, base
     assert base["baseline"]["forwarded_all"] is True and base["relay"]["forwarded_all"] is True
-    assert base["rate_ratio"] > 0 and base["cpu_ratio"] > 0
+    assert base["rate_ratio"] > 0
+    # Six messages may take less CPU than one clock tick (/proc counts 10 ms):
+    # then there is no ratio, and the report says so rather than divide by 0.
+    if base["baseline"]["server_cpu_s_per_1000"] and base["relay"]["server_cpu_s_per_1000"]:
+        assert base["cpu_ratio"] > 0
+    else:  # a side measured no tick: no ratio, or 0 over the other's
+        assert base["cpu_ratio"] in (None, 0.0)
     names = " ".join(t["name"] for t in result["targets"])
     assert "queue off / the relay at HEAD" in names
