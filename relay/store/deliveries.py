@@ -332,28 +332,7 @@ def insert(
         " rule, outcome, reply_code, reply_enhanced, reply_text, upstream_id, charged,"
         " duration_ms, client, replay, recipient_count, attempts, listener)"
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-        (
-            record.time,
-            record.message_id,
-            record.account,
-            record.token_id,
-            record.sender,
-            record.size,
-            record.channel,
-            record.rule,
-            str(record.outcome),
-            record.reply.code,
-            record.reply.enhanced,
-            record.reply.text,
-            record.upstream_id,
-            record.charged if charged is None else charged,
-            round(record.duration * 1000),
-            record.client,
-            int(record.replay),
-            record.total_recipients,
-            attempts_text(record.attempts),
-            record.listener,
-        ),
+        _values(record, charged),
     ).fetchone()
     delivery_id = int(row["id"])
     # A recipient given twice was metered once (RCPT dedupes): one row each.
@@ -397,6 +376,32 @@ INSERT_SETTLED_PG = _INSERT_PG.format(
 )
 
 
+def _values(record: DeliveryRecord, charged: int | None) -> tuple[Any, ...]:
+    """A record's columns, in the order both backends' INSERTs name them."""
+    return (
+        record.time,
+        record.message_id,
+        record.account,
+        record.token_id,
+        record.sender,
+        record.size,
+        record.channel,
+        record.rule,
+        str(record.outcome),
+        record.reply.code,
+        record.reply.enhanced,
+        record.reply.text,
+        record.upstream_id,
+        record.charged if charged is None else charged,
+        round(record.duration * 1000),
+        record.client,
+        int(record.replay),
+        record.total_recipients,
+        attempts_text(record.attempts),
+        record.listener,
+    )
+
+
 def _insert_pg(
     db: Connection,
     record: DeliveryRecord,
@@ -416,26 +421,7 @@ def _insert_pg(
         INSERT_PG if settle is None else INSERT_SETTLED_PG,
         (
             *(settle or ()),
-            record.time,
-            record.message_id,
-            record.account,
-            record.token_id,
-            record.sender,
-            record.size,
-            record.channel,
-            record.rule,
-            str(record.outcome),
-            record.reply.code,
-            record.reply.enhanced,
-            record.reply.text,
-            record.upstream_id,
-            record.charged if charged is None else charged,
-            round(record.duration * 1000),
-            record.client,
-            int(record.replay),
-            record.total_recipients,
-            attempts_text(record.attempts),
-            record.listener,
+            *_values(record, charged),
             [r.address for r in recipients],
             [str(r.outcome) for r in recipients],
             [r.code for r in recipients],
